@@ -1,0 +1,49 @@
+"""geoprobe: the geometry of language-model embeddings and hidden states.
+
+Public API (DESIGN.md)::
+
+    import geoprobe as gp
+    lm = gp.load_model(spec)            # hub id, folder, .gguf; no argument = embedded default
+    corpus = gp.Corpus.default()        # or gp.Corpus.from_path(path, field=...)
+    gp.fit_power_law(counts); gp.norm_frequency(norms, counts)
+    gp.delta(x); gp.intrinsic_dimension(x)
+    profile = gp.probe(lm, corpus); profile.save("profile.json")
+
+Heavy modules (torch, transformers) are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "geoprobe.models",
+    "load_embeddings": "geoprobe.models",
+    "LoadedModel": "geoprobe.models",
+    "Corpus": "geoprobe.corpus",
+    "TokenCounts": "geoprobe.corpus",
+    "fit_power_law": "geoprobe.frequency",
+    "norm_frequency": "geoprobe.norms",
+    "delta": "geoprobe.hyperbolicity",
+    "intrinsic_dimension": "geoprobe.intrinsic_dim",
+    "probe": "geoprobe.probe",
+    "GeometryProfile": "geoprobe.profile",
+    "PowerLawResult": "geoprobe.profile",
+    "NormFrequencyResult": "geoprobe.profile",
+    "DeltaResult": "geoprobe.profile",
+    "IDResult": "geoprobe.profile",
+    "GeoprobeError": "geoprobe.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geoprobe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,56 @@
+"""Errors a user can cause, each with a message that says what to do.
+
+Every exception raised for bad input is a :class:`GeoprobeError` subclass; the command-line
+application prints its message and exits non-zero without a traceback.
+"""
+from __future__ import annotations
+
+
+class GeoprobeError(Exception):
+    """Base class for every error caused by user input or environment."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(GeoprobeError):
+    """The model spec names no local file or folder and the hub cannot provide it."""
+
+
+class ModelLoadError(GeoprobeError):
+    """A model file exists but cannot be read (corrupt, truncated, unsupported)."""
+
+
+class UnsafeModelError(GeoprobeError):
+    """Loading would execute untrusted code (pickle weights, remote code) and was not allowed."""
+
+
+class MissingDependencyError(GeoprobeError):
+    """An optional package is needed; the message names the install command."""
+
+
+class CorpusError(GeoprobeError):
+    """The corpus is empty, binary, or lacks the requested field."""
+
+
+class InputDataError(GeoprobeError):
+    """Points or counts handed to a probe are unusable (NaN/inf, too few, all identical)."""
+
+
+class ProfileError(GeoprobeError):
+    """A profile JSON is malformed or from an incompatible schema version."""
+
+
+class OutputError(GeoprobeError):
+    """An output path cannot be written."""
+
+
+class PlanError(GeoprobeError):
+    """An adapter plan cannot be met (budget too small, layers missing)."""
+
+
+class AdapterError(GeoprobeError):
+    """An adapter folder or configuration does not fit the model it is used with."""
+
+
+class DataFormatError(GeoprobeError):
+    """A training or evaluation data file lacks the expected fields."""
