@@ -1,0 +1,281 @@
+"""``gp.probe``: run the four geometry probes on one model and one corpus, into a GeometryProfile.
+
+Steps (each timed in ``profile.timings``):
+
+1. token counts over the corpus → power law of the frequency distribution (:mod:`geoprobe.frequency`);
+2. input-embedding norms against frequency (:mod:`geoprobe.norms`);
+3. δ-hyperbolicity of (a) each prompt's input-token embeddings, base point = token 0 (HypLoRA,
+   arXiv 2410.04010 §4.2, Table 2), (b) a seeded sample of distinct corpus tokens' embeddings, and
+   (c) each layer's hidden states — every one beside a Gaussian null with the same n, dimension, mean
+   and covariance (METHODS.md §3: distance concentration alone gives δ_rel ≈ 0.06–0.26);
+4. intrinsic dimension (TwoNN and GRIDE) of every layer's hidden states, attention-sink positions
+   (massive activations) left out and counted.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Optional
+
+import numpy as np
+
+from .errors import CorpusError, InputDataError
+from .profile import (CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Sizes and seeds of every sampling step; stored in the profile."""
+
+    seed: int = 0
+    max_tokens: Optional[int] = None      # cap on corpus tokens counted (None = all)
+    n_prompts: int = 200                  # prompts for per-prompt δ
+    prompt_tokens: int = 128              # tokens per prompt (truncation)
+    token_sample: int = 1000              # distinct tokens for the embedding δ
+    token_repeats: int = 3                # seeded samples of those
+    null_repeats: int = 3                 # Gaussian null repeats per point set
+    layer_positions: int = 3000           # hidden-state positions per layer for the ID
+    layer_delta_points: int = 500         # of those, used for per-layer δ
+    max_length: int = 128                 # tokens per document for hidden states
+    batch_size: int = 8
+    sink_factor: float = 20.0             # ‖h‖ > factor × median ‖h‖ → sink
+    exclude_sinks: bool = True
+    delta_mode: str = "fixed"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("geoprobe", "torch", "transformers", "numpy", "scipy", "powerlaw",
+                 "scikit-dimension", "safetensors", "gguf", "peft"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class _Progress:
+    """A tqdm bar on stderr, or nothing."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def bar(self, total: int, desc: str):
+        if not self.enabled:
+            return _NullBar()
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _stat(what: str, values: list[float], null_values: list[float], n: int, dim: int, mode: str,
+          diameter: Optional[float] = None) -> DeltaStat:
+    v = np.asarray(values, dtype=np.float64)
+    nv = np.asarray(null_values, dtype=np.float64)
+    return DeltaStat(what=what, mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
+                     null_mean=float(nv.mean()), null_std=float(nv.std(ddof=1)) if nv.size > 1 else 0.0,
+                     n_points=int(n), dim=int(dim), n_sets=int(v.size), mode=mode,
+                     values=[float(a) for a in v], null_values=[float(a) for a in nv],
+                     diameter=diameter)
+
+
+def delta_with_null(sets: list[np.ndarray], what: str, *, null_repeats: int, seed: int,
+                    mode: str = "fixed", progress=None) -> DeltaStat:
+    """δ_rel of each point set (base point 0) and of ``null_repeats`` matched Gaussian nulls each."""
+    from .hyperbolicity import delta, matched_null_delta
+
+    values, nulls, diams = [], [], []
+    for i, x in enumerate(sets):
+        r = delta(x, mode=mode, base_point=0)
+        values.append(r.delta_rel)
+        diams.append(r.diameter)
+        nulls.extend(matched_null_delta(x, n_repeats=null_repeats, seed=seed + 7919 * i, mode=mode))
+        if progress is not None:
+            progress.update(1)
+    n = int(np.median([s.shape[0] for s in sets]))
+    return _stat(what, values, nulls, n, sets[0].shape[1], mode, float(np.mean(diams)))
+
+
+def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: bool = True,
+          device: Optional[str] = None, command: str = "", layers: bool = True) -> GeometryProfile:
+    """Measure ``lm`` (a :class:`geoprobe.models.LoadedModel`) on ``corpus`` (a
+    :class:`geoprobe.corpus.Corpus`) and return the :class:`GeometryProfile`."""
+    import torch
+
+    from .frequency import fit_power_law
+    from .hidden import collect_hidden_states, sink_mask
+    from .intrinsic_dim import intrinsic_dimension
+    from .norms import norm_frequency
+
+    s = settings or ProbeSettings()
+    prog = _Progress(progress)
+    timings: dict[str, float] = {}
+    device = device or str(getattr(lm, "device", "cpu"))
+    tok = lm.tokenizer
+
+    if len(corpus) == 0:
+        raise CorpusError("the corpus has no documents")
+
+    # 1. token counts and power law
+    t0 = time.perf_counter()
+    counts = corpus.count_tokens(tok, max_tokens=s.max_tokens, progress=progress)
+    timings["count_tokens"] = time.perf_counter() - t0
+    if counts.n_tokens == 0:
+        raise CorpusError(f"corpus {corpus.name!r} produced no tokens")
+    t0 = time.perf_counter()
+    try:
+        frequency = fit_power_law(counts.counts)
+    except InputDataError as exc:
+        logger.warning("power law not fitted: %s", exc)
+        frequency = None
+    timings["power_law"] = time.perf_counter() - t0
+
+    # 2. norms against frequency
+    t0 = time.perf_counter()
+    emb = lm.input_embeddings().double().numpy()
+    norms_vec = np.linalg.norm(emb, axis=1)
+    norms = norm_frequency(norms_vec, counts.counts, tokenizer=tok)
+    timings["norms"] = time.perf_counter() - t0
+
+    # 3a. per-prompt δ on input-token embeddings (BOS, if the tokenizer adds one, is the base point)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(s.seed)
+    order = rng.permutation(len(corpus))
+    prompt_sets = []
+    for start in range(0, len(order), 256):
+        texts = [corpus.documents[i] for i in order[start:start + 256]]
+        enc = tok(texts, add_special_tokens=True, truncation=True, max_length=s.prompt_tokens,
+                  return_attention_mask=False)["input_ids"]
+        for ids in enc:
+            x = emb[np.asarray(ids, dtype=np.int64)]
+            if np.unique(x, axis=0).shape[0] >= 4:
+                prompt_sets.append(x)
+            if len(prompt_sets) >= s.n_prompts:
+                break
+        if len(prompt_sets) >= s.n_prompts:
+            break
+    if not prompt_sets:
+        raise CorpusError(f"corpus {corpus.name!r} has no prompt with at least 4 distinct tokens")
+    bar = prog.bar(len(prompt_sets), "δ per prompt")
+    delta_prompts = delta_with_null(prompt_sets, "prompt input-token embeddings",
+                                    null_repeats=1, seed=s.seed, mode=s.delta_mode, progress=bar)
+    bar.close()
+    timings["delta_prompts"] = time.perf_counter() - t0
+
+    # 3b. δ on a seeded sample of distinct corpus tokens
+    t0 = time.perf_counter()
+    seen = np.flatnonzero(counts.counts[: emb.shape[0]] > 0)
+    m = min(s.token_sample, seen.size)
+    token_sets = []
+    for r in range(s.token_repeats):
+        pick = np.random.default_rng(s.seed + 1000 + r).choice(seen, size=m, replace=False)
+        token_sets.append(emb[np.sort(pick)])
+    delta_tokens = (delta_with_null(token_sets, "distinct corpus tokens' input embeddings",
+                                    null_repeats=s.null_repeats, seed=s.seed + 1, mode=s.delta_mode)
+                    if m >= 4 else None)
+    timings["delta_tokens"] = time.perf_counter() - t0
+
+    # 4. hidden states per layer: sinks, δ, intrinsic dimension
+    layer_results: list[LayerGeometry] = []
+    sinks = None
+    if layers:
+        t0 = time.perf_counter()
+        bar = prog.bar(len(corpus), "hidden states")
+        hs = collect_hidden_states(lm.model, tok, corpus.documents, max_positions=s.layer_positions,
+                                   max_length=s.max_length, batch_size=s.batch_size, seed=s.seed,
+                                   device=device, progress=bar.update)
+        bar.close()
+        timings["hidden_states"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            layer_results, sinks = _layer_geometry(hs, s, prog)
+        finally:
+            hs.close()
+        timings["layers"] = time.perf_counter() - t0
+
+    corpus_info = CorpusInfo(name=corpus.name, sha256=corpus.sha256, n_documents=len(corpus),
+                             n_tokens=int(counts.n_tokens), n_characters=corpus.n_characters,
+                             field=corpus.field)
+    return GeometryProfile(
+        model=lm.info, corpus=corpus_info, frequency=frequency, norms=norms,
+        delta_prompts=delta_prompts, delta_tokens=delta_tokens, layers=layer_results, sinks=sinks,
+        settings=s.to_dict() | {"device": device}, seed=s.seed, versions=library_versions(),
+        timings={k: round(v, 4) for k, v in timings.items()}, command=command,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGeometry], SinkReport]:
+    from .hyperbolicity import delta, matched_null_delta
+    from .intrinsic_dim import intrinsic_dimension
+
+    n_layers = hs.n_layers
+    excluded_by_layer, quantiles = [], []
+    sink_positions: dict[int, int] = {}
+    results = []
+    bar = prog.bar(n_layers, "layers")
+    for li in range(n_layers):
+        x = hs.layer(li).astype(np.float64)
+        norms = np.linalg.norm(x, axis=1)
+        quantiles.append([float(q) for q in np.quantile(norms, [0.0, 0.5, 0.9, 0.99, 1.0])])
+        mask = sink_mask(norms, s.sink_factor) if s.exclude_sinks else np.zeros(len(x), bool)
+        excluded_by_layer.append(int(mask.sum()))
+        for p in hs.position[mask]:
+            sink_positions[int(p)] = sink_positions.get(int(p), 0) + 1
+        keep = x[~mask]
+        twonn = gride = dstat = None
+        try:
+            twonn = intrinsic_dimension(keep, estimator="twonn")
+            gride = intrinsic_dimension(keep, estimator="gride")
+        except InputDataError as exc:
+            logger.warning("layer %d: intrinsic dimension skipped: %s", li, exc)
+        m = min(s.layer_delta_points, keep.shape[0])
+        if m >= 4:
+            rng = np.random.default_rng(s.seed + 17 * li)
+            sub = keep[np.sort(rng.choice(keep.shape[0], size=m, replace=False))]
+            try:
+                r = delta(sub, mode=s.delta_mode, base_point=0)
+                nulls = matched_null_delta(sub, n_repeats=s.null_repeats, seed=s.seed + li,
+                                           mode=s.delta_mode)
+                dstat = _stat(f"layer {li} hidden states", [r.delta_rel], nulls, m, sub.shape[1],
+                              s.delta_mode, r.diameter)
+            except InputDataError as exc:
+                logger.warning("layer %d: δ skipped: %s", li, exc)
+        results.append(LayerGeometry(layer=li, n_positions=int(keep.shape[0]),
+                                     n_sinks_excluded=int(mask.sum()),
+                                     norm_median=float(np.median(norms)),
+                                     norm_max=float(norms.max()), twonn=twonn, gride=gride,
+                                     delta=dstat))
+        bar.update(1)
+    bar.close()
+    n_excl = int(max(excluded_by_layer) if excluded_by_layer else 0)
+    top_pos = sorted(sink_positions, key=lambda p: -sink_positions[p])[:10]
+    reason = (f"hidden-state norm above {s.sink_factor:g}× the layer median (massive activations, "
+              "Sun et al. 2024); such rows set the diameter and collapse δ_rel of data and null alike"
+              if s.exclude_sinks else "sink exclusion switched off")
+    sinks = SinkReport(factor=s.sink_factor, n_positions=hs.n_positions, n_excluded=n_excl,
+                       excluded_by_layer=excluded_by_layer, positions_in_sequence=top_pos,
+                       reason=reason, norm_quantiles_by_layer=quantiles)
+    return results, sinks
