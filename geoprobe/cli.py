@@ -33,6 +33,9 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
                    help="allow loading pickle (.bin) weights — runs code from the file")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub — runs code from the model repository")
+    p.add_argument("--n-prompts", type=int, default=200, help="prompts for per-prompt δ")
+    p.add_argument("--layer-positions", type=int, default=3000,
+                   help="hidden-state positions per layer for intrinsic dimension and δ")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,7 +88,11 @@ def _measure(spec: Optional[str], args, command: str):
     corpus = _load_corpus(args)
     lm = load_model(spec, device=device, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code)
-    settings = ProbeSettings(seed=args.seed, max_tokens=args.max_tokens)
+    if args.n_prompts < 1 or args.layer_positions < 4:
+        raise GeoprobeError("--n-prompts must be ≥ 1 and --layer-positions ≥ 4")
+    settings = ProbeSettings(seed=args.seed, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
+                             layer_positions=args.layer_positions,
+                             layer_delta_points=min(500, args.layer_positions))
     return probe(lm, corpus, settings=settings, progress=not args.quiet, device=device,
                  command=command, layers=not getattr(args, "no_layers", False))
 

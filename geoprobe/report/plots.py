@@ -1,0 +1,478 @@
+"""The report's figures, drawn with matplotlib (no pyplot, Agg canvas) and returned as inline SVG.
+
+Each function takes profile records and returns the text of one ``<svg>`` element (XML prolog,
+DOCTYPE and metadata removed, no fixed size: it scales to its container through its viewBox), or
+``None`` when the records hold nothing to draw. Text is written as SVG ``<text>``
+(``svg.fonttype = 'none'``), which matplotlib escapes; labels taken from models additionally pass
+through :func:`label` so that ``$`` cannot start mathtext and control characters are dropped.
+
+What is drawn (HypLoRA, arXiv 2410.04010 §4; Clauset, Shalizi & Newman 2009; Khrulkov et al. 2020;
+Facco et al. 2017; Denti et al. 2022):
+
+* frequency distribution P(k) = m_k / Σ m — the share of token types seen k times — with the fitted
+  discrete power law above x_min, P(k) = (n_tail / n_types) · k^(−γ) / ζ(γ, x_min);
+* rank-frequency f(r) with the matching Zipf line f(r) = x_min · (r / n_tail)^(−s), s = 1/(γ − 1),
+  from inverting the tail count N(≥k) ≈ n_tail · (k / x_min)^(1−γ);
+* norm against log10 frequency as a 2-D histogram with the per-bin mean norms;
+* δ_rel = 2δ/diam histograms against the matched Gaussian null, and per layer;
+* TwoNN/GRIDE intrinsic dimension per layer and GRIDE over neighbourhood scales n1.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+# Quantile levels behind SinkReport.norm_quantiles_by_layer as geoprobe.pipeline records them.
+SINK_QUANTILE_LEVELS = (0.0, 0.5, 0.9, 0.99, 1.0)
+
+NULL_COLOUR = "#6b6b6b"
+_RC = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "geoprobe-report",
+    "font.family": "sans-serif",
+    "font.size": 9.0,
+    "axes.titlesize": 10.0,
+    "axes.labelsize": 9.0,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 8.0,
+    "figure.dpi": 100,
+}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class Series(NamedTuple):
+    """One model's record in an overlay: legend label, colour, record."""
+
+    label: str
+    colour: str
+    value: Any
+
+
+def label(text: Any, limit: int = 48) -> str:
+    """A model-provided string made safe as a matplotlib label: control characters removed,
+    ``$`` escaped (no mathtext), shortened to ``limit`` characters."""
+    s = _CONTROL.sub("", str(text))
+    if len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return s.replace("$", r"\$")
+
+
+# --------------------------------------------------------------------------- figure → SVG
+def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+_PROLOG = re.compile(r"^.*?(?=<svg[\s>])", re.S)
+_METADATA = re.compile(r"\s*<metadata>.*?</metadata>", re.S)
+_SIZE = re.compile(r'\s(?:width|height)="[^"]*"')
+
+
+def to_svg(fig) -> str:
+    """Serialise ``fig`` as an inline-ready ``<svg>`` element (deterministic output)."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context(_RC):
+        fig.savefig(buf, format="svg", dpi=150, metadata={"Date": None})
+    text = buf.getvalue()
+    text = _PROLOG.sub("", text, count=1)
+    text = _METADATA.sub("", text, count=1)
+    head_end = text.index(">")
+    head = _SIZE.sub("", text[:head_end])
+    return head + text[head_end:].rstrip() + "\n"
+
+
+def prefix_ids(svg: str, prefix: str) -> str:
+    """Prefix every ``id`` in ``svg`` (and each ``#id`` reference) so several figures can share one
+    HTML document without clashing clip paths or markers."""
+    ids = set(re.findall(r'\sid="([^"]+)"', svg))
+    if not ids:
+        return svg
+
+    def ref(m: re.Match) -> str:
+        name = m.group(2)
+        return f"{m.group(1)}{prefix}{name}" if name in ids else m.group(0)
+
+    svg = re.sub(r'(\sid=")([^"]+)(?=")', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", svg)
+    svg = re.sub(r'(url\(#)([^)]+)(?=\))', ref, svg)
+    return re.sub(r'((?:xlink:)?href="#)([^"]+)(?=")', ref, svg)
+
+
+def _finish(fig, ax_list: Sequence, legend: bool = True) -> str:
+    if legend:
+        for ax in ax_list:
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                ax.legend(loc="best")
+    return to_svg(fig)
+
+
+def _arr(values: Iterable[Any]) -> np.ndarray:
+    return np.asarray([float(v) if v is not None else math.nan for v in values], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- frequency
+def _count_table(pl) -> tuple[np.ndarray, np.ndarray]:
+    k = np.asarray(pl.count_values, dtype=np.float64)
+    m = np.asarray(pl.count_multiplicities, dtype=np.float64)
+    if k.size == 0 or k.size != m.size:
+        return np.empty(0), np.empty(0)
+    keep = (k > 0) & (m > 0) & np.isfinite(k) & np.isfinite(m)
+    k, m = k[keep], m[keep]
+    order = np.argsort(k)
+    return k[order], m[order]
+
+
+def power_law_pmf(k: np.ndarray, gamma: float, xmin: float, tail_fraction: float) -> np.ndarray:
+    """tail_fraction · k^(−γ) / ζ(γ, x_min): the fitted discrete power law as a share of all types."""
+    from scipy.special import zeta
+
+    return tail_fraction * np.power(k, -gamma) / zeta(gamma, xmin)
+
+
+def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
+    """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
+    usable = [s for s in series if _count_table(s.value)[0].size]
+    if not usable:
+        return None
+    fig, (ax,) = _figure()
+    for s in usable:
+        pl = s.value
+        k, m = _count_table(pl)
+        total = m.sum()
+        ax.scatter(k, m / total, s=6, color=s.colour, alpha=0.25, linewidths=0, rasterized=False)
+        edges = np.unique(np.floor(np.logspace(0, math.log10(k.max() + 1), 28)))
+        if edges[-1] <= k.max():
+            edges = np.append(edges, k.max() + 1)
+        idx = np.searchsorted(edges, k, side="right") - 1
+        binned_x, binned_y = [], []
+        for b in range(len(edges) - 1):
+            sel = idx == b
+            if sel.any():
+                width = edges[b + 1] - edges[b]
+                binned_x.append(math.sqrt(edges[b] * (edges[b + 1] - 1)) if width > 1 else edges[b])
+                binned_y.append(m[sel].sum() / width / total)
+        ax.plot(binned_x, binned_y, "o", color=s.colour, markersize=4, markeredgecolor="white",
+                markeredgewidth=0.5, label=label(s.label) if len(usable) > 1 else "log-binned")
+        gamma, xmin = pl.gamma, pl.xmin
+        if _ok(gamma) and gamma > 1 and _ok(xmin) and xmin >= 1 and k.max() > xmin:
+            tail = (pl.n_tail_types / pl.n_types if pl.n_types and pl.n_tail_types
+                    else m[k >= xmin].sum() / total)
+            xs = np.unique(np.geomspace(xmin, k.max(), 120))
+            ax.plot(xs, power_law_pmf(xs, gamma, xmin, tail), "-", color=s.colour, linewidth=1.6,
+                    label=f"power law γ = {gamma:.2f}".replace("-", "−"))
+            ax.axvline(xmin, color=s.colour, linestyle=":", linewidth=0.9)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("k: times a token type occurs in the corpus")
+    ax.set_ylabel("P(k): share of token types")
+    return _finish(fig, [ax])
+
+
+def rank_frequency(series: Sequence[Series]) -> Optional[str]:
+    """Frequency against rank (log-log), with the Zipf line f(r) = x_min·(r/n_tail)^(−s)."""
+    usable = [s for s in series if _count_table(s.value)[0].size]
+    if not usable:
+        return None
+    fig, (ax,) = _figure()
+    for s in usable:
+        pl = s.value
+        k, m = _count_table(pl)
+        k, m = k[::-1], m[::-1]                        # most frequent first
+        start = np.concatenate([[0.0], np.cumsum(m)[:-1]]) + 1
+        end = np.cumsum(m)
+        xs = np.column_stack([start, end]).ravel()
+        ys = np.repeat(k, 2)
+        ax.plot(xs, ys, "-", color=s.colour, linewidth=1.4,
+                label=label(s.label) if len(usable) > 1 else "observed")
+        zipf, xmin = pl.zipf_exponent, pl.xmin
+        n_tail = (pl.n_tail_types or int(m[k >= xmin].sum())) if _ok(xmin) else 0
+        if _ok(zipf) and zipf > 0 and _ok(xmin) and xmin >= 1 and n_tail and n_tail > 1:
+            r = np.geomspace(1, n_tail, 100)
+            ax.plot(r, xmin * (r / n_tail) ** (-zipf), "--", color=s.colour, linewidth=1.0,
+                    alpha=0.8, label=f"Zipf s = {zipf:.2f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rank r of the token type")
+    ax.set_ylabel("occurrences f(r)")
+    return _finish(fig, [ax])
+
+
+def _ok(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------- norms
+def _density_grid(density) -> Optional[np.ndarray]:
+    """counts as an (x bins, y bins) array, or None when the shape does not fit the edges."""
+    if density is None:
+        return None
+    c = np.asarray(density.counts, dtype=np.float64)
+    nx, ny = len(density.x_edges) - 1, len(density.y_edges) - 1
+    if nx < 1 or ny < 1 or c.ndim != 2:
+        return None
+    if c.shape == (nx, ny):
+        return c
+    if c.shape == (ny, nx):
+        return c.T
+    return None
+
+
+def norm_density(norms, colour: str) -> Optional[str]:
+    """2-D histogram of embedding norm against log10 frequency, with per-bin mean norms."""
+    from matplotlib.colors import LogNorm
+
+    grid = _density_grid(norms.density)
+    bins = [b for b in norms.bins if b.n > 0 and _ok(b.mean)]
+    if grid is None and not bins:
+        return None
+    fig, (ax,) = _figure(6.4, 3.8)
+    if grid is not None and grid.max() > 0:
+        masked = np.ma.masked_less_equal(grid.T, 0)
+        mesh = ax.pcolormesh(_arr(norms.density.x_edges), _arr(norms.density.y_edges), masked,
+                             cmap="viridis", norm=LogNorm(vmin=1, vmax=max(grid.max(), 2)),
+                             rasterized=True, shading="flat")
+        fig.colorbar(mesh, ax=ax, label="tokens", pad=0.01)
+    if bins:
+        mid = [(b.lo + b.hi) / 2 for b in bins]
+        means = [b.mean for b in bins]
+        lo = [max(b.mean - b.min, 0) if _ok(b.min) else 0 for b in bins]
+        hi = [max(b.max - b.mean, 0) if _ok(b.max) else 0 for b in bins]
+        ax.errorbar(mid, means, yerr=[lo, hi] if grid is None else None, fmt="o-",
+                    color="white" if grid is not None else colour, markersize=4,
+                    markeredgecolor=colour, markeredgewidth=1.2, linewidth=1.2,
+                    ecolor=colour, capsize=2, label="mean norm per frequency bin")
+    ax.grid(False)
+    ax.set_xlabel("log10 frequency (occurrences in the corpus)")
+    ax.set_ylabel("input-embedding L2 norm")
+    return _finish(fig, [ax])
+
+
+# --------------------------------------------------------------------------- hyperbolicity
+def delta_histogram(stat, colour: str) -> Optional[str]:
+    """Histogram of the data's δ_rel against the matched Gaussian null's."""
+    vals = _arr(stat.values)
+    nulls = _arr(stat.null_values)
+    vals, nulls = vals[np.isfinite(vals)], nulls[np.isfinite(nulls)]
+    if vals.size < 2 and nulls.size < 2:
+        return None
+    both = np.concatenate([vals, nulls])
+    lo, hi = float(both.min()), float(both.max())
+    if hi <= lo:
+        hi = lo + max(abs(lo) * 0.01, 1e-6)
+    edges = np.linspace(lo, hi, 31)
+    fig, (ax,) = _figure(6.4, 3.2)
+    if vals.size:
+        ax.hist(vals, bins=edges, color=colour, alpha=0.65, label=f"data ({vals.size} sets)")
+        ax.axvline(float(vals.mean()), color=colour, linewidth=1.6)
+    if nulls.size:
+        ax.hist(nulls, bins=edges, histtype="step", color=NULL_COLOUR, linewidth=1.4,
+                hatch="///", label=f"matched Gaussian null ({nulls.size})")
+        ax.axvline(float(nulls.mean()), color=NULL_COLOUR, linewidth=1.4, linestyle="--")
+    ax.set_xlabel("δ_rel = 2δ / diam")
+    ax.set_ylabel("point sets")
+    return _finish(fig, [ax])
+
+
+def layer_axis(series: Sequence[Series]) -> tuple[bool, str]:
+    """(relative, axis label): layers are put on a 0–1 depth axis when the models differ in depth."""
+    depths = {max((lg.layer for lg in s.value), default=0) for s in series}
+    if len(depths) > 1:
+        return True, "relative depth (layer / last layer)"
+    return False, "layer (0 = embedding output)"
+
+
+def _layer_x(layers, relative: bool) -> np.ndarray:
+    x = np.asarray([lg.layer for lg in layers], dtype=np.float64)
+    if relative:
+        top = max(x.max(), 1.0)
+        x = x / top
+    return x
+
+
+def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
+    """δ_rel of each layer's hidden states (error bar = std over samples) against its null band."""
+    from matplotlib.lines import Line2D
+
+    usable = [s for s in series if any(lg.delta is not None for lg in s.value)]
+    if not usable:
+        return None
+    relative, xlabel = layer_axis(usable)
+    fig, (ax,) = _figure(6.8, 3.6)
+    for s in usable:
+        layers = [lg for lg in s.value if lg.delta is not None]
+        x = _layer_x(layers, relative)
+        d = [lg.delta for lg in layers]
+        mean, std = _arr(x.mean for x in d), _arr(x.std for x in d)
+        nmean, nstd = _arr(x.null_mean for x in d), _arr(x.null_std for x in d)
+        ax.errorbar(x, mean, yerr=np.nan_to_num(std), fmt="o-", color=s.colour, markersize=3.5,
+                    linewidth=1.4, capsize=2, label=label(s.label))
+        ax.plot(x, nmean, "--", color=s.colour, linewidth=1.1, alpha=0.9)
+        ax.fill_between(x, nmean - np.nan_to_num(nstd), nmean + np.nan_to_num(nstd),
+                        color=s.colour, alpha=0.15, linewidth=0)
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], color=NULL_COLOUR, linestyle="--"))
+    labels.append("matched Gaussian null ± std")
+    ax.legend(handles, labels, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("δ_rel = 2δ / diam")
+    ax.set_ylim(bottom=0)
+    return _finish(fig, [ax], legend=False)
+
+
+def sink_norms(layers, sinks, colour: str) -> Optional[str]:
+    """Per-layer hidden-state norm quantiles (log scale) and the sink threshold factor × median."""
+    q = [list(row) for row in (sinks.norm_quantiles_by_layer if sinks is not None else [])]
+    fig, (ax,) = _figure(6.8, 3.4)
+    drawn = False
+    if q and all(len(row) == len(q[0]) for row in q) and len(q[0]) > 0:
+        arr = _arr(v for row in q for v in row).reshape(len(q), len(q[0]))
+        x = np.arange(len(q))
+        if len(layers) == len(q):
+            x = np.asarray([lg.layer for lg in layers], dtype=np.float64)
+        levels = SINK_QUANTILE_LEVELS if arr.shape[1] == len(SINK_QUANTILE_LEVELS) else None
+        styles = [":", "-", "-", "-", "--"]
+        for j in range(arr.shape[1]):
+            if levels is not None:
+                lv = levels[j]
+                name = "min" if lv == 0 else "max" if lv == 1 else f"{lv * 100:g}th percentile"
+                style = styles[j]
+                width = 2.0 if lv == 0.5 else 1.1
+            else:
+                name, style, width = f"recorded quantile {j + 1} of {arr.shape[1]}", "-", 1.1
+            shade = 0.35 + 0.65 * (j + 1) / arr.shape[1]
+            ax.plot(x, arr[:, j], style, color=colour, alpha=shade, linewidth=width, label=name)
+        drawn = True
+    elif layers:
+        x = np.asarray([lg.layer for lg in layers], dtype=np.float64)
+        ax.plot(x, _arr(lg.norm_median for lg in layers), "-", color=colour, linewidth=2.0,
+                label="median")
+        ax.plot(x, _arr(lg.norm_max for lg in layers), "--", color=colour, linewidth=1.1,
+                label="max")
+        drawn = True
+    if not drawn:
+        return None
+    if sinks is not None and layers and _ok(sinks.factor):
+        lx = np.asarray([lg.layer for lg in layers], dtype=np.float64)
+        ax.plot(lx, sinks.factor * _arr(lg.norm_median for lg in layers), "-.", color="#c0392b",
+                linewidth=1.2, label=f"sink threshold {sinks.factor:g} × median")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = embedding output)")
+    ax.set_ylabel("hidden-state L2 norm")
+    return _finish(fig, [ax])
+
+
+# --------------------------------------------------------------------------- intrinsic dimension
+def id_per_layer(series: Sequence[Series]) -> Optional[str]:
+    """TwoNN (solid, circles) and GRIDE (dashed, squares) intrinsic dimension per layer."""
+    from matplotlib.lines import Line2D
+
+    usable = [s for s in series if any(lg.twonn or lg.gride for lg in s.value)]
+    if not usable:
+        return None
+    relative, xlabel = layer_axis(usable)
+    fig, (ax,) = _figure(6.8, 3.6)
+    for s in usable:
+        for attr, fmt, mk in (("twonn", "-", "o"), ("gride", "--", "s")):
+            layers = [lg for lg in s.value if getattr(lg, attr) is not None
+                      and _ok(getattr(lg, attr).dimension)]
+            if not layers:
+                continue
+            x = _layer_x(layers, relative)
+            dim = _arr(getattr(lg, attr).dimension for lg in layers)
+            err = np.nan_to_num(_arr(getattr(lg, attr).error for lg in layers))
+            ax.errorbar(x, dim, yerr=err, fmt=fmt, marker=mk, color=s.colour, markersize=3.5,
+                        linewidth=1.3, capsize=2,
+                        label=label(s.label) if attr == "twonn" or not any(
+                            lg.twonn for lg in s.value) else None)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], color=NULL_COLOUR, linestyle="-", marker="o", markersize=3.5),
+                Line2D([], [], color=NULL_COLOUR, linestyle="--", marker="s", markersize=3.5)]
+    labels += ["TwoNN", "GRIDE"]
+    ax.legend(handles, labels, loc="best")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("intrinsic dimension")
+    ax.set_ylim(bottom=0)
+    return _finish(fig, [ax], legend=False)
+
+
+def pick_layers(layers, count: int = 4) -> list:
+    """Up to ``count`` layers with GRIDE scales, evenly spread from first to last."""
+    with_scales = [lg for lg in layers if lg.gride is not None and len(lg.gride.scales) > 1]
+    if len(with_scales) <= count:
+        return with_scales
+    idx = np.unique(np.round(np.linspace(0, len(with_scales) - 1, count)).astype(int))
+    return [with_scales[i] for i in idx]
+
+
+def gride_scales(layers) -> Optional[str]:
+    """GRIDE dimension against neighbourhood scale n1 (n2 = 2·n1) for a few layers."""
+    from matplotlib import colormaps
+
+    chosen = pick_layers(layers)
+    if not chosen:
+        return None
+    cmap = colormaps["viridis"]
+    fig, (ax,) = _figure(6.4, 3.4)
+    for i, lg in enumerate(chosen):
+        sc = [s for s in lg.gride.scales if _ok(s.dimension) and s.n1 > 0]
+        ax.errorbar([s.n1 for s in sc], [s.dimension for s in sc],
+                    yerr=np.nan_to_num(_arr(s.error for s in sc)), fmt="o-",
+                    color=cmap(0.1 + 0.8 * i / max(len(chosen) - 1, 1)), markersize=3.5,
+                    capsize=2, linewidth=1.3, label=f"layer {lg.layer}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("scale n1 (neighbours; n2 = 2·n1)")
+    ax.set_ylabel("GRIDE dimension")
+    ax.set_ylim(bottom=0)
+    return _finish(fig, [ax])
+
+
+# --------------------------------------------------------------------------- adapters
+def loss_curves(series: Sequence[Series]) -> Optional[str]:
+    """Training loss against step for each fine-tune run."""
+    usable = [s for s in series if len(s.value.loss_steps) and
+              len(s.value.loss_steps) == len(s.value.loss_values)]
+    if not usable:
+        return None
+    fig, (ax,) = _figure(6.4, 3.4)
+    for s in usable:
+        ax.plot(s.value.loss_steps, _arr(s.value.loss_values), "-", color=s.colour, linewidth=1.4,
+                label=label(s.label, 60))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    return _finish(fig, [ax])
+
+
+def value_bars(names: Sequence[Any], values: Sequence[float], colour: str, ylabel: str) -> Optional[str]:
+    """A bar chart of numbers keyed by names (plan entries such as per-layer ranks)."""
+    vals = _arr(values)
+    if vals.size < 2 or not np.isfinite(vals).any():
+        return None
+    fig, (ax,) = _figure(6.8, 3.2)
+    x = np.arange(vals.size)
+    ax.bar(x, np.nan_to_num(vals), color=colour, width=0.75)
+    if vals.size <= 32:
+        ax.set_xticks(x, [label(n, 22) for n in names], rotation=60, ha="right",
+                      rotation_mode="anchor", fontsize=7)
+    else:
+        ax.set_xlabel("entry (in the order of the plan)")
+    ax.set_ylabel(label(ylabel, 40))
+    ax.grid(axis="x", visible=False)
+    return _finish(fig, [ax], legend=False)
