@@ -106,6 +106,14 @@ def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def superscript(n: int) -> str:
+    """An integer in Unicode superscript digits: −4 → ⁻⁴."""
+    return str(int(n)).translate(_SUPERSCRIPT)
+
+
 def num(x: Any, sig: int = 3) -> str:
     """``x`` to ``sig`` significant digits, Unicode minus, thousands separators for big values;
     an em dash for ``None``/NaN/inf."""
@@ -122,7 +130,7 @@ def num(x: Any, sig: int = 3) -> str:
     if mag >= 1e6 or mag < 1e-3:
         text = f"{x:.{sig - 1}e}"
         mant, exp = text.split("e")
-        text = f"{mant}×10^{int(exp)}"
+        text = f"{mant}×10{superscript(int(exp))}"
     elif mag >= 1000:
         text = f"{x:,.0f}"
     else:
@@ -143,13 +151,22 @@ def pm(mean: Any, std: Any, sig: int = 2) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}".replace("-", MINUS)
 
 
+def pvalue(p: Any) -> str:
+    """A p-value: ``0.032``, ``1.2×10⁻⁵``, or ``< 10⁻³⁰⁰`` where it underflowed to zero."""
+    if not finite(p):
+        return DASH
+    if p <= 0:
+        return f"< 10{superscript(-300)}"
+    return num(p, 2)
+
+
 def seconds(x: Any) -> str:
     """A duration in seconds as ``0.41 s``, ``12.3 s``, ``4 min 05 s`` or ``1 h 02 min``."""
     if not finite(x):
         return DASH
     x = float(x)
     if x < 60:
-        return f"{num(x, 3)} s"
+        return f"{x:.3g} s"
     if x < 3600:
         m, s = divmod(int(round(x)), 60)
         return f"{m} min {s:02d} s"
@@ -168,7 +185,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return num(value, 4)
+        return f"{value:.6g}"
     try:
         return json.dumps(value, ensure_ascii=False, default=str, sort_keys=False)
     except (TypeError, ValueError):

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from .markup import superscript
 
 # Quantile levels behind SinkReport.norm_quantiles_by_layer as geoprobe.pipeline records them.
 SINK_QUANTILE_LEVELS = (0.0, 0.5, 0.9, 0.99, 1.0)
@@ -67,15 +70,23 @@ def label(text: Any, limit: int = 48) -> str:
 
 
 # --------------------------------------------------------------------------- figure → SVG
-def _figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
+SMALL = (5.0, 3.3)     # inches; shown at about half the page width
+WIDE = (8.0, 3.6)      # shown across the page
+
+
+def _figure(width: float = SMALL[0], height: float = SMALL[1], *, left: float = 0.72,
+            bottom: float = 0.5, right: float = 0.15, top: float = 0.12):
+    """A figure with one axes and fixed margins in inches (fast: no layout engine pass)."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=(width, height), layout="constrained")
+        fig = Figure(figsize=(width, height))
         FigureCanvasAgg(fig)
-        axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+        fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                            top=1 - top / height)
+        axes = [fig.add_subplot(1, 1, 1)]
     return fig, axes
 
 
@@ -124,6 +135,31 @@ def _finish(fig, ax_list: Sequence, legend: bool = True) -> str:
     return to_svg(fig)
 
 
+def _decade_label(x: float, _pos: Any = None) -> str:
+    """Plain-text tick label for a power of ten (no mathtext): 0.1, 1, 10, 100, 1000, 10⁴, …"""
+    if not x > 0:
+        return ""
+    e = math.log10(x)
+    if abs(e - round(e)) > 1e-6:
+        return ""
+    e = int(round(e))
+    if -2 <= e <= 3:
+        return f"{10.0 ** e:g}"
+    return "10" + superscript(e)
+
+
+def _log(ax, axis: str = "both") -> None:
+    """Log scale with plain-text decade labels and unlabelled minor ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for name in ("x", "y") if axis == "both" else (axis,):
+        getattr(ax, f"set_{name}scale")("log")
+        a = getattr(ax, f"{name}axis")
+        a.set_major_locator(LogLocator(base=10, numticks=12))
+        a.set_major_formatter(FuncFormatter(_decade_label))
+        a.set_minor_formatter(NullFormatter())
+
+
 def _arr(values: Iterable[Any]) -> np.ndarray:
     return np.asarray([float(v) if v is not None else math.nan for v in values], dtype=np.float64)
 
@@ -147,6 +183,38 @@ def power_law_pmf(k: np.ndarray, gamma: float, xmin: float, tail_fraction: float
     return tail_fraction * np.power(k, -gamma) / zeta(gamma, xmin)
 
 
+def log_binned(k: np.ndarray, m: np.ndarray, n_edges: int = 28
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-binned P(k): for integer bins [a, b) with log-spaced edges, (Σ m_k over the bin) /
+    (b − a) / Σ m, placed at the geometric middle √(a·(b − 1)). Returns (x, P, bin widths), so that
+    Σ P·width = 1."""
+    edges = np.unique(np.floor(np.logspace(0, math.log10(k.max() + 1), n_edges)))
+    if edges[-1] <= k.max():
+        edges = np.append(edges, k.max() + 1)
+    idx = np.searchsorted(edges, k, side="right") - 1
+    total = m.sum()
+    xs, ps, widths = [], [], []
+    for b in range(len(edges) - 1):
+        sel = idx == b
+        if sel.any():
+            width = edges[b + 1] - edges[b]
+            xs.append(math.sqrt(edges[b] * (edges[b + 1] - 1)))
+            ps.append(m[sel].sum() / width / total)
+            widths.append(width)
+    return np.asarray(xs), np.asarray(ps), np.asarray(widths)
+
+
+def rank_curve(k: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-frequency steps from the count table: the m_k types seen k times hold ranks
+    (types seen more often) + 1 … + m_k; one horizontal step (two points) per distinct k."""
+    order = np.argsort(k)[::-1]                       # most frequent first
+    k, m = k[order], m[order]
+    end = np.cumsum(m)
+    start = end - m + 1
+    return np.column_stack([start, end]).ravel().astype(np.float64), np.repeat(k, 2).astype(
+        np.float64)
+
+
 def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
     """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
     usable = [s for s in series if _count_table(s.value)[0].size]
@@ -158,17 +226,7 @@ def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
         k, m = _count_table(pl)
         total = m.sum()
         ax.scatter(k, m / total, s=6, color=s.colour, alpha=0.25, linewidths=0, rasterized=False)
-        edges = np.unique(np.floor(np.logspace(0, math.log10(k.max() + 1), 28)))
-        if edges[-1] <= k.max():
-            edges = np.append(edges, k.max() + 1)
-        idx = np.searchsorted(edges, k, side="right") - 1
-        binned_x, binned_y = [], []
-        for b in range(len(edges) - 1):
-            sel = idx == b
-            if sel.any():
-                width = edges[b + 1] - edges[b]
-                binned_x.append(math.sqrt(edges[b] * (edges[b + 1] - 1)) if width > 1 else edges[b])
-                binned_y.append(m[sel].sum() / width / total)
+        binned_x, binned_y, _ = log_binned(k, m)
         ax.plot(binned_x, binned_y, "o", color=s.colour, markersize=4, markeredgecolor="white",
                 markeredgewidth=0.5, label=label(s.label) if len(usable) > 1 else "log-binned")
         gamma, xmin = pl.gamma, pl.xmin
@@ -179,11 +237,11 @@ def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
             ax.plot(xs, power_law_pmf(xs, gamma, xmin, tail), "-", color=s.colour, linewidth=1.6,
                     label=f"power law γ = {gamma:.2f}".replace("-", "−"))
             ax.axvline(xmin, color=s.colour, linestyle=":", linewidth=0.9)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log(ax)
     ax.set_xlabel("k: times a token type occurs in the corpus")
     ax.set_ylabel("P(k): share of token types")
-    return _finish(fig, [ax])
+    ax.legend(loc="upper right")
+    return _finish(fig, [ax], legend=False)
 
 
 def rank_frequency(series: Sequence[Series]) -> Optional[str]:
@@ -195,11 +253,7 @@ def rank_frequency(series: Sequence[Series]) -> Optional[str]:
     for s in usable:
         pl = s.value
         k, m = _count_table(pl)
-        k, m = k[::-1], m[::-1]                        # most frequent first
-        start = np.concatenate([[0.0], np.cumsum(m)[:-1]]) + 1
-        end = np.cumsum(m)
-        xs = np.column_stack([start, end]).ravel()
-        ys = np.repeat(k, 2)
+        xs, ys = rank_curve(k, m)
         ax.plot(xs, ys, "-", color=s.colour, linewidth=1.4,
                 label=label(s.label) if len(usable) > 1 else "observed")
         zipf, xmin = pl.zipf_exponent, pl.xmin
@@ -208,8 +262,7 @@ def rank_frequency(series: Sequence[Series]) -> Optional[str]:
             r = np.geomspace(1, n_tail, 100)
             ax.plot(r, xmin * (r / n_tail) ** (-zipf), "--", color=s.colour, linewidth=1.0,
                     alpha=0.8, label=f"Zipf s = {zipf:.2f}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log(ax)
     ax.set_xlabel("rank r of the token type")
     ax.set_ylabel("occurrences f(r)")
     return _finish(fig, [ax])
@@ -243,13 +296,19 @@ def norm_density(norms, colour: str) -> Optional[str]:
     bins = [b for b in norms.bins if b.n > 0 and _ok(b.mean)]
     if grid is None and not bins:
         return None
-    fig, (ax,) = _figure(6.4, 3.8)
+    fig, (ax,) = _figure(right=1.0 if grid is not None else 0.15)
     if grid is not None and grid.max() > 0:
         masked = np.ma.masked_less_equal(grid.T, 0)
         mesh = ax.pcolormesh(_arr(norms.density.x_edges), _arr(norms.density.y_edges), masked,
                              cmap="viridis", norm=LogNorm(vmin=1, vmax=max(grid.max(), 2)),
                              rasterized=True, shading="flat")
-        fig.colorbar(mesh, ax=ax, label="tokens", pad=0.01)
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        w, h = SMALL
+        cax = fig.add_axes((1 - 0.85 / w, 0.5 / h, 0.14 / w, 1 - 0.62 / h))
+        bar = fig.colorbar(mesh, cax=cax, label="tokens")
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(_decade_label))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
     if bins:
         mid = [(b.lo + b.hi) / 2 for b in bins]
         means = [b.mean for b in bins]
@@ -266,22 +325,42 @@ def norm_density(norms, colour: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- hyperbolicity
+def dot_plot(stat) -> bool:
+    """True when :func:`delta_histogram` draws dots (fewer than 10 values on a side)."""
+    n, n_null = len(stat.values), len(stat.null_values)
+    return min(n, n_null or n) < 10
+
+
 def delta_histogram(stat, colour: str) -> Optional[str]:
-    """Histogram of the data's δ_rel against the matched Gaussian null's."""
+    """Histogram of the data's δ_rel against the matched Gaussian null's (a dot plot when either
+    side has fewer than 10 values)."""
     vals = _arr(stat.values)
     nulls = _arr(stat.null_values)
     vals, nulls = vals[np.isfinite(vals)], nulls[np.isfinite(nulls)]
-    if vals.size < 2 and nulls.size < 2:
+    if vals.size == 0 or vals.size + nulls.size < 3:
         return None
+    fig, (ax,) = _figure()
+    if dot_plot(stat):
+        jitter = np.random.default_rng(0)
+        for y, v, c, name in ((1.0, vals, colour, f"data ({vals.size} sets)"),
+                              (0.0, nulls, NULL_COLOUR, f"matched Gaussian null ({nulls.size})")):
+            if v.size == 0:
+                continue
+            ax.scatter(v, y + jitter.uniform(-0.12, 0.12, v.size), s=28, color=c, alpha=0.85,
+                       linewidths=0, label=name)
+            ax.plot([v.mean(), v.mean()], [y - 0.3, y + 0.3], color=c, linewidth=2.0)
+        ax.set_yticks([0, 1], ["null", "data"])
+        ax.set_ylim(-0.6, 1.6)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel("δ_rel = 2δ / diam (bars: means)")
+        return _finish(fig, [ax], legend=False)
     both = np.concatenate([vals, nulls])
     lo, hi = float(both.min()), float(both.max())
     if hi <= lo:
         hi = lo + max(abs(lo) * 0.01, 1e-6)
     edges = np.linspace(lo, hi, 31)
-    fig, (ax,) = _figure(6.4, 3.2)
-    if vals.size:
-        ax.hist(vals, bins=edges, color=colour, alpha=0.65, label=f"data ({vals.size} sets)")
-        ax.axvline(float(vals.mean()), color=colour, linewidth=1.6)
+    ax.hist(vals, bins=edges, color=colour, alpha=0.65, label=f"data ({vals.size} sets)")
+    ax.axvline(float(vals.mean()), color=colour, linewidth=1.6)
     if nulls.size:
         ax.hist(nulls, bins=edges, histtype="step", color=NULL_COLOUR, linewidth=1.4,
                 hatch="///", label=f"matched Gaussian null ({nulls.size})")
@@ -315,7 +394,7 @@ def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
     if not usable:
         return None
     relative, xlabel = layer_axis(usable)
-    fig, (ax,) = _figure(6.8, 3.6)
+    fig, (ax,) = _figure(*WIDE)
     for s in usable:
         layers = [lg for lg in s.value if lg.delta is not None]
         x = _layer_x(layers, relative)
@@ -340,7 +419,7 @@ def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
 def sink_norms(layers, sinks, colour: str) -> Optional[str]:
     """Per-layer hidden-state norm quantiles (log scale) and the sink threshold factor × median."""
     q = [list(row) for row in (sinks.norm_quantiles_by_layer if sinks is not None else [])]
-    fig, (ax,) = _figure(6.8, 3.4)
+    fig, (ax,) = _figure(*WIDE, right=2.1)
     drawn = False
     if q and all(len(row) == len(q[0]) for row in q) and len(q[0]) > 0:
         arr = _arr(v for row in q for v in row).reshape(len(q), len(q[0]))
@@ -372,11 +451,12 @@ def sink_norms(layers, sinks, colour: str) -> Optional[str]:
     if sinks is not None and layers and _ok(sinks.factor):
         lx = np.asarray([lg.layer for lg in layers], dtype=np.float64)
         ax.plot(lx, sinks.factor * _arr(lg.norm_median for lg in layers), "-.", color="#c0392b",
-                linewidth=1.2, label=f"sink threshold {sinks.factor:g} × median")
-    ax.set_yscale("log")
+                linewidth=1.2, label=f"threshold {sinks.factor:g} × median")
+    _log(ax, "y")
     ax.set_xlabel("layer (0 = embedding output)")
     ax.set_ylabel("hidden-state L2 norm")
-    return _finish(fig, [ax])
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _finish(fig, [ax], legend=False)
 
 
 # --------------------------------------------------------------------------- intrinsic dimension
@@ -388,7 +468,7 @@ def id_per_layer(series: Sequence[Series]) -> Optional[str]:
     if not usable:
         return None
     relative, xlabel = layer_axis(usable)
-    fig, (ax,) = _figure(6.8, 3.6)
+    fig, (ax,) = _figure(*WIDE)
     for s in usable:
         for attr, fmt, mk in (("twonn", "-", "o"), ("gride", "--", "s")):
             layers = [lg for lg in s.value if getattr(lg, attr) is not None
@@ -430,14 +510,20 @@ def gride_scales(layers) -> Optional[str]:
     if not chosen:
         return None
     cmap = colormaps["viridis"]
-    fig, (ax,) = _figure(6.4, 3.4)
+    fig, (ax,) = _figure()
     for i, lg in enumerate(chosen):
         sc = [s for s in lg.gride.scales if _ok(s.dimension) and s.n1 > 0]
         ax.errorbar([s.n1 for s in sc], [s.dimension for s in sc],
                     yerr=np.nan_to_num(_arr(s.error for s in sc)), fmt="o-",
                     color=cmap(0.1 + 0.8 * i / max(len(chosen) - 1, 1)), markersize=3.5,
                     capsize=2, linewidth=1.3, label=f"layer {lg.layer}")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     ax.set_xscale("log", base=2)
+    n1s = sorted({s.n1 for lg in chosen for s in lg.gride.scales if s.n1 > 0})
+    ax.xaxis.set_major_locator(FixedLocator(n1s))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("scale n1 (neighbours; n2 = 2·n1)")
     ax.set_ylabel("GRIDE dimension")
     ax.set_ylim(bottom=0)
@@ -451,7 +537,7 @@ def loss_curves(series: Sequence[Series]) -> Optional[str]:
               len(s.value.loss_steps) == len(s.value.loss_values)]
     if not usable:
         return None
-    fig, (ax,) = _figure(6.4, 3.4)
+    fig, (ax,) = _figure()
     for s in usable:
         ax.plot(s.value.loss_steps, _arr(s.value.loss_values), "-", color=s.colour, linewidth=1.4,
                 label=label(s.label, 60))
@@ -460,18 +546,47 @@ def loss_curves(series: Sequence[Series]) -> Optional[str]:
     return _finish(fig, [ax])
 
 
-def value_bars(names: Sequence[Any], values: Sequence[float], colour: str, ylabel: str) -> Optional[str]:
+def short_names(names: Sequence[Any]) -> tuple[list[str], str]:
+    """Drop the prefix and suffix all ``names`` share (cut at a separator, never inside a word or
+    number): ``model.layers.3.mlp.down_proj`` → ``3``. Returns the short names and a pattern with
+    ``*`` standing for the varying part ("" when nothing is shared)."""
+    texts = [str(n) for n in names]
+    if len(set(texts)) < 2:
+        return texts, ""
+
+    def shared(items: list[str]) -> int:
+        common = os.path.commonprefix(items)
+        cut = max((i + 1 for i, ch in enumerate(common) if not ch.isalnum()), default=0)
+        return cut
+
+    pre = shared(texts)
+    rest = [t[pre:] for t in texts]
+    suf = shared([t[::-1] for t in rest])
+    short = [t[: len(t) - suf] if suf else t for t in rest]
+    if any(not t for t in short) or (pre == 0 and suf == 0):
+        return texts, ""
+    return short, texts[0][:pre] + "*" + (texts[0][len(texts[0]) - suf:] if suf else "")
+
+
+def value_bars(names: Sequence[Any], values: Sequence[float], colour: str,
+               ylabel: str) -> Optional[str]:
     """A bar chart of numbers keyed by names (plan entries such as per-layer ranks)."""
     vals = _arr(values)
     if vals.size < 2 or not np.isfinite(vals).any():
         return None
-    fig, (ax,) = _figure(6.8, 3.2)
+    short, pattern = short_names(names)
+    longest = max(len(n) for n in short)
+    rotate = longest > 3
+    fig, (ax,) = _figure(*WIDE, bottom=1.5 if rotate and vals.size <= 40 else 0.55)
     x = np.arange(vals.size)
     ax.bar(x, np.nan_to_num(vals), color=colour, width=0.75)
-    if vals.size <= 32:
-        ax.set_xticks(x, [label(n, 22) for n in names], rotation=60, ha="right",
-                      rotation_mode="anchor", fontsize=7)
-    else:
+    if vals.size <= 40:
+        ax.set_xticks(x, [label(n, 22) for n in short], rotation=60 if rotate else 0,
+                      ha="right" if rotate else "center", rotation_mode="anchor",
+                      fontsize=7 if rotate else 8)
+    if pattern:
+        ax.set_xlabel(label(pattern, 80))
+    elif vals.size > 40:
         ax.set_xlabel("entry (in the order of the plan)")
     ax.set_ylabel(label(ylabel, 40))
     ax.grid(axis="x", visible=False)

@@ -1,0 +1,44 @@
+"""adapters: build PEFT adapters from geometry measurements (DESIGN.md).
+
+    import adapters
+    adapters.lorentz.expmap0(v, K); adapters.lorentz.logmap0(y, K)
+    adapters.hyplora.hyplora_delta(x, A, B, K, s)
+    cfg = adapters.hyplora_config(r=32, alpha=128, target_modules=[...], curvature=1.0)
+
+Nothing heavy is imported here: submodules (and the names listed in ``_LAZY``) are imported on first
+attribute access, so ``import adapters`` costs neither torch nor peft.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "expmap0": "adapters.lorentz",
+    "logmap0": "adapters.lorentz",
+    "hyplora_delta": "adapters.hyplora",
+    "HypLoraLinear": "adapters.hyplora",
+    "HypLoraOptions": "adapters.hyplora",
+    "hyplora_config": "adapters.hyplora",
+    "register_hyplora": "adapters.hyplora",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:
+        if name.startswith("_"):
+            raise AttributeError(f"module 'adapters' has no attribute {name!r}")
+        target = f"{__name__}.{name}"
+        try:
+            value = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            if exc.name != target:
+                raise
+            raise AttributeError(f"module 'adapters' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value

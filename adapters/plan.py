@@ -1,0 +1,239 @@
+"""From a GeometryProfile to an adapter plan: HypLoRA curvature, GeLoRA ranks, HydraLoRA heads.
+
+Every choice carries its reason, and the plan saves to JSON and into the profile for the report.
+
+Curvature (HypLoRA, arXiv 2410.04010, with Khrulkov et al. 2020 §3.2): a Poincaré ball of curvature
+−c fits data of unit diameter and relative hyperbolicity δ_rel when c = (0.144/δ_rel)², 0.144 being
+δ_rel of the ball itself. Scaling a metric space by λ multiplies the fitting curvature by 1/λ². HypLoRA
+maps x/s into the hyperboloid of radius √K (curvature −1/K, i.e. c = 1/K), with s initialised to √d_in,
+so the data it sees has diameter D = diam(prompt embeddings)/√d. Hence
+
+    K = 1/c_D = D² · (δ_rel/0.144)²,
+
+clamped to [K_MIN, K_MAX] (the learnable K moves from there). δ_rel is the per-prompt input-embedding
+value, the quantity HypLoRA reports. When δ_rel is not below its matched Gaussian null, the data is
+no more tree-like than random points of its dimension; ``auto`` then does not choose HypLoRA.
+
+Ranks (GeLoRA, arXiv 2412.09250): from per-layer TwoNN dimensions, block i reads layer i−1 and writes
+layer i; rule ``diff``, ``max`` or ``budget`` (see :mod:`adapters.gelora`).
+
+Heads (HydraLoRA, arXiv 2404.19245): N = the k of k-means (k = 2…10) with the best silhouette on the
+training examples' embeddings (mean-pooled last hidden state), as the paper chose N by clustering.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from geoprobe.errors import PlanError
+from geoprobe.files import write_json
+from geoprobe.profile import AdapterPlanRecord, GeometryProfile
+
+KHRULKOV_BALL_DELTA_REL = 0.144
+K_MIN, K_MAX = 0.05, 20.0
+METHODS = ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora", "hydralora+gelora")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What to build and why. ``reasons`` maps each decision to a sentence."""
+
+    method: str
+    r: int = 32
+    alpha: float = 64.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    curvature: Optional[float] = None
+    layer_ranks: Optional[list[int]] = None
+    rank_rule: Optional[str] = None
+    n_heads: Optional[int] = None
+    silhouettes: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    model: str = ""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PlanError(f"unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterPlan":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {"schema"}
+        if "method" not in d or unknown:
+            raise PlanError(f"not an adapter plan (missing 'method' or unknown fields {sorted(unknown)})")
+        d = {k: v for k, v in d.items() if k in names}
+        if "target_modules" in d:
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, {"schema": "geoprobe.adapter_plan", **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AdapterPlan":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}") from None
+        if not isinstance(d, dict):
+            raise PlanError(f"plan {path} is not a JSON object")
+        return cls.from_dict(d)
+
+    def to_record(self) -> AdapterPlanRecord:
+        return AdapterPlanRecord(method=self.method, data=self.to_dict())
+
+
+def curvature_from_delta(delta_rel: float, diameter: float, dim: int) -> tuple[float, str]:
+    """K = (diameter/√dim)² · (δ_rel/0.144)², clamped to [K_MIN, K_MAX]; returns (K, reason)."""
+    if not (delta_rel > 0 and math.isfinite(delta_rel)):
+        return 1.0, "δ_rel is 0 or undefined: K = 1 (the HypLoRA default)"
+    D = diameter / math.sqrt(dim)
+    raw = D * D * (delta_rel / KHRULKOV_BALL_DELTA_REL) ** 2
+    k = min(max(raw, K_MIN), K_MAX)
+    reason = (f"Khrulkov's c = (0.144/δ_rel)² for unit diameter with δ_rel = {delta_rel:.4f}; the inputs "
+              f"HypLoRA maps (x/√d) have diameter {D:.3f}, so K = D²(δ_rel/0.144)² = {raw:.4g}")
+    if k != raw:
+        reason += f", clamped to {k:g}"
+    return k, reason
+
+
+def choose_heads(embeddings: np.ndarray, *, k_range: Sequence[int] = range(2, 11), seed: int = 0,
+                 max_points: int = 2000) -> tuple[int, dict[str, float], str]:
+    """N = argmax silhouette of k-means over ``k_range`` (cosine geometry: rows L2-normalised)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise PlanError("training-example embeddings must be a finite 2-D array")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if x.shape[0] > max_points:
+        x = x[np.random.default_rng(seed).choice(x.shape[0], max_points, replace=False)]
+    ks = [k for k in k_range if 2 <= k < x.shape[0]]
+    if not ks or np.unique(x.round(8), axis=0).shape[0] < 3:
+        raise PlanError(f"need at least 3 distinct training examples to choose HydraLoRA heads, got {x.shape[0]}")
+    scores = {}
+    for k in ks:
+        labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+        if len(set(labels)) < 2:
+            continue
+        scores[str(k)] = float(silhouette_score(x, labels))
+    if not scores:
+        raise PlanError("k-means found no cluster structure in the training examples")
+    best = max(scores, key=lambda k: scores[k])
+    reason = (f"k-means on {x.shape[0]} training-example embeddings: best silhouette "
+              f"{scores[best]:.3f} at k = {best} (k = {ks[0]}…{ks[-1]} tried)")
+    return int(best), scores, reason
+
+
+def example_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: int = 1000,
+                       max_length: int = 128, batch_size: int = 16, seed: int = 0) -> np.ndarray:
+    """Mean-pooled last hidden state of a seeded sample of training texts."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(texts))[:max_examples]
+    out = []
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for b in range(0, len(idx), batch_size):
+            enc = tokenizer([texts[i] for i in idx[b:b + batch_size]], truncation=True,
+                            max_length=max_length, return_attention_mask=False)["input_ids"]
+            w = max(len(e) for e in enc)
+            ids = torch.full((len(enc), w), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), w), dtype=torch.long)
+            for i, e in enumerate(enc):
+                ids[i, :len(e)] = torch.tensor(e)
+                mask[i, :len(e)] = 1
+            h = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                      output_hidden_states=True).hidden_states[-1].float()
+            m = mask.to(h.device).unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1)).cpu().numpy())
+    return np.concatenate(out, axis=0)
+
+
+def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embeddings=None,
+                  r: int = 32, alpha: Optional[float] = None, target_modules=DEFAULT_TARGETS,
+                  rank_rule: str = "budget", rank_floor: int = 1, rank_cap: Optional[int] = None,
+                  module_shapes: Optional[dict[str, tuple[int, int]]] = None,
+                  seed: int = 0) -> AdapterPlan:
+    """Plan adapters for ``profile``'s model.
+
+    ``method="auto"``: HypLoRA with GeLoRA ranks when per-prompt δ_rel lies below its null (the
+    data is more tree-like than random points), otherwise GeLoRA; HydraLoRA (with GeLoRA ranks)
+    when training embeddings are given and k-means finds N ≥ 2 clusters with silhouette ≥ 0.1.
+    ``module_shapes`` maps each target name to (d_in, d_out) for the ``budget`` rank rule.
+    Same α/r for every method by default (α = 2r).
+    """
+    from .gelora import gelora_ranks
+
+    alpha = float(alpha if alpha is not None else 2 * r)
+    reasons: dict[str, str] = {}
+    curvature = None
+    layer_ranks = None
+    n_heads = None
+    silhouettes: dict[str, float] = {}
+
+    dp = profile.delta_prompts
+    hyperbolic = dp is not None and dp.side_of_null == "below"
+    if dp is not None:
+        curvature, reasons["curvature"] = curvature_from_delta(dp.mean, dp.diameter or 0.0, dp.dim)
+        reasons["hyperbolic"] = (
+            f"per-prompt δ_rel {dp.mean:.4f} ± {dp.std:.4f} against the matched Gaussian null "
+            f"{dp.null_mean:.4f} ± {dp.null_std:.4f}: {dp.side_of_null} the null")
+    if train_embeddings is not None:
+        n_heads, silhouettes, reasons["heads"] = choose_heads(train_embeddings, seed=seed)
+
+    ids = [l.twonn.dimension if l.twonn is not None else math.nan for l in profile.layers]
+    n_blocks = profile.model.n_layers
+    if len(ids) != n_blocks + 1:
+        raise PlanError(f"the profile has {len(ids)} layers of intrinsic dimensions but the model has "
+                        f"{n_blocks} blocks (needs {n_blocks + 1}: embedding output and each block); "
+                        "re-run `geoprobe probe` without --no-layers")
+    if any(not math.isfinite(v) for v in ids):
+        raise PlanError("the profile lacks an intrinsic dimension for some layer; re-run `geoprobe probe`")
+
+    if method == "auto":
+        if n_heads is not None and silhouettes.get(str(n_heads), 0.0) >= 0.1:
+            method = "hydralora+gelora"
+            reasons["method"] = f"training data clusters into {n_heads} groups: HydraLoRA heads, GeLoRA ranks"
+        elif hyperbolic:
+            method = "hyplora+gelora"
+            reasons["method"] = "prompt embeddings are more tree-like than the null: HypLoRA, GeLoRA ranks"
+        else:
+            method = "gelora"
+            reasons["method"] = ("prompt embeddings are not more tree-like than random points of their "
+                                 "dimension: no hyperbolic map; GeLoRA ranks from intrinsic dimension")
+    if "gelora" in method:
+        shapes = module_shapes or {t: (profile.model.hidden_size, profile.model.hidden_size)
+                                   for t in target_modules}
+        layer_ranks = gelora_ranks(ids[:-1], ids[1:], rule=rank_rule, r=r, floor=rank_floor,
+                                   cap=rank_cap, module_shapes=[shapes[t] for t in target_modules])
+        reasons["ranks"] = (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {min(ids):.1f}…{max(ids):.1f}: "
+                            f"ranks {min(layer_ranks)}…{max(layer_ranks)} over {len(layer_ranks)} blocks")
+    if "hydralora" in method and n_heads is None:
+        raise PlanError("HydraLoRA needs training data to choose its number of heads (--data)")
+    if "hyplora" not in method:
+        curvature = None
+        reasons.pop("curvature", None)
+    reasons["alpha"] = f"α/r = {alpha / r:g} for every method (fair comparison)"
+    return AdapterPlan(method=method, r=r, alpha=alpha, target_modules=tuple(target_modules),
+                       curvature=curvature, layer_ranks=layer_ranks,
+                       rank_rule=rank_rule if layer_ranks else None, n_heads=n_heads,
+                       silhouettes=silhouettes, reasons=reasons, model=profile.model.name)

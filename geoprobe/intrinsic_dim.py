@@ -1,0 +1,426 @@
+"""Intrinsic dimension of a point cloud: TwoNN (Facco et al. 2017) and GRIDE (Denti et al. 2022).
+
+TwoNN (E. Facco, M. d'Errico, A. Rodriguez, A. Laio, "Estimating the intrinsic dimension of datasets
+by a minimal neighborhood information", Sci. Rep. 7, 12140, 2017). With r1(i), r2(i) the distances from
+point i to its first and second nearest neighbours, μ_i = r2/r1 follows the Pareto law
+F(μ) = 1 − μ^(−d), μ ≥ 1, when the density is locally constant on a d-dimensional manifold. Then
+log μ_i ~ Exponential(d) and S = Σ log μ_i ~ Gamma(N, d), so
+
+* the maximum-likelihood estimate, in its unbiased form, is d̂ = (N − 1) / Σ log μ_i, and its standard
+  deviation is exactly d/sqrt(N − 2) (the inverse of a Gamma variable); ``error`` reports
+  d̂/sqrt(N − 2);
+* the estimate of the paper, ``linear_fit_dimension``, is the slope of the zero-intercept least-squares
+  line of −log(1 − F_emp(μ)) against log μ, after discarding the largest ``discard_fraction`` of the
+  ratios: with the ratios sorted, the k = min(⌊N (1 − f)⌋, N − 1) smallest are kept and
+  F_emp(μ_(i)) = i/N, as scikit-dimension's ``TwoNN`` does.
+
+GRIDE (F. Denti, D. Doimo, A. Laio, A. Mira, "The generalized ratios intrinsic dimension estimator",
+Sci. Rep. 12, 20005, 2022). With μ_i = r_n2(i)/r_n1(i) and n2 = 2·n1 the ratio has density
+
+    f(μ) = d (μ^d − 1)^(n2−n1−1) / (B(n2 − n1, n1) μ^((n2−1) d + 1)),   μ > 1,
+
+whose log-likelihood, with (N − 1) log d in place of N log d so that n1 = 1 gives the unbiased TwoNN
+estimate exactly (the DADApy convention), has the score
+
+    s(d) = (N − 1)/d + (n2 − n1 − 1) Σ log μ_i / (1 − μ_i^(−d)) − (n2 − 1) Σ log μ_i,
+
+strictly decreasing from +∞ to −n1 Σ log μ_i < 0, so it has one root; it is found in float64 by a
+Newton iteration safeguarded by bisection. The error is 1/sqrt(I(d̂)) with the observed Fisher
+information I(d) = −s'(d) = (N − 1)/d² + (n2 − n1 − 1) Σ (log μ_i / (2 sinh(d log μ_i / 2)))².
+Ratios equal to 1 (tied distances, impossible under the model when n2 − n1 > 1) are left out of the
+GRIDE likelihood and logged. Larger n1 probe larger neighbourhoods, which averages out noise at the
+smallest scale.
+
+Scales and the reported GRIDE dimension. By default the scales are n1 = 1, 2, 4, … with
+n1 ≤ ``n1_max`` (default 32, so n2 ≤ 64 as in scikit-dimension's ``range_max``) and n2 = 2·n1 ≤ N/10
+(each n2-neighbourhood holds at most a tenth of the points, so it stays local); n1 = 1 is always
+included. ``dimension`` is the estimate at the first scale n1 whose estimate agrees with the next
+scale's within max(5 %, two combined standard errors) — the start of the plateau of the ID-versus-scale
+curve that Denti et al. read the dimension from; when no two consecutive scales agree (or there is a
+single scale) it is the estimate of the scale holding the median estimate (lower median for an even
+count). ``error`` is that scale's error; every scale is listed in ``scales``.
+
+Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8 after
+round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1). Points are
+therefore deduplicated first (:func:`deduplicate`) and the neighbour distances recomputed exactly in
+float64 (:func:`geoprobe.kernels.knn.knn_distances`); ``n_points`` is the number of points left and
+``n_duplicates_removed`` the number removed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputDataError
+from .kernels.knn import as_float64_points, knn_distances, knn_float64
+from .profile import IDResult, IDScale
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["intrinsic_dimension", "deduplicate", "knn_distances", "twonn_mle", "twonn_linear_fit",
+           "gride_mle", "gride_scales"]
+
+ESTIMATORS = ("twonn", "gride")
+
+
+# --------------------------------------------------------------------------- estimators on ratios
+def _log_ratios(mu: Any, what: str) -> np.ndarray:
+    m = np.asarray(mu, dtype=np.float64).ravel()
+    if m.size == 0 or not np.all(np.isfinite(m)) or np.any(m < 1.0):
+        raise InputDataError(f"{what}: the distance ratios must be finite and ≥ 1 "
+                             "(duplicate points left in? deduplicate them first)")
+    return np.log(m)
+
+
+def twonn_mle(mu: Any) -> tuple[float, float]:
+    """TwoNN maximum-likelihood dimension from the ratios μ_i = r2/r1 (Facco et al. 2017).
+
+    Returns ``(d, error)`` with d = (N − 1)/Σ log μ_i (unbiased under the Pareto law) and
+    error = d/sqrt(N − 2), the exact standard deviation of that estimator with d̂ plugged in.
+    """
+    x = _log_ratios(mu, "TwoNN")
+    n = x.size
+    total = float(x.sum())
+    if n < 3:
+        raise InputDataError(f"TwoNN needs at least 3 ratios, got {n}")
+    if total <= 0.0:
+        raise InputDataError("TwoNN: every point is as far from its second neighbour as from its "
+                             "first (all ratios are 1); the dimension is undefined")
+    d = (n - 1) / total
+    return d, d / math.sqrt(n - 2)
+
+
+def twonn_linear_fit(mu: Any, discard_fraction: float = 0.1) -> float:
+    """Slope of the zero-intercept least-squares line of −log(1 − F_emp(μ)) on log μ (Facco et al.
+    2017), after discarding the largest ``discard_fraction`` of the ratios; F_emp(μ_(i)) = i/N for the
+    i-th smallest ratio, i ≤ ⌊N (1 − discard_fraction)⌋ (as scikit-dimension's TwoNN); the largest
+    ratio is always left out, its −log(1 − N/N) being infinite."""
+    _check_fraction(discard_fraction)
+    x = np.sort(_log_ratios(mu, "TwoNN"))
+    n = x.size
+    keep = min(int(n * (1.0 - discard_fraction)), n - 1)  # −log(1 − N/N) is infinite
+    if keep < 2:
+        raise InputDataError(f"TwoNN line fit: only {keep} ratios left after discarding "
+                             f"{discard_fraction:.0%} of {n}; give more points")
+    x = x[:keep]
+    y = -np.log1p(-np.arange(1, keep + 1, dtype=np.float64) / n)
+    sxx = float(np.dot(x, x))
+    if sxx == 0.0:
+        raise InputDataError("TwoNN line fit: all kept ratios are 1; the dimension is undefined")
+    return float(np.dot(x, y)) / sxx
+
+
+def _gride_score(x: np.ndarray, n1: int, n2: int) -> tuple[Callable[[float], float],
+                                                            Callable[[float], float]]:
+    n = x.size
+    sx = float(x.sum())
+    a = n2 - n1 - 1
+
+    def score(d: float) -> float:
+        s = (n - 1) / d - (n2 - 1) * sx
+        if a:
+            s += a * float(np.sum(x / -np.expm1(-d * x)))
+        return s
+
+    def info(d: float) -> float:
+        i = (n - 1) / d ** 2
+        if a:
+            with np.errstate(over="ignore"):
+                i += a * float(np.sum((x / (2.0 * np.sinh(0.5 * d * x))) ** 2))
+        return i
+
+    return score, info
+
+
+def gride_mle(mu: Any, n1: int, n2: Optional[int] = None) -> tuple[float, float]:
+    """GRIDE maximum-likelihood dimension from the ratios μ_i = r_n2/r_n1 (Denti et al. 2022).
+
+    Solves the score equation (module docstring) by a bisection-safeguarded Newton iteration in
+    float64. Returns ``(d, error)`` with error = 1/sqrt(observed Fisher information at d).
+    For n1 = 1, n2 = 2 this is exactly :func:`twonn_mle`'s d, with error d/sqrt(N − 1).
+    """
+    n2 = 2 * n1 if n2 is None else n2
+    if not (_is_int(n1) and _is_int(n2) and 1 <= n1 < n2):
+        raise InputDataError(f"GRIDE needs integers 1 ≤ n1 < n2, got n1={n1!r}, n2={n2!r}")
+    x = _log_ratios(mu, f"GRIDE (n1={n1})")
+    ties = int(np.sum(x == 0.0))
+    if ties:
+        logger.info("GRIDE (n1=%d, n2=%d): %d tied distances (ratio 1) left out", n1, n2, ties)
+        x = x[x > 0.0]
+    if x.size < 3:
+        raise InputDataError(f"GRIDE (n1={n1}): fewer than 3 usable ratios")
+    score, info = _gride_score(x, n1, n2)
+    lo, hi = 1.0, 1.0
+    while score(hi) > 0.0:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e12:
+            raise InputDataError(f"GRIDE (n1={n1}): the likelihood has no finite maximum")
+    while score(lo) < 0.0:
+        lo, hi = lo * 0.5, lo
+        if lo < 1e-12:
+            raise InputDataError(f"GRIDE (n1={n1}): the likelihood has no positive maximum")
+    d = 0.5 * (lo + hi)
+    for _ in range(200):
+        s = score(d)
+        if s > 0.0:
+            lo = d
+        elif s < 0.0:
+            hi = d
+        else:
+            break
+        step = s / info(d)
+        new = d + step
+        if not lo < new < hi:
+            new = 0.5 * (lo + hi)
+        if abs(new - d) <= 1e-14 * d or hi - lo <= 1e-14 * hi:
+            d = new
+            break
+        d = new
+    return d, 1.0 / math.sqrt(info(d))
+
+
+def gride_scales(n_points: int, n1_max: Optional[int] = None) -> list[int]:
+    """Default GRIDE scales: n1 = 1, 2, 4, … with n1 ≤ n1_max (default 32) and 2·n1 ≤ N/10;
+    n1 = 1 is always included (it needs N ≥ 3)."""
+    cap = 32 if n1_max is None else n1_max
+    if not _is_int(cap) or cap < 1:
+        raise InputDataError(f"n1_max must be a positive integer, got {n1_max!r}")
+    out, n1 = [1], 2
+    while n1 <= cap and 2 * n1 * 10 <= n_points:
+        out.append(n1)
+        n1 *= 2
+    return out
+
+
+def _choose_scale(scales: Sequence[IDScale]) -> IDScale:
+    for a, b in zip(scales, scales[1:]):
+        tol = max(0.05 * a.dimension, 2.0 * math.hypot(a.error, b.error))
+        if abs(a.dimension - b.dimension) <= tol:
+            return a
+    order = sorted(scales, key=lambda s: (s.dimension, s.n1))
+    return order[(len(order) - 1) // 2]
+
+
+# --------------------------------------------------------------------------- deduplication
+def _exact_first_occurrences(x64: torch.Tensor) -> np.ndarray:
+    """Sorted indices of the first occurrence of every distinct row (bitwise, after −0 → +0)."""
+    arr = np.ascontiguousarray(x64.cpu().numpy() + 0.0)
+    rows = arr.view(np.dtype((np.void, arr.dtype.itemsize * arr.shape[1]))).ravel()
+    _, first = np.unique(rows, return_index=True)
+    return np.sort(first)
+
+
+def _data_scale(x64: torch.Tensor) -> float:
+    """Root-mean-square distance of the points from their mean, sqrt(mean_i ‖x_i − x̄‖²)."""
+    c = x64 - x64.mean(dim=0, keepdim=True)
+    return float(torch.sqrt((c * c).sum(dim=1).mean()))
+
+
+def _near_duplicates(xu: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor,
+                     tau: float) -> torch.Tensor:
+    """Rows i having some row j < i within distance ``tau`` (given the rows' exact k nearest
+    neighbours); rows whose k neighbours are all within ``tau`` but later are scanned directly."""
+    n = xu.shape[0]
+    rows = torch.arange(n, device=xu.device)[:, None]
+    within = dist <= tau
+    drop = (within & (idx < rows)).any(dim=1)
+    unsure = torch.nonzero(~drop & within[:, -1]).flatten().tolist()
+    if unsure:
+        logger.debug("deduplication: %d rows scanned against every earlier row", len(unsure))
+    step = max(1, (1 << 24) // xu.shape[1])
+    for i in unsure:
+        for s in range(0, i, step):
+            d = torch.linalg.vector_norm(xu[s:min(i, s + step)] - xu[i], dim=1)
+            if bool((d <= tau).any()):
+                drop[i] = True
+                break
+    return drop
+
+
+class _Prepared:
+    """Points left after deduplication and their exact neighbour distances (float64, CPU)."""
+
+    def __init__(self, keep: torch.Tensor, points: torch.Tensor, dist: np.ndarray, n_input: int):
+        self.keep = keep
+        self.points = points
+        self.dist = dist
+        self.n_input = n_input
+
+    @property
+    def n_points(self) -> int:
+        return int(self.points.shape[0])
+
+    @property
+    def n_removed(self) -> int:
+        return self.n_input - self.n_points
+
+
+def _check_tol(tol: Any) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise InputDataError(f"dedup_tol must be a finite number ≥ 0 or None, got {tol!r}")
+
+
+def _dedup(x64: torch.Tensor, tol: float, k_for: Callable[[int], int],
+           min_points: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Indices and rows kept by the duplicate rule of :func:`deduplicate`, and the kept rows' exact
+    neighbour distances (None when fewer than two rows are kept)."""
+    n = x64.shape[0]
+    first = torch.from_numpy(_exact_first_occurrences(x64)).to(x64.device)
+    n_unique = first.numel()
+    if n_unique < min_points:
+        if n_unique == 1:
+            raise InputDataError(f"all {n} points are identical; the intrinsic dimension is undefined")
+        raise InputDataError(f"only {n_unique} distinct points among {n}; need at least {min_points}")
+    xu = x64[first]
+    if n_unique == 1:
+        return first, xu, None
+    tau = tol * _data_scale(xu)
+    dist, idx = knn_float64(xu, min(k_for(n_unique), n_unique - 1))
+    drop = _near_duplicates(xu, dist, idx, tau)
+    if bool(drop.any()):
+        kept = torch.nonzero(~drop).flatten()
+        first, xu = first[kept], xu[kept]
+        if xu.shape[0] < min_points:
+            raise InputDataError(f"only {xu.shape[0]} points among {n} are more than "
+                                 f"dedup_tol × scale = {tau:.3g} apart; need at least {min_points}")
+        dist = None
+        if xu.shape[0] >= 2:
+            dist, _ = knn_float64(xu, min(k_for(xu.shape[0]), xu.shape[0] - 1))
+    if n > xu.shape[0]:
+        logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
+                    n, n - n_unique, n_unique - xu.shape[0], tau)
+    return first, xu, dist
+
+
+def _prepare(x64: torch.Tensor, k_for: Callable[[int], int], tol: Optional[float]) -> _Prepared:
+    n = x64.shape[0]
+    if tol is None:
+        if n < 3:
+            raise InputDataError(f"need at least 3 points, got {n}")
+        dist, _ = knn_float64(x64, min(k_for(n), n - 1))
+        if bool((dist[:, 0] == 0.0).any()):
+            raise InputDataError(f"{int((dist[:, 0] == 0.0).sum())} points have an exact duplicate; "
+                                 "pass dedup_tol (e.g. 1e-6) to remove duplicates first")
+        return _Prepared(torch.arange(n, device=x64.device), x64, dist.cpu().numpy(), n)
+    _check_tol(tol)
+    first, xu, dist = _dedup(x64, tol, k_for, min_points=3)
+    assert dist is not None
+    return _Prepared(first, xu, dist.cpu().numpy(), n)
+
+
+def deduplicate(x: Any, tol: float = 1e-6, *,
+                device: Optional[str | torch.device] = None) -> tuple[Any, int]:
+    """Remove duplicate and near-duplicate points.
+
+    Point i is a duplicate when some earlier point j < i lies within ``tol × s``, where
+    s = sqrt(mean_i ‖x_i − x̄‖²) is the root-mean-square distance of the distinct points from their
+    mean (translation invariant and, unlike nearest-neighbour distances, not shrunk by the duplicates
+    themselves). The default 1e-6 merges float32 copies of float64 points (they differ by about
+    6e-8 of each coordinate) and leaves genuinely distinct points alone. Exact copies are found by
+    hashing the rows; near copies from the exact float64 nearest-neighbour distances.
+
+    Returns ``(points, n_removed)``: the kept rows in their original order (a float64 numpy array for
+    numpy input, a float64 tensor for tensor input) and how many rows were removed.
+    """
+    x64 = as_float64_points(x, device)
+    if x64.shape[0] == 0:
+        raise InputDataError("no points given")
+    _check_tol(tol)
+    _, kept, _ = _dedup(x64, tol, lambda n: 2, min_points=1)
+    n_removed = x64.shape[0] - kept.shape[0]
+    return (kept if isinstance(x, torch.Tensor) else kept.cpu().numpy()), n_removed
+
+
+# --------------------------------------------------------------------------- the probe
+def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[int] = None,
+                        scales: Optional[Sequence[int]] = None, dedup_tol: Optional[float] = 1e-6,
+                        discard_fraction: float = 0.1,
+                        device: Optional[str | torch.device] = None) -> IDResult:
+    """Intrinsic dimension of the points ``x`` (N × D) by TwoNN or GRIDE (module docstring).
+
+    Args:
+        x: points, numpy array or torch tensor, shape (N, D), finite.
+        estimator: "twonn" (Facco et al. 2017) or "gride" (Denti et al. 2022).
+        n1_max: largest GRIDE scale n1 of the default scale list (default 32).
+        scales: explicit GRIDE scales n1 (n2 = 2·n1 each); overrides the default list.
+        dedup_tol: duplicate tolerance relative to the data's RMS spread (see :func:`deduplicate`);
+            0 removes exact copies only; None removes nothing and refuses data with exact copies.
+        discard_fraction: fraction of the largest TwoNN ratios left out of ``linear_fit_dimension``.
+        device: where the neighbour search runs (default: the tensor's device, else the CPU).
+
+    Returns:
+        :class:`IDResult`. TwoNN: ``dimension``/``error`` are the MLE and d/sqrt(N − 2),
+        ``linear_fit_dimension`` the paper's line fit, ``scales`` empty. GRIDE: ``scales`` holds every
+        (n1, n2, d, error), ``dimension``/``error`` the scale chosen by the plateau rule,
+        ``linear_fit_dimension`` is None. ``n_points`` counts the points used after deduplication.
+
+    Raises:
+        InputDataError: NaN/inf, not 2-D, fewer than 3 distinct points, all points identical, or
+            invalid options.
+    """
+    t0 = time.perf_counter()
+    if estimator not in ESTIMATORS:
+        raise InputDataError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_fraction(discard_fraction)
+    x64 = as_float64_points(x, device)
+    backend = x64.device.type
+
+    if estimator == "twonn":
+        prep = _prepare(x64, lambda n: 2, dedup_tol)
+        mu = prep.dist[:, 1] / prep.dist[:, 0]
+        d, err = twonn_mle(mu)
+        lin = twonn_linear_fit(mu, discard_fraction)
+        return IDResult(dimension=d, error=err, estimator="twonn", n_points=prep.n_points,
+                        n_duplicates_removed=prep.n_removed, linear_fit_dimension=lin, scales=[],
+                        backend=backend, seconds=time.perf_counter() - t0)
+
+    explicit = None
+    if scales is not None:
+        explicit = [int(s) for s in _check_scales(scales)]
+
+    def k_for(n: int) -> int:
+        use = explicit if explicit is not None else gride_scales(n, n1_max)
+        return 2 * max(use)
+
+    if explicit is None:
+        gride_scales(3, n1_max)  # validates n1_max before any work
+    prep = _prepare(x64, k_for, dedup_tol)
+    n = prep.n_points
+    use = explicit if explicit is not None else gride_scales(n, n1_max)
+    if 2 * max(use) > n - 1:
+        raise InputDataError(f"GRIDE scale n1={max(use)} needs n2 + 1 = {2 * max(use) + 1} points, "
+                             f"only {n} distinct points are left; use smaller scales")
+    results = []
+    for n1 in use:
+        mu = prep.dist[:, 2 * n1 - 1] / prep.dist[:, n1 - 1]
+        d, err = gride_mle(mu, n1, 2 * n1)
+        results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err))
+    chosen = _choose_scale(results)
+    return IDResult(dimension=chosen.dimension, error=chosen.error, estimator="gride", n_points=n,
+                    n_duplicates_removed=prep.n_removed, linear_fit_dimension=None, scales=results,
+                    backend=backend, seconds=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- validation
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_fraction(f: Any) -> None:
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+        raise InputDataError(f"discard_fraction must be a number in [0, 1), got {f!r}")
+
+
+def _check_scales(scales: Sequence[int]) -> list[int]:
+    try:
+        vals = list(scales)
+    except TypeError:
+        raise InputDataError(f"scales must be a sequence of integers n1 ≥ 1, got {scales!r}") from None
+    if not vals or not all(_is_int(v) and v >= 1 for v in vals):
+        raise InputDataError(f"scales must be a non-empty sequence of integers n1 ≥ 1, got {scales!r}")
+    return sorted(set(int(v) for v in vals))

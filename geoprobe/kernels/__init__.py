@@ -1,0 +1,1 @@
+"""Fast backends (blocked CPU, torch CUDA) behind the probe functions."""
