@@ -143,8 +143,9 @@ def hydralora_config(
 
 # --------------------------------------------------------------------------- math
 def _gates(logits: torch.Tensor, top_k: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax gates (float32 or wider) and the gates after top-k renormalisation."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    """Softmax gates and the gates after top-k renormalisation, in the logits' dtype (PyTorch's
+    softmax accumulates half-precision inputs in float32 internally)."""
+    probs = torch.softmax(logits, dim=-1)
     if top_k is None or top_k >= probs.shape[-1]:
         return probs, probs
     keep = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)
@@ -156,6 +157,8 @@ def _balance_loss(probs: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer loss N · Σ_i f_i P_i over all tokens (probs: (..., N))."""
     n = probs.shape[-1]
     flat = probs.reshape(-1, n)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
     f = torch.bincount(flat.argmax(dim=-1), minlength=n).to(flat.dtype) / flat.shape[0]
     return n * (f * flat.mean(dim=0)).sum()
 
@@ -246,7 +249,8 @@ class HydraLoraLinear(LoraLinear):
         n = self.hydra_heads[adapter]
         return w.view(w.shape[0], n, -1).permute(1, 0, 2)
 
-    def _hydra_delta(self, x: torch.Tensor, adapter: str, record: bool = True) -> torch.Tensor:
+    def _bottleneck(self, x: torch.Tensor, adapter: str, record: bool = True) -> torch.Tensor:
+        """z = g(x) ⊗ (A x), the (…, N·r) input of ``lora_hydra_B``; records the balance loss."""
         A = self.lora_A[adapter].weight
         router = self.lora_hydra_router[adapter].weight
         dropout = self.lora_dropout[adapter]
@@ -263,7 +267,6 @@ class HydraLoraLinear(LoraLinear):
             else:  # dropout on A's input only; the router sees the clean input
                 a, logits = F.linear(dropout(x), A), F.linear(x, router)
             probs, g = _gates(logits, self.hydra_top_k[adapter])
-            g = g.to(a.dtype)
         if record:
             if probs is not None and self.hydra_balance[adapter]:
                 self.hydra_last_aux[adapter] = _balance_loss(probs)
@@ -274,8 +277,11 @@ class HydraLoraLinear(LoraLinear):
                 acc = self.hydra_gate_sums.setdefault(adapter, [torch.zeros(n, dtype=torch.float64), 0])
                 acc[0] = acc[0] + flat.sum(dim=0).cpu()
                 acc[1] += flat.shape[0]
-        z = (g.unsqueeze(-1) * a.unsqueeze(-2)).reshape(*a.shape[:-1], n * r)  # g ⊗ a
-        return self.lora_hydra_B[adapter](z) * self.scaling[adapter]
+        return (g.unsqueeze(-1) * a.unsqueeze(-2)).reshape(*a.shape[:-1], n * r)  # g ⊗ a
+
+    def _hydra_delta(self, x: torch.Tensor, adapter: str, record: bool = True) -> torch.Tensor:
+        """(α/r) · Σ_i g_i(x) B_i A x."""
+        return self.lora_hydra_B[adapter](self._bottleneck(x, adapter, record)) * self.scaling[adapter]
 
     # ---- PEFT entry points
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -297,7 +303,15 @@ class HydraLoraLinear(LoraLinear):
             if adapter not in self.lora_hydra_B:
                 continue
             xa = self._cast_input_dtype(x, self.lora_A[adapter].weight.dtype)
-            result = result + self._hydra_delta(xa, adapter)
+            z = self._bottleneck(xa, adapter)
+            w = self.lora_hydra_B[adapter].weight
+            if z.dtype == result.dtype and result.is_contiguous():
+                # W x + (α/r)·[B_1 … B_N](g ⊗ a) as one GEMM with the scale and the sum in its epilogue
+                flat = torch.addmm(result.reshape(-1, w.shape[0]), z.reshape(-1, w.shape[1]), w.t(),
+                                   alpha=self.scaling[adapter])
+                result = flat.view(result.shape)
+            else:  # adapter weights kept in another dtype than the base (PEFT's dtype autocast)
+                result = result + F.linear(z, w) * self.scaling[adapter]
         return result.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
@@ -419,7 +433,8 @@ class RoutingRecord:
         self._adapter = adapter_name
 
     def mean_gates(self) -> dict[str, list[float]]:
-        """Per layer (module name → N floats), the gate vector averaged over every token recorded."""
+        """Per layer (module name → N floats), the gate vector averaged over every token recorded,
+        rescaled to sum exactly 1 (bfloat16 gates sum to 1 only within about 1e-3)."""
         out: dict[str, list[float]] = {}
         for name, layer in self._layers:
             adapter = self._adapter or layer.active_adapters[0]
@@ -427,7 +442,8 @@ class RoutingRecord:
             if acc is None or acc[1] == 0:
                 raise AdapterError(f"layer {name} recorded no tokens for adapter {adapter!r}; run forward "
                                    "passes inside the record_routing(model) block")
-            out[name] = [float(v) for v in acc[0] / acc[1]]
+            mean = acc[0] / acc[1]
+            out[name] = [float(v) for v in mean / mean.sum()]  # exact sum 1 despite half-precision gates
         return out
 
 
@@ -457,7 +473,7 @@ def _gate_vector(weights: Any, n: int, where: str) -> torch.Tensor:
     g = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
     if g.numel() != n:
         raise AdapterError(f"{where}: {g.numel()} routing weights for {n} heads; give one weight per head")
-    if not torch.isfinite(g).all() or (g < 0).any() or abs(float(g.sum()) - 1.0) > 1e-4:
+    if not torch.isfinite(g).all() or (g < 0).any() or abs(float(g.sum()) - 1.0) > 1e-3:
         raise AdapterError(f"{where}: routing weights {g.tolist()} must be non-negative and sum to 1, "
                            "like the router's softmax")
     return g.float()
@@ -472,7 +488,8 @@ def freeze_routing(
 
     ``weights``: one vector of N gates for every layer, or a mapping from module name (full name or a
     dotted suffix of it) to that layer's gates, covering every HydraLoRA layer. Gates must be
-    non-negative and sum to 1. ``adapter_name`` defaults to every adapter of each layer.
+    non-negative and sum to 1 (within 1e-3; they are used as given). ``adapter_name`` defaults to
+    every adapter of each layer.
     """
     layers = _require_layers(model)
     if isinstance(weights, Mapping):

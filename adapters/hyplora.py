@@ -45,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
@@ -54,7 +55,7 @@ from peft.utils.other import get_pattern_key
 from geoprobe.errors import AdapterError, InputDataError
 from geoprobe.profile import Record
 
-from .lorentz import MAX_T, _series_cutoff, logmap0, space_expmap0
+from .lorentz import MAX_T, logmap0, space_expmap0
 
 logger = logging.getLogger(__name__)
 
@@ -195,39 +196,107 @@ def hyplora_delta_bottleneck(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     return _bottleneck(xd, Ad, Bd, k, sc, official=official).to(x.dtype)
 
 
+def _fused_cutoff(dtype: torch.dtype) -> float:
+    """Below this squared argument the two-term series replaces the closed forms (whose 0/0 it avoids).
+
+    Truncation error ≤ u²/120 (value) — below 1e-17 in float64 at 1e-8 and 1e-10 in float32 at 1e-4.
+    The closed-form derivatives lose ≈ ε/u to cancellation near the cutoff, but every use of S'(u) and
+    R'(v) in the chain rule carries a factor u or v (the derivative of c with respect to log u or log v
+    is what enters), so their effect on the gradients stays ≈ ε."""
+    return 1e-8 if dtype == torch.float64 else 1e-4
+
+
+def _sinhc_u(u: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """S(u) = sinh(min(√u, 12))/√u (the clamped sinhc of HypLoRA's expmap0) and the masked √u."""
+    small = u < cut
+    t = torch.sqrt(u.masked_fill(small, 1.0))
+    return torch.where(small, 1.0 + u / 6.0, torch.sinh(t.clamp(max=MAX_T)) / t), t
+
+
+def _sinhc_u_slope(u: torch.Tensor, t: torch.Tensor, cut: float) -> torch.Tensor:
+    """S'(u): (t cosh t − sinh t)/(2t³) inside the clamp, −sinh(12)/(2t³) beyond it."""
+    tc = t.clamp(max=MAX_T)
+    sh = torch.sinh(tc)
+    slope = torch.where(t > MAX_T, -sh, tc * torch.cosh(tc) - sh) / (2.0 * t * t * t)
+    return torch.where(u < cut, 1.0 / 6.0 + u / 60.0, slope)
+
+
+def _asinhc_v(v: torch.Tensor, cut: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R(v) = asinh(√v)/√v, the masked v and asinh(√v) (kept for the slope)."""
+    small = v < cut
+    vs = v.masked_fill(small, 1.0)
+    ash = torch.asinh(torch.sqrt(vs))
+    return torch.where(small, 1.0 - v / 6.0, ash * torch.rsqrt(vs)), vs, ash
+
+
+def _asinhc_v_slope(v: torch.Tensor, vs: torch.Tensor, ash: torch.Tensor, cut: float) -> torch.Tensor:
+    """R'(v) = (w/√(1+w²) − asinh w)/(2w³), w = √v."""
+    slope = (torch.rsqrt(1.0 + 1.0 / vs) - ash) * (0.5 * torch.rsqrt(vs) / vs)
+    return torch.where(v < cut, -1.0 / 6.0 + 0.15 * v, slope)
+
+
+class _TokenScale(torch.autograd.Function):
+    """c = α·c1·c2 per token, with analytic derivatives (consistent map).
+
+    c1 = S(u)/s, u = ‖x‖²/(s²K);  y2 = c1²·q with q = aᵀ(BᵀB)a;  c2 = R(y2/K).
+    Forward and backward are a few element-wise passes over the (tokens, 1) scalars instead of the
+    ~100 tiny kernels autograd records for the same formulas (METHODS §10); the derivatives are
+    formed only in backward."""
+
+    @staticmethod
+    def forward(ctx, sq, q, k, s, alpha: float):
+        cut = _fused_cutoff(sq.dtype)
+        u = sq / (s * s * k)
+        S, t = _sinhc_u(u, cut)
+        c1 = S / s
+        v = c1 * c1 * q / k
+        R, vs, ash = _asinhc_v(v, cut)
+        ctx.alpha = alpha
+        ctx.save_for_backward(u, t, q, k, s, S, c1, v, vs, ash, R)
+        return (alpha * c1) * R
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        u, t, q, k, s, S, c1, v, vs, ash, R = ctx.saved_tensors
+        cut = _fused_cutoff(u.dtype)
+        dS = _sinhc_u_slope(u, t, cut)
+        dR = _asinhc_v_slope(v, vs, ash, cut)
+        ga = grad * ctx.alpha
+        g_c1 = ga * (R + 2.0 * v * dR)  # through c1 directly and through v = c1²q/K
+        g_u = g_c1 * dS / s
+        g_sq = g_u / (s * s * k)
+        gr = ga * c1 * dR
+        g_q = gr * (c1 * c1 / k)
+        g_k = -(gr * v + g_u * u) / k
+        g_s = -(g_c1 * S / s + 2.0 * g_u * u) / s
+        return g_sq, g_q, _sum_to(g_k, k), _sum_to(g_s, s), None
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad.sum() if like.dim() == 0 else grad.sum_to_size(like.shape)
+
+
 def _bottleneck(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, k: torch.Tensor, s: torch.Tensor, *,
                 official: bool, out_scale: float = 1.0) -> torch.Tensor:
     """out_scale·Δ in the bottleneck form for prepared tensors (one dtype, K and s as tensors).
 
-    The per-token scalars are written with as few element-wise operations as the guards allow (on a
-    GPU at small batch sizes the cost of this layer is kernel launches, METHODS §10): the Taylor
-    branches of sinhc/asinhc are selected with one ``where`` each, and the output scale is folded
-    into the per-token scalar instead of a pass over d_out."""
+    Two d-wide products (A x, then B ·), one r × r Gram matrix, and per-token scalar work: in the
+    consistent map that scalar work is one autograd node (:class:`_TokenScale`); the official map
+    keeps the reference's formulas under plain autograd."""
     a = x @ A.T
     sq = (x * x).sum(-1, keepdim=True)
-    cut2 = _series_cutoff(x.dtype) ** 2
-    if official:
-        sk = torch.sqrt(k)
-        xn = _guarded_norm(sq, _REF_NORM_MIN)
-        c1 = sk * torch.sinh(torch.clamp(xn / s / sk, max=MAX_T)) / xn
-    else:
-        t2 = sq / (s * s * k)  # t = ‖x‖/(s√K)
-        small = t2 < cut2
-        t = torch.sqrt(torch.where(small, 1.0, t2))
-        sinhc = torch.where(small, 1.0 + t2 * (1.0 / 6.0 + t2 / 120.0), torch.sinh(t.clamp(max=MAX_T)) / t)
-        c1 = sinhc / s
-    a_s = c1 * a
-    y2 = ((a_s @ (B.T @ B)) * a_s).sum(-1, keepdim=True).clamp(min=0.0)
-    if official:
-        y0 = torch.sqrt(y2 + 1.0 / torch.clamp(k, min=_REF_K_MIN))
-        c2 = sk * _reference_acosh(y0 / sk) / _guarded_norm(y2, _REF_NORM_MIN)
-    else:
-        w2 = y2 / k  # w = ‖y‖/√K
-        small = w2 < cut2
-        w = torch.sqrt(torch.where(small, 1.0, w2))
-        c2 = torch.where(small, 1.0 - w2 * (1.0 / 6.0 - 0.075 * w2), torch.asinh(w) / w)
-    c = c1 * c2 if out_scale == 1.0 else c1 * (c2 * out_scale)
-    return (c * a) @ B.T
+    q = ((a @ (B.T @ B)) * a).sum(-1, keepdim=True).clamp(min=0.0)  # aᵀ G a
+    if not official:
+        c = _TokenScale.apply(sq, q, k, s, float(out_scale))
+        return (c * a) @ B.T
+    sk = torch.sqrt(k)
+    xn = _guarded_norm(sq, _REF_NORM_MIN)
+    c1 = sk * torch.sinh(torch.clamp(xn / s / sk, max=MAX_T)) / xn
+    y2 = c1 * c1 * q
+    y0 = torch.sqrt(y2 + 1.0 / torch.clamp(k, min=_REF_K_MIN))
+    c2 = sk * _reference_acosh(y0 / sk) / _guarded_norm(y2, _REF_NORM_MIN)
+    return ((c1 * (c2 * out_scale)) * a) @ B.T
 
 
 # --------------------------------------------------------------------------- options

@@ -171,14 +171,15 @@ def example_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: 
 def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embeddings=None,
                   r: int = 32, alpha: Optional[float] = None, target_modules=DEFAULT_TARGETS,
                   rank_rule: str = "budget", rank_floor: int = 1, rank_cap: Optional[int] = None,
-                  module_shapes: Optional[dict[str, tuple[int, int]]] = None,
+                  params_per_rank: Optional[Sequence[int]] = None,
                   seed: int = 0) -> AdapterPlan:
     """Plan adapters for ``profile``'s model.
 
     ``method="auto"``: HypLoRA with GeLoRA ranks when per-prompt δ_rel lies below its null (the
     data is more tree-like than random points), otherwise GeLoRA; HydraLoRA (with GeLoRA ranks)
     when training embeddings are given and k-means finds N ≥ 2 clusters with silhouette ≥ 0.1.
-    ``module_shapes`` maps each target name to (d_in, d_out) for the ``budget`` rank rule.
+    ``params_per_rank`` gives, per block, the parameters one unit of rank adds (see
+    :func:`adapters.gelora.params_per_rank`); without it every target is taken as hidden × hidden.
     Same α/r for every method by default (α = 2r).
     """
     from .gelora import gelora_ranks
@@ -221,10 +222,10 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
             reasons["method"] = ("prompt embeddings are not more tree-like than random points of their "
                                  "dimension: no hyperbolic map; GeLoRA ranks from intrinsic dimension")
     if "gelora" in method:
-        shapes = module_shapes or {t: (profile.model.hidden_size, profile.model.hidden_size)
-                                   for t in target_modules}
+        costs = (list(params_per_rank) if params_per_rank is not None else
+                 [2 * profile.model.hidden_size * len(target_modules)] * n_blocks)
         layer_ranks = gelora_ranks(ids[:-1], ids[1:], rule=rank_rule, r=r, floor=rank_floor,
-                                   cap=rank_cap, module_shapes=[shapes[t] for t in target_modules])
+                                   cap=rank_cap, n_params_fn=costs)
         reasons["ranks"] = (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {min(ids):.1f}…{max(ids):.1f}: "
                             f"ranks {min(layer_ranks)}…{max(layer_ranks)} over {len(layer_ranks)} blocks")
     if "hydralora" in method and n_heads is None:

@@ -256,11 +256,11 @@ def _batch_encoder(tokenizer: Any, add_special_tokens: bool, probe: Optional[str
     ``input_ids``.
 
     For a transformers fast tokenizer the Rust backend is called directly through
-    ``encode_batch_fast`` (no offsets, no BatchEncoding, no Python-side padding logic). The backend
-    is copied and its padding and truncation switched off: a tokenizer.json may carry either (MiniLM
-    pads to the longest sequence), and ``tokenizer(...)`` switches them off per call too. The
-    direct path is checked once against ``tokenizer(probe)`` and abandoned (with a log line) if they
-    differ.
+    ``encode_batch_fast`` (no offsets, no BatchEncoding, no Python-side padding logic). A
+    tokenizer.json may switch on padding or truncation in the backend (MiniLM's pads to the longest
+    sequence); ``tokenizer(...)`` turns both off per call, so here a copy of such a backend with both
+    off is used. The direct path is checked once against ``tokenizer(probe)`` and abandoned (with a
+    log line) if the two disagree.
     """
     backend = getattr(tokenizer, "_tokenizer", None)
 
@@ -271,13 +271,15 @@ def _batch_encoder(tokenizer: Any, add_special_tokens: bool, probe: Optional[str
 
     if not (getattr(tokenizer, "is_fast", False) and backend is not None):
         return encode_generic
-    try:
-        rust = copy.deepcopy(backend)
-        rust.no_padding()
-        rust.no_truncation()
-    except Exception as exc:  # an unusual backend: use the public call
-        logger.info("tokenizer backend cannot be copied (%s); using tokenizer(...)", exc)
-        return encode_generic
+    rust = backend
+    if getattr(backend, "padding", None) is not None or getattr(backend, "truncation", None) is not None:
+        try:  # copied so that the caller's tokenizer keeps its settings
+            rust = copy.deepcopy(backend)
+            rust.no_padding()
+            rust.no_truncation()
+        except Exception as exc:  # an unusual backend: use the public call
+            logger.info("tokenizer backend cannot be copied (%s); using tokenizer(...)", exc)
+            return encode_generic
     # The Rust tokenizer spreads a batch over all cores unless TOKENIZERS_PARALLELISM is false
     # (or the process forked after it ran). It is not forced on: in a forked worker that can
     # deadlock.

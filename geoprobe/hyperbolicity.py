@@ -153,16 +153,27 @@ def euclidean_distances(x: Any) -> np.ndarray:
 def _euclidean(X: np.ndarray) -> np.ndarray:
     Xc = X - X.mean(axis=0)
     sq = np.einsum("ij,ij->i", Xc, Xc)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (Xc @ Xc.T)
-    ii, jj = np.nonzero(np.triu(d2 < REFINE * (sq[:, None] + sq[None, :]), k=1))
-    D = np.sqrt(np.maximum(d2, 0.0))
+    D = Xc @ Xc.T
+    D *= -2.0
+    D += sq[:, None]
+    D += sq[None, :]
+    # pairs where the expansion loses digits: d² < REFINE (‖a‖² + ‖b‖²) (pre-filtered by a scalar bound)
+    ii, jj = np.nonzero(D < 2.0 * REFINE * float(sq.max()))
+    keep = (ii < jj) & (D[ii, jj] < REFINE * (sq[ii] + sq[jj]))
+    ii, jj = ii[keep], jj[keep]
+    np.maximum(D, 0.0, out=D)
+    np.sqrt(D, out=D)
+    D += D.T          # exactly symmetric (a + b == b + a); halved below
+    D *= 0.5
     step = max(1, (1 << 22) // max(1, X.shape[1]))
     for s in range(0, ii.size, step):
         i, j = ii[s:s + step], jj[s:s + step]
         diff = X[i] - X[j]
-        D[i, j] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    D = np.triu(D, k=1)
-    return D + D.T
+        exact = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        D[i, j] = exact
+        D[j, i] = exact
+    np.fill_diagonal(D, 0.0)
+    return D
 
 
 def gromov_product(dist: np.ndarray, base_point: int) -> np.ndarray:

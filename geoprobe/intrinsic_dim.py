@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from .errors import InputDataError
-from .kernels.knn import as_float64_points, knn_distances, knn_float64
+from .kernels.knn import as_float64_points, distances_at_ranks, knn_distances
 from .profile import IDResult, IDScale
 
 logger = logging.getLogger(__name__)
@@ -221,35 +221,19 @@ def _data_scale(x64: torch.Tensor) -> float:
     return float(torch.sqrt((c * c).sum(dim=1).mean()))
 
 
-def _near_duplicates(xu: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor,
-                     tau: float) -> torch.Tensor:
-    """Rows i having some row j < i within distance ``tau`` (given the rows' exact k nearest
-    neighbours); rows whose k neighbours are all within ``tau`` but later are scanned directly."""
-    n = xu.shape[0]
-    rows = torch.arange(n, device=xu.device)[:, None]
-    within = dist <= tau
-    drop = (within & (idx < rows)).any(dim=1)
-    unsure = torch.nonzero(~drop & within[:, -1]).flatten().tolist()
-    if unsure:
-        logger.debug("deduplication: %d rows scanned against every earlier row", len(unsure))
-    step = max(1, (1 << 24) // xu.shape[1])
-    for i in unsure:
-        for s in range(0, i, step):
-            d = torch.linalg.vector_norm(xu[s:min(i, s + step)] - xu[i], dim=1)
-            if bool((d <= tau).any()):
-                drop[i] = True
-                break
-    return drop
-
-
 class _Prepared:
-    """Points left after deduplication and their exact neighbour distances (float64, CPU)."""
+    """Points left after deduplication and their exact distances to the neighbours of the requested
+    ranks (float64 numpy, one column per rank)."""
 
-    def __init__(self, keep: torch.Tensor, points: torch.Tensor, dist: np.ndarray, n_input: int):
-        self.keep = keep
+    def __init__(self, points: torch.Tensor, ranks: list[int], dist: np.ndarray, n_input: int):
         self.points = points
+        self.column = {r: j for j, r in enumerate(ranks)}
         self.dist = dist
         self.n_input = n_input
+
+    def r(self, rank: int) -> np.ndarray:
+        """Distances of every point to its ``rank``-th nearest neighbour."""
+        return self.dist[:, self.column[rank]]
 
     @property
     def n_points(self) -> int:
@@ -265,10 +249,14 @@ def _check_tol(tol: Any) -> None:
         raise InputDataError(f"dedup_tol must be a finite number ≥ 0 or None, got {tol!r}")
 
 
-def _dedup(x64: torch.Tensor, tol: float, k_for: Callable[[int], int],
-           min_points: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Indices and rows kept by the duplicate rule of :func:`deduplicate`, and the kept rows' exact
-    neighbour distances (None when fewer than two rows are kept)."""
+def _usable(ranks: list[int], n: int) -> list[int]:
+    return sorted(r for r in set(ranks) if r <= n - 1)
+
+
+def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
+           min_points: int) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor]]:
+    """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks and the kept rows'
+    exact distances at those ranks (None when fewer than two rows are kept)."""
     n = x64.shape[0]
     first = torch.from_numpy(_exact_first_occurrences(x64)).to(x64.device)
     n_unique = first.numel()
@@ -278,39 +266,43 @@ def _dedup(x64: torch.Tensor, tol: float, k_for: Callable[[int], int],
         raise InputDataError(f"only {n_unique} distinct points among {n}; need at least {min_points}")
     xu = x64[first]
     if n_unique == 1:
-        return first, xu, None
+        return xu, [], None
     tau = tol * _data_scale(xu)
-    dist, idx = knn_float64(xu, min(k_for(n_unique), n_unique - 1))
-    drop = _near_duplicates(xu, dist, idx, tau)
-    if bool(drop.any()):
-        kept = torch.nonzero(~drop).flatten()
-        first, xu = first[kept], xu[kept]
+    ranks = _usable(ranks_for(n_unique), n_unique)
+    dist, near = distances_at_ranks(xu, ranks, tau=tau)
+    assert near is not None
+    if bool(near.any()):
+        xu = xu[~near]
         if xu.shape[0] < min_points:
             raise InputDataError(f"only {xu.shape[0]} points among {n} are more than "
                                  f"dedup_tol × scale = {tau:.3g} apart; need at least {min_points}")
         dist = None
         if xu.shape[0] >= 2:
-            dist, _ = knn_float64(xu, min(k_for(xu.shape[0]), xu.shape[0] - 1))
+            ranks = _usable(ranks_for(xu.shape[0]), xu.shape[0])
+            dist, _ = distances_at_ranks(xu, ranks)
     if n > xu.shape[0]:
         logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
                     n, n - n_unique, n_unique - xu.shape[0], tau)
-    return first, xu, dist
+    return xu, ranks, dist
 
 
-def _prepare(x64: torch.Tensor, k_for: Callable[[int], int], tol: Optional[float]) -> _Prepared:
+def _prepare(x64: torch.Tensor, ranks_for: Callable[[int], list[int]],
+             tol: Optional[float]) -> _Prepared:
     n = x64.shape[0]
     if tol is None:
         if n < 3:
             raise InputDataError(f"need at least 3 points, got {n}")
-        dist, _ = knn_float64(x64, min(k_for(n), n - 1))
-        if bool((dist[:, 0] == 0.0).any()):
-            raise InputDataError(f"{int((dist[:, 0] == 0.0).sum())} points have an exact duplicate; "
-                                 "pass dedup_tol (e.g. 1e-6) to remove duplicates first")
-        return _Prepared(torch.arange(n, device=x64.device), x64, dist.cpu().numpy(), n)
+        ranks = _usable(ranks_for(n), n)
+        dist, _ = distances_at_ranks(x64, ranks)
+        zero = int((dist[:, 0] == 0.0).sum())
+        if zero:
+            raise InputDataError(f"{zero} points have an exact duplicate; pass dedup_tol (e.g. 1e-6) "
+                                 "to remove duplicates first")
+        return _Prepared(x64, ranks, dist.cpu().numpy(), n)
     _check_tol(tol)
-    first, xu, dist = _dedup(x64, tol, k_for, min_points=3)
+    xu, ranks, dist = _dedup(x64, tol, ranks_for, min_points=3)
     assert dist is not None
-    return _Prepared(first, xu, dist.cpu().numpy(), n)
+    return _Prepared(xu, ranks, dist.cpu().numpy(), n)
 
 
 def deduplicate(x: Any, tol: float = 1e-6, *,
@@ -331,7 +323,7 @@ def deduplicate(x: Any, tol: float = 1e-6, *,
     if x64.shape[0] == 0:
         raise InputDataError("no points given")
     _check_tol(tol)
-    _, kept, _ = _dedup(x64, tol, lambda n: 2, min_points=1)
+    kept, _, _ = _dedup(x64, tol, lambda n: [1], min_points=1)
     n_removed = x64.shape[0] - kept.shape[0]
     return (kept if isinstance(x, torch.Tensor) else kept.cpu().numpy()), n_removed
 
@@ -371,8 +363,8 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
     backend = x64.device.type
 
     if estimator == "twonn":
-        prep = _prepare(x64, lambda n: 2, dedup_tol)
-        mu = prep.dist[:, 1] / prep.dist[:, 0]
+        prep = _prepare(x64, lambda n: [1, 2], dedup_tol)
+        mu = prep.r(2) / prep.r(1)
         d, err = twonn_mle(mu)
         lin = twonn_linear_fit(mu, discard_fraction)
         return IDResult(dimension=d, error=err, estimator="twonn", n_points=prep.n_points,
@@ -383,13 +375,13 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
     if scales is not None:
         explicit = [int(s) for s in _check_scales(scales)]
 
-    def k_for(n: int) -> int:
+    def ranks_for(n: int) -> list[int]:
         use = explicit if explicit is not None else gride_scales(n, n1_max)
-        return 2 * max(use)
+        return [r for n1 in use for r in (n1, 2 * n1)]
 
     if explicit is None:
         gride_scales(3, n1_max)  # validates n1_max before any work
-    prep = _prepare(x64, k_for, dedup_tol)
+    prep = _prepare(x64, ranks_for, dedup_tol)
     n = prep.n_points
     use = explicit if explicit is not None else gride_scales(n, n1_max)
     if 2 * max(use) > n - 1:
@@ -397,7 +389,7 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
                              f"only {n} distinct points are left; use smaller scales")
     results = []
     for n1 in use:
-        mu = prep.dist[:, 2 * n1 - 1] / prep.dist[:, n1 - 1]
+        mu = prep.r(2 * n1) / prep.r(n1)
         d, err = gride_mle(mu, n1, 2 * n1)
         results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err))
     chosen = _choose_scale(results)

@@ -34,7 +34,6 @@ written to a temporary folder and renamed into place, so a crash never leaves a 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -46,12 +45,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import (GeoprobeError, MissingDependencyError, ModelLoadError, ModelNotFoundError,
                      UnsafeModelError)
 from .files import write_json
 from .profile import ModelInfo
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ EMBEDDING_SUFFIXES = (
     "embedding.weight",
 )
 
-DtypeLike = Union[None, str, "torch.dtype"]  # noqa: F821
+DtypeLike = Union[None, str, "torch.dtype"]
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -95,11 +97,11 @@ class LoadedModel:
     info: ModelInfo
 
     @property
-    def device(self) -> "torch.device":  # noqa: F821
+    def device(self) -> "torch.device":
         """The device of the model's first parameter."""
         return next(self.model.parameters()).device
 
-    def input_embeddings(self) -> "torch.Tensor":  # noqa: F821
+    def input_embeddings(self) -> "torch.Tensor":
         """The input-embedding table E (vocab × hidden) as float32 on the CPU (a copy).
 
         This is the raw lookup table; architectures that rescale it in the forward pass (Gemma
@@ -164,7 +166,7 @@ def load_model(spec: Optional[Union[str, os.PathLike]] = None, *, device: str = 
 
 def load_embeddings(spec: Optional[Union[str, os.PathLike]] = None, *, allow_pickle: bool = False,
                     cache_dir: Optional[Union[str, os.PathLike]] = None,
-                    revision: Optional[str] = None) -> "torch.Tensor":  # noqa: F821
+                    revision: Optional[str] = None) -> "torch.Tensor":
     """Read only the input-embedding matrix (vocab × hidden, float32, CPU) of a checkpoint.
 
     Safetensors: the key is found among the tensor names (``model.safetensors.index.json`` weight map
@@ -173,8 +175,6 @@ def load_embeddings(spec: Optional[Union[str, os.PathLike]] = None, *, allow_pic
     [vocab_size, hidden_size]; only the shard holding it is opened, and only that tensor is read
     (memory ≈ the tensor). GGUF: ``token_embd.weight`` is dequantised with ``gguf.quants``.
     """
-    import torch
-
     kind, target = resolve_spec(spec)
     if kind in ("default", "gguf"):
         cached = _cached_gguf_copy(Path(target))
@@ -794,7 +794,7 @@ def _write_gguf_cache(model: Any, tokenizer: Any, folder: Path, source_path: Pat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _gguf_embeddings(path: Path) -> "torch.Tensor":  # noqa: F821
+def _gguf_embeddings(path: Path) -> "torch.Tensor":
     import numpy as np
     import torch
 
@@ -876,7 +876,7 @@ def find_embedding_key(names: list[str], shape_of: Any, vocab: Optional[int],
 
 
 def _read_embedding_from(root: Path, files: dict[str, str], what: str, config: dict,
-                         fetch: Any = None) -> "torch.Tensor":  # noqa: F821
+                         fetch: Any = None) -> "torch.Tensor":
     """``files`` maps tensor name → file name (relative to ``root``); ``fetch(file)`` returns a local
     path for a file (downloads it from the hub) and defaults to ``root / file``."""
     import torch
@@ -911,7 +911,7 @@ def _read_embedding_from(root: Path, files: dict[str, str], what: str, config: d
     return tensor.to(dtype=torch.float32)
 
 
-def _pickle_embeddings(folder: Path, config: dict, what: str) -> "torch.Tensor":  # noqa: F821
+def _pickle_embeddings(folder: Path, config: dict, what: str) -> "torch.Tensor":
     import torch
 
     index = folder / PICKLE_INDEX
@@ -943,7 +943,7 @@ def _pickle_embeddings(folder: Path, config: dict, what: str) -> "torch.Tensor":
     return state(weight_map[key])[key].detach().to(torch.float32).clone()
 
 
-def _folder_embeddings(folder: Path, *, allow_pickle: bool) -> "torch.Tensor":  # noqa: F821
+def _folder_embeddings(folder: Path, *, allow_pickle: bool) -> "torch.Tensor":
     what = f"model folder {folder}"
     config = _read_json(folder / "config.json", what)
     index = folder / SAFETENSORS_INDEX
@@ -976,7 +976,7 @@ def _folder_embeddings(folder: Path, *, allow_pickle: bool) -> "torch.Tensor":  
 
 
 def _hub_embeddings(repo: str, *, allow_pickle: bool, cache_dir: Any,
-                    revision: Optional[str]) -> "torch.Tensor":  # noqa: F821
+                    revision: Optional[str]) -> "torch.Tensor":
     """Embedding-only read from the hub: config, index and the one shard holding the tensor are
     taken from the local Hugging Face cache when there, else downloaded (never the other shards)."""
     from huggingface_hub import hf_hub_download

@@ -126,8 +126,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     import torch
 
     from .frequency import fit_power_law
-    from .hidden import collect_hidden_states, sink_mask
-    from .intrinsic_dim import intrinsic_dimension
+    from .hidden import collect_hidden_states
     from .norms import norm_frequency
 
     s = settings or ProbeSettings()
@@ -228,6 +227,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
 
 
 def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGeometry], SinkReport]:
+    from .hidden import sink_mask
     from .hyperbolicity import delta, matched_null_delta
     from .intrinsic_dim import intrinsic_dimension
 

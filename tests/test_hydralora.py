@@ -115,6 +115,19 @@ def test_fused_layer_matches_per_head_reference_float64(top_k, path):
         assert (probs.topk(2, -1).values.sum(-1) < 1).all()  # so the renormalisation matters
 
 
+def test_mixed_dtype_path_matches_reference():
+    """Adapter weights in another dtype than the base layer (PEFT's dtype autocast) take the unfused add."""
+    layer = single_layer(dtype=torch.float64)
+    layer.base_layer.float()
+    x = torch.randn(2, 6, 24, generator=torch.Generator().manual_seed(4))
+    out = layer(x)
+    assert out.dtype == torch.float32
+    ref = layer.get_base_layer()(x).double() + hydralora_delta_reference(
+        x.double(), layer.lora_A["default"].weight, layer.heads("default"),
+        layer.lora_hydra_router["default"].weight, scaling=2.0)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_frozen_gates_match_reference_and_ignore_router():
     layer = single_layer()
     gates = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)

@@ -166,6 +166,18 @@ def test_cpu_kernel_both_phases(switch):
             assert got == pytest.approx(_delta_reference(D, "fixed", w), rel=RTOL, abs=1e-300), name
 
 
+def test_base_point_term_of_a_non_metric_matrix():
+    """z = w gives min(0, 0) − A_xy = −A_xy, the whole answer when A_xy < 0 (hand-computed: with
+    d(w, ·) = 0.1 and d(x, y) = 1 otherwise, A_xy = ½(0.2 − 1) = −0.4, so δ_w = 0.4)."""
+    D = np.ones((6, 6))
+    D[0, :] = D[:, 0] = 0.1
+    np.fill_diagonal(D, 0.0)
+    assert _delta_reference(D, "fixed", 0) == pytest.approx(0.4, rel=1e-12)
+    assert delta(D, distances=True, base_point=0).delta == pytest.approx(0.4, rel=1e-12)
+    assert delta_cpu.delta_fixed(D, 0) == _delta_reference(D, "fixed", 0)
+    assert delta_torch.delta_fixed_torch(torch.from_numpy(D), 0) == _delta_reference(D, "fixed", 0)
+
+
 def test_cpu_kernel_lower_bound_is_respected():
     D = euclidean_distances(np.random.default_rng(5).standard_normal((50, 4)))
     ref = _delta_reference(D, "fixed", 0)

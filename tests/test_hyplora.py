@@ -133,21 +133,46 @@ def test_log_compression_of_the_length():
     torch.testing.assert_close(d.norm(dim=-1), math.sqrt(K) * torch.asinh(yn / math.sqrt(K)), rtol=1e-12, atol=0)
 
 
-def test_gradcheck_both_forms_and_their_gradients_agree():
-    x, A, B = _inputs(14, n=4, d_in=5, r=2, d_out=4)
-    x = x * torch.tensor([[0.01], [0.7], [3.0], [60.0]], dtype=torch.float64)  # last row: sinh clamp
-    K = torch.tensor(1.3, dtype=torch.float64)
-    s = torch.tensor(2.2, dtype=torch.float64)
-    args = [t.clone().requires_grad_(True) for t in (x, A, B, K, s)]
+@pytest.mark.parametrize("b_scale", [1.0, 1e-5])  # 1e-5: ‖y‖²/K below the series cutoff
+def test_gradcheck_both_forms_and_their_gradients_agree(b_scale):
+    x, A, B = _inputs(14, n=5, d_in=5, r=2, d_out=4)
+    # rows: series branch of sinhc (u < 1e-8), closed forms, and the sinh clamp (last row)
+    x = x * torch.tensor([[1e-5], [0.01], [0.7], [3.0], [60.0]], dtype=torch.float64)
+    B = B * b_scale
     for official, k_val in ((False, 1.3), (True, 0.8)):  # K < 1 keeps θ > 1.01: away from the guard's kink
-        args[3] = torch.tensor(k_val, dtype=torch.float64, requires_grad=True)
+        if official and b_scale < 1:
+            continue  # the reference guard clamps ‖y‖ at 1e-7 there: not differentiable in y
+        # official: Δ ∝ y/‖y‖ at fixed length near y = 0 (its dead zone), whose curvature 1/‖y‖² defeats
+        # finite differences for the tiny first row
+        xs = x[1:] if official else x
+        args = [t.clone().requires_grad_(True) for t in
+                (xs, A, B, torch.tensor(k_val, dtype=torch.float64), torch.tensor(2.2, dtype=torch.float64))]
         for fn in (hyplora_delta, hyplora_delta_bottleneck):
             assert torch.autograd.gradcheck(lambda *a: fn(*a, official=official), tuple(args))
-        w = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        w = torch.randn(len(xs), 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         g_plain = torch.autograd.grad((hyplora_delta(*args, official=official) * w).sum(), args)
         g_bottle = torch.autograd.grad((hyplora_delta_bottleneck(*args, official=official) * w).sum(), args)
         for gp, gb in zip(g_plain, g_bottle):
-            torch.testing.assert_close(gb, gp, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(gb, gp, rtol=1e-10, atol=1e-13 * float(gp.abs().max()))
+
+
+def test_per_row_curvature_and_scale_tensors():
+    x, A, B = _inputs(19, n=4, d_in=5, r=2, d_out=3)
+    k = torch.tensor([[0.5], [1.0], [2.0], [4.0]], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([[1.0], [2.0], [3.0], [4.0]], dtype=torch.float64, requires_grad=True)
+    got = hyplora_delta_bottleneck(x, A, B, k, s)
+    for i in range(4):
+        want = hyplora_delta(x[i:i + 1], A, B, float(k[i]), float(s[i]))
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda kk, ss: hyplora_delta_bottleneck(x, A, B, kk, ss), (k, s))
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    x, A, B = _inputs(20, n=3, d_in=5, r=2, d_out=3)
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(hyplora_delta_bottleneck(x, A, B, 1.0, 2.0).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 def test_gradients_finite_at_B_zero_and_x_zero():

@@ -248,7 +248,7 @@ def test_hostile_strings_are_escaped_everywhere(hostile_html):
 def test_plot_labels_cannot_start_mathtext():
     assert plots.label("cost $5 and $6") == r"cost \$5 and \$6"
     assert plots.label("a\x00b\nc") == "abc"
-    assert len(plots.label("x" * 100)) == 48
+    assert len(plots.label("x" * 100)) == 40
 
 
 def test_optional_sections_only_when_present(smol, multi_html):
@@ -295,6 +295,34 @@ def test_missing_parts_are_left_out_with_a_note(smol):
     doc2 = render_html([partial, empty])
     assert "No density grid was recorded" in doc2
     assert len(_svgs(doc2)) >= 7
+
+
+def test_saved_and_loaded_profile_renders_the_same(tmp_path, smol, single_html):
+    """The report reads only the profile record: a JSON round trip changes nothing."""
+    loaded = GeometryProfile.load(smol.save(tmp_path / "p.json"))
+    assert render_html([loaded], command="geoprobe report --model smollm2") == single_html
+
+
+def test_non_finite_numbers_show_as_dashes(smol):
+    nan = math.nan
+    layers = [dataclasses.replace(lg, twonn=dataclasses.replace(lg.twonn, dimension=nan),
+                                  delta=dataclasses.replace(lg.delta, mean=nan))
+              if lg.layer % 2 else lg for lg in smol.layers[:6]]
+    broken = smol.with_updates(
+        frequency=dataclasses.replace(smol.frequency, gamma=nan, gamma_err=nan, zipf_exponent=nan),
+        delta_prompts=dataclasses.replace(smol.delta_prompts, mean=nan, values=[nan] * 5),
+        norms=dataclasses.replace(smol.norms, spearman_rho=nan, spearman_p=nan),
+        layers=layers, sinks=dataclasses.replace(smol.sinks, norm_quantiles_by_layer=[]),
+        adapter_plan=None, finetune=[])
+    doc = render_html([broken])
+    page = Page(doc)
+    assert page.errors == []
+    text = " ".join(page.text)
+    assert not re.search(r"\bnan\b|\binf\b", text, flags=re.I)
+    assert "could not be compared with its null" in text
+    assert "No power law could be fitted" in text
+    for svg in _svgs(doc):
+        ET.fromstring(svg)
 
 
 def test_bad_input_raises_profile_error(smol):
@@ -420,10 +448,12 @@ def test_prefix_ids_rewrites_every_reference():
     svg = ('<svg><defs><clipPath id="p1"><rect/></clipPath><path id="m2"/></defs>'
            '<g clip-path="url(#p1)"><use xlink:href="#m2"/><use href="#m2"/>'
            '<a href="#elsewhere"/></g></svg>')
+    svg = svg.replace("<defs>", '<g id="figure_1"/><defs>')
     out = plots.prefix_ids(svg, "f3-")
     assert 'id="f3-p1"' in out and 'url(#f3-p1)' in out
-    assert out.count('href="#f3-m2"') == 2
+    assert 'id="f3-m2"' in out and out.count('href="#f3-m2"') == 2
     assert 'href="#elsewhere"' in out                      # not an id of this figure
+    assert "figure_1" not in out                           # nothing refers to it: dropped
 
 
 def test_short_names_cut_at_separators():

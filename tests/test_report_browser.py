@@ -41,7 +41,7 @@ def driver(tmp_path_factory):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,900",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
@@ -83,14 +83,14 @@ def _screenshot(drv, name: str) -> Path:
 
 def _check_page(drv, path: Path) -> None:
     console, urls = _open(drv, path)
-    errors = [e for e in console if e.get("level") == "SEVERE"]
-    assert not errors, f"console errors: {errors}"
     assert urls, "the performance log recorded no request at all (logging not working?)"
     report_url = path.resolve().as_uri()
     for url in urls:
         assert url.startswith(("file:", "data:")), f"network request to {url}"
         if url.startswith("file:"):
             assert url == report_url, f"the page requested another file: {url}"
+    errors = [e for e in console if e.get("level") == "SEVERE"]
+    assert not errors, f"console errors: {errors}"
     n_figures = len(re.findall(r'<figure class="plot[ "]', path.read_text(encoding="utf-8")))
     sizes = drv.execute_script(
         "return Array.from(document.querySelectorAll('figure.plot svg, img'))"
@@ -115,6 +115,19 @@ def test_single_report_in_browser(driver, tmp_path):
                         "Fine-tune results", "Reproducibility"]
     shot = _screenshot(driver, "report_single.png")
     assert shot.stat().st_size > 10_000
+    # a phone-sized window: the page reflows, wide tables scroll inside their own box
+    driver.set_window_size(480, 900)
+    try:
+        overflow = driver.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0
+        widths = driver.execute_script(
+            "return Array.from(document.querySelectorAll('figure.plot svg'))"
+            ".map(e => e.getBoundingClientRect().width)")
+        client = driver.execute_script("return document.documentElement.clientWidth")
+        assert all(0 < w <= client for w in widths)
+    finally:
+        driver.set_window_size(1280, 900)
 
 
 def test_comparison_report_in_browser(driver, tmp_path):
@@ -130,20 +143,29 @@ def test_comparison_report_in_browser(driver, tmp_path):
     _screenshot(driver, "report_compare.png")
 
 
-@pytest.mark.parametrize("strip_csp", [False, True], ids=["with-csp", "without-csp"])
-def test_hostile_strings_are_text(driver, tmp_path, strip_csp):
-    """The hostile strings show literally and run nothing — also with the page's
-    Content-Security-Policy removed, so that escaping alone is what is tested."""
+CSP = re.compile(r'<meta http-equiv="Content-Security-Policy"[^>]*>')
+
+
+@pytest.fixture(scope="module")
+def hostile_page(tmp_path_factory) -> str:
     hostile = make_profile(HOSTILE[0] + HOSTILE[1], token_strings=list(HOSTILE),
                            extra_words=list(HOSTILE), corpus=HOSTILE[1], command=HOSTILE[0],
                            adapter_plan=True, finetune=True)
-    path = render_report([hostile, make_profile("other", seed=3)], tmp_path / "hostile.html",
-                         command=HOSTILE[1])
+    path = render_report([hostile, make_profile("other", seed=3)],
+                         tmp_path_factory.mktemp("hostile") / "hostile.html", command=HOSTILE[1])
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("strip_csp", [False, True], ids=["with-csp", "without-csp"])
+def test_hostile_strings_are_text(driver, tmp_path, hostile_page, strip_csp):
+    """The hostile strings show literally and run nothing — also with the page's
+    Content-Security-Policy removed, so that escaping alone is what is tested."""
+    text = hostile_page
     if strip_csp:
-        text = path.read_text(encoding="utf-8")
-        stripped = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)
-        assert stripped != text
-        path.write_text(stripped, encoding="utf-8")
+        text = CSP.sub("", text)
+        assert text != hostile_page
+    path = tmp_path / "hostile.html"
+    path.write_text(text, encoding="utf-8")
     _check_page(driver, path)
     assert driver.execute_script("return typeof window.pwned") == "undefined"
     assert driver.execute_script("return document.querySelectorAll('script').length") == 0
@@ -161,3 +183,20 @@ def test_hostile_strings_are_text(driver, tmp_path, strip_csp):
     assert opened.count(HOSTILE[0]) >= 10 and opened.count(HOSTILE[1]) >= 10
     if not strip_csp:
         _screenshot(driver, "report_hostile.png")
+
+
+@pytest.mark.parametrize("strip_csp", [False, True], ids=["with-csp", "without-csp"])
+def test_checks_catch_an_external_resource(driver, tmp_path, hostile_page, strip_csp):
+    """The page checks fail on a page that asks for something outside itself, and the page's
+    policy blocks the load. (The address is a closed local port: nothing leaves the machine.)"""
+    url = "http://127.0.0.1:65531/probe.png"
+    text = CSP.sub("", hostile_page) if strip_csp else hostile_page
+    text = text.replace("</main>", f'<img src="{url}" alt=""></main>', 1)
+    path = tmp_path / "leaky.html"
+    path.write_text(text, encoding="utf-8")
+    console, urls = _open(driver, path)
+    assert url in urls
+    blocked = any("Content Security Policy" in e.get("message", "") for e in console)
+    assert blocked == (not strip_csp)
+    with pytest.raises(AssertionError, match=f"network request to {re.escape(url)}"):
+        _check_page(driver, path)

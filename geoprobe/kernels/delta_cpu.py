@@ -10,12 +10,15 @@ found so far:
 
 * The triple value is symmetric in x and y (A is symmetric), so row x only needs the columns y ≥ x.
 * The diagonal y = x contributes max_z A_xz − A_xx ≥ 0, so the running best β starts at ≥ 0 and the
-  terms z = x (min(A_xx, A_xy) − A_xy ≤ 0) can be left out. With a zero diagonal in the distances,
-  A_xw = A_wz = 0 exactly, so the base point w contributes min(A_xz, 0) ≤ 0 as y or z and is left out.
-* min(A_xz, A_zy) − A_xy ≤ A_xz − A_xy. Row x visits z in decreasing A_xz and keeps the columns y in
-  increasing A_xy; a column can still improve only while A_xy < A_xz − β, a prefix that shrinks as z
-  advances, and the row stops when it is empty. Columns with A_xy ≥ max_z A_xz − β and z with
-  A_xz ≤ min_y A_xy + β are never sorted or visited.
+  terms z = x (min(A_xx, A_xy) − A_xy ≤ 0) can be left out. With an exactly symmetric matrix with zero
+  diagonal, A_xw = A_wz = 0 exactly: y = w contributes min(A_xz, 0) ≤ 0 and is left out, and z = w
+  contributes −A_xy (positive where rounding, or a non-metric input, makes A_xy < 0), taken per row as
+  −min_y A_xy before the sorted search.
+* min(A_xz, A_zy) − A_xy ≤ A_xz − A_xy, also after rounding (rounding is monotone). Row x visits z in
+  decreasing A_xz and keeps the columns y in increasing A_xy; a column can still improve only while
+  fl(A_xz − A_xy) > β, a prefix that shrinks as z advances, and the row stops when it is empty.
+  Columns with fl(max_z A_xz − A_xy) ≤ β and z with fl(A_xz − min_y A_xy) ≤ β are never sorted or
+  visited. Every bound is evaluated in the same float64 arithmetic as the values it bounds.
 * While most columns are alive, the row is updated over the contiguous range y ≥ x (vectorised); once
   fewer than 1/``switch`` of them are alive it continues on the sorted prefix only.
 
@@ -57,15 +60,21 @@ def _row_best(A: np.ndarray, x: int, w: int, best: float, switch: float, refresh
     Ax = A[x]
     hi_all = -np.inf
     hi = -np.inf
+    lo_all = np.inf
     for z in range(n):
         v = Ax[z]
         if v > hi_all:
             hi_all = v
+        if v < lo_all:
+            lo_all = v
         if z != x and z != w and v > hi:
             hi = v
-    diag = hi_all - Ax[x]
+    diag = hi_all - Ax[x]            # y = x: max_z A_xz − A_xx
     if diag > best:
         best = diag
+    via_base = 0.0 - lo_all          # z = w: min(A_xw, A_wy) − A_xy = −A_xy
+    if via_base > best:
+        best = via_base
     ny = n - x
     ycand = np.empty(ny, dtype=np.int64)
     nyc = 0
@@ -109,8 +118,7 @@ def _row_best(A: np.ndarray, x: int, w: int, best: float, switch: float, refresh
     for zi in range(nzc):
         z = zcand[zorder[zi]]
         a = Ax[z]
-        lim = a - best
-        while cnt > 0 and ys[cnt - 1] >= lim:
+        while cnt > 0 and a - ys[cnt - 1] <= best:
             cnt -= 1
         if cnt == 0:
             break
@@ -138,8 +146,7 @@ def _row_best(A: np.ndarray, x: int, w: int, best: float, switch: float, refresh
             for k in range(nyc):
                 m[k] = mc[yidx[k] - x]
             contiguous = False
-            lim = a - best
-            while cnt > 0 and ys[cnt - 1] >= lim:
+            while cnt > 0 and a - ys[cnt - 1] <= best:
                 cnt -= 1
             if cnt == 0:
                 break
@@ -161,7 +168,8 @@ def _row_best(A: np.ndarray, x: int, w: int, best: float, switch: float, refresh
 
 @njit(parallel=True, cache=True)
 def fixed_base_delta(A: np.ndarray, w: int, best0: float, switch: float, refresh: int) -> float:
-    """max(best0, δ_w) for the symmetric float64 Gromov-product matrix ``A`` at base point ``w``.
+    """max(best0, δ_w) for the symmetric float64 Gromov-product matrix ``A`` at base point ``w``,
+    rows spread over threads.
 
     ``best0`` must be a lower bound of the answer sought (0, or a δ of another base point when the
     maximum over base points is wanted); rows that cannot beat it are skipped.
@@ -179,17 +187,88 @@ def fixed_base_delta(A: np.ndarray, w: int, best0: float, switch: float, refresh
     return slots.max()
 
 
+@njit(cache=True, nogil=True)
+def _gromov_into(dist: np.ndarray, w: int, out: np.ndarray) -> None:
+    n = dist.shape[0]
+    r = dist[w]
+    for x in range(n):
+        rx = r[x]
+        row = dist[x]
+        o = out[x]
+        for y in range(n):
+            o[y] = 0.5 * ((rx + r[y]) - row[y])
+
+
+@njit(cache=True, nogil=True)
+def _base_best(dist: np.ndarray, w: int, buf: np.ndarray, best: float, switch: float,
+               refresh: int) -> float:
+    """max(best, δ_w) in one thread, the Gromov products written into ``buf``."""
+    _gromov_into(dist, w, buf)
+    for x in range(dist.shape[0]):
+        best = _row_best(buf, x, w, best, switch, refresh)
+    return best
+
+
+@njit(cache=True, nogil=True)
+def delta_serial(dist: np.ndarray, bases: np.ndarray, best0: float, switch: float,
+                 refresh: int) -> float:
+    """max(best0, max over w in ``bases`` of δ_w), one thread (small inputs: no thread start-up)."""
+    n = dist.shape[0]
+    buf = np.empty((n, n))
+    best = max(best0, 0.0)
+    for w in bases:
+        best = _base_best(dist, w, buf, best, switch, refresh)
+    return best
+
+
+@njit(parallel=True, cache=True)
+def delta_bases_parallel(dist: np.ndarray, bases: np.ndarray, best0: float, switch: float,
+                         refresh: int) -> float:
+    """max(best0, max over w in ``bases`` of δ_w), base points spread over threads (one n × n buffer
+    per base point in flight)."""
+    n = dist.shape[0]
+    slots = np.full(numba.config.NUMBA_NUM_THREADS, max(best0, 0.0))
+    for i in prange(bases.shape[0]):
+        tid = numba.get_thread_id()
+        buf = np.empty((n, n))
+        b = _base_best(dist, bases[i], buf, slots.max(), switch, refresh)
+        if b > slots[tid]:
+            slots[tid] = b
+    return slots.max()
+
+
+#: Below this many points one thread does the work (thread start-up would dominate).
+SERIAL_MAX_N = 192
+#: Exact mode spreads base points over threads while one n × n buffer per thread stays below this.
+PARALLEL_BASES_MAX_BYTES = 256 << 20
+
+
 def delta_fixed(dist: np.ndarray, base_point: int, best0: float = 0.0) -> float:
     """δ at ``base_point`` of the symmetric, zero-diagonal float64 distance matrix ``dist``."""
+    dist = np.ascontiguousarray(dist, dtype=np.float64)
+    if dist.shape[0] <= SERIAL_MAX_N:
+        return float(delta_serial(dist, np.array([base_point], dtype=np.int64), best0, SWITCH, REFRESH))
     A = gromov_product_matrix(dist, base_point)
     return float(fixed_base_delta(A, base_point, best0, SWITCH, REFRESH))
 
 
 def delta_exact(dist: np.ndarray, first: int = 0) -> float:
     """Four-point δ = max over every base point w of δ_w; each base starts from the best so far."""
+    dist = np.ascontiguousarray(dist, dtype=np.float64)
     n = dist.shape[0]
-    best = 0.0
-    for w in [first] + [v for v in range(n) if v != first]:
-        A = gromov_product_matrix(dist, w)
-        best = float(fixed_base_delta(A, w, best, SWITCH, REFRESH))
+    bases = np.array([first] + [v for v in range(n) if v != first], dtype=np.int64)
+    if n <= SERIAL_MAX_N // 2:
+        return float(delta_serial(dist, bases, 0.0, SWITCH, REFRESH))
+    # the first base alone gives a lower bound that prunes every later one
+    best = delta_fixed(dist, first)
+    if 8 * n * n <= PARALLEL_BASES_MAX_BYTES:
+        old = numba.get_parallel_chunksize()
+        numba.set_parallel_chunksize(1)   # bases differ in cost: hand them out one at a time
+        try:
+            return float(delta_bases_parallel(dist, bases[1:], best, SWITCH, REFRESH))
+        finally:
+            numba.set_parallel_chunksize(old)
+    for w in bases[1:]:
+        A = gromov_product_matrix(dist, int(w))
+        best = float(fixed_base_delta(A, int(w), best, SWITCH, REFRESH))
     return best

@@ -8,7 +8,8 @@ value is symmetric in x and y.
 **float32 search, float64 answer.** The blocks run in float32 first and give each row's maximum V32. With
 u = 2⁻²⁴ and a = max|A|, rounding A to float32 moves each entry by at most u·a, min and max move their
 result by no more than their arguments, and the final subtraction adds at most 2u·a(1 + u); so
-|V32 − V| ≤ e with e = 5u·a. Let L = max(β, max V32 − e), a lower bound of the answer max(β, δ_w). Every
+|V32 − V| ≤ 4u·a(1 + u), and the search uses e = 6u·a. Let L = max(β, max V32 − e), a lower bound of
+the answer max(β, δ_w). Every
 row whose V32 + e < L is below L and is dropped; the rest are recomputed in float64 with the same
 operations as the plain formula. The returned value therefore equals the float64 reference; when many
 rows tie (δ = 0 for a tree metric) all of them are recomputed.
@@ -94,7 +95,7 @@ def delta_fixed_torch(dist: torch.Tensor, base_point: int, *, best0: float = 0.0
             e_ = min(n, s + b)
             v32[s:e_] = _row_max(A32, torch.arange(s, e_, device=device), s)
         del A32
-        err = 5.0 * _U32 * amax + 1e-300
+        err = 6.0 * _U32 * amax + 1e-300
         low = max(best0, float(v32.max()) - err)
         candidates = torch.nonzero(v32.to(torch.float64) + err >= low).flatten()
         logger.debug("float32 search kept %d of %d rows for the float64 pass", candidates.numel(), n)

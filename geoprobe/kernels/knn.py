@@ -41,7 +41,7 @@ from ..errors import InputDataError
 
 logger = logging.getLogger(__name__)
 
-_UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 
 
 def as_float64_points(x: Any, device: Optional[str | torch.device] = None) -> torch.Tensor:
@@ -92,8 +92,9 @@ def knn_distances(x: Any, k: int, *, chunk: Optional[int] = None,
         k: neighbours per point, 1 ≤ k ≤ N − 1.
         chunk: rows per block of the distance products (default: about 8M entries per block on the
             CPU, 128M on CUDA, at least 256 rows).
-        selection_dtype: dtype of the candidate-selection products, torch.float32 (default) or
-            torch.float64. The returned distances are float64 either way.
+        selection_dtype: dtype of the candidate-selection products: None (default: bfloat16 on CPUs
+            with native bfloat16 products for N ≥ 4096 and D ≥ 64, else float32), torch.bfloat16,
+            torch.float32 or torch.float64. The returned distances are exact float64 either way.
         device: where to compute (default: the tensor's device, else the CPU).
 
     Returns:
@@ -105,68 +106,164 @@ def knn_distances(x: Any, k: int, *, chunk: Optional[int] = None,
     n = x64.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise InputDataError(f"k must be an integer between 1 and N − 1 = {n - 1}, got {k!r}")
-    sel = torch.float32 if selection_dtype is None else selection_dtype
-    if sel not in _UNIT_ROUNDOFF:
-        raise InputDataError(f"selection_dtype must be torch.float32 or torch.float64, got {sel}")
-    return knn_float64(x64, int(k), chunk=_chunk_rows(n, chunk, x64.device), selection_dtype=sel)
+    if selection_dtype is not None and selection_dtype not in _UNIT_ROUNDOFF:
+        raise InputDataError("selection_dtype must be None, torch.bfloat16, torch.float32 or "
+                             f"torch.float64, got {selection_dtype}")
+    return knn_float64(x64, int(k), chunk=_chunk_rows(n, chunk, x64.device),
+                       selection_dtype=selection_dtype)
 
 
 def knn_float64(x64: torch.Tensor, k: int, *, chunk: Optional[int] = None,
-                selection_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                selection_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn_distances` for points already checked by :func:`as_float64_points` (a finite,
     contiguous float64 (N, D) tensor) and 1 ≤ k ≤ N − 1; no further validation."""
-    n, dim = x64.shape
-    sel = selection_dtype
-    if sel == torch.float32 and dim * _UNIT_ROUNDOFF[torch.float32] > 1e-2:
-        sel = torch.float64  # the float32 bound would reject every row
-    m = min(n - 1, k + max(8, k // 4))
-
+    n = x64.shape[0]
+    dtype = _selection_dtype(x64, k, selection_dtype)
+    m = _n_candidates(n, k, dtype)
     if m == n - 1:  # every other point is a candidate: nothing to select or verify
-        ar = torch.arange(n - 1, device=x64.device)
-        cand = ar[None, :] + (ar[None, :] >= torch.arange(n, device=x64.device)[:, None]).long()
-        return _exact_topk(x64, torch.arange(n, device=x64.device), cand, k)
-
-    centred = x64 - x64.mean(dim=0, keepdim=True)
-    norms = torch.linalg.vector_norm(centred, dim=1)
-    radius = float(norms.max())
-    if radius == 0.0:  # all points identical: distance 0 to the k lowest other indices
-        ar = torch.arange(k, device=x64.device)
-        idx = ar[None, :] + (ar[None, :] >= torch.arange(n, device=x64.device)[:, None]).long()
-        return torch.zeros((n, k), dtype=torch.float64, device=x64.device), idx
-    scaled = centred / radius
-    snorm = norms / radius
-    chunk = chunk or _chunk_rows(n, None, x64.device)
-
-    rows = torch.arange(n, device=x64.device)
-    with _highest_matmul_precision(x64.device):
-        cand, vals = _symmetric_candidates(scaled.to(sel), m, chunk)
-    # Stage 1: exact distances to the p most promising candidates; every other point has an
-    # expanded value ≥ vals[:, p].
-    p = min(m, k + 2)
-    dist, idx = _exact_topk(x64, rows, cand[:, :p], k)
-    bad = _unverified(dist[:, -1] / radius, vals[:, min(p, m - 1)], snorm, dim, sel)
-    if p < m and bool(bad.any()):  # stage 2: all m candidates
-        redo = rows[bad]
-        d2, i2 = _exact_topk(x64, redo, cand[redo], k)
-        dist[redo], idx[redo] = d2, i2
-        bad[redo] = _unverified(d2[:, -1] / radius, vals[redo, m - 1], snorm[redo], dim, sel)
-    if sel == torch.float32 and bool(bad.any()):  # stage 3: float64 selection
-        redo = rows[bad]
-        logger.debug("kNN: %d of %d rows redone with a float64 selection", redo.numel(), n)
-        with _highest_matmul_precision(x64.device):
-            cand64, last64 = _row_candidates(scaled, redo, m, chunk)
-        d2, i2 = _exact_topk(x64, redo, cand64, k)
-        dist[redo], idx[redo] = d2, i2
-        bad[redo] = _unverified(d2[:, -1] / radius, last64, snorm[redo], dim, torch.float64)
-    if bool(bad.any()):  # stage 4: direct differences against every point
-        redo = rows[bad]
-        logger.debug("kNN: %d of %d rows recomputed by direct differences", redo.numel(), n)
-        d3, i3 = _brute_topk(x64, redo, k)
-        dist[redo], idx[redo] = d3, i3
+        return _all_pairs_topk(x64, k)
+    sel = _select(x64, m, chunk, dtype)
+    if sel is None:
+        return _identical_topk(x64, k)
+    dist, idx, bad = _lists_from_selection(x64, sel, k)
+    if sel.dtype == torch.bfloat16 and float(bad.float().mean()) > _ESCALATE:
+        logger.debug("kNN: bfloat16 selection left %d of %d rows unverified; float32 instead",
+                     int(bad.sum()), n)
+        sel = _select(x64, _n_candidates(n, k, torch.float32), chunk, torch.float32)
+        dist, idx, bad = _lists_from_selection(x64, sel, k)
+    if bool(bad.any()):
+        redo = torch.nonzero(bad).flatten()
+        dist[redo], idx[redo] = _rows_exact(x64, sel, redo, k)
     return dist, idx
 
 
+def _lists_from_selection(x64: torch.Tensor, sel: "_Selection",
+                          k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact k-nearest lists from the candidates, and the rows the error bound cannot certify."""
+    n, m = sel.cand.shape
+    rows = torch.arange(n, device=x64.device)
+    # Stage 1: exact distances to the p most promising candidates; every other point has an
+    # expanded value ≥ approx[:, p].
+    p = min(m, k + 2)
+    dist, idx = _exact_topk(x64, rows, sel.cand[:, :p], k)
+    bad = sel.unverified(dist[:, -1], sel.approx[:, min(p, m - 1)])
+    if p < m and bool(bad.any()):  # stage 2: all m candidates
+        redo = rows[bad]
+        d2, i2 = _exact_topk(x64, redo, sel.cand[redo], k)
+        dist[redo], idx[redo] = d2, i2
+        bad[redo] = sel.unverified(d2[:, -1], sel.approx[redo, m - 1], redo)
+    return dist, idx, bad
+
+
+def distances_at_ranks(x64: torch.Tensor, ranks: list[int], *, tau: Optional[float] = None,
+                       chunk: Optional[int] = None, selection_dtype: Optional[torch.dtype] = None
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Exact float64 distances from every point to its r-th nearest neighbour for each r in
+    ``ranks`` (1-based, max(ranks) ≤ N − 1), shape (N, len(ranks)); and, when ``tau`` is given, a
+    boolean mask of the points having an earlier point (smaller index) within distance ``tau``.
+
+    Only the candidates that the error bound cannot place on one side of a requested rank are
+    recomputed exactly: with the interval [d̃² − E, d̃² + E] around each candidate's expanded value,
+    L_r and U_r the r-th smallest lower and upper ends, candidates entirely below L_r are certainly
+    nearer and those entirely above U_r certainly farther than the r-th neighbour, whose distance is
+    then the (r − #nearer)-th smallest exact distance among the overlapping candidates. Points outside
+    the candidate list are certified to lie beyond U_max as in :func:`knn_distances`; rows where that
+    fails use :func:`knn_distances`' fallbacks.
+    """
+    n = x64.shape[0]
+    ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=x64.device)
+    k = int(max(ranks))
+    dtype = _selection_dtype(x64, k, selection_dtype)
+    m = _n_candidates(n, k, dtype)
+    sel = None if m == n - 1 else _select(x64, m, chunk, dtype)
+    if sel is None:  # small input or identical points: exact lists for every row
+        dist, idx = knn_float64(x64, k, chunk=chunk, selection_dtype=dtype)
+        return dist[:, ranks_t - 1], (None if tau is None else _near_from_lists(x64, dist, idx, tau))
+    out, near, ok = _ranks_from_selection(x64, sel, ranks, tau)
+    if sel.dtype == torch.bfloat16 and float((~ok).float().mean()) > _ESCALATE:
+        logger.debug("kNN ranks: bfloat16 selection left %d of %d rows uncertified; float32 instead",
+                     int((~ok).sum()), n)
+        sel = _select(x64, _n_candidates(n, k, torch.float32), chunk, torch.float32)
+        out, near, ok = _ranks_from_selection(x64, sel, ranks, tau)
+    redo = torch.nonzero(~ok).flatten()
+    if redo.numel():
+        logger.debug("kNN ranks: %d of %d rows need the exact lists", redo.numel(), n)
+        dist, idx = _rows_exact(x64, sel, redo, k)
+        out[redo] = dist[:, ranks_t - 1]
+        if near is not None:
+            near[redo] = _near_from_lists(x64, dist, idx, tau, redo)
+    return out, near
+
+
+def _ranks_from_selection(x64: torch.Tensor, sel: "_Selection", ranks: list[int],
+                          tau: Optional[float]
+                          ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    n, m = sel.cand.shape
+    dev = x64.device
+    rows = torch.arange(n, device=dev)
+    ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=dev)
+    approx, cand = sel.approx, sel.cand
+    err = sel.c * (sel.snorm[:, None] + sel.snorm[cand]) ** 2 + sel.tiny
+    lo, hi = approx - err, approx + err
+    lower = torch.sort(lo, dim=1).values[:, ranks_t - 1]  # (N, R): L_r
+    upper = torch.sort(hi, dim=1).values[:, ranks_t - 1]  # (N, R): U_r
+    overlaps = [(hi >= lower[:, j, None]) & (lo <= upper[:, j, None]) for j in range(len(ranks))]
+    need = torch.stack(overlaps).any(dim=0)
+    u_max = upper.max(dim=1).values.clamp_min(0.0)
+    ok = sel.certified(u_max)
+    if tau is not None:
+        t2 = (tau / sel.radius) ** 2
+        need |= lo <= t2
+        unsure = ok & ((lo[:, m - 1] <= t2) | ~sel.certified(torch.full_like(u_max, t2)))
+    need &= ok[:, None]
+
+    exact = torch.full((n, m), math.inf, dtype=torch.float64, device=dev)
+    pr, pc = torch.nonzero(need, as_tuple=True)
+    exact[pr, pc] = _pair_distances(x64, pr, cand[pr, pc])
+    out = torch.empty((n, len(ranks)), dtype=torch.float64, device=dev)
+    for j, r in enumerate(ranks):
+        below = (hi < lower[:, j, None]).sum(dim=1)
+        vals = torch.sort(torch.where(overlaps[j], exact, math.inf), dim=1).values
+        pos = (r - 1 - below).clamp(0, m - 1)
+        out[:, j] = torch.gather(vals, 1, pos[:, None])[:, 0]
+    near = None
+    if tau is not None:
+        near = ((exact <= tau) & (cand < rows[:, None])).any(dim=1)
+        for i in torch.nonzero(unsure & ~near).flatten().tolist():
+            near[i] = _earlier_within(x64, i, tau)
+    return out, near, ok
+
+
 # --------------------------------------------------------------------------- selection
+_ESCALATE = 0.25  # bfloat16 selection: fraction of uncertified rows that triggers a float32 redo
+
+
+def _bf16_fast(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _selection_dtype(x64: torch.Tensor, k: int, requested: Optional[torch.dtype]) -> torch.dtype:
+    """float32 unless asked otherwise; on CPUs with native bfloat16 products (AVX512-BF16, AMX), large
+    inputs with few neighbours per point are shortlisted in bfloat16 (2.5× the float32 throughput on
+    a Zen 4 core); the bfloat16 error bound is too wide to certify the farther ranks GRIDE needs."""
+    if requested is not None:
+        return requested
+    n, dim = x64.shape
+    if k <= 8 and n >= 4096 and dim >= 64 and _bf16_fast(x64.device):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _n_candidates(n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
+    extra = max(24, k // 2) if dtype == torch.bfloat16 else max(8, k // 4)
+    return min(n - 1, k + extra)
+
+
 def _chunk_rows(n: int, chunk: Optional[int], device: torch.device) -> int:
     if chunk is None:  # a block of about 8M (CPU) or 128M (CUDA) distances
         budget, most = ((1 << 27), 16384) if device.type == "cuda" else ((1 << 23), 4096)
@@ -192,6 +289,102 @@ class _highest_matmul_precision:
             torch.set_float32_matmul_precision(self.saved)
 
 
+def _bound_constants(dim: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(c, tiny) of the error bound |d̃² − d²| ≤ c (n_i + n_j)² + tiny (scaled units)."""
+    if dtype == torch.bfloat16:  # bfloat16 inputs and output, float32 accumulation and norms
+        return (4 * _UNIT_ROUNDOFF[torch.bfloat16] + 2 * (dim + 8) * _UNIT_ROUNDOFF[torch.float32],
+                (dim + 8) * float(torch.finfo(torch.float32).tiny))
+    return 1.01 * (dim + 8) * _UNIT_ROUNDOFF[dtype], (dim + 8) * float(torch.finfo(dtype).tiny)
+
+
+class _Selection:
+    """Candidates of every row from the expanded products, sorted by expanded value, with what the
+    error bound needs. ``approx`` is in scaled units (data centred and divided by ``radius``)."""
+
+    def __init__(self, cand: torch.Tensor, approx: torch.Tensor, scaled: torch.Tensor,
+                 snorm: torch.Tensor, radius: float, dtype: torch.dtype, chunk: int):
+        self.cand, self.approx, self.scaled, self.snorm = cand, approx, scaled, snorm
+        self.radius, self.dtype, self.chunk = radius, dtype, chunk
+        self.c, self.tiny = _bound_constants(scaled.shape[1], dtype)
+
+    @property
+    def m(self) -> int:
+        return self.cand.shape[1]
+
+    def unverified(self, dk: torch.Tensor, threshold: torch.Tensor,
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows whose k-th exact distance ``dk`` (input units) is not provably below every point with
+        an expanded value ≥ ``threshold`` (module docstring)."""
+        sn = self.snorm if rows is None else self.snorm[rows]
+        d = dk / self.radius
+        return ~(d * d <= threshold - self.c * (2.0 * sn + d) ** 2 - self.tiny)
+
+    def certified(self, v: torch.Tensor) -> torch.Tensor:
+        """Rows whose non-candidates provably lie at squared scaled distance ≥ ``v``."""
+        a = self.approx[:, -1]
+        return a - self.c * (2.0 * self.snorm + torch.sqrt(v)) ** 2 - self.tiny >= v
+
+
+def _select(x64: torch.Tensor, m: int, chunk: Optional[int],
+            dtype: torch.dtype) -> Optional[_Selection]:
+    """Candidate lists from the symmetric blocked products; None when all points are identical."""
+    n, dim = x64.shape
+    if dtype != torch.float64 and dim * _UNIT_ROUNDOFF[torch.float32] > 1e-2:
+        dtype = torch.float64  # the float32 bound would reject every row
+    centred = x64 - x64.mean(dim=0, keepdim=True)
+    norms = torch.linalg.vector_norm(centred, dim=1)
+    radius = float(norms.max())
+    if radius == 0.0:
+        return None
+    scaled = centred / radius
+    chunk = chunk or _chunk_rows(n, None, x64.device)
+    with _highest_matmul_precision(x64.device):
+        cand, approx = _symmetric_candidates(scaled, dtype, m, chunk)
+    return _Selection(cand, approx, scaled, norms / radius, radius, dtype, chunk)
+
+
+def _symmetric_candidates(scaled: torch.Tensor, dtype: torch.dtype, m: int,
+                          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the m smallest expanded squared distances per row and those values (float64), both
+    sorted by value, using each product block for both its rows and its columns. The products run
+    in ``dtype``; norms and sums in float32 when that is bfloat16."""
+    n = scaled.shape[0]
+    dev = scaled.device
+    vdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    xv = scaled.to(vdtype)
+    xs = xv.to(dtype)
+    sq = (xv * xv).sum(dim=1)
+    inf = torch.tensor(math.inf, dtype=vdtype, device=dev)
+    best_v = torch.full((n, m), math.inf, dtype=vdtype, device=dev)  # from earlier strips
+    best_i = torch.zeros((n, m), dtype=torch.long, device=dev)
+    out_i = torch.empty((n, m), dtype=torch.long, device=dev)
+    out_v = torch.empty((n, m), dtype=torch.float64, device=dev)
+    buf = torch.empty(min(chunk, n) * n, dtype=vdtype, device=dev)
+    low = torch.empty(min(chunk, n) * n, dtype=dtype, device=dev) if dtype != vdtype else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        b = e - s
+        d2 = buf[:b * (n - s)].view(b, n - s)
+        if low is None:
+            torch.mm(xs[s:e], xs[s:].T, out=d2)
+        else:
+            g = low[:b * (n - s)].view(b, n - s)
+            torch.mm(xs[s:e], xs[s:].T, out=g)
+            d2.copy_(g)
+        d2.mul_(-2.0).add_(sq[s:e, None]).add_(sq[None, s:])
+        diag = torch.arange(b, device=dev)
+        d2[diag, diag] = inf
+        rv, ri = torch.topk(d2, min(m, n - s), dim=1, largest=False, sorted=False)
+        v, i = _merge(best_v[s:e], best_i[s:e], rv, ri + s, m)
+        v, order = torch.sort(v, dim=1)
+        out_i[s:e] = torch.gather(i, 1, order)
+        out_v[s:e] = v
+        if e < n:  # columns beyond the diagonal block: candidates of the later rows
+            cv, ci = torch.topk(d2[:, b:], min(m, b), dim=0, largest=False, sorted=False)
+            best_v[e:], best_i[e:] = _merge(best_v[e:], best_i[e:], cv.T, ci.T + s, m)
+    return out_i, out_v
+
+
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, new_v: torch.Tensor, new_i: torch.Tensor,
            m: int) -> tuple[torch.Tensor, torch.Tensor]:
     v = torch.cat([best_v, new_v], dim=1)
@@ -200,43 +393,9 @@ def _merge(best_v: torch.Tensor, best_i: torch.Tensor, new_v: torch.Tensor, new_
     return v, torch.gather(i, 1, pos)
 
 
-def _symmetric_candidates(xs: torch.Tensor, m: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the m smallest expanded squared distances per row and those values (float64), both
-    sorted by value, using each product block for both its rows and its columns."""
-    n = xs.shape[0]
-    dev = xs.device
-    sq = (xs * xs).sum(dim=1)
-    inf = torch.tensor(math.inf, dtype=xs.dtype, device=dev)
-    best_v = torch.full((n, m), math.inf, dtype=xs.dtype, device=dev)  # from earlier strips
-    best_i = torch.zeros((n, m), dtype=torch.long, device=dev)
-    out_i = torch.empty((n, m), dtype=torch.long, device=dev)
-    out_v = torch.empty((n, m), dtype=torch.float64, device=dev)
-    buf = torch.empty(min(chunk, n) * n, dtype=xs.dtype, device=dev)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        b = e - s
-        d2 = buf[:b * (n - s)].view(b, n - s)
-        torch.mm(xs[s:e], xs[s:].T, out=d2)
-        d2.mul_(-2.0).add_(sq[s:e, None]).add_(sq[None, s:])
-        diag = torch.arange(b, device=dev)
-        d2[diag, diag] = inf
-        t = min(m, n - s)
-        rv, ri = torch.topk(d2, t, dim=1, largest=False, sorted=False)
-        v, i = _merge(best_v[s:e], best_i[s:e], rv, ri + s, m)
-        v, order = torch.sort(v, dim=1)
-        out_i[s:e] = torch.gather(i, 1, order)
-        out_v[s:e] = v
-        if e < n:  # columns beyond the diagonal block: candidates of the later rows
-            tail = d2[:, b:]
-            t = min(m, b)
-            cv, ci = torch.topk(tail, t, dim=0, largest=False, sorted=False)  # (t, n − e)
-            best_v[e:], best_i[e:] = _merge(best_v[e:], best_i[e:], cv.T, ci.T + s, m)
-    return out_i, out_v
-
-
 def _row_candidates(xs: torch.Tensor, rows: torch.Tensor, m: int,
                     chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """As :func:`_symmetric_candidates` for the given rows only, against every point."""
+    """The given rows' m candidates against every point and the largest of their expanded values."""
     sq = (xs * xs).sum(dim=1)
     out_i = torch.empty((rows.numel(), m), dtype=torch.long, device=xs.device)
     out_last = torch.empty(rows.numel(), dtype=torch.float64, device=xs.device)
@@ -251,30 +410,36 @@ def _row_candidates(xs: torch.Tensor, rows: torch.Tensor, m: int,
     return out_i, out_last
 
 
-def _unverified(dk: torch.Tensor, last: torch.Tensor, snorm: torch.Tensor, dim: int,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Rows whose k-th exact distance ``dk`` (scaled units) is not provably below every
-    non-candidate (see the module docstring)."""
-    c = 1.01 * (dim + 8) * _UNIT_ROUNDOFF[dtype]
-    tiny = (dim + 8) * float(torch.finfo(dtype).tiny)
-    bound = c * (2.0 * snorm + dk) ** 2 + tiny
-    return ~(dk * dk <= last - bound)
-
-
 # --------------------------------------------------------------------------- exact distances
+def _pair_distances(x64: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Direct float64 distances ‖x_a − x_b‖ for index vectors ``a`` and ``b`` of equal length.
+
+    On the CPU this runs through numpy in cache-sized blocks: many small gathers are cheaper there
+    than through the thread pool of torch's element-wise kernels."""
+    dim = x64.shape[1]
+    step = max(1, (1 << 18) // dim)
+    if x64.device.type == "cpu":
+        xn, an, bn = x64.numpy(), a.numpy(), b.numpy()
+        out = np.empty(an.shape[0], dtype=np.float64)
+        for s in range(0, an.shape[0], step):
+            g = np.take(xn, an[s:s + step], axis=0)
+            g -= np.take(xn, bn[s:s + step], axis=0)
+            out[s:s + step] = np.sqrt(np.einsum("ij,ij->i", g, g))
+        return torch.from_numpy(out)
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=x64.device)
+    step *= 64
+    for s in range(0, a.shape[0], step):
+        out[s:s + step] = torch.linalg.vector_norm(x64[a[s:s + step]] - x64[b[s:s + step]], dim=1)
+    return out
+
+
 def _exact_topk(x64: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor,
                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Direct float64 distances from ``rows`` to their candidates; the k nearest, sorted by
     (distance, index)."""
     n_rows, m = cand.shape
-    dim = x64.shape[1]
-    dist = torch.empty((n_rows, m), dtype=torch.float64, device=x64.device)
-    step = max(1, (1 << 18) // max(1, m * dim))  # cache-sized blocks
-    for s in range(0, n_rows, step):
-        diff = x64[cand[s:s + step]]
-        diff.sub_(x64[rows[s:s + step], None, :])
-        dist[s:s + step] = torch.linalg.vector_norm(diff, dim=2)
-    return _sort_pairs(dist, cand, k)
+    dist = _pair_distances(x64, rows[:, None].expand(n_rows, m).reshape(-1), cand.reshape(-1))
+    return _sort_pairs(dist.view(n_rows, m), cand, k)
 
 
 def _sort_pairs(dist: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +447,75 @@ def _sort_pairs(dist: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Te
     dist, idx = torch.gather(dist, 1, order), torch.gather(idx, 1, order)
     order = torch.argsort(dist, dim=1, stable=True)[:, :k]
     return torch.gather(dist, 1, order), torch.gather(idx, 1, order)
+
+
+def _rows_exact(x64: torch.Tensor, sel: _Selection, rows: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours of ``rows`` whose candidates could not be verified: selections
+    against every point in float32 and then float64 (those more precise than ``sel``), then direct
+    differences against every point for what still fails."""
+    dev = x64.device
+    dist = torch.empty((rows.numel(), k), dtype=torch.float64, device=dev)
+    idx = torch.empty((rows.numel(), k), dtype=torch.long, device=dev)
+    todo = torch.arange(rows.numel(), device=dev)
+    tiers = [t for t in (torch.float32, torch.float64)
+             if _UNIT_ROUNDOFF[t] < _UNIT_ROUNDOFF[sel.dtype]]
+    for dtype in tiers:
+        if todo.numel() == 0:
+            break
+        r = rows[todo]
+        logger.debug("kNN: %d of %d rows redone with a %s selection", r.numel(), x64.shape[0],
+                     str(dtype).replace("torch.", ""))
+        with _highest_matmul_precision(dev):
+            cand, last = _row_candidates(sel.scaled.to(dtype), r, sel.m, sel.chunk)
+        d, i = _exact_topk(x64, r, cand, k)
+        dist[todo], idx[todo] = d, i
+        c, tiny = _bound_constants(x64.shape[1], dtype)
+        dk = d[:, -1] / sel.radius
+        todo = todo[~(dk * dk <= last - c * (2.0 * sel.snorm[r] + dk) ** 2 - tiny)]
+    if todo.numel():
+        logger.debug("kNN: %d of %d rows recomputed by direct differences", todo.numel(),
+                     x64.shape[0])
+        dist[todo], idx[todo] = _brute_topk(x64, rows[todo], k)
+    return dist, idx
+
+
+def _all_pairs_topk(x64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x64.shape[0]
+    ar = torch.arange(n - 1, device=x64.device)
+    cand = ar[None, :] + (ar[None, :] >= torch.arange(n, device=x64.device)[:, None]).long()
+    return _exact_topk(x64, torch.arange(n, device=x64.device), cand, k)
+
+
+def _identical_topk(x64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All points identical: distance 0 to the k lowest other indices."""
+    n = x64.shape[0]
+    ar = torch.arange(k, device=x64.device)
+    idx = ar[None, :] + (ar[None, :] >= torch.arange(n, device=x64.device)[:, None]).long()
+    return torch.zeros((n, k), dtype=torch.float64, device=x64.device), idx
+
+
+def _earlier_within(x64: torch.Tensor, i: int, tau: float) -> bool:
+    """Whether some row j < i lies within ``tau`` of row i (direct differences)."""
+    step = max(1, (1 << 22) // x64.shape[1])
+    for s in range(0, i, step):
+        d = torch.linalg.vector_norm(x64[s:min(i, s + step)] - x64[i], dim=1)
+        if bool((d <= tau).any()):
+            return True
+    return False
+
+
+def _near_from_lists(x64: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, tau: float,
+                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows with an earlier row within ``tau``, from their exact neighbour lists; rows whose whole
+    list lies within ``tau`` are scanned directly."""
+    if rows is None:
+        rows = torch.arange(dist.shape[0], device=dist.device)
+    within = dist <= tau
+    near = (within & (idx < rows[:, None])).any(dim=1)
+    for j in torch.nonzero(~near & within[:, -1]).flatten().tolist():
+        near[j] = _earlier_within(x64, int(rows[j]), tau)
+    return near
 
 
 def _brute_topk(x64: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from .. import __version__
 from ..errors import OutputError, ProfileError
 from ..files import write_text
 from ..profile import DeltaStat, FinetuneResult, GeometryProfile, LayerGeometry
@@ -104,8 +105,6 @@ def render_html(profiles: Sequence[GeometryProfile] | GeometryProfile, *, title:
             sections.append((key, el("section", el("h2", SECTIONS[key]), content,
                                      id=key, class_="report-section")))
     toc = el("ol", [el("li", el("a", SECTIONS[k], href=f"#{k}")) for k, _ in sections])
-    from .. import __version__
-
     corpora = sorted({m.profile.corpus.name for m in models})
     subtitle = join([
         "Corpus: ", ", ".join(corpora), " · ",
@@ -253,8 +252,8 @@ def _delta_cell(stat: Optional[DeltaStat]) -> Markup:
 def _tile(label: str, value: Any, small: Any, text: Optional[str], badge: Any = None) -> Markup:
     return el("div",
               el("div", label, class_="label"),
-              el("div", value, " " if small else None, el("small", small) if small else None,
-                 " " if badge is not None else None, badge, class_="value"),
+              el("div", value, class_="value"),
+              el("div", small, " " if badge is not None else None, badge, class_="sub"),
               el("p", text) if text else None,
               class_="tile")
 
@@ -574,7 +573,7 @@ def _sinks(m: _Model, figs: _Figures) -> Markup:
     q = s.norm_quantiles_by_layer
     width = len(q[0]) if q else 0
     if width == len(plots.SINK_QUANTILE_LEVELS):
-        qnames = ["min" if lv == 0 else "max" if lv == 1 else f"q{lv:g}"
+        qnames = [{0.0: "min", 0.5: "median", 1.0: "max"}.get(lv, f"q{lv:g}")
                   for lv in plots.SINK_QUANTILE_LEVELS]
     else:
         qnames = [f"quantile {j + 1}" for j in range(width)]
@@ -737,7 +736,7 @@ def _finetune(models: list[_Model], figs: _Figures) -> Optional[Markup]:
         table(header, rows, numeric={off + i for i in (3, 4, 5, 6, 7)} | {
             off + 8 + i for i in range(len(metric_names))})]
     colours = list(PALETTE)
-    series = [plots.Series((f"{m.label}: " if multi else "") + f"{r.method} (seed {r.seed})",
+    series = [plots.Series(f"{r.method} (seed {r.seed})" + (f" · {m.label}" if multi else ""),
                            colours[i % len(colours)], r) for i, (m, r) in enumerate(runs)]
     parts.append(_figures(figs(plots.loss_curves(series), "Training loss per step for each run.",
                                "training loss curves")))
@@ -753,8 +752,6 @@ def _finetune(models: list[_Model], figs: _Figures) -> Optional[Markup]:
 
 # --------------------------------------------------------------------------- reproducibility
 def _reproducibility(models: list[_Model], command: Optional[str]) -> Markup:
-    from .. import __version__
-
     multi = len(models) > 1
     parts: list[Any] = []
     parts.append(el("p", f"Report written by geoprobe {__version__}."

@@ -60,7 +60,7 @@ class Series(NamedTuple):
     value: Any
 
 
-def label(text: Any, limit: int = 48) -> str:
+def label(text: Any, limit: int = 40) -> str:
     """A model-provided string made safe as a matplotlib label: control characters removed,
     ``$`` escaped (no mathtext), shortened to ``limit`` characters."""
     s = _CONTROL.sub("", str(text))
@@ -107,21 +107,38 @@ def to_svg(fig) -> str:
     text = _METADATA.sub("", text, count=1)
     head_end = text.index(">")
     head = _SIZE.sub("", text[:head_end])
-    return head + text[head_end:].rstrip() + "\n"
+    body = _GEOMETRY.sub(_round_attr, text[head_end:])
+    body = re.sub(r"\n[ \t]+<", "\n<", body)            # indentation between elements
+    return head + body.rstrip() + "\n"
+
+
+# Coordinates in points: two decimals (1/7200 inch) are far below a pixel; text is not touched.
+_GEOMETRY = re.compile(r'(\s(?:d|x|y|x1|x2|y1|y2|cx|cy|r|width|height|transform|points)=")([^"]*)(")')
+_DECIMAL = re.compile(r"-?\d+\.\d{3,}")
+
+
+def _round_attr(m: re.Match) -> str:
+    value = _DECIMAL.sub(lambda n: f"{float(n.group(0)):.2f}".rstrip("0").rstrip("."), m.group(2))
+    value = re.sub(r"\s*\n\s*", " ", value).strip()    # path data on one line
+    return m.group(1) + value + m.group(3)
 
 
 def prefix_ids(svg: str, prefix: str) -> str:
-    """Prefix every ``id`` in ``svg`` (and each ``#id`` reference) so several figures can share one
-    HTML document without clashing clip paths or markers."""
+    """Prefix every referenced ``id`` in ``svg`` (and each ``#id`` reference) so several figures
+    can share one HTML document without clashing clip paths or markers; ids nothing refers to
+    (matplotlib names every group) are dropped."""
     ids = set(re.findall(r'\sid="([^"]+)"', svg))
     if not ids:
         return svg
+    used = {m.group(1) or m.group(2)
+            for m in re.finditer(r'url\(#([^)]+)\)|href="#([^"]+)"', svg)} & ids
 
     def ref(m: re.Match) -> str:
         name = m.group(2)
-        return f"{m.group(1)}{prefix}{name}" if name in ids else m.group(0)
+        return f"{m.group(1)}{prefix}{name}" if name in used else m.group(0)
 
-    svg = re.sub(r'(\sid=")([^"]+)(?=")', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", svg)
+    svg = re.sub(r'\sid="([^"]+)"',
+                 lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in used else "", svg)
     svg = re.sub(r'(url\(#)([^)]+)(?=\))', ref, svg)
     return re.sub(r'((?:xlink:)?href="#)([^"]+)(?=")', ref, svg)
 
@@ -339,7 +356,10 @@ def delta_histogram(stat, colour: str) -> Optional[str]:
     vals, nulls = vals[np.isfinite(vals)], nulls[np.isfinite(nulls)]
     if vals.size == 0 or vals.size + nulls.size < 3:
         return None
-    fig, (ax,) = _figure()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax,) = _figure(top=0.12 if dot_plot(stat) else 0.4)
+    ax.xaxis.set_major_locator(MaxNLocator(6))
     if dot_plot(stat):
         jitter = np.random.default_rng(0)
         for y, v, c, name in ((1.0, vals, colour, f"data ({vals.size} sets)"),
@@ -367,7 +387,8 @@ def delta_histogram(stat, colour: str) -> Optional[str]:
         ax.axvline(float(nulls.mean()), color=NULL_COLOUR, linewidth=1.4, linestyle="--")
     ax.set_xlabel("δ_rel = 2δ / diam")
     ax.set_ylabel("point sets")
-    return _finish(fig, [ax])
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, borderaxespad=0.2)
+    return _finish(fig, [ax], legend=False)
 
 
 def layer_axis(series: Sequence[Series]) -> tuple[bool, str]:
@@ -419,7 +440,7 @@ def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
 def sink_norms(layers, sinks, colour: str) -> Optional[str]:
     """Per-layer hidden-state norm quantiles (log scale) and the sink threshold factor × median."""
     q = [list(row) for row in (sinks.norm_quantiles_by_layer if sinks is not None else [])]
-    fig, (ax,) = _figure(*WIDE, right=2.1)
+    fig, (ax,) = _figure(*WIDE, right=2.6)
     drawn = False
     if q and all(len(row) == len(q[0]) for row in q) and len(q[0]) > 0:
         arr = _arr(v for row in q for v in row).reshape(len(q), len(q[0]))
@@ -540,7 +561,7 @@ def loss_curves(series: Sequence[Series]) -> Optional[str]:
     fig, (ax,) = _figure()
     for s in usable:
         ax.plot(s.value.loss_steps, _arr(s.value.loss_values), "-", color=s.colour, linewidth=1.4,
-                label=label(s.label, 60))
+                label=label(s.label, 40))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     return _finish(fig, [ax])
