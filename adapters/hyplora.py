@@ -14,7 +14,7 @@ learnable scale s > 0:
 Δ has exactly the direction of B A x; only its per-token length is changed (log-compressed). Because
 x_s is a per-token multiple of x, everything runs in the rank-r bottleneck:
 
-    a = A x,  a_s = c1(x)·a,  ‖y‖² = a_sᵀ (BᵀB) a_s,  Δ = B (c2(‖y‖²)·a_s)
+    a = A x,  q = aᵀ(BᵀB)a,  ‖y‖² = c1(x)²·q,  Δ = B (c1(x)·c2(‖y‖²)·a)
 
 (:func:`hyplora_delta_bottleneck`, used by the layer; :func:`hyplora_delta` is the literal map chain
 it is tested against). The update is nonlinear in x, so it cannot be merged into W:
@@ -183,14 +183,16 @@ def hyplora_delta_bottleneck(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
                              official: bool = False) -> torch.Tensor:
     """Same Δ as :func:`hyplora_delta`, computed in the rank-r bottleneck (METHODS §10).
 
-    x_s = c1·x with one scalar per token, so a_s = A x_s = c1·(A x); ‖y‖² = ‖B a_s‖² = a_sᵀ G a_s with
-    G = BᵀB (r × r); Δ = B (c2·a_s). Only two d-wide products (A x and B ·) remain; the map itself is
-    per-token scalar work. c1 = sinhc(t)/s (t = ‖x‖/(s√K) ≤ 12, else √K sinh 12/‖x‖) and
+    x_s = c1·x with one scalar per token, so A x_s = c1·a with a = A x; ‖y‖² = c1²·q with
+    q = aᵀ G a, G = BᵀB (r × r); Δ = B (c·a) with c = c1·c2. Only two d-wide products (A x and B ·)
+    remain; the map itself is per-token scalar work, done by one autograd node with analytic
+    derivatives. c1 = sinhc(t)/s (t = ‖x‖/(s√K) ≤ 12, else √K sinh 12/‖x‖) and
     c2 = asinh(‖y‖/√K)·√K/‖y‖; official mode uses the reference's c1, c2 (see module docstring).
 
-    Accuracy note: ‖y‖² from the Gram form carries an absolute error ≈ ε‖G‖‖a_s‖²; c2 depends on it only
+    Accuracy note: q from the Gram form carries an absolute error ≈ ε‖G‖‖a‖²; c2 depends on it only
     through asinhc (slope ≤ 1/6), so Δ keeps the working precision except in official mode inside its
     dead zone, where ‖Δ‖ ∝ 1/‖y‖ amplifies it (still a relative error, not a blow-up).
+    Differentiable once (a second derivative raises).
     """
     xd, Ad, Bd, k, sc = _prepare(x, A, B, K, s)
     return _bottleneck(xd, Ad, Bd, k, sc, official=official).to(x.dtype)

@@ -1,7 +1,7 @@
 """Per-layer hidden states of a seeded corpus sample, and the positions to leave out of them.
 
 Layer 0 is the embedding output and layer i the output of block i, as Hugging Face's
-``output_hidden_states`` returns them. Special positions (BOS/CLS/SEP/padding) are dropped. The
+```output_hidden_states`` returns them. ``progress`` is a tqdm-like bar (``update``, ``total``). Special positions (BOS/CLS/SEP/padding) are dropped. The
 states are gathered batch by batch into one float32 array per layer; when all layers of the sample
 would not fit in ``memory_budget`` bytes they are streamed into a memory-mapped file instead, so the
 resident set stays bounded by one batch plus the layer being analysed.
@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]
 def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positions: int = 4000,
                           max_length: int = 128, batch_size: int = 8, seed: int = 0,
                           device: str = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                          progress: Optional[Callable[[int], None]] = None) -> HiddenStates:
+                          progress=None) -> HiddenStates:
     """Run ``model`` over a seeded sample of ``texts`` and keep every layer's hidden state at up to
     ``max_positions`` non-special positions.
 
@@ -92,8 +92,8 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
     chosen: list[list[int]] = []
     chosen_docs: list[int] = []
     usable = 0
-    for start in range(0, len(order), 64):
-        idx = order[start:start + 64]
+    for start in range(0, len(order), 16):
+        idx = order[start:start + 16]
         for d, ids in zip(idx, _encode(tokenizer, [texts[i] for i in idx], max_length)):
             n_ok = sum(1 for t in ids if t not in special)
             if n_ok == 0:
@@ -101,6 +101,8 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
             chosen.append(ids)
             chosen_docs.append(int(d))
             usable += n_ok
+            if usable >= max_positions:
+                break
         if usable >= max_positions:
             break
 
@@ -114,6 +116,8 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
         k, p = cand[j]
         keep_set.setdefault(k, []).append(p)
     n = len(keep)
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = len(keep_set)  # a tqdm bar: its total is known only now
 
     cfg = model.config
     n_layers = int(getattr(cfg, "num_hidden_layers", 0)) + 1
@@ -136,9 +140,10 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    docs_with_rows = sorted(keep_set)
+    docs_with_rows = sorted(keep_set, key=lambda k: len(chosen[k]))  # similar lengths batch together
     row = 0
     model.eval()
+    body = _backbone(model)
     with torch.inference_mode():
         for b in range(0, len(docs_with_rows), batch_size):
             batch_docs = docs_with_rows[b:b + batch_size]
@@ -149,8 +154,8 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
             for i, s in enumerate(seqs):  # right padding: positions keep their index
                 ids[i, :len(s)] = torch.tensor(s)
                 mask[i, :len(s)] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                        output_hidden_states=True)
+            out = body(input_ids=ids.to(device), attention_mask=mask.to(device),
+                       output_hidden_states=True)
             hs = out.hidden_states
             if len(hs) != n_layers:
                 raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_layers}")
@@ -168,12 +173,21 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
                 store[layer, row:row + len(sel_b)] = h[sb, sp].float().cpu().numpy()
             row += len(sel_b)
             if progress is not None:
-                progress(len(batch_docs))
+                progress.update(len(batch_docs))
     if isinstance(store, np.memmap):
         store.flush()
     layers = [store[i] for i in range(n_layers)]
     return HiddenStates(layers=layers, doc_index=doc_index, position=position, token_id=token_id,
                         memmap_path=mm_path, _tmpdir=tmpdir)
+
+
+def _backbone(model):
+    """The model without its output head (logits over the vocabulary are not needed here)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    if inner is not None and inner is not model and hasattr(inner, "forward"):
+        return inner
+    return model
 
 
 def sink_mask(norms: np.ndarray, factor: float = 20.0) -> np.ndarray:

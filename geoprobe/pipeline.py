@@ -78,6 +78,8 @@ class _Progress:
 
 
 class _NullBar:
+    total = 0
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -205,7 +207,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
         bar = prog.bar(len(corpus), "hidden states")
         hs = collect_hidden_states(lm.model, tok, corpus.documents, max_positions=s.layer_positions,
                                    max_length=s.max_length, batch_size=s.batch_size, seed=s.seed,
-                                   device=device, progress=bar.update)
+                                   device=device, progress=bar)
         bar.close()
         timings["hidden_states"] = time.perf_counter() - t0
         t0 = time.perf_counter()

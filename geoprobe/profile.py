@@ -295,6 +295,7 @@ class SinkReport(Record):
     positions_in_sequence: list[int]
     reason: str
     norm_quantiles_by_layer: list[list[float]] = field(default_factory=list)
+    quantile_levels: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9, 0.99, 1.0])
 
 
 @dataclass(frozen=True)

@@ -328,6 +328,19 @@ def test_every_target_becomes_a_hyplora_layer_with_initial_curvature_and_scale()
     assert sum(".lora_hyp_s." in n for n in trainable) == len(layers)
 
 
+def test_rank_and_alpha_patterns_apply_to_hyplora_layers():
+    """GeLoRA-style per-layer ranks (hyplora+gelora plans) go through LoraConfig.rank_pattern."""
+    pm = _hyp_model(rank_pattern={r"layers\.0\.self_attn\.q_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 4})
+    for name, layer in pm.named_modules():
+        if isinstance(layer, HypLoraLinear):
+            special = name.endswith("layers.0.self_attn.q_proj")
+            assert layer.r["default"] == (2 if special else 4)
+            assert layer.lora_A["default"].weight.shape[0] == layer.r["default"]
+            assert layer.scaling["default"] == 2.0  # α/r kept constant
+    with torch.no_grad():
+        assert torch.isfinite(pm(_ids()).logits).all()
+
+
 def test_zero_init_leaves_the_model_unchanged():
     base = tiny_llama()
     ids = _ids()
@@ -579,3 +592,36 @@ def test_adapters_package_is_lazy():
     # a fresh interpreter: importing the package pulls in neither torch nor peft
     code = "import sys, adapters; bad = {'torch', 'peft'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
+def test_cuda_layer_matches_float64_reference():
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(21)
+    norms = 10 ** rng.uniform(-3, 4.5, size=256)
+    x, A, B = _inputs(300, n=256, d_in=256, r=16, d_out=384, x_norms=norms)
+    K, s = 1.3, 16.0
+    args64 = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    ref = hyplora_delta(*args64, K, s)
+    w = torch.randn_like(ref)
+    ref_g = torch.autograd.grad((ref * w).sum(), args64)
+    args32 = [t.float().to(dev).requires_grad_(True) for t in (x, A, B)]
+    got = hyplora_delta_bottleneck(*args32, K, s)
+    got_g = torch.autograd.grad((got * w.float().to(dev)).sum(), args32)
+    rel = ((got.double().cpu() - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
+    assert float(rel) < 1e-4
+    for g, r_ in zip(got_g, ref_g):
+        assert float((g.double().cpu() - r_).norm() / r_.norm()) < 1e-4
+    # the layer on a bf16 base: float32 island, cast back once
+    base = torch.nn.Linear(256, 384, bias=False).to(dev, torch.bfloat16)
+    layer = HypLoraLinear(base, "default", config=hyplora_config(16, 32, ["x"], init_lora_weights=False),
+                          r=16, lora_alpha=32).to(dev)
+    xb = (torch.randn(8, 32, 256, device=dev) * 4).to(torch.bfloat16).requires_grad_(True)
+    out = layer(xb)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
+    with torch.no_grad():
+        want = layer.base_layer(xb) + layer.hyp_delta("default", xb.float()).to(torch.bfloat16)
+        assert torch.equal(layer(xb), want)

@@ -15,7 +15,8 @@ from scipy.spatial import cKDTree
 from geoprobe.errors import InputDataError
 from geoprobe.intrinsic_dim import (deduplicate, gride_mle, gride_scales, intrinsic_dimension,
                                     twonn_linear_fit, twonn_mle)
-from geoprobe.kernels.knn import knn_distances
+from geoprobe.kernels import knn as knn_module
+from geoprobe.kernels.knn import as_float64_points, distances_at_ranks, knn_distances
 from geoprobe.profile import IDResult
 
 skdim = pytest.importorskip("skdim")
@@ -105,6 +106,47 @@ def test_knn_duplicates_and_tiny_offsets():
     dist, _ = knn_distances(x, 3)
     np.testing.assert_allclose(dist.numpy(), brute_knn(x, 3), rtol=1e-9, atol=1e-13)
     assert np.all(dist.numpy()[500:520, 0] < 1e-8) and np.all(dist.numpy()[550:, 0] == 0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gauss", "lattice", "near-duplicates"])
+def test_distances_at_ranks_and_near_mask_match_brute_force(device, kind):
+    rng = np.random.default_rng(21)
+    if kind == "gauss":
+        x = rng.standard_normal((900, 24)) @ rng.standard_normal((24, 64)) + 3.0
+    elif kind == "lattice":  # exact ties everywhere: the certificates fail, the fallbacks answer
+        x = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    else:
+        base = rng.standard_normal((600, 10))
+        x = np.concatenate([base, base[:30] + 1e-10, base[30:40] + 1e-4])
+        x = x[rng.permutation(len(x))]
+    ranks = [1, 2, 3, 4, 6, 8, 12, 16, 32, 64]
+    t = as_float64_points(x, device)
+    tau = 1e-6
+    got, near = distances_at_ranks(t, ranks, tau=tau, chunk=128)
+    full = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=2)
+    np.fill_diagonal(full, np.inf)
+    ref = np.sort(full, axis=1)[:, np.array(ranks) - 1]
+    np.testing.assert_allclose(got.cpu().numpy(), ref, rtol=1e-12, atol=1e-12)
+    earlier = np.array([np.any(full[i, :i] <= tau) for i in range(len(x))])
+    np.testing.assert_array_equal(near.cpu().numpy(), earlier)
+
+
+def test_float32_error_bound_holds():
+    """The bound the certificates rest on, |d̃² − d²| ≤ c (n_i + n_j)², against float64 distances,
+    on data whose float32 expansion cancels badly (large common offset, tiny spread)."""
+    rng = np.random.default_rng(22)
+    for x in (rng.standard_normal((800, 300)) * 1e-3 + 50.0,
+              rng.standard_normal((800, 7)) * np.logspace(-3, 3, 7)):
+        t = torch.from_numpy(x)
+        sel = knn_module._select(t, 20, 100, torch.float32)
+        cand = sel.cand.numpy()
+        exact = np.linalg.norm(x[cand] - x[:, None, :], axis=2) / sel.radius
+        err = np.abs(sel.approx.numpy() - exact ** 2)
+        sn = sel.snorm.numpy()
+        bound = sel.c * (sn[:, None] + sn[cand]) ** 2 + sel.tiny
+        assert np.all(err <= bound)
+        assert err.max() > 0  # the expansion is not exact: the check is not vacuous
 
 
 def test_knn_bad_input():

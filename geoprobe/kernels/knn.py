@@ -17,13 +17,18 @@ sqrt(Σ (a_k − b_k)²) in float64 from the input, and the selection is then *v
   A point j with n_j ≥ n_i + d_k lies at distance ≥ d_k by the triangle inequality, so only points with
   n_j < n_i + d_k can displace the k-th neighbour, and the selection is exact when
   d_k² ≤ a_i − c (2 n_i + d_k)².
-* Rows that fail the test are redone with a float64 expansion; rows that fail again (in practice,
-  rows with many exactly tied distances) by direct float64 differences against every point.
+* Rows that fail the test are redone with a float64 expansion against every point; rows that fail
+  again (in practice, rows with many exactly tied distances) by direct float64 differences.
 
 The neighbour lists are therefore the exact float64 k nearest neighbours (ties at equal distance
 broken by the smaller index), with the distances of the direct formula. The products exploit the
 symmetry of the distance matrix: the strip of rows [s, e) is multiplied only with columns ≥ s, and the
 part of the strip beyond its diagonal block also feeds the candidate lists of the later rows.
+
+:func:`distances_at_ranks` serves the estimators, which need the exact distances at a few ranks only
+(r1, r2 for TwoNN; r_n1, r_2n1 for GRIDE): from the same candidates and bound it recomputes only the
+candidates that could sit at a requested rank, which keeps the direct float64 work near one distance
+per rank and point instead of k + 2 per point.
 
 On CUDA the products run with float32 matmul precision set to "highest" (no TF32), which the error
 bound assumes.
@@ -41,7 +46,7 @@ from ..errors import InputDataError
 
 logger = logging.getLogger(__name__)
 
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+_UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 
 
 def as_float64_points(x: Any, device: Optional[str | torch.device] = None) -> torch.Tensor:
@@ -90,11 +95,10 @@ def knn_distances(x: Any, k: int, *, chunk: Optional[int] = None,
     Args:
         x: points, shape (N, D); numpy or torch, any real dtype (used as float64).
         k: neighbours per point, 1 ≤ k ≤ N − 1.
-        chunk: rows per block of the distance products (default: about 8M entries per block on the
-            CPU, 128M on CUDA, at least 256 rows).
-        selection_dtype: dtype of the candidate-selection products: None (default: bfloat16 on CPUs
-            with native bfloat16 products for N ≥ 4096 and D ≥ 64, else float32), torch.bfloat16,
-            torch.float32 or torch.float64. The returned distances are exact float64 either way.
+        chunk: rows per block of the distance products (default: 2048 rows on the CPU, 16384 on
+            CUDA, fewer for large N so that a block holds at most 64M (CPU) or 256M (CUDA) entries).
+        selection_dtype: dtype of the candidate-selection products, torch.float32 (default) or
+            torch.float64. The returned distances are exact float64 either way.
         device: where to compute (default: the tensor's device, else the CPU).
 
     Returns:
@@ -107,8 +111,8 @@ def knn_distances(x: Any, k: int, *, chunk: Optional[int] = None,
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise InputDataError(f"k must be an integer between 1 and N − 1 = {n - 1}, got {k!r}")
     if selection_dtype is not None and selection_dtype not in _UNIT_ROUNDOFF:
-        raise InputDataError("selection_dtype must be None, torch.bfloat16, torch.float32 or "
-                             f"torch.float64, got {selection_dtype}")
+        raise InputDataError("selection_dtype must be torch.float32 (default) or torch.float64, "
+                             f"got {selection_dtype}")
     return knn_float64(x64, int(k), chunk=_chunk_rows(n, chunk, x64.device),
                        selection_dtype=selection_dtype)
 
@@ -118,19 +122,14 @@ def knn_float64(x64: torch.Tensor, k: int, *, chunk: Optional[int] = None,
     """:func:`knn_distances` for points already checked by :func:`as_float64_points` (a finite,
     contiguous float64 (N, D) tensor) and 1 ≤ k ≤ N − 1; no further validation."""
     n = x64.shape[0]
-    dtype = _selection_dtype(x64, k, selection_dtype)
-    m = _n_candidates(n, k, dtype)
+    dtype = _selection_dtype(selection_dtype)
+    m = _n_candidates(n, k)
     if m == n - 1:  # every other point is a candidate: nothing to select or verify
         return _all_pairs_topk(x64, k)
     sel = _select(x64, m, chunk, dtype)
     if sel is None:
         return _identical_topk(x64, k)
     dist, idx, bad = _lists_from_selection(x64, sel, k)
-    if sel.dtype == torch.bfloat16 and float(bad.float().mean()) > _ESCALATE:
-        logger.debug("kNN: bfloat16 selection left %d of %d rows unverified; float32 instead",
-                     int(bad.sum()), n)
-        sel = _select(x64, _n_candidates(n, k, torch.float32), chunk, torch.float32)
-        dist, idx, bad = _lists_from_selection(x64, sel, k)
     if bool(bad.any()):
         redo = torch.nonzero(bad).flatten()
         dist[redo], idx[redo] = _rows_exact(x64, sel, redo, k)
@@ -173,18 +172,13 @@ def distances_at_ranks(x64: torch.Tensor, ranks: list[int], *, tau: Optional[flo
     n = x64.shape[0]
     ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=x64.device)
     k = int(max(ranks))
-    dtype = _selection_dtype(x64, k, selection_dtype)
-    m = _n_candidates(n, k, dtype)
+    dtype = _selection_dtype(selection_dtype)
+    m = _n_candidates(n, k)
     sel = None if m == n - 1 else _select(x64, m, chunk, dtype)
     if sel is None:  # small input or identical points: exact lists for every row
         dist, idx = knn_float64(x64, k, chunk=chunk, selection_dtype=dtype)
         return dist[:, ranks_t - 1], (None if tau is None else _near_from_lists(x64, dist, idx, tau))
     out, near, ok = _ranks_from_selection(x64, sel, ranks, tau)
-    if sel.dtype == torch.bfloat16 and float((~ok).float().mean()) > _ESCALATE:
-        logger.debug("kNN ranks: bfloat16 selection left %d of %d rows uncertified; float32 instead",
-                     int((~ok).sum()), n)
-        sel = _select(x64, _n_candidates(n, k, torch.float32), chunk, torch.float32)
-        out, near, ok = _ranks_from_selection(x64, sel, ranks, tau)
     redo = torch.nonzero(~ok).flatten()
     if redo.numel():
         logger.debug("kNN ranks: %d of %d rows need the exact lists", redo.numel(), n)
@@ -235,38 +229,17 @@ def _ranks_from_selection(x64: torch.Tensor, sel: "_Selection", ranks: list[int]
 
 
 # --------------------------------------------------------------------------- selection
-_ESCALATE = 0.25  # bfloat16 selection: fraction of uncertified rows that triggers a float32 redo
+def _selection_dtype(requested: Optional[torch.dtype]) -> torch.dtype:
+    return torch.float32 if requested is None else requested
 
 
-def _bf16_fast(device: torch.device) -> bool:
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _selection_dtype(x64: torch.Tensor, k: int, requested: Optional[torch.dtype]) -> torch.dtype:
-    """float32 unless asked otherwise; on CPUs with native bfloat16 products (AVX512-BF16, AMX), large
-    inputs with few neighbours per point are shortlisted in bfloat16 (2.5× the float32 throughput on
-    a Zen 4 core); the bfloat16 error bound is too wide to certify the farther ranks GRIDE needs."""
-    if requested is not None:
-        return requested
-    n, dim = x64.shape
-    if k <= 8 and n >= 4096 and dim >= 64 and _bf16_fast(x64.device):
-        return torch.bfloat16
-    return torch.float32
-
-
-def _n_candidates(n: int, k: int, dtype: torch.dtype = torch.float32) -> int:
-    extra = max(24, k // 2) if dtype == torch.bfloat16 else max(8, k // 4)
-    return min(n - 1, k + extra)
+def _n_candidates(n: int, k: int) -> int:
+    return min(n - 1, k + max(8, k // 4))
 
 
 def _chunk_rows(n: int, chunk: Optional[int], device: torch.device) -> int:
-    if chunk is None:  # a block of about 8M (CPU) or 128M (CUDA) distances
-        budget, most = ((1 << 27), 16384) if device.type == "cuda" else ((1 << 23), 4096)
+    if chunk is None:  # up to 2048 (CPU) or 16384 (CUDA) rows, 64M (CPU) or 256M (CUDA) distances
+        budget, most = ((1 << 28), 16384) if device.type == "cuda" else ((1 << 26), 2048)
         return max(1, min(n, most, max(256, budget // max(n, 1))))
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputDataError(f"chunk must be a positive integer, got {chunk!r}")
@@ -291,9 +264,6 @@ class _highest_matmul_precision:
 
 def _bound_constants(dim: int, dtype: torch.dtype) -> tuple[float, float]:
     """(c, tiny) of the error bound |d̃² − d²| ≤ c (n_i + n_j)² + tiny (scaled units)."""
-    if dtype == torch.bfloat16:  # bfloat16 inputs and output, float32 accumulation and norms
-        return (4 * _UNIT_ROUNDOFF[torch.bfloat16] + 2 * (dim + 8) * _UNIT_ROUNDOFF[torch.float32],
-                (dim + 8) * float(torch.finfo(torch.float32).tiny))
     return 1.01 * (dim + 8) * _UNIT_ROUNDOFF[dtype], (dim + 8) * float(torch.finfo(dtype).tiny)
 
 
@@ -329,7 +299,7 @@ def _select(x64: torch.Tensor, m: int, chunk: Optional[int],
             dtype: torch.dtype) -> Optional[_Selection]:
     """Candidate lists from the symmetric blocked products; None when all points are identical."""
     n, dim = x64.shape
-    if dtype != torch.float64 and dim * _UNIT_ROUNDOFF[torch.float32] > 1e-2:
+    if dtype == torch.float32 and dim * _UNIT_ROUNDOFF[torch.float32] > 1e-2:
         dtype = torch.float64  # the float32 bound would reject every row
     centred = x64 - x64.mean(dim=0, keepdim=True)
     norms = torch.linalg.vector_norm(centred, dim=1)
@@ -339,38 +309,27 @@ def _select(x64: torch.Tensor, m: int, chunk: Optional[int],
     scaled = centred / radius
     chunk = chunk or _chunk_rows(n, None, x64.device)
     with _highest_matmul_precision(x64.device):
-        cand, approx = _symmetric_candidates(scaled, dtype, m, chunk)
+        cand, approx = _symmetric_candidates(scaled.to(dtype), m, chunk)
     return _Selection(cand, approx, scaled, norms / radius, radius, dtype, chunk)
 
 
-def _symmetric_candidates(scaled: torch.Tensor, dtype: torch.dtype, m: int,
-                          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_candidates(xs: torch.Tensor, m: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the m smallest expanded squared distances per row and those values (float64), both
-    sorted by value, using each product block for both its rows and its columns. The products run
-    in ``dtype``; norms and sums in float32 when that is bfloat16."""
-    n = scaled.shape[0]
-    dev = scaled.device
-    vdtype = torch.float32 if dtype == torch.bfloat16 else dtype
-    xv = scaled.to(vdtype)
-    xs = xv.to(dtype)
-    sq = (xv * xv).sum(dim=1)
-    inf = torch.tensor(math.inf, dtype=vdtype, device=dev)
-    best_v = torch.full((n, m), math.inf, dtype=vdtype, device=dev)  # from earlier strips
+    sorted by value, using each product block for both its rows and its columns."""
+    n = xs.shape[0]
+    dev = xs.device
+    sq = (xs * xs).sum(dim=1)
+    inf = torch.tensor(math.inf, dtype=xs.dtype, device=dev)
+    best_v = torch.full((n, m), math.inf, dtype=xs.dtype, device=dev)  # from earlier strips
     best_i = torch.zeros((n, m), dtype=torch.long, device=dev)
     out_i = torch.empty((n, m), dtype=torch.long, device=dev)
     out_v = torch.empty((n, m), dtype=torch.float64, device=dev)
-    buf = torch.empty(min(chunk, n) * n, dtype=vdtype, device=dev)
-    low = torch.empty(min(chunk, n) * n, dtype=dtype, device=dev) if dtype != vdtype else None
+    buf = torch.empty(min(chunk, n) * n, dtype=xs.dtype, device=dev)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         b = e - s
         d2 = buf[:b * (n - s)].view(b, n - s)
-        if low is None:
-            torch.mm(xs[s:e], xs[s:].T, out=d2)
-        else:
-            g = low[:b * (n - s)].view(b, n - s)
-            torch.mm(xs[s:e], xs[s:].T, out=g)
-            d2.copy_(g)
+        torch.mm(xs[s:e], xs[s:].T, out=d2)
         d2.mul_(-2.0).add_(sq[s:e, None]).add_(sq[None, s:])
         diag = torch.arange(b, device=dev)
         d2[diag, diag] = inf

@@ -159,11 +159,18 @@ def default_report_path(profiles: Sequence[GeometryProfile] | GeometryProfile,
     return Path(folder) / f"{name}.html"
 
 
+_GENERIC_PARTS = {"model", "models", "weights", "checkpoint", "checkpoints", "snapshots", "main",
+                  "hf", "transformers", "pytorch", "safetensors", "gguf", "final", "latest"}
+
+
 def model_slug(name: str, limit: int = 60) -> str:
-    """Lower-case file-name slug of a model name: its last path part, extension dropped."""
-    text = str(name).strip().rstrip("/\\")
-    text = re.split(r"[/\\]", text)[-1] if text else ""
-    text = re.sub(r"\.(gguf|safetensors|bin|pt|pth|onnx)$", "", text, flags=re.I)
+    """Lower-case file-name slug of a model name: its last meaningful path part (generic folder
+    names such as ``model`` or a commit hash skipped), file extension dropped."""
+    parts = [p for p in re.split(r"[/\\]", str(name).strip()) if p.strip(". ")]
+    parts = [re.sub(r"\.(gguf|safetensors|bin|pt|pth|onnx)$", "", p, flags=re.I) for p in parts]
+    named = [p for p in parts if p.lower() not in _GENERIC_PARTS
+             and not re.fullmatch(r"[0-9a-f]{40}", p.lower())]
+    text = (named or parts or [""])[-1]
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return slug[:limit].rstrip("-") or "model"
 
