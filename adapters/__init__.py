@@ -4,6 +4,10 @@
     adapters.lorentz.expmap0(v, K); adapters.lorentz.logmap0(y, K)
     adapters.hyplora.hyplora_delta(x, A, B, K, s)
     cfg = adapters.hyplora_config(r=32, alpha=128, target_modules=[...], curvature=1.0)
+    plan = adapters.plan_adapters(profile, train_embeddings=...)     # an AdapterPlan
+    peft_model = adapters.build(model, plan)                          # or a method name: "hyplora", ...
+    adapters.save(peft_model, "out/adapter"); adapters.load(base_model, "out/adapter")
+    run = adapters.finetune(model, tokenizer, examples, plan, out="out")
 
 Nothing heavy is imported here: submodules (and the names listed in ``_LAZY``) are imported on first
 attribute access, so ``import adapters`` costs neither torch nor peft.
@@ -21,6 +25,12 @@ _LAZY: dict[str, str] = {
     "HypLoraOptions": "adapters.hyplora",
     "hyplora_config": "adapters.hyplora",
     "register_hyplora": "adapters.hyplora",
+    "build": "adapters.build",
+    "load": "adapters.build",
+    "save": "adapters.build",
+    "plan_adapters": "adapters.plan",
+    "AdapterPlan": "adapters.plan",
+    "finetune": "adapters.train",
 }
 
 __all__ = sorted(_LAZY)
@@ -29,7 +39,10 @@ __all__ = sorted(_LAZY)
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(module), name)
+        mod = importlib.import_module(module)
+        # ``build`` names both a submodule and its function: the submodule is callable (it forwards to
+        # the function), so returning it keeps ``adapters.build(...)`` and ``adapters.build.save`` both valid
+        value = mod if module == f"{__name__}.{name}" else getattr(mod, name)
     else:
         if name.startswith("_"):
             raise AttributeError(f"module 'adapters' has no attribute {name!r}")

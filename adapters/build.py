@@ -41,6 +41,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import types
 from dataclasses import dataclass, field, replace
@@ -430,7 +431,8 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
             if given is not None and applies not in method:
                 raise AdapterError(f"{name} applies to {applies} methods only, not to {method!r}; drop it")
     else:
-        raise AdapterError(f"plan_or_method must be a method name or an AdapterPlan, got {type(plan_or_method).__name__}")
+        raise AdapterError("plan_or_method must be a method name or an AdapterPlan, got "
+                           f"{type(plan_or_method).__name__}")
 
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"rank r must be a positive integer, got {r!r}")
@@ -713,3 +715,16 @@ def _check_all_loaded(peft_model: Any, keys: Sequence[str], folder: Path, adapte
         raise AdapterError(
             f"adapter {folder} does not fit this model: {len(missing)} adapter tensors have no weights in "
             f"the file (e.g. {missing[:2]}) and {len(extra)} file tensors have no place (e.g. {extra[:2]})")
+
+
+# --------------------------------------------------------------------------- ``adapters.build(...)``
+class _CallableModule(types.ModuleType):
+    """``adapters.build`` names both this module and its :func:`build` function; importing the
+    submodule rebinds the package attribute to the module, so the module itself forwards calls to
+    :func:`build` and ``adapters.build(model, ...)`` works either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return build(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

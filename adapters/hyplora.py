@@ -56,6 +56,7 @@ from geoprobe.errors import AdapterError, InputDataError
 from geoprobe.profile import Record
 
 from .lorentz import MAX_T, logmap0, space_expmap0
+from .kernels.hyplora_fused import hyplora_bottleneck_fused
 
 logger = logging.getLogger(__name__)
 
@@ -529,8 +530,11 @@ class HypLoraLinear(LoraLinear):
         official = self.hyp_official.get(adapter_name, False)
         with _no_autocast(x.device.type):
             raw_k = self.lora_hyp_k[adapter_name].float()
-            if official:
-                raw_k = _ClipGrad.apply(raw_k, _REF_K_GRAD_CLIP)
+            if not official:  # fused CUDA kernels; the same _bottleneck elsewhere (adapters.kernels)
+                return hyplora_bottleneck_fused(
+                    x.float(), self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
+                    raw_k, self.lora_hyp_s[adapter_name].float(), self.scaling[adapter_name])
+            raw_k = _ClipGrad.apply(raw_k, _REF_K_GRAD_CLIP)
             return _bottleneck(x.float(), self.lora_A[adapter_name].weight.float(),
                                self.lora_B[adapter_name].weight.float(), positive(raw_k),
                                self.hyp_scale(adapter_name), official=official,

@@ -1,7 +1,11 @@
 """The ``geoprobe`` command: a thin layer over the library.
 
 Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report from models or saved
-profiles). Every :class:`~geoprobe.errors.GeoprobeError` is printed as one line and exits non-zero.
+profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``),
+``evaluate`` (accuracy of a model with an adapter on a test set) and ``run`` (probe → plan → build →
+fine-tune → evaluate → report in one command). The adapter commands reach into the ``adapters``
+package inside their own functions only. Every :class:`~geoprobe.errors.GeoprobeError` is printed as
+one line and exits non-zero.
 """
 from __future__ import annotations
 
@@ -58,7 +62,80 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", action="append", default=[], help="saved profile JSON (repeatable)")
     r.add_argument("--out", help="HTML path (default: reports/<model>.html)")
     r.add_argument("--save-profiles", metavar="DIR", help="also write each measured profile here")
+
+    f = sub.add_parser("finetune", help="fine-tune adapters on a training set")
+    _add_model_args(f)
+    f.add_argument("--data", required=True, help="training data (GSM8K / LLM-Adapters JSON(L), MAWPS, GLUE TSV)")
+    f.add_argument("--adapter", default="lora", choices=ADAPTER_CHOICES,
+                   help="adapter method; auto = the plan from --plan or from a quick probe of the training prompts")
+    f.add_argument("--plan", help="adapter plan JSON (or a profile JSON to plan from)")
+    _add_train_args(f)
+    f.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
+    f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+    e = sub.add_parser("evaluate", help="accuracy of a model (with an adapter) on a test set")
+    _add_model_args(e)
+    e.add_argument("--adapter", help="adapter folder written by `geoprobe finetune` (default: the base model)")
+    e.add_argument("--data", required=True, help="test data with gold answers")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    _add_eval_args(e, "--batch-size")
+    e.add_argument("--out", help="evaluation JSON (default: beside the adapter, or evals/<model>-<data>.json)")
+
+    u = sub.add_parser("run", help="probe, plan, build, fine-tune, evaluate and report in one command")
+    _add_model_args(u)
+    u.add_argument("--data", required=True, help="training data")
+    u.add_argument("--eval", required=True, help="test data")
+    u.add_argument("--adapter", default="auto", choices=ADAPTER_CHOICES)
+    _add_train_args(u)
+    u.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test examples")
+    _add_eval_args(u)
+    u.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
+    u.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     return parser
+
+
+ADAPTER_CHOICES = ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora", "hydralora+gelora", "auto")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (.bin) weights — runs code from the file")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the hub — runs code from the model repository")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--r", type=int, default=32, help="LoRA rank (GeLoRA: the rank whose budget is shared)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r for every method)")
+    p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout")
+    p.add_argument("--target-modules", default=None,
+                   help="comma-separated module names to adapt (default: q,k,v,up,down or BERT's)")
+    p.add_argument("--n-heads", type=int, default=None, help="HydraLoRA heads (default: plan, else 4)")
+    p.add_argument("--curvature", type=float, default=None, help="HypLoRA initial K (default: plan, else 1)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per (packed) sequence")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--balance", type=float, default=0.0,
+                   help="weight of HydraLoRA's load-balancing loss (0 = off)")
+    p.add_argument("--no-pack", action="store_true", help="one example per sequence (padded)")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, batch_flag: str = "--eval-batch-size") -> None:
+    p.add_argument(batch_flag, dest="eval_batch_size", type=int, default=8,
+                   help="prompts generated together")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens generated per answer (default: 256 for math, 32 for labels)")
 
 
 def _resolve_device(name: Optional[str]) -> str:
@@ -163,6 +240,240 @@ def _check_writable(path: Path) -> None:
         raise GeoprobeError(f"cannot write {path}: {probe_dir} is not writable")
 
 
+# --------------------------------------------------------------------------- adapter commands
+def _load_lm(args):
+    from .models import load_model
+
+    if args.quiet:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+
+    return load_model(args.model, device=_resolve_device(args.device), allow_pickle=args.allow_pickle,
+                      trust_remote_code=args.trust_remote_code)
+
+
+def _check_limit(value: Optional[int], flag: str) -> None:
+    if value is not None and value < 1:
+        raise GeoprobeError(f"{flag} must be ≥ 1, got {value}")
+
+
+def _train_settings(args):
+    from adapters.train import TrainSettings
+
+    return TrainSettings(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         max_steps=args.max_steps, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
+                         seed=args.seed, save_every=args.save_every, pack=not args.no_pack,
+                         balance_coef=args.balance)
+
+
+def _build_kwargs(args, planned: bool) -> dict:
+    """Options for adapters.build: a plan supplies r and alpha; --n-heads and --curvature override it."""
+    kw = {"dropout": args.dropout}
+    if args.target_modules:
+        kw["target_modules"] = _targets(args)
+    if not planned:
+        kw.update(r=args.r, alpha=args.alpha)
+    if args.n_heads is not None:
+        kw["n_heads"] = args.n_heads
+    if args.curvature is not None:
+        kw["curvature"] = args.curvature
+    return kw
+
+
+def _targets(args) -> Optional[list]:
+    if not args.target_modules:
+        return None
+    names = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if not names:
+        raise GeoprobeError("--target-modules is empty; give names such as q_proj,v_proj")
+    return names
+
+
+def _default_out(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{args.adapter.replace('+', '-')}"
+
+
+def _needs_plan(method: str) -> bool:
+    return method == "auto" or "gelora" in method
+
+
+def _plan_from_file(path: str, lm, examples, args, command: str):
+    """An AdapterPlan from a plan JSON, or planned from a profile JSON (its own plan if it has one)."""
+    import json
+
+    from adapters.plan import AdapterPlan
+    from adapters.train import plan_for_training
+
+    from .errors import PlanError
+    from .profile import GeometryProfile
+
+    try:
+        head = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PlanError(f"plan file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read plan {path}: {exc}") from None
+    if isinstance(head, dict) and head.get("schema") == "geoprobe.profile":
+        profile = GeometryProfile.load(path)
+        if profile.adapter_plan is not None and args.adapter in ("auto", profile.adapter_plan.method):
+            plan = AdapterPlan.from_dict(dict(profile.adapter_plan.data))
+        else:
+            plan, profile = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
+                                              target_modules=_targets(args), profile=profile, seed=args.seed,
+                                              data_name=str(args.data),
+                                              command=command)
+        return plan
+    return AdapterPlan.load(path)
+
+
+def _resolve_adapter(args, lm, examples, out: Path, command: str):
+    """The method name, or the AdapterPlan for auto / GeLoRA methods (from --plan, from OUT/plan.json
+    when resuming, or from a quick probe of the training prompts); the plan is kept in OUT/plan.json."""
+    from adapters.plan import AdapterPlan
+    from adapters.train import plan_for_training
+
+    from .errors import PlanError
+
+    if args.plan:
+        plan = _plan_from_file(args.plan, lm, examples, args, command)
+        if args.adapter != "auto" and plan.method != args.adapter:
+            raise PlanError(f"--plan {args.plan} plans {plan.method}, not --adapter {args.adapter}; "
+                            "use --adapter auto to follow the plan")
+    elif not _needs_plan(args.adapter):
+        return args.adapter
+    elif args.resume and (out / "plan.json").is_file():
+        plan = AdapterPlan.load(out / "plan.json")
+    else:
+        plan, _ = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
+                                    target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
+                                    progress=not args.quiet,
+                                    device=_resolve_device(args.device), command=command)
+    plan.save(out / "plan.json")
+    return plan
+
+
+def _print_run(run) -> None:
+    r = run.result
+    first = r.loss_values[0] if r.loss_values else float("nan")
+    last = r.loss_values[-1] if r.loss_values else float("nan")
+    print(f"  method      {r.method}  ({r.trainable_parameters:,} trainable parameters)")
+    print(f"  steps       {len(r.loss_values)}  loss {first:.4f} → {last:.4f}")
+    if r.tokens_per_second:
+        print(f"  time        {r.seconds:.1f} s  ({r.tokens_per_second:,.0f} tokens/s)")
+    print(f"adapter written to {run.adapter_dir}")
+    print(f"results written to {run.results_path}")
+
+
+def cmd_finetune(args, command: str) -> int:
+    from adapters.data import load_examples
+    from adapters.train import check_out, finetune
+
+    _check_limit(args.limit, "--limit")
+    settings = _train_settings(args)
+    out = _default_out(args)
+    check_out(out, args.resume)  # before the (slow) model load
+    examples = load_examples(args.data, limit=args.limit)
+    lm = _load_lm(args)
+    adapter = _resolve_adapter(args, lm, examples, out, command)
+    run = finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=args.resume,
+                   progress=not args.quiet, model_name=lm.name, data_name=str(args.data),
+                   **_build_kwargs(args, planned=not isinstance(adapter, str)))
+    _print_run(run)
+    return 0
+
+
+def _eval_record(res, *, model: str, adapter: Optional[str], data: str) -> dict:
+    return {"schema": "geoprobe.evaluation", "model": model, "adapter": adapter, "data": data, **res.to_dict()}
+
+
+def _print_eval(res, data: str) -> None:
+    correct = sum(bool(p["correct"]) for p in res.predictions)
+    print(f"accuracy {res.accuracy:.4f} ({correct}/{res.n}) on {data}"
+          + (f"; {res.n_unparsed} answers unreadable" if res.n_unparsed else ""))
+
+
+def cmd_evaluate(args, command: str) -> int:
+    from adapters.data import load_examples
+    from adapters.evaluate import evaluate
+
+    from .files import write_json
+
+    _check_limit(args.limit, "--limit")
+    if args.adapter:
+        from adapters.build import SIDECAR
+        folder = Path(args.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""
+            raise GeoprobeError(f"--adapter {folder} is not an adapter folder{hint}")
+    out = Path(args.out) if args.out else (
+        Path(args.adapter).parent / f"eval-{_slug(Path(args.data).stem)}.json" if args.adapter
+        else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
+    examples = load_examples(args.data, limit=args.limit)
+    lm = _load_lm(args)
+    model = lm.model
+    if args.adapter:
+        import adapters
+        model = adapters.load(lm.model, args.adapter)
+    res = evaluate(model, lm.tokenizer, examples, batch_size=args.eval_batch_size,
+                   max_new_tokens=args.max_new_tokens)
+    write_json(out, _eval_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
+    _print_eval(res, str(args.data))
+    print(f"evaluation written to {out}")
+    return 0
+
+
+def cmd_run(args, command: str) -> int:
+    import dataclasses
+
+    from adapters.data import load_examples
+    from adapters.evaluate import evaluate
+    from adapters.plan import AdapterPlan
+    from adapters.train import check_out, finetune, plan_for_training
+
+    from .files import write_json
+    from .profile import GeometryProfile
+    from .report import render_report
+
+    _check_limit(args.limit, "--limit")
+    _check_limit(args.eval_limit, "--eval-limit")
+    settings = _train_settings(args)
+    out = _default_out(args)
+    check_out(out, args.resume)  # before the (slow) model load and probe
+    examples = load_examples(args.data, limit=args.limit)
+    tests = load_examples(args.eval, limit=args.eval_limit)
+    lm = _load_lm(args)
+    if args.resume and (out / "plan.json").is_file() and (out / "profile.json").is_file():
+        plan = AdapterPlan.load(out / "plan.json")
+        profile = GeometryProfile.load(out / "profile.json")
+    else:
+        plan, profile = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
+                                          target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
+                                    progress=not args.quiet,
+                                          device=_resolve_device(args.device), command=command)
+        plan.save(out / "plan.json")
+        profile.save(out / "profile.json")
+    print(f"plan: {plan.method} — {plan.reasons.get('method', 'as requested')}")
+    run = finetune(lm.model, lm.tokenizer, examples, plan, out=out, settings=settings, resume=args.resume,
+                   progress=not args.quiet, model_name=lm.name, data_name=str(args.data),
+                   **_build_kwargs(args, planned=True))
+    _print_run(run)
+    res = evaluate(run.model, lm.tokenizer, tests, batch_size=args.eval_batch_size,
+                   max_new_tokens=args.max_new_tokens)
+    write_json(out / "eval.json", _eval_record(res, model=lm.name, adapter=str(run.adapter_dir), data=str(args.eval)))
+    metrics = {k: float(v) for k, v in res.metrics.items()}
+    metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))
+    result = dataclasses.replace(run.result, eval_metrics=metrics)
+    write_json(run.results_path, result.to_dict())
+    profile = profile.with_updates(adapter_plan=plan.to_record(), finetune=[result])
+    profile.save(out / "profile.json")
+    report = render_report([profile], out / "report.html", command=command)
+    _print_eval(res, str(args.eval))
+    print(f"report written to {report}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -177,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     command = "geoprobe " + shlex.join(argv)
-    handlers = {"probe": cmd_probe, "report": cmd_report}
+    handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
+                "evaluate": cmd_evaluate, "run": cmd_run}
     try:
         return handlers[args.command](args, command)
     except GeoprobeError as exc:

@@ -44,7 +44,7 @@ DIST_RTOL = 1e-8
 REFINE = 1e-3
 
 
-class DeltaOptionError(InputDataError, ValueError):
+class DeltaOptionError(GeoprobeError, ValueError):
     """An option of :func:`delta` has a value outside its allowed set."""
 
 
@@ -134,6 +134,12 @@ def _check_points(X: np.ndarray) -> None:
         rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
         raise InputDataError(f"{rows.size} of {X.shape[0]} points contain NaN or inf (first rows: "
                              f"{rows[:5].tolist()}); remove or repair them first")
+
+
+def _require_spread(diameter: float, n: int) -> None:
+    if diameter == 0.0:
+        raise InputDataError(f"all {n} points are identical (diameter 0); δ is undefined — pass "
+                             "distinct points")
 
 
 def euclidean_distances(x: Any) -> np.ndarray:
@@ -247,8 +253,7 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
     else:
         D = delta_torch.euclidean_distances_torch(t, refine=REFINE)
     diam = float(D.max())
-    if diam == 0.0:
-        return 0.0, 0.0, "torch-cuda"
+    _require_spread(diam, D.shape[0])
     if mode == "fixed":
         d = delta_torch.delta_fixed_torch(D, base_point, block=block)
     else:
@@ -298,10 +303,8 @@ def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: i
             _check_points(arr)
             D = _euclidean(arr)
         diam = float(D.max())
-        value, backend = (0.0, "numba-cpu") if diam == 0.0 else _cpu_delta(D, mode, w, block)
-    if diam == 0.0:
-        raise InputDataError(f"all {n} points are identical (diameter 0); δ is undefined — pass "
-                             "distinct points")
+        _require_spread(diam, n)
+        value, backend = _cpu_delta(D, mode, w, block)
     seconds = time.perf_counter() - t0
     logger.debug("δ (%s, n=%d, %s): %.6g in %.3f s", mode, n, backend, value, seconds)
     return DeltaResult(delta=float(value), diameter=diam, delta_rel=2.0 * float(value) / diam,
@@ -309,7 +312,7 @@ def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: i
                        backend=backend, dtype="float64", seconds=seconds)
 
 
-def gaussian_null(x: Any, *, n_repeats: int = 1, seed: int = 0,
+def gaussian_null(x: Any, n_repeats: int = 1, seed: int = 0, *,
                   n_points: Optional[int] = None) -> list[np.ndarray]:
     """Gaussian point sets with the data's mean and (sample) covariance, seeded.
 

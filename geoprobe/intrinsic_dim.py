@@ -43,7 +43,8 @@ count). ``error`` is that scale's error; every scale is listed in ``scales``.
 Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8 after
 round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1). Points are
 therefore deduplicated first (:func:`deduplicate`) and the neighbour distances recomputed exactly in
-float64 (:func:`geoprobe.kernels.knn.knn_distances`); ``n_points`` is the number of points left and
+float64 (:mod:`geoprobe.kernels.knn`: float32 matrix-product selection, certified by a rounding-error
+bound, then direct float64 differences); ``n_points`` is the number of points left and
 ``n_duplicates_removed`` the number removed.
 """
 from __future__ import annotations
@@ -207,18 +208,42 @@ def _choose_scale(scales: Sequence[IDScale]) -> IDScale:
 
 
 # --------------------------------------------------------------------------- deduplication
-def _exact_first_occurrences(x64: torch.Tensor) -> np.ndarray:
-    """Sorted indices of the first occurrence of every distinct row (bitwise, after −0 → +0)."""
-    arr = np.ascontiguousarray(x64.cpu().numpy() + 0.0)
-    rows = arr.view(np.dtype((np.void, arr.dtype.itemsize * arr.shape[1]))).ravel()
-    _, first = np.unique(rows, return_index=True)
-    return np.sort(first)
+def _exact_first_occurrences(x64: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of the first occurrence of every bitwise-distinct row (on the rows' device).
+
+    Rows are hashed by a random odd-weighted sum of their 64-bit patterns (wrapping integer
+    arithmetic, so equal rows hash equally); only rows whose hash repeats are compared byte by byte.
+    Rows equal in value but not in bits (−0.0 against +0.0) are left to the tolerance step, where
+    their distance 0 makes them duplicates too."""
+    n, dim = x64.shape
+    weights = np.random.default_rng(0x5EED).integers(0, 2 ** 62, size=dim, dtype=np.uint64) * 2 + 1
+    step = max(1, (1 << 20) // dim)
+    if x64.device.type == "cpu":  # numpy's unsigned arithmetic wraps by definition
+        bits = x64.contiguous().numpy().view(np.uint64)
+        hn = np.empty(n, dtype=np.uint64)
+        for s in range(0, n, step):
+            hn[s:s + step] = (bits[s:s + step] * weights).sum(axis=1)
+        h = torch.from_numpy(hn.view(np.int64))
+    else:
+        bits = x64.contiguous().view(torch.int64)
+        w = torch.from_numpy(weights.view(np.int64)).to(x64.device)
+        h = torch.empty(n, dtype=torch.int64, device=x64.device)
+        for s in range(0, n, 64 * step):
+            h[s:s + 64 * step] = (bits[s:s + 64 * step] * w).sum(dim=1)
+    _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
+    keep = torch.ones(n, dtype=torch.bool, device=x64.device)
+    clash = torch.nonzero(counts[inverse] > 1).flatten()
+    if clash.numel():
+        rows = x64[clash].cpu().numpy()
+        seen: dict[bytes, int] = {}
+        same = [seen.setdefault(rows[j].tobytes(), j) != j for j in range(rows.shape[0])]
+        keep[clash[torch.tensor(same, dtype=torch.bool, device=x64.device)]] = False
+    return torch.nonzero(keep).flatten()
 
 
 def _data_scale(x64: torch.Tensor) -> float:
     """Root-mean-square distance of the points from their mean, sqrt(mean_i ‖x_i − x̄‖²)."""
-    c = x64 - x64.mean(dim=0, keepdim=True)
-    return float(torch.sqrt((c * c).sum(dim=1).mean()))
+    return float(torch.sqrt(x64.var(dim=0, correction=0).sum()))
 
 
 class _Prepared:
@@ -258,13 +283,13 @@ def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
     """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks and the kept rows'
     exact distances at those ranks (None when fewer than two rows are kept)."""
     n = x64.shape[0]
-    first = torch.from_numpy(_exact_first_occurrences(x64)).to(x64.device)
+    first = _exact_first_occurrences(x64)
     n_unique = first.numel()
     if n_unique < min_points:
         if n_unique == 1:
             raise InputDataError(f"all {n} points are identical; the intrinsic dimension is undefined")
         raise InputDataError(f"only {n_unique} distinct points among {n}; need at least {min_points}")
-    xu = x64[first]
+    xu = x64 if n_unique == n else x64[first]
     if n_unique == 1:
         return xu, [], None
     tau = tol * _data_scale(xu)

@@ -45,7 +45,7 @@ class ProbeSettings:
     layer_delta_points: int = 500         # of those, used for per-layer δ
     max_length: int = 128                 # tokens per document for hidden states
     batch_size: int = 8
-    sink_factor: float = 20.0             # ‖h‖ > factor × median ‖h‖ → sink
+    sink_factor: float = 8.0              # ‖h‖ > factor × median ‖h‖ → sink
     exclude_sinks: bool = True
     delta_mode: str = "fixed"
 

@@ -58,6 +58,7 @@ def random_cases(seed: int):
     rng = np.random.default_rng(seed)
     yield "gauss-high-dim", euclidean_distances(rng.standard_normal((160, 300)))
     yield "gauss-low-dim", euclidean_distances(rng.standard_normal((170, 2)))
+    yield "gauss-threaded", euclidean_distances(rng.standard_normal((260, 40)))  # > SERIAL_MAX_N
     yield "anisotropic", euclidean_distances(rng.standard_normal((150, 20)) * np.geomspace(1, 1e-3, 20))
     yield "duplicates", euclidean_distances(np.repeat(rng.standard_normal((40, 8)), 4, axis=0))
     yield "integer-grid", euclidean_distances(rng.integers(0, 4, size=(140, 3)).astype(float))
@@ -196,8 +197,19 @@ def test_exact_mode_equals_reference_on_random_inputs():
     for D in cases:
         ref = _delta_reference(D, "exact")
         assert delta(D, distances=True, mode="exact").delta == pytest.approx(ref, rel=RTOL, abs=1e-300)
+        bases = np.arange(D.shape[0])
+        assert delta_cpu.delta_bases_parallel(D, bases, 0.0, delta_cpu.SWITCH, 2) == pytest.approx(
+            ref, rel=RTOL, abs=1e-300)
         t = torch.from_numpy(D)
         assert delta_torch.delta_exact_torch(t, block=7) == pytest.approx(ref, rel=RTOL, abs=1e-300)
+
+
+def test_exact_mode_threaded_path():
+    """n > SERIAL_MAX_N / 2: the first base alone, then the others spread over threads."""
+    n = delta_cpu.SERIAL_MAX_N // 2 + 8
+    D = euclidean_distances(np.random.default_rng(32).standard_normal((n, 3)))
+    assert delta(D, distances=True, mode="exact", base_point=n - 1).delta == pytest.approx(
+        _delta_reference(D, "exact"), rel=RTOL)
 
 
 @pytest.mark.parametrize("block", [None, 1, 13])

@@ -28,6 +28,8 @@ values through one slot each (no lost updates); the final maximum does not depen
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -237,6 +239,9 @@ def delta_bases_parallel(dist: np.ndarray, bases: np.ndarray, best0: float, swit
     return slots.max()
 
 
+#: numba's fallback threading layer ("workqueue") aborts on concurrent parallel launches; serialise them.
+_LAUNCH = threading.Lock()
+
 #: Below this many points one thread does the work (thread start-up would dominate).
 SERIAL_MAX_N = 192
 #: Exact mode spreads base points over threads while one n × n buffer per thread stays below this.
@@ -248,8 +253,9 @@ def delta_fixed(dist: np.ndarray, base_point: int, best0: float = 0.0) -> float:
     dist = np.ascontiguousarray(dist, dtype=np.float64)
     if dist.shape[0] <= SERIAL_MAX_N:
         return float(delta_serial(dist, np.array([base_point], dtype=np.int64), best0, SWITCH, REFRESH))
-    A = gromov_product_matrix(dist, base_point)
-    return float(fixed_base_delta(A, base_point, best0, SWITCH, REFRESH))
+    with _LAUNCH:
+        A = gromov_product_matrix(dist, base_point)
+        return float(fixed_base_delta(A, base_point, best0, SWITCH, REFRESH))
 
 
 def delta_exact(dist: np.ndarray, first: int = 0) -> float:
@@ -261,14 +267,15 @@ def delta_exact(dist: np.ndarray, first: int = 0) -> float:
         return float(delta_serial(dist, bases, 0.0, SWITCH, REFRESH))
     # the first base alone gives a lower bound that prunes every later one
     best = delta_fixed(dist, first)
-    if 8 * n * n <= PARALLEL_BASES_MAX_BYTES:
-        old = numba.get_parallel_chunksize()
-        numba.set_parallel_chunksize(1)   # bases differ in cost: hand them out one at a time
-        try:
-            return float(delta_bases_parallel(dist, bases[1:], best, SWITCH, REFRESH))
-        finally:
-            numba.set_parallel_chunksize(old)
-    for w in bases[1:]:
-        A = gromov_product_matrix(dist, int(w))
-        best = float(fixed_base_delta(A, int(w), best, SWITCH, REFRESH))
-    return best
+    with _LAUNCH:
+        if 8 * n * n <= PARALLEL_BASES_MAX_BYTES:
+            old = numba.get_parallel_chunksize()
+            numba.set_parallel_chunksize(1)   # bases differ in cost: hand them out one at a time
+            try:
+                return float(delta_bases_parallel(dist, bases[1:], best, SWITCH, REFRESH))
+            finally:
+                numba.set_parallel_chunksize(old)
+        for w in bases[1:]:
+            A = gromov_product_matrix(dist, int(w))
+            best = float(fixed_base_delta(A, int(w), best, SWITCH, REFRESH))
+        return best

@@ -79,7 +79,9 @@ def as_float64_points(x: Any, device: Optional[str | torch.device] = None) -> to
                              f"got shape {tuple(t.shape)}")
     if t.shape[1] == 0:
         raise InputDataError("points have no coordinates (shape (N, 0))")
-    bad = ~torch.isfinite(t).all(dim=1)
+    bad = ~torch.isfinite(t.sum(dim=1))  # a NaN or inf entry makes its row's sum NaN or inf
+    if bool(bad.any()):
+        bad[bad.clone()] = ~torch.isfinite(t[bad]).all(dim=1)  # sums that merely overflowed
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten()[:5].tolist()
         raise InputDataError(f"{int(bad.sum())} of {t.shape[0]} points contain NaN or inf "
@@ -301,12 +303,12 @@ def _select(x64: torch.Tensor, m: int, chunk: Optional[int],
     n, dim = x64.shape
     if dtype == torch.float32 and dim * _UNIT_ROUNDOFF[torch.float32] > 1e-2:
         dtype = torch.float64  # the float32 bound would reject every row
-    centred = x64 - x64.mean(dim=0, keepdim=True)
-    norms = torch.linalg.vector_norm(centred, dim=1)
+    scaled = x64 - x64.mean(dim=0, keepdim=True)
+    norms = torch.linalg.vector_norm(scaled, dim=1)
     radius = float(norms.max())
     if radius == 0.0:
         return None
-    scaled = centred / radius
+    scaled.div_(radius)
     chunk = chunk or _chunk_rows(n, None, x64.device)
     with _highest_matmul_precision(x64.device):
         cand, approx = _symmetric_candidates(scaled.to(dtype), m, chunk)

@@ -1,0 +1,366 @@
+"""Fused HypLoRA bottleneck update: two Triton kernels for the per-token scalar work (CUDA).
+
+The layer's update (:func:`adapters.hyplora.hyplora_delta_bottleneck`, arXiv 2410.04010 Eq. 6–8,
+METHODS §10) is
+
+    a = A x,  sq = ‖x‖²,  q = aᵀ G a with G = BᵀB,  K = sp(k̃), s = sp(s̃)  (sp(v) = softplus(v) + 1e-6)
+    u = sq/(s²K),  c1 = S(u)/s with S(u) = sinh(min(√u, 12))/√u
+    v = c1² q / K,  c2 = R(v) = asinh(√v)/√v
+    out = α · B (c·a),  c = c1·c2
+
+Per token everything but the two d-wide products is scalar work over r-vectors. Plain autograd runs it
+as ~120 small kernels per forward + backward; here it is
+
+* forward: ``a = x Aᵀ`` and ``G = BᵀB`` (cuBLAS), one Triton kernel that reads x once for sq, forms
+  q = aᵀGa, c (softplus of the raw parameters included) and writes c·a, then ``(c·a) Bᵀ`` (cuBLAS);
+* backward: ``g B`` and ``gᵀ(c·a)`` (cuBLAS), one Triton kernel that forms ∂/∂a, ∂/∂sq and, per block
+  of tokens, the partial sums of ∂/∂G = Σ_t g_q,t a_t a_tᵀ and of the raw-parameter gradients, one
+  reduction of those partial sums, and the products ∂x = (∂a) A + 2 (∂sq) x, ∂A = (∂a)ᵀ x,
+  ∂B = gᵀ(c·a) + 2 B ∂G.
+
+The formulas, series cut-offs and clamps are those of :class:`adapters.hyplora._TokenScale`
+(softplus as ``torch.nn.functional.softplus``: x itself above 20). Inputs the kernels do not cover
+(no CUDA device or no Triton, dtypes other than float32/float64, rank > 64, per-token K or s, no
+tokens) go through the reference path :func:`adapters.hyplora._bottleneck`; the reason is logged
+once per process. With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's
+interpreter; sinh/cosh/asinh/log1p are then formed from exp and log, accurate to ≈ ε/√u instead of ε).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except Exception as _exc:  # ImportError, or a Triton that fails to initialise
+    triton = None
+    _TRITON_ERROR: Optional[str] = f"{type(_exc).__name__}: {_exc}"
+else:
+    _TRITON_ERROR = None
+
+__all__ = ["MAX_RANK", "fused_available", "fused_unsupported_reason", "hyplora_bottleneck_fused",
+           "set_fused_enabled"]
+
+MAX_RANK = 64
+"""Largest rank r the kernels hold in registers (the r × r Gram matrix per program)."""
+
+_ENABLED = True
+_REPORTED: set[str] = set()
+
+
+def set_fused_enabled(enabled: bool) -> bool:
+    """Switch the fused kernels on or off for this process (off: always the reference path).
+    Returns the previous setting."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    return previous
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True when the fused kernels can run on ``device`` (CUDA with Triton, or CPU under the Triton
+    interpreter)."""
+    device = torch.device(device)
+    if triton is None or not _ENABLED:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def fused_unsupported_reason(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, raw_k: torch.Tensor,
+                             raw_s: torch.Tensor) -> Optional[str]:
+    """Why the fused kernels cannot take these inputs (None when they can)."""
+    tensors = (x, A, B, raw_k, raw_s)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return "K and s must be given as tensors of the raw parameters"
+    if x.dtype not in (torch.float32, torch.float64) or A.dtype != x.dtype or B.dtype != x.dtype:
+        return f"dtypes x {x.dtype}, A {A.dtype}, B {B.dtype} (needs one of float32/float64 for all three)"
+    if raw_k.dtype not in (torch.float32, torch.float64) or raw_s.dtype not in (torch.float32, torch.float64):
+        return "raw curvature/scale must be float32 or float64"
+    if A.dim() != 2 or B.dim() != 2 or x.dim() < 1 or x.shape[-1] != A.shape[1] or A.shape[0] != B.shape[1]:
+        return "shapes do not chain (the reference path reports the details)"
+    if A.shape[0] > MAX_RANK:
+        return f"rank {A.shape[0]} > {MAX_RANK}"
+    if raw_k.numel() != 1 or raw_s.numel() != 1:
+        return "per-token curvature or scale (the kernels take one K and one s)"
+    if x.numel() == 0:
+        return "no tokens"
+    if len({t.device for t in tensors}) != 1:
+        return "inputs on different devices"
+    if not _ENABLED:
+        return "fused kernels switched off (set_fused_enabled(False))"
+    if triton is None:
+        return f"Triton is not importable ({_TRITON_ERROR})"
+    if not fused_available(x.device):
+        return f"device {x.device.type!r} (the kernels run on CUDA)"
+    return None
+
+
+def _report(reason: str) -> None:
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
+        logger.info("HypLoRA fused kernels not used (%s); running the reference path", reason)
+
+
+def _reference(x, A, B, raw_k, raw_s, scale):
+    from ..hyplora import _bottleneck, _prepare, positive
+
+    xd, Ad, Bd, k, s = _prepare(x, A, B, positive(raw_k), positive(raw_s))
+    return _bottleneck(xd, Ad, Bd, k, s, official=False, out_scale=float(scale))
+
+
+def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, raw_k: torch.Tensor,
+                             raw_s: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale·Δ(x) of HypLoRA (consistent map) with K = softplus(raw_k) + 1e-6, s = softplus(raw_s) + 1e-6.
+
+    x: (..., d_in); A: (r, d_in); B: (d_out, r); raw_k, raw_s: one-element tensors (the layer's raw
+    parameters). Differentiable once in x, A, B, raw_k, raw_s. Returns (..., d_out) in the compute dtype
+    (float64 if any of x, A, B is float64, else float32), like :func:`adapters.hyplora._bottleneck`.
+    Falls back to that reference path (logging the reason once) where the kernels do not apply.
+    """
+    reason = fused_unsupported_reason(x, A, B, raw_k, raw_s)
+    if reason is not None:
+        _report(reason)
+        return _reference(x, A, B, raw_k, raw_s, scale)
+    lead = x.shape[:-1]
+    out = _FusedDelta.apply(x.reshape(-1, x.shape[-1]), A, B, raw_k, raw_s, float(scale))
+    return out.reshape(*lead, B.shape[0])
+
+
+# --------------------------------------------------------------------------- launch configuration
+def _rank_pad(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _tokens_per_program(rp: int) -> int:
+    return max(2, 8192 // (rp * rp))
+
+
+def _split(value: float) -> tuple[float, float]:
+    """value = hi + lo with hi, lo float32 (Triton passes Python floats as float32)."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(value - hi)
+
+
+def _cut(dtype: torch.dtype) -> float:
+    from ..hyplora import _fused_cutoff
+
+    return _fused_cutoff(dtype)
+
+
+class _FusedDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, raw_k, raw_s, scale: float):
+        dt = x.dtype
+        x = x.contiguous()
+        T, d_in = x.shape
+        r = A.shape[0]
+        rp = _rank_pad(r)
+        bt = _tokens_per_program(rp)
+        rk = raw_k.detach().reshape(1).to(dt)
+        rs = raw_s.detach().reshape(1).to(dt)
+        a = torch.mm(x, A.t())
+        G = torch.mm(B.t(), B)
+        ca = torch.empty_like(a)
+        sq = torch.empty(T, dtype=dt, device=x.device)
+        q = torch.empty(T, dtype=dt, device=x.device)
+        hi, lo = _split(scale)
+        bd = 256 if d_in >= 256 else max(16, 1 << (d_in - 1).bit_length())
+        _fwd_kernel[(triton.cdiv(T, bt),)](
+            x, a, G, ca, sq, q, rk, rs, hi, lo, T, d_in, r, x.stride(0), a.stride(0),
+            BT=bt, BD=bd, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), num_warps=4)
+        out = torch.mm(ca, B.t())
+        ctx.save_for_backward(x, A, B, a, ca, G, sq, q, rk, rs)
+        ctx.scale = scale
+        ctx.raw_meta = ((raw_k.dtype, raw_k.shape), (raw_s.dtype, raw_s.shape))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, A, B, a, ca, G, sq, q, rk, rs = ctx.saved_tensors
+        need_x, need_A, need_B, need_k, need_s, _ = ctx.needs_input_grad
+        dt = x.dtype
+        T = x.shape[0]
+        r = A.shape[0]
+        rp = _rank_pad(r)
+        bt = _tokens_per_program(rp)
+        g = g.to(dt)
+        gca = torch.mm(g, B)
+        da = torch.empty_like(a)
+        gsq2 = torch.empty(T, dtype=dt, device=x.device)
+        nb = triton.cdiv(T, bt)
+        part = torch.empty(nb, rp * rp + 2, dtype=dt, device=x.device)
+        hi, lo = _split(ctx.scale)
+        _bwd_kernel[(nb,)](
+            gca, a, G, sq, q, rk, rs, da, gsq2, part, hi, lo, T, r, gca.stride(0), a.stride(0),
+            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), num_warps=4)
+        gx = gA = gB = gk = gs = None
+        if need_x:
+            gx = torch.mm(da, A)
+            gx.addcmul_(x, gsq2[:, None])
+        if need_A:
+            gA = torch.mm(da.t(), x)
+        tot = part.sum(dim=0) if (need_B or need_k or need_s) else None
+        if need_B:
+            dG = tot[:rp * rp].view(rp, rp)[:r, :r]
+            gB = torch.mm(g.t(), ca)
+            gB.addmm_(B, dG, alpha=2.0)
+        (k_dtype, k_shape), (s_dtype, s_shape) = ctx.raw_meta
+        if need_k:
+            gk = tot[rp * rp].to(k_dtype).reshape(k_shape)
+        if need_s:
+            gs = tot[rp * rp + 1].to(s_dtype).reshape(s_shape)
+        return gx, gA, gB, gk, gs, None
+
+
+# --------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _sinh(t, LIB: tl.constexpr):
+        if LIB:
+            return libdevice.sinh(t)
+        else:
+            e = tl.exp(t)
+            return 0.5 * (e - 1.0 / e)
+
+    @triton.jit
+    def _cosh(t, LIB: tl.constexpr):
+        if LIB:
+            return libdevice.cosh(t)
+        else:
+            e = tl.exp(t)
+            return 0.5 * (e + 1.0 / e)
+
+    @triton.jit
+    def _asinh(w, LIB: tl.constexpr):
+        if LIB:
+            return libdevice.asinh(w)
+        else:
+            return tl.log(w + tl.sqrt(w * w + 1.0))
+
+    @triton.jit
+    def _log1p(v, LIB: tl.constexpr):
+        if LIB:
+            return libdevice.log1p(v)
+        else:
+            return tl.log(1.0 + v)
+
+    @triton.jit
+    def _positive(raw, LIB: tl.constexpr):
+        """softplus(raw) + 1e-6 as torch (threshold 20) and its derivative."""
+        e = tl.exp(tl.minimum(raw, 20.0))
+        value = tl.where(raw > 20.0, raw, _log1p(e, LIB)) + 1e-6
+        slope = tl.where(raw > 20.0, 1.0, e / (e + 1.0))
+        return value, slope
+
+    @triton.jit
+    def _scalars(sq, q, K, s, CUT: tl.constexpr, LIB: tl.constexpr):
+        """u, t, min(t, 12), S(u), c1, v, masked v, asinh(√v), R(v) (as _TokenScale.forward)."""
+        u = sq / (s * s * K)
+        small_u = u < CUT
+        t = tl.sqrt(tl.where(small_u, 1.0, u))
+        tc = tl.minimum(t, 12.0)
+        S = tl.where(small_u, 1.0 + u / 6.0, _sinh(tc, LIB) / t)
+        c1 = S / s
+        v = c1 * c1 * q / K
+        small_v = v < CUT
+        vs = tl.where(small_v, 1.0, v)
+        w = tl.sqrt(vs)
+        ash = _asinh(w, LIB)
+        Rv = tl.where(small_v, 1.0 - v / 6.0, ash / w)
+        return u, t, tc, S, c1, v, vs, ash, Rv
+
+    @triton.jit
+    def _fwd_kernel(X, Aa, G, CA, SQ, Q, RK, RS, scale_hi, scale_lo, T, D, R, stride_x, stride_a,
+                    BT: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, CUT: tl.constexpr,
+                    LIB: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        cols = tl.arange(0, BD)
+        acc = tl.zeros([BT, BD], dtype=X.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            m = rmask[:, None] & ((d0 + cols) < D)[None, :]
+            xv = tl.load(X + rows64[:, None] * stride_x + (d0 + cols)[None, :], mask=m, other=0.0)
+            acc += xv * xv
+        sq = tl.sum(acc, axis=1)
+        ri = tl.arange(0, RP)
+        am = rmask[:, None] & (ri < R)[None, :]
+        a = tl.load(Aa + rows64[:, None] * stride_a + ri[None, :], mask=am, other=0.0)
+        gm = (ri < R)[:, None] & (ri < R)[None, :]
+        Gm = tl.load(G + ri[:, None] * R + ri[None, :], mask=gm, other=0.0)
+        aG = tl.sum(a[:, :, None] * Gm[None, :, :], axis=1)
+        q_raw = tl.sum(aG * a, axis=1)
+        q = tl.maximum(q_raw, 0.0)
+        K, _ = _positive(tl.load(RK), LIB)
+        s, _ = _positive(tl.load(RS), LIB)
+        u, t, tc, S, c1, v, vs, ash, Rv = _scalars(sq, q, K, s, CUT, LIB)
+        scale = tl.cast(scale_hi, X.dtype.element_ty) + tl.cast(scale_lo, X.dtype.element_ty)
+        c = (scale * c1) * Rv
+        tl.store(CA + rows64[:, None] * stride_a + ri[None, :], a * c[:, None], mask=am)
+        tl.store(SQ + rows, sq, mask=rmask)
+        tl.store(Q + rows, q_raw, mask=rmask)
+
+    @triton.jit
+    def _bwd_kernel(GCA, Aa, G, SQ, Q, RK, RS, DA, GSQ2, PART, scale_hi, scale_lo, T, R, stride_g,
+                    stride_a, BT: tl.constexpr, RP: tl.constexpr, CUT: tl.constexpr, LIB: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BT + tl.arange(0, BT)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        ri = tl.arange(0, RP)
+        am = rmask[:, None] & (ri < R)[None, :]
+        a = tl.load(Aa + rows64[:, None] * stride_a + ri[None, :], mask=am, other=0.0)
+        gca = tl.load(GCA + rows64[:, None] * stride_g + ri[None, :], mask=am, other=0.0)
+        sq = tl.load(SQ + rows, mask=rmask, other=0.0)
+        q_raw = tl.load(Q + rows, mask=rmask, other=0.0)
+        q = tl.maximum(q_raw, 0.0)
+        rk = tl.load(RK)
+        rs = tl.load(RS)
+        K, dK_draw = _positive(rk, LIB)
+        s, ds_draw = _positive(rs, LIB)
+        u, t, tc, S, c1, v, vs, ash, Rv = _scalars(sq, q, K, s, CUT, LIB)
+        scale = tl.cast(scale_hi, Aa.dtype.element_ty) + tl.cast(scale_lo, Aa.dtype.element_ty)
+        c = (scale * c1) * Rv
+        # slopes S'(u), R'(v) (as _sinhc_u_slope, _asinhc_v_slope)
+        sh = _sinh(tc, LIB)
+        dS = tl.where(t > 12.0, -sh, tc * _cosh(tc, LIB) - sh) / (2.0 * t * t * t)
+        dS = tl.where(u < CUT, 1.0 / 6.0 + u / 60.0, dS)
+        rvs = tl.sqrt(vs)
+        dR = (1.0 / tl.sqrt(1.0 + 1.0 / vs) - ash) * (0.5 / (rvs * vs))
+        dR = tl.where(v < CUT, -1.0 / 6.0 + 0.15 * v, dR)
+        # chain rule (as _TokenScale.backward) with dc = Σ_j gca_j a_j
+        ga = tl.sum(gca * a, axis=1) * scale
+        g_c1 = ga * (Rv + 2.0 * v * dR)
+        g_u = g_c1 * dS / s
+        g_sq = g_u / (s * s * K)
+        gr = ga * c1 * dR
+        g_q = tl.where((q_raw >= 0.0) & rmask, gr * (c1 * c1 / K), 0.0)
+        g_k = tl.where(rmask, -(gr * v + g_u * u) / K, 0.0)
+        g_s = tl.where(rmask, -(g_c1 * S / s + 2.0 * g_u * u) / s, 0.0)
+        gm = (ri < R)[:, None] & (ri < R)[None, :]
+        Gm = tl.load(G + ri[:, None] * R + ri[None, :], mask=gm, other=0.0)
+        aG = tl.sum(a[:, :, None] * Gm[None, :, :], axis=1)  # (a G)_j = Σ_i a_i G_ij
+        Ga = tl.sum(Gm[None, :, :] * a[:, None, :], axis=2)  # (G a)_i = Σ_j G_ij a_j
+        da = c[:, None] * gca + g_q[:, None] * (aG + Ga)
+        tl.store(DA + rows64[:, None] * stride_a + ri[None, :], da, mask=am)
+        tl.store(GSQ2 + rows, 2.0 * g_sq, mask=rmask)
+        wa = a * g_q[:, None]
+        dG = tl.sum(wa[:, :, None] * a[:, None, :], axis=0)
+        base = PART + pid.to(tl.int64) * (RP * RP + 2)
+        tl.store(base + ri[:, None] * RP + ri[None, :], dG)
+        tl.store(base + RP * RP, tl.sum(g_k, axis=0) * dK_draw)
+        tl.store(base + RP * RP + 1, tl.sum(g_s, axis=0) * ds_draw)

@@ -1,0 +1,351 @@
+"""adapters.train on a tiny random Llama (CPU): exact resumption after an interruption, the packed
+loss against unpacked forward passes, gradient accumulation against one large batch, checkpoint
+rotation and atomicity, the results record; and the finetune / evaluate / run commands end to end on
+a tiny model folder, with bad input giving one line and a non-zero exit."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.data import collate, load_examples, pack, tokenize_for_training
+from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
+                            list_checkpoints, lr_factor)
+from geoprobe.cli import main
+from geoprobe.errors import AdapterError, DataFormatError
+from geoprobe.profile import FinetuneResult, GeometryProfile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from finetune_helpers import bpe_tokenizer, tiny_llama, write_model_folder, write_problems  # noqa: E402
+from profile_factory import make_profile  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    path = write_problems(tmp_path_factory.mktemp("data") / "train.jsonl", 24)
+    return load_examples(path)
+
+
+def _adapter_tensors(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(n: int):
+    def on_step(step: int, loss: float) -> None:
+        if step == n:
+            raise _Interrupt
+    return on_step
+
+
+# --------------------------------------------------------------------------- resumption
+@pytest.mark.parametrize("method,extra,accum", [
+    ("lora", {}, 1),
+    ("hyplora", {}, 2),
+    ("hydralora", {"n_heads": 3}, 1),
+    ("hyplora+gelora", {"layer_ranks": [2, 5]}, 1),
+])
+def test_resume_equals_uninterrupted_run(method, extra, accum, examples, tmp_path):
+    tok = bpe_tokenizer()
+    settings = TrainSettings(lr=5e-3, max_steps=6, batch_size=2, grad_accum=accum, max_length=160, save_every=1,
+                             seed=3, balance_coef=0.01 if "hydra" in method else 0.0)
+    straight = finetune(tiny_llama(), tok, examples, method, out=tmp_path / "a", settings=settings,
+                        progress=False, r=4, **extra)
+    with pytest.raises(_Interrupt):
+        finetune(tiny_llama(), tok, examples, method, out=tmp_path / "b", settings=settings, progress=False,
+                 on_step=_stop_at(3), r=4, **extra)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2, 3]
+    resumed = finetune(tiny_llama(), tok, examples, method, out=tmp_path / "b", settings=settings,
+                       progress=False, resume=True, r=4, **extra)
+    assert resumed.resumed_from == 3
+    a, b = _adapter_tensors(straight.model), _adapter_tensors(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.result.loss_values == straight.result.loss_values
+    assert resumed.result.loss_steps == list(range(1, 7))
+    # the training actually moved the adapter and the loss is finite
+    fresh = _adapter_tensors(finetune(tiny_llama(), tok, examples, method, out=tmp_path / "c",
+                                      settings=TrainSettings(lr=5e-3, max_steps=1, batch_size=2, max_length=160,
+                                                             seed=3, balance_coef=settings.balance_coef),
+                                      progress=False, r=4, **extra).model)
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)
+    # only the newest two checkpoints remain, no temporary folders
+    for run in ("a", "b"):
+        root = tmp_path / run / CHECKPOINTS
+        assert sorted(p.name for p in root.iterdir()) == ["step-5", "step-6"]
+
+
+def test_resume_refuses_other_settings_and_existing_runs(examples, tmp_path):
+    tok = bpe_tokenizer()
+    s = TrainSettings(lr=5e-3, max_steps=4, batch_size=2, max_length=160, save_every=2)
+    with pytest.raises(_Interrupt):
+        finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
+                 on_step=_stop_at(2), r=4)
+    with pytest.raises(AdapterError, match="--resume"):
+        finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False, r=4)
+    other = TrainSettings(lr=1e-3, max_steps=4, batch_size=2, max_length=160, save_every=2)
+    with pytest.raises(AdapterError, match="lr"):
+        finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=other, progress=False,
+                 resume=True, r=4)
+    with pytest.raises(AdapterError, match="embedding_sha256"):  # another base model
+        finetune(tiny_llama(seed=9), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
+                 resume=True, r=4)
+    with pytest.raises(AdapterError, match="n_examples|data_sha256"):  # other data
+        finetune(tiny_llama(), tok, examples[:-1], "lora", out=tmp_path, settings=s, progress=False,
+                 resume=True, r=4)
+    done = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
+                    resume=True, r=4)
+    assert done.resumed_from == 2 and len(done.result.loss_values) == 4
+
+
+def test_failed_checkpoint_write_leaves_no_partial_folder(examples, tmp_path, monkeypatch):
+    tok = bpe_tokenizer()
+    s = TrainSettings(lr=5e-3, max_steps=4, batch_size=2, max_length=160, save_every=1)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def flaky_save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second checkpoint (3 torch.save calls each), after some files exist
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "run", settings=s, progress=False, r=4)
+    monkeypatch.undo()
+    root = tmp_path / "run" / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == ["step-1"]
+    assert not (tmp_path / "run" / ADAPTER).exists()
+    resumed = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "run", settings=s,
+                       progress=False, resume=True, r=4)
+    straight = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "ref", settings=s,
+                        progress=False, r=4)
+    a, b = _adapter_tensors(straight.model), _adapter_tensors(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the objective
+def test_packed_loss_equals_unpacked_forward_passes(examples):
+    tok = bpe_tokenizer()
+    model = tiny_llama().double()
+    rows = tokenize_for_training(examples[:7], tok, max_length=400)
+    packed = pack(rows, 400)
+    assert len(packed) < len(rows)  # several examples share a sequence
+    total, n = 0.0, 0
+    for seq in packed:
+        b = collate([seq], tok.eos_token_id)
+        assert "attention_mask" not in b
+        with torch.no_grad():
+            part, k = batch_loss(model, b)
+        total += float(part)
+        n += k
+    # oracle: every example alone, plain forward, loss on its answer tokens (first label excluded,
+    # as pack() masks the first token of every example)
+    ref, m = 0.0, 0
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels != -100
+        ref += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        m += int(keep.sum())
+    assert n == m
+    assert total == pytest.approx(ref, rel=1e-10)
+
+
+def test_grad_accumulation_equals_one_large_batch(examples, tmp_path):
+    tok = bpe_tokenizer()
+    kw = dict(lr=1e-2, max_steps=3, max_length=160, warmup_ratio=0.0, save_every=10)
+    big = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path / "big", progress=False, r=4, dropout=0.0,
+                   settings=TrainSettings(batch_size=4, grad_accum=1, **kw))
+    acc = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path / "acc", progress=False, r=4, dropout=0.0,
+                   settings=TrainSettings(batch_size=2, grad_accum=2, **kw))
+    a, b = _adapter_tensors(big.model), _adapter_tensors(acc.model)
+    assert all(torch.allclose(a[k], b[k], atol=2e-5, rtol=0) for k in a)  # lr 1e-2, 3 Adam steps
+    assert acc.result.loss_values == pytest.approx(big.result.loss_values, rel=1e-6)
+
+
+def test_lr_schedule_shape():
+    total, warm = 10, 3
+    f = [lr_factor(i, total, warm) for i in range(total)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert f[3:] == pytest.approx([(total - i) / (total - warm) for i in range(3, total)])
+    assert min(f) > 0 and max(f) == 1.0 and f[-1] == pytest.approx(1 / 7)
+    assert [lr_factor(i, 4, 0) for i in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_loss_falls_and_only_adapters_train(examples, tmp_path):
+    tok = bpe_tokenizer()
+    base = tiny_llama()
+    frozen = {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
+    run = finetune(base, tok, examples, "lora", out=tmp_path, progress=False, r=8,
+                   settings=TrainSettings(lr=2e-2, max_steps=25, batch_size=4, max_length=160, save_every=25))
+    losses = run.result.loss_values
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    for name, p in run.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.equal(p, frozen[key]), name
+    record = FinetuneResult.from_dict(json.loads((tmp_path / RESULTS).read_text()))
+    assert record.loss_steps == list(range(1, 26)) and record.loss_values == pytest.approx(losses)
+    assert record.trainable_parameters == sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    assert record.settings["lr"] == 2e-2 and record.settings["n_examples"] == len(examples)
+    assert record.tokens_per_second and record.tokens_per_second > 0
+    assert (tmp_path / ADAPTER / "geoprobe_adapter.json").is_file()
+
+
+def test_too_long_answers_are_dropped_as_tokenize_for_training_would(tmp_path):
+    tok = bpe_tokenizer()
+    from adapters.data import Example
+    exs = [Example(prompt="Q" * (5 * i), answer="word " * (2 + 3 * i), label="1", task="math") for i in range(12)]
+    max_length = 40
+    # oracle: the data module's own rule, one example at a time
+    kept = []
+    for ex in exs:
+        try:
+            kept.extend(tokenize_for_training([ex], tok, max_length=max_length))
+        except DataFormatError:
+            pass
+    assert 0 < len(kept) < len(exs)
+    run = finetune(tiny_llama(), tok, exs, "lora", out=tmp_path, progress=False, r=4,
+                   settings=TrainSettings(max_steps=1, max_length=max_length, pack=False))
+    assert run.result.settings["n_dropped_too_long"] == len(exs) - len(kept)
+    assert run.result.settings["n_sequences"] == len(kept)
+
+
+def test_bad_settings_and_models(examples, tmp_path):
+    with pytest.raises(AdapterError, match="lr"):
+        TrainSettings(lr=0)
+    with pytest.raises(AdapterError, match="batch_size"):
+        TrainSettings(batch_size=0)
+    from finetune_helpers import tiny_bert
+    with pytest.raises(AdapterError, match="causal"):
+        finetune(tiny_bert(), bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False)
+    with pytest.raises(AdapterError, match="HydraLoRA only"):
+        finetune(tiny_llama(), bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False,
+                 settings=TrainSettings(balance_coef=0.1))
+    with pytest.raises(DataFormatError, match="max_length"):
+        finetune(tiny_llama(), bpe_tokenizer(), examples, "lora", out=tmp_path / "x", progress=False,
+                 settings=TrainSettings(max_length=8))
+
+
+# --------------------------------------------------------------------------- the commands
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = write_model_folder(root / "model")
+    other = write_model_folder(root / "other", seed=4)
+    train = write_problems(root / "train.jsonl", 30)
+    test = write_problems(root / "test.jsonl", 6, seed=1)
+    return {"root": root, "model": model, "other": other, "train": train, "test": test}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if "geoprobe" in ln]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("geoprobe: error: ")
+    return lines[0]
+
+
+def test_cli_finetune_resume_and_evaluate(cli_files, tmp_path, capsys):
+    f = cli_files
+    args = ["finetune", str(f["model"]), "--data", str(f["train"]), "--adapter", "hydralora", "--r", "4",
+            "--max-steps", "4", "--batch-size", "2", "--save-every", "2", "--quiet", "--max-length", "160",
+            "--out", str(tmp_path / "run"), "--balance", "0.01"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "adapter written to" in out and "hydralora" in out
+    record = json.loads((tmp_path / "run" / RESULTS).read_text())
+    assert record["loss_steps"] == [1, 2, 3, 4] and record["method"] == "hydralora"
+    assert record["settings"]["balance_coef"] == 0.01
+    assert main(args) == 2  # an existing run without --resume
+    assert "--resume" in _one_line_error(capsys)
+    assert main(args + ["--resume"]) == 0  # finished run: resumes at its last checkpoint
+    capsys.readouterr()
+
+    ev = tmp_path / "eval.json"
+    assert main(["evaluate", str(f["model"]), "--adapter", str(tmp_path / "run" / "adapter"), "--data",
+                 str(f["test"]), "--max-new-tokens", "6", "--batch-size", "4", "--out", str(ev)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    d = json.loads(ev.read_text())
+    assert d["n"] == 6 and len(d["predictions"]) == 6 and 0.0 <= d["accuracy"] <= 1.0
+    assert all(p["gold"] is not None for p in d["predictions"])
+
+    # the adapter on another base model: one line, exit 2
+    assert main(["evaluate", str(f["other"]), "--adapter", str(tmp_path / "run" / "adapter"), "--data",
+                 str(f["test"]), "--max-new-tokens", "2", "--out", str(ev)]) == 2
+    assert "another base model" in _one_line_error(capsys)
+
+
+def test_cli_bad_input(cli_files, tmp_path, capsys):
+    f = cli_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "reply": "y"}) + "\n")
+    base = [str(f["model"]), "--quiet", "--max-steps", "1", "--out", str(tmp_path / "o")]
+    assert main(["finetune", *base, "--data", str(bad)]) == 2
+    assert "fields" in _one_line_error(capsys)
+    assert main(["finetune", *base, "--data", str(f["train"]), "--target-modules", "c_attn,c_proj"]) == 2
+    assert "q_proj" in _one_line_error(capsys)
+    # plans that cannot be met: a profile without this model's layers, a profile of another model
+    tok = bpe_tokenizer()
+    no_layers = make_profile("tiny", n_layers=2, hidden=64, vocab=len(tok)).with_updates(layers=[])
+    no_layers.save(tmp_path / "nolayers.json")
+    assert main(["finetune", *base, "--data", str(f["train"]), "--adapter", "auto",
+                 "--plan", str(tmp_path / "nolayers.json")]) == 2
+    assert "layers" in _one_line_error(capsys)
+    make_profile("big", n_layers=30, hidden=576, vocab=49152).save(tmp_path / "big.json")
+    assert main(["finetune", *base, "--data", str(f["train"]), "--adapter", "gelora",
+                 "--plan", str(tmp_path / "big.json")]) == 2
+    assert "measured on big" in _one_line_error(capsys)
+    assert main(["finetune", *base, "--data", str(f["train"]), "--adapter", "gelora", "--r", "0",
+                 "--plan", str(tmp_path / "nolayers.json")]) == 2
+    _one_line_error(capsys)
+    assert main(["evaluate", str(f["model"]), "--adapter", str(tmp_path), "--data", str(f["test"])]) == 2
+    assert "not an adapter folder" in _one_line_error(capsys)
+    assert not (tmp_path / "o").exists() or not list_checkpoints(tmp_path / "o")
+
+
+def test_cli_gelora_from_profile_plan(cli_files, tmp_path, capsys):
+    """--plan with a profile: GeLoRA ranks planned from its intrinsic dimensions, kept in OUT/plan.json."""
+    f = cli_files
+    tok = bpe_tokenizer()
+    make_profile("tiny", n_layers=2, hidden=64, vocab=len(tok)).save(tmp_path / "p.json")
+    assert main(["finetune", str(f["model"]), "--data", str(f["train"]), "--adapter", "gelora", "--plan",
+                 str(tmp_path / "p.json"), "--r", "4", "--max-steps", "2", "--batch-size", "2", "--quiet",
+                 "--max-length", "160", "--out", str(tmp_path / "run")]) == 0
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    side = json.loads((tmp_path / "run" / ADAPTER / "geoprobe_adapter.json").read_text())
+    assert plan["method"] == "gelora" and len(plan["layer_ranks"]) == 2
+    assert side["layer_ranks"] == plan["layer_ranks"] and side["plan"]["layer_ranks"] == plan["layer_ranks"]
+
+
+def test_cli_run_on_a_tiny_model(cli_files, tmp_path, capsys):
+    f = cli_files
+    out = tmp_path / "run"
+    assert main(["run", str(f["model"]), "--data", str(f["train"]), "--eval", str(f["test"]), "--r", "4",
+                 "--max-steps", "2", "--batch-size", "2", "--max-length", "160", "--quiet",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "plan:" in printed and "report written to" in printed
+    profile = GeometryProfile.load(out / "profile.json")
+    assert profile.adapter_plan is not None and len(profile.finetune) == 1
+    ft = profile.finetune[0]
+    assert ft.eval_metrics["n_eval"] == 6.0 and 0.0 <= ft.eval_metrics["accuracy"] <= 1.0
+    assert ft.method == profile.adapter_plan.method and len(ft.loss_values) == 2
+    html = (out / "report.html").read_text()
+    assert "Fine-tune results" in html and ft.method in html
