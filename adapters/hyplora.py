@@ -528,13 +528,13 @@ class HypLoraLinear(LoraLinear):
         """(α/r)·Δ(dropout(x)) for one adapter, in float32."""
         x = self.lora_dropout[adapter_name](x)
         official = self.hyp_official.get(adapter_name, False)
+        if not official:  # fused CUDA kernels, float32 under any autocast; _bottleneck elsewhere
+            return hyplora_bottleneck_fused(
+                x.float(), self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
+                self.lora_hyp_k[adapter_name].float(), self.lora_hyp_s[adapter_name].float(),
+                self.scaling[adapter_name])
         with _no_autocast(x.device.type):
-            raw_k = self.lora_hyp_k[adapter_name].float()
-            if not official:  # fused CUDA kernels; the same _bottleneck elsewhere (adapters.kernels)
-                return hyplora_bottleneck_fused(
-                    x.float(), self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
-                    raw_k, self.lora_hyp_s[adapter_name].float(), self.scaling[adapter_name])
-            raw_k = _ClipGrad.apply(raw_k, _REF_K_GRAD_CLIP)
+            raw_k = _ClipGrad.apply(self.lora_hyp_k[adapter_name].float(), _REF_K_GRAD_CLIP)
             return _bottleneck(x.float(), self.lora_A[adapter_name].weight.float(),
                                self.lora_B[adapter_name].weight.float(), positive(raw_k),
                                self.hyp_scale(adapter_name), official=official,

@@ -5,7 +5,9 @@ One adapted linear layer (default: Llama-3-8B FFN shape 4096 → 14336, 4 × 512
 parameter: A, B, raw curvature, raw scale), in one run:
 
 * ``hyplora bottleneck`` — :class:`adapters.hyplora.HypLoraLinear` (Δ = B·(c·A x), per-token scalars
-  from ‖x‖ and aᵀ(BᵀB)a; float32 island);
+  from ‖x‖ and aᵀ(BᵀB)a; float32 island; on CUDA the fused Triton kernels of
+  :mod:`adapters.kernels.hyplora_fused`);
+* ``hyplora bottleneck unfused`` — the same layer with those kernels switched off (torch ops);
 * ``hyplora map chain`` — the same weights through :func:`adapters.hyplora.hyplora_delta`
   (expmap0 → B A → time part → logmap0, element-wise over d_out; float32 island);
 * ``hyplora reference chain`` — the same with ``official=True`` (the reference code's op sequence);
@@ -32,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config, hyplora_delta  # noqa: E402
+from adapters.kernels import set_fused_enabled  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 
@@ -97,14 +100,23 @@ def main() -> None:
                 torch.autograd.grad(out, [x, *ps], gout)
         return run
 
+    def unfused():
+        previous = set_fused_enabled(False)
+        try:
+            return hyp(x)
+        finally:
+            set_fused_enabled(previous)
+
     methods = {
         "hyplora bottleneck": step(lambda: hyp(x), params),
+        "hyplora bottleneck unfused": step(unfused, params),
         "hyplora map chain": step(chain(False), params),
         "hyplora reference chain": step(chain(True), params),
         "peft lora": step(lambda: lora(x), lora_params),
     }
     with torch.no_grad():
         diff = (hyp(x).float() - chain(False)().float()).abs().max()
+        diff_unfused = (hyp(x).float() - unfused().float()).abs().max()
 
     def sync():
         if cuda:
@@ -137,6 +149,7 @@ def main() -> None:
         "repeats": args.repeats,
         "iters_per_timing": args.iters,
         "bottleneck_vs_chain_max_abs_diff": float(diff),
+        "bottleneck_vs_unfused_max_abs_diff": float(diff_unfused),
         "rows": rows,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "peft": __import__("peft").__version__},

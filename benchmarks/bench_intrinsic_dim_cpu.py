@@ -39,10 +39,18 @@ def manifold(n: int, dim: int, d: int = 10, seed: int = 0) -> np.ndarray:
     return np.tanh(z @ a / np.sqrt(d)) + 0.01 * rng.standard_normal((n, dim))
 
 
-def timed(fn):
+CPU_SECONDS: dict[str, list[float]] = {}
+
+
+def timed(fn, label: str = ""):
+    """Run ``fn``; return its result and wall seconds, recording process CPU seconds (all threads)
+    under ``label``: on a shared machine the CPU time is the steadier of the two."""
+    c = time.process_time()
     t = time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t
+    wall = time.perf_counter() - t
+    CPU_SECONDS.setdefault(label, []).append(time.process_time() - c)
+    return out, wall
 
 
 def skdim_fit(est, x):
@@ -59,20 +67,25 @@ def bench_twonn(x: np.ndarray, repeats: int, ours_repeats: int) -> dict:
     intrinsic_dimension(x[:500])  # warm-up (thread pools, allocator)
     for r in range(max(repeats, ours_repeats)):
         if r < ours_repeats:
-            ours, t = timed(lambda: intrinsic_dimension(x, estimator="twonn"))
+            ours, t = timed(lambda: intrinsic_dimension(x, estimator="twonn"), f"geoprobe_{x.shape[1]}")
             ours_t.append(t)
         if r < repeats:
-            peer, t = timed(lambda: skdim_fit(skdim.id.TwoNN(), x))
+            peer, t = timed(lambda: skdim_fit(skdim.id.TwoNN(), x), f"skdim_{x.shape[1]}")
             peer_t.append(t)
         if r == 0:
             peer_mle, t = timed(lambda: skdim_fit(skdim.id.TwoNN(method="mle", discard_fraction=0.0), x))
             peer_mle_t.append(t)
     o, p = statistics.median(ours_t), statistics.median(peer_t)
+    oc = statistics.median(CPU_SECONDS[f"geoprobe_{x.shape[1]}"])
+    pc = statistics.median(CPU_SECONDS[f"skdim_{x.shape[1]}"])
     return {
         "n": int(x.shape[0]), "dim": int(x.shape[1]),
         "geoprobe_seconds": ours_t, "scikit_dimension_seconds": peer_t,
         "scikit_dimension_mle_seconds": peer_mle_t,
         "geoprobe_median_s": o, "scikit_dimension_median_s": p, "speedup": p / o,
+        "geoprobe_cpu_seconds": CPU_SECONDS[f"geoprobe_{x.shape[1]}"],
+        "scikit_dimension_cpu_seconds": CPU_SECONDS[f"skdim_{x.shape[1]}"],
+        "cpu_time_ratio": pc / oc,
         "geoprobe_linear_fit": ours.linear_fit_dimension, "scikit_dimension_linear_fit": peer.dimension_,
         "linear_fit_rel_diff": abs(ours.linear_fit_dimension - peer.dimension_) / abs(peer.dimension_),
         "geoprobe_mle": ours.dimension, "geoprobe_mle_error": ours.error,
@@ -130,7 +143,8 @@ def main() -> None:
         row = bench_twonn(x, reps, args.ours_repeats)
         result["twonn"].append(row)
         print(f"TwoNN 10k x {dim}: geoprobe {row['geoprobe_median_s']:.3f} s, scikit-dimension "
-              f"{row['scikit_dimension_median_s']:.2f} s, speed-up {row['speedup']:.1f}x; linear fit "
+              f"{row['scikit_dimension_median_s']:.2f} s, speed-up {row['speedup']:.1f}x (CPU time "
+              f"{row['cpu_time_ratio']:.1f}x); linear fit "
               f"{row['geoprobe_linear_fit']:.6f} vs {row['scikit_dimension_linear_fit']:.6f}, "
               f"MLE {row['geoprobe_mle']:.6f} vs {row['scikit_dimension_mle']:.6f}", flush=True)
     if not args.no_gride:

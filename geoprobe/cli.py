@@ -252,6 +252,14 @@ def _load_lm(args):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _require_causal(lm, what: str) -> None:
+    from .errors import AdapterError
+
+    if lm.info.is_encoder:
+        raise AdapterError(f"{what} needs a causal language model that generates answers; {lm.name} is an "
+                           f"encoder ({lm.info.architecture}). Use `geoprobe probe` for encoders")
+
+
 def _check_limit(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
         raise GeoprobeError(f"{flag} must be ≥ 1, got {value}")
@@ -376,6 +384,7 @@ def cmd_finetune(args, command: str) -> int:
     check_out(out, args.resume)  # before the (slow) model load
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
+    _require_causal(lm, "fine-tuning")
     adapter = _resolve_adapter(args, lm, examples, out, command)
     run = finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=args.resume,
                    progress=not args.quiet, model_name=lm.name, data_name=str(args.data),
@@ -412,6 +421,7 @@ def cmd_evaluate(args, command: str) -> int:
         else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
+    _require_causal(lm, "evaluation")
     model = lm.model
     if args.adapter:
         import adapters
@@ -444,13 +454,14 @@ def cmd_run(args, command: str) -> int:
     examples = load_examples(args.data, limit=args.limit)
     tests = load_examples(args.eval, limit=args.eval_limit)
     lm = _load_lm(args)
+    _require_causal(lm, "`geoprobe run`")
     if args.resume and (out / "plan.json").is_file() and (out / "profile.json").is_file():
         plan = AdapterPlan.load(out / "plan.json")
         profile = GeometryProfile.load(out / "profile.json")
     else:
         plan, profile = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
-                                          target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
-                                    progress=not args.quiet,
+                                          target_modules=_targets(args), seed=args.seed,
+                                          data_name=str(args.data), progress=not args.quiet,
                                           device=_resolve_device(args.device), command=command)
         plan.save(out / "plan.json")
         profile.save(out / "profile.json")
@@ -461,7 +472,8 @@ def cmd_run(args, command: str) -> int:
     _print_run(run)
     res = evaluate(run.model, lm.tokenizer, tests, batch_size=args.eval_batch_size,
                    max_new_tokens=args.max_new_tokens)
-    write_json(out / "eval.json", _eval_record(res, model=lm.name, adapter=str(run.adapter_dir), data=str(args.eval)))
+    write_json(out / "eval.json",
+               _eval_record(res, model=lm.name, adapter=str(run.adapter_dir), data=str(args.eval)))
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))
     result = dataclasses.replace(run.result, eval_metrics=metrics)

@@ -25,6 +25,7 @@ def peer():
     """scikit-dimension, the peer implementation (tests that need it skip without it)."""
     return pytest.importorskip("skdim")
 
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -117,7 +118,7 @@ def test_knn_duplicates_and_tiny_offsets():
 def test_distances_at_ranks_and_near_mask_match_brute_force(device, kind):
     rng = np.random.default_rng(21)
     if kind == "gauss":
-        x = rng.standard_normal((900, 24)) @ rng.standard_normal((24, 64)) + 3.0
+        x = rng.standard_normal((700, 24)) @ rng.standard_normal((24, 64)) + 3.0
     elif kind == "lattice":  # exact ties everywhere: the certificates fail, the fallbacks answer
         x = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
     else:
@@ -221,12 +222,12 @@ def test_linear_fit_on_exact_quantiles():
 # --------------------------------------------------------------------------- against the truth
 @pytest.mark.parametrize("d", [2, 5, 10])
 def test_subspace_dimension(d):
-    x = subspace(3000, d, 40, seed=d)
+    x = subspace(2500, d, 40, seed=d)
     r = intrinsic_dimension(x)
-    assert isinstance(r, IDResult) and r.estimator == "twonn" and r.n_points == 3000
+    assert isinstance(r, IDResult) and r.estimator == "twonn" and r.n_points == 2500
     assert r.n_duplicates_removed == 0
     assert abs(r.dimension - d) < 0.08 * d
-    assert r.error == pytest.approx(r.dimension / math.sqrt(3000 - 2))
+    assert r.error == pytest.approx(r.dimension / math.sqrt(2500 - 2))
     g = intrinsic_dimension(x, estimator="gride")
     assert abs(g.dimension - d) < 0.08 * d
     assert [s.n1 for s in g.scales] == [1, 2, 4, 8, 16, 32]
@@ -242,7 +243,7 @@ def test_sphere_and_swiss_roll():
 
 
 # --------------------------------------------------------------------------- against scikit-dimension
-@pytest.mark.parametrize("make", [lambda: subspace(2000, 5, 20, seed=7),
+@pytest.mark.parametrize("make", [lambda: subspace(1500, 5, 30, seed=7),
                                   lambda: subspace(1500, 10, 60, seed=8),
                                   lambda: sphere(2000, 2, seed=9),
                                   lambda: swiss_roll(2000, seed=10)])

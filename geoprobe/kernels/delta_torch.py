@@ -5,7 +5,8 @@ The base-point δ is δ_w = max_{x,y} [max_z min(A_xz, A_zy) − A_xy] with A = 
 (rows, n, columns) reduced by ``amax``. Only the columns y ≥ the block's first row are formed, since the
 value is symmetric in x and y.
 
-**float32 search, float64 answer.** The blocks run in float32 first and give each row's maximum V32. With
+**float32 search, float64 answer.** The blocks run in float32 first and give each row's maximum V32
+(on CUDA with Triton: one tiled kernel, :mod:`geoprobe.kernels.delta_triton`, with the same bound). With
 u = 2⁻²⁴ and a = max|A|, rounding A to float32 moves each entry by at most u·a, min and max move their
 result by no more than their arguments, and the final subtraction adds at most 2u·a(1 + u); so
 |V32 − V| ≤ 4u·a(1 + u), and the search uses e = 6u·a. Let L = max(β, max V32 − e), a lower bound of
@@ -20,6 +21,8 @@ import logging
 from typing import Optional
 
 import torch
+
+from . import delta_triton
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +91,16 @@ def delta_fixed_torch(dist: torch.Tensor, base_point: int, *, best0: float = 0.0
     amax = float(A.abs().max())
     candidates = torch.arange(n, device=device)
     if search_float32 and amax < _F32_SAFE:
-        A32 = A.to(torch.float32)
-        v32 = torch.empty(n, dtype=torch.float32, device=device)
-        b = _rows_per_block(n, n, n, 4, device, block)
-        for s in range(0, n, b):
-            e_ = min(n, s + b)
-            v32[s:e_] = _row_max(A32, torch.arange(s, e_, device=device), s)
-        del A32
+        if delta_triton.available(device):  # one tiled kernel (geoprobe.kernels.delta_triton)
+            v32 = delta_triton.row_max_float32(A)
+        else:
+            A32 = A.to(torch.float32)
+            v32 = torch.empty(n, dtype=torch.float32, device=device)
+            b = _rows_per_block(n, n, n, 4, device, block)
+            for s in range(0, n, b):
+                e_ = min(n, s + b)
+                v32[s:e_] = _row_max(A32, torch.arange(s, e_, device=device), s)
+            del A32
         err = 6.0 * _U32 * amax + 1e-300
         low = max(best0, float(v32.max()) - err)
         candidates = torch.nonzero(v32.to(torch.float64) + err >= low).flatten()

@@ -7,7 +7,7 @@ sqrt(Σ (a_k − b_k)²) in float64 from the input, and the selection is then *v
 
 * The data are centred and divided by the largest norm R, so every row has norm n_i ≤ 1 and float32
   can neither overflow nor lose the distances to a common offset.
-* For each row i the m = k + margin candidates with the smallest expanded values are kept and sorted;
+* For each row i the m = k + max(4, k//4) candidates with the smallest expanded values are kept and sorted;
   exact distances are computed for the first p = k + 2 of them, and every other point j has an
   expanded value ≥ a_i, the (p+1)-th smallest value (if the test below fails, all m candidates are
   recomputed and a_i is the m-th value).
@@ -236,7 +236,7 @@ def _selection_dtype(requested: Optional[torch.dtype]) -> torch.dtype:
 
 
 def _n_candidates(n: int, k: int) -> int:
-    return min(n - 1, k + max(8, k // 4))
+    return min(n - 1, k + max(4, k // 4))
 
 
 def _chunk_rows(n: int, chunk: Optional[int], device: torch.device) -> int:

@@ -1,0 +1,235 @@
+"""HypLoRA on a Llama-3-8B-shaped model: training-step time and peak memory beside PEFT LoRA.
+
+A LlamaForCausalLM with Llama-3-8B's shapes (hidden 4096, FFN 14336, 32 heads, 8 KV heads, vocabulary
+128256; ``--layers`` of them, 32 by default) and random bf16 weights, frozen; adapters of rank r on
+q, k, v, up and down projections (float32 adapter weights, as PEFT's autocast_adapter_dtype keeps
+them); gradient checkpointing; one step = forward + causal-LM loss + backward on ``--batch`` ×
+``--seq`` random tokens (no optimizer: its cost is the same small update for every method).
+
+Methods, all on the same model and adapter weights, interleaved within each round (order rotated
+from round to round), median over rounds:
+
+* ``peft lora`` — stock PEFT LoRA (the peer);
+* ``hyplora fused`` — :class:`adapters.hyplora.HypLoraLinear` (Triton kernels for the per-token work);
+* ``hyplora unfused`` — the same layer with the kernels switched off (torch ops, ``_TokenScale``);
+* ``hyplora reference-style`` — the reference implementation's op sequence written out below (float32
+  island; expmap0 over d_in, A, B, logmap0 over d_out as separate element-wise ops), swapped in for
+  the layer's ``hyp_delta``.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` during a step, reported in GiB and as the excess
+over the weights held before the step. The losses of the methods are reported (the three HypLoRA
+variants share weights; reference-style uses the reference code's formula, so it differs slightly).
+
+Run: python benchmarks/bench_hyplora_model.py [--layers 32] → benchmarks/results/hyplora_model_cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
+from adapters.kernels import set_fused_enabled  # noqa: E402
+from geoprobe.files import write_json  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def reference_style_delta(module: HypLoraLinear, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """(α/r)·Δ in the reference code's op sequence (HypLoRA's patched PEFT LoRA layer)."""
+    x = module.lora_dropout[adapter](x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        K = module.hyp_curvature(adapter)
+        s = module.hyp_scale(adapter)
+        sk = torch.sqrt(K)
+        xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+        x_space = sk * torch.sinh(torch.clamp(xn / s / sk, max=12.0)) * (x / xn)
+        y = module.lora_B[adapter](module.lora_A[adapter](x_space))
+        y0 = torch.sqrt((y * y).sum(-1, keepdim=True) + 1.0 / torch.clamp(K, min=1e-6))
+        yn = torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp(min=1e-7)
+        theta = y0 / sk
+        eps = torch.clamp(theta - 1.0, min=1e-6)
+        ac = torch.where(theta < 1.01, torch.sqrt(2.0 * eps), torch.arccosh(torch.clamp(theta, min=1.0 + 1e-7)))
+        return module.scaling[adapter] * (sk * ac) * (y / yn)
+
+
+def build_model(layers: int, device: torch.device, small: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:  # a tiny stand-in to check the script on a CPU
+        cfg = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=512)
+    else:
+        cfg = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   vocab_size=128256)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False, **cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=128.0)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora unfused,hyplora reference-style",
+                    help="comma-separated subset of the methods (peft lora is always timed: it is the reference)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run one step per method under torch.profiler: GPU kernel time and kernel count")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (checks the script, e.g. on a CPU)")
+    ap.add_argument("--out", default=str(HERE / "results" / "hyplora_model_cuda.json"))
+    args = ap.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, config = build_model(args.layers, dev, args.small)
+    hyp_cfg = hyplora_config(args.r, args.alpha, TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, hyp_cfg, adapter_name="hyp")
+    peft_model.add_adapter("plain", LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS,
+                                              init_lora_weights=False))
+    n_layers = sum(isinstance(m, HypLoraLinear) for m in peft_model.modules())
+    build_s = time.perf_counter() - t0
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=dev,
+                        generator=torch.Generator(device=dev).manual_seed(1))
+    original_hyp_delta = HypLoraLinear.hyp_delta
+
+    def select(name: str) -> None:
+        HypLoraLinear.hyp_delta = original_hyp_delta
+        set_fused_enabled(True)
+        if name == "peft lora":
+            peft_model.set_adapter("plain")
+            return
+        peft_model.set_adapter("hyp")
+        if name == "hyplora unfused":
+            set_fused_enabled(False)
+        elif name == "hyplora reference-style":
+            HypLoraLinear.hyp_delta = reference_style_delta
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    def step() -> float:
+        out = peft_model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        for p in peft_model.parameters():
+            p.grad = None
+        return float(out.loss.detach())
+
+    known = ["peft lora", "hyplora fused", "hyplora unfused", "hyplora reference-style"]
+    chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft lora"}
+    unknown = chosen - set(known)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {known}")
+    methods = [m for m in known if m in chosen]
+    trainable = {}
+    losses = {}
+    for name in methods:  # warm-up (compilation, cuBLAS handles) and the loss of each method
+        select(name)
+        trainable[name] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        losses[name] = step()
+        step()
+    sync()
+    times = {m: [] for m in methods}
+    peaks = {m: [] for m in methods}
+    for rnd in range(args.repeats):
+        order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
+        for name in order:
+            select(name)
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+                base_mem = torch.cuda.memory_allocated(dev)
+            t = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - t)
+            if cuda:
+                peaks[name].append((torch.cuda.max_memory_allocated(dev), base_mem))
+    profiled = {}
+    if args.profile and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in methods:
+            select(name)
+            sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                sync()
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            profiled[name] = {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+                              "gpu_kernels": sum(e.count for e in kernels)}
+            print(f"{name:<26} profiled step: GPU kernel time {profiled[name]['gpu_kernel_ms']:.1f} ms, "
+                  f"{profiled[name]['gpu_kernels']} kernels", flush=True)
+    select("hyplora fused")
+    ref = statistics.median(times["peft lora"])
+    rows = []
+    for name in methods:
+        med = statistics.median(times[name])
+        row = {"method": name, "median_s_per_step": med, "relative_to_peft_lora": med / ref,
+               "runs_s_per_step": times[name], "loss_at_warmup": losses[name],
+               "trainable_parameters": trainable[name]}
+        if name in profiled:
+            row["profiled_step"] = profiled[name]
+        if peaks[name]:
+            peak = max(p for p, _ in peaks[name])
+            base = min(b for _, b in peaks[name])
+            row["peak_memory_gib"] = peak / 2 ** 30
+            row["peak_over_resident_gib"] = (peak - base) / 2 ** 30
+        rows.append(row)
+        mem = f"  peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_resident_gib']:.2f})" if peaks[name] else ""
+        print(f"{name:<26} {med * 1e3:9.1f} ms/step  {med / ref:.3f}× peft lora{mem}  loss {losses[name]:.4f}",
+              flush=True)
+    result = {
+        "benchmark": "hyplora_model_training_step",
+        "command": "python benchmarks/bench_hyplora_model.py " + " ".join(sys.argv[1:]),
+        "model": {"shape": "Llama-3-8B" if not args.small else "tiny", "layers": args.layers,
+                  "hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                  "vocab": config.vocab_size, "weights": "random bf16, frozen",
+                  "gradient_checkpointing": True},
+        "adapters": {"targets": TARGETS, "r": args.r, "alpha": args.alpha, "adapted_layers": n_layers,
+                     "adapter_dtype": "float32"},
+        "tokens": {"batch": args.batch, "seq": args.seq},
+        "step": "forward + loss + backward (no optimizer)",
+        "repeats": args.repeats,
+        "build_s": build_s,
+        "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
+        "rows": rows,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "peft": __import__("peft").__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    write_json(Path(args.out), result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
