@@ -38,7 +38,7 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub — runs code from the model repository")
     p.add_argument("--n-prompts", type=int, default=200, help="prompts for per-prompt δ")
-    p.add_argument("--layer-positions", type=int, default=3000,
+    p.add_argument("--layer-positions", type=int, default=1200,
                    help="hidden-state positions per layer for intrinsic dimension and δ")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -169,7 +169,7 @@ def _measure(spec: Optional[str], args, command: str):
         raise GeoprobeError("--n-prompts must be ≥ 1 and --layer-positions ≥ 4")
     settings = ProbeSettings(seed=args.seed, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
                              layer_positions=args.layer_positions,
-                             layer_delta_points=min(500, args.layer_positions))
+                             layer_delta_points=min(400, args.layer_positions))
     return probe(lm, corpus, settings=settings, progress=not args.quiet, device=device,
                  command=command, layers=not getattr(args, "no_layers", False))
 

@@ -41,8 +41,8 @@ class ProbeSettings:
     token_sample: int = 1000              # distinct tokens for the embedding δ
     token_repeats: int = 3                # seeded samples of those
     null_repeats: int = 3                 # Gaussian null repeats per point set
-    layer_positions: int = 3000           # hidden-state positions per layer for the ID
-    layer_delta_points: int = 500         # of those, used for per-layer δ
+    layer_positions: int = 1200           # hidden-state positions per layer for the ID
+    layer_delta_points: int = 400         # of those, used for per-layer δ
     max_length: int = 128                 # tokens per document for hidden states
     batch_size: int = 8
     sink_factor: float = 8.0              # ‖h‖ > factor × median ‖h‖ → sink
