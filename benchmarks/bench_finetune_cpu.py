@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
+from geoprobe.errors import DataFormatError  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -109,7 +110,15 @@ def main() -> None:
     from geoprobe.models import load_model
 
     lm = load_model()
-    examples = [e for e in load_examples(DATA / "train.jsonl", limit=N_EXAMPLES)]
+    examples = []  # the first N_EXAMPLES whose answer fits MAX_LENGTH, the same set for every row
+    for ex in load_examples(DATA / "train.jsonl", limit=4 * N_EXAMPLES):
+        try:
+            tokenize_for_training([ex], lm.tokenizer, max_length=MAX_LENGTH)
+        except DataFormatError:
+            continue
+        examples.append(ex)
+        if len(examples) == N_EXAMPLES:
+            break
     results = [run_trainer(lm, examples), run_ours(lm, examples, "lora", packed=False)]
     for method in ("lora", "hyplora", "hydralora"):
         results.append(run_ours(lm, examples, method, packed=True))

@@ -22,7 +22,7 @@ from geoprobe.profile import GeometryProfile
 pytestmark = pytest.mark.slow
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
-SETTINGS = TrainSettings(lr=2e-3, max_steps=6, batch_size=4, max_length=128, save_every=3, seed=0)
+SETTINGS = TrainSettings(lr=2e-3, max_steps=4, batch_size=4, max_length=128, save_every=2, seed=0)
 RANK = 8
 _RUNS: dict[str, Path] = {}
 
@@ -61,8 +61,18 @@ def fixed_batch(lm, data):
 
 @pytest.fixture(scope="module")
 def gelora_plan(lm, data):
-    plan, profile = plan_for_training(lm, data["train"], method="gelora", r=RANK, seed=0)
-    assert len(plan.layer_ranks) == lm.info.n_layers == 30 and len(profile.layers) == 31
+    """GeLoRA ranks from a small real probe of the training prompts (`geoprobe run` below does the
+    full-size one)."""
+    from geoprobe.corpus import Corpus
+    from geoprobe.pipeline import ProbeSettings, probe
+
+    corpus = Corpus.from_texts([e.prompt for e in data["train"]], name="gsm8k prompts")
+    profile = probe(lm, corpus, progress=False, settings=ProbeSettings(
+        n_prompts=16, token_sample=200, token_repeats=1, null_repeats=1, layer_positions=800,
+        layer_delta_points=100))
+    plan, used = plan_for_training(lm, data["train"], method="gelora", r=RANK, profile=profile)
+    assert used is profile and len(plan.layer_ranks) == lm.info.n_layers == 30 and len(profile.layers) == 31
+    assert all(r >= 1 for r in plan.layer_ranks)
     return plan
 
 
@@ -100,7 +110,7 @@ def test_method_trains_saves_loads_and_evaluates(method, lm, data, fixed_batch, 
         live = loaded
         with torch.no_grad():
             assert torch.equal(loaded(**batch).logits, want)
-        res = evaluate(loaded, lm.tokenizer, data["test"], batch_size=10, max_new_tokens=32)
+        res = evaluate(loaded, lm.tokenizer, data["test"], batch_size=20, max_new_tokens=32)
         assert res.n == 20 and len(res.predictions) == 20 and 0.0 <= res.accuracy <= 1.0
         assert all(p["gold"] and isinstance(p["generated"], str) for p in res.predictions)
         assert sum(bool(p["generated"].strip()) for p in res.predictions) >= 15
@@ -119,7 +129,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(lm, data, tmp_path):
         pass
 
     def stop(step, loss):
-        if step == 3:
+        if step == 2:
             raise Interrupt
 
     try:
@@ -133,17 +143,17 @@ def test_interrupted_run_resumes_to_the_same_adapter(lm, data, tmp_path):
                 parent = lm.model.get_submodule(name.rsplit(".", 1)[0])
                 setattr(parent, name.rsplit(".", 1)[1], module.get_base_layer())
         lm.model.__dict__.pop("peft_config", None)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     resumed = finetune(lm.model, lm.tokenizer, data["train"], "lora", out=tmp_path, settings=SETTINGS,
                        progress=False, resume=True, r=RANK, model_name=lm.name, data_name="gsm8k")
     try:
-        assert resumed.resumed_from == 3
+        assert resumed.resumed_from == 2
         a = load_file(str(_RUNS["lora"] / "adapter" / "adapter_model.safetensors"))
         b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         straight = json.loads((_RUNS["lora"] / "results.json").read_text())
         assert resumed.result.loss_values == straight["loss_values"]
-        assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step-3", "step-6"]
+        assert sorted(p.name for p in (tmp_path / CHECKPOINTS).iterdir()) == ["step-2", "step-4"]
     finally:
         resumed.model.unload()
 
