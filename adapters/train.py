@@ -457,6 +457,10 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
         settings: :class:`TrainSettings` (defaults if None).
         resume: continue from the newest checkpoint in ``out`` (same settings and data required).
         on_step: called after every optimizer step (and its checkpoint) with (step, loss).
+
+    ``model`` is modified in place (PEFT injects the adapter layers) and returned inside the
+    :class:`FinetuneRun` as a PeftModel; when the run is interrupted or fails, the adapters are removed
+    again so that ``model`` is as it came in (the newest checkpoint keeps the progress).
         build_kwargs: passed to :func:`adapters.build` (r, alpha, target_modules, curvature, n_heads,
             layer_ranks, dropout, top_k).
 
@@ -490,114 +494,122 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
             raise AdapterError(f"balance_coef applies to HydraLoRA only, not to {method!r}; set it to 0")
         build_kwargs["balance"] = True
     device = next(model.parameters()).device
+    was_training = model.training
     torch.manual_seed(s.seed)
     peft_model = build(model, adapter, base_name=model_name, **build_kwargs)
-    spec = adapter_spec(peft_model)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    if not params:
-        raise AdapterError("the adapter has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup))
-
-    run_id = {
-        "settings": {k: v for k, v in s.to_dict().items() if k not in _NOT_COMPARED},
-        "adapter": {k: v for k, v in spec.to_dict().items() if k not in ("versions", "base_model")},
-        "data_sha256": _data_digest(seqs),
-        "total_steps": total,
-    }
-    run_id = json.loads(json.dumps(run_id))  # compared with the JSON copy in the checkpoint
-    step, micro, tokens_seen, seconds_before = 0, 0, 0, 0.0
-    loss_steps: list[int] = []
-    loss_values: list[float] = []
-    resumed_from = None
-    if start_ckpt is not None:
-        saved_id = json.loads((start_ckpt / STATE).read_text(encoding="utf-8")).get("run")
-        if saved_id != run_id:
-            diff = _describe_diff(saved_id or {}, run_id)
-            raise AdapterError(f"checkpoint {start_ckpt} belongs to a run with other settings or data ({diff}); "
-                               "resume with the original settings, or choose another --out")
-        state = _load_checkpoint(start_ckpt, peft_model, optimizer, scheduler)
-        step, micro = int(state["step"]), int(state["micro_step"])
-        tokens_seen, seconds_before = int(state["tokens_seen"]), float(state["seconds"])
-        loss_steps, loss_values = list(state["loss_steps"]), list(state["loss_values"])
-        resumed_from = step
-        log.info("resuming from %s (step %d of %d)", start_ckpt, step, total)
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    aux_loss = None
-    if s.balance_coef > 0:
-        from .hydralora import hydra_aux_loss as aux_loss
-    extra = {"n_examples": len(list(examples)), "n_dropped_too_long": dropped, "n_sequences": len(seqs),
-             "total_steps": total, "warmup_steps": warmup, "device": str(device),
-             "compute_dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
-             "adapter": spec.to_dict(), "data_sha256": run_id["data_sha256"]}
-
-    def result_record(seconds: float) -> FinetuneResult:
-        return FinetuneResult(
-            method=spec.method, model=model_name or spec.base_model, data=data_name,
-            settings=s.to_dict() | extra | {"resumed_from_step": resumed_from}, seed=s.seed,
-            loss_steps=list(loss_steps), loss_values=list(loss_values),
-            trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
-            tokens_per_second=(tokens_seen / seconds) if seconds > 0 and tokens_seen else None,
-            versions=_versions())
-
-    peft_model.train()
-    t0 = time.perf_counter()
-    bar = _progress_bar(total, step, progress)
     try:
-        while step < total:
-            picks = [order.indices(micro + k) for k in range(s.grad_accum)]
-            batches = [collate([seqs[i] for i in idx], pad) for idx in picks]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            if n_tok == 0:
-                raise DataFormatError(f"step {step + 1} has no answer tokens to train on")
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for b in batches:
-                b = {k: v.to(device) for k, v in b.items()}
-                with autocast:
-                    part, _ = batch_loss(peft_model, b)
-                    objective = part / n_tok
-                    if aux_loss is not None:
-                        objective = objective + s.balance_coef * aux_loss(peft_model) / s.grad_accum
-                objective.backward()
-                loss_sum += float(part.detach())
-            tokens_seen += sum(len(seqs[i]["input_ids"]) for idx in picks for i in idx)
-            loss = loss_sum / n_tok
-            if not math.isfinite(loss):
-                raise AdapterError(f"the training loss became {loss} at step {step + 1}; lower --lr")
-            if s.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            micro += s.grad_accum
-            loss_steps.append(step)
-            loss_values.append(loss)
-            if step % s.save_every == 0 or step == total:
-                elapsed = seconds_before + time.perf_counter() - t0
-                _write_checkpoint(out / CHECKPOINTS, step, peft_model, optimizer, scheduler, {
-                    "step": step, "micro_step": micro, "total_steps": total, "tokens_seen": tokens_seen,
-                    "seconds": elapsed, "loss_steps": loss_steps, "loss_values": loss_values,
-                    "run": run_id}, s.keep_checkpoints)
-                write_json(out / RESULTS, result_record(elapsed).to_dict())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if on_step is not None:
-                on_step(step, loss)
-    finally:
-        bar.close()
-    peft_model.eval()
-    elapsed = seconds_before + time.perf_counter() - t0
-    adapter_dir = save(peft_model, out / ADAPTER)
-    result = result_record(elapsed)
-    results_path = write_json(out / RESULTS, result.to_dict())
-    log.info("fine-tuned %s for %d steps: loss %.4f → %.4f; adapter in %s", spec.method, total,
-             loss_values[0] if loss_values else float("nan"), loss_values[-1] if loss_values else float("nan"),
-             adapter_dir)
-    return FinetuneRun(model=peft_model, result=result, out=out, adapter_dir=adapter_dir,
-                       results_path=results_path, resumed_from=resumed_from)
+        spec = adapter_spec(peft_model)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        if not params:
+            raise AdapterError("the adapter has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup))
+
+        run_id = {
+            "settings": {k: v for k, v in s.to_dict().items() if k not in _NOT_COMPARED},
+            "adapter": {k: v for k, v in spec.to_dict().items() if k not in ("versions", "base_model")},
+            "data_sha256": _data_digest(seqs),
+            "total_steps": total,
+        }
+        run_id = json.loads(json.dumps(run_id))  # compared with the JSON copy in the checkpoint
+        step, micro, tokens_seen, seconds_before = 0, 0, 0, 0.0
+        loss_steps: list[int] = []
+        loss_values: list[float] = []
+        resumed_from = None
+        if start_ckpt is not None:
+            saved_id = json.loads((start_ckpt / STATE).read_text(encoding="utf-8")).get("run")
+            if saved_id != run_id:
+                diff = _describe_diff(saved_id or {}, run_id)
+                raise AdapterError(f"checkpoint {start_ckpt} belongs to a run with other settings or data ({diff}); "
+                                   "resume with the original settings, or choose another --out")
+            state = _load_checkpoint(start_ckpt, peft_model, optimizer, scheduler)
+            step, micro = int(state["step"]), int(state["micro_step"])
+            tokens_seen, seconds_before = int(state["tokens_seen"]), float(state["seconds"])
+            loss_steps, loss_values = list(state["loss_steps"]), list(state["loss_values"])
+            resumed_from = step
+            log.info("resuming from %s (step %d of %d)", start_ckpt, step, total)
+
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        aux_loss = None
+        if s.balance_coef > 0:
+            from .hydralora import hydra_aux_loss as aux_loss
+        extra = {"n_examples": len(list(examples)), "n_dropped_too_long": dropped, "n_sequences": len(seqs),
+                 "total_steps": total, "warmup_steps": warmup, "device": str(device),
+                 "compute_dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+                 "adapter": spec.to_dict(), "data_sha256": run_id["data_sha256"]}
+
+        def result_record(seconds: float) -> FinetuneResult:
+            return FinetuneResult(
+                method=spec.method, model=model_name or spec.base_model, data=data_name,
+                settings=s.to_dict() | extra | {"resumed_from_step": resumed_from}, seed=s.seed,
+                loss_steps=list(loss_steps), loss_values=list(loss_values),
+                trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
+                tokens_per_second=(tokens_seen / seconds) if seconds > 0 and tokens_seen else None,
+                versions=_versions())
+
+        peft_model.train()
+        t0 = time.perf_counter()
+        bar = _progress_bar(total, step, progress)
+        try:
+            while step < total:
+                picks = [order.indices(micro + k) for k in range(s.grad_accum)]
+                batches = [collate([seqs[i] for i in idx], pad) for idx in picks]
+                n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                if n_tok == 0:
+                    raise DataFormatError(f"step {step + 1} has no answer tokens to train on")
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for b in batches:
+                    b = {k: v.to(device) for k, v in b.items()}
+                    with autocast:
+                        part, _ = batch_loss(peft_model, b)
+                        objective = part / n_tok
+                        if aux_loss is not None:
+                            objective = objective + s.balance_coef * aux_loss(peft_model) / s.grad_accum
+                    objective.backward()
+                    loss_sum += float(part.detach())
+                tokens_seen += sum(len(seqs[i]["input_ids"]) for idx in picks for i in idx)
+                loss = loss_sum / n_tok
+                if not math.isfinite(loss):
+                    raise AdapterError(f"the training loss became {loss} at step {step + 1}; lower --lr")
+                if s.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                micro += s.grad_accum
+                loss_steps.append(step)
+                loss_values.append(loss)
+                if step % s.save_every == 0 or step == total:
+                    elapsed = seconds_before + time.perf_counter() - t0
+                    _write_checkpoint(out / CHECKPOINTS, step, peft_model, optimizer, scheduler, {
+                        "step": step, "micro_step": micro, "total_steps": total, "tokens_seen": tokens_seen,
+                        "seconds": elapsed, "loss_steps": loss_steps, "loss_values": loss_values,
+                        "run": run_id}, s.keep_checkpoints)
+                    write_json(out / RESULTS, result_record(elapsed).to_dict())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if on_step is not None:
+                    on_step(step, loss)
+        finally:
+            bar.close()
+        peft_model.eval()
+        elapsed = seconds_before + time.perf_counter() - t0
+        adapter_dir = save(peft_model, out / ADAPTER)
+        result = result_record(elapsed)
+        results_path = write_json(out / RESULTS, result.to_dict())
+        log.info("fine-tuned %s for %d steps: loss %.4f → %.4f; adapter in %s", spec.method, total,
+                 loss_values[0] if loss_values else float("nan"), loss_values[-1] if loss_values else float("nan"),
+                 adapter_dir)
+        return FinetuneRun(model=peft_model, result=result, out=out, adapter_dir=adapter_dir,
+                           results_path=results_path, resumed_from=resumed_from)
+    except BaseException:
+        # interrupted or failed: the newest checkpoint holds the state; hand the caller's model
+        # back without adapters, as it came in
+        peft_model.unload()
+        model.train(was_training)
+        raise
 
 
 def _describe_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:

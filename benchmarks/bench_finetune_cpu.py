@@ -9,7 +9,8 @@ Rows (batch 4, max_length 256, the same 64 training examples, AdamW, lr 3e-4):
 * ours, LoRA / HypLoRA / HydraLoRA (4 heads) with packed sequences (padding-free attention).
 
 Reported per row: median seconds per optimizer step over the steps after the first, and real (non-pad)
-tokens per second. Packed rows carry more examples per step, so compare tokens per second across
+tokens per second; the machine's load average before and after is recorded (other jobs on the two
+cores slow every row). Packed rows carry more examples per step, so compare tokens per second across
 layouts and seconds per step within one layout.
 
 Run: python benchmarks/bench_finetune_cpu.py   → benchmarks/results/finetune_cpu.json
@@ -36,7 +37,7 @@ from geoprobe.errors import DataFormatError  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
-STEPS = 6
+STEPS = 8
 BATCH = 4
 MAX_LENGTH = 256
 N_EXAMPLES = 64
@@ -109,6 +110,8 @@ def run_trainer(lm, examples) -> dict:
 def main() -> None:
     from geoprobe.models import load_model
 
+    load_before = os.getloadavg()
+
     lm = load_model()
     examples = []  # the first N_EXAMPLES whose answer fits MAX_LENGTH, the same set for every row
     for ex in load_examples(DATA / "train.jsonl", limit=4 * N_EXAMPLES):
@@ -129,7 +132,9 @@ def main() -> None:
         "settings": {"steps": STEPS, "batch_size": BATCH, "max_length": MAX_LENGTH, "examples": N_EXAMPLES,
                      "r": R, "torch_threads": torch.get_num_threads()},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__},
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "load_average_1_5_15min_before": list(load_before),
+                    "load_average_1_5_15min_after": list(os.getloadavg())},
         "results": results,
     })
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from adapters.data import collate, load_examples, pack, tokenize_for_training
 from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
@@ -65,9 +66,15 @@ def test_resume_equals_uninterrupted_run(method, extra, accum, examples, tmp_pat
                              seed=3, balance_coef=0.01 if "hydra" in method else 0.0)
     straight = finetune(tiny_llama(), tok, examples, method, out=tmp_path / "a", settings=settings,
                         progress=False, r=4, **extra)
+    victim = tiny_llama()
     with pytest.raises(_Interrupt):
-        finetune(tiny_llama(), tok, examples, method, out=tmp_path / "b", settings=settings, progress=False,
+        finetune(victim, tok, examples, method, out=tmp_path / "b", settings=settings, progress=False,
                  on_step=_stop_at(3), r=4, **extra)
+    # the interrupted run hands the model back without adapters, weights and outputs as before
+    assert not any(isinstance(m, BaseTunerLayer) for m in victim.modules()) and not victim.training
+    ids = torch.tensor([[1, 5, 9, 30]])
+    with torch.no_grad():
+        assert torch.equal(victim(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2, 3]
     resumed = finetune(tiny_llama(), tok, examples, method, out=tmp_path / "b", settings=settings,
                        progress=False, resume=True, r=4, **extra)
