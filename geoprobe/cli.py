@@ -21,10 +21,9 @@ from .errors import GeoprobeError
 
 
 def _slug(name: str) -> str:
-    import re
-    base = os.path.basename(str(name).rstrip("/\\")) or str(name)
-    base = re.sub(r"\.gguf$", "", base, flags=re.I)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+    """File-name slug, the same one the report uses (generic folder names such as ``model`` skipped)."""
+    from .report.html import model_slug
+    return model_slug(name)
 
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
