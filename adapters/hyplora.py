@@ -56,7 +56,7 @@ from geoprobe.errors import AdapterError, InputDataError
 from geoprobe.profile import Record
 
 from .lorentz import MAX_T, logmap0, space_expmap0
-from .kernels.hyplora_fused import hyplora_bottleneck_fused
+from .kernels.hyplora_fused import hyplora_bottleneck_fused, hyplora_linear_fused, linear_fast_path
 
 logger = logging.getLogger(__name__)
 
@@ -511,6 +511,34 @@ class HypLoraLinear(LoraLinear):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         logger.debug("HypLoRA adapter %r on %s: r=%d, K0=%.4g, s0=%.4g, official=%s", adapter_name,
                      kwargs.get("target_name", "?"), r, curvature, math.sqrt(self.in_features), options.official)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """W x + (α/r)·Δ(dropout(x)). With one active, unmerged, consistent-map HypLoRA adapter and the
+        fused kernels available, the update and the addition are one autograd node
+        (:func:`adapters.kernels.hyplora_fused.hyplora_linear_fused`); everything else (several
+        adapters, mixed batches, the official map, CPU) goes through PEFT's dispatch."""
+        name = self._hyp_fast_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        dropout = self.lora_dropout[name]
+        xd = x if isinstance(dropout, nn.Identity) else dropout(x)
+        return hyplora_linear_fused(xd, result, self.lora_A[name].weight, self.lora_B[name].weight,
+                                    self.lora_hyp_k[name], self.lora_hyp_s[name], self.scaling[name])
+
+    def _hyp_fast_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+        if args or kwargs or self.disable_adapters or self.merged:
+            return None
+        active = self.active_adapters
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if name not in self.lora_hyp_k or self.hyp_official.get(name, False):
+            return None
+        if not linear_fast_path(x, self.lora_A[name].weight, self.lora_B[name].weight):
+            return None
+        return name
 
     # -- parameters -------------------------------------------------------------------------------
     def is_hyplora(self, adapter_name: str) -> bool:

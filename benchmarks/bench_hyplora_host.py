@@ -86,12 +86,25 @@ def main() -> None:
                 hf.set_fused_enabled(previous)
         return g
 
+    fast = HypLoraLinear._hyp_fast_adapter
+
+    def dispatch(f):  # the fused Δ kernels reached through PEFT's per-adapter dispatch
+        def g():
+            HypLoraLinear._hyp_fast_adapter = lambda self, x, a, k: None
+            try:
+                f()
+            finally:
+                HypLoraLinear._hyp_fast_adapter = fast
+        return g
+
     res = {
         "peft lora forward+backward": issue_cost(fwd_bwd(lora), args.n),
         "hyplora fused forward+backward": issue_cost(fwd_bwd(hyp), args.n),
+        "hyplora fused via PEFT dispatch forward+backward": issue_cost(dispatch(fwd_bwd(hyp)), args.n),
         "hyplora unfused forward+backward": issue_cost(unfused(fwd_bwd(hyp)), args.n),
         "peft lora forward": issue_cost(fwd(lora), args.n),
         "hyplora fused forward": issue_cost(fwd(hyp), args.n),
+        "hyplora fused via PEFT dispatch forward": issue_cost(dispatch(fwd(hyp)), args.n),
     }
     xf = torch.randn(T, d, device=dev)
     A, B = hyp.lora_A["default"].weight, hyp.lora_B["default"].weight
@@ -107,12 +120,21 @@ def main() -> None:
         hf._fwd_kernel[(-(-T // bt),)](xf, a, G, ca, sqq, rk, rs, 4.0, 0.0, T, d, r, d, r, BT=bt, BD=256, RP=rp,
                                        CUT=1e-4, LIB=True, num_warps=4)
 
+    y = torch.mm(a, B.t())
+    res_out = torch.empty(T, d, device=dev, dtype=torch.bfloat16)
+    base_out = torch.zeros(T, d, device=dev, dtype=torch.bfloat16)
+
+    def launch_linear():
+        hf._fwd_linear_kernel[(T,)](xf, y, base_out, res_out, sqq, rk, rs, 4.0, 0.0, T, d, d, d, d, d, d,
+                                    BI=1024, BO=1024, CUT=1e-4, LIB=True, num_warps=4)
+
     def guard():
         with _no_autocast("cuda"):
             pass
 
     res["piece: torch.mm"] = issue_cost(lambda: torch.mm(xf, A.t()), args.n)
     res["piece: Triton launch (forward kernel)"] = issue_cost(launch, args.n)
+    res["piece: Triton launch (layer forward kernel)"] = issue_cost(launch_linear, args.n)
     res["piece: support check"] = issue_cost(lambda: hf.fused_unsupported_reason(xf, A, B, rk, rs), args.n)
     res["piece: autocast guard"] = issue_cost(guard, args.n)
     for k, v in res.items():

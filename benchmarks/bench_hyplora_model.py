@@ -10,7 +10,10 @@ Methods, all on the same model and adapter weights, interleaved within each roun
 from round to round), median over rounds:
 
 * ``peft lora`` — stock PEFT LoRA (the peer);
-* ``hyplora fused`` — :class:`adapters.hyplora.HypLoraLinear` (Triton kernels for the per-token work);
+* ``hyplora fused`` — :class:`adapters.hyplora.HypLoraLinear` as it runs by default: base output, update
+  and addition as one autograd node (:func:`adapters.kernels.hyplora_fused.hyplora_linear_fused`);
+* ``hyplora fused via dispatch`` — the same Triton kernels for Δ alone, reached through PEFT's
+  per-adapter dispatch (cast, Δ, cast back, addition as separate ops);
 * ``hyplora unfused`` — the same layer with the kernels switched off (torch ops, ``_TokenScale``);
 * ``hyplora reference-style`` — the reference implementation's op sequence written out below (float32
   island; expmap0 over d_in, A, B, logmap0 over d_out as separate element-wise ops), swapped in for
@@ -95,7 +98,8 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=128.0)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora unfused,hyplora reference-style",
+    ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora fused via dispatch,hyplora unfused,"
+                                         "hyplora reference-style",
                     help="comma-separated subset of the methods (peft lora is always timed: it is the reference)")
     ap.add_argument("--profile", action="store_true",
                     help="also run one step per method under torch.profiler: GPU kernel time and kernel count")
@@ -119,9 +123,11 @@ def main() -> None:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=dev,
                         generator=torch.Generator(device=dev).manual_seed(1))
     original_hyp_delta = HypLoraLinear.hyp_delta
+    original_fast = HypLoraLinear._hyp_fast_adapter
 
     def select(name: str) -> None:
         HypLoraLinear.hyp_delta = original_hyp_delta
+        HypLoraLinear._hyp_fast_adapter = original_fast
         set_fused_enabled(True)
         if name == "peft lora":
             peft_model.set_adapter("plain")
@@ -129,6 +135,8 @@ def main() -> None:
         peft_model.set_adapter("hyp")
         if name == "hyplora unfused":
             set_fused_enabled(False)
+        elif name == "hyplora fused via dispatch":
+            HypLoraLinear._hyp_fast_adapter = lambda self, x, a, k: None
         elif name == "hyplora reference-style":
             HypLoraLinear.hyp_delta = reference_style_delta
 
@@ -143,7 +151,7 @@ def main() -> None:
             p.grad = None
         return float(out.loss.detach())
 
-    known = ["peft lora", "hyplora fused", "hyplora unfused", "hyplora reference-style"]
+    known = ["peft lora", "hyplora fused", "hyplora fused via dispatch", "hyplora unfused", "hyplora reference-style"]
     chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft lora"}
     unknown = chosen - set(known)
     if unknown:

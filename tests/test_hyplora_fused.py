@@ -154,6 +154,55 @@ def test_layer_on_cpu_matches_bottleneck_reference(fresh_log):
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
 
 
+def _layer(d_in, d_out, r, *, base_dtype=torch.float32, dropout=0.0, official=False, seed=0):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out, bias=False).to(base_dtype).requires_grad_(False)
+    cfg = hyplora_config(r, 2 * r, ["x"], init_lora_weights=False, official=official, lora_dropout=dropout)
+    layer = HypLoraLinear(base, "default", config=cfg, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+    for name, prm in layer.named_parameters():  # adapter weights in float32, as PEFT's autocast keeps them
+        if "lora" in name:
+            prm.data = prm.data.float()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0.0, 0.3)
+    return layer
+
+
+def test_lean_layer_path_is_chosen_only_for_one_plain_hyplora_adapter(monkeypatch):
+    """The one-node layer path serves exactly: one active, unmerged, consistent-map HypLoRA adapter,
+    no extra forward arguments, kernels available (forced here, whatever the machine has)."""
+    import adapters.hyplora as hyp
+
+    calls = []
+    monkeypatch.setattr(hyp, "linear_fast_path", lambda x, A, B: calls.append(1) or True)
+    layer = _layer(12, 9, 4)
+    x = torch.randn(2, 3, 12)
+    assert layer._hyp_fast_adapter(x, (), {}) == "default"
+    assert layer._hyp_fast_adapter(x, (1,), {}) is None
+    assert layer._hyp_fast_adapter(x, (), {"adapter_names": ["default"] * 2}) is None
+    from peft import LoraConfig
+
+    layer.update_layer("plain", 4, lora_alpha=8, config=LoraConfig(r=4, lora_alpha=8))
+    layer.set_adapter(["default", "plain"])
+    assert layer._hyp_fast_adapter(x, (), {}) is None  # two active adapters
+    layer.set_adapter("plain")
+    assert layer._hyp_fast_adapter(x, (), {}) is None  # a plain LoRA adapter
+    layer.set_adapter("default")
+    assert layer._hyp_fast_adapter(x, (), {}) == "default"
+    layer.enable_adapters(False)
+    assert layer._hyp_fast_adapter(x, (), {}) is None
+    official = _layer(12, 9, 4, official=True)
+    assert official._hyp_fast_adapter(x, (), {}) is None
+    monkeypatch.setattr(hyp, "linear_fast_path", lambda x, A, B: False)
+    assert _layer(12, 9, 4)._hyp_fast_adapter(x, (), {}) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or hyplora_fused._interpreting(),
+                    reason="checks the path taken without CUDA")
+def test_linear_fast_path_is_off_on_cpu():
+    x, A, B, _, _ = _inputs(6, 10, 5, 3, 0.8, torch.float32, "cpu", seed=5)
+    assert not hyplora_fused.linear_fast_path(x, A, B)
+
+
 _INTERPRETER_SCRIPT = r"""
 import math, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -166,6 +215,10 @@ for (T, d_in, d_out, r, K, b_scale) in [(19, 33, 21, 5, 1.7, 0.3), (8, 40, 12, 1
     out, grads = _grads(_fused(0.37), t)
     ref, ref_grads = _grads(_chain(0.37), t)
     worst = max([worst, _rel(out, ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)])
+from tests.test_hyplora_fused import _layer_vs_chain
+for base_dtype, shape in [(torch.float64, (2, 19, 33, 1100, 5)), (torch.float32, (1, 7, 40, 12, 16))]:
+    errs = _layer_vs_chain(base_dtype, shape, "cpu")
+    worst = max([worst] + errs) if base_dtype == torch.float64 else worst
 print("WORST", worst)
 """
 
@@ -280,3 +333,113 @@ def test_rank_above_limit_falls_back_on_cuda(fresh_log, caplog):
     assert len([r for r in caplog.records if r.name == LOGGER and "rank 80" in r.getMessage()]) == 1
     ref, ref_grads = _grads(_chain(1.0), t)
     assert _rel(out, ref) < 1e-12
+
+
+def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, seed=None):
+    """Relative errors of the layer's output and of the gradients of x, A, B, raw K, raw s against
+    base(x) + (α/r)·hyplora_delta in float64 (the lean path must be the one taken)."""
+    import adapters.hyplora as hyp
+
+    lead, T, d_in, d_out, r = shape
+    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    layer = _layer(d_in, d_out, r, base_dtype=base_dtype, dropout=dropout, seed=seed).to(device)
+    if base_dtype == torch.float64:
+        layer.double()
+    x = (torch.randn(lead, T, d_in, dtype=torch.float64, device=device) * 2.0)
+    x[0, 0] = 0.0
+    x[0, 1] *= 1e-5
+    x = x.to(base_dtype).requires_grad_(True)
+    assert layer._hyp_fast_adapter(x, (), {}) == "default"
+    taken = []
+    original = hyp.hyplora_linear_fused
+    hyp.hyplora_linear_fused = lambda *a: taken.append(1) or original(*a)
+    try:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+    finally:
+        hyp.hyplora_linear_fused = original
+    assert taken and out.dtype == base_dtype and out.shape == (lead, T, d_out)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    g = g.to(out.dtype).double()  # the reference gets the incoming gradient exactly as the layer does
+    out.backward(g.to(device, out.dtype))
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
+    leaves = [v.detach().double().clone().requires_grad_(True) for v in [x] + params]
+    w = layer.base_layer.weight.detach().double()
+    ref = leaves[0] @ w.T + 2.0 * hyplora_delta(leaves[0], leaves[1], leaves[2], positive(leaves[3]),
+                                                positive(leaves[4]))
+    grads = torch.autograd.grad(ref, leaves, g.to(device))
+    assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in [x] + params)
+    return [_rel(out, ref)] + [_rel(v.grad, q) for v, q in zip([x] + params, grads)]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(2, 19, 33, 1100, 5), (1, 300, 96, 130, 32), (3, 41, 128, 64, 64)])
+def test_lean_layer_float64_matches_chain(shape):
+    errs = _layer_vs_chain(torch.float64, shape, "cuda")
+    assert max(errs) < 1e-10, errs
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lean_layer_bf16_base_float32_adapter_close_to_chain(autocast):
+    errs = _layer_vs_chain(torch.bfloat16, (2, 50, 256, 192, 32), "cuda", autocast=autocast)
+    assert errs[0] < 1e-2 and max(errs[1:]) < 2e-2, errs  # bf16 output and incoming gradient
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lean_layer_equals_dispatch_path_with_dropout():
+    """Same dropout mask (same RNG draws): the one-node path and PEFT's dispatch agree in float64 in
+    output and every gradient."""
+    layer = _layer(96, 80, 16, dropout=0.2, seed=7).cuda().double()
+    x = torch.randn(2, 33, 96, device="cuda", dtype=torch.float64, requires_grad=True)
+    results = []
+    for fast in (True, False):
+        for prm in layer.parameters():
+            prm.grad = None
+        x.grad = None
+        torch.manual_seed(11)
+        if fast:
+            assert layer._hyp_fast_adapter(x, (), {}) == "default"
+            out = layer(x)
+        else:
+            out = super(HypLoraLinear, layer).forward(x)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in [x] + list(layer.parameters())
+                                         if t.grad is not None])
+    assert len(results[0]) == len(results[1]) == 6
+    for a, b in zip(*results):
+        assert _rel(a, b) < 1e-10
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_direct_launch_equals_triton_launch_across_specialisations():
+    """Token counts 1, 16, 17 and 64 hit different Triton specialisations (== 1, divisible by 16);
+    launching the cached compiled kernels directly gives the same bits as Triton's own launch."""
+    layer = _layer(96, 80, 16, seed=3).cuda()
+    outs = {}
+    for direct in (True, False):
+        previous = hyplora_fused._DIRECT_LAUNCH
+        hyplora_fused._DIRECT_LAUNCH = direct
+        try:
+            for T in (1, 16, 17, 64, 17, 1):
+                x = torch.randn(T, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(T),
+                                requires_grad=True)
+                for prm in layer.parameters():
+                    prm.grad = None
+                out = layer(x)
+                out.square().sum().backward()
+                outs.setdefault(T, []).append([out.detach(), x.grad] + [p.grad for p in layer.parameters()
+                                                                        if p.grad is not None])
+        finally:
+            hyplora_fused._DIRECT_LAUNCH = previous
+    for T, runs in outs.items():
+        first = runs[0]
+        for other in runs[1:]:
+            assert len(other) == len(first) == 6
+            for a, b in zip(first, other):
+                assert torch.equal(a, b), T

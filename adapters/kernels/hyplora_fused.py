@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ else:
     _TRITON_ERROR = None
 
 __all__ = ["MAX_RANK", "fused_available", "fused_unsupported_reason", "hyplora_bottleneck_fused",
-           "set_fused_enabled"]
+           "hyplora_linear_fused", "linear_fast_path", "set_fused_enabled"]
 
 MAX_RANK = 64
 """Largest rank r the kernels hold in registers (the r × r Gram matrix per program)."""
@@ -148,6 +148,47 @@ def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     return out.view(*x.shape[:-1], B.shape[0])
 
 
+def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """True when :func:`hyplora_linear_fused` may take this call: kernels on (CUDA with Triton, or the
+    interpreter on CPU), adapter weights float32/float64 of one dtype, rank ≤ MAX_RANK, a floating
+    input with at least one token on the weights' device. Cheap enough to ask on every forward; every
+    other case (autocast off or on) goes through PEFT's dispatch and :func:`hyplora_bottleneck_fused`."""
+    if not _ENABLED or triton is None:
+        return False
+    dt = A.dtype
+    if dt is not B.dtype or (dt is not torch.float32 and dt is not torch.float64) or A.shape[0] > MAX_RANK:
+        return False
+    dev = x.device
+    if dev != A.device or not x.is_floating_point() or x.numel() == 0:
+        return False
+    return dev.type == "cuda" or (dev.type == "cpu" and _interpreting())
+
+
+def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         raw_k: torch.Tensor, raw_s: torch.Tensor, scale: float) -> torch.Tensor:
+    """``result + scale·Δ(x)`` of a HypLoRA layer in ``result``'s dtype, as one autograd node.
+
+    x: (..., d_in) in any floating dtype (cast to the adapter weights' dtype, as PEFT casts LoRA's
+    input); result: the base layer's output (..., d_out); A (r, d_in), B (d_out, r) float32 or float64;
+    raw_k, raw_s: the layer's one-element raw parameters. Callers check :func:`linear_fast_path` first.
+
+    Forward: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖², q = ‖y‖²
+    (= aᵀBᵀBa), the scalar c of :func:`hyplora_bottleneck_fused` and writes result + c·y. Backward: the
+    kernels of :func:`hyplora_bottleneck_fused` with G = BᵀB. Against PEFT LoRA's
+    ``result + lora_B(lora_A(x)) * scaling`` this issues one kernel in place of the scaling and the
+    addition, and one autograd node in place of five, so a training step that is bound by the host's
+    launch rate pays little for the hyperbolic maps. The autocast state does not matter: the update is
+    computed in the adapter weights' dtype.
+    """
+    apply = _FusedLinear.apply
+    if _DIRECT_APPLY and not torch._C._are_functorch_transforms_active():
+        apply = _LINEAR_APPLY  # autograd.Function.apply without its per-call Python checks
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return apply(x, result, A, B, raw_k, raw_s, float(scale))
+    return apply(x, result, A, B, raw_k, raw_s, float(scale))
+
+
 # --------------------------------------------------------------------------- launch configuration
 def _rank_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
@@ -175,6 +216,58 @@ def _cut(dtype: torch.dtype) -> float:
     return cut
 
 
+_DIRECT_LAUNCH = True
+"""Launch compiled kernels through :class:`_Launcher` (False: always ``kernel[grid](...)``)."""
+
+
+def _spec_key(args: tuple) -> tuple:
+    """What Triton's argument binder specialises a launch on: each tensor's dtype and 16-byte
+    alignment, each integer's ``== 1``, divisibility by 16 and 32-bit range, each float's type."""
+    key = []
+    for v in args:
+        if isinstance(v, torch.Tensor):
+            key.append((v.dtype, v.data_ptr() % 16 == 0))
+        elif isinstance(v, bool):
+            key.append(("b", v))
+        elif isinstance(v, int):
+            key.append((v == 1, v % 16 == 0, -0x80000000 <= v <= 0x7FFFFFFF))
+        else:
+            key.append(type(v))
+    return tuple(key)
+
+
+class _Launcher:
+    """``kernel[grid](*args, **meta)`` with Triton's per-call argument binding done once per
+    specialisation.
+
+    The first launch with a given :func:`_spec_key` (plus the meta-parameters) goes through Triton's
+    own ``JITFunction.run``, which compiles, binds and launches, and returns the compiled kernel; later
+    launches with the same key call that kernel's C launcher directly with the arguments in signature
+    order, as ``JITFunction.run`` itself does after binding. Launch hooks (profilers), the interpreter
+    and ``_DIRECT_LAUNCH = False`` always take Triton's path."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+        self.cache: dict[tuple, Any] = {}
+
+    def __call__(self, grid0: int, args: tuple, **meta: Any) -> None:
+        if not _DIRECT_LAUNCH or _interpreting() or triton.knobs.runtime.launch_enter_hook is not None:
+            self.fn[(grid0,)](*args, **meta)
+            return
+        key = (_spec_key(args), tuple(meta.items()))
+        kernel = self.cache.get(key)
+        if kernel is None:
+            kernel = self.fn[(grid0,)](*args, **meta)
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
+            names = self.fn.arg_names[len(args):]
+            self.cache[key] = (kernel, tuple(meta[n] for n in names))
+            return
+        kernel, tail = kernel
+        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
+        kernel.run(grid0, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+
+
 class _FusedDelta(torch.autograd.Function):
     """x (T, d_in) contiguous → scale·B(c·a). Host work is kept to the few ops the update needs (on a
     training step most adapter layers are bound by the host's launch rate, not by the GPU)."""
@@ -191,8 +284,8 @@ class _FusedDelta(torch.autograd.Function):
         sqq = torch.empty(2 * T, dtype=dt, device=x.device)  # ‖x‖² then aᵀGa, per token
         hi, lo = _split(scale)
         bt = _tokens_per_program(rp)
-        _fwd_kernel[(triton.cdiv(T, bt),)](
-            x, a, G, ca, sqq, raw_k, raw_s, hi, lo, T, d_in, r, x.stride(0), a.stride(0),
+        _FWD(triton.cdiv(T, bt), (
+            x, a, G, ca, sqq, raw_k, raw_s, hi, lo, T, d_in, r, x.stride(0), a.stride(0)),
             BT=bt, BD=256 if d_in >= 256 else max(16, 1 << (d_in - 1).bit_length()), RP=rp, CUT=_cut(dt),
             LIB=not _interpreting(), num_warps=4)
         ctx.save_for_backward(x, A, B, a, ca, G, sqq, raw_k, raw_s)
@@ -217,9 +310,9 @@ class _FusedDelta(torch.autograd.Function):
         gsq2 = torch.empty(T, 1, dtype=dt, device=x.device)  # 2·∂L/∂‖x‖²
         part = torch.empty(nb, r * r + 2, dtype=dt, device=x.device)  # per block: ∂G, ∂k̃, ∂s̃
         hi, lo = _split(ctx.scale)
-        _bwd_kernel[(nb,)](
-            gca, a, G, sqq, raw_k, raw_s, da, gsq2, part, hi, lo, T, r, gca.stride(0), a.stride(0),
-            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), num_warps=4)
+        _BWD(nb, (
+            gca, a, G, sqq, raw_k, raw_s, da, gsq2, part, da, hi, lo, T, r, gca.stride(0), a.stride(0)),
+            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), WRITE_CA=False, num_warps=4)
         gx = gA = gB = gk = gs = None
         if need_x:
             gx = torch.mm(da, A)
@@ -236,6 +329,82 @@ class _FusedDelta(torch.autograd.Function):
             if need_s:
                 gs = _as_grad(tot[r * r + 1], raw_s)
         return gx, gA, gB, gk, gs, None
+
+
+class _FusedLinear(torch.autograd.Function):
+    """(x, result) → result + scale·B(c·a); see :func:`hyplora_linear_fused`."""
+
+    @staticmethod
+    def forward(ctx, x, result, A, B, raw_k, raw_s, scale: float):
+        dt = A.dtype
+        d_in, d_out = A.shape[1], B.shape[0]
+        xf = x.reshape(-1, d_in)
+        if xf.dtype is not dt:
+            xf = xf.to(dt)
+        if not xf.is_contiguous():
+            xf = xf.contiguous()
+        a = torch.mm(xf, A.t())
+        y = torch.mm(a, B.t())
+        res = result.reshape(-1, d_out)
+        out = torch.empty(res.shape, dtype=res.dtype, device=res.device)
+        T = xf.shape[0]
+        sqq = torch.empty(2 * T, dtype=dt, device=xf.device)  # ‖x‖² then ‖y‖², per token
+        hi, lo = _split(scale)
+        _FWD_LINEAR(T, (
+            xf, y, res, out, sqq, raw_k, raw_s, hi, lo, T, d_in, d_out, xf.stride(0), y.stride(0),
+            res.stride(0), out.stride(0)), BI=_block(d_in, 1024), BO=_block(d_out, 1024), CUT=_cut(dt),
+            LIB=not _interpreting(), num_warps=4)
+        ctx.save_for_backward(xf, A, B, a, sqq, raw_k, raw_s)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out.view(result.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        xf, A, B, a, sqq, raw_k, raw_s = ctx.saved_tensors
+        need_x, need_res, need_A, need_B, need_k, need_s, _ = ctx.needs_input_grad
+        dt = A.dtype
+        T, r = a.shape
+        rp = _rank_pad(r)
+        bt = _tokens_per_program(rp)
+        nb = triton.cdiv(T, bt)
+        gf = g.reshape(T, -1)
+        if gf.dtype is not dt:
+            gf = gf.to(dt)
+        if not gf.is_contiguous():
+            gf = gf.contiguous()
+        gca = torch.mm(gf, B)
+        G = torch.mm(B.t(), B)
+        dca = torch.empty(2, T, r, dtype=dt, device=a.device)  # ∂L/∂a, then c·a
+        gsq2 = torch.empty(T, 1, dtype=dt, device=a.device)  # 2·∂L/∂‖x‖²
+        part = torch.empty(nb, r * r + 2, dtype=dt, device=a.device)  # per block: ∂G, ∂k̃, ∂s̃
+        da, ca = dca[0], dca[1]
+        hi, lo = _split(ctx.scale)
+        _BWD(nb, (
+            gca, a, G, sqq, raw_k, raw_s, da, gsq2, part, ca, hi, lo, T, r, gca.stride(0), a.stride(0)),
+            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), WRITE_CA=True, num_warps=4)
+        gx = gA = gB = gk = gs = None
+        if need_x:
+            gx = torch.mm(da, A)
+            gx.addcmul_(xf, gsq2)
+            gx = gx.view(ctx.x_shape)  # the engine casts it to x's dtype
+        if need_A:
+            gA = torch.mm(da.t(), xf)
+        if need_B or need_k or need_s:
+            tot = part.sum(dim=0)
+            if need_B:
+                gB = torch.mm(gf.t(), ca)
+                gB.addmm_(B, tot[:r * r].view(r, r), alpha=2.0)
+            if need_k:
+                gk = _as_grad(tot[r * r], raw_k)
+            if need_s:
+                gs = _as_grad(tot[r * r + 1], raw_s)
+        return gx, (g if need_res else None), gA, gB, gk, gs, None
+
+
+def _block(d: int, most: int) -> int:
+    return min(most, max(16, 1 << (d - 1).bit_length()))
 
 
 def _as_grad(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -337,8 +506,9 @@ if triton is not None:
         tl.store(SQ + T + rows, q_raw, mask=rmask)
 
     @triton.jit
-    def _bwd_kernel(GCA, Aa, G, SQ, RK, RS, DA, GSQ2, PART, scale_hi, scale_lo, T, R, stride_g,
-                    stride_a, BT: tl.constexpr, RP: tl.constexpr, CUT: tl.constexpr, LIB: tl.constexpr):
+    def _bwd_kernel(GCA, Aa, G, SQ, RK, RS, DA, GSQ2, PART, CA, scale_hi, scale_lo, T, R, stride_g,
+                    stride_a, BT: tl.constexpr, RP: tl.constexpr, CUT: tl.constexpr, LIB: tl.constexpr,
+                    WRITE_CA: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BT + tl.arange(0, BT)
         rmask = rows < T
@@ -381,6 +551,8 @@ if triton is not None:
         Ga = tl.sum(Gm[None, :, :] * a[:, None, :], axis=2)  # (G a)_i = Σ_j G_ij a_j
         da = c[:, None] * gca + g_q[:, None] * (aG + Ga)
         tl.store(DA + rows64[:, None] * stride_a + ri[None, :], da, mask=am)
+        if WRITE_CA:  # c·a for ∂B (the layer path does not keep it from the forward)
+            tl.store(CA + rows64[:, None] * stride_a + ri[None, :], a * c[:, None], mask=am)
         tl.store(GSQ2 + rows, 2.0 * g_sq, mask=rmask)
         wa = a * g_q[:, None]
         dG = tl.sum(wa[:, :, None] * a[:, None, :], axis=0)
@@ -388,3 +560,48 @@ if triton is not None:
         tl.store(base + ri[:, None] * R + ri[None, :], dG, mask=gm)
         tl.store(base + R * R, tl.sum(g_k, axis=0) * dK_draw)
         tl.store(base + R * R + 1, tl.sum(g_s, axis=0) * ds_draw)
+
+    @triton.jit
+    def _fwd_linear_kernel(X, Y, RES, OUT, SQ, RK, RS, scale_hi, scale_lo, T, D_IN, D_OUT, stride_x,
+                           stride_y, stride_r, stride_o, BI: tl.constexpr, BO: tl.constexpr,
+                           CUT: tl.constexpr, LIB: tl.constexpr):
+        """One token per program: ‖x‖², q = ‖y‖², c, then out = result + c·y (in result's dtype)."""
+        row = tl.program_id(0).to(tl.int64)
+        ct = Y.dtype.element_ty
+        ci = tl.arange(0, BI)
+        acc = tl.zeros([BI], dtype=ct)
+        for d0 in range(0, D_IN, BI):
+            xv = tl.load(X + row * stride_x + d0 + ci, mask=(d0 + ci) < D_IN, other=0.0).to(ct)
+            acc += xv * xv
+        sq = tl.sum(acc, axis=0)
+        co = tl.arange(0, BO)
+        accq = tl.zeros([BO], dtype=ct)
+        for d0 in range(0, D_OUT, BO):
+            yv = tl.load(Y + row * stride_y + d0 + co, mask=(d0 + co) < D_OUT, other=0.0)
+            accq += yv * yv
+        q = tl.sum(accq, axis=0)
+        K, _ = _positive(tl.load(RK), LIB)
+        s, _ = _positive(tl.load(RS), LIB)
+        K = K.to(ct)
+        s = s.to(ct)
+        u, t, tc, S, c1, v, vs, ash, Rv = _scalars(sq, q, K, s, CUT, LIB)
+        scale = tl.cast(scale_hi, ct) + tl.cast(scale_lo, ct)
+        c = (scale * c1) * Rv
+        for d0 in range(0, D_OUT, BO):
+            m = (d0 + co) < D_OUT
+            yv = tl.load(Y + row * stride_y + d0 + co, mask=m, other=0.0)
+            rv = tl.load(RES + row * stride_r + d0 + co, mask=m, other=0.0).to(ct)
+            tl.store(OUT + row * stride_o + d0 + co, (rv + c * yv).to(OUT.dtype.element_ty), mask=m)
+        tl.store(SQ + row, sq)
+        tl.store(SQ + T + row, q)
+
+
+    _FWD = _Launcher(_fwd_kernel)
+    _BWD = _Launcher(_bwd_kernel)
+    _FWD_LINEAR = _Launcher(_fwd_linear_kernel)
+
+_DIRECT_APPLY = True
+"""Call the C ``apply`` of :class:`_FusedLinear` directly: ``torch.autograd.Function.apply`` adds a
+pytree pass over the arguments (for functorch's dead wrappers) and a ``setup_context`` check on every
+call; neither applies here (no functorch transform active, checked per call; no ``setup_context``)."""
+_LINEAR_APPLY = super(torch.autograd.Function, _FusedLinear).apply
