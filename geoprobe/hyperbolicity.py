@@ -26,6 +26,7 @@ give small δ_rel (distance concentration), so every δ_rel needs a matched null
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any, Optional
@@ -248,17 +249,48 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
     if not bool(torch.isfinite(t).all()):
         what = "distance matrix" if distances else "points"
         raise InputDataError(f"the {what} hold NaN or inf entries; repair or drop those points first")
-    if distances:
-        D = torch.from_numpy(_validated_distances(t.cpu().numpy())).to(t.device)
-    else:
-        D = delta_torch.euclidean_distances_torch(t, refine=REFINE)
-    diam = float(D.max())
-    _require_spread(diam, D.shape[0])
-    if mode == "fixed":
-        d = delta_torch.delta_fixed_torch(D, base_point, block=block)
-    else:
-        d = delta_torch.delta_exact_torch(D, first=base_point, block=block)
+    n = t.shape[0]
+    free = _cuda_free_bytes(t.device)
+    if n * n * CUDA_BYTES_PER_PAIR > free:
+        raise InputDataError(cuda_memory_message(n, free))
+    try:
+        if distances:
+            D = torch.from_numpy(_validated_distances(t.cpu().numpy())).to(t.device)
+        else:
+            D = delta_torch.euclidean_distances_torch(t, refine=REFINE)
+        diam = float(D.max())
+        _require_spread(diam, D.shape[0])
+        if mode == "fixed":
+            d = delta_torch.delta_fixed_torch(D, base_point, block=block)
+        else:
+            d = delta_torch.delta_exact_torch(D, first=base_point, block=block)
+    except torch.cuda.OutOfMemoryError:
+        raise InputDataError(cuda_memory_message(n, _cuda_free_bytes(t.device))) from None
     return d, diam, "torch-cuda"
+
+
+CUDA_BYTES_PER_PAIR = 48
+"""Peak GPU memory of δ per point pair: the float64 distance matrix, its Gram/difference temporaries
+and the float64 Gromov-product matrix with its float32 copy (≈ 6 n × n arrays of 8 bytes)."""
+
+
+def _cuda_free_bytes(device) -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def cuda_memory_message(n: int, free_bytes: int) -> str:
+    """The error for a δ problem that does not fit: the size asked for, the memory it needs and the
+    largest point count that fits (δ needs every pairwise distance at once; it cannot be chunked
+    below the n × n matrix)."""
+    need = n * n * CUDA_BYTES_PER_PAIR
+    fits = max(0, int(math.isqrt(max(0, free_bytes) // CUDA_BYTES_PER_PAIR)))
+    return (f"δ on {n:,} points needs about {need / 2 ** 30:.1f} GiB of GPU memory (every pairwise distance "
+            f"at once) but {free_bytes / 2 ** 30:.1f} GiB are free; the largest set that fits is about "
+            f"{fits:,} points: subsample the points (δ is estimated on samples anyway) or pass a CPU "
+            "array to run on the CPU")
 
 
 # --------------------------------------------------------------------------- public API

@@ -383,3 +383,15 @@ def test_bad_null_options():
         gaussian_null(X, n_repeats=0)
     with pytest.raises(InputDataError, match="NaN"):
         gaussian_null(np.full((5, 2), np.nan))
+
+
+def test_cuda_memory_message_names_need_and_largest_fitting_size():
+    from geoprobe.hyperbolicity import CUDA_BYTES_PER_PAIR, cuda_memory_message
+
+    free = 10 * 2 ** 30 + 12345
+    msg = cuda_memory_message(100_000, free)
+    fits = int(msg.split("largest set that fits is about ")[1].split(" points")[0].replace(",", ""))
+    assert fits ** 2 * CUDA_BYTES_PER_PAIR <= free < (fits + 1) ** 2 * CUDA_BYTES_PER_PAIR
+    need = float(msg.split("needs about ")[1].split(" GiB")[0])
+    assert abs(need - 100_000 ** 2 * CUDA_BYTES_PER_PAIR / 2 ** 30) < 0.05
+    assert "100,000 points" in msg and "subsample" in msg

@@ -144,3 +144,16 @@ def test_plain_kernel_under_triton_interpreter():
     if proc.returncode != 0 and "InterpreterError" in proc.stderr and "Python scalars" in proc.stderr:
         pytest.skip("this Triton's interpreter does not run with the installed numpy")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_too_large_delta_is_refused_before_allocating():
+    from geoprobe.errors import InputDataError
+
+    before = torch.cuda.memory_allocated()
+    x = torch.randn(300_000, 3, device="cuda")
+    with pytest.raises(InputDataError, match="largest set that fits"):
+        delta(x)
+    del x
+    assert torch.cuda.memory_allocated() == before
