@@ -16,6 +16,29 @@ single product through an N·r-wide bottleneck. ``A`` and the router read the sa
 dropout [A; W_router] x is one product too. :func:`hydralora_delta_reference` is the plain per-head
 loop (A x recomputed per head, as the reference code does) the fused layer is tested against.
 
+Single-function path (the default). Written module by module, the layer issues about a dozen small
+tensor operations per call in forward and again in backward, each with its own autograd node; at a few
+thousand tokens per step a Llama-sized model is then partly bound by the host's launch rate, not by
+arithmetic. :class:`_HydraLinearFn` computes the whole layer
+
+    y = W x (+ b) + (α/r)·[B_1 … B_N](g ⊗ a),   [a; l] = [A; W_router] x,   g = softmax(l)
+
+as one ``torch.autograd.Function`` with the base product inside it and a hand-written backward. With
+G = dL/dy and dz = (α/r)·G·[B_1 … B_N] split into N blocks dz_i of width r:
+
+    da = Σ_i g_i dz_i,   dg_i = ⟨dz_i, a⟩,   dl = g ⊙ (dg − ⟨g, dg⟩),
+    d[B_1 … B_N] = (α/r)·Gᵀ(g ⊗ a),   d[A; W_router] = [da, dl]ᵀ x,
+    dx = G W + [da, dl]·[A; W_router]   (the second product added in place to the first).
+
+Per layer that is 8 kernel-launching operations forward and 11 backward with float32 adapter weights on
+a bfloat16 base, against 7 and 10 for PEFT LoRA and 10 and 16 for the module path (one autograd node
+instead of about ten; benchmarks/bench_hydralora_model.py counts them). The precision is the module
+path's: x is cast to the adapter weights' dtype (PEFT's convention), and (α/r)·Δ is added to W x in that
+dtype before the sum is rounded to the base dtype. The path serves one active adapter with dense
+live routing (no top-k, no frozen gates) and no active dropout, on a frozen plain ``nn.Linear`` base
+without hooks, outside ``torch.autocast``; every other call takes the module path
+(``HydraLoraLinear.use_lean_path = False`` forces it). Its backward cannot be differentiated again.
+
 Router initialisation. ``lora_hydra_router`` starts Kaiming-uniform (a = √5, the ``nn.Linear``
 default), not zero: with B_i = 0 and a zero router every head receives the same gradient
 (g_i = 1/N for every token) and the router's gradient vanishes, so the heads would stay identical
@@ -65,6 +88,8 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _nn_module
 
 from geoprobe.errors import AdapterError
 
@@ -163,6 +188,96 @@ def _balance_loss(probs: torch.Tensor) -> torch.Tensor:
     return n * (f * flat.mean(dim=0)).sum()
 
 
+_unsafe_view = torch.ops.aten._unsafe_view.default  # a reshape whose result autograd does not treat as a view
+_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A cached 0-dim zero of ``like``'s dtype and device: the ignored ``input`` of addmm(…, beta=0, alpha=s),
+    which applies the scale s inside the product instead of as a separate op."""
+    key = (like.device, like.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
+class _HydraLinearFn(torch.autograd.Function):
+    """y = x Wᵀ (+ b) + s·z Bᵀ with z = g ⊗ a, [a, logits] = x [A; W_router]ᵀ, g = softmax(logits).
+
+    Inputs: x (…, d_in) in the base dtype; the frozen base ``weight`` (d_out, d_in) and ``bias``; A (r, d_in),
+    R = W_router (N, d_in) and B = [B_1 … B_N] (d_out, N·r) in the adapter dtype; s = α/r. Returns y (…, d_out)
+    and the gates g (…, N) (differentiable, for the load-balancing loss). The adapter products run in the
+    adapter dtype (x cast to it, as PEFT does); W x is computed in the base dtype and s·z Bᵀ is added to it in
+    the adapter dtype before the result is rounded to the base dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, R, B, scaling, r):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xc = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+        wc = torch.cat((A, R))
+        a, logits = torch.mm(xc, wc.t()).split((r, R.shape[0]), 1)
+        p = torch.softmax(logits, 1)
+        z = torch.mul(p.unsqueeze(2), a.unsqueeze(1)).view(x2.shape[0], -1)  # g ⊗ a, (T, N·r)
+        out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        if out.dtype == B.dtype:
+            out.addmm_(z, B.t(), alpha=scaling)
+        else:  # W x + s·Δ summed in the adapter dtype, rounded once to the base dtype
+            out.add_(torch.mm(z, B.t()), alpha=scaling)
+        ctx.save_for_backward(xc, weight, wc, B, a, p, z)
+        ctx.scaling = scaling
+        ctx.x_shape = shape
+        ctx.set_materialize_grads(False)
+        return _unsafe_view(out, (*shape[:-1], out.shape[1])), _unsafe_view(p, (*shape[:-1], p.shape[1]))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gp):
+        xc, weight, wc, B, a, p, z = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, _, need_A, need_R, need_B = ctx.needs_input_grad[:6]
+        tokens, n = p.shape
+        r = a.shape[1]
+        dx = dA = dR = dB = None
+        da = dp = None
+        g2 = None
+        if gy is not None:
+            g2 = gy.reshape(tokens, gy.shape[-1])
+            gc = g2 if g2.dtype == B.dtype else g2.to(B.dtype)
+            zero = _zero(gc)
+            if need_B:
+                dB = torch.addmm(zero, gc.t(), z, beta=0, alpha=s)  # s·Gᵀ(g ⊗ a)
+            if need_x or need_A or need_R:
+                dz = torch.addmm(zero, gc, B, beta=0, alpha=s).view(tokens, n, r)  # s·G B, per head
+                da = torch.bmm(p.unsqueeze(1), dz).view(tokens, r)  # Σ_i g_i dz_i
+                dp = torch.bmm(dz, a.unsqueeze(2)).view(tokens, n)  # ⟨dz_i, a⟩
+        if gp is not None:  # the gates' own gradient (load-balancing loss)
+            gp2 = gp.reshape(tokens, n)
+            dp = gp2 if dp is None else dp + gp2
+        dh = None
+        if dp is not None and (need_x or need_A or need_R):
+            dl = torch._softmax_backward_data(dp, p, 1, p.dtype)
+            if da is None:
+                da = dl.new_zeros(tokens, r)
+            dh = torch.cat((da, dl), 1)  # gradient of [a, logits]
+            if need_A or need_R:
+                dA, dR = torch.mm(dh.t(), xc).split((r, n))
+        if need_x and (g2 is not None or dh is not None):
+            if g2 is None:
+                dx2 = torch.mm(dh, wc).to(weight.dtype)
+            else:
+                dx2 = torch.mm(g2, weight)
+                if dh is not None:
+                    if dx2.dtype == wc.dtype:
+                        dx2.addmm_(dh, wc)
+                    else:
+                        dx2.add_(torch.mm(dh, wc))
+            dx = dx2.view(ctx.x_shape)
+        return dx, None, None, dA, dR, dB, None, None
+
+
 def hydralora_delta_reference(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -205,6 +320,9 @@ class HydraLoraLinear(LoraLinear):
     ``nn.Linear(N·r, d_out)``, zero-initialised), ``lora_hydra_router`` (``nn.Linear(d_in, N)``,
     Kaiming-uniform). PEFT's plain ``lora_B`` is not used and is removed.
     """
+
+    #: take :class:`_HydraLinearFn` wherever it serves the call (see the module docstring)
+    use_lean_path: bool = True
 
     adapter_layer_names = LoraLinear.adapter_layer_names + ("lora_hydra_B", "lora_hydra_router")
     other_param_names = LoraLinear.other_param_names + (
@@ -268,16 +386,59 @@ class HydraLoraLinear(LoraLinear):
                 a, logits = F.linear(dropout(x), A), F.linear(x, router)
             probs, g = _gates(logits, self.hydra_top_k[adapter])
         if record:
-            if probs is not None and self.hydra_balance[adapter]:
-                self.hydra_last_aux[adapter] = _balance_loss(probs)
-            else:
-                self.hydra_last_aux.pop(adapter, None)
-            if self.hydra_recording:
-                flat = g.detach().reshape(-1, n).double()
-                acc = self.hydra_gate_sums.setdefault(adapter, [torch.zeros(n, dtype=torch.float64), 0])
-                acc[0] = acc[0] + flat.sum(dim=0).cpu()
-                acc[1] += flat.shape[0]
+            self._record(adapter, probs, g)
         return (g.unsqueeze(-1) * a.unsqueeze(-2)).reshape(*a.shape[:-1], n * r)  # g ⊗ a
+
+    def _record(self, adapter: str, probs: Optional[torch.Tensor], g: torch.Tensor) -> None:
+        """Store the load-balancing loss (from the full softmax ``probs``; None with frozen gates) and, inside
+        :func:`record_routing`, accumulate the gates ``g``."""
+        if probs is not None and self.hydra_balance[adapter]:
+            self.hydra_last_aux[adapter] = _balance_loss(probs)
+        else:
+            self.hydra_last_aux.pop(adapter, None)
+        if self.hydra_recording:
+            n = g.shape[-1]
+            flat = g.detach().reshape(-1, n).double()
+            acc = self.hydra_gate_sums.setdefault(adapter, [torch.zeros(n, dtype=torch.float64), 0])
+            acc[0] = acc[0] + flat.sum(dim=0).cpu()
+            acc[1] += flat.shape[0]
+
+    def _lean_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole layer through :class:`_HydraLinearFn`, or None where that path does not serve the call
+        (several or no active adapters, top-k, frozen gates, active dropout, a base layer other than a frozen
+        plain ``nn.Linear`` without hooks, mismatched dtypes, autocast)."""
+        if not self.use_lean_path or self.merged or self.disable_adapters:
+            return None
+        adapter = self.active_adapter
+        if not isinstance(adapter, str):
+            if len(adapter) != 1:
+                return None
+            adapter = adapter[0]
+        if adapter not in self.lora_hydra_B or adapter in self.hydra_frozen_gates:
+            return None
+        top_k = self.hydra_top_k[adapter]
+        if top_k is not None and top_k < self.hydra_heads[adapter]:
+            return None
+        dropout = self.lora_dropout[adapter]
+        if dropout.training and type(dropout) is not nn.Identity:
+            return None
+        base = self.base_layer
+        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                or base._backward_pre_hooks or "forward" in base.__dict__ or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks):
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or x.dtype != weight.dtype or (bias is not None and bias.requires_grad):
+            return None
+        A = self.lora_A[adapter].weight
+        R = self.lora_hydra_router[adapter].weight
+        B = self.lora_hydra_B[adapter].weight
+        if not (A.dtype == R.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
+            return None
+        y, probs = _HydraLinearFn.apply(x, weight, bias, A, R, B, self.scaling[adapter], self.r[adapter])
+        self._record(adapter, probs, probs)
+        return y
 
     def _hydra_delta(self, x: torch.Tensor, adapter: str, record: bool = True) -> torch.Tensor:
         """(α/r) · Σ_i g_i(x) B_i A x."""
@@ -285,6 +446,10 @@ class HydraLoraLinear(LoraLinear):
 
     # ---- PEFT entry points
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:
+            y = self._lean_forward(x)
+            if y is not None:
+                return y
         self._check_forward_args(x, *args, **kwargs)
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
