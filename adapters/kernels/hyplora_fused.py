@@ -222,18 +222,12 @@ _DIRECT_LAUNCH = True
 
 def _spec_key(args: tuple) -> tuple:
     """What Triton's argument binder specialises a launch on: each tensor's dtype and 16-byte
-    alignment, each integer's ``== 1``, divisibility by 16 and 32-bit range, each float's type."""
-    key = []
-    for v in args:
-        if isinstance(v, torch.Tensor):
-            key.append((v.dtype, v.data_ptr() % 16 == 0))
-        elif isinstance(v, bool):
-            key.append(("b", v))
-        elif isinstance(v, int):
-            key.append((v == 1, v % 16 == 0, -0x80000000 <= v <= 0x7FFFFFFF))
-        else:
-            key.append(type(v))
-    return tuple(key)
+    alignment, each integer's ``== 1``, divisibility by 16 and 32-bit range, any other value's type
+    (and a bool's value)."""
+    tensor = torch.Tensor
+    return tuple([(v.dtype, v.data_ptr() & 15 == 0) if type(v) is tensor or isinstance(v, tensor)
+                  else (v == 1, v & 15 == 0, -0x80000000 <= v <= 0x7FFFFFFF) if type(v) is int
+                  else (bool, v) if type(v) is bool else type(v) for v in args])
 
 
 class _Launcher:
