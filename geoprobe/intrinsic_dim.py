@@ -43,12 +43,23 @@ count). ``error`` is that scale's error; every scale is listed in ``scales``.
 Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8 after
 round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1). Points are
 therefore deduplicated first (:func:`deduplicate`) and the neighbour distances recomputed exactly in
-float64 (:mod:`geoprobe.kernels.knn`: float32 matrix-product selection, certified by a rounding-error
-bound, then direct float64 differences); ``n_points`` is the number of points left and
-``n_duplicates_removed`` the number removed.
+float64 (:mod:`geoprobe.kernels.knn`: a float32 (CPU) or 3xTF32 (CUDA) matrix-product selection,
+certified by a rounding-error bound, then direct float64 differences); ``n_points`` is the number of
+points left and ``n_duplicates_removed`` the number removed.
+
+Many point sets at once. :func:`intrinsic_dimension_layers` takes every layer's hidden states (a
+sequence of (N_l, D) arrays or one (L, N, D) tensor) and returns the list of results, equal to calling
+:func:`intrinsic_dimension` per layer (all fields but ``seconds``). On the CPU it is that loop. On CUDA
+it keeps the layers on the GPU and queues each group of layers' work without waiting for the device:
+finiteness and exact-duplicate hashes of every layer, one host synchronisation, then every layer's
+selection products, candidate distances and certificates
+(:func:`geoprobe.kernels.knn.distances_at_ranks_queued`), one copy of all the distances to the host,
+and the estimates. A layer whose certificate fails, that has near-duplicates or that is otherwise
+unusual is recomputed by :func:`intrinsic_dimension` itself, so the answers stay the same.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -58,13 +69,14 @@ import numpy as np
 import torch
 
 from .errors import InputDataError
-from .kernels.knn import as_float64_points, distances_at_ranks, knn_distances
+from .kernels.knn import (Selection, as_float64_points, check_selection, distances_at_ranks,
+                          distances_at_ranks_queued, knn_distances)
 from .profile import IDResult, IDScale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["intrinsic_dimension", "deduplicate", "knn_distances", "twonn_mle", "twonn_linear_fit",
-           "gride_mle", "gride_scales"]
+__all__ = ["intrinsic_dimension", "intrinsic_dimension_layers", "deduplicate", "knn_distances",
+           "twonn_mle", "twonn_linear_fit", "gride_mle", "gride_scales"]
 
 ESTIMATORS = ("twonn", "gride")
 
@@ -215,21 +227,8 @@ def _exact_first_occurrences(x64: torch.Tensor) -> torch.Tensor:
     arithmetic, so equal rows hash equally); only rows whose hash repeats are compared byte by byte.
     Rows equal in value but not in bits (−0.0 against +0.0) are left to the tolerance step, where
     their distance 0 makes them duplicates too."""
-    n, dim = x64.shape
-    weights = np.random.default_rng(0x5EED).integers(0, 2 ** 62, size=dim, dtype=np.uint64) * 2 + 1
-    step = max(1, (1 << 20) // dim)
-    if x64.device.type == "cpu":  # numpy's unsigned arithmetic wraps by definition
-        bits = x64.contiguous().numpy().view(np.uint64)
-        hn = np.empty(n, dtype=np.uint64)
-        for s in range(0, n, step):
-            hn[s:s + step] = (bits[s:s + step] * weights).sum(axis=1)
-        h = torch.from_numpy(hn.view(np.int64))
-    else:
-        bits = x64.contiguous().view(torch.int64)
-        w = torch.from_numpy(weights.view(np.int64)).to(x64.device)
-        h = torch.empty(n, dtype=torch.int64, device=x64.device)
-        for s in range(0, n, 64 * step):
-            h[s:s + 64 * step] = (bits[s:s + 64 * step] * w).sum(dim=1)
+    n = x64.shape[0]
+    h = _row_hashes(x64)
     _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
     keep = torch.ones(n, dtype=torch.bool, device=x64.device)
     clash = torch.nonzero(counts[inverse] > 1).flatten()
@@ -239,6 +238,41 @@ def _exact_first_occurrences(x64: torch.Tensor) -> torch.Tensor:
         same = [seen.setdefault(rows[j].tobytes(), j) != j for j in range(rows.shape[0])]
         keep[clash[torch.tensor(same, dtype=torch.bool, device=x64.device)]] = False
     return torch.nonzero(keep).flatten()
+
+
+def _row_hashes(x64: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash of every row's bit pattern (int64 tensor on the rows' device): equal rows hash
+    equally. No host synchronisation on CUDA."""
+    n, dim = x64.shape
+    weights = _hash_weights(dim)
+    step = max(1, (1 << 20) // dim)
+    if x64.device.type == "cpu":  # numpy's unsigned arithmetic wraps by definition
+        bits = x64.contiguous().numpy().view(np.uint64)
+        hn = np.empty(n, dtype=np.uint64)
+        for s in range(0, n, step):
+            hn[s:s + step] = (bits[s:s + step] * weights).sum(axis=1)
+        return torch.from_numpy(hn.view(np.int64))
+    bits = x64.contiguous().view(torch.int64)
+    w = _device_hash_weights(dim, x64.device)
+    h = torch.empty(n, dtype=torch.int64, device=x64.device)
+    for s in range(0, n, 64 * step):
+        h[s:s + 64 * step] = (bits[s:s + 64 * step] * w).sum(dim=1)
+    return h
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_weights(dim: int) -> np.ndarray:
+    """Random odd 64-bit weights of the row hash (fixed seed)."""
+    w = np.random.default_rng(0x5EED).integers(0, 2 ** 62, size=dim, dtype=np.uint64) * 2 + 1
+    w.setflags(write=False)
+    return w
+
+
+@functools.lru_cache(maxsize=16)
+def _device_hash_weights(dim: int, device: torch.device) -> torch.Tensor:
+    """The weights as an int64 tensor on ``device``, kept: a host → device copy waits for the work
+    queued before it."""
+    return torch.from_numpy(_hash_weights(dim).view(np.int64).copy()).to(device)
 
 
 def _data_scale(x64: torch.Tensor) -> float:
@@ -279,7 +313,8 @@ def _usable(ranks: list[int], n: int) -> list[int]:
 
 
 def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
-           min_points: int) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor]]:
+           min_points: int, selection: Selection = None
+           ) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor]]:
     """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks and the kept rows'
     exact distances at those ranks (None when fewer than two rows are kept)."""
     n = x64.shape[0]
@@ -294,7 +329,7 @@ def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
         return xu, [], None
     tau = tol * _data_scale(xu)
     ranks = _usable(ranks_for(n_unique), n_unique)
-    dist, near = distances_at_ranks(xu, ranks, tau=tau)
+    dist, near = distances_at_ranks(xu, ranks, tau=tau, selection_dtype=selection)
     assert near is not None
     if bool(near.any()):
         xu = xu[~near]
@@ -304,7 +339,7 @@ def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
         dist = None
         if xu.shape[0] >= 2:
             ranks = _usable(ranks_for(xu.shape[0]), xu.shape[0])
-            dist, _ = distances_at_ranks(xu, ranks)
+            dist, _ = distances_at_ranks(xu, ranks, selection_dtype=selection)
     if n > xu.shape[0]:
         logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
                     n, n - n_unique, n_unique - xu.shape[0], tau)
@@ -312,20 +347,20 @@ def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
 
 
 def _prepare(x64: torch.Tensor, ranks_for: Callable[[int], list[int]],
-             tol: Optional[float]) -> _Prepared:
+             tol: Optional[float], selection: Selection = None) -> _Prepared:
     n = x64.shape[0]
     if tol is None:
         if n < 3:
             raise InputDataError(f"need at least 3 points, got {n}")
         ranks = _usable(ranks_for(n), n)
-        dist, _ = distances_at_ranks(x64, ranks)
+        dist, _ = distances_at_ranks(x64, ranks, selection_dtype=selection)
         zero = int((dist[:, 0] == 0.0).sum())
         if zero:
             raise InputDataError(f"{zero} points have an exact duplicate; pass dedup_tol (e.g. 1e-6) "
                                  "to remove duplicates first")
         return _Prepared(x64, ranks, dist.cpu().numpy(), n)
     _check_tol(tol)
-    xu, ranks, dist = _dedup(x64, tol, ranks_for, min_points=3)
+    xu, ranks, dist = _dedup(x64, tol, ranks_for, min_points=3, selection=selection)
     assert dist is not None
     return _Prepared(xu, ranks, dist.cpu().numpy(), n)
 
@@ -354,9 +389,66 @@ def deduplicate(x: Any, tol: float = 1e-6, *,
 
 
 # --------------------------------------------------------------------------- the probe
+class _Options:
+    """Validated options of one estimate, shared by the per-layer and all-layers entry points."""
+
+    def __init__(self, estimator: str, n1_max: Optional[int], scales: Optional[Sequence[int]],
+                 dedup_tol: Optional[float], discard_fraction: float, selection: Selection):
+        if estimator not in ESTIMATORS:
+            raise InputDataError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        _check_fraction(discard_fraction)
+        check_selection(selection)
+        self.explicit = None
+        if estimator == "gride":
+            if scales is not None:
+                self.explicit = [int(v) for v in _check_scales(scales)]
+            else:
+                gride_scales(3, n1_max)  # validates n1_max before any work
+        self.estimator, self.n1_max, self.scales = estimator, n1_max, scales
+        self.dedup_tol, self.discard_fraction, self.selection = dedup_tol, discard_fraction, selection
+
+    def gride_use(self, n: int) -> list[int]:
+        return self.explicit if self.explicit is not None else gride_scales(n, self.n1_max)
+
+    def ranks_for(self, n: int) -> list[int]:
+        if self.estimator == "twonn":
+            return [1, 2]
+        return [r for n1 in self.gride_use(n) for r in (n1, 2 * n1)]
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(estimator=self.estimator, n1_max=self.n1_max, scales=self.scales,
+                    dedup_tol=self.dedup_tol, discard_fraction=self.discard_fraction,
+                    selection_dtype=self.selection)
+
+
+def _estimate(prep: _Prepared, opts: _Options, backend: str, seconds: float) -> IDResult:
+    """The estimate of ``opts.estimator`` from the prepared exact distances."""
+    if opts.estimator == "twonn":
+        mu = prep.r(2) / prep.r(1)
+        d, err = twonn_mle(mu)
+        lin = twonn_linear_fit(mu, opts.discard_fraction)
+        return IDResult(dimension=d, error=err, estimator="twonn", n_points=prep.n_points,
+                        n_duplicates_removed=prep.n_removed, linear_fit_dimension=lin, scales=[],
+                        backend=backend, seconds=seconds)
+    n = prep.n_points
+    use = opts.gride_use(n)
+    if 2 * max(use) > n - 1:
+        raise InputDataError(f"GRIDE scale n1={max(use)} needs n2 + 1 = {2 * max(use) + 1} points, "
+                             f"only {n} distinct points are left; use smaller scales")
+    results = []
+    for n1 in use:
+        mu = prep.r(2 * n1) / prep.r(n1)
+        d, err = gride_mle(mu, n1, 2 * n1)
+        results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err))
+    chosen = _choose_scale(results)
+    return IDResult(dimension=chosen.dimension, error=chosen.error, estimator="gride", n_points=n,
+                    n_duplicates_removed=prep.n_removed, linear_fit_dimension=None, scales=results,
+                    backend=backend, seconds=seconds)
+
+
 def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[int] = None,
                         scales: Optional[Sequence[int]] = None, dedup_tol: Optional[float] = 1e-6,
-                        discard_fraction: float = 0.1,
+                        discard_fraction: float = 0.1, selection_dtype: Selection = None,
                         device: Optional[str | torch.device] = None) -> IDResult:
     """Intrinsic dimension of the points ``x`` (N × D) by TwoNN or GRIDE (module docstring).
 
@@ -368,6 +460,9 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
         dedup_tol: duplicate tolerance relative to the data's RMS spread (see :func:`deduplicate`);
             0 removes exact copies only; None removes nothing and refuses data with exact copies.
         discard_fraction: fraction of the largest TwoNN ratios left out of ``linear_fit_dimension``.
+        selection_dtype: precision of the neighbour-selection products (torch.float32, torch.float64
+            or "3xtf32"; default "3xtf32" on CUDA, float32 on the CPU; see
+            :mod:`geoprobe.kernels.knn`). The neighbour distances, hence the answer, do not depend on it.
         device: where the neighbour search runs (default: the tensor's device, else the CPU).
 
     Returns:
@@ -381,46 +476,200 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
             invalid options.
     """
     t0 = time.perf_counter()
-    if estimator not in ESTIMATORS:
-        raise InputDataError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    _check_fraction(discard_fraction)
+    opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype)
     x64 = as_float64_points(x, device)
-    backend = x64.device.type
+    prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype)
+    return _estimate(prep, opts, x64.device.type, time.perf_counter() - t0)
 
-    if estimator == "twonn":
-        prep = _prepare(x64, lambda n: [1, 2], dedup_tol)
-        mu = prep.r(2) / prep.r(1)
-        d, err = twonn_mle(mu)
-        lin = twonn_linear_fit(mu, discard_fraction)
-        return IDResult(dimension=d, error=err, estimator="twonn", n_points=prep.n_points,
-                        n_duplicates_removed=prep.n_removed, linear_fit_dimension=lin, scales=[],
-                        backend=backend, seconds=time.perf_counter() - t0)
 
-    explicit = None
-    if scales is not None:
-        explicit = [int(s) for s in _check_scales(scales)]
+ON_ERROR = ("raise", "skip")
+_GROUP_ELEMENTS = 1 << 29  # float64 entries of the layers held on the device at once (4 GiB)
 
-    def ranks_for(n: int) -> list[int]:
-        use = explicit if explicit is not None else gride_scales(n, n1_max)
-        return [r for n1 in use for r in (n1, 2 * n1)]
 
-    if explicit is None:
-        gride_scales(3, n1_max)  # validates n1_max before any work
-    prep = _prepare(x64, ranks_for, dedup_tol)
-    n = prep.n_points
-    use = explicit if explicit is not None else gride_scales(n, n1_max)
-    if 2 * max(use) > n - 1:
-        raise InputDataError(f"GRIDE scale n1={max(use)} needs n2 + 1 = {2 * max(use) + 1} points, "
-                             f"only {n} distinct points are left; use smaller scales")
-    results = []
-    for n1 in use:
-        mu = prep.r(2 * n1) / prep.r(n1)
-        d, err = gride_mle(mu, n1, 2 * n1)
-        results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err))
-    chosen = _choose_scale(results)
-    return IDResult(dimension=chosen.dimension, error=chosen.error, estimator="gride", n_points=n,
-                    n_duplicates_removed=prep.n_removed, linear_fit_dimension=None, scales=results,
-                    backend=backend, seconds=time.perf_counter() - t0)
+def intrinsic_dimension_layers(layers: Any, *, estimator: str = "twonn",
+                               n1_max: Optional[int] = None, scales: Optional[Sequence[int]] = None,
+                               dedup_tol: Optional[float] = 1e-6, discard_fraction: float = 0.1,
+                               selection_dtype: Selection = None,
+                               device: Optional[str | torch.device] = None, on_error: str = "raise",
+                               progress: Any = None) -> list[Optional[IDResult]]:
+    """Intrinsic dimension of every layer in one call: ``[intrinsic_dimension(x, ...) for x in
+    layers]`` with equal results (every field but ``seconds``), faster on CUDA (module docstring).
+
+    Args:
+        layers: a sequence of (N_l, D_l) point sets (numpy arrays or torch tensors; read one at a time
+            on the CPU) or one (L, N, D) array or tensor.
+        estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype: as for
+            :func:`intrinsic_dimension`, the same for every layer.
+        device: where to compute. Default: the layers' CUDA device when every layer is a tensor on
+            it, else each layer where :func:`intrinsic_dimension` would put it (the CPU for arrays).
+            On CUDA the layers are copied to the GPU in groups of at most 2²⁹ float64 entries.
+        on_error: "raise" raises the :class:`InputDataError` of the first unusable layer, its message
+            prefixed with "layer i: "; "skip" logs a warning and gives None for that layer.
+        progress: optional object with an ``update(n)`` method, called as layers are finished.
+
+    Returns:
+        One :class:`IDResult` (or None, with ``on_error="skip"``) per layer, in order. On CUDA a
+        layer on the queued path reports as ``seconds`` its group's time divided by the number of
+        such layers; a layer recomputed on its own reports that call's time.
+    """
+    opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype)
+    if dedup_tol is not None:
+        _check_tol(dedup_tol)
+    if on_error not in ON_ERROR:
+        raise InputDataError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    items = _layer_items(layers)
+    dev = _layers_device(items, device)
+    if dev is None or dev.type != "cuda":
+        out: list[Optional[IDResult]] = []
+        for i in range(len(items)):
+            try:
+                out.append(intrinsic_dimension(items[i], device=device, **opts.kwargs()))
+            except InputDataError as exc:
+                out.append(_layer_failed(i, exc, opts, on_error))
+            if progress is not None:
+                progress.update(1)
+        return out
+    return _layers_batched(items, dev, opts, on_error, progress)
+
+
+def _layer_items(layers: Any) -> Sequence[Any]:
+    if isinstance(layers, (torch.Tensor, np.ndarray)):
+        if layers.ndim != 3:
+            raise InputDataError("layers must be a sequence of (N, D) point sets or one (L, N, D) "
+                                 f"array, got an array of shape {tuple(layers.shape)}")
+        items: Sequence[Any] = [layers[i] for i in range(layers.shape[0])]
+    elif isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise InputDataError("layers must be a sequence of (N, D) point sets or one (L, N, D) array, "
+                             f"got {type(layers).__name__}")
+    else:
+        items = layers if isinstance(layers, Sequence) else list(layers)
+    if len(items) == 0:
+        raise InputDataError("no layers given")
+    return items
+
+
+def _layers_device(items: Sequence[Any], device: Optional[str | torch.device]
+                   ) -> Optional[torch.device]:
+    """The device of the batched path (a CUDA device), or what the per-layer loop was given."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputDataError(f"device {str(dev)!r} was requested but CUDA is not available; "
+                                 "pass device='cpu'")
+        return dev
+    first = items[0]
+    if not (isinstance(first, torch.Tensor) and first.is_cuda):
+        return None
+    if all(isinstance(t, torch.Tensor) and t.device == first.device for t in items):
+        return first.device
+    return None
+
+
+def _layer_failed(i: int, exc: InputDataError, opts: _Options, on_error: str) -> None:
+    if on_error == "raise":
+        raise InputDataError(f"layer {i}: {exc}") from exc
+    logger.warning("layer %d: %s skipped: %s", i, opts.estimator, exc)
+    return None
+
+
+def _layers_batched(items: Sequence[Any], dev: torch.device, opts: _Options, on_error: str,
+                    progress: Any) -> list[Optional[IDResult]]:
+    """The CUDA path of :func:`intrinsic_dimension_layers`, in groups of layers (device-agnostic
+    code: it runs on the CPU too, where it gives the same answers as the loop)."""
+    out: list[Optional[IDResult]] = [None] * len(items)
+    i = 0
+    while i < len(items):
+        group: list[tuple[int, Optional[torch.Tensor], Any]] = []
+        size = 0
+        while i < len(items) and (not group or size < _GROUP_ELEMENTS):
+            try:
+                x64 = as_float64_points(items[i], dev, check_finite=False)
+                size += x64.numel()
+                group.append((i, x64, None))
+            except InputDataError as exc:
+                group.append((i, None, exc))
+            i += 1
+        for j, res in _group_results(group, dev, opts):
+            if isinstance(res, InputDataError):
+                res = _layer_failed(j, res, opts, on_error)
+            out[j] = res
+        if progress is not None:
+            progress.update(len(group))
+    return out
+
+
+def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: torch.device,
+                   opts: _Options) -> list[tuple[int, Any]]:
+    """(layer index, IDResult or InputDataError) for one group; two host synchronisations for the
+    layers on the fast path, :func:`intrinsic_dimension` for the others."""
+    t0 = time.perf_counter()
+    tol = opts.dedup_tol
+    done: dict[int, Any] = {}
+    slow: list[int] = []
+    # 1. queue: finiteness and exact-duplicate hashes of every layer
+    live = [(j, x) for j, x, err in group if x is not None]
+    for j, _, err in group:
+        if err is not None:
+            done[j] = err
+    flags = []
+    for _, x in live:
+        finite = torch.isfinite(x).all()
+        clash = torch.zeros((), dtype=torch.bool, device=dev)
+        if tol is not None and x.shape[0] > 1:
+            h = torch.sort(_row_hashes(x)).values
+            clash = (h[1:] == h[:-1]).any()
+        flags.append(torch.stack([finite, clash]))
+    host = torch.stack(flags).cpu().numpy() if flags else np.zeros((0, 2), bool)  # sync 1
+    # 2. queue: selection, candidate distances and certificates of every usable layer
+    queued = []
+    for (j, x), (finite, clash) in zip(live, host):
+        n = x.shape[0]
+        if not finite or n < 3:
+            slow.append(j)
+            continue
+        xu = x
+        if clash:
+            first = _exact_first_occurrences(x)
+            if first.numel() < 3:
+                slow.append(j)
+                continue
+            if first.numel() < n:
+                xu = x[first]
+        nu = xu.shape[0]
+        ranks = _usable(opts.ranks_for(nu), nu)
+        tau: float | torch.Tensor = 0.0
+        if tol is not None:
+            tau = tol * torch.sqrt(xu.var(dim=0, correction=0).sum())
+        dist, ok = distances_at_ranks_queued(xu, ranks, min_distance=tau,
+                                             selection_dtype=opts.selection)
+        queued.append((j, xu, n, ranks, dist, ok))
+    if queued:  # sync 2: every certificate and every layer's distances in one copy each
+        oks = torch.stack([q[5] for q in queued]).cpu().numpy()
+        flat = torch.cat([q[4].reshape(-1) for q in queued]).cpu().numpy()
+    pos = 0
+    fast = []
+    for (j, xu, n, ranks, dist, _), ok in zip(queued, oks if queued else []):
+        size = dist.numel()
+        if ok:
+            d = flat[pos:pos + size].reshape(dist.shape)
+            fast.append((j, _Prepared(xu, ranks, d, n)))
+        else:
+            slow.append(j)
+        pos += size
+    share = (time.perf_counter() - t0) / max(1, len(fast))
+    for j, prep in fast:
+        try:
+            done[j] = _estimate(prep, opts, dev.type, share)
+        except InputDataError as exc:
+            done[j] = exc
+    xs = dict(live)
+    for j in slow:
+        logger.debug("layer %d: recomputed on its own", j)
+        try:
+            done[j] = intrinsic_dimension(xs[j], device=dev, **opts.kwargs())
+        except InputDataError as exc:
+            done[j] = exc
+    return sorted(done.items())
 
 
 # --------------------------------------------------------------------------- validation

@@ -18,6 +18,7 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Optional
@@ -228,31 +229,49 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+class _KeptRows(Sequence):
+    """Layer i's hidden states without its sink rows, as float64, read when asked for (one layer in
+    memory at a time)."""
+
+    def __init__(self, hs, masks: list[np.ndarray]):
+        self.hs, self.masks = hs, masks
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, li: int) -> np.ndarray:
+        return self.hs.layer(li).astype(np.float64)[~self.masks[li]]
+
+
 def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGeometry], SinkReport]:
     from .hidden import sink_mask
     from .hyperbolicity import delta, matched_null_delta
-    from .intrinsic_dim import intrinsic_dimension
+    from .intrinsic_dim import intrinsic_dimension_layers
 
     n_layers = hs.n_layers
     excluded_by_layer, quantiles = [], []
     sink_positions: dict[int, int] = {}
-    results = []
-    bar = prog.bar(n_layers, "layers")
+    masks, norm_stats = [], []
     for li in range(n_layers):
-        x = hs.layer(li).astype(np.float64)
-        norms = np.linalg.norm(x, axis=1)
+        norms = np.linalg.norm(hs.layer(li).astype(np.float64), axis=1)
         quantiles.append([float(q) for q in np.quantile(norms, [0.0, 0.5, 0.9, 0.99, 1.0])])
-        mask = sink_mask(norms, s.sink_factor) if s.exclude_sinks else np.zeros(len(x), bool)
+        mask = sink_mask(norms, s.sink_factor) if s.exclude_sinks else np.zeros(len(norms), bool)
         excluded_by_layer.append(int(mask.sum()))
         for p in hs.position[mask]:
             sink_positions[int(p)] = sink_positions.get(int(p), 0) + 1
-        keep = x[~mask]
-        twonn = gride = dstat = None
-        try:
-            twonn = intrinsic_dimension(keep, estimator="twonn")
-            gride = intrinsic_dimension(keep, estimator="gride")
-        except InputDataError as exc:
-            logger.warning("layer %d: intrinsic dimension skipped: %s", li, exc)
+        masks.append(mask)
+        norm_stats.append((float(np.median(norms)), float(norms.max())))
+    kept = _KeptRows(hs, masks)
+    bar = prog.bar(3 * n_layers, "layers")
+    # intrinsic dimension of every layer (a layer whose TwoNN fails gets no GRIDE either)
+    twonns = intrinsic_dimension_layers(kept, estimator="twonn", on_error="skip", progress=bar)
+    gridez = intrinsic_dimension_layers(kept, estimator="gride", on_error="skip", progress=bar)
+    results = []
+    for li in range(n_layers):
+        keep = kept[li]
+        twonn = twonns[li]
+        gride = gridez[li] if twonn is not None else None
+        dstat = None
         m = min(s.layer_delta_points, keep.shape[0])
         if m >= 4:
             rng = np.random.default_rng(s.seed + 17 * li)
@@ -266,10 +285,9 @@ def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGe
             except InputDataError as exc:
                 logger.warning("layer %d: δ skipped: %s", li, exc)
         results.append(LayerGeometry(layer=li, n_positions=int(keep.shape[0]),
-                                     n_sinks_excluded=int(mask.sum()),
-                                     norm_median=float(np.median(norms)),
-                                     norm_max=float(norms.max()), twonn=twonn, gride=gride,
-                                     delta=dstat))
+                                     n_sinks_excluded=int(masks[li].sum()),
+                                     norm_median=norm_stats[li][0], norm_max=norm_stats[li][1],
+                                     twonn=twonn, gride=gride, delta=dstat))
         bar.update(1)
     bar.close()
     n_excl = int(max(excluded_by_layer) if excluded_by_layer else 0)
