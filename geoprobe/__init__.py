@@ -7,6 +7,7 @@ Public API (DESIGN.md)::
     corpus = gp.Corpus.default()        # or gp.Corpus.from_path(path, field=...)
     gp.fit_power_law(counts); gp.norm_frequency(norms, counts)
     gp.delta(x); gp.intrinsic_dimension(x)
+    gp.intrinsic_dimension_layers([layer0, layer1, ...])   # every layer in one call (one GPU pass)
     profile = gp.probe(lm, corpus); profile.save("profile.json")
 
 Heavy modules (torch, transformers) are imported on first use.
@@ -28,6 +29,7 @@ _LAZY = {
     "norm_frequency": "geoprobe.norms",
     "delta": "geoprobe.hyperbolicity",
     "intrinsic_dimension": "geoprobe.intrinsic_dim",
+    "intrinsic_dimension_layers": "geoprobe.intrinsic_dim",
     "probe": "geoprobe.probe",
     "GeometryProfile": "geoprobe.profile",
     "PowerLawResult": "geoprobe.profile",
