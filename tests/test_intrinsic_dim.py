@@ -26,7 +26,7 @@ def peer():
     return pytest.importorskip("skdim")
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
 
 
 def subspace(n: int, d: int, dim: int, seed: int) -> np.ndarray:
