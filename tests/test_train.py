@@ -1,10 +1,13 @@
 """adapters.train on a tiny random Llama (CPU): exact resumption after an interruption, the packed
 loss against unpacked forward passes, gradient accumulation against one large batch, checkpoint
-rotation and atomicity, the results record; and the finetune / evaluate / run commands end to end on
-a tiny model folder, with bad input giving one line and a non-zero exit."""
+rotation and atomicity, the results record; the answer-position loss against the full-logits formula,
+the first step's loss against per-example forward passes, deferred loss reads; and the finetune /
+evaluate / run commands end to end on a tiny model folder, with bad input giving one line and a
+non-zero exit. One CUDA test (marked gpu) compares the GPU loop with the CPU one."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from adapters.data import collate, load_examples, pack, tokenize_for_training
+import adapters.train as train_module
 from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
                             list_checkpoints, lr_factor)
 from geoprobe.cli import main
@@ -173,6 +177,166 @@ def test_packed_loss_equals_unpacked_forward_passes(examples):
         m += int(keep.sum())
     assert n == m
     assert total == pytest.approx(ref, rel=1e-10)
+
+
+def _old_batch_loss(model, batch):
+    """The loss as first written: full logits, then the answer rows gathered by a boolean mask."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    target = labels[:, 1:]
+    mask = target != -100
+    sel = logits[:, :-1][mask]
+    if sel.dtype in (torch.float16, torch.bfloat16):
+        sel = sel.float()
+    return torch.nn.functional.cross_entropy(sel, target[mask], reduction="sum"), int(mask.sum())
+
+
+def _random_rows(seed: int, n: int = 7, vocab: int = 300) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(4, 50, (1,), generator=g))
+        ids = torch.randint(2, vocab, (length,), generator=g).tolist()
+        cut = int(torch.randint(1, length, (1,), generator=g))
+        rows.append({"input_ids": ids, "labels": [-100] * cut + ids[cut:]})
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("head_hook", [True, False])
+def test_answer_position_loss_equals_the_full_logits_formula(layout, head_hook):
+    """Logits computed at the answer positions only (or, without the output-layer hook, gathered by
+    index) give the loss, the token count and the gradients of the full-logits formula."""
+    model = tiny_llama().double()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    rows = _random_rows(5 if layout == "padded" else 6)
+    batch = collate(rows, 1) if layout == "padded" else collate(pack(rows, 64), 1)
+    assert ("position_ids" in batch) == (layout == "packed")
+    if not head_hook:
+        model.get_output_embeddings = lambda: None  # the fallback: full logits, rows gathered
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape)))
+
+    ref, n_ref = _old_batch_loss(model, batch)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    got, n = batch_loss(model, batch)
+    grads = torch.autograd.grad(got, list(model.parameters()))
+    handle.remove()
+
+    assert n == n_ref == int((batch["labels"][:, 1:] != -100).sum()) > 0
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    width = batch["input_ids"].shape
+    # the output layer saw the full sequence for the reference, and only the n answer rows with the hook
+    assert seen[0] == (*width, model.config.vocab_size)
+    assert seen[1] == ((n, model.config.vocab_size) if head_hook else (*width, model.config.vocab_size))
+
+
+def test_answer_position_loss_in_half_precision_and_without_answers():
+    model = tiny_llama().to(torch.bfloat16)
+    batch = collate(_random_rows(7), 1)
+    with torch.no_grad():
+        got, n = batch_loss(model, batch)
+        ref, n_ref = _old_batch_loss(model, batch)
+    assert got.dtype == torch.float32 and n == n_ref
+    assert float(got) == pytest.approx(float(ref), rel=1e-3)
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    zero, k = batch_loss(model.float(), empty)
+    assert k == 0 and float(zero) == 0.0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_first_step_loss_is_the_mean_answer_nll_of_the_base_model(packed, examples, tmp_path):
+    """Step 1 (three accumulated micro-batches covering every example once, adapter output zero at
+    initialisation) records the base model's mean negative log-likelihood over all answer tokens,
+    computed here one example at a time with a plain forward pass."""
+    tok = bpe_tokenizer()
+    max_length = 400
+    rows = tokenize_for_training(examples, tok, max_length=max_length)
+    n_seq = len(pack(rows, max_length)) if packed else len(rows)
+    batch_size = math.ceil(n_seq / 3)
+    assert math.ceil(n_seq / batch_size) == 3  # one epoch = the three micro-batches of step 1
+    seen = []
+    model = tiny_llama()
+    model.lm_head.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape)))
+    run = finetune(model, tok, examples, "lora", out=tmp_path, progress=False, r=4,
+                   settings=TrainSettings(lr=1e-3, max_steps=1, batch_size=batch_size, grad_accum=3,
+                                          max_length=max_length, pack=packed, log_every=5))
+    base = tiny_llama()
+    total, count = 0.0, 0
+    for row in rows:
+        labels = torch.tensor(row["labels"][1:])
+        with torch.no_grad():
+            logits = base(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].double()
+        keep = labels != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+        count += int(keep.sum())
+    assert run.result.loss_steps == [1]
+    assert run.result.loss_values[0] == pytest.approx(total / count, rel=2e-6)
+    # the training forward passes fed the output layer the answer positions only
+    assert len(seen) == 3 and sum(shape[0] for shape in seen) == count
+    assert run.result.settings["optimizer"] == "AdamW foreach"
+
+
+def test_deferred_loss_reads_change_nothing(examples, tmp_path):
+    tok = bpe_tokenizer()
+    runs = {}
+    for every in (1, 4):
+        s = TrainSettings(lr=5e-3, max_steps=6, batch_size=2, grad_accum=2, max_length=160, save_every=5,
+                          log_every=every, seed=2)
+        runs[every] = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / str(every), settings=s,
+                               progress=False, r=4)
+    a, b = _adapter_tensors(runs[1].model), _adapter_tensors(runs[4].model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[1].result.loss_values == runs[4].result.loss_values
+    assert runs[4].result.loss_steps == list(range(1, 7))
+    saved = json.loads((tmp_path / "4" / CHECKPOINTS / "step-5" / "trainer_state.json").read_text())
+    assert saved["loss_values"] == runs[1].result.loss_values[:5]
+    # a checkpoint written under another log_every resumes (log_every is not part of the run's identity)
+    resumed = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "4", resume=True, progress=False,
+                       r=4, settings=TrainSettings(lr=5e-3, max_steps=6, batch_size=2, grad_accum=2,
+                                                   max_length=160, save_every=5, log_every=3, seed=2))
+    assert resumed.resumed_from == 6 and resumed.result.loss_values == runs[1].result.loss_values
+
+
+def test_non_finite_loss_read_late_names_its_step_and_writes_no_checkpoint(examples, tmp_path, monkeypatch):
+    real = train_module._answer_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(train_module, "_answer_loss_sum", poisoned)
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match="nan at step 2"):
+        finetune(model, bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False, r=4,
+                 settings=TrainSettings(lr=5e-3, max_steps=6, batch_size=2, max_length=160, save_every=3,
+                                        log_every=10))
+    assert calls["n"] == 3  # read at the step-3 checkpoint, not at step 2
+    assert list_checkpoints(tmp_path) == []
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loop_matches_the_cpu_loop(examples, tmp_path):
+    """On CUDA (bf16 autocast, fused AdamW, pinned non-blocking copies, deferred loss reads) the
+    losses follow the float32 CPU run; the output layer sees the answer positions only."""
+    tok = bpe_tokenizer()
+    s = TrainSettings(lr=5e-3, max_steps=5, batch_size=2, grad_accum=2, max_length=400, log_every=3, save_every=5)
+    cpu = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path / "cpu", settings=s, progress=False, r=4,
+                   dropout=0.0)
+    model = tiny_llama().cuda()
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.dim()))
+    gpu = finetune(model, tok, examples, "lora", out=tmp_path / "gpu", settings=s, progress=False, r=4, dropout=0.0)
+    assert gpu.result.settings["optimizer"] == "AdamW fused"
+    assert gpu.result.loss_steps == list(range(1, 6)) and set(seen) == {2}
+    assert gpu.result.loss_values == pytest.approx(cpu.result.loss_values, rel=2e-2)
 
 
 def test_grad_accumulation_equals_one_large_batch(examples, tmp_path):
