@@ -754,9 +754,11 @@ def _convert_gguf(path: Path) -> tuple[Any, Any]:
         raise
     except Exception as exc:
         raise _gguf_error(path, exc) from None
-    # A GGUF-loaded model carries a GGUF quantizer that makes save_pretrained refuse; the weights
-    # are already dequantised, so both markers are dropped (METHODS.md §9).
+    # A GGUF-loaded model carries a GGUF quantizer that makes save_pretrained refuse (and Trainer
+    # treat it as a quantized model); the weights are already dequantised, so every marker is dropped
+    # (METHODS.md §9).
     model.hf_quantizer = None
+    model.is_quantized = False
     with contextlib.suppress(AttributeError):
         del model.config.quantization_config
     if not getattr(model.config, "architectures", None):
