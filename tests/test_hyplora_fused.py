@@ -391,28 +391,28 @@ def test_lean_layer_bf16_base_float32_adapter_close_to_chain(autocast):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_lean_layer_equals_dispatch_path_with_dropout():
-    """Same dropout mask (same RNG draws): the one-node path and PEFT's dispatch agree in float64 in
-    output and every gradient."""
+def test_lean_layer_with_dropout_matches_chain_on_the_same_mask():
+    """Dropout is drawn once, before the fused node; replaying the RNG gives the same mask, and the
+    layer then equals base(x) + (α/r)·Δ(dropout(x)) in float64 in output and every gradient."""
     layer = _layer(96, 80, 16, dropout=0.2, seed=7).cuda().double()
     x = torch.randn(2, 33, 96, device="cuda", dtype=torch.float64, requires_grad=True)
-    results = []
-    for fast in (True, False):
-        for prm in layer.parameters():
-            prm.grad = None
-        x.grad = None
-        torch.manual_seed(11)
-        if fast:
-            assert layer._hyp_fast_adapter(x, (), {}) == "default"
-            out = layer(x)
-        else:
-            out = super(HypLoraLinear, layer).forward(x)
-        out.square().sum().backward()
-        results.append([out.detach()] + [t.grad.clone() for t in [x] + list(layer.parameters())
-                                         if t.grad is not None])
-    assert len(results[0]) == len(results[1]) == 6
-    for a, b in zip(*results):
-        assert _rel(a, b) < 1e-10
+    assert layer._hyp_fast_adapter(x, (), {}) == "default"
+    torch.manual_seed(11)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
+    leaves = [v.detach().clone().requires_grad_(True) for v in [x] + params]
+    torch.manual_seed(11)
+    xd = layer.lora_dropout["default"](leaves[0])
+    assert 0 < int((xd == 0).sum()) < xd.numel()  # a real mask was drawn
+    ref = leaves[0] @ layer.base_layer.weight.T + 2.0 * hyplora_delta(
+        xd, leaves[1], leaves[2], positive(leaves[3]), positive(leaves[4]))
+    grads = torch.autograd.grad(ref, leaves, g)
+    assert _rel(out, ref) < 1e-12
+    for name, v, q in zip(["x", "A", "B", "raw_k", "raw_s"], [x] + params, grads):
+        assert _rel(v.grad, q) < 1e-10, name
 
 
 @pytest.mark.gpu
@@ -422,6 +422,11 @@ def test_direct_launch_equals_triton_launch_across_specialisations():
     launching the cached compiled kernels directly gives the same bits as Triton's own launch."""
     layer = _layer(96, 80, 16, seed=3).cuda()
     outs = {}
+    jit_runs = []
+    kernel = hyplora_fused._fwd_linear_kernel
+    original_run = kernel.run
+    kernel.run = lambda *a, **k: jit_runs.append(1) or original_run(*a, **k)
+    hyplora_fused._FWD_LINEAR.cache.clear()
     for direct in (True, False):
         previous = hyplora_fused._DIRECT_LAUNCH
         hyplora_fused._DIRECT_LAUNCH = direct
@@ -437,6 +442,10 @@ def test_direct_launch_equals_triton_launch_across_specialisations():
                                                                         if p.grad is not None])
         finally:
             hyplora_fused._DIRECT_LAUNCH = previous
+        if direct:  # T = 16 and 64 share a specialisation, 17 and 1 come back: 3 of 6 launches compile
+            assert len(jit_runs) == 3, len(jit_runs)
+    del kernel.run
+    assert len(jit_runs) == 3 + 6  # Triton's own path for every launch when switched off
     for T, runs in outs.items():
         first = runs[0]
         for other in runs[1:]:

@@ -301,7 +301,9 @@ def test_gpu_3xtf32_gram_and_distances_within_bound(kind):
     assert np.any(np.abs(plain - exact) > bound), f"seed {seed}"  # the bound has teeth
     # TF32 really was on inside the context: a plain product of the float32 data errs by far more
     # than float32 round-off (its terms lose up to 2⁻¹¹ each)
-    assert np.max(np.abs(tf32_xs - exact) / (scale + 1e-30)) > 2.0 ** -18, f"seed {seed}"
+    if kind in ("gauss", "offset", "column_scales"):  # dense random mantissas (the structured sets
+        # can hold values whose low bits are zero, which TF32 keeps exactly)
+        assert np.max(np.abs(tf32_xs - exact) / (scale + 1e-30)) > 2.0 ** -18, f"seed {seed}"
     sel = knn._select(torch.from_numpy(x).cuda(), 12, 1000, None)
     assert sel.kind == "3xtf32"
     cand = sel.cand.cpu().numpy()

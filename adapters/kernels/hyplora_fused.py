@@ -230,6 +230,17 @@ def _spec_key(args: tuple) -> tuple:
                   else (bool, v) if type(v) is bool else type(v) for v in args])
 
 
+def _launch_hooks() -> bool:
+    """True when a launch hook is installed (a profiler): Triton must then build launch metadata. The
+    hook is a function or None in older Triton, a chain of functions (empty by default) in newer."""
+    knobs = getattr(triton, "knobs", None)
+    hook = knobs.runtime.launch_enter_hook if knobs is not None else None
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_INTERPRETING = _interpreting()
+
+
 class _Launcher:
     """``kernel[grid](*args, **meta)`` with Triton's per-call argument binding done once per
     specialisation.
@@ -245,7 +256,7 @@ class _Launcher:
         self.cache: dict[tuple, Any] = {}
 
     def __call__(self, grid0: int, args: tuple, **meta: Any) -> None:
-        if not _DIRECT_LAUNCH or _interpreting() or triton.knobs.runtime.launch_enter_hook is not None:
+        if not _DIRECT_LAUNCH or _INTERPRETING or _launch_hooks():
             self.fn[(grid0,)](*args, **meta)
             return
         key = (_spec_key(args), tuple(meta.items()))
