@@ -278,6 +278,12 @@ class _HydraLinearFn(torch.autograd.Function):
         return dx, None, None, dA, dR, dB, None, None
 
 
+_HYDRA_APPLY = super(torch.autograd.Function, _HydraLinearFn).apply
+"""The C ``apply`` of :class:`_HydraLinearFn`: ``torch.autograd.Function.apply`` adds a pytree pass over the
+arguments (for functorch's dead wrappers) and a ``setup_context`` check on every call; neither applies when no
+functorch transform is active (checked per call)."""
+
+
 def hydralora_delta_reference(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -436,7 +442,8 @@ class HydraLoraLinear(LoraLinear):
         B = self.lora_hydra_B[adapter].weight
         if not (A.dtype == R.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
             return None
-        y, probs = _HydraLinearFn.apply(x, weight, bias, A, R, B, self.scaling[adapter], self.r[adapter])
+        apply = _HYDRA_APPLY if not torch._C._are_functorch_transforms_active() else _HydraLinearFn.apply
+        y, probs = apply(x, weight, bias, A, R, B, self.scaling[adapter], self.r[adapter])
         self._record(adapter, probs, probs)
         return y
 
