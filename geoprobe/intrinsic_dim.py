@@ -477,9 +477,33 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
     """
     t0 = time.perf_counter()
     opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype)
-    x64 = as_float64_points(x, device)
-    prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype)
+    try:
+        x64 = as_float64_points(x, device)
+        prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype)
+    except torch.OutOfMemoryError:
+        raise InputDataError(gpu_memory_message(tuple(getattr(x, "shape", ())), device, x)) from None
     return _estimate(prep, opts, x64.device.type, time.perf_counter() - t0)
+
+
+GPU_BYTES_PER_ENTRY = 40
+"""GPU memory of the neighbour search per input entry: the float64 copy, the centred float32 copy with
+its TF32 hi/lo split and the deduplication temporaries (the row-block products are extra, a few GiB)."""
+
+
+def gpu_memory_message(shape: tuple, device: Any = None, x: Any = None) -> str:
+    """The error for a point set whose neighbour search ran out of GPU memory: its size, the memory it
+    needs and the largest number of points of that width that fits in what is free now."""
+    n, d = (int(shape[0]), int(shape[1])) if len(shape) == 2 else (0, 0)
+    need = n * d * GPU_BYTES_PER_ENTRY
+    free = None
+    dev = device if device is not None else getattr(x, "device", None)
+    if torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda":
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(torch.device(dev))[0]
+    text = f"intrinsic dimension of {n:,} points × {d:,} coordinates ran out of GPU memory (about {need / 2 ** 30:.1f} GiB needed"
+    if free is not None and d > 0:
+        text += f", {free / 2 ** 30:.1f} GiB free: about {free // (d * GPU_BYTES_PER_ENTRY):,} points of this width fit"
+    return text + "); subsample the points or pass a CPU array (device='cpu')"
 
 
 ON_ERROR = ("raise", "skip")
@@ -529,7 +553,12 @@ def intrinsic_dimension_layers(layers: Any, *, estimator: str = "twonn",
             if progress is not None:
                 progress.update(1)
         return out
-    return _layers_batched(items, dev, opts, on_error, progress)
+    try:
+        return _layers_batched(items, dev, opts, on_error, progress)
+    except torch.OutOfMemoryError:
+        shapes = [tuple(getattr(t, "shape", ())) for t in items]
+        largest = max(shapes, key=lambda sh: sh[0] * sh[1] if len(sh) == 2 else 0)
+        raise InputDataError(gpu_memory_message(largest, dev)) from None
 
 
 def _layer_items(layers: Any) -> Sequence[Any]:

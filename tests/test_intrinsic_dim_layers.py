@@ -234,3 +234,22 @@ def test_gpu_layers_stacked_probe_sizes():
     got32 = intrinsic_dimension_layers(x, selection_dtype=torch.float32)
     ref = _per_layer([x[i] for i in range(30)])
     assert [_bare(r) for r in got] == ref == [_bare(r) for r in got32], seed
+
+
+def test_out_of_gpu_memory_is_reported_with_the_size(monkeypatch):
+    """An out-of-memory error inside the neighbour search becomes one InputDataError naming the
+    point count, the width and the memory needed (no traceback, nothing half done)."""
+    import geoprobe.intrinsic_dim as idm
+    from geoprobe.errors import InputDataError
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(idm, "_prepare", boom)
+    x = np.random.default_rng(0).standard_normal((1234, 56))
+    with pytest.raises(InputDataError) as info:
+        idm.intrinsic_dimension(x)
+    msg = str(info.value)
+    assert "1,234 points × 56 coordinates" in msg and "subsample" in msg
+    need = float(msg.split("about ")[1].split(" GiB")[0])
+    assert abs(need - 1234 * 56 * idm.GPU_BYTES_PER_ENTRY / 2 ** 30) < 0.05
