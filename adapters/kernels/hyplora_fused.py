@@ -292,7 +292,7 @@ class _FusedDelta(torch.autograd.Function):
         _FWD(triton.cdiv(T, bt), (
             x, a, G, ca, sqq, raw_k, raw_s, hi, lo, T, d_in, r, x.stride(0), a.stride(0)),
             BT=bt, BD=256 if d_in >= 256 else max(16, 1 << (d_in - 1).bit_length()), RP=rp, CUT=_cut(dt),
-            LIB=not _interpreting(), num_warps=4)
+            LIB=not _INTERPRETING, num_warps=4)
         ctx.save_for_backward(x, A, B, a, ca, G, sqq, raw_k, raw_s)
         ctx.scale = scale
         return F.linear(ca, B)
@@ -301,7 +301,6 @@ class _FusedDelta(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         x, A, B, a, ca, G, sqq, raw_k, raw_s = ctx.saved_tensors
-        need_x, need_A, need_B, need_k, need_s, _ = ctx.needs_input_grad
         dt = x.dtype
         T = x.shape[0]
         r = A.shape[0]
@@ -317,22 +316,9 @@ class _FusedDelta(torch.autograd.Function):
         hi, lo = _split(ctx.scale)
         _BWD(nb, (
             gca, a, G, sqq, raw_k, raw_s, da, gsq2, part, da, hi, lo, T, r, gca.stride(0), a.stride(0)),
-            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), WRITE_CA=False, num_warps=4)
-        gx = gA = gB = gk = gs = None
-        if need_x:
-            gx = torch.mm(da, A)
-            gx.addcmul_(x, gsq2)
-        if need_A:
-            gA = torch.mm(da.t(), x)
-        if need_B or need_k or need_s:
-            tot = part.sum(dim=0)
-            if need_B:
-                gB = torch.mm(g.t(), ca)
-                gB.addmm_(B, tot[:r * r].view(r, r), alpha=2.0)
-            if need_k:
-                gk = _as_grad(tot[r * r], raw_k)
-            if need_s:
-                gs = _as_grad(tot[r * r + 1], raw_s)
+            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _INTERPRETING, WRITE_CA=False, num_warps=4)
+        gx, gA, gB, gk, gs = _parameter_grads(x, A, B, g, ca, da, gsq2, part, raw_k, raw_s,
+                                              ctx.needs_input_grad[:5])
         return gx, gA, gB, gk, gs, None
 
 
@@ -358,7 +344,7 @@ class _FusedLinear(torch.autograd.Function):
         _FWD_LINEAR(T, (
             xf, y, res, out, sqq, raw_k, raw_s, hi, lo, T, d_in, d_out, xf.stride(0), y.stride(0),
             res.stride(0), out.stride(0)), BI=_block(d_in, 1024), BO=_block(d_out, 1024), CUT=_cut(dt),
-            LIB=not _interpreting(), num_warps=4)
+            LIB=not _INTERPRETING, num_warps=4)
         ctx.save_for_backward(xf, A, B, a, sqq, raw_k, raw_s)
         ctx.scale = scale
         ctx.x_shape = x.shape
@@ -388,24 +374,35 @@ class _FusedLinear(torch.autograd.Function):
         hi, lo = _split(ctx.scale)
         _BWD(nb, (
             gca, a, G, sqq, raw_k, raw_s, da, gsq2, part, ca, hi, lo, T, r, gca.stride(0), a.stride(0)),
-            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _interpreting(), WRITE_CA=True, num_warps=4)
-        gx = gA = gB = gk = gs = None
-        if need_x:
-            gx = torch.mm(da, A)
-            gx.addcmul_(xf, gsq2)
+            BT=bt, RP=rp, CUT=_cut(dt), LIB=not _INTERPRETING, WRITE_CA=True, num_warps=4)
+        gx, gA, gB, gk, gs = _parameter_grads(xf, A, B, gf, ca, da, gsq2, part, raw_k, raw_s,
+                                              (need_x, need_A, need_B, need_k, need_s))
+        if gx is not None:
             gx = gx.view(ctx.x_shape)  # the engine casts it to x's dtype
-        if need_A:
-            gA = torch.mm(da.t(), xf)
-        if need_B or need_k or need_s:
-            tot = part.sum(dim=0)
-            if need_B:
-                gB = torch.mm(gf.t(), ca)
-                gB.addmm_(B, tot[:r * r].view(r, r), alpha=2.0)
-            if need_k:
-                gk = _as_grad(tot[r * r], raw_k)
-            if need_s:
-                gs = _as_grad(tot[r * r + 1], raw_s)
         return gx, (g if need_res else None), gA, gB, gk, gs, None
+
+
+def _parameter_grads(x, A, B, g, ca, da, gsq2, part, raw_k, raw_s, needs):
+    """After the backward kernel: ∂x = (∂a) A + 2(∂‖x‖²) x, ∂A = (∂a)ᵀ x, ∂B = gᵀ(c·a) + 2 B ∂G and
+    the raw curvature/scale gradients from the per-block partial sums (None where not needed)."""
+    need_x, need_A, need_B, need_k, need_s = needs
+    r = A.shape[0]
+    gx = gA = gB = gk = gs = None
+    if need_x:
+        gx = torch.mm(da, A)
+        gx.addcmul_(x, gsq2)
+    if need_A:
+        gA = torch.mm(da.t(), x)
+    if need_B or need_k or need_s:
+        tot = part.sum(dim=0)
+        if need_B:
+            gB = torch.mm(g.t(), ca)
+            gB.addmm_(B, tot[:r * r].view(r, r), alpha=2.0)
+        if need_k:
+            gk = _as_grad(tot[r * r], raw_k)
+        if need_s:
+            gs = _as_grad(tot[r * r + 1], raw_s)
+    return gx, gA, gB, gk, gs
 
 
 def _block(d: int, most: int) -> int:
