@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
 from adapters.kernels import set_fused_enabled  # noqa: E402
+from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -63,30 +63,6 @@ def reference_style_delta(module: HypLoraLinear, adapter: str, x: torch.Tensor) 
         eps = torch.clamp(theta - 1.0, min=1e-6)
         ac = torch.where(theta < 1.01, torch.sqrt(2.0 * eps), torch.arccosh(torch.clamp(theta, min=1.0 + 1e-7)))
         return module.scaling[adapter] * (sk * ac) * (y / yn)
-
-
-def build_model(layers: int, device: torch.device, small: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if small:  # a tiny stand-in to check the script on a CPU
-        cfg = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2,
-                   vocab_size=512)
-    else:
-        cfg = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                   vocab_size=128256)
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False, **cfg)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.requires_grad_(False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model, config
 
 
 def main() -> None:
@@ -165,56 +141,22 @@ def main() -> None:
         losses[name] = step()
         step()
     sync()
-    times = {m: [] for m in methods}
-    peaks = {m: [] for m in methods}
-    for rnd in range(args.repeats):
-        order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
-        for name in order:
-            select(name)
-            sync()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-                base_mem = torch.cuda.memory_allocated(dev)
-            t = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - t)
-            if cuda:
-                peaks[name].append((torch.cuda.max_memory_allocated(dev), base_mem))
-    profiled = {}
-    if args.profile and cuda:
-        from torch.profiler import ProfilerActivity, profile
 
-        for name in methods:
-            select(name)
-            sync()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                step()
-                sync()
-            events = prof.key_averages()
-            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-            profiled[name] = {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-                              "gpu_kernels": sum(e.count for e in kernels)}
-            print(f"{name:<26} profiled step: GPU kernel time {profiled[name]['gpu_kernel_ms']:.1f} ms, "
-                  f"{profiled[name]['gpu_kernels']} kernels", flush=True)
+    def prepare(name: str):
+        select(name)
+        return step
+
+    times, peaks = time_interleaved(methods, prepare, args.repeats, dev)
+    profiled = profile_steps(methods, prepare, dev, width=26) if args.profile and cuda else {}
     select("hyplora fused")
-    ref = statistics.median(times["peft lora"])
-    rows = []
-    for name in methods:
-        med = statistics.median(times[name])
-        row = {"method": name, "median_s_per_step": med, "relative_to_peft_lora": med / ref,
-               "runs_s_per_step": times[name], "loss_at_warmup": losses[name],
-               "trainable_parameters": trainable[name]}
+    rows = summary_rows(methods, times, peaks, "peft lora")
+    for row in rows:
+        name, med = row["method"], row["median_s_per_step"]
+        row.update(loss_at_warmup=losses[name], trainable_parameters=trainable[name])
         if name in profiled:
             row["profiled_step"] = profiled[name]
-        if peaks[name]:
-            peak = max(p for p, _ in peaks[name])
-            base = min(b for _, b in peaks[name])
-            row["peak_memory_gib"] = peak / 2 ** 30
-            row["peak_over_resident_gib"] = (peak - base) / 2 ** 30
-        rows.append(row)
         mem = f"  peak {row['peak_memory_gib']:.2f} GiB (+{row['peak_over_resident_gib']:.2f})" if peaks[name] else ""
-        print(f"{name:<26} {med * 1e3:9.1f} ms/step  {med / ref:.3f}× peft lora{mem}  loss {losses[name]:.4f}",
+        print(f"{name:<26} {med * 1e3:9.1f} ms/step  {row['relative_to_peft_lora']:.3f}× peft lora{mem}  loss {losses[name]:.4f}",
               flush=True)
     result = {
         "benchmark": "hyplora_model_training_step",

@@ -1,0 +1,113 @@
+"""Shared parts of the model-level adapter benchmarks (bench_hyplora_model.py, bench_hydralora_model.py).
+
+* :func:`build_model` — a LlamaForCausalLM with Llama-3-8B's shapes (hidden 4096, FFN 14336, 32 heads,
+  8 KV heads, vocabulary 128256) or a tiny stand-in, random bf16 weights, frozen, gradient checkpointing;
+* :func:`time_interleaved` — every method once per round, the order rotated from round to round, one
+  synchronisation around each step; per-step seconds and peak memory (``max_memory_allocated``) with
+  the memory held before the step;
+* :func:`profile_steps` — GPU kernel time and kernel count of one step per method (torch.profiler);
+* :func:`summary_rows` — the medians, ratios to the reference method and peak memory of each method.
+
+A method is run through ``prepare(name)``, which switches the model to that method and returns the
+zero-argument callable that runs one step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+Prepare = Callable[[str], Callable[[], Any]]
+
+
+def build_model(layers: int, device: torch.device, small: bool):
+    """(model, config): random bf16 weights, frozen, gradient checkpointing (non-reentrant)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if small:  # a tiny stand-in to check the scripts on a CPU
+        cfg = dict(hidden_size=64, intermediate_size=224, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=512)
+    else:
+        cfg = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                   vocab_size=128256)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False, **cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, config
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: torch.device
+                     ) -> tuple[dict[str, list[float]], dict[str, list[tuple[int, int]]]]:
+    """Seconds per step and (peak, held before) bytes per step for each method, ``repeats`` rounds."""
+    cuda = dev.type == "cuda"
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, list[tuple[int, int]]] = {m: [] for m in methods}
+    for rnd in range(repeats):
+        order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
+        for name in order:
+            step = prepare(name)
+            _sync(dev)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
+                held = torch.cuda.memory_allocated(dev)
+            t = time.perf_counter()
+            step()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t)
+            if cuda:
+                peaks[name].append((torch.cuda.max_memory_allocated(dev), held))
+    return times, peaks
+
+
+def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width: int = 27) -> dict[str, dict]:
+    """{method: {"gpu_kernel_ms", "gpu_kernels"}} from one profiled step each (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name in methods:
+        step = prepare(name)
+        _sync(dev)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(dev)
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out[name] = {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+                     "gpu_kernels": sum(e.count for e in kernels)}
+        print(f"{name:<{width}} profiled step: GPU kernel time {out[name]['gpu_kernel_ms']:.1f} ms, "
+              f"{out[name]['gpu_kernels']} kernels", flush=True)
+    return out
+
+
+def summary_rows(methods: list[str], times: dict[str, list[float]], peaks: dict[str, list[tuple[int, int]]],
+                 reference: str) -> list[dict]:
+    """One row per method: median seconds per step, ratio to ``reference``, every run, peak memory
+    (GiB) and its excess over what was held before the step."""
+    ref = statistics.median(times[reference])
+    rows = []
+    for name in methods:
+        med = statistics.median(times[name])
+        row = {"method": name, "median_s_per_step": med, "relative_to_" + reference.replace(" ", "_"): med / ref,
+               "runs_s_per_step": times[name]}
+        if peaks[name]:
+            peak = max(p for p, _ in peaks[name])
+            held = min(b for _, b in peaks[name])
+            row["peak_memory_gib"] = peak / 2 ** 30
+            row["peak_over_resident_gib"] = (peak - held) / 2 ** 30
+        rows.append(row)
+    return rows
