@@ -525,3 +525,21 @@ def test_minilm_loads_as_encoder():
     assert out.shape == (1, enc.input_ids.shape[1], raw["hidden_size"])
     assert torch.isfinite(out).all()
     assert {lm.tokenizer.cls_token_id, lm.tokenizer.sep_token_id} <= set(lm.special_token_ids())
+
+
+def test_every_public_name_of_the_package_resolves():
+    """`import geoprobe as gp` exposes its API lazily: every name in ``gp.__all__`` must import and be
+    the object of the module it names (``gp.probe`` is ``geoprobe.pipeline.probe``)."""
+    import importlib
+
+    import geoprobe as gp
+
+    for name in gp.__all__:
+        value = getattr(gp, name)
+        if name == "__version__":
+            assert isinstance(value, str)
+            continue
+        assert value is getattr(importlib.import_module(gp._LAZY[name]), name), name
+    from geoprobe.pipeline import ProbeSettings, probe
+
+    assert gp.probe is probe and gp.ProbeSettings is ProbeSettings
