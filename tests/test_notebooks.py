@@ -46,8 +46,20 @@ def execute(name: str):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
         f"{name} is committed with outputs; clear them"
-    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    from nbclient.exceptions import CellExecutionError
+
+    for attempt in (1, 2):  # a kernel that fails to start (port race, slow start under load) gets one retry
+        run = nbformat.read(NOTEBOOKS / name, as_version=4)
+        try:
+            NotebookClient(run, timeout=CELL_TIMEOUT, startup_timeout=300, kernel_name="python3",
+                           resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+            break
+        except CellExecutionError:
+            raise
+        except Exception:
+            if attempt == 2:
+                raise
+    nb = run
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
     return nb
