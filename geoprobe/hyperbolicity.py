@@ -242,6 +242,7 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
     import torch
 
     from .kernels import delta_torch
+    from .kernels.memory import cuda_free_bytes
 
     if x.is_complex():
         raise InputDataError("points must be real numbers, got a complex tensor")
@@ -250,7 +251,7 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
         what = "distance matrix" if distances else "points"
         raise InputDataError(f"the {what} hold NaN or inf entries; repair or drop those points first")
     n = t.shape[0]
-    free = _cuda_free_bytes(t.device)
+    free = cuda_free_bytes(t.device)
     if n * n * CUDA_BYTES_PER_PAIR > free:
         raise InputDataError(cuda_memory_message(n, free))
     try:
@@ -265,20 +266,13 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
         else:
             d = delta_torch.delta_exact_torch(D, first=base_point, block=block)
     except torch.cuda.OutOfMemoryError:
-        raise InputDataError(cuda_memory_message(n, _cuda_free_bytes(t.device))) from None
+        raise InputDataError(cuda_memory_message(n, cuda_free_bytes(t.device))) from None
     return d, diam, "torch-cuda"
 
 
 CUDA_BYTES_PER_PAIR = 48
 """Peak GPU memory of δ per point pair: the float64 distance matrix, its Gram/difference temporaries
 and the float64 Gromov-product matrix with its float32 copy (≈ 6 n × n arrays of 8 bytes)."""
-
-
-def _cuda_free_bytes(device) -> int:
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def cuda_memory_message(n: int, free_bytes: int) -> str:

@@ -498,8 +498,9 @@ def gpu_memory_message(shape: tuple, device: Any = None, x: Any = None) -> str:
     free = None
     dev = device if device is not None else getattr(x, "device", None)
     if torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda":
-        torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info(torch.device(dev))[0]
+        from .kernels.memory import cuda_free_bytes
+
+        free = cuda_free_bytes(dev)
     text = f"intrinsic dimension of {n:,} points × {d:,} coordinates ran out of GPU memory (about {need / 2 ** 30:.1f} GiB needed"
     if free is not None and d > 0:
         text += f", {free / 2 ** 30:.1f} GiB free: about {free // (d * GPU_BYTES_PER_ENTRY):,} points of this width fit"

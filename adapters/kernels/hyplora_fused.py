@@ -74,13 +74,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_INTERPRETING = _interpreting()
+"""Triton's interpreter is on (read once: Triton itself reads TRITON_INTERPRET when it starts)."""
+
+
 def fused_available(device: torch.device | str) -> bool:
     """True when the fused kernels can run on ``device`` (CUDA with Triton, or CPU under the Triton
     interpreter)."""
     device = torch.device(device)
     if triton is None or not _ENABLED:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return device.type == "cuda" or (device.type == "cpu" and _INTERPRETING)
 
 
 def fused_unsupported_reason(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, raw_k: torch.Tensor,
@@ -161,7 +165,7 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     dev = x.device
     if dev != A.device or not x.is_floating_point() or x.numel() == 0:
         return False
-    return dev.type == "cuda" or (dev.type == "cpu" and _interpreting())
+    return dev.type == "cuda" or (dev.type == "cpu" and _INTERPRETING)
 
 
 def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -238,7 +242,6 @@ def _launch_hooks() -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-_INTERPRETING = _interpreting()
 
 
 class _Launcher:
