@@ -92,6 +92,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _nn_module
 
 from geoprobe.errors import AdapterError
+from .kernels.native import native_module
 
 log = logging.getLogger(__name__)
 
@@ -442,8 +443,12 @@ class HydraLoraLinear(LoraLinear):
         B = self.lora_hydra_B[adapter].weight
         if not (A.dtype == R.dtype == B.dtype) or torch.is_autocast_enabled(x.device.type):
             return None
-        apply = _HYDRA_APPLY if not torch._C._are_functorch_transforms_active() else _HydraLinearFn.apply
-        y, probs = apply(x, weight, bias, A, R, B, self.scaling[adapter], self.r[adapter])
+        if torch._C._are_functorch_transforms_active():
+            y, probs = _HydraLinearFn.apply(x, weight, bias, A, R, B, self.scaling[adapter], self.r[adapter])
+        else:
+            module = native_module(x.device)
+            apply = _HYDRA_APPLY if module is None else module.hydra_linear
+            y, probs = apply(x, weight, bias, A, R, B, float(self.scaling[adapter]), int(self.r[adapter]))
         self._record(adapter, probs, probs)
         return y
 

@@ -63,12 +63,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hydralora import HydraLoraLinear, hydralora_config  # noqa: E402
+from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK_RULE = "integer r_h ≥ 1 minimising |Σ(r_h·d_in + N·r_h·d_out + N·d_in) − Σ r·(d_in + d_out)|"
-METHODS = ["peft lora", "hydralora", "hydralora module path", "hydralora reference-style"]
+METHODS = ["peft lora", "hydralora", "hydralora python node", "hydralora module path", "hydralora reference-style"]
 _REF_HEADS: dict[int, list[torch.Tensor]] = {}  # id(layer) → N separate float32 heads (reference-style)
 _METADATA_OPS = {"_unsafe_view", "_reshape_alias", "as_strided", "expand", "slice", "select", "unsqueeze",
                  "squeeze", "permute", "transpose", "t", "view", "split", "split_with_sizes", "detach", "alias"}
@@ -197,10 +198,13 @@ def main() -> None:
     def select(name: str):
         HydraLoraLinear.forward = original_forward
         HydraLoraLinear.use_lean_path = True
+        set_native_mode("auto")
         if name == "peft lora":
             return lora_model, trainable_of["peft lora"]
         if name == "hydralora module path":
             HydraLoraLinear.use_lean_path = False
+        elif name == "hydralora python node":
+            set_native_mode("off")
         elif name == "hydralora reference-style":
             HydraLoraLinear.forward = reference_style_forward
         return hydra_model, trainable_of["hydra"]
@@ -227,7 +231,8 @@ def main() -> None:
             p.grad = None
         step(model, params)
     sync()
-    expected = {"peft lora": count_lora, "hydralora": count_hydra, "hydralora module path": count_hydra,
+    expected = {"peft lora": count_lora, "hydralora": count_hydra, "hydralora python node": count_hydra,
+                "hydralora module path": count_hydra,
                 "hydralora reference-style": count_hydra}
     wrong = {m: (trainable[m], expected[m]) for m in methods if trainable[m] != expected[m]}
     if wrong:
@@ -300,6 +305,7 @@ def main() -> None:
         },
         "tokens": {"batch": args.batch, "seq": args.seq},
         "step": "forward + loss + backward (no optimizer)",
+        "native_layers": native_unavailable_reason(dev) or "built (adapters.kernels.native)",
         "repeats": args.repeats,
         "build_s": build_s,
         "loss_diff_hydralora_vs_module_path": (abs(losses["hydralora"] - losses["hydralora module path"])

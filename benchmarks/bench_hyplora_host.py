@@ -24,6 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, _no_autocast, hyplora_config  # noqa: E402
 from adapters.kernels import hyplora_fused as hf  # noqa: E402
+from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
 
@@ -97,13 +98,24 @@ def main() -> None:
                 HypLoraLinear._hyp_fast_adapter = fast
         return g
 
+    def python_node(f):  # the Python autograd.Function (Triton launches) instead of the native C++ node
+        def g():
+            previous = set_native_mode("off")
+            try:
+                f()
+            finally:
+                set_native_mode(previous)
+        return g
+
     res = {
         "peft lora forward+backward": issue_cost(fwd_bwd(lora), args.n),
         "hyplora fused forward+backward": issue_cost(fwd_bwd(hyp), args.n),
+        "hyplora fused python node forward+backward": issue_cost(python_node(fwd_bwd(hyp)), args.n),
         "hyplora fused via PEFT dispatch forward+backward": issue_cost(dispatch(fwd_bwd(hyp)), args.n),
         "hyplora unfused forward+backward": issue_cost(unfused(fwd_bwd(hyp)), args.n),
         "peft lora forward": issue_cost(fwd(lora), args.n),
         "hyplora fused forward": issue_cost(fwd(hyp), args.n),
+        "hyplora fused python node forward": issue_cost(python_node(fwd(hyp)), args.n),
         "hyplora fused via PEFT dispatch forward": issue_cost(dispatch(fwd(hyp)), args.n),
     }
     xf = torch.randn(T, d, device=dev)
@@ -146,6 +158,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(dev),
         "host": platform.processor() or platform.machine(),
         "calls_per_measurement": args.n,
+        "native_layers": native_unavailable_reason(dev) or "built (adapters.kernels.native)",
         "rows": res,
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "peft": __import__("peft").__version__},

@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
 from adapters.kernels import set_fused_enabled  # noqa: E402
+from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from geoprobe.files import write_json  # noqa: E402
 
@@ -105,12 +106,15 @@ def main() -> None:
         HypLoraLinear.hyp_delta = original_hyp_delta
         HypLoraLinear._hyp_fast_adapter = original_fast
         set_fused_enabled(True)
+        set_native_mode("auto")
         if name == "peft lora":
             peft_model.set_adapter("plain")
             return
         peft_model.set_adapter("hyp")
         if name == "hyplora unfused":
             set_fused_enabled(False)
+        elif name == "hyplora fused python node":
+            set_native_mode("off")
         elif name == "hyplora fused via dispatch":
             HypLoraLinear._hyp_fast_adapter = lambda self, x, a, k: None
         elif name == "hyplora reference-style":
@@ -127,7 +131,7 @@ def main() -> None:
             p.grad = None
         return float(out.loss.detach())
 
-    known = ["peft lora", "hyplora fused", "hyplora fused via dispatch", "hyplora unfused", "hyplora reference-style"]
+    known = ["peft lora", "hyplora fused", "hyplora fused python node", "hyplora fused via dispatch", "hyplora unfused", "hyplora reference-style"]
     chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft lora"}
     unknown = chosen - set(known)
     if unknown:
@@ -169,6 +173,7 @@ def main() -> None:
                      "adapter_dtype": "float32"},
         "tokens": {"batch": args.batch, "seq": args.seq},
         "step": "forward + loss + backward (no optimizer)",
+        "native_layers": native_unavailable_reason(dev) or "built (adapters.kernels.native)",
         "repeats": args.repeats,
         "build_s": build_s,
         "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),

@@ -21,7 +21,7 @@ import torch
 
 from adapters.hyplora import (HypLoraLinear, _bottleneck, hyplora_config, hyplora_delta,
                               hyplora_delta_bottleneck, inverse_positive, positive)
-from adapters.kernels import hyplora_fused
+from adapters.kernels import hyplora_fused, native
 from adapters.kernels.hyplora_fused import (fused_unsupported_reason, hyplora_bottleneck_fused,
                                             set_fused_enabled)
 
@@ -71,6 +71,21 @@ def _fused(scale):
 def _rel(a, b):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(params=["native", "python"])
+def layer_node(request):
+    """The layer's node: the C++ one of adapters.kernels.native where it is built, or the Python one."""
+    previous = native.set_native_mode("auto" if request.param == "native" else "off")
+    yield request.param
+    native.set_native_mode(previous)
+
+
+@pytest.fixture
+def python_node():
+    previous = native.set_native_mode("off")
+    yield
+    native.set_native_mode(previous)
 
 
 # ============================================================================ CPU: the fallback
@@ -302,7 +317,7 @@ def test_fused_every_output_written():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_layer_on_cuda_runs_fused_and_matches_chain(fresh_log, caplog):
+def test_layer_on_cuda_runs_fused_and_matches_chain(fresh_log, caplog, layer_node):
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     dev = torch.device("cuda")
     base = torch.nn.Linear(256, 192, bias=False).to(dev, torch.bfloat16).requires_grad_(False)
@@ -376,7 +391,7 @@ def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, s
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("shape", [(2, 19, 33, 1100, 5), (1, 300, 96, 130, 32), (3, 41, 128, 64, 64)])
-def test_lean_layer_float64_matches_chain(shape):
+def test_lean_layer_float64_matches_chain(shape, layer_node):
     errs = _layer_vs_chain(torch.float64, shape, "cuda")
     assert max(errs) < 1e-10, errs
 
@@ -384,14 +399,14 @@ def test_lean_layer_float64_matches_chain(shape):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("autocast", [False, True])
-def test_lean_layer_bf16_base_float32_adapter_close_to_chain(autocast):
+def test_lean_layer_bf16_base_float32_adapter_close_to_chain(autocast, layer_node):
     errs = _layer_vs_chain(torch.bfloat16, (2, 50, 256, 192, 32), "cuda", autocast=autocast)
     assert errs[0] < 1e-2 and max(errs[1:]) < 2e-2, errs  # bf16 output and incoming gradient
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_lean_layer_with_dropout_matches_chain_on_the_same_mask():
+def test_lean_layer_with_dropout_matches_chain_on_the_same_mask(layer_node):
     """Dropout is drawn once, before the fused node; replaying the RNG gives the same mask, and the
     layer then equals base(x) + (α/r)·Δ(dropout(x)) in float64 in output and every gradient."""
     layer = _layer(96, 80, 16, dropout=0.2, seed=7).cuda().double()
@@ -417,7 +432,7 @@ def test_lean_layer_with_dropout_matches_chain_on_the_same_mask():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_direct_launch_equals_triton_launch_across_specialisations():
+def test_direct_launch_equals_triton_launch_across_specialisations(python_node):
     """Token counts 1, 16, 17 and 64 hit different Triton specialisations (== 1, divisible by 16);
     launching the cached compiled kernels directly gives the same bits as Triton's own launch."""
     layer = _layer(96, 80, 16, seed=3).cuda()

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .native import native_module
+
 logger = logging.getLogger(__name__)
 
 try:
@@ -153,11 +155,12 @@ def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
 
 
 def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """True when :func:`hyplora_linear_fused` may take this call: kernels on (CUDA with Triton, or the
-    interpreter on CPU), adapter weights float32/float64 of one dtype, rank ≤ MAX_RANK, a floating
-    input with at least one token on the weights' device. Cheap enough to ask on every forward; every
-    other case (autocast off or on) goes through PEFT's dispatch and :func:`hyplora_bottleneck_fused`."""
-    if not _ENABLED or triton is None:
+    """True when :func:`hyplora_linear_fused` may take this call: fused kernels on (the native C++ node of
+    :mod:`adapters.kernels.native`, or Triton on CUDA or under the interpreter on CPU), adapter weights
+    float32/float64 of one dtype, rank ≤ MAX_RANK, a floating input with at least one token on the
+    weights' device. Cheap enough to ask on every forward; every other case (autocast off or on) goes
+    through PEFT's dispatch and :func:`hyplora_bottleneck_fused`."""
+    if not _ENABLED:
         return False
     dt = A.dtype
     if dt is not B.dtype or (dt is not torch.float32 and dt is not torch.float64) or A.shape[0] > MAX_RANK:
@@ -165,7 +168,9 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     dev = x.device
     if dev != A.device or not x.is_floating_point() or x.numel() == 0:
         return False
-    return dev.type == "cuda" or (dev.type == "cpu" and _INTERPRETING)
+    if triton is not None and (dev.type == "cuda" or (dev.type == "cpu" and _INTERPRETING)):
+        return True
+    return native_module(dev) is not None
 
 
 def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -176,7 +181,9 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
     input); result: the base layer's output (..., d_out); A (r, d_in), B (d_out, r) float32 or float64;
     raw_k, raw_s: the layer's one-element raw parameters. Callers check :func:`linear_fast_path` first.
 
-    Forward: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖², q = ‖y‖²
+    Where :mod:`adapters.kernels.native` is built for the device this is its C++ node (the same
+    steps, with a CUDA kernel in place of each Triton kernel and a backward that never enters Python);
+    otherwise the Python node below. Forward: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖², q = ‖y‖²
     (= aᵀBᵀBa), the scalar c of :func:`hyplora_bottleneck_fused` and writes result + c·y. Backward: the
     kernels of :func:`hyplora_bottleneck_fused` with G = BᵀB. Against PEFT LoRA's
     ``result + lora_B(lora_A(x)) * scaling`` this issues one kernel in place of the scaling and the
@@ -184,6 +191,11 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
     launch rate pays little for the hyperbolic maps. The autocast state does not matter: the update is
     computed in the adapter weights' dtype.
     """
+    module = native_module(x.device)
+    if module is not None and raw_k.dtype is raw_s.dtype and not torch._C._are_functorch_transforms_active():
+        if result.stride(-1) != 1:
+            result = result.contiguous()
+        return module.hyplora_linear(x, result, A, B, raw_k, raw_s, float(scale), _cut(A.dtype))
     apply = _FusedLinear.apply
     if _DIRECT_APPLY and not torch._C._are_functorch_transforms_active():
         apply = _LINEAR_APPLY  # autograd.Function.apply without its per-call Python checks

@@ -1,0 +1,52 @@
+// Per-token scalar work of the HypLoRA layer node (arXiv 2410.04010 Eq. 6–8, METHODS §10), CUDA and CPU.
+//
+// With a = A x, y = B a, sq = ‖x‖², q = ‖y‖², K = sp(k̃), s = sp(s̃) (sp(v) = softplus(v) + 1e-6):
+//   u = sq/(s²K),  c1 = S(u)/s with S(u) = sinh(min(√u, 12))/√u,  v = c1² q/K,  R(v) = asinh(√v)/√v,
+//   c = scale·c1·R(v),  layer output = result + c·y.
+// Forward: per token sq, q, c and out = result + c·y. Backward, given gca = g B (g = ∂L/∂out): per token
+// ∂L/∂a = c·gca + g_q (G + Gᵀ) a with G = BᵀB, c·a, the rows wa = [g_q·a, g_k·K', g_s·s'] and
+// aext = [a, 1] (so that waᵀ aext holds ∂G = Σ g_q a aᵀ and the raw-parameter gradients), and
+// optionally 2(∂L/∂sq)·x (the start of ∂L/∂x). Series below `cut` as adapters.hyplora._fused_cutoff.
+#pragma once
+#include <stdint.h>
+
+enum HypDtype : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+struct HypForwardArgs {
+  int compute_type, raw_type, out_type;
+  const void* x;    // (T, din) compute dtype, row stride sx
+  const void* y;    // (T, dout) compute dtype, row stride sy
+  const void* res;  // (T, dout) out dtype, row stride sr
+  void* out;        // (T, dout) out dtype, row stride so
+  void* sqq;        // (2T) compute dtype: ‖x‖² then ‖y‖²
+  const void* rk;   // raw curvature, one element
+  const void* rs;   // raw scale, one element
+  double scale, cut;
+  int64_t T, din, dout, sx, sy, sr, so;
+};
+
+struct HypBackwardArgs {
+  int compute_type, raw_type;
+  const void* gca;  // (T, r) contiguous
+  const void* a;    // (T, r) contiguous
+  const void* G;    // (r, r) contiguous
+  const void* sqq;  // (2T)
+  const void* rk;
+  const void* rs;
+  void* da;    // (T, r)
+  void* ca;    // (T, r)
+  void* wa;    // (T, r + 2)
+  void* aext;  // (T, r + 1)
+  void* gx;    // (T, din) contiguous, or null
+  const void* x;  // (T, din), row stride sx
+  double scale, cut;
+  int64_t T;
+  int r;
+  int64_t din, sx;
+};
+
+// Each returns null on success, else a message.
+const char* hyplora_forward_cuda(const HypForwardArgs& p, void* stream);
+const char* hyplora_backward_cuda(const HypBackwardArgs& p, void* stream);
+const char* hyplora_forward_cpu(const HypForwardArgs& p);
+const char* hyplora_backward_cpu(const HypBackwardArgs& p);

@@ -1,0 +1,322 @@
+// The adapter layers' training nodes in C++: one autograd node per adapted linear layer whose backward
+// runs without the Python interpreter (a Python autograd.Function pays the interpreter for its backward and
+// for every op it issues, which bounds a training step when the GPU work per layer is small).
+//
+// hyplora_linear: result + scale·Δ(x) of HypLoRA (consistent map, adapters.kernels.hyplora_fused), the
+//   per-token scalar work in hyplora_tokens.{cu,cpp}.
+// hydra_linear:   x Wᵀ (+ b) + s·(g ⊗ a) Bᵀ and the gates g of HydraLoRA (adapters.hydralora._HydraLinearFn),
+//   ATen products only.
+#include <torch/extension.h>
+
+#ifdef GEOPROBE_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+#include "hyplora_tokens.h"
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+// Autocast off inside the nodes: the adapter products run in the adapter weights' dtype.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default: TORCH_CHECK(false, "geoprobe native: unsupported dtype ", t);
+  }
+}
+
+void run_forward(const HypForwardArgs& p, const at::Tensor& like) {
+  const char* err = nullptr;
+  if (like.is_cuda()) {
+#ifdef GEOPROBE_CUDA
+    err = hyplora_forward_cuda(p, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+#else
+    err = "built without CUDA";
+#endif
+  } else {
+    err = hyplora_forward_cpu(p);
+  }
+  TORCH_CHECK(err == nullptr, "HypLoRA forward kernel: ", err);
+}
+
+void run_backward(const HypBackwardArgs& p, const at::Tensor& like) {
+  const char* err = nullptr;
+  if (like.is_cuda()) {
+#ifdef GEOPROBE_CUDA
+    err = hyplora_backward_cuda(p, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+#else
+    err = "built without CUDA";
+#endif
+  } else {
+    err = hyplora_backward_cpu(p);
+  }
+  TORCH_CHECK(err == nullptr, "HypLoRA backward kernel: ", err);
+}
+
+// A node behind shared_ptr (older libtorch) or intrusive_ptr (newer), whichever Edge holds.
+template <typename P, typename N = torch::autograd::Error>
+P make_node(const char* msg) {
+  if constexpr (std::is_same_v<P, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(msg);
+  } else {
+    return c10::make_intrusive<N>(msg);
+  }
+}
+
+// As Python's @once_differentiable: under create_graph=True the gradients are returned behind a node that
+// raises if they are differentiated again (the kernels' own derivatives are not formed).
+variable_list once_differentiable(variable_list out, bool grad_mode) {
+  if (!grad_mode) return out;
+  using NodePtr = decltype(std::declval<torch::autograd::Edge>().function);
+  const NodePtr node = make_node<NodePtr>(
+      "trying to differentiate twice a function that was marked with @once_differentiable");
+  for (auto& v : out) {
+    if (v.defined()) {
+      v = v.detach();
+      torch::autograd::set_history(v, node);
+    }
+  }
+  return out;
+}
+
+at::Tensor as_grad(const at::Tensor& value, const at::Tensor& like) {
+  at::Tensor g = value.scalar_type() == like.scalar_type() ? value : value.to(like.scalar_type());
+  return g.reshape(like.sizes());
+}
+
+struct HypLinear : public torch::autograd::Function<HypLinear> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& result,
+                            const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
+                            const at::Tensor& raw_s, double scale, double cut) {
+    NoAutocast no_autocast;
+    const auto dt = A.scalar_type();
+    const int64_t din = A.size(1), dout = B.size(0);
+    at::Tensor xf = x.reshape({-1, din});
+    if (xf.scalar_type() != dt) xf = xf.to(dt);
+    xf = xf.contiguous();
+    const at::Tensor a = at::mm(xf, A.t());
+    const at::Tensor y = at::mm(a, B.t());
+    const at::Tensor res = result.reshape({-1, dout});
+    TORCH_CHECK(res.stride(1) == 1, "HypLoRA layer: result rows must be contiguous");
+    at::Tensor out = at::empty(res.sizes(), res.options());
+    const int64_t T = xf.size(0);
+    at::Tensor sqq = at::empty({2 * T}, xf.options());
+    HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(res.scalar_type()),
+                     xf.data_ptr(), y.data_ptr(), res.data_ptr(), out.data_ptr(), sqq.data_ptr(),
+                     raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T, din, dout, xf.stride(0), y.stride(0),
+                     res.stride(0), out.stride(0)};
+    run_forward(p, xf);
+    ctx->save_for_backward({xf, A, B, a, sqq, raw_k, raw_s});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["cut"] = cut;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    return at::_unsafe_view(out, result.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
+    return once_differentiable(backward_impl(ctx, grads), grad_mode);
+  }
+
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
+    NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &xf = saved[0], &A = saved[1], &B = saved[2], &a = saved[3], &sqq = saved[4],
+                     &raw_k = saved[5], &raw_s = saved[6];
+    const bool need_x = ctx->needs_input_grad(0), need_res = ctx->needs_input_grad(1),
+               need_A = ctx->needs_input_grad(2), need_B = ctx->needs_input_grad(3),
+               need_k = ctx->needs_input_grad(4), need_s = ctx->needs_input_grad(5);
+    variable_list out(8);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    const auto dt = A.scalar_type();
+    const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
+    TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
+    at::Tensor gf = g.reshape({T, -1});
+    if (gf.scalar_type() != dt) gf = gf.to(dt);
+    gf = gf.contiguous();
+    const at::Tensor gca = at::mm(gf, B);
+    const at::Tensor G = at::mm(B.t(), B);
+    const auto opts = a.options();
+    at::Tensor da = at::empty({T, r}, opts), ca = at::empty({T, r}, opts);
+    at::Tensor wa = at::empty({T, r + 2}, opts), aext = at::empty({T, r + 1}, opts);
+    at::Tensor gx;
+    if (need_x) gx = at::empty({T, din}, opts);
+    HypBackwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), gca.data_ptr(), a.data_ptr(),
+                      G.data_ptr(), sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), da.data_ptr(),
+                      ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? gx.data_ptr() : nullptr,
+                      xf.data_ptr(), ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(), T,
+                      static_cast<int>(r), din, xf.stride(0)};
+    run_backward(p, a);
+    if (need_x) {
+      gx.addmm_(da, A);
+      out[0] = gx.view(ctx->saved_data["x_sizes"].toIntVector());  // the engine casts it to x's dtype
+    }
+    if (need_res) out[1] = g;
+    if (need_A) out[2] = at::mm(da.t(), xf);
+    if (need_B || need_k || need_s) {
+      const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
+      if (need_B) {
+        at::Tensor gB = at::mm(gf.t(), ca);
+        gB.addmm_(B, M.narrow(0, 0, r).narrow(1, 0, r), 1.0, 2.0);
+        out[3] = gB;
+      }
+      if (need_k) out[4] = as_grad(M.select(0, r).select(0, r), raw_k);
+      if (need_s) out[5] = as_grad(M.select(0, r + 1).select(0, r), raw_s);
+    }
+    return out;
+  }
+};
+
+at::Tensor hyplora_linear(const at::Tensor& x, const at::Tensor& result, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1) && x.size(-1) == A.size(1) &&
+                  result.size(-1) == B.size(0),
+              "HypLoRA layer: shapes do not chain");
+  TORCH_CHECK(A.size(0) <= 64, "HypLoRA layer: rank ", A.size(0), " > 64");
+  TORCH_CHECK(A.scalar_type() == B.scalar_type() &&
+                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "HypLoRA layer: A and B must share a float32/float64 dtype");
+  TORCH_CHECK(raw_k.numel() == 1 && raw_s.numel() == 1 && raw_k.scalar_type() == raw_s.scalar_type(),
+              "HypLoRA layer: one raw curvature and one raw scale of one dtype");
+  return HypLinear::apply(x, result, A, B, raw_k, raw_s, scale, cut);
+}
+
+// y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
+// adapters.hydralora._HydraLinearFn, op for op.
+struct HydraLinear : public torch::autograd::Function<HydraLinear> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
+                               const at::Tensor& B, double scaling, int64_t r) {
+    NoAutocast no_autocast;
+    const auto shape = x.sizes().vec();
+    const at::Tensor x2 = x.reshape({-1, shape.back()});
+    const at::Tensor xc = x2.scalar_type() == A.scalar_type() ? x2 : x2.to(A.scalar_type());
+    const at::Tensor wc = at::cat({A, R});
+    const int64_t n = R.size(0), tokens = x2.size(0);
+    const at::Tensor h = at::mm(xc, wc.t());
+    const at::Tensor a = h.narrow(1, 0, r), logits = h.narrow(1, r, n);
+    const at::Tensor p = at::softmax(logits, 1);
+    const at::Tensor z = at::mul(p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
+    at::Tensor out = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    if (out.scalar_type() == B.scalar_type()) {
+      out.addmm_(z, B.t(), 1.0, scaling);
+    } else {
+      out.add_(at::mm(z, B.t()), scaling);
+    }
+    ctx->save_for_backward({xc, weight, wc, B, a, p, z});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["x_sizes"] = shape;
+    ctx->set_materialize_grads(false);
+    auto out_shape = shape;
+    out_shape.back() = out.size(1);
+    auto p_shape = shape;
+    p_shape.back() = n;
+    return {at::_unsafe_view(out, out_shape), at::_unsafe_view(p, p_shape)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
+    return once_differentiable(backward_impl(ctx, grads), grad_mode);
+  }
+
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
+    NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &xc = saved[0], &weight = saved[1], &wc = saved[2], &B = saved[3], &a = saved[4],
+                     &p = saved[5], &z = saved[6];
+    const double s = ctx->saved_data["scaling"].toDouble();
+    // needs_input_grad counts tensor inputs only: the bias is one when given
+    const size_t o = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+    const bool need_x = ctx->needs_input_grad(0), need_A = ctx->needs_input_grad(2 + o),
+               need_R = ctx->needs_input_grad(3 + o), need_B = ctx->needs_input_grad(4 + o);
+    const int64_t tokens = p.size(0), n = p.size(1), r = a.size(1);
+    const at::Tensor &gy = grads[0], &gp = grads[1];
+    variable_list out(8);
+    at::Tensor g2, da, dp;
+    if (gy.defined()) {
+      g2 = gy.reshape({tokens, gy.size(-1)});
+      const at::Tensor gc = g2.scalar_type() == B.scalar_type() ? g2 : g2.to(B.scalar_type());
+      const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
+      if (need_B) out[5] = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
+      if (need_x || need_A || need_R) {
+        const at::Tensor dz = at::addmm(none, gc, B, 0.0, s).view({tokens, n, r});  // s·G B, per head
+        da = at::bmm(p.unsqueeze(1), dz).view({tokens, r});
+        dp = at::bmm(dz, a.unsqueeze(2)).view({tokens, n});
+      }
+    }
+    if (gp.defined()) {
+      const at::Tensor gp2 = gp.reshape({tokens, n});
+      dp = dp.defined() ? dp + gp2 : gp2;
+    }
+    at::Tensor dh;
+    if (dp.defined() && (need_x || need_A || need_R)) {
+      const at::Tensor dl = at::_softmax_backward_data(dp, p, 1, p.scalar_type());
+      if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
+      dh = at::cat({da, dl}, 1);
+      if (need_A || need_R) {
+        const at::Tensor dw = at::mm(dh.t(), xc);
+        if (need_A) out[3] = dw.narrow(0, 0, r);
+        if (need_R) out[4] = dw.narrow(0, r, n);
+      }
+    }
+    if (need_x && (g2.defined() || dh.defined())) {
+      at::Tensor dx2;
+      if (!g2.defined()) {
+        dx2 = at::mm(dh, wc).to(weight.scalar_type());
+      } else {
+        dx2 = at::mm(g2, weight);
+        if (dh.defined()) {
+          if (dx2.scalar_type() == wc.scalar_type()) {
+            dx2.addmm_(dh, wc);
+          } else {
+            dx2.add_(at::mm(dh, wc));
+          }
+        }
+      }
+      out[0] = dx2.view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    return out;
+  }
+};
+
+std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
+                                     int64_t r) {
+  TORCH_CHECK(A.dim() == 2 && R.dim() == 2 && B.dim() == 2 && A.size(0) == r && B.size(1) == R.size(0) * r &&
+                  x.size(-1) == A.size(1) && R.size(1) == A.size(1) && weight.size(1) == A.size(1) &&
+                  weight.size(0) == B.size(0),
+              "HydraLoRA layer: shapes do not chain");
+  auto outs = HydraLinear::apply(x, weight, bias, A, R, B, scaling, r);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "geoprobe adapter layer nodes (C++ autograd)";
+  m.def("hyplora_linear", &hyplora_linear, "result + scale·Δ(x) of a HypLoRA layer, one autograd node");
+  m.def("hydra_linear", &hydra_linear, "HydraLoRA layer output and gates, one autograd node");
+  m.attr("cuda") = py::bool_(
+#ifdef GEOPROBE_CUDA
+      true
+#else
+      false
+#endif
+  );
+}

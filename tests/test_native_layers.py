@@ -1,0 +1,210 @@
+"""The C++ layer nodes (adapters.kernels.native) against the float64 map chain and the Python nodes.
+
+On the CPU the extension is built once per machine (about a minute; cached) and run with
+``GEOPROBE_NATIVE=all``: the HypLoRA node (its per-token loop in C++) against base(x) + (α/r)·hyplora_delta in
+float64, output and every gradient; the HydraLoRA node through the lean-path tests of
+``tests/test_hydralora_lean.py`` (against the module path, the per-head loop and PEFT LoRA). GPU tests
+(marked ``gpu``) run the CUDA kernels against the same oracles and against the Python nodes. Also: a build
+that fails leaves the Python nodes in place with one logged line, and the mode switch.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from adapters.hydralora import HydraLoraLinear
+from adapters.kernels import native
+from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the native node; fixtures too)
+    _one_thread,
+    make_layer,
+    module_path,
+    test_double_backward_is_refused,
+    test_lean_matches_module_path_and_reference_float64,
+    test_lean_mixed_precision_bf16_base_float32_adapters,
+    test_lean_partial_gradients,
+    test_model_with_gradient_checkpointing_lean_equals_module_path,
+    test_n1_lean_equals_peft_lora,
+)
+from tests.test_hyplora_fused import _layer, _layer_vs_chain
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def native_everywhere():
+    """Native nodes on CPU tensors too; the build must succeed wherever a compiler is present."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native layers cannot be built here")
+    previous = native.set_native_mode("all")
+    module = native.native_module(torch.device("cpu"))
+    assert module is not None, native.native_unavailable_reason("cpu")
+    yield module
+    native.set_native_mode(previous)
+
+
+def _node(y: torch.Tensor) -> str:
+    return y.grad_fn.name() if y.grad_fn is not None else ""
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 33, 1100, 5), (1, 300, 96, 130, 32), (3, 41, 128, 64, 64)])
+def test_hyplora_node_float64_matches_chain_cpu(shape):
+    errs = _layer_vs_chain(torch.float64, shape, "cpu")
+    assert max(errs) < 1e-11, errs
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_hyplora_node_bf16_base_float32_adapters_close_to_chain_cpu(autocast):
+    errs = _layer_vs_chain(torch.bfloat16, (2, 50, 256, 192, 32), "cpu", autocast=autocast)
+    assert errs[0] < 1e-2 and max(errs[1:]) < 2e-2, errs  # bf16 output and incoming gradient
+    assert max(errs[2:4]) < 1e-5, errs  # A and B: float32 against float64
+    assert max(errs[4:]) < 5e-3, errs  # raw K and s: one sum over all tokens (≤ 2.5e-4 in 40 draws)
+
+
+def test_native_nodes_are_the_ones_taken():
+    hyp = _layer(16, 12, 4, seed=1)
+    y = hyp(torch.randn(2, 3, 16, requires_grad=True))
+    assert "CppNode" in _node(y) and "HypLinear" in _node(y)
+    hydra = make_layer(12, 10, 3, 4, seed=2)
+    y = hydra(torch.randn(5, 12, dtype=torch.float64, requires_grad=True))
+    assert "CppNode" in _node(y) and "HydraLinear" in _node(y)
+    previous = native.set_native_mode("off")
+    try:
+        y = hydra(torch.randn(5, 12, dtype=torch.float64, requires_grad=True))
+        assert "CppNode" not in _node(y) and "HydraLinearFn" in _node(y)
+    finally:
+        native.set_native_mode(previous)
+
+
+def test_hyplora_node_partial_gradients_cpu():
+    """Frozen A and an input without gradient: the node computes only what is asked, and it equals the
+    float64 chain's."""
+    from adapters.hyplora import hyplora_delta, positive
+
+    layer = _layer(24, 18, 6, seed=4).double()
+    layer.lora_A["default"].weight.requires_grad_(False)
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    y = layer(x)
+    assert "HypLinear" in _node(y)
+    cot = torch.randn_like(y)
+    params = [layer.lora_B["default"].weight, layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
+    got = torch.autograd.grad((y * cot).sum(), params)
+    A = layer.lora_A["default"].weight
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    ref = x @ layer.base_layer.weight.T + 2.0 * hyplora_delta(x, A, leaves[0], positive(leaves[1]),
+                                                              positive(leaves[2]))
+    want = torch.autograd.grad((ref * cot).sum(), leaves)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_hyplora_double_backward_is_refused_cpu():
+    layer = _layer(10, 8, 3, seed=5).double()
+    x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def test_failed_build_keeps_python_nodes_with_one_log_line(monkeypatch, caplog):
+    def broken(cuda):
+        raise RuntimeError("Error building extension 'x':\nlayers.cpp:1:1: error: simulated failure\nninja: stopped")
+
+    monkeypatch.setattr(native, "_MODULES", {})
+    monkeypatch.setattr(native, "_FAILURES", {})
+    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    layer = make_layer(12, 10, 3, 4, seed=2)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="adapters.kernels.native"):
+        y1 = layer(x)
+        y2 = layer(x)
+    assert "HydraLinearFn" in _node(y1) or y1.grad_fn is None
+    assert torch.equal(y1, y2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "adapters.kernels.native"]
+    assert len(lines) == 1 and "simulated failure" in lines[0]
+    assert "simulated failure" in native.native_unavailable_reason("cpu")
+
+
+def test_mode_from_environment(monkeypatch):
+    for raw, want in [("0", "off"), ("off", "off"), ("all", "all"), ("", "auto"), ("auto", "auto")]:
+        monkeypatch.setenv("GEOPROBE_NATIVE", raw)
+        assert native._mode_from_env() == want
+    with pytest.raises(ValueError):
+        native.set_native_mode("sometimes")
+    previous = native.set_native_mode("auto")
+    try:
+        assert native.native_module(torch.device("cpu")) is None
+        assert "GEOPROBE_NATIVE=all" in native.native_unavailable_reason("cpu")
+    finally:
+        native.set_native_mode(previous)
+
+
+# ============================================================================ GPU
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", [(2, 19, 33, 1100, 5), (1, 300, 96, 130, 32), (3, 41, 128, 64, 64),
+                                   (2, 700, 256, 4100, 16)])
+def test_hyplora_cuda_node_float64_matches_chain(shape):
+    assert native.native_module(torch.device("cuda")) is not None, native.native_unavailable_reason("cuda")
+    errs = _layer_vs_chain(torch.float64, shape, "cuda")
+    assert max(errs) < 1e-10, errs
+
+
+def _layer_run(layer, x, cot):
+    xl = x.detach().clone().requires_grad_(True)
+    y = layer(xl)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_hyp_k["default"],
+              layer.lora_hyp_s["default"]]
+    grads = torch.autograd.grad((y.float() * cot).sum(), [xl] + params)
+    return _node(y), y.detach(), grads
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_hyplora_cuda_node_equals_python_node(base_dtype):
+    """The C++ node and the Python node (Triton kernels) on the same inputs: the same numbers up to the
+    order of float32 sums (bf16 output: within one rounding)."""
+    pytest.importorskip("triton")
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        layer = _layer(512, 384, 32, base_dtype=base_dtype, seed=11).cuda()
+        x = (torch.randn(4, 200, 512, device="cuda") * 2).to(base_dtype)
+        cot = torch.randn(4, 200, 384, device="cuda")
+        name_n, y_n, g_n = _layer_run(layer, x, cot)
+        previous = native.set_native_mode("off")
+        try:
+            name_p, y_p, g_p = _layer_run(layer, x, cot)
+        finally:
+            native.set_native_mode(previous)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    assert "CppNode" in name_n and "CppNode" not in name_p
+    tol = 1e-5 if base_dtype == torch.float32 else 1e-2
+    assert (y_n.float() - y_p.float()).norm() <= tol * y_p.float().norm()
+    for a, b in zip(g_n, g_p):
+        assert (a.float() - b.float()).norm() <= max(tol, 1e-4) * b.float().norm()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("base_dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                      (torch.bfloat16, torch.float32)])
+def test_hydra_cuda_node_matches_module_path(base_dtype, adapter_dtype, module_path):
+    from tests.test_hydralora_lean import _cuda_check
+
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _cuda_check(base_dtype, adapter_dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    layer = make_layer(64, 48, 4, 3, base_dtype=base_dtype, adapter_dtype=adapter_dtype, seed=3).cuda()
+    HydraLoraLinear.use_lean_path = True
+    y = layer(torch.randn(2, 5, 64, device="cuda").to(base_dtype).requires_grad_(True))
+    assert "CppNode" in _node(y)
