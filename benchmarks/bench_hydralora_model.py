@@ -144,7 +144,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="HydraLoRA heads N")
     ap.add_argument("--hydra-r", type=int, default=None,
                     help="HydraLoRA rank r_h (default: the rank matching PEFT LoRA's trainable parameters)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=4, help="steps per method and round (each timed)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of the methods (peft lora is always timed: it is the reference)")
     ap.add_argument("--no-op-counts", action="store_true", help="skip counting operations")
@@ -274,7 +275,7 @@ def main() -> None:
         model, params = select(name)
         return lambda: step(model, params)
 
-    times, peaks = time_interleaved(methods, prepare, args.repeats, dev)
+    times, peaks = time_interleaved(methods, prepare, args.repeats, dev, args.steps)
     profiled = profile_steps(methods, prepare, dev) if args.profile and cuda else {}
     select("hydralora")
 
@@ -307,6 +308,7 @@ def main() -> None:
         "step": "forward + loss + backward (no optimizer)",
         "native_layers": native_unavailable_reason(dev) or "built (adapters.kernels.native)",
         "repeats": args.repeats,
+        "steps_per_round": args.steps,
         "build_s": build_s,
         "loss_diff_hydralora_vs_module_path": (abs(losses["hydralora"] - losses["hydralora module path"])
                                                if {"hydralora", "hydralora module path"} <= set(losses) else None),

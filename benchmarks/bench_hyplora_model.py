@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=128.0)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
+    ap.add_argument("--steps", type=int, default=4, help="steps per method and round (each timed)")
     ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora fused via dispatch,hyplora unfused,"
                                          "hyplora reference-style",
                     help="comma-separated subset of the methods (peft lora is always timed: it is the reference)")
@@ -150,7 +151,7 @@ def main() -> None:
         select(name)
         return step
 
-    times, peaks = time_interleaved(methods, prepare, args.repeats, dev)
+    times, peaks = time_interleaved(methods, prepare, args.repeats, dev, args.steps)
     profiled = profile_steps(methods, prepare, dev, width=26) if args.profile and cuda else {}
     select("hyplora fused")
     rows = summary_rows(methods, times, peaks, "peft lora")
@@ -175,6 +176,7 @@ def main() -> None:
         "step": "forward + loss + backward (no optimizer)",
         "native_layers": native_unavailable_reason(dev) or "built (adapters.kernels.native)",
         "repeats": args.repeats,
+        "steps_per_round": args.steps,
         "build_s": build_s,
         "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
         "rows": rows,

@@ -2,11 +2,11 @@
 
 * :func:`build_model` — a LlamaForCausalLM with Llama-3-8B's shapes (hidden 4096, FFN 14336, 32 heads,
   8 KV heads, vocabulary 128256) or a tiny stand-in, random bf16 weights, frozen, gradient checkpointing;
-* :func:`time_interleaved` — every method once per round, the order rotated from round to round, one
-  synchronisation around each step; per-step seconds and peak memory (``max_memory_allocated``) with
+* :func:`time_interleaved` — every method a few consecutive steps per round, the order rotated from round
+  to round, one synchronisation around each step; per-step seconds and peak memory (``max_memory_allocated``) with
   the memory held before the step;
 * :func:`profile_steps` — GPU kernel time and kernel count of one step per method (torch.profiler);
-* :func:`summary_rows` — the medians, ratios to the reference method and peak memory of each method.
+* :func:`summary_rows` — the medians, quartiles, ratios to the reference method and peak memory of each method.
 
 A method is run through ``prepare(name)``, which switches the model to that method and returns the
 zero-argument callable that runs one step.
@@ -52,9 +52,10 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: torch.device
+def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: torch.device, steps: int = 1
                      ) -> tuple[dict[str, list[float]], dict[str, list[tuple[int, int]]]]:
-    """Seconds per step and (peak, held before) bytes per step for each method, ``repeats`` rounds."""
+    """Seconds per step and (peak, held before) bytes per step for each method: ``repeats`` rounds, each
+    method ``steps`` consecutive steps per round (each step timed on its own), the order rotating."""
     cuda = dev.type == "cuda"
     times: dict[str, list[float]] = {m: [] for m in methods}
     peaks: dict[str, list[tuple[int, int]]] = {m: [] for m in methods}
@@ -62,16 +63,17 @@ def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: to
         order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
         for name in order:
             step = prepare(name)
-            _sync(dev)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-                held = torch.cuda.memory_allocated(dev)
-            t = time.perf_counter()
-            step()
-            _sync(dev)
-            times[name].append(time.perf_counter() - t)
-            if cuda:
-                peaks[name].append((torch.cuda.max_memory_allocated(dev), held))
+            for _ in range(steps):
+                _sync(dev)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    held = torch.cuda.memory_allocated(dev)
+                t = time.perf_counter()
+                step()
+                _sync(dev)
+                times[name].append(time.perf_counter() - t)
+                if cuda:
+                    peaks[name].append((torch.cuda.max_memory_allocated(dev), held))
     return times, peaks
 
 
@@ -96,13 +98,15 @@ def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width
 
 def summary_rows(methods: list[str], times: dict[str, list[float]], peaks: dict[str, list[tuple[int, int]]],
                  reference: str) -> list[dict]:
-    """One row per method: median seconds per step, ratio to ``reference``, every run, peak memory
-    (GiB) and its excess over what was held before the step."""
+    """One row per method: median seconds per step, ratio to ``reference``, quartiles and minimum, every
+    run, peak memory (GiB) and its excess over what was held before the step."""
     ref = statistics.median(times[reference])
     rows = []
     for name in methods:
         med = statistics.median(times[name])
+        q1, _, q3 = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [med] * 3
         row = {"method": name, "median_s_per_step": med, "relative_to_" + reference.replace(" ", "_"): med / ref,
+               "quartiles_s_per_step": [q1, q3], "min_s_per_step": min(times[name]),
                "runs_s_per_step": times[name]}
         if peaks[name]:
             peak = max(p for p, _ in peaks[name])
