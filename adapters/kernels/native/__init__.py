@@ -4,7 +4,8 @@ A training step with a few thousand tokens is bound, for many adapter layers, by
 work rather than by the GPU. A Python ``torch.autograd.Function`` pays the interpreter for its backward and
 for each op issued from it; PEFT LoRA's layer is a chain of C++ autograd nodes. ``layers.cpp`` holds the
 HypLoRA and HydraLoRA layer nodes as C++ autograd functions (``hyplora_linear``, ``hydra_linear``), with the
-per-token HypLoRA work as a CUDA kernel (``hyplora_tokens.cu``) and a CPU loop (``hyplora_tokens_cpu.cpp``).
+per-token HypLoRA work as a CUDA kernel (``hyplora_tokens.cu``) and a CPU loop (``hyplora_tokens_cpu.cpp``),
+and HydraLoRA's router gates (softmax, outer product and their backward) likewise (``hydra_gates.*``).
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a layer needs it (about
 a minute; a C++ compiler is needed, and nvcc for the CUDA build) and cached under ``TORCH_EXTENSIONS_DIR``
@@ -30,9 +31,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["native_mode", "native_module", "native_unavailable_reason", "set_native_mode"]
 
 HERE = Path(__file__).resolve().parent
-_CPU_SOURCES = ("layers.cpp", "hyplora_tokens_cpu.cpp")
-_CUDA_SOURCES = ("hyplora_tokens.cu",)
-_HEADERS = ("hyplora_tokens.h",)
+_CPU_SOURCES = ("layers.cpp", "hyplora_tokens_cpu.cpp", "hydra_gates_cpu.cpp")
+_CUDA_SOURCES = ("hyplora_tokens.cu", "hydra_gates.cu")
+_HEADERS = ("dtype_codes.h", "hyplora_tokens.h", "hydra_gates.h")
 _MODES = ("auto", "all", "off")
 
 

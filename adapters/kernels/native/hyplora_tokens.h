@@ -10,7 +10,7 @@
 #pragma once
 #include <stdint.h>
 
-enum HypDtype : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+#include "dtype_codes.h"
 
 struct HypForwardArgs {
   int compute_type, raw_type, out_type;

@@ -15,6 +15,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include "hydra_gates.h"
 #include "hyplora_tokens.h"
 
 using torch::autograd::AutogradContext;
@@ -90,6 +91,37 @@ variable_list once_differentiable(variable_list out, bool grad_mode) {
   }
   return out;
 }
+
+void run_gates_forward(const GatesForwardArgs& a, const at::Tensor& like) {
+  const char* err = nullptr;
+  if (like.is_cuda()) {
+#ifdef GEOPROBE_CUDA
+    err = hydra_gates_forward_cuda(a, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+#else
+    err = "built without CUDA";
+#endif
+  } else {
+    err = hydra_gates_forward_cpu(a);
+  }
+  TORCH_CHECK(err == nullptr, "HydraLoRA gates forward kernel: ", err);
+}
+
+void run_gates_backward(const GatesBackwardArgs& a, const at::Tensor& like) {
+  const char* err = nullptr;
+  if (like.is_cuda()) {
+#ifdef GEOPROBE_CUDA
+    err = hydra_gates_backward_cuda(a, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+#else
+    err = "built without CUDA";
+#endif
+  } else {
+    err = hydra_gates_backward_cpu(a);
+  }
+  TORCH_CHECK(err == nullptr, "HydraLoRA gates backward kernel: ", err);
+}
+
+// The gates kernels serve float32/float64 adapters; other dtypes take the ATen ops.
+bool gates_kernels(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
 at::Tensor as_grad(const at::Tensor& value, const at::Tensor& like) {
   at::Tensor g = value.scalar_type() == like.scalar_type() ? value : value.to(like.scalar_type());
@@ -196,7 +228,8 @@ at::Tensor hyplora_linear(const at::Tensor& x, const at::Tensor& result, const a
 }
 
 // y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
-// adapters.hydralora._HydraLinearFn, op for op.
+// adapters.hydralora._HydraLinearFn, with the gate work (softmax, outer product and their backward) in
+// hydra_gates.{cu,cpp} for float32/float64 adapters.
 struct HydraLinear : public torch::autograd::Function<HydraLinear> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
@@ -208,16 +241,25 @@ struct HydraLinear : public torch::autograd::Function<HydraLinear> {
     const at::Tensor wc = at::cat({A, R});
     const int64_t n = R.size(0), tokens = x2.size(0);
     const at::Tensor h = at::mm(xc, wc.t());
-    const at::Tensor a = h.narrow(1, 0, r), logits = h.narrow(1, r, n);
-    const at::Tensor p = at::softmax(logits, 1);
-    const at::Tensor z = at::mul(p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
+    at::Tensor p, z;
+    if (gates_kernels(h.scalar_type())) {
+      p = at::empty({tokens, n}, h.options());
+      z = at::empty({tokens, n * r}, h.options());
+      const GatesForwardArgs g{dtype_code(h.scalar_type()), h.data_ptr(), p.data_ptr(), z.data_ptr(), tokens, r, n,
+                               h.stride(0)};
+      run_gates_forward(g, h);
+    } else {
+      const at::Tensor a = h.narrow(1, 0, r), logits = h.narrow(1, r, n);
+      p = at::softmax(logits, 1);
+      z = at::mul(p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
+    }
     at::Tensor out = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
     if (out.scalar_type() == B.scalar_type()) {
       out.addmm_(z, B.t(), 1.0, scaling);
     } else {
       out.add_(at::mm(z, B.t()), scaling);
     }
-    ctx->save_for_backward({xc, weight, wc, B, a, p, z});
+    ctx->save_for_backward({xc, weight, wc, B, h, p, z});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["x_sizes"] = shape;
@@ -238,37 +280,46 @@ struct HydraLinear : public torch::autograd::Function<HydraLinear> {
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
     NoAutocast no_autocast;
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &xc = saved[0], &weight = saved[1], &wc = saved[2], &B = saved[3], &a = saved[4],
+    const at::Tensor &xc = saved[0], &weight = saved[1], &wc = saved[2], &B = saved[3], &h = saved[4],
                      &p = saved[5], &z = saved[6];
     const double s = ctx->saved_data["scaling"].toDouble();
     // needs_input_grad counts tensor inputs only: the bias is one when given
     const size_t o = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
     const bool need_x = ctx->needs_input_grad(0), need_A = ctx->needs_input_grad(2 + o),
                need_R = ctx->needs_input_grad(3 + o), need_B = ctx->needs_input_grad(4 + o);
-    const int64_t tokens = p.size(0), n = p.size(1), r = a.size(1);
+    const int64_t tokens = p.size(0), n = p.size(1), r = h.size(1) - n;
     const at::Tensor &gy = grads[0], &gp = grads[1];
     variable_list out(8);
-    at::Tensor g2, da, dp;
+    at::Tensor g2, dz;
     if (gy.defined()) {
       g2 = gy.reshape({tokens, gy.size(-1)});
       const at::Tensor gc = g2.scalar_type() == B.scalar_type() ? g2 : g2.to(B.scalar_type());
       const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
       if (need_B) out[5] = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
-      if (need_x || need_A || need_R) {
-        const at::Tensor dz = at::addmm(none, gc, B, 0.0, s).view({tokens, n, r});  // s·G B, per head
-        da = at::bmm(p.unsqueeze(1), dz).view({tokens, r});
-        dp = at::bmm(dz, a.unsqueeze(2)).view({tokens, n});
+      if (need_x || need_A || need_R) dz = at::addmm(none, gc, B, 0.0, s);  // s·G B, (tokens, n·r)
+    }
+    at::Tensor dh;  // gradient of [a, logits]
+    if ((dz.defined() || gp.defined()) && (need_x || need_A || need_R)) {
+      const at::Tensor gp2 = gp.defined() ? gp.reshape({tokens, n}).contiguous() : at::Tensor();
+      if (gates_kernels(h.scalar_type())) {
+        dh = at::empty({tokens, r + n}, h.options());
+        const GatesBackwardArgs g{dtype_code(h.scalar_type()), dz.defined() ? dz.data_ptr() : nullptr, h.data_ptr(),
+                                  p.data_ptr(), gp2.defined() ? gp2.data_ptr() : nullptr, dh.data_ptr(), tokens,
+                                  r, n, h.stride(0)};
+        run_gates_backward(g, h);
+      } else {
+        const at::Tensor a = h.narrow(1, 0, r);
+        at::Tensor da, dp;
+        if (dz.defined()) {
+          const at::Tensor dz3 = dz.view({tokens, n, r});
+          da = at::bmm(p.unsqueeze(1), dz3).view({tokens, r});  // Σ_i g_i dz_i
+          dp = at::bmm(dz3, a.unsqueeze(2)).view({tokens, n});  // ⟨dz_i, a⟩
+        }
+        if (gp2.defined()) dp = dp.defined() ? dp + gp2 : gp2;
+        const at::Tensor dl = at::_softmax_backward_data(dp, p, 1, p.scalar_type());
+        if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
+        dh = at::cat({da, dl}, 1);
       }
-    }
-    if (gp.defined()) {
-      const at::Tensor gp2 = gp.reshape({tokens, n});
-      dp = dp.defined() ? dp + gp2 : gp2;
-    }
-    at::Tensor dh;
-    if (dp.defined() && (need_x || need_A || need_R)) {
-      const at::Tensor dl = at::_softmax_backward_data(dp, p, 1, p.scalar_type());
-      if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
-      dh = at::cat({da, dl}, 1);
       if (need_A || need_R) {
         const at::Tensor dw = at::mm(dh.t(), xc);
         if (need_A) out[3] = dw.narrow(0, 0, r);
