@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=128.0)
     ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=4, help="steps per method and round (each timed)")
-    ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora fused via dispatch,hyplora unfused,"
-                                         "hyplora reference-style",
+    ap.add_argument("--methods", default="peft lora,hyplora fused,hyplora fused python node,hyplora fused via dispatch,"
+                                         "hyplora unfused,hyplora reference-style",
                     help="comma-separated subset of the methods (peft lora is always timed: it is the reference)")
     ap.add_argument("--profile", action="store_true",
                     help="also run one step per method under torch.profiler: GPU kernel time and kernel count")
