@@ -47,8 +47,12 @@ from geoprobe.files import write_json  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
+_REFERENCE_CALLS = [0]
+
+
 def reference_style_delta(module: HypLoraLinear, adapter: str, x: torch.Tensor) -> torch.Tensor:
     """(α/r)·Δ in the reference code's op sequence (HypLoRA's patched PEFT LoRA layer)."""
+    _REFERENCE_CALLS[0] += 1
     x = module.lora_dropout[adapter](x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.float()
@@ -118,7 +122,8 @@ def main() -> None:
             set_native_mode("off")
         elif name == "hyplora fused via dispatch":
             HypLoraLinear._hyp_fast_adapter = lambda self, x, a, k: None
-        elif name == "hyplora reference-style":
+        elif name == "hyplora reference-style":  # through PEFT's dispatch, which calls hyp_delta
+            HypLoraLinear._hyp_fast_adapter = lambda self, x, a, k: None
             HypLoraLinear.hyp_delta = reference_style_delta
 
     def sync() -> None:
@@ -143,7 +148,10 @@ def main() -> None:
     for name in methods:  # warm-up (compilation, cuBLAS handles) and the loss of each method
         select(name)
         trainable[name] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        calls = _REFERENCE_CALLS[0]
         losses[name] = step()
+        if name == "hyplora reference-style" and _REFERENCE_CALLS[0] == calls:
+            raise SystemExit("the reference-style method did not reach reference_style_delta")
         step()
     sync()
 
