@@ -32,7 +32,11 @@ G = dL/dy and dz = (α/r)·G·[B_1 … B_N] split into N blocks dz_i of width r:
 
 Per layer that is 8 kernel-launching operations forward and 11 backward with float32 adapter weights on
 a bfloat16 base, against 7 and 10 for PEFT LoRA and 10 and 16 for the module path (one autograd node
-instead of about ten; benchmarks/bench_hydralora_model.py counts them). The precision is the module
+instead of about ten; benchmarks/bench_hydralora_model.py counts them). Where the C++ extension of
+:mod:`adapters.kernels.native` is built (by default on CUDA) the same node runs as a C++ autograd function
+whose backward never enters Python, with the softmax, the outer product g ⊗ a and their backward
+(two batched products, the softmax backward and a concatenation) as one kernel each way: 7 launches
+forward and 8 backward; :class:`_HydraLinearFn` is then the fallback and the functorch path. The precision is the module
 path's: x is cast to the adapter weights' dtype (PEFT's convention), and (α/r)·Δ is added to W x in that
 dtype before the sum is rounded to the base dtype. The path serves one active adapter with dense
 live routing (no top-k, no frozen gates) and no active dropout, on a frozen plain ``nn.Linear`` base
