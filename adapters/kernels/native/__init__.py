@@ -33,7 +33,7 @@ __all__ = ["native_mode", "native_module", "native_unavailable_reason", "set_nat
 HERE = Path(__file__).resolve().parent
 _CPU_SOURCES = ("layers.cpp", "hyplora_tokens_cpu.cpp", "hydra_gates_cpu.cpp")
 _CUDA_SOURCES = ("hyplora_tokens.cu", "hydra_gates.cu")
-_HEADERS = ("dtype_codes.h", "hyplora_tokens.h", "hydra_gates.h")
+_HEADERS = ("dtype_codes.h", "hyplora_scalars.h", "hyplora_tokens.h", "hydra_gates.h", "warp.cuh")
 _MODES = ("auto", "all", "off")
 
 
@@ -83,7 +83,7 @@ def _build(cuda: bool) -> Any:
     sources = [str(HERE / n) for n in _CPU_SOURCES + (_CUDA_SOURCES if cuda else ())]
     name = f"geoprobe_layers_{'cuda' if cuda else 'cpu'}_{_digest(cuda)}"
     flags = ["-O3", "-DGEOPROBE_CUDA"] if cuda else ["-O3"]
-    logger.info("building the native adapter layers (%s; once, then cached)", name)
+    logger.warning("building the native adapter layers %s (once, about a minute; then cached)", name)
     return cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
                               extra_cuda_cflags=["-O3"], extra_include_paths=[str(HERE)],
                               with_cuda=cuda, verbose=False)

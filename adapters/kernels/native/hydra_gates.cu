@@ -4,25 +4,12 @@
 #include <stdint.h>
 
 #include "hydra_gates.h"
+#include "warp.cuh"
 
 namespace {
 
-template <typename C>
-__device__ __forceinline__ C warp_sum(C v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename C>
-__device__ __forceinline__ C warp_max(C v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const C w = __shfl_xor_sync(0xffffffffu, v, o);
-    v = w > v ? w : v;
-  }
-  return v;
-}
+using gp_cuda::warp_max;
+using gp_cuda::warp_sum;
 
 template <typename C>
 __global__ void gates_forward(const C* __restrict__ h, C* __restrict__ p, C* __restrict__ z, int64_t T, int r,

@@ -6,9 +6,15 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "hyplora_scalars.h"
 #include "hyplora_tokens.h"
+#include "warp.cuh"
 
 namespace {
+
+using gp_cuda::block_sum;
+using gp_cuda::warp_sum;
+using gp_hyp::curvature_scale;
 
 __device__ __forceinline__ float load_as(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ double load_as(const double* p, int64_t i) { return p[i]; }
@@ -55,66 +61,16 @@ __device__ __forceinline__ void store4(__half* p, float4 v) {
 }
 __device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
 
-template <typename C>
-__device__ __forceinline__ C warp_sum(C v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block, returned to every thread (blockDim.x a multiple of 32, at most 1024).
-template <typename C>
-__device__ C block_sum(C v, C* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  C total = lane < warps ? scratch[lane] : C(0);
-  return warp_sum(total);
-}
-
-// softplus(raw) + 1e-6 as torch computes it (threshold 20), in the raw parameter's dtype, and its slope.
-template <typename R>
-__device__ __forceinline__ void positive(R raw, R* value, R* slope) {
-  const R e = exp(raw < R(20) ? raw : R(20));
-  *value = (raw > R(20) ? raw : log1p(e)) + R(1e-6);
-  *slope = raw > R(20) ? R(1) : e / (e + R(1));
-}
-
-template <typename C>
-struct Scalars {
-  C u, t, tc, S, c1, v, vs, ash, Rv;
-};
-
-// u, √u, min(√u, 12), S(u), c1, v, v (masked), asinh(√v), R(v), as adapters.hyplora._TokenScale.forward.
-template <typename C>
-__device__ __forceinline__ Scalars<C> scalars(C sq, C q, C K, C s, C cut) {
-  Scalars<C> o;
-  o.u = sq / (s * s * K);
-  const bool small_u = o.u < cut;
-  o.t = sqrt(small_u ? C(1) : o.u);
-  o.tc = o.t < C(12) ? o.t : C(12);
-  o.S = small_u ? C(1) + o.u / C(6) : sinh(o.tc) / o.t;
-  o.c1 = o.S / s;
-  o.v = o.c1 * o.c1 * q / K;
-  const bool small_v = o.v < cut;
-  o.vs = small_v ? C(1) : o.v;
-  const C w = sqrt(o.vs);
-  o.ash = asinh(w);
-  o.Rv = small_v ? C(1) - o.v / C(6) : o.ash / w;
-  return o;
-}
-
-template <typename C, typename R>
-__device__ __forceinline__ void curvature_scale(const R* rk, const R* rs, C* K, C* s, C* dK, C* ds) {
-  R kv, ks, sv, ss;
-  positive(rk[0], &kv, &ks);
-  positive(rs[0], &sv, &ss);
-  *K = static_cast<C>(kv);
-  *s = static_cast<C>(sv);
-  *dK = static_cast<C>(ks);
-  *ds = static_cast<C>(ss);
+// Squared norm of one row: VEC reads four floats per load.
+template <typename C, bool VEC>
+__device__ __forceinline__ C row_sumsq(const C* row, int64_t n) {
+  C acc = 0;
+  if constexpr (VEC) {
+    for (int64_t i = threadIdx.x; i < n / 4; i += blockDim.x) acc += sumsq4(load4(row + 4 * i));
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += row[i] * row[i];
+  }
+  return acc;
 }
 
 // One block per token: ‖x‖², q = ‖y‖², c, then out = result + c·y (in result's dtype). VEC: float compute,
@@ -128,30 +84,11 @@ __global__ void forward_kernel(const C* __restrict__ x, const C* __restrict__ y,
   const int64_t row = blockIdx.x;
   const C* xr = x + row * sx;
   const C* yr = y + row * sy;
-  C acc = 0;
-  if constexpr (VEC) {
-    for (int64_t i = threadIdx.x; i < din / 4; i += blockDim.x) acc += sumsq4(load4(xr + 4 * i));
-  } else {
-    for (int64_t i = threadIdx.x; i < din; i += blockDim.x) {
-      const C v = xr[i];
-      acc += v * v;
-    }
-  }
-  const C sq = block_sum(acc, scratch);
-  acc = 0;
-  if constexpr (VEC) {
-    for (int64_t i = threadIdx.x; i < dout / 4; i += blockDim.x) acc += sumsq4(load4(yr + 4 * i));
-  } else {
-    for (int64_t i = threadIdx.x; i < dout; i += blockDim.x) {
-      const C v = yr[i];
-      acc += v * v;
-    }
-  }
-  const C q = block_sum(acc, scratch);
+  const C sq = block_sum(row_sumsq<C, VEC>(xr, din), scratch);
+  const C q = block_sum(row_sumsq<C, VEC>(yr, dout), scratch);
   C K, s, dK, ds;
   curvature_scale(rk, rs, &K, &s, &dK, &ds);
-  const Scalars<C> z = scalars(sq, q, K, s, static_cast<C>(cut));
-  const C c = (static_cast<C>(scale) * z.c1) * z.Rv;
+  const C c = gp_hyp::token_scale(sq, q, K, s, static_cast<C>(scale), static_cast<C>(cut));
   if constexpr (VEC) {
     for (int64_t i = threadIdx.x; i < dout / 4; i += blockDim.x) {
       const float4 yv = load4(yr + 4 * i), rv = load4(res + row * sr + 4 * i);
@@ -194,26 +131,9 @@ __global__ void backward_kernel(const C* __restrict__ gca, const C* __restrict__
     const bool in0 = j0 < r, in1 = j1 < r;
     const C a0 = in0 ? a[t * r + j0] : C(0), a1 = in1 ? a[t * r + j1] : C(0);
     const C g0 = in0 ? gca[t * r + j0] : C(0), g1 = in1 ? gca[t * r + j1] : C(0);
-    const C ga = warp_sum(g0 * a0 + g1 * a1) * sc;
-    const C sq = sqq[t], q_raw = sqq[T + t];
-    const C q = q_raw > C(0) ? q_raw : C(0);
-    const Scalars<C> z = scalars(sq, q, K, s, ct);
-    const C c = (sc * z.c1) * z.Rv;
-    // slopes S'(u), R'(v) (as adapters.hyplora._sinhc_u_slope, _asinhc_v_slope)
-    const C sh = sinh(z.tc);
-    C dS = (z.t > C(12) ? -sh : z.tc * cosh(z.tc) - sh) / (C(2) * z.t * z.t * z.t);
-    if (z.u < ct) dS = C(1) / C(6) + z.u / C(60);
-    const C rvs = sqrt(z.vs);
-    C dR = (C(1) / sqrt(C(1) + C(1) / z.vs) - z.ash) * (C(0.5) / (rvs * z.vs));
-    if (z.v < ct) dR = C(-1) / C(6) + C(0.15) * z.v;
-    // chain rule (as _TokenScale.backward)
-    const C g_c1 = ga * (z.Rv + C(2) * z.v * dR);
-    const C g_u = g_c1 * dS / s;
-    const C g_sq = g_u / (s * s * K);
-    const C gr = ga * z.c1 * dR;
-    const C g_q = q_raw >= C(0) ? gr * (z.c1 * z.c1 / K) : C(0);
-    const C g_k = -(gr * z.v + g_u * z.u) / K;
-    const C g_s = -(g_c1 * z.S / s + C(2) * g_u * z.u) / s;
+    const gp_hyp::TokenGrads<C> tg =
+        gp_hyp::token_grads(warp_sum(g0 * a0 + g1 * a1), sqq[t], sqq[T + t], K, s, sc, ct);
+    const C c = tg.c, g_q = tg.g_q;
     // (G + Gᵀ) a
     C h0 = 0, h1 = 0;
     for (int i = 0; i < r; ++i) {
@@ -238,10 +158,10 @@ __global__ void backward_kernel(const C* __restrict__ gca, const C* __restrict__
       aer[j1] = a1;
     }
     if (lane == 0) {
-      war[r] = g_k * dK;
-      war[r + 1] = g_s * ds;
+      war[r] = tg.g_k * dK;
+      war[r + 1] = tg.g_s * ds;
       aer[r] = C(1);
-      wsh[warp] = C(2) * g_sq;
+      wsh[warp] = C(2) * tg.g_sq;
     }
   }
   if (gx == nullptr) return;

@@ -38,32 +38,33 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
-void run_forward(const HypForwardArgs& p, const at::Tensor& like) {
-  const char* err = nullptr;
-  if (like.is_cuda()) {
 #ifdef GEOPROBE_CUDA
-    err = hyplora_forward_cuda(p, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+#define GP_CUDA_KERNEL(f) (f)
 #else
-    err = "built without CUDA";
+#define GP_CUDA_KERNEL(f) nullptr
 #endif
-  } else {
-    err = hyplora_forward_cpu(p);
-  }
-  TORCH_CHECK(err == nullptr, "HypLoRA forward kernel: ", err);
-}
 
-void run_backward(const HypBackwardArgs& p, const at::Tensor& like) {
+template <typename T>
+struct NotDeduced {
+  using type = T;
+};
+
+// Runs a kernel launcher on like's device (CUDA: the current stream) and raises with its message.
+template <typename Args>
+void run_kernel(const char* what, const Args& args, const at::Tensor& like,
+                typename NotDeduced<const char* (*)(const Args&, void*)>::type cuda,
+                typename NotDeduced<const char* (*)(const Args&)>::type cpu) {
   const char* err = nullptr;
   if (like.is_cuda()) {
 #ifdef GEOPROBE_CUDA
-    err = hyplora_backward_cuda(p, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+    err = cuda(args, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
 #else
     err = "built without CUDA";
 #endif
   } else {
-    err = hyplora_backward_cpu(p);
+    err = cpu(args);
   }
-  TORCH_CHECK(err == nullptr, "HypLoRA backward kernel: ", err);
+  TORCH_CHECK(err == nullptr, what, ": ", err);
 }
 
 // A node behind shared_ptr (older libtorch) or intrusive_ptr (newer), whichever Edge holds.
@@ -90,34 +91,6 @@ variable_list once_differentiable(variable_list out, bool grad_mode) {
     }
   }
   return out;
-}
-
-void run_gates_forward(const GatesForwardArgs& a, const at::Tensor& like) {
-  const char* err = nullptr;
-  if (like.is_cuda()) {
-#ifdef GEOPROBE_CUDA
-    err = hydra_gates_forward_cuda(a, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
-#else
-    err = "built without CUDA";
-#endif
-  } else {
-    err = hydra_gates_forward_cpu(a);
-  }
-  TORCH_CHECK(err == nullptr, "HydraLoRA gates forward kernel: ", err);
-}
-
-void run_gates_backward(const GatesBackwardArgs& a, const at::Tensor& like) {
-  const char* err = nullptr;
-  if (like.is_cuda()) {
-#ifdef GEOPROBE_CUDA
-    err = hydra_gates_backward_cuda(a, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
-#else
-    err = "built without CUDA";
-#endif
-  } else {
-    err = hydra_gates_backward_cpu(a);
-  }
-  TORCH_CHECK(err == nullptr, "HydraLoRA gates backward kernel: ", err);
 }
 
 // The gates kernels serve float32/float64 adapters; other dtypes take the ATen ops.
@@ -149,7 +122,7 @@ struct HypLinear : public torch::autograd::Function<HypLinear> {
                      xf.data_ptr(), y.data_ptr(), res.data_ptr(), out.data_ptr(), sqq.data_ptr(),
                      raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T, din, dout, xf.stride(0), y.stride(0),
                      res.stride(0), out.stride(0)};
-    run_forward(p, xf);
+    run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
     ctx->save_for_backward({xf, A, B, a, sqq, raw_k, raw_s});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["cut"] = cut;
@@ -192,7 +165,7 @@ struct HypLinear : public torch::autograd::Function<HypLinear> {
                       ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? gx.data_ptr() : nullptr,
                       xf.data_ptr(), ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(), T,
                       static_cast<int>(r), din, xf.stride(0)};
-    run_backward(p, a);
+    run_kernel("HypLoRA backward kernel", p, a, GP_CUDA_KERNEL(hyplora_backward_cuda), hyplora_backward_cpu);
     if (need_x) {
       gx.addmm_(da, A);
       out[0] = gx.view(ctx->saved_data["x_sizes"].toIntVector());  // the engine casts it to x's dtype
@@ -247,7 +220,8 @@ struct HydraLinear : public torch::autograd::Function<HydraLinear> {
       z = at::empty({tokens, n * r}, h.options());
       const GatesForwardArgs g{dtype_code(h.scalar_type()), h.data_ptr(), p.data_ptr(), z.data_ptr(), tokens, r, n,
                                h.stride(0)};
-      run_gates_forward(g, h);
+      run_kernel("HydraLoRA gates forward kernel", g, h, GP_CUDA_KERNEL(hydra_gates_forward_cuda),
+                 hydra_gates_forward_cpu);
     } else {
       const at::Tensor a = h.narrow(1, 0, r), logits = h.narrow(1, r, n);
       p = at::softmax(logits, 1);
@@ -306,7 +280,8 @@ struct HydraLinear : public torch::autograd::Function<HydraLinear> {
         const GatesBackwardArgs g{dtype_code(h.scalar_type()), dz.defined() ? dz.data_ptr() : nullptr, h.data_ptr(),
                                   p.data_ptr(), gp2.defined() ? gp2.data_ptr() : nullptr, dh.data_ptr(), tokens,
                                   r, n, h.stride(0)};
-        run_gates_backward(g, h);
+        run_kernel("HydraLoRA gates backward kernel", g, h, GP_CUDA_KERNEL(hydra_gates_backward_cuda),
+                   hydra_gates_backward_cpu);
       } else {
         const at::Tensor a = h.narrow(1, 0, r);
         at::Tensor da, dp;
