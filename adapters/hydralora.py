@@ -93,9 +93,9 @@ from peft import LoraConfig
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _nn_module
 
 from geoprobe.errors import AdapterError
+from .kernels.frozen_linear import frozen_plain_linear
 from .kernels.native import native_module
 
 log = logging.getLogger(__name__)
@@ -434,14 +434,9 @@ class HydraLoraLinear(LoraLinear):
         if dropout.training and type(dropout) is not nn.Identity:
             return None
         base = self.base_layer
-        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                or base._backward_pre_hooks or "forward" in base.__dict__ or _nn_module._global_forward_hooks
-                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
-                or _nn_module._global_backward_pre_hooks):
+        if not frozen_plain_linear(base, x):
             return None
         weight, bias = base.weight, base.bias
-        if weight.requires_grad or x.dtype != weight.dtype or (bias is not None and bias.requires_grad):
-            return None
         A = self.lora_A[adapter].weight
         R = self.lora_hydra_router[adapter].weight
         B = self.lora_hydra_B[adapter].weight

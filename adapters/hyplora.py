@@ -56,7 +56,8 @@ from geoprobe.errors import AdapterError, InputDataError
 from geoprobe.profile import Record
 
 from .lorentz import MAX_T, logmap0, space_expmap0
-from .kernels.hyplora_fused import hyplora_bottleneck_fused, hyplora_linear_fused, linear_fast_path
+from .kernels.hyplora_fused import (hyplora_bottleneck_fused, hyplora_layer_native, hyplora_linear_fused,
+                                    linear_fast_path)
 
 logger = logging.getLogger(__name__)
 
@@ -521,11 +522,17 @@ class HypLoraLinear(LoraLinear):
         name = self._hyp_fast_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        raw_k, raw_s = self.lora_hyp_k[name], self.lora_hyp_s[name]
         dropout = self.lora_dropout[name]
-        xd = x if isinstance(dropout, nn.Identity) else dropout(x)
-        return hyplora_linear_fused(xd, result, self.lora_A[name].weight, self.lora_B[name].weight,
-                                    self.lora_hyp_k[name], self.lora_hyp_s[name], self.scaling[name])
+        identity = type(dropout) is nn.Identity or not dropout.training
+        if identity:  # base product inside the node where the native layer serves the base layer
+            out = hyplora_layer_native(x, self.base_layer, A, B, raw_k, raw_s, self.scaling[name])
+            if out is not None:
+                return out
+        result = self.base_layer(x)
+        xd = x if identity else dropout(x)
+        return hyplora_linear_fused(xd, result, A, B, raw_k, raw_s, self.scaling[name])
 
     def _hyp_fast_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
         if args or kwargs or self.disable_adapters or self.merged:

@@ -366,14 +366,22 @@ def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, s
     x = x.to(base_dtype).requires_grad_(True)
     assert layer._hyp_fast_adapter(x, (), {}) == "default"
     taken = []
-    original = hyp.hyplora_linear_fused
+    original, original_layer = hyp.hyplora_linear_fused, hyp.hyplora_layer_native
+
+    def whole_layer(*a):
+        out = original_layer(*a)
+        if out is not None:
+            taken.append(1)
+        return out
+
     hyp.hyplora_linear_fused = lambda *a: taken.append(1) or original(*a)
+    hyp.hyplora_layer_native = whole_layer
     try:
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = layer(x)
     finally:
-        hyp.hyplora_linear_fused = original
-    assert taken and out.dtype == base_dtype and out.shape == (lead, T, d_out)
+        hyp.hyplora_linear_fused, hyp.hyplora_layer_native = original, original_layer
+    assert len(taken) == 1 and out.dtype == base_dtype and out.shape == (lead, T, d_out)
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     g = g.to(out.dtype).double()  # the reference gets the incoming gradient exactly as the layer does
     out.backward(g.to(device, out.dtype))

@@ -64,6 +64,34 @@ def test_hyplora_node_bf16_base_float32_adapters_close_to_chain_cpu(autocast):
     assert max(errs[4:]) < 5e-3, errs  # raw K and s: one sum over all tokens (≤ 2.5e-4 in 40 draws)
 
 
+@pytest.mark.parametrize("base_hooked", [False, True])
+def test_hyplora_whole_layer_and_result_nodes_cpu(base_hooked):
+    """A frozen plain nn.Linear base: the node that also forms the base product; a base with a forward hook
+    (which a node-internal product would skip): base(x) outside, the update node after it. Both equal the
+    float64 chain, and the hook runs exactly once per call."""
+    from adapters.hyplora import hyplora_delta, positive
+
+    layer = _layer(40, 28, 8, seed=9).double()
+    calls = []
+    if base_hooked:
+        layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.randn(2, 9, 40, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert ("HypLinearBase" in _node(y)) != base_hooked and "HypLinear" in _node(y)
+    assert len(calls) == int(base_hooked)
+    cot = torch.randn_like(y)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_hyp_k["default"],
+              layer.lora_hyp_s["default"]]
+    got = torch.autograd.grad((y * cot).sum(), [x] + params)
+    leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
+    ref = leaves[0] @ layer.base_layer.weight.T + 2.0 * hyplora_delta(
+        leaves[0], leaves[1], leaves[2], positive(leaves[3]), positive(leaves[4]))
+    assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad((ref * cot).sum(), leaves)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_native_nodes_are_the_ones_taken():
     hyp = _layer(16, 12, 4, seed=1)
     y = hyp(torch.randn(2, 3, 16, requires_grad=True))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .frozen_linear import frozen_plain_linear
 from .native import native_module
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ else:
     _TRITON_ERROR = None
 
 __all__ = ["MAX_RANK", "fused_available", "fused_unsupported_reason", "hyplora_bottleneck_fused",
-           "hyplora_linear_fused", "linear_fast_path", "set_fused_enabled"]
+           "hyplora_layer_native", "hyplora_linear_fused", "linear_fast_path", "set_fused_enabled"]
 
 MAX_RANK = 64
 """Largest rank r the kernels hold in registers (the r × r Gram matrix per program)."""
@@ -203,6 +204,29 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
         with torch.autocast(device_type=x.device.type, enabled=False):
             return apply(x, result, A, B, raw_k, raw_s, float(scale))
     return apply(x, result, A, B, raw_k, raw_s, float(scale))
+
+
+def hyplora_layer_native(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor,
+                         raw_k: torch.Tensor, raw_s: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """``base(x) + scale·Δ(x)`` as one C++ node that also forms the base product, or None where that node
+    does not serve the call: the native extension not built for x's device, a base other than a frozen
+    plain ``nn.Linear`` of x's dtype (:func:`adapters.kernels.frozen_linear.frozen_plain_linear`), raw
+    curvature and scale of different dtypes, a functorch transform, or autocast to a dtype other than the
+    base weight's (``base(x)`` would then run in the autocast dtype). Callers check
+    :func:`linear_fast_path` first and pass x after dropout only when dropout is the identity.
+
+    Against ``hyplora_linear_fused(x, base(x), …)`` this saves the base layer's module call and autograd
+    node, and in backward the separate base product's node, the cast of the adapter's ∂L/∂x and the sum
+    of the two: ∂L/∂x = g W + (the adapter's share) is one product and one in-place addition."""
+    module = native_module(x.device)
+    if module is None or raw_k.dtype is not raw_s.dtype or not frozen_plain_linear(base, x):
+        return None
+    if torch._C._are_functorch_transforms_active():
+        return None
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and base.weight.dtype != torch.get_autocast_dtype(dev):
+        return None
+    return module.hyplora_layer(x, base.weight, base.bias, A, B, raw_k, raw_s, float(scale), _cut(A.dtype))
 
 
 # --------------------------------------------------------------------------- launch configuration

@@ -73,13 +73,14 @@ __device__ __forceinline__ C row_sumsq(const C* row, int64_t n) {
   return acc;
 }
 
-// One block per token: ‖x‖², q = ‖y‖², c, then out = result + c·y (in result's dtype). VEC: float compute,
-// every row length and stride a multiple of 4 and the rows aligned, so four elements move per load.
+// One block per token: ‖x‖², q = ‖y‖², c, then out = result + c·y (in result's dtype; out may be result).
+// VEC: float compute, every row length and stride a multiple of 4 and the rows aligned, so four elements
+// move per load.
 template <typename C, typename R, typename O, bool VEC>
-__global__ void forward_kernel(const C* __restrict__ x, const C* __restrict__ y, const O* __restrict__ res,
-                               O* __restrict__ out, C* __restrict__ sqq, const R* __restrict__ rk,
-                               const R* __restrict__ rs, double scale, double cut, int64_t T, int64_t din,
-                               int64_t dout, int64_t sx, int64_t sy, int64_t sr, int64_t so) {
+__global__ void forward_kernel(const C* __restrict__ x, const C* __restrict__ y, const O* res, O* out,
+                               C* __restrict__ sqq, const R* __restrict__ rk, const R* __restrict__ rs,
+                               double scale, double cut, int64_t T, int64_t din, int64_t dout, int64_t sx,
+                               int64_t sy, int64_t sr, int64_t so) {
   __shared__ C scratch[32];
   const int64_t row = blockIdx.x;
   const C* xr = x + row * sx;

@@ -101,32 +101,93 @@ at::Tensor as_grad(const at::Tensor& value, const at::Tensor& like) {
   return g.reshape(like.sizes());
 }
 
+// --------------------------------------------------------------------------- HypLoRA
+// The adapter's share of the layer, shared by the two nodes below.
+struct HypSaved {
+  at::Tensor xf, a, sqq;  // x in the adapter dtype (T, din), A x, and ‖x‖² then ‖y‖² per token
+};
+
+// a = x Aᵀ, y = a Bᵀ, then out = res + c·y per token (res and out (T, dout) with contiguous rows; out may
+// be res itself).
+HypSaved hyp_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
+                     const at::Tensor& raw_s, const at::Tensor& res, const at::Tensor& out, double scale, double cut) {
+  const auto dt = A.scalar_type();
+  const int64_t din = A.size(1), dout = B.size(0);
+  at::Tensor xf = x.reshape({-1, din});
+  if (xf.scalar_type() != dt) xf = xf.to(dt);
+  xf = xf.contiguous();
+  const at::Tensor a = at::mm(xf, A.t());
+  const at::Tensor y = at::mm(a, B.t());
+  TORCH_CHECK(res.stride(1) == 1 && out.stride(1) == 1, "HypLoRA layer: result rows must be contiguous");
+  const int64_t T = xf.size(0);
+  at::Tensor sqq = at::empty({2 * T}, xf.options());
+  HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(res.scalar_type()),
+                   xf.data_ptr(), y.data_ptr(), res.data_ptr(), out.data_ptr(), sqq.data_ptr(),
+                   raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T, din, dout, xf.stride(0), y.stride(0),
+                   res.stride(0), out.stride(0)};
+  run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
+  return {xf, a, sqq};
+}
+
+struct HypGrads {
+  at::Tensor x, A, B, k, s;  // x's in the adapter dtype, (T, din)
+};
+
+// Gradients of the adapter's share given g = ∂L/∂out (any dtype and shape with T rows).
+HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
+                      const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool need_x,
+                      bool need_A, bool need_B, bool need_k, bool need_s) {
+  const auto dt = A.scalar_type();
+  const at::Tensor &xf = sv.xf, &a = sv.a;
+  const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
+  TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
+  at::Tensor gf = g.reshape({T, -1});
+  if (gf.scalar_type() != dt) gf = gf.to(dt);
+  gf = gf.contiguous();
+  const at::Tensor gca = at::mm(gf, B);
+  const at::Tensor G = at::mm(B.t(), B);
+  const auto opts = a.options();
+  at::Tensor da = at::empty({T, r}, opts), ca = at::empty({T, r}, opts);
+  at::Tensor wa = at::empty({T, r + 2}, opts), aext = at::empty({T, r + 1}, opts);
+  HypGrads out;
+  if (need_x) out.x = at::empty({T, din}, opts);
+  HypBackwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), gca.data_ptr(), a.data_ptr(),
+                    G.data_ptr(), sv.sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), da.data_ptr(),
+                    ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? out.x.data_ptr() : nullptr,
+                    xf.data_ptr(), scale, cut, T, static_cast<int>(r), din, xf.stride(0)};
+  run_kernel("HypLoRA backward kernel", p, a, GP_CUDA_KERNEL(hyplora_backward_cuda), hyplora_backward_cpu);
+  if (need_x) out.x.addmm_(da, A);
+  if (need_A) out.A = at::mm(da.t(), xf);
+  if (need_B || need_k || need_s) {
+    const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
+    if (need_B) {
+      out.B = at::mm(gf.t(), ca);
+      out.B.addmm_(B, M.narrow(0, 0, r).narrow(1, 0, r), 1.0, 2.0);
+    }
+    if (need_k) out.k = as_grad(M.select(0, r).select(0, r), raw_k);
+    if (need_s) out.s = as_grad(M.select(0, r + 1).select(0, r), raw_s);
+  }
+  return out;
+}
+
+void save_hyp(AutogradContext* ctx, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
+              const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& x, double scale, double cut,
+              const at::Tensor& weight = at::Tensor()) {
+  ctx->save_for_backward({sv.xf, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["cut"] = cut;
+  ctx->saved_data["x_sizes"] = x.sizes().vec();
+}
+
+// (x, result) → result + scale·Δ(x): the base layer's output computed outside the node.
 struct HypLinear : public torch::autograd::Function<HypLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& result,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
                             const at::Tensor& raw_s, double scale, double cut) {
     NoAutocast no_autocast;
-    const auto dt = A.scalar_type();
-    const int64_t din = A.size(1), dout = B.size(0);
-    at::Tensor xf = x.reshape({-1, din});
-    if (xf.scalar_type() != dt) xf = xf.to(dt);
-    xf = xf.contiguous();
-    const at::Tensor a = at::mm(xf, A.t());
-    const at::Tensor y = at::mm(a, B.t());
-    const at::Tensor res = result.reshape({-1, dout});
-    TORCH_CHECK(res.stride(1) == 1, "HypLoRA layer: result rows must be contiguous");
+    const at::Tensor res = result.reshape({-1, B.size(0)});
     at::Tensor out = at::empty(res.sizes(), res.options());
-    const int64_t T = xf.size(0);
-    at::Tensor sqq = at::empty({2 * T}, xf.options());
-    HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(res.scalar_type()),
-                     xf.data_ptr(), y.data_ptr(), res.data_ptr(), out.data_ptr(), sqq.data_ptr(),
-                     raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T, din, dout, xf.stride(0), y.stride(0),
-                     res.stride(0), out.stride(0)};
-    run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
-    ctx->save_for_backward({xf, A, B, a, sqq, raw_k, raw_s});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["cut"] = cut;
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, out, scale, cut), A, B, raw_k, raw_s, x, scale, cut);
     return at::_unsafe_view(out, result.sizes());
   }
 
@@ -138,50 +199,71 @@ struct HypLinear : public torch::autograd::Function<HypLinear> {
 
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
     NoAutocast no_autocast;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &xf = saved[0], &A = saved[1], &B = saved[2], &a = saved[3], &sqq = saved[4],
-                     &raw_k = saved[5], &raw_s = saved[6];
-    const bool need_x = ctx->needs_input_grad(0), need_res = ctx->needs_input_grad(1),
-               need_A = ctx->needs_input_grad(2), need_B = ctx->needs_input_grad(3),
-               need_k = ctx->needs_input_grad(4), need_s = ctx->needs_input_grad(5);
+    const auto v = ctx->get_saved_variables();
     variable_list out(8);
     const at::Tensor& g = grads[0];
     if (!g.defined()) return out;
-    const auto dt = A.scalar_type();
-    const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
-    TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
-    at::Tensor gf = g.reshape({T, -1});
-    if (gf.scalar_type() != dt) gf = gf.to(dt);
-    gf = gf.contiguous();
-    const at::Tensor gca = at::mm(gf, B);
-    const at::Tensor G = at::mm(B.t(), B);
-    const auto opts = a.options();
-    at::Tensor da = at::empty({T, r}, opts), ca = at::empty({T, r}, opts);
-    at::Tensor wa = at::empty({T, r + 2}, opts), aext = at::empty({T, r + 1}, opts);
-    at::Tensor gx;
-    if (need_x) gx = at::empty({T, din}, opts);
-    HypBackwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), gca.data_ptr(), a.data_ptr(),
-                      G.data_ptr(), sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), da.data_ptr(),
-                      ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? gx.data_ptr() : nullptr,
-                      xf.data_ptr(), ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(), T,
-                      static_cast<int>(r), din, xf.stride(0)};
-    run_kernel("HypLoRA backward kernel", p, a, GP_CUDA_KERNEL(hyplora_backward_cuda), hyplora_backward_cpu);
+    const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
+                                     ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
+                                     ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+                                     ctx->needs_input_grad(4), ctx->needs_input_grad(5));
+    if (gr.x.defined()) out[0] = gr.x.view(ctx->saved_data["x_sizes"].toIntVector());  // cast to x's dtype by the engine
+    if (ctx->needs_input_grad(1)) out[1] = g;
+    out[2] = gr.A;
+    out[3] = gr.B;
+    out[4] = gr.k;
+    out[5] = gr.s;
+    return out;
+  }
+};
+
+// x → x Wᵀ (+ b) + scale·Δ(x) with a frozen base weight: the base product inside the node, the update
+// written onto it in place, and ∂L/∂x = g W + (the adapter's share) without a separate base node.
+struct HypLinearBase : public torch::autograd::Function<HypLinearBase> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
+    NoAutocast no_autocast;
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    const bool has_bias = bias.has_value() && bias->defined();
+    at::Tensor res = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, res, scale, cut), A, B, raw_k, raw_s, x, scale, cut,
+             weight);
+    ctx->saved_data["has_bias"] = has_bias;
+    auto shape = x.sizes().vec();
+    shape.back() = res.size(1);
+    return at::_unsafe_view(res, shape);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
+    return once_differentiable(backward_impl(ctx, grads), grad_mode);
+  }
+
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
+    NoAutocast no_autocast;
+    const auto v = ctx->get_saved_variables();
+    variable_list out(9);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;
+    // needs_input_grad counts tensor inputs only: x, weight, the bias when given, A, B, raw K, raw s
+    const size_t o = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
+    const bool need_x = ctx->needs_input_grad(0);
+    const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
+                                     ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
+                                     need_x, ctx->needs_input_grad(2 + o), ctx->needs_input_grad(3 + o),
+                                     ctx->needs_input_grad(4 + o), ctx->needs_input_grad(5 + o));
     if (need_x) {
-      gx.addmm_(da, A);
-      out[0] = gx.view(ctx->saved_data["x_sizes"].toIntVector());  // the engine casts it to x's dtype
+      const at::Tensor& weight = v[7];
+      at::Tensor dx = at::mm(g.reshape({-1, g.size(-1)}), weight);
+      dx.add_(gr.x);  // the adapter's share (adapter dtype) added in one rounding to the base dtype
+      out[0] = dx.view(ctx->saved_data["x_sizes"].toIntVector());
     }
-    if (need_res) out[1] = g;
-    if (need_A) out[2] = at::mm(da.t(), xf);
-    if (need_B || need_k || need_s) {
-      const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
-      if (need_B) {
-        at::Tensor gB = at::mm(gf.t(), ca);
-        gB.addmm_(B, M.narrow(0, 0, r).narrow(1, 0, r), 1.0, 2.0);
-        out[3] = gB;
-      }
-      if (need_k) out[4] = as_grad(M.select(0, r).select(0, r), raw_k);
-      if (need_s) out[5] = as_grad(M.select(0, r + 1).select(0, r), raw_s);
-    }
+    out[3] = gr.A;
+    out[4] = gr.B;
+    out[5] = gr.k;
+    out[6] = gr.s;
     return out;
   }
 };
@@ -198,6 +280,24 @@ at::Tensor hyplora_linear(const at::Tensor& x, const at::Tensor& result, const a
   TORCH_CHECK(raw_k.numel() == 1 && raw_s.numel() == 1 && raw_k.scalar_type() == raw_s.scalar_type(),
               "HypLoRA layer: one raw curvature and one raw scale of one dtype");
   return HypLinear::apply(x, result, A, B, raw_k, raw_s, scale, cut);
+}
+
+at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k, const at::Tensor& raw_s,
+                         double scale, double cut) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == A.size(1) && weight.size(0) == B.size(0) &&
+                  x.scalar_type() == weight.scalar_type() && !weight.requires_grad() &&
+                  !(bias.has_value() && bias->defined() && bias->requires_grad()),
+              "HypLoRA layer: the base weight must be frozen, of x's dtype, and chain with A and B");
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1) && x.size(-1) == A.size(1),
+              "HypLoRA layer: shapes do not chain");
+  TORCH_CHECK(A.size(0) <= 64, "HypLoRA layer: rank ", A.size(0), " > 64");
+  TORCH_CHECK(A.scalar_type() == B.scalar_type() &&
+                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
+              "HypLoRA layer: A and B must share a float32/float64 dtype");
+  TORCH_CHECK(raw_k.numel() == 1 && raw_s.numel() == 1 && raw_k.scalar_type() == raw_s.scalar_type(),
+              "HypLoRA layer: one raw curvature and one raw scale of one dtype");
+  return HypLinearBase::apply(x, weight, bias, A, B, raw_k, raw_s, scale, cut);
 }
 
 // y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
@@ -337,6 +437,7 @@ std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weig
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "geoprobe adapter layer nodes (C++ autograd)";
   m.def("hyplora_linear", &hyplora_linear, "result + scale·Δ(x) of a HypLoRA layer, one autograd node");
+  m.def("hyplora_layer", &hyplora_layer, "x Wᵀ (+ b) + scale·Δ(x) of a HypLoRA layer with a frozen base, one node");
   m.def("hydra_linear", &hydra_linear, "HydraLoRA layer output and gates, one autograd node");
   m.attr("cuda") = py::bool_(
 #ifdef GEOPROBE_CUDA
