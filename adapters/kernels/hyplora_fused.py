@@ -19,8 +19,10 @@ as ~120 small kernels per forward + backward; here it is
   ∂B = gᵀ(c·a) + 2 B ∂G.
 
 Measured on an H200 (benchmarks/bench_hyplora_model.py): GPU time per training step matches PEFT LoRA;
-at a few thousand tokens per step the remaining cost is host-side (Python dispatch of the ~6 forward
-and ~15 backward launches per adapter layer), so the relative overhead shrinks as tokens per step grow.
+at a few thousand tokens per step the remaining cost is host-side, which is why the layer's node
+(:func:`hyplora_linear_fused`, :func:`hyplora_layer_native`) runs as C++ where :mod:`adapters.kernels.native`
+is built, with CUDA kernels doing the same per-token work as the Triton kernels here; the Python nodes
+below serve where it is not (and under functorch transforms).
 
 The formulas, series cut-offs and clamps are those of :class:`adapters.hyplora._TokenScale`
 (softplus as ``torch.nn.functional.softplus``: x itself above 20). Inputs the kernels do not cover
