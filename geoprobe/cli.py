@@ -2,8 +2,9 @@
 
 Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report from models or saved
 profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``),
-``evaluate`` (accuracy of a model with an adapter on a test set) and ``run`` (probe → plan → build →
-fine-tune → evaluate → report in one command). The adapter commands reach into the ``adapters``
+``evaluate`` (accuracy of a model with an adapter on a test set), ``run`` (probe → plan → build →
+fine-tune → evaluate → report in one command) and ``native`` (build the adapter layers' C++ nodes now
+instead of at the first training step, and say where they serve). The adapter commands reach into the ``adapters``
 package inside their own functions only. Every :class:`~geoprobe.errors.GeoprobeError` is printed as
 one line and exits non-zero.
 """
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(u)
     u.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
     u.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+    n = sub.add_parser("native", help="build the adapter layers' C++ nodes now (otherwise built at first use)")
+    n.add_argument("--cpu", action="store_true",
+                   help="build the CPU variant even where CUDA is present (it serves GEOPROBE_NATIVE=all)")
     return parser
 
 
@@ -485,6 +490,40 @@ def cmd_run(args, command: str) -> int:
     return 0
 
 
+def cmd_native(args: argparse.Namespace, command: str) -> int:
+    """Build (or find in the cache) the native adapter layers for CUDA, or for the CPU with --cpu or
+    without CUDA, and print where they are used under the current GEOPROBE_NATIVE mode."""
+    import time
+
+    import torch
+
+    from adapters.kernels import native
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    print(f"native adapter layers for {'CUDA' if cuda else 'the CPU'}: building or loading from the cache "
+          "(about a minute the first time) …", flush=True)
+    previous = native.set_native_mode("all")  # the CPU variant is built on request too
+    log = logging.getLogger(native.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # this command reports the outcome itself, in one line
+    try:
+        start = time.perf_counter()
+        module = native.native_module(device)
+        seconds = time.perf_counter() - start
+        reason = native.native_unavailable_reason(device) if module is None else None
+    finally:
+        native.set_native_mode(previous)
+        log.setLevel(level)
+    if module is None:
+        raise GeoprobeError(f"the native adapter layers could not be built ({reason}); the layers keep their "
+                            "Python nodes")
+    used = {"auto": "CUDA tensors", "all": "CUDA and CPU tensors", "off": "nothing (GEOPROBE_NATIVE=0)"}
+    print(f"ready in {seconds:.1f} s: {module.__file__}")
+    print(f"used on {used[native.native_mode()]} (GEOPROBE_NATIVE={native.native_mode()})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -500,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     command = "geoprobe " + shlex.join(argv)
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
-                "evaluate": cmd_evaluate, "run": cmd_run}
+                "evaluate": cmd_evaluate, "run": cmd_run, "native": cmd_native}
     try:
         return handlers[args.command](args, command)
     except GeoprobeError as exc:

@@ -236,3 +236,21 @@ def test_hydra_cuda_node_matches_module_path(base_dtype, adapter_dtype, module_p
     HydraLoraLinear.use_lean_path = True
     y = layer(torch.randn(2, 5, 64, device="cuda").to(base_dtype).requires_grad_(True))
     assert "CppNode" in _node(y)
+
+
+def test_cli_native_builds_and_reports(capsys, monkeypatch):
+    from geoprobe.cli import main
+
+    assert main(["native", "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "for the CPU" in out and "ready in" in out and ".so" in out and "GEOPROBE_NATIVE=" in out
+
+    def broken(cuda):
+        raise RuntimeError("layers.cpp:1:1: error: simulated failure")
+
+    monkeypatch.setattr(native, "_MODULES", {})
+    monkeypatch.setattr(native, "_FAILURES", {})
+    monkeypatch.setattr(native, "_build", broken)
+    assert main(["native", "--cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "simulated failure" in err[0] and "Traceback" not in err[0]
