@@ -254,3 +254,19 @@ def test_cli_native_builds_and_reports(capsys, monkeypatch):
     assert main(["native", "--cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "simulated failure" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_native_nodes_run_on_the_tensors_gpu_not_the_current_one():
+    """Layers on cuda:1 called while cuda:0 is current (as with a model split over GPUs): the kernels launch
+    on the tensors' device and the results equal the float64 chain."""
+    with torch.cuda.device(0):
+        errs = _layer_vs_chain(torch.float64, (2, 19, 33, 1100, 5), "cuda:1")
+        assert max(errs) < 1e-10, errs
+        layer = make_layer(64, 48, 4, 3, seed=3).to("cuda:1")
+        x = torch.randn(2, 5, 64, dtype=torch.float64, device="cuda:1", requires_grad=True)
+        y = layer(x)
+        assert "CppNode" in _node(y)
+        y.square().sum().backward()
+        assert torch.isfinite(x.grad).all()

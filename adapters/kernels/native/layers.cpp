@@ -9,7 +9,8 @@
 #include <torch/extension.h>
 
 #ifdef GEOPROBE_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -57,7 +58,8 @@ void run_kernel(const char* what, const Args& args, const at::Tensor& like,
   const char* err = nullptr;
   if (like.is_cuda()) {
 #ifdef GEOPROBE_CUDA
-    err = cuda(args, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
+    const c10::cuda::CUDAGuard device(like.device());  // launch on like's GPU, whichever is current
+    err = cuda(args, c10::cuda::getCurrentCUDAStream(like.get_device()).stream());
 #else
     err = "built without CUDA";
 #endif
