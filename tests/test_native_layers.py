@@ -144,7 +144,7 @@ def test_failed_build_keeps_python_nodes_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setattr(native, "_MODULES", {})
     monkeypatch.setattr(native, "_FAILURES", {})
     monkeypatch.setattr(native, "_build", broken)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(native, "_cuda_build", lambda: False)
     layer = make_layer(12, 10, 3, 4, seed=2)
     x = torch.randn(5, 12, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="adapters.kernels.native"):

@@ -109,13 +109,25 @@ def _load(cuda: bool) -> Any:
     return module
 
 
+_CUDA_BUILD: Optional[bool] = None
+
+
+def _cuda_build() -> bool:
+    """Whether this process builds the CUDA variant (CUDA torch with a device), asked once: native_module
+    runs on every adapter layer's forward."""
+    global _CUDA_BUILD
+    if _CUDA_BUILD is None:
+        _CUDA_BUILD = torch.version.cuda is not None and torch.cuda.is_available()
+    return _CUDA_BUILD
+
+
 def native_module(device: torch.device) -> Optional[Any]:
     """The compiled extension serving tensors on ``device`` under the current mode, or None (mode off,
     a device type the mode leaves out, or a build that failed). Builds on the first call."""
     kind = device.type
     if _MODE == "off" or (kind == "cpu" and _MODE != "all") or kind not in ("cpu", "cuda"):
         return None
-    cuda = torch.cuda.is_available() and torch.version.cuda is not None
+    cuda = _cuda_build()
     if kind == "cuda" and not cuda:
         return None
     return _load(cuda)  # a CUDA build serves CPU tensors too
@@ -130,5 +142,4 @@ def native_unavailable_reason(device: torch.device | str) -> Optional[str]:
         return "switched off (GEOPROBE_NATIVE=0 or set_native_mode('off'))"
     if device.type == "cpu" and _MODE != "all":
         return "CPU tensors need GEOPROBE_NATIVE=all"
-    cuda = torch.cuda.is_available() and torch.version.cuda is not None
-    return _FAILURES.get(cuda, f"device {device.type!r}")
+    return _FAILURES.get(_cuda_build(), f"device {device.type!r}")

@@ -3,9 +3,10 @@
 // for every op it issues, which bounds a training step when the GPU work per layer is small).
 //
 // hyplora_linear: result + scale·Δ(x) of HypLoRA (consistent map, adapters.kernels.hyplora_fused), the
-//   per-token scalar work in hyplora_tokens.{cu,cpp}.
+//   per-token scalar work in hyplora_tokens.{cu,cpp}; hyplora_layer: the same with the frozen base
+//   product x Wᵀ (+ b) formed inside the node.
 // hydra_linear:   x Wᵀ (+ b) + s·(g ⊗ a) Bᵀ and the gates g of HydraLoRA (adapters.hydralora._HydraLinearFn),
-//   ATen products only.
+//   the gates' softmax and outer product in hydra_gates.{cu,cpp}.
 #include <torch/extension.h>
 
 #ifdef GEOPROBE_CUDA
@@ -95,6 +96,18 @@ variable_list once_differentiable(variable_list out, bool grad_mode) {
   return out;
 }
 
+// A C++ autograd function whose backward (T::backward_impl) runs without grad mode and autocast and is
+// differentiable once, as the Python nodes' @once_differentiable backward.
+template <typename T>
+struct OnceDifferentiable : public torch::autograd::Function<T> {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const bool grad_mode = at::GradMode::is_enabled();
+    at::NoGradGuard no_grad;
+    NoAutocast no_autocast;
+    return once_differentiable(T::backward_impl(ctx, grads), grad_mode);
+  }
+};
+
 // The gates kernels serve float32/float64 adapters; other dtypes take the ATen ops.
 bool gates_kernels(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
@@ -182,7 +195,7 @@ void save_hyp(AutogradContext* ctx, const HypSaved& sv, const at::Tensor& A, con
 }
 
 // (x, result) → result + scale·Δ(x): the base layer's output computed outside the node.
-struct HypLinear : public torch::autograd::Function<HypLinear> {
+struct HypLinear : public OnceDifferentiable<HypLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& result,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
                             const at::Tensor& raw_s, double scale, double cut) {
@@ -193,14 +206,7 @@ struct HypLinear : public torch::autograd::Function<HypLinear> {
     return at::_unsafe_view(out, result.sizes());
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool grad_mode = at::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
-    return once_differentiable(backward_impl(ctx, grads), grad_mode);
-  }
-
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
-    NoAutocast no_autocast;
     const auto v = ctx->get_saved_variables();
     variable_list out(8);
     const at::Tensor& g = grads[0];
@@ -221,7 +227,7 @@ struct HypLinear : public torch::autograd::Function<HypLinear> {
 
 // x → x Wᵀ (+ b) + scale·Δ(x) with a frozen base weight: the base product inside the node, the update
 // written onto it in place, and ∂L/∂x = g W + (the adapter's share) without a separate base node.
-struct HypLinearBase : public torch::autograd::Function<HypLinearBase> {
+struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
@@ -237,14 +243,7 @@ struct HypLinearBase : public torch::autograd::Function<HypLinearBase> {
     return at::_unsafe_view(res, shape);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool grad_mode = at::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
-    return once_differentiable(backward_impl(ctx, grads), grad_mode);
-  }
-
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
-    NoAutocast no_autocast;
     const auto v = ctx->get_saved_variables();
     variable_list out(9);
     const at::Tensor& g = grads[0];
@@ -270,17 +269,21 @@ struct HypLinearBase : public torch::autograd::Function<HypLinearBase> {
   }
 };
 
-at::Tensor hyplora_linear(const at::Tensor& x, const at::Tensor& result, const at::Tensor& A, const at::Tensor& B,
-                          const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1) && x.size(-1) == A.size(1) &&
-                  result.size(-1) == B.size(0),
-              "HypLoRA layer: shapes do not chain");
+void check_hyp_adapter(const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k, const at::Tensor& raw_s) {
   TORCH_CHECK(A.size(0) <= 64, "HypLoRA layer: rank ", A.size(0), " > 64");
   TORCH_CHECK(A.scalar_type() == B.scalar_type() &&
                   (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
               "HypLoRA layer: A and B must share a float32/float64 dtype");
   TORCH_CHECK(raw_k.numel() == 1 && raw_s.numel() == 1 && raw_k.scalar_type() == raw_s.scalar_type(),
               "HypLoRA layer: one raw curvature and one raw scale of one dtype");
+}
+
+at::Tensor hyplora_linear(const at::Tensor& x, const at::Tensor& result, const at::Tensor& A, const at::Tensor& B,
+                          const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1) && x.size(-1) == A.size(1) &&
+                  result.size(-1) == B.size(0),
+              "HypLoRA layer: shapes do not chain");
+  check_hyp_adapter(A, B, raw_k, raw_s);
   return HypLinear::apply(x, result, A, B, raw_k, raw_s, scale, cut);
 }
 
@@ -293,19 +296,14 @@ at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c1
               "HypLoRA layer: the base weight must be frozen, of x's dtype, and chain with A and B");
   TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && A.size(0) == B.size(1) && x.size(-1) == A.size(1),
               "HypLoRA layer: shapes do not chain");
-  TORCH_CHECK(A.size(0) <= 64, "HypLoRA layer: rank ", A.size(0), " > 64");
-  TORCH_CHECK(A.scalar_type() == B.scalar_type() &&
-                  (A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble),
-              "HypLoRA layer: A and B must share a float32/float64 dtype");
-  TORCH_CHECK(raw_k.numel() == 1 && raw_s.numel() == 1 && raw_k.scalar_type() == raw_s.scalar_type(),
-              "HypLoRA layer: one raw curvature and one raw scale of one dtype");
+  check_hyp_adapter(A, B, raw_k, raw_s);
   return HypLinearBase::apply(x, weight, bias, A, B, raw_k, raw_s, scale, cut);
 }
 
 // y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
 // adapters.hydralora._HydraLinearFn, with the gate work (softmax, outer product and their backward) in
 // hydra_gates.{cu,cpp} for float32/float64 adapters.
-struct HydraLinear : public torch::autograd::Function<HydraLinear> {
+struct HydraLinear : public OnceDifferentiable<HydraLinear> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
                                const at::Tensor& B, double scaling, int64_t r) {
@@ -347,14 +345,7 @@ struct HydraLinear : public torch::autograd::Function<HydraLinear> {
     return {at::_unsafe_view(out, out_shape), at::_unsafe_view(p, p_shape)};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const bool grad_mode = at::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
-    return once_differentiable(backward_impl(ctx, grads), grad_mode);
-  }
-
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
-    NoAutocast no_autocast;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &xc = saved[0], &weight = saved[1], &wc = saved[2], &B = saved[3], &h = saved[4],
                      &p = saved[5], &z = saved[6];
