@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from geoprobe.errors import AdapterError, OutputError, PlanError
-from geoprobe.files import write_json
+from geoprobe import runtime
+from geoprobe.records import write_json
 from geoprobe.profile import Record
 
 from .plan import AdapterPlan
@@ -284,16 +285,6 @@ def _model_name(model: Any) -> str:
     return str(getattr(base, "name_or_path", "") or getattr(base.config, "_name_or_path", "") or "")
 
 
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("geoprobe", "torch", "transformers", "peft"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[name] = metadata.version(name)
-    return out
-
-
 # --------------------------------------------------------------------------- configs
 def _check_number(name: str, value: Any, *, low: float, low_ok: bool = False, high: Optional[float] = None,
                   high_ok: bool = False) -> float:
@@ -459,7 +450,7 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
         top_k=top_k if heads is not None else None, balance=bool(balance) if heads is not None else False,
         layer_ranks=ranks, plan=plan.to_dict() if plan is not None else None,
         base_model=base_name if base_name is not None else _model_name(model),
-        fingerprint=base_fingerprint(model), versions=_versions())
+        fingerprint=base_fingerprint(model), versions=runtime.versions())
     config = _make_config(model, spec)
     try:
         peft_model = get_peft_model(model, config)
@@ -648,7 +639,7 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
                            target_modules=_as_list(raw_cfg.get("target_modules")),
                            dropout=float(raw_cfg.get("lora_dropout", 0.0) or 0.0),
                            base_model=str(raw_cfg.get("base_model_name_or_path") or ""),
-                           fingerprint={}, versions=_versions())
+                           fingerprint={}, versions=runtime.versions())
         config = None
     else:
         spec = _spec_from_sidecar(folder)

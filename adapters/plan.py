@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from geoprobe.errors import PlanError
-from geoprobe.files import write_json
+from geoprobe.records import write_json
 from geoprobe.profile import AdapterPlanRecord, GeometryProfile
 
 KHRULKOV_BALL_DELTA_REL = 0.144

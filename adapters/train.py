@@ -54,7 +54,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -64,7 +63,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from geoprobe.errors import AdapterError, DataFormatError, OutputError, PlanError
-from geoprobe.files import write_json
+from geoprobe import runtime
+from geoprobe.records import write_json
 from geoprobe.profile import FinetuneResult, GeometryProfile, Record
 
 from .build import adapter_spec, build, check_adapter_state, save, write_adapter
@@ -488,19 +488,6 @@ def _mover(device: Any) -> Callable[[Any], Any]:
     return lambda t: t.to(device)
 
 
-def _versions() -> dict[str, str]:
-    from geoprobe.pipeline import library_versions
-
-    return library_versions()
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="fine-tune", unit="step", file=sys.stderr,
-                disable=not enabled, dynamic_ncols=True, leave=False)
-
-
 def check_out(out: Union[str, os.PathLike], resume: bool) -> Optional[Path]:
     """The checkpoint to resume from (None for a fresh start) after checking that ``out`` may be used:
     without ``resume`` it must not hold an earlier run. Removes temporary folders of a killed run."""
@@ -624,7 +611,7 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
                 loss_steps=list(loss_steps), loss_values=list(loss_values),
                 trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
                 tokens_per_second=(tokens_seen / seconds) if seconds > 0 and tokens_seen else None,
-                versions=_versions())
+                versions=runtime.versions())
 
         to_device = _mover(device)
         acc_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
@@ -647,7 +634,7 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
 
         peft_model.train()
         t0 = time.perf_counter()
-        bar = _progress_bar(total, step, progress)
+        bar = runtime.progress(total, "fine-tune", enabled=progress, unit="step", initial=step)
         try:
             while step < total:
                 picks = [order.indices(micro + k) for k in range(s.grad_accum)]

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from adapters.data import IGNORE_INDEX, format_prompt, load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.evaluate import generate_answers  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 

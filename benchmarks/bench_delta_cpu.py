@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 from geoprobe.hyperbolicity import _fixed_blocked_numpy, delta, euclidean_distances  # noqa: E402
 from geoprobe.kernels import delta_cpu, delta_torch  # noqa: E402
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 from geoprobe.hyperbolicity import delta  # noqa: E402
 from geoprobe.hyperbolicity import gromov_product  # noqa: E402
 from geoprobe.kernels import delta_torch, delta_triton  # noqa: E402

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
 from geoprobe.errors import DataFormatError  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 STEPS = 8

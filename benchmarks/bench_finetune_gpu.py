@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.train import TrainSettings, _data_digest, _Order, finetune  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

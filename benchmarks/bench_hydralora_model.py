@@ -65,7 +65,7 @@ sys.path.insert(0, str(HERE.parent))
 from adapters.hydralora import HydraLoraLinear, hydralora_config  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK_RULE = "integer r_h ≥ 1 minimising |Σ(r_h·d_in + N·r_h·d_out + N·d_in) − Σ r·(d_in + d_out)|"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from adapters.hyplora import HypLoraLinear, _no_autocast, hyplora_config  # noqa: E402
 from adapters.kernels import hyplora_fused as hf  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 
 def issue_cost(fn, n: int) -> dict:

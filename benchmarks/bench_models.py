@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from geoprobe import models as gm  # noqa: E402
 from geoprobe.errors import ModelNotFoundError  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 
 def timed(fn):

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from profile_factory import make_profile  # noqa: E402
 
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 from geoprobe.report import plots, render_html  # noqa: E402
 
 

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from geoprobe.corpus import Corpus  # noqa: E402
-from geoprobe.files import write_json  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 from geoprobe.models import load_tokenizer  # noqa: E402
 
 

@@ -411,7 +411,7 @@ def cmd_evaluate(args, command: str) -> int:
     from adapters.data import load_examples
     from adapters.evaluate import evaluate
 
-    from .files import write_json
+    from .records import write_json
 
     _check_limit(args.limit, "--limit")
     if args.adapter:
@@ -446,7 +446,7 @@ def cmd_run(args, command: str) -> int:
     from adapters.plan import AdapterPlan
     from adapters.train import check_out, finetune, plan_for_training
 
-    from .files import write_json
+    from .records import write_json
     from .profile import GeometryProfile
     from .report import render_report
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 
 from .errors import CorpusError
 from .profile import CorpusInfo
+from .runtime import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Corpus:
         n_docs = 0
         truncated = False
         t0 = time.perf_counter()
-        bar = _progress_bar(len(self.documents), progress, self.name)
+        bar = progress_bar(len(self.documents), f"counting tokens ({self.name})", enabled=progress, unit="doc")
         try:
             for start in range(0, len(self.documents), batch_size):
                 batch = self.documents[start:start + batch_size]
@@ -315,25 +315,6 @@ def _accumulate(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
         total = np.concatenate([total, np.zeros(binc.size - total.size, dtype=np.int64)])
     total += binc
     return total
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool, name: str):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=f"counting tokens ({name})", unit="doc", file=sys.stderr,
-                leave=False, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- reading files

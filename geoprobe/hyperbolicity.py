@@ -242,7 +242,7 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
     import torch
 
     from .kernels import delta_torch
-    from .kernels.memory import cuda_free_bytes
+    from .runtime import cuda_free_bytes
 
     if x.is_complex():
         raise InputDataError("points must be real numbers, got a complex tensor")

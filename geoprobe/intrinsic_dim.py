@@ -498,7 +498,7 @@ def gpu_memory_message(shape: tuple, device: Any = None, x: Any = None) -> str:
     free = None
     dev = device if device is not None else getattr(x, "device", None)
     if torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda":
-        from .kernels.memory import cuda_free_bytes
+        from .runtime import cuda_free_bytes
 
         free = cuda_free_bytes(dev)
     text = f"intrinsic dimension of {n:,} points × {d:,} coordinates ran out of GPU memory (about {need / 2 ** 30:.1f} GiB needed"

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import (GeoprobeError, MissingDependencyError, ModelLoadError, ModelNotFoundError,
                      UnsafeModelError)
-from .files import write_json
+from .records import write_json
 from .profile import ModelInfo
 
 if TYPE_CHECKING:

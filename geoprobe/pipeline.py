@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Optional
 
 import numpy as np
 
 from .errors import CorpusError, InputDataError
 from .profile import (CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport)
+from .runtime import progress, versions
 
 logger = logging.getLogger(__name__)
 
@@ -54,44 +52,14 @@ class ProbeSettings:
         return dict(self.__dict__)
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("geoprobe", "torch", "transformers", "numpy", "scipy", "powerlaw",
-                 "scikit-dimension", "safetensors", "gguf", "peft"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 class _Progress:
-    """A tqdm bar on stderr, or nothing."""
+    """Progress bars on stderr for one probe run, or none."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
 
     def bar(self, total: int, desc: str):
-        if not self.enabled:
-            return _NullBar()
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-class _NullBar:
-    total = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+        return progress(total, desc, enabled=self.enabled)
 
 
 def _stat(what: str, values: list[float], null_values: list[float], n: int, dim: int, mode: str,
@@ -224,7 +192,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     return GeometryProfile(
         model=lm.info, corpus=corpus_info, frequency=frequency, norms=norms,
         delta_prompts=delta_prompts, delta_tokens=delta_tokens, layers=layer_results, sinks=sinks,
-        settings=s.to_dict() | {"device": device}, seed=s.seed, versions=library_versions(),
+        settings=s.to_dict() | {"device": device}, seed=s.seed, versions=versions(),
         timings={k: round(v, 4) for k, v in timings.items()}, command=command,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 

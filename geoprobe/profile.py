@@ -9,98 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ProfileError
-from .files import write_json
+from .records import Record, write_json
 
 SCHEMA_VERSION = 1
 SCHEMA_NAME = "geoprobe.profile"
-
-
-# --------------------------------------------------------------------------- serialisation helpers
-class Record:
-    """Mixin: JSON-ready ``to_dict`` and a type-directed ``from_dict`` for nested dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        if not isinstance(data, dict):
-            raise ProfileError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                kwargs[f.name] = _from_plain(hints[f.name], data[f.name], f"{cls.__name__}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProfileError(f"{cls.__name__}: missing field {f.name!r}")
-        return cls(**kwargs)
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, Record):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _to_plain(value.item())
-    return value
-
-
-def _from_plain(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            non_none = [a for a in args if a is not type(None)]
-            if non_none and non_none[0] is float:
-                return math.nan
-        for a in args:
-            if a is type(None):
-                continue
-            return _from_plain(a, value, where)
-    if value is None:
-        if tp is float:
-            return math.nan
-        return None
-    if isinstance(tp, type) and issubclass(tp, Record):
-        return tp.from_dict(value)
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise ProfileError(f"{where}: expected a list")
-        inner = args[0] if args else Any
-        items = [_from_plain(inner, v, where) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ProfileError(f"{where}: expected an object")
-        inner = args[1] if len(args) == 2 else Any
-        return {k: _from_plain(inner, v, where) for k, v in value.items()}
-    if tp is float:
-        if not isinstance(value, (int, float)):
-            raise ProfileError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if not isinstance(value, int):
-            raise ProfileError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is str and not isinstance(value, str):
-        raise ProfileError(f"{where}: expected a string, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- probe results

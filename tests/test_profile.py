@@ -96,7 +96,7 @@ def test_not_json_and_missing(tmp_path):
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "p.json"
     target.write_text("old")
-    import geoprobe.files as files
+    import geoprobe.records as files
 
     def boom(src, dst):
         raise OSError(28, "No space left on device")

@@ -362,7 +362,7 @@ def test_unwritable_paths_raise_output_error_and_leave_nothing(tmp_path, smol, m
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("geoprobe.files.os.replace", refuse)
+    monkeypatch.setattr("geoprobe.records.os.replace", refuse)
     with pytest.raises(OutputError, match="Permission denied"):
         render_report([smol], old)
     assert old.read_text() == "old report"

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from .. import __version__
 from ..errors import OutputError, ProfileError
-from ..files import write_text
+from ..records import write_text
 from ..profile import DeltaStat, FinetuneResult, GeometryProfile, LayerGeometry
 from . import plots
 from . import sentences as say

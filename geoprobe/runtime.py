@@ -1,0 +1,127 @@
+"""What every job needs from its surroundings, written once: the versions a result records, the
+``GEOPROBE_*`` environment switches, progress bars, independent seeded random streams and GPU-memory
+figures for error messages."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any, Mapping, Optional, TypeVar
+
+import numpy as np
+
+from .errors import GeoprobeError
+
+__all__ = ["PACKAGES", "versions", "env_flag", "env_switch", "progress", "NullBar", "rng", "cuda_free_bytes",
+           "gib"]
+
+T = TypeVar("T")
+
+PACKAGES = ("geoprobe", "torch", "transformers", "peft", "accelerate", "numpy", "scipy", "powerlaw",
+            "scikit-dimension", "scikit-learn", "safetensors", "gguf", "triton")
+"""The packages whose versions every profile and fine-tune result records (those installed)."""
+
+TRUE_WORDS = frozenset({"1", "on", "yes", "true"})
+FALSE_WORDS = frozenset({"0", "off", "no", "false"})
+
+
+# --------------------------------------------------------------------------- versions
+def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """``{"python": …, package: version}`` for each of ``packages`` that is installed."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- environment switches
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable: ``1/on/yes/true`` or ``0/off/no/false`` (any case); unset or
+    empty gives ``default``. Any other value is refused with a message naming the variable."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in TRUE_WORDS:
+        return True
+    if raw in FALSE_WORDS:
+        return False
+    raise GeoprobeError(f"environment variable {name}={os.environ[name]!r} is not understood: use 1 or 0")
+
+
+def env_switch(name: str, values: Mapping[str, T], default: T) -> T:
+    """A many-valued environment switch: ``values`` maps each accepted spelling (lower case) to its
+    meaning; unset or empty gives ``default``; anything else is refused, listing the accepted values."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in values:
+        return values[raw]
+    accepted = ", ".join(sorted(values))
+    raise GeoprobeError(f"environment variable {name}={os.environ[name]!r} is not understood: use one of "
+                        f"{accepted}")
+
+
+# --------------------------------------------------------------------------- progress
+class NullBar:
+    """The do-nothing stand-in for a tqdm bar (``update``, ``close``, context manager)."""
+
+    total = 0
+    n = 0
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "NullBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+def progress(total: int, desc: str, *, enabled: bool = True, unit: str = "it", initial: int = 0) -> Any:
+    """A tqdm bar on stderr that clears itself when done, or a :class:`NullBar` when ``enabled`` is
+    false or tqdm is not installed."""
+    if not enabled:
+        return NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return NullBar()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- random streams
+def rng(seed: int, *stream: int) -> np.random.Generator:
+    """An independent generator for sub-stream ``stream`` of ``seed``: numpy's ``SeedSequence`` with
+    the stream numbers appended to the entropy, so streams (1,), (2,), (1, 5) … never overlap, unlike
+    ``default_rng(seed + k)``. ``rng(seed)`` alone is ``default_rng(seed)``."""
+    if not stream:
+        return np.random.default_rng(seed)
+    return np.random.default_rng([int(seed), *(int(s) for s in stream)])
+
+
+# --------------------------------------------------------------------------- GPU memory
+def cuda_free_bytes(device: Any) -> int:
+    """Bytes a new tensor on CUDA ``device`` can take: the driver's free memory plus what torch's
+    caching allocator holds reserved but unused (it hands that out before asking the driver)."""
+    import torch
+
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def gib(n_bytes: Optional[float]) -> str:
+    """``n_bytes`` as ``"12.3 GiB"`` for messages."""
+    return "unknown" if n_bytes is None else f"{n_bytes / 2 ** 30:.1f} GiB"
