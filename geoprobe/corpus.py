@@ -205,7 +205,8 @@ class Corpus:
             raise CorpusError(f"corpus {self.name!r} has no documents")
         encode = _batch_encoder(tokenizer, add_special_tokens, probe=self.documents[0])
         t0 = time.perf_counter()
-        bar = progress_bar(len(self.documents), f"counting tokens ({self.name})", enabled=progress, unit="doc")
+        bar = progress_bar(len(self.documents), f"counting tokens ({self.name})", enabled=progress,
+                           unit="doc")
         try:
             tally = _count_batches(self.documents, encode, batch_size, len(tokenizer), max_tokens, bar)
         finally:
