@@ -78,7 +78,7 @@ def main() -> None:
         with torch.no_grad():
             same = bool(torch.equal(first.model(ids).logits, second.model(ids).logits))
         emb_cached, t_emb_cached = timed(gm.load_embeddings)
-        emb_gguf, t_emb_gguf = timed(lambda: gm._gguf_embeddings(gguf))
+        emb_gguf, t_emb_gguf = timed(lambda: gm.gguf.gguf_embeddings(gguf))
         emb_equal = bool(torch.equal(emb_cached, first.input_embeddings())
                          and torch.equal(emb_gguf, first.input_embeddings()))
         cache_bytes = sum(f.stat().st_size for f in gm.gguf_cache_dir(gguf).iterdir())

@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import CorpusError
 from .profile import CorpusInfo
-from .runtime import progress as progress_bar
+from .runtime import FALSE_WORDS, progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -204,50 +204,23 @@ class Corpus:
         if not self.documents:
             raise CorpusError(f"corpus {self.name!r} has no documents")
         encode = _batch_encoder(tokenizer, add_special_tokens, probe=self.documents[0])
-        vocab = len(tokenizer)
-        total = np.zeros(vocab, dtype=np.int64)
-        n_tokens = 0
-        n_docs = 0
-        truncated = False
         t0 = time.perf_counter()
-        bar = progress_bar(len(self.documents), f"counting tokens ({self.name})", enabled=progress, unit="doc")
+        bar = progress_bar(len(self.documents), f"counting tokens ({self.name})", enabled=progress,
+                           unit="doc")
         try:
-            for start in range(0, len(self.documents), batch_size):
-                batch = self.documents[start:start + batch_size]
-                id_lists = encode(batch)
-                lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64,
-                                      count=len(id_lists))
-                if max_tokens is not None and n_tokens + int(lengths.sum()) >= max_tokens:
-                    keep = max_tokens - n_tokens
-                    cum = np.cumsum(lengths)
-                    n_whole = int(np.searchsorted(cum, keep, side="right"))
-                    ids = _flatten(id_lists[:n_whole], int(cum[n_whole - 1]) if n_whole else 0)
-                    rest = keep - ids.size
-                    if rest > 0:
-                        ids = np.concatenate([ids, np.asarray(id_lists[n_whole][:rest], np.int64)])
-                    n_docs += n_whole + (1 if rest > 0 else 0)
-                    truncated = (n_whole < len(batch) or start + len(batch) < len(self.documents))
-                    total = _accumulate(total, ids)
-                    n_tokens += int(ids.size)
-                    bar.update(len(batch))
-                    break
-                ids = _flatten(id_lists, int(lengths.sum()))
-                total = _accumulate(total, ids)
-                n_tokens += int(ids.size)
-                n_docs += len(batch)
-                bar.update(len(batch))
+            tally = _count_batches(self.documents, encode, batch_size, len(tokenizer), max_tokens, bar)
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
-        if truncated:
+        if tally.truncated:
             logger.info("token count stopped at max_tokens=%d after %d of %d documents",
-                        max_tokens, n_docs, len(self.documents))
+                        max_tokens, tally.n_documents, len(self.documents))
         logger.info("counted %d tokens (%d types) in %d documents of %s in %.2f s (%.0f tokens/s)",
-                    n_tokens, int(np.count_nonzero(total)), n_docs, self.name, seconds,
-                    n_tokens / seconds if seconds > 0 else float("nan"))
-        return TokenCounts(counts=total, n_tokens=n_tokens, n_documents=n_docs,
+                    tally.n_tokens, int(np.count_nonzero(tally.total)), tally.n_documents, self.name,
+                    seconds, tally.n_tokens / seconds if seconds > 0 else float("nan"))
+        return TokenCounts(counts=tally.total, n_tokens=tally.n_tokens, n_documents=tally.n_documents,
                            corpus_sha256=self.sha256, add_special_tokens=add_special_tokens,
-                           truncated=truncated, seconds=seconds)
+                           truncated=tally.truncated, seconds=seconds)
 
 
 # --------------------------------------------------------------------------- token-count helpers
@@ -283,7 +256,7 @@ def _batch_encoder(tokenizer: Any, add_special_tokens: bool, probe: Optional[str
     # The Rust tokenizer spreads a batch over all cores unless TOKENIZERS_PARALLELISM is false
     # (or the process forked after it ran). It is not forced on: in a forked worker that can
     # deadlock.
-    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").strip().lower() in FALSE_WORDS:
         logger.info("TOKENIZERS_PARALLELISM is off: token counting uses one core")
     fast = getattr(rust, "encode_batch_fast", None) or rust.encode_batch
 
@@ -297,6 +270,53 @@ def _batch_encoder(tokenizer: Any, add_special_tokens: bool, probe: Optional[str
                            "through tokenizer(...) (slower)")
             return encode_generic
     return encode
+
+
+@dataclass
+class _Tally:
+    """The running count of :meth:`Corpus.count_tokens` (mutable, internal)."""
+
+    total: np.ndarray
+    n_tokens: int = 0
+    n_documents: int = 0
+    truncated: bool = False
+
+    def add(self, ids: np.ndarray, n_documents: int) -> None:
+        self.total = _accumulate(self.total, ids)
+        self.n_tokens += int(ids.size)
+        self.n_documents += n_documents
+
+
+def _count_batches(documents: Sequence[str], encode: Any, batch_size: int, vocab: int,
+                   max_tokens: Optional[int], bar: Any) -> _Tally:
+    """Encode ``documents`` in batches and tally their ids, stopping after exactly ``max_tokens``
+    tokens when given (the last document may be cut)."""
+    tally = _Tally(total=np.zeros(vocab, dtype=np.int64))
+    for start in range(0, len(documents), batch_size):
+        batch = documents[start:start + batch_size]
+        id_lists = encode(batch)
+        lengths = np.fromiter((len(x) for x in id_lists), dtype=np.int64, count=len(id_lists))
+        if max_tokens is not None and tally.n_tokens + int(lengths.sum()) >= max_tokens:
+            ids, n_whole, n_docs = _first_tokens(id_lists, lengths, max_tokens - tally.n_tokens)
+            tally.add(ids, n_docs)
+            tally.truncated = n_whole < len(batch) or start + len(batch) < len(documents)
+            bar.update(len(batch))
+            break
+        tally.add(_flatten(id_lists, int(lengths.sum())), len(batch))
+        bar.update(len(batch))
+    return tally
+
+
+def _first_tokens(id_lists: Sequence[Sequence[int]], lengths: np.ndarray,
+                  keep: int) -> tuple[np.ndarray, int, int]:
+    """(the first ``keep`` ids of a batch, documents taken whole, documents touched)."""
+    cum = np.cumsum(lengths)
+    n_whole = int(np.searchsorted(cum, keep, side="right"))
+    ids = _flatten(id_lists[:n_whole], int(cum[n_whole - 1]) if n_whole else 0)
+    rest = keep - ids.size
+    if rest > 0:
+        ids = np.concatenate([ids, np.asarray(id_lists[n_whole][:rest], np.int64)])
+    return ids, n_whole, n_whole + (1 if rest > 0 else 0)
 
 
 def _flatten(id_lists: Sequence[Sequence[int]], n: int) -> np.ndarray:

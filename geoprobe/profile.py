@@ -8,14 +8,13 @@ frozen dataclass with ``to_dict``/``from_dict``; the profile is saved as JSON wi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ProfileError
-from .records import Record, write_json
+from .records import Record, read_json, write_json
 
 SCHEMA_VERSION = 1
 SCHEMA_NAME = "geoprobe.profile"
@@ -301,16 +300,7 @@ class GeometryProfile(Record):
     def load(cls, path: str | os.PathLike) -> "GeometryProfile":
         """Read a profile saved by :meth:`save`; raise :class:`ProfileError` on a bad file."""
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"profile {p} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"cannot read profile {p}: {exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"profile {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(p, "profile", error=ProfileError, missing=f"profile {p} does not exist")
         return cls.from_json_dict(data, str(p))
 
     @classmethod

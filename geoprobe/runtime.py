@@ -13,8 +13,8 @@ import numpy as np
 
 from .errors import GeoprobeError
 
-__all__ = ["PACKAGES", "versions", "env_flag", "env_switch", "progress", "NullBar", "rng", "cuda_free_bytes",
-           "gib"]
+__all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "progress", "NullBar", "rng",
+           "cuda_free_bytes", "gib"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,14 @@ def env_flag(name: str, default: bool = False) -> bool:
     if raw in FALSE_WORDS:
         return False
     raise GeoprobeError(f"environment variable {name}={os.environ[name]!r} is not understood: use 1 or 0")
+
+
+def env_true(name: str) -> bool:
+    """True when the environment variable holds one of the yes-spellings of :func:`env_flag`
+    (``1/on/yes/true``, any case); any other value, or none, is false and never refused. For
+    variables another library defines (``HF_HUB_OFFLINE``), whose other values are that library's
+    business."""
+    return os.environ.get(name, "").strip().lower() in TRUE_WORDS
 
 
 def env_switch(name: str, values: Mapping[str, T], default: T) -> T:

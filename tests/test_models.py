@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from geoprobe import models as gm
+from geoprobe.models import gguf as gm_gguf
 from geoprobe.errors import (MissingDependencyError, ModelLoadError, ModelNotFoundError,
                              UnsafeModelError)
 
@@ -207,6 +208,22 @@ def test_hub_pickle_only_repo_refused(monkeypatch, tmp_path):
         gm.load_model("someone/old-model", cache_dir=tmp_path)
 
 
+
+@pytest.mark.parametrize("value,offline", [("1", True), ("YES", True), ("on", True), ("true", True),
+                                           ("0", False), ("no", False), ("2", False), ("", False)])
+def test_hub_offline_reads_the_hf_variables_leniently(monkeypatch, value, offline):
+    """HF_HUB_OFFLINE belongs to huggingface_hub: its yes-spellings mean offline, any other value is
+    not refused (huggingface_hub does not refuse it either)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert gm.hub_offline() is offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", value)
+    assert gm.hub_offline() is offline
+
+
 # --------------------------------------------------------------------------- local folders
 @pytest.mark.parametrize("kind,causal", [("llama", True), ("gpt2", True), ("neox", True),
                                          ("bert", False)])
@@ -216,6 +233,7 @@ def test_folder_loads_and_reproduces_outputs(tmp_path, kind, causal):
     lm = gm.load_model(folder)
     assert lm.source == "folder" and not lm.model.training
     assert lm.info.is_encoder is (not causal)
+    assert gm.is_causal_lm(lm) is causal and gm.is_causal_lm(lm.model) is causal
     assert lm.info.architecture == model.config.architectures[0] == type(model).__name__
     assert lm.info.model_type == model.config.model_type
     assert lm.info.n_parameters == sum(p.numel() for p in model.parameters())
@@ -232,6 +250,46 @@ def test_folder_loads_and_reproduces_outputs(tmp_path, kind, causal):
     assert torch.equal(ref_t, got_t)
     assert torch.equal(lm.input_embeddings(), emb.detach())
     assert lm.special_token_ids() == sorted(set(lm.tokenizer.all_special_ids))
+
+
+
+def test_is_causal_lm_configs():
+    from transformers import BertConfig, LlamaConfig, PretrainedConfig, T5Config
+
+    assert gm.is_causal_lm(LlamaConfig(architectures=["LlamaForCausalLM"]))
+    assert gm.is_causal_lm(LlamaConfig())  # no architectures: the model type has only a causal class
+    assert not gm.is_causal_lm(LlamaConfig(architectures=["LlamaModel"]))
+    assert not gm.is_causal_lm(BertConfig())  # bert has a masked-LM class too
+    assert not gm.is_causal_lm(BertConfig(architectures=["BertForMaskedLM"]))
+    assert gm.is_causal_lm(BertConfig(is_decoder=True))  # bert configured as a decoder
+    assert not gm.is_causal_lm(T5Config())  # encoder-decoder
+    assert not gm.is_causal_lm(T5Config(architectures=["T5ForConditionalGeneration"]))
+    assert gm.is_causal_lm(PretrainedConfig(architectures=["GPT2LMHeadModel"]))
+    # a class transformers maps to causal LM although its name does not say so
+    assert gm.is_causal_lm(PretrainedConfig(architectures=["ReformerModelWithLMHead"]))
+    assert not gm.is_causal_lm(PretrainedConfig(architectures=["ChatModel"], auto_map={
+        "AutoModelForCausalLM": "modeling_chat.ChatForGeneration"}))
+
+
+def test_is_causal_lm_models_and_peft_models():
+    from transformers import LlamaModel, PretrainedConfig
+
+    llama, bert, gpt2 = build("llama"), build("bert"), build("gpt2")
+    assert gm.is_causal_lm(llama) and gm.is_causal_lm(gpt2) and not gm.is_causal_lm(bert)
+    # the model in hand decides: a decoder body without its LM head is not a causal LM
+    body = LlamaModel(llama.config)
+    body.config.architectures = ["LlamaForCausalLM"]
+    assert not gm.is_causal_lm(body) and gm.is_causal_lm(body.config)
+
+    class ChatForGeneration(torch.nn.Module):  # checkpoint code registered for AutoModelForCausalLM
+        config = PretrainedConfig(auto_map={"AutoModelForCausalLM": "modeling_chat.ChatForGeneration"})
+
+    assert gm.is_causal_lm(ChatForGeneration())
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(llama, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert type(wrapped).__name__ == "PeftModel" and gm.is_causal_lm(wrapped)
+    wrapped = peft.get_peft_model(bert, peft.LoraConfig(r=2, target_modules=["query"]))
+    assert not gm.is_causal_lm(wrapped)
 
 
 def test_dtype_argument(llama_folder):
@@ -405,11 +463,11 @@ def test_cache_marker_from_other_transformers_major_is_stale(tmp_path):
     sha = "ab" * 32
     (tmp_path / "geoprobe_cache.json").write_text(json.dumps(
         {"format": gm.CACHE_FORMAT, "sha256": sha, "transformers": "4.57.0"}))
-    assert not gm._cache_valid(tmp_path, sha)
+    assert not gm_gguf._cache_valid(tmp_path, sha)
     (tmp_path / "geoprobe_cache.json").write_text(json.dumps(
         {"format": gm.CACHE_FORMAT, "sha256": sha, "transformers": transformers.__version__}))
-    assert gm._cache_valid(tmp_path, sha)
-    assert not gm._cache_valid(tmp_path, "cd" * 32)
+    assert gm_gguf._cache_valid(tmp_path, sha)
+    assert not gm_gguf._cache_valid(tmp_path, "cd" * 32)
 
 
 @pytest.fixture(scope="module")
@@ -424,8 +482,8 @@ def default_loads(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEOPROBE_CACHE", str(cache))
         conversions = []
-        real = gm._convert_gguf
-        mp.setattr(gm, "_convert_gguf", lambda p: conversions.append(p) or real(p))
+        real = gm_gguf._convert_gguf
+        mp.setattr(gm_gguf, "_convert_gguf", lambda p: conversions.append(p) or real(p))
         first = gm.load_model()
         n_first = len(conversions)
         second = gm.load_model()
@@ -482,7 +540,7 @@ def test_default_gguf_metadata_and_embeddings(default_loads):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GEOPROBE_CACHE", str(default_loads["cache"]))
         assert torch.equal(gm.load_embeddings(), emb)
-        assert torch.equal(gm._gguf_embeddings(default_loads["gguf"]), emb)
+        assert torch.equal(gm_gguf.gguf_embeddings(default_loads["gguf"]), emb)
         tok = gm.load_tokenizer()
     assert tok("a b c").input_ids == lm.tokenizer("a b c").input_ids
 

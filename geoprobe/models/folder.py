@@ -1,0 +1,74 @@
+"""A local model folder: ``config.json`` beside safetensors weights (or pickle weights, only when
+allowed) and the tokenizer files."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelLoadError
+from ..records import read_json
+from .common import LoadedModel, finish, from_pretrained, load_weights, tokenizer_from
+from .embeddings import pickle_embedding, safetensors_embedding
+from .safety import (SAFETENSORS_INDEX, check_safetensors, refuse_pickle, refuse_remote_code,
+                     safetensors_keys, weight_files)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _what(folder: Path) -> str:
+    return f"model folder {folder}"
+
+
+def _no_weights(what: str) -> ModelLoadError:
+    return ModelLoadError(f"{what} has no weights (no *.safetensors, no pytorch_model.bin)")
+
+
+def load_folder(folder: Path, *, device: str, dtype: Any, allow_pickle: bool,
+                trust_remote_code: bool, name: str, source: str) -> LoadedModel:
+    """Build the model and tokenizer of ``folder`` after the safety checks (remote code, pickle,
+    every safetensors header readable)."""
+    from transformers import AutoConfig
+
+    what = _what(folder)
+    raw = read_json(folder / "config.json", what, error=ModelLoadError)
+    refuse_remote_code(what, raw.get("auto_map"), trust_remote_code)
+    safe, pickled = weight_files(folder)
+    if safe:
+        check_safetensors(safe, what)
+    elif pickled:
+        refuse_pickle(what, [p.name for p in pickled], allow_pickle)
+    else:
+        raise _no_weights(what)
+    config = from_pretrained(AutoConfig, folder, what, trust_remote_code=trust_remote_code)
+    model, causal = load_weights(config, folder, what, dtype=dtype, use_safetensors=bool(safe),
+                                 trust_remote_code=trust_remote_code)
+    tokenizer = tokenizer_from(folder, what, trust_remote_code=trust_remote_code)
+    return finish(model, tokenizer, name=name, source=source, device=device, dtype=dtype,
+                  causal=causal)
+
+
+def folder_tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
+    """Only the tokenizer of ``folder``."""
+    return tokenizer_from(folder, _what(folder), trust_remote_code=trust_remote_code)
+
+
+def folder_embeddings(folder: Path, *, allow_pickle: bool) -> "torch.Tensor":
+    """The input-embedding table of ``folder`` (sharded safetensors through the index's weight map,
+    plain safetensors through their headers, pickle weights only when allowed)."""
+    what = _what(folder)
+    config = read_json(folder / "config.json", what, error=ModelLoadError)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index, what, error=ModelLoadError).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{what}: {index.name} has no weight_map")
+        return safetensors_embedding(weight_map, what, config, lambda f: folder / f)
+    safe, pickled = weight_files(folder)
+    if safe:
+        files = {k: f.name for f in safe for k in safetensors_keys(f, what)}
+        return safetensors_embedding(files, what, config, lambda f: folder / f)
+    if pickled:
+        refuse_pickle(what, [p.name for p in pickled], allow_pickle)
+        return pickle_embedding(folder, config, what)
+    raise _no_weights(what)

@@ -1,0 +1,275 @@
+"""A ``.gguf`` file (and the embedded default, which is one).
+
+GGUF files are dequantised by transformers (``from_pretrained(folder, gguf_file=name)``, about 20–30 s
+for SmolLM2 on 2 cores). The result is cached as a safetensors folder under
+``$GEOPROBE_CACHE/models/<sha256[:16]>/`` (default ``~/.cache/geoprobe/models/…``), keyed by the
+SHA-256 of the whole GGUF file; the next load reads that copy in about a second. The file hash itself
+is remembered in ``models/hashes.json`` keyed by (real path, size, mtime_ns), so an unchanged file is
+not re-hashed; any change of size or modification time triggers a full re-hash. The cache folder is
+written to a temporary folder and renamed into place, so a crash never leaves a half-written copy.
+Embedding-only reads dequantise just ``token_embd.weight`` with ``gguf.quants``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+from ..errors import GeoprobeError, MissingDependencyError, ModelLoadError
+from ..records import read_json, write_json
+from .common import LoadedModel, finish, tokenizer_from
+from .folder import folder_embeddings, load_folder
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CACHE_MARKER = "geoprobe_cache.json"
+
+
+# --------------------------------------------------------------------------- the cache
+def cache_root() -> Path:
+    """Root of geoprobe's cache: ``$GEOPROBE_CACHE``, else ``$XDG_CACHE_HOME/geoprobe``, else
+    ``~/.cache/geoprobe``."""
+    env = os.environ.get("GEOPROBE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "geoprobe"
+
+
+def _hash_index_path() -> Path:
+    return cache_root() / "models" / "hashes.json"
+
+
+def file_sha256(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in ``chunk_size`` pieces. The digest is remembered in
+    ``<cache>/models/hashes.json`` keyed by (real path, size, mtime_ns) and reused while those match."""
+    p = Path(path)
+    st = p.stat()
+    key = str(p.resolve())
+    index_path = _hash_index_path()
+    index: dict[str, Any] = {}
+    with contextlib.suppress(GeoprobeError):
+        index = read_json(index_path, "hash index")
+    entry = index.get(key)
+    if isinstance(entry, dict) and entry.get("size") == st.st_size \
+            and entry.get("mtime_ns") == st.st_mtime_ns and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    digest = h.hexdigest()
+    index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        write_json(index_path, index)
+    except GeoprobeError as exc:
+        logger.info("cannot remember the hash of %s: %s", p, exc)
+    return digest
+
+
+def gguf_cache_dir(path: Union[str, os.PathLike]) -> Path:
+    """The cache folder of a GGUF file's safetensors copy: ``<cache>/models/<sha256[:16]>``."""
+    return cache_root() / "models" / file_sha256(path)[:16]
+
+
+def _cache_valid(folder: Path, sha: str) -> bool:
+    """True when ``folder`` holds a finished copy of the GGUF file with digest ``sha``, written in
+    this cache format by the same transformers major version."""
+    import transformers
+
+    try:
+        marker = read_json(folder / CACHE_MARKER, "GGUF cache marker")
+    except GeoprobeError:
+        return False
+    return bool(marker.get("sha256") == sha and marker.get("format") == CACHE_FORMAT
+                and str(marker.get("transformers", "")).split(".")[0]
+                == transformers.__version__.split(".")[0])
+
+
+def cached_copy(path: Path) -> Optional[Path]:
+    """The cache folder of ``path`` if a valid copy exists (no conversion)."""
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        return None
+    folder = cache_root() / "models" / sha[:16]
+    return folder if _cache_valid(folder, sha) else None
+
+
+# --------------------------------------------------------------------------- the file
+def require(*modules: str) -> None:
+    """Raise :class:`MissingDependencyError` naming the install command when a module is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"reading GGUF files needs {', '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def check_magic(path: Path) -> None:
+    """Refuse a file that does not start with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if head != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); the file is "
+            "corrupt or not a model")
+
+
+def _gguf_error(path: Path, exc: BaseException) -> ModelLoadError:
+    size = path.stat().st_size if path.exists() else 0
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ModelLoadError(
+        f"cannot read GGUF file {path} ({size:,} bytes): it is truncated or corrupt "
+        f"({type(exc).__name__}: {first}). Download or reinstall it.")
+
+
+# --------------------------------------------------------------------------- the whole model
+def load_gguf(path: Path, *, device: str, dtype: Any, name: str, source: str) -> LoadedModel:
+    """The model of a GGUF file: its cached safetensors copy when valid, else dequantised (and the
+    copy written for next time)."""
+    require("gguf", "accelerate")
+    path = Path(path)
+    check_magic(path)
+    sha = file_sha256(path)
+    folder = cache_root() / "models" / sha[:16]
+    if _cache_valid(folder, sha):
+        t0 = time.perf_counter()
+        try:
+            lm = load_folder(folder, device=device, dtype=dtype, allow_pickle=False,
+                             trust_remote_code=False, name=name, source=source)
+            logger.info("read %s from the cache %s in %.2f s", path.name, folder,
+                        time.perf_counter() - t0)
+            return lm
+        except GeoprobeError as exc:
+            logger.warning("cached copy %s is unusable (%s); converting %s again", folder, exc, path)
+    model, tokenizer = _convert_gguf(path)
+    _write_gguf_cache(model, tokenizer, folder, path, sha)
+    return finish(model, tokenizer, name=name, source=source, device=device, dtype=dtype,
+                  causal=True)
+
+
+def _convert_gguf(path: Path) -> tuple[Any, Any]:
+    """Dequantise a GGUF checkpoint with transformers (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    logger.info("dequantising %s (one-time; the result is cached)", path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+    except GeoprobeError:
+        raise
+    except Exception as exc:
+        raise _gguf_error(path, exc) from None
+    # A GGUF-loaded model carries a GGUF quantizer that makes save_pretrained refuse (and Trainer
+    # treat it as a quantized model); the weights are already dequantised, so every marker is dropped
+    # (METHODS.md §9).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    logger.info("dequantised %s in %.1f s", path.name, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+def _write_gguf_cache(model: Any, tokenizer: Any, folder: Path, source_path: Path, sha: str) -> None:
+    """Save the dequantised model and tokenizer to ``folder`` atomically (temp folder + rename); the
+    marker that makes the copy valid is written last, itself atomically."""
+    import transformers
+
+    tmp: Optional[Path] = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / CACHE_MARKER, {
+            "format": CACHE_FORMAT, "sha256": sha, "source": str(source_path.resolve()),
+            "source_size": source_path.stat().st_size, "transformers": transformers.__version__})
+        if folder.exists():  # stale copy (other transformers major) or a concurrent writer
+            if _cache_valid(folder, sha):
+                return
+            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, trash / folder.name)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, folder)
+        tmp = None
+        logger.info("cached the dequantised model in %s", folder)
+    except Exception as exc:  # a cache that cannot be written only costs time next run
+        logger.warning("could not write the model cache %s: %s", folder, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """Only the tokenizer: from the cached copy when one exists, else rebuilt from the GGUF metadata
+    (seconds)."""
+    cached = cached_copy(path)
+    if cached is not None:
+        with contextlib.suppress(GeoprobeError):
+            return tokenizer_from(cached, f"cached copy of {path.name}")
+    require("gguf")
+    check_magic(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise _gguf_error(path, exc) from None
+
+
+# --------------------------------------------------------------------------- embeddings only
+def embeddings(path: Path) -> "torch.Tensor":
+    """The input-embedding table: from the cached safetensors copy when one exists, else dequantised
+    from the file itself (:func:`gguf_embeddings`)."""
+    cached = cached_copy(path)
+    if cached is not None:
+        with contextlib.suppress(GeoprobeError):
+            return folder_embeddings(cached, allow_pickle=False)
+    return gguf_embeddings(path)
+
+
+def gguf_embeddings(path: Path) -> "torch.Tensor":
+    """``token_embd.weight`` of a GGUF file, dequantised with ``gguf.quants`` (float32, CPU)."""
+    import numpy as np
+    import torch
+
+    require("gguf")
+    check_magic(path)
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+        tensors = {t.name: t for t in reader.tensors}
+    except Exception as exc:
+        raise _gguf_error(path, exc) from None
+    t = tensors.get("token_embd.weight")
+    if t is None:
+        raise ModelLoadError(f"GGUF file {path} has no token_embd.weight tensor")
+    try:
+        weight = dequantize(t.data, t.tensor_type)
+    except Exception as exc:
+        raise _gguf_error(path, exc) from None
+    rows, cols = int(t.shape[-1]), int(t.shape[0])  # GGUF lists dimensions fastest-first
+    weight = np.asarray(weight, dtype=np.float32).reshape(rows, cols)
+    return torch.from_numpy(weight.copy())
