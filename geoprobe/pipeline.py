@@ -2,8 +2,8 @@
 
 Steps (each timed in ``profile.timings``):
 
-1. token counts over the corpus → power law of the frequency distribution (:mod:`geoprobe.frequency`);
-2. input-embedding norms against frequency (:mod:`geoprobe.norms`);
+1. token counts over the corpus → power law of the frequency distribution (:mod:`geoprobe.probes.frequency`);
+2. input-embedding norms against frequency (:mod:`geoprobe.probes.norms`);
 3. δ-hyperbolicity of (a) each prompt's input-token embeddings, base point = token 0 (HypLoRA,
    arXiv 2410.04010 §4.2, Table 2), (b) a seeded sample of distinct corpus tokens' embeddings, and
    (c) each layer's hidden states — every one beside a Gaussian null with the same n, dimension, mean
@@ -76,7 +76,7 @@ def _stat(what: str, values: list[float], null_values: list[float], n: int, dim:
 def delta_with_null(sets: list[np.ndarray], what: str, *, null_repeats: int, seed: int,
                     mode: str = "fixed", progress=None) -> DeltaStat:
     """δ_rel of each point set (base point 0) and of ``null_repeats`` matched Gaussian nulls each."""
-    from .hyperbolicity import delta, matched_null_delta
+    from .probes.hyperbolicity import delta, matched_null_delta
 
     values, nulls, diams = [], [], []
     for i, x in enumerate(sets):
@@ -96,9 +96,9 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     :class:`geoprobe.corpus.Corpus`) and return the :class:`GeometryProfile`."""
     import torch
 
-    from .frequency import fit_power_law
+    from .probes.frequency import fit_power_law
     from .hidden import collect_hidden_states
-    from .norms import norm_frequency
+    from .probes.norms import norm_frequency
 
     s = settings or ProbeSettings()
     prog = _Progress(progress)
@@ -213,8 +213,8 @@ class _KeptRows(Sequence):
 
 def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGeometry], SinkReport]:
     from .hidden import sink_mask
-    from .hyperbolicity import delta, matched_null_delta
-    from .intrinsic_dim import intrinsic_dimension_layers
+    from .probes.hyperbolicity import delta, matched_null_delta
+    from .probes.intrinsic_dim import intrinsic_dimension_layers
 
     n_layers = hs.n_layers
     excluded_by_layer, quantiles = [], []

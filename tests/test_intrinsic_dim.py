@@ -14,10 +14,10 @@ from scipy import optimize, special
 from scipy.spatial import cKDTree
 
 from geoprobe.errors import InputDataError
-from geoprobe.intrinsic_dim import (deduplicate, gride_mle, gride_scales, intrinsic_dimension,
-                                    twonn_linear_fit, twonn_mle)
-from geoprobe.kernels import knn as knn_module
-from geoprobe.kernels.knn import as_float64_points, distances_at_ranks, knn_distances
+from geoprobe.probes.intrinsic_dim import (deduplicate, gride_mle, gride_scales,
+                                           intrinsic_dimension, twonn_linear_fit, twonn_mle)
+from geoprobe.backends import knn_certified as knn_module
+from geoprobe.backends.knn_certified import as_float64_points, distances_at_ranks, knn_distances
 from geoprobe.profile import IDResult
 
 
@@ -92,7 +92,7 @@ def test_knn_exact_on_ties_via_fallbacks(caplog):
     """A lattice has many exactly tied distances: the float32 selection cannot be verified there, so
     the float64 and direct fallbacks run and must still give the exact answer."""
     g = np.stack(np.meshgrid(*[np.arange(9.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.kernels.knn"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.backends.knn_certified"):
         dist, idx = knn_distances(g, 7)
     assert "direct differences" in caplog.text
     np.testing.assert_allclose(dist.numpy(), brute_knn(g, 7), rtol=0, atol=1e-12)

@@ -39,8 +39,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import zeta
 
-from .errors import InputDataError
-from .profile import PowerLawResult
+from ..errors import InputDataError
+from ..profile import PowerLawResult
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ count). ``error`` is that scale's error; every scale is listed in ``scales``.
 Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8 after
 round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1). Points are
 therefore deduplicated first (:func:`deduplicate`) and the neighbour distances recomputed exactly in
-float64 (:mod:`geoprobe.kernels.knn`: a float32 (CPU) or 3xTF32 (CUDA) matrix-product selection,
+float64 (:mod:`geoprobe.backends.knn_certified`: a float32 (CPU) or 3xTF32 (CUDA) matrix-product selection,
 certified by a rounding-error bound, then direct float64 differences); ``n_points`` is the number of
 points left and ``n_duplicates_removed`` the number removed.
 
@@ -53,7 +53,7 @@ sequence of (N_l, D) arrays or one (L, N, D) tensor) and returns the list of res
 it keeps the layers on the GPU and queues each group of layers' work without waiting for the device:
 finiteness and exact-duplicate hashes of every layer, one host synchronisation, then every layer's
 selection products, candidate distances and certificates
-(:func:`geoprobe.kernels.knn.distances_at_ranks_queued`), one copy of all the distances to the host,
+(:func:`geoprobe.backends.knn_certified.distances_at_ranks_queued`), one copy of all the distances to the host,
 and the estimates. A layer whose certificate fails, that has near-duplicates or that is otherwise
 unusual is recomputed by :func:`intrinsic_dimension` itself, so the answers stay the same.
 """
@@ -68,10 +68,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InputDataError
-from .kernels.knn import (Selection, as_float64_points, check_selection, distances_at_ranks,
-                          distances_at_ranks_queued, knn_distances)
-from .profile import IDResult, IDScale
+from ..errors import InputDataError
+from ..backends.knn_certified import (Selection, as_float64_points, check_selection,
+                                      distances_at_ranks, distances_at_ranks_queued, knn_distances)
+from ..profile import IDResult, IDScale
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
         discard_fraction: fraction of the largest TwoNN ratios left out of ``linear_fit_dimension``.
         selection_dtype: precision of the neighbour-selection products (torch.float32, torch.float64
             or "3xtf32"; default "3xtf32" on CUDA, float32 on the CPU; see
-            :mod:`geoprobe.kernels.knn`). The neighbour distances, hence the answer, do not depend on it.
+            :mod:`geoprobe.backends.knn_certified`). The neighbour distances, hence the answer, do not depend on it.
         device: where the neighbour search runs (default: the tensor's device, else the CPU).
 
     Returns:
@@ -498,7 +498,7 @@ def gpu_memory_message(shape: tuple, device: Any = None, x: Any = None) -> str:
     free = None
     dev = device if device is not None else getattr(x, "device", None)
     if torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda":
-        from .runtime import cuda_free_bytes
+        from ..runtime import cuda_free_bytes
 
         free = cuda_free_bytes(dev)
     text = f"intrinsic dimension of {n:,} points × {d:,} coordinates ran out of GPU memory (about {need / 2 ** 30:.1f} GiB needed"
