@@ -70,12 +70,14 @@ import torch
 
 from ..errors import InputDataError
 from ..backends.knn_certified import (Selection, as_float64_points, check_selection,
-                                      distances_at_ranks, distances_at_ranks_queued, knn_distances)
+                                      distances_at_ranks, distances_at_ranks_queued,
+                                      first_earlier_within, knn_distances)
 from ..profile import IDResult, IDScale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["intrinsic_dimension", "intrinsic_dimension_layers", "deduplicate", "knn_distances",
+__all__ = ["intrinsic_dimension", "intrinsic_dimension_layers", "deduplicate", "duplicate_keys",
+           "knn_distances",
            "twonn_mle", "twonn_linear_fit", "gride_mle", "gride_scales"]
 
 ESTIMATORS = ("twonn", "gride")
@@ -386,6 +388,46 @@ def deduplicate(x: Any, tol: float = 1e-6, *,
     kept, _, _ = _dedup(x64, tol, lambda n: [1], min_points=1)
     n_removed = x64.shape[0] - kept.shape[0]
     return (kept if isinstance(x, torch.Tensor) else kept.cpu().numpy()), n_removed
+
+
+def duplicate_keys(x: Any, tol: float = 1e-6, *,
+                   device: Optional[str | torch.device] = None) -> np.ndarray:
+    """Group labels of the rows under the duplicate rule of :func:`deduplicate`.
+
+    A row that :func:`deduplicate` keeps gets a new label (0, 1, 2, … in order of appearance); a row it
+    removes gets the label of the first earlier row within ``tol × s`` of it (of its first exact copy
+    when it has one). So rows with one label are duplicates of one kept row, and the number of
+    distinct labels is the number of rows :func:`deduplicate` keeps (repeated tokens at layer 0).
+
+    Returns an int64 array with one label per row.
+    """
+    x64 = as_float64_points(x, device)
+    n = x64.shape[0]
+    if n == 0:
+        raise InputDataError("no points given")
+    _check_tol(tol)
+    rows = np.ascontiguousarray(x64.cpu().numpy())
+    _, first_at, inverse = np.unique(rows.view(np.dtype((np.void, rows.itemsize * rows.shape[1]))),
+                                     return_index=True, return_inverse=True)
+    first = np.sort(first_at)                       # bitwise-distinct rows, in order
+    slot = np.searchsorted(first, first_at[inverse.reshape(-1)])  # each row's distinct row
+    xu = x64[torch.from_numpy(first).to(x64.device)]
+    near = np.zeros(first.size, dtype=bool)
+    tau = 0.0
+    if first.size > 1:
+        tau = tol * _data_scale(xu)
+        _, near_t = distances_at_ranks(xu, [1], tau=tau)
+        near = near_t.cpu().numpy()
+    labels = np.empty(first.size, dtype=np.int64)
+    fresh = 0
+    for u in range(first.size):
+        if near[u]:
+            j = first_earlier_within(xu, u, tau)
+            assert j is not None
+            labels[u] = labels[j]
+        else:
+            labels[u], fresh = fresh, fresh + 1
+    return labels[slot]
 
 
 # --------------------------------------------------------------------------- the probe
