@@ -675,14 +675,31 @@ def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: to
     """(layer index, IDResult or InputDataError) for one group; two host synchronisations for the
     layers on the fast path, :func:`intrinsic_dimension` for the others."""
     t0 = time.perf_counter()
-    tol = opts.dedup_tol
-    done: dict[int, Any] = {}
-    slow: list[int] = []
-    # 1. queue: finiteness and exact-duplicate hashes of every layer
+    done: dict[int, Any] = {j: err for j, _, err in group if err is not None}
     live = [(j, x) for j, x, err in group if x is not None]
-    for j, _, err in group:
-        if err is not None:
-            done[j] = err
+    queued, slow = _queue_distances(live, _screen(live, dev, opts.dedup_tol), opts)
+    fast, failed = _certified(queued)
+    slow.extend(failed)
+    share = (time.perf_counter() - t0) / max(1, len(fast))
+    for j, prep in fast:
+        try:
+            done[j] = _estimate(prep, opts, dev.type, share)
+        except InputDataError as exc:
+            done[j] = exc
+    xs = dict(live)
+    for j in slow:
+        logger.debug("layer %d: recomputed on its own", j)
+        try:
+            done[j] = intrinsic_dimension(xs[j], device=dev, **opts.kwargs())
+        except InputDataError as exc:
+            done[j] = exc
+    return sorted(done.items())
+
+
+def _screen(live: list[tuple[int, torch.Tensor]], dev: torch.device,
+            tol: Optional[float]) -> np.ndarray:
+    """(finite, has exact duplicates) of every layer: queued on the device, read in one host
+    synchronisation. The duplicate flag is a repeated row hash (False when nothing is removed)."""
     flags = []
     for _, x in live:
         finite = torch.isfinite(x).all()
@@ -691,9 +708,15 @@ def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: to
             h = torch.sort(_row_hashes(x)).values
             clash = (h[1:] == h[:-1]).any()
         flags.append(torch.stack([finite, clash]))
-    host = torch.stack(flags).cpu().numpy() if flags else np.zeros((0, 2), bool)  # sync 1
-    # 2. queue: selection, candidate distances and certificates of every usable layer
-    queued = []
+    return torch.stack(flags).cpu().numpy() if flags else np.zeros((0, 2), bool)
+
+
+def _queue_distances(live: list[tuple[int, torch.Tensor]], host: np.ndarray, opts: _Options
+                     ) -> tuple[list[tuple], list[int]]:
+    """Queue the selection, candidate distances and certificate of every usable layer (exact copies
+    removed first); the others (not finite, fewer than 3 distinct rows) go to the slow list.
+    Returns (queued (j, points, n input rows, ranks, distances, certificate), slow layer indices)."""
+    queued, slow = [], []
     for (j, x), (finite, clash) in zip(live, host):
         n = x.shape[0]
         if not finite or n < 3:
@@ -710,38 +733,31 @@ def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: to
         nu = xu.shape[0]
         ranks = _usable(opts.ranks_for(nu), nu)
         tau: float | torch.Tensor = 0.0
-        if tol is not None:
-            tau = tol * torch.sqrt(xu.var(dim=0, correction=0).sum())
+        if opts.dedup_tol is not None:
+            tau = opts.dedup_tol * torch.sqrt(xu.var(dim=0, correction=0).sum())
         dist, ok = distances_at_ranks_queued(xu, ranks, min_distance=tau,
                                              selection_dtype=opts.selection)
         queued.append((j, xu, n, ranks, dist, ok))
-    if queued:  # sync 2: every certificate and every layer's distances in one copy each
-        oks = torch.stack([q[5] for q in queued]).cpu().numpy()
-        flat = torch.cat([q[4].reshape(-1) for q in queued]).cpu().numpy()
+    return queued, slow
+
+
+def _certified(queued: list[tuple]) -> tuple[list[tuple[int, _Prepared]], list[int]]:
+    """Every certificate and every layer's distances copied to the host in one copy each (the second
+    synchronisation); the layers whose certificate holds, prepared, and those whose does not."""
+    if not queued:
+        return [], []
+    oks = torch.stack([q[5] for q in queued]).cpu().numpy()
+    flat = torch.cat([q[4].reshape(-1) for q in queued]).cpu().numpy()
     pos = 0
-    fast = []
-    for (j, xu, n, ranks, dist, _), ok in zip(queued, oks if queued else []):
+    fast, failed = [], []
+    for (j, xu, n, ranks, dist, _), ok in zip(queued, oks):
         size = dist.numel()
         if ok:
-            d = flat[pos:pos + size].reshape(dist.shape)
-            fast.append((j, _Prepared(xu, ranks, d, n)))
+            fast.append((j, _Prepared(xu, ranks, flat[pos:pos + size].reshape(dist.shape), n)))
         else:
-            slow.append(j)
+            failed.append(j)
         pos += size
-    share = (time.perf_counter() - t0) / max(1, len(fast))
-    for j, prep in fast:
-        try:
-            done[j] = _estimate(prep, opts, dev.type, share)
-        except InputDataError as exc:
-            done[j] = exc
-    xs = dict(live)
-    for j in slow:
-        logger.debug("layer %d: recomputed on its own", j)
-        try:
-            done[j] = intrinsic_dimension(xs[j], device=dev, **opts.kwargs())
-        except InputDataError as exc:
-            done[j] = exc
-    return sorted(done.items())
+    return fast, failed
 
 
 # --------------------------------------------------------------------------- validation
