@@ -8,7 +8,7 @@ Compared on the same float64 distance matrices (base point 0, fixed-base δ):
   ``delta_hyp``): one n×n×n array, ``max(minimum(A[:, :, None], A[None]), axis=1)``; only at sizes
   where the array fits (n = 300: 216 MB);
 * ``numpy_blocked`` — the same formula over blocks of rows (the plain blocked numpy approach);
-* ``torch_cpu`` — the torch path of ``geoprobe.kernels.delta_torch`` (float32 search, float64 rows) on
+* ``torch_cpu`` — the torch path of ``geoprobe.backends.delta_torch`` (float32 search, float64 rows) on
   CPU tensors, i.e. what CPU torch tensors would cost if they did not go through the compiled kernel.
 
 Inputs: Gaussian points in 576 dimensions (SmolLM2's hidden size) and 16 dimensions, and a random
@@ -36,8 +36,8 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from geoprobe.records import write_json  # noqa: E402
-from geoprobe.hyperbolicity import _fixed_blocked_numpy, delta, euclidean_distances  # noqa: E402
-from geoprobe.kernels import delta_cpu, delta_torch  # noqa: E402
+from geoprobe.probes.hyperbolicity import _fixed_blocked_numpy, delta, euclidean_distances  # noqa: E402
+from geoprobe.backends import delta_cpu, delta_torch  # noqa: E402
 
 
 def khrulkov_delta(dismat: np.ndarray, p: int = 0) -> float:

@@ -4,7 +4,7 @@ CPU kernel, in one run (needs a CUDA device).
 For each size: Gaussian points in 576 dimensions (SmolLM2's hidden size), fixed base point 0.
 
 * ``cuda`` — ``delta()`` on a CUDA float32 tensor: float64 distances on the GPU, float32 search by the
-  Triton (max,min) kernel (``geoprobe.kernels.delta_triton``), float64 recomputation of the candidate
+  Triton (max,min) kernel (``geoprobe.backends.delta_triton``), float64 recomputation of the candidate
   rows (the default path);
 * ``cuda_torch_search`` — the same with the float32 search in torch blocks (the kernel switched off);
 * ``kernel`` — the Triton kernel alone on the base-point matrix: seconds (median of CUDA-event timings),
@@ -38,9 +38,9 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from geoprobe.records import write_json  # noqa: E402
-from geoprobe.hyperbolicity import delta  # noqa: E402
-from geoprobe.hyperbolicity import gromov_product  # noqa: E402
-from geoprobe.kernels import delta_torch, delta_triton  # noqa: E402
+from geoprobe.probes.hyperbolicity import delta  # noqa: E402
+from geoprobe.probes.hyperbolicity import gromov_product  # noqa: E402
+from geoprobe.backends import delta_torch, delta_triton  # noqa: E402
 
 MINMAX_PER_CLOCK_PER_SM = 64  # CUDA C++ Programming Guide, arithmetic instruction throughput, cc 9.0
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from geoprobe.records import write_json  # noqa: E402
-from geoprobe.intrinsic_dim import intrinsic_dimension  # noqa: E402
+from geoprobe.probes.intrinsic_dim import intrinsic_dimension  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "intrinsic_dim_cpu.json"
 

@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from geoprobe.records import write_json  # noqa: E402
-from geoprobe.intrinsic_dim import intrinsic_dimension, intrinsic_dimension_layers  # noqa: E402
-from geoprobe.kernels.knn import (_Gram, _matmul_precision, _scaled_points,  # noqa: E402
-                                  as_float64_points, distances_at_ranks)
+from geoprobe.probes.intrinsic_dim import intrinsic_dimension, intrinsic_dimension_layers  # noqa: E402
+from geoprobe.backends.knn_certified import (_Gram, _matmul_precision,  # noqa: E402
+                                             _scaled_points, as_float64_points,
+                                             distances_at_ranks)
 
 
 def manifold(shape: tuple[int, ...], dim: int, device: torch.device, d: int = 10,

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from geoprobe.records import write_json  # noqa: E402
-from geoprobe.frequency import fit_power_law  # noqa: E402
+from geoprobe.probes.frequency import fit_power_law  # noqa: E402
 
 
 def zipf_counts(n_types: int, n_tokens: int, s: float, seed: int) -> np.ndarray:

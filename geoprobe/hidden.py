@@ -1,15 +1,20 @@
-"""Per-layer hidden states of a seeded corpus sample, and the positions to leave out of them.
+"""Per-layer hidden states of a seeded corpus sample, the positions to leave out of them, and
+pooled prompt embeddings.
 
 Layer 0 is the embedding output and layer i the output of block i, as Hugging Face's
-```output_hidden_states`` returns them. ``progress`` is a tqdm-like bar (``update``, ``total``). Special positions (BOS/CLS/SEP/padding) are dropped. The
-states are gathered batch by batch into one float32 array per layer; when all layers of the sample
-would not fit in ``memory_budget`` bytes they are streamed into a memory-mapped file instead, so the
-resident set stays bounded by one batch plus the layer being analysed.
+``output_hidden_states`` returns them. ``progress`` is a tqdm-like bar (``update``, ``total``).
+Special positions (BOS/CLS/SEP/padding) are dropped. The states are gathered batch by batch into one
+float32 array per layer; when all layers of the sample would not fit in ``memory_budget`` bytes they
+are streamed into a memory-mapped file instead, so the resident set stays bounded by one batch plus
+the layer being analysed.
 
 Massive activations (Sun et al. 2024, "Massive Activations in Large Language Models"): a few
 positions — in models without BOS the first position of every sequence — act as attention sinks with
 hidden-state norms two orders of magnitude above the rest. :func:`sink_mask` flags positions whose
-norm exceeds ``factor`` × the layer's median norm.
+norm exceeds ``factor`` × the layer's median norm (default :data:`SINK_FACTOR`).
+
+:func:`prompt_embeddings` mean-pools the last layer over each of a seeded sample of texts, through the
+same batched forward passes.
 """
 from __future__ import annotations
 
@@ -17,13 +22,22 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+SINK_FACTOR = 8.0
+"""Default sink threshold: a position is an attention sink when its hidden-state norm exceeds this
+many times the layer's median norm. Sinks sit two orders of magnitude above the rest (SmolLM2: about
+2.7e4 against 2e2, METHODS.md §4b), far above 8; the ordinary spread of norms within a layer stays
+well below it. :class:`geoprobe.pipeline.ProbeSettings` records it in every profile."""
 
 
 @dataclass
@@ -86,9 +100,50 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
     import torch
 
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(texts))
     special = _special_ids(tokenizer)
+    chosen, chosen_docs = _choose_documents(tokenizer, texts, rng.permutation(len(texts)), special,
+                                            max_positions, max_length)
+    keep_set, n = _sample_positions(chosen, special, rng, max_positions)
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = len(keep_set)  # a tqdm bar: its total is known only now
+    n_layers = int(getattr(model.config, "num_hidden_layers", 0)) + 1
+    store, mm_path, tmpdir = _allocate(n_layers, n, int(getattr(model.config, "hidden_size")),
+                                       memory_budget)
+    doc_index = np.empty(n, dtype=np.int64)
+    position = np.empty(n, dtype=np.int64)
+    token_id = np.empty(n, dtype=np.int64)
+    docs_with_rows = sorted(keep_set, key=lambda k: len(chosen[k]))  # similar lengths batch together
+    seqs = [chosen[k] for k in docs_with_rows]
+    row = 0
+    with torch.inference_mode():
+        for start, hs, _ in _forward_batches(model, seqs, batch_size=batch_size,
+                                             pad_id=_pad_id(tokenizer), device=device):
+            if len(hs) != n_layers:
+                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_layers}")
+            batch_docs = docs_with_rows[start:start + batch_size]
+            sel_b = [i for i, k in enumerate(batch_docs) for _ in keep_set[k]]
+            sel_p = [p for k in batch_docs for p in keep_set[k]]
+            rows = slice(row, row + len(sel_b))
+            doc_index[rows] = [chosen_docs[batch_docs[i]] for i in sel_b]
+            position[rows] = sel_p
+            token_id[rows] = [seqs[start + i][p] for i, p in zip(sel_b, sel_p)]
+            sb = torch.tensor(sel_b, device=hs[0].device)
+            sp = torch.tensor(sel_p, device=hs[0].device)
+            for layer, h in enumerate(hs):
+                store[layer, rows] = h[sb, sp].float().cpu().numpy()
+            row += len(sel_b)
+            if progress is not None:
+                progress.update(len(batch_docs))
+    if isinstance(store, np.memmap):
+        store.flush()
+    return HiddenStates(layers=[store[i] for i in range(n_layers)], doc_index=doc_index,
+                        position=position, token_id=token_id, memmap_path=mm_path, _tmpdir=tmpdir)
 
+
+def _choose_documents(tokenizer, texts: Sequence[str], order: np.ndarray, special: set[int],
+                      max_positions: int, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Token ids and corpus indices of the documents taken, in ``order``, until they hold
+    ``max_positions`` non-special positions (documents with none are passed over)."""
     chosen: list[list[int]] = []
     chosen_docs: list[int] = []
     usable = 0
@@ -102,11 +157,14 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
             chosen_docs.append(int(d))
             usable += n_ok
             if usable >= max_positions:
-                break
-        if usable >= max_positions:
-            break
+                return chosen, chosen_docs
+    return chosen, chosen_docs
 
-    # (document, position) of every usable position, then a seeded subset
+
+def _sample_positions(chosen: list[list[int]], special: set[int], rng: np.random.Generator,
+                      max_positions: int) -> tuple[dict[int, list[int]], int]:
+    """The kept positions of each chosen document (a seeded subset of ``max_positions`` of the
+    usable ones when there are more) and their total number."""
     cand = [(k, p) for k, ids in enumerate(chosen) for p, t in enumerate(ids) if t not in special]
     keep = np.arange(len(cand))
     if len(cand) > max_positions:
@@ -115,70 +173,80 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
     for j in keep:
         k, p = cand[j]
         keep_set.setdefault(k, []).append(p)
-    n = len(keep)
-    if progress is not None and hasattr(progress, "total"):
-        progress.total = len(keep_set)  # a tqdm bar: its total is known only now
+    return keep_set, len(keep)
 
-    cfg = model.config
-    n_layers = int(getattr(cfg, "num_hidden_layers", 0)) + 1
-    hidden = int(getattr(cfg, "hidden_size"))
+
+def _allocate(n_layers: int, n: int, hidden: int, memory_budget: int
+              ) -> tuple[np.ndarray, Optional[str], Optional[tempfile.TemporaryDirectory]]:
+    """The (layers × positions × hidden) float32 store: in memory, or a memory-mapped temporary file
+    when it would take more than ``memory_budget`` bytes. Returns (store, file path, its folder)."""
     need = n_layers * n * hidden * 4
-    tmpdir = None
-    mm_path = None
-    if need > memory_budget:
-        tmpdir = tempfile.TemporaryDirectory(prefix="geoprobe-hidden-")
-        mm_path = os.path.join(tmpdir.name, "states.f32")
-        store = np.memmap(mm_path, dtype=np.float32, mode="w+", shape=(n_layers, n, hidden))
-        logger.info("hidden states need %.1f GiB > budget: streaming to %s", need / 2**30, mm_path)
-    else:
-        store = np.empty((n_layers, n, hidden), dtype=np.float32)
+    if need <= memory_budget:
+        return np.empty((n_layers, n, hidden), dtype=np.float32), None, None
+    tmpdir = tempfile.TemporaryDirectory(prefix="geoprobe-hidden-")
+    mm_path = os.path.join(tmpdir.name, "states.f32")
+    store = np.memmap(mm_path, dtype=np.float32, mode="w+", shape=(n_layers, n, hidden))
+    logger.info("hidden states need %.1f GiB > budget: streaming to %s", need / 2**30, mm_path)
+    return store, mm_path, tmpdir
 
-    doc_index = np.empty(n, dtype=np.int64)
-    position = np.empty(n, dtype=np.int64)
-    token_id = np.empty(n, dtype=np.int64)
+
+def _pad_id(tokenizer) -> int:
+    """The padding token id: the tokenizer's pad token, else its EOS token, else 0."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return pad_id
 
-    docs_with_rows = sorted(keep_set, key=lambda k: len(chosen[k]))  # similar lengths batch together
-    row = 0
+
+def _forward_batches(model, seqs: Sequence[Sequence[int]], *, batch_size: int, pad_id: int,
+                     device) -> Iterator[tuple[int, tuple, "torch.Tensor"]]:
+    """Forward passes of ``model``'s backbone over ``seqs`` in batches of ``batch_size``, right-padded
+    (positions keep their index) with an attention mask; yields the index of the batch's first
+    sequence, the batch's hidden states (one (batch × width × hidden) tensor per layer) and its
+    (batch × width) mask, 1 at real tokens. The caller holds ``torch.inference_mode()``."""
+    import torch
+
     model.eval()
     body = _backbone(model)
+    for b in range(0, len(seqs), batch_size):
+        batch = seqs[b:b + batch_size]
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        out = body(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   output_hidden_states=True)
+        yield b, out.hidden_states, mask
+
+
+def prompt_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: int = 1000,
+                      batch_size: int = 16, max_length: int = 128, seed: int = 0) -> np.ndarray:
+    """Mean-pooled last hidden state of a seeded sample of ``texts`` (the planner's example
+    embeddings for choosing HydraLoRA heads).
+
+    The sample is the first ``max_examples`` texts of a permutation drawn with
+    ``np.random.default_rng(seed)``, in that order; each is tokenized with the tokenizer's special
+    tokens and truncated to ``max_length`` tokens, and its embedding is
+    e = Σ_p h_L[p] / (number of positions), the mean over its positions of the last layer's hidden
+    state h_L (computed in batches of ``batch_size``, padding masked out). Returns a float32 array of
+    shape (len(sample), hidden), row i for the i-th sampled text. The forward passes run on the
+    device of the model's first parameter.
+    """
+    import torch
+
+    idx = np.random.default_rng(seed).permutation(len(texts))[:max_examples]
+    seqs = _encode(tokenizer, [texts[i] for i in idx], max_length)
+    device = next(model.parameters()).device
+    out = []
     with torch.inference_mode():
-        for b in range(0, len(docs_with_rows), batch_size):
-            batch_docs = docs_with_rows[b:b + batch_size]
-            seqs = [chosen[k] for k in batch_docs]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, s in enumerate(seqs):  # right padding: positions keep their index
-                ids[i, :len(s)] = torch.tensor(s)
-                mask[i, :len(s)] = 1
-            out = body(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       output_hidden_states=True)
-            hs = out.hidden_states
-            if len(hs) != n_layers:
-                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_layers}")
-            sel_b, sel_p = [], []
-            for i, k in enumerate(batch_docs):
-                for p in keep_set[k]:
-                    sel_b.append(i)
-                    sel_p.append(p)
-                    doc_index[row + len(sel_b) - 1] = chosen_docs[k]
-                    position[row + len(sel_b) - 1] = p
-                    token_id[row + len(sel_b) - 1] = seqs[i][p]
-            sb = torch.tensor(sel_b, device=hs[0].device)
-            sp = torch.tensor(sel_p, device=hs[0].device)
-            for layer, h in enumerate(hs):
-                store[layer, row:row + len(sel_b)] = h[sb, sp].float().cpu().numpy()
-            row += len(sel_b)
-            if progress is not None:
-                progress.update(len(batch_docs))
-    if isinstance(store, np.memmap):
-        store.flush()
-    layers = [store[i] for i in range(n_layers)]
-    return HiddenStates(layers=layers, doc_index=doc_index, position=position, token_id=token_id,
-                        memmap_path=mm_path, _tmpdir=tmpdir)
+        for _, hs, mask in _forward_batches(model, seqs, batch_size=batch_size,
+                                            pad_id=_pad_id(tokenizer), device=device):
+            h = hs[-1].float()
+            m = mask.to(h.device).unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1)).cpu().numpy())
+    return np.concatenate(out, axis=0)
 
 
 def _backbone(model):
@@ -190,20 +258,10 @@ def _backbone(model):
     return model
 
 
-def sink_mask(norms: np.ndarray, factor: float = 20.0) -> np.ndarray:
+def sink_mask(norms: np.ndarray, factor: float = SINK_FACTOR) -> np.ndarray:
     """Boolean mask of massive-activation positions: ‖h‖ > factor × median ‖h‖ of the layer."""
     norms = np.asarray(norms, dtype=np.float64)
     med = float(np.median(norms)) if norms.size else 0.0
     if med <= 0:
         return np.zeros(norms.shape, dtype=bool)
     return norms > factor * med
-
-
-def duplicate_keys(x: np.ndarray, decimals: int = 6) -> np.ndarray:
-    """Integer group labels of rows that are equal after rounding to ``decimals`` (relative to the
-    array's scale); rows with the same label are duplicates (repeated tokens at layer 0)."""
-    x = np.asarray(x, dtype=np.float64)
-    scale = float(np.max(np.abs(x))) or 1.0
-    rounded = np.round(x / scale, decimals)
-    _, labels = np.unique(rounded, axis=0, return_inverse=True)
-    return labels.reshape(-1)

@@ -1,4 +1,4 @@
-"""Tests of geoprobe.frequency against closed forms, mpmath and the ``powerlaw`` package."""
+"""Tests of geoprobe.probes.frequency against closed forms, mpmath and the ``powerlaw`` package."""
 from __future__ import annotations
 
 import collections
@@ -13,8 +13,8 @@ from scipy.special import zeta
 
 import powerlaw
 from geoprobe.errors import InputDataError
-from geoprobe.frequency import (discrete_mle, discrete_standard_error, fit_power_law,
-                                frequency_table, ks_distance, scan_xmin)
+from geoprobe.probes.frequency import (discrete_mle, discrete_standard_error, fit_power_law,
+                                       frequency_table, ks_distance, scan_xmin)
 from geoprobe.profile import PowerLawResult
 
 N_TYPES = 50_000

@@ -1,5 +1,6 @@
 """Hidden-state sampling: rows equal a direct forward pass, special positions dropped, the
-memory-mapped path equals the in-memory one, and sink detection."""
+memory-mapped path equals the in-memory one, sink detection, and pooled prompt embeddings against a
+per-text forward pass."""
 import importlib.util
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from geoprobe.hidden import collect_hidden_states, duplicate_keys, sink_mask
+from geoprobe.hidden import SINK_FACTOR, collect_hidden_states, prompt_embeddings, sink_mask
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,36 @@ def test_sink_mask_flags_massive_rows_only():
     assert not sink_mask(np.zeros(5)).any()
 
 
-def test_duplicate_keys_group_equal_rows():
-    x = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0 + 1e-12], [3.0, 4.0]])
-    k = duplicate_keys(x)
-    assert k[0] == k[2] and k[1] == k[3] and k[0] != k[1]
+def test_sink_mask_default_is_the_recorded_factor():
+    """One default: the mask's and the probe settings' (recorded in every profile)."""
+    from geoprobe.pipeline import ProbeSettings
+    norms = np.full(100, 10.0)
+    norms[3] = 10.0 * SINK_FACTOR + 1e-9
+    norms[5] = 10.0 * SINK_FACTOR
+    assert ProbeSettings().sink_factor == SINK_FACTOR
+    assert np.array_equal(np.flatnonzero(sink_mask(norms)), [3])
+
+
+def _pooled_one_by_one(model, tok, texts, max_length):
+    """Brute force: one forward pass of the whole model per text, mean of the last hidden state over
+    its positions, in float64."""
+    rows = []
+    for t in texts:
+        ids = tok(t, truncation=True, max_length=max_length)["input_ids"]
+        with torch.inference_mode():
+            h = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
+        rows.append(h[0].double().mean(0).numpy())
+    return np.stack(rows)
+
+
+def test_prompt_embeddings_equal_per_text_forward(tiny):
+    model, tok, texts = tiny
+    got = prompt_embeddings(model, tok, texts, max_examples=7, batch_size=3, max_length=12, seed=2)
+    order = np.random.default_rng(2).permutation(len(texts))[:7]
+    ref = _pooled_one_by_one(model, tok, [texts[i] for i in order], 12)
+    assert got.shape == (7, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=1e-4, atol=1e-5)
+    again = prompt_embeddings(model, tok, texts, max_examples=7, batch_size=3, max_length=12, seed=2)
+    np.testing.assert_array_equal(got, again)
+    every = prompt_embeddings(model, tok, texts, max_examples=100, batch_size=5, seed=0)
+    assert every.shape == (len(texts), 32)

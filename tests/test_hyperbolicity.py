@@ -17,10 +17,10 @@ import torch
 from scipy.spatial.distance import cdist
 
 from geoprobe.errors import GeoprobeError, InputDataError
-from geoprobe.hyperbolicity import (DeltaOptionError, _delta_reference, _fixed_blocked_numpy, delta,
-                                    euclidean_distances, gaussian_null, gromov_product,
-                                    matched_null_delta)
-from geoprobe.kernels import delta_cpu, delta_torch
+from geoprobe.probes.hyperbolicity import (DeltaOptionError, _delta_reference, _fixed_blocked_numpy,
+                                           delta, euclidean_distances, gaussian_null,
+                                           gromov_product, matched_null_delta)
+from geoprobe.backends import delta_cpu, delta_torch
 from geoprobe.profile import DeltaResult
 
 RTOL = 1e-9
@@ -386,7 +386,7 @@ def test_bad_null_options():
 
 
 def test_cuda_memory_message_names_need_and_largest_fitting_size():
-    from geoprobe.hyperbolicity import CUDA_BYTES_PER_PAIR, cuda_memory_message
+    from geoprobe.probes.hyperbolicity import CUDA_BYTES_PER_PAIR, cuda_memory_message
 
     free = 10 * 2 ** 30 + 12345
     msg = cuda_memory_message(100_000, free)

@@ -1,4 +1,4 @@
-"""Gromov δ through the Triton (max,min) kernel (geoprobe.kernels.delta_triton) against the CPU paths.
+"""Gromov δ through the Triton (max,min) kernel (geoprobe.backends.delta_triton) against the CPU paths.
 
 GPU tests (marked ``gpu``) draw fresh random point sets, sizes that are not multiples of a tile, and
 compare (1) the kernel's float32 row maxima with the same quantity formed by torch in float32 (equal:
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoprobe.hyperbolicity import _delta_reference, _euclidean, delta, gromov_product
-from geoprobe.kernels import delta_triton
+from geoprobe.probes.hyperbolicity import _delta_reference, _euclidean, delta, gromov_product
+from geoprobe.backends import delta_triton
 
 REPO = Path(__file__).resolve().parents[1]
 needs_gpu_kernel = pytest.mark.skipif(
@@ -119,8 +119,8 @@ def test_tree_metric_gives_zero_on_cuda():
 _INTERPRETER_SCRIPT = r"""
 import sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-from geoprobe.hyperbolicity import _euclidean, gromov_product, _delta_reference
-from geoprobe.kernels import delta_triton, delta_torch
+from geoprobe.probes.hyperbolicity import _euclidean, gromov_product, _delta_reference
+from geoprobe.backends import delta_triton, delta_torch
 from tests.test_hyperbolicity_gpu import _torch_row_max
 rng = np.random.default_rng(int(sys.argv[2]))
 for n in (70, 131):

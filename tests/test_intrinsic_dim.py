@@ -14,10 +14,10 @@ from scipy import optimize, special
 from scipy.spatial import cKDTree
 
 from geoprobe.errors import InputDataError
-from geoprobe.intrinsic_dim import (deduplicate, gride_mle, gride_scales, intrinsic_dimension,
-                                    twonn_linear_fit, twonn_mle)
-from geoprobe.kernels import knn as knn_module
-from geoprobe.kernels.knn import as_float64_points, distances_at_ranks, knn_distances
+from geoprobe.probes.intrinsic_dim import (deduplicate, duplicate_keys, gride_mle, gride_scales,
+                                           intrinsic_dimension, twonn_linear_fit, twonn_mle)
+from geoprobe.backends import knn_certified as knn_module
+from geoprobe.backends.knn_certified import as_float64_points, distances_at_ranks, knn_distances
 from geoprobe.profile import IDResult
 
 
@@ -92,7 +92,7 @@ def test_knn_exact_on_ties_via_fallbacks(caplog):
     """A lattice has many exactly tied distances: the float32 selection cannot be verified there, so
     the float64 and direct fallbacks run and must still give the exact answer."""
     g = np.stack(np.meshgrid(*[np.arange(9.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.kernels.knn"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.backends.knn_certified"):
         dist, idx = knn_distances(g, 7)
     assert "direct differences" in caplog.text
     np.testing.assert_allclose(dist.numpy(), brute_knn(g, 7), rtol=0, atol=1e-12)
@@ -339,6 +339,36 @@ def test_deduplicate_matches_definition():
     assert isinstance(got_t, torch.Tensor) and removed_t == removed
     # a coarser tolerance also merges the 1e-3 copies
     assert deduplicate(x, 1e-3)[1] == removed + 20
+
+
+def test_duplicate_keys_group_equal_rows():
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0 + 1e-12], [3.0, 4.0]])
+    k = duplicate_keys(x)
+    assert k[0] == k[2] and k[1] == k[3] and k[0] != k[1]
+
+
+def test_duplicate_keys_follow_the_deduplicate_rule():
+    """Brute-force oracle: a kept row gets a new label, a removed row the label of the first earlier
+    row within tol × RMS spread; as many labels as rows kept by deduplicate."""
+    rng = np.random.default_rng(17)
+    base = rng.standard_normal((80, 5))
+    x = np.concatenate([base, base[:15], base[15:25] + 1e-9, base[25:30] + 1e-4])
+    x = x[rng.permutation(len(x))]
+    tol = 1e-6
+    uniq = np.unique(x, axis=0)
+    scale = math.sqrt(np.mean(np.sum((uniq - uniq.mean(0)) ** 2, axis=1)))
+    full = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=2)
+    want, fresh = np.empty(len(x), dtype=np.int64), 0
+    for i in range(len(x)):
+        near = np.flatnonzero(full[i, :i] <= tol * scale)
+        if near.size:
+            want[i] = want[near[0]]
+        else:
+            want[i], fresh = fresh, fresh + 1
+    got = duplicate_keys(x, tol)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got)) == len(x) - deduplicate(x, tol)[1] == 80 + 5
+    np.testing.assert_array_equal(duplicate_keys(torch.from_numpy(x), tol), want)
 
 
 # --------------------------------------------------------------------------- determinism, bad input

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from geoprobe.errors import InputDataError
-from geoprobe.intrinsic_dim import (_layers_batched, _Options, intrinsic_dimension,
-                                    intrinsic_dimension_layers)
-from geoprobe.kernels.knn import distances_at_ranks, distances_at_ranks_queued
+from geoprobe.probes.intrinsic_dim import (_layers_batched, _Options, intrinsic_dimension,
+                                           intrinsic_dimension_layers)
+from geoprobe.backends.knn_certified import distances_at_ranks, distances_at_ranks_queued
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
@@ -81,7 +81,7 @@ def test_layers_equal_per_layer_calls(estimator, caplog):
     ref = _per_layer(layers, estimator=estimator)
     assert isinstance(ref[5], str) and all(not isinstance(r, str) for i, r in enumerate(ref) if i != 5)
     counter = _Counter()
-    with caplog.at_level(logging.WARNING, logger="geoprobe.intrinsic_dim"):
+    with caplog.at_level(logging.WARNING, logger="geoprobe.probes.intrinsic_dim"):
         got = intrinsic_dimension_layers(layers, estimator=estimator, on_error="skip",
                                          progress=counter)
     assert counter.n == len(layers)
@@ -129,7 +129,7 @@ def test_batched_path_on_cpu_equals_per_layer(estimator, caplog):
     layers = _layers(np.random.default_rng(seed))
     ref = _per_layer(layers, estimator=estimator)
     opts = _Options(estimator, None, None, 1e-6, 0.1, None)
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.intrinsic_dim"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.probes.intrinsic_dim"):
         got = _layers_batched(layers, torch.device("cpu"), opts, "skip", None)
     assert [_bare(r) for r in got] == [None if isinstance(r, str) else r for r in ref], seed
     redone = {int(i) for i in re.findall(r"layer (\d+): recomputed on its own", caplog.text)}
@@ -204,7 +204,7 @@ def test_gpu_layers_equal_per_layer_gpu_calls(estimator, caplog):
     layers = _layers(rng, dim=int(rng.integers(64, 600)))
     cuda = [torch.from_numpy(np.asarray(x)).cuda() for x in layers]
     ref = _per_layer(cuda, estimator=estimator)
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.intrinsic_dim"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.probes.intrinsic_dim"):
         got = intrinsic_dimension_layers(cuda, estimator=estimator, on_error="skip")
     assert all(r is None or r.backend == "cuda" for r in got)
     assert [_bare(r) for r in got] == [None if isinstance(r, str) else r for r in ref], seed
@@ -239,7 +239,7 @@ def test_gpu_layers_stacked_probe_sizes():
 def test_out_of_gpu_memory_is_reported_with_the_size(monkeypatch):
     """An out-of-memory error inside the neighbour search becomes one InputDataError naming the
     point count, the width and the memory needed (no traceback, nothing half done)."""
-    import geoprobe.intrinsic_dim as idm
+    import geoprobe.probes.intrinsic_dim as idm
     from geoprobe.errors import InputDataError
 
     def boom(*a, **k):

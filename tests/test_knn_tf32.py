@@ -1,4 +1,4 @@
-"""The 3xTF32 selection of geoprobe.kernels.knn: the hi/lo split against an arithmetic oracle, the
+"""The 3xTF32 selection of geoprobe.backends.knn_certified: the hi/lo split against an arithmetic oracle, the
 error bound of the split product against float64 Gram matrices (the product emulated on the CPU with
 the same exactly-TF32 operands), the exact neighbours it selects against brute force, the fallback
 tiers, the matmul-precision context, and on CUDA (tests marked ``gpu``) the real tensor-core product
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from geoprobe.errors import InputDataError
-from geoprobe.intrinsic_dim import intrinsic_dimension, twonn_mle
-from geoprobe.kernels import knn
-from geoprobe.kernels.knn import distances_at_ranks, knn_distances, tf32_split, tf32_truncate
+from geoprobe.probes.intrinsic_dim import intrinsic_dimension, twonn_mle
+from geoprobe.backends import knn_certified as knn
+from geoprobe.backends.knn_certified import distances_at_ranks, knn_distances, tf32_split, tf32_truncate
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
@@ -55,7 +55,7 @@ def _scaled32(x: np.ndarray) -> np.ndarray:
 
 
 def _gram_constant(dim: int) -> float:
-    """|G̃ − a·b| ≤ this × Σ|a_k||b_k| for the 3xTF32 Gram (geoprobe.kernels.knn docstring)."""
+    """|G̃ − a·b| ≤ this × Σ|a_k||b_k| for the 3xTF32 Gram (geoprobe.backends.knn_certified docstring)."""
     return (2 * dim + dim / 128 + 41.2) * 2.0 ** -23
 
 
@@ -186,11 +186,11 @@ def test_3xtf32_falls_back_to_float32_then_exact(caplog):
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     radii = np.sqrt(1.0 + delta * rng.permutation(n_sphere))
     x = np.concatenate([np.zeros((1, dim)), u * radii[:, None]]) + 7.0
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.kernels.knn"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.backends.knn_certified"):
         dist, idx = knn_distances(x, 2, selection_dtype="3xtf32")
     assert "redone with a float32 selection" in caplog.text, seed
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="geoprobe.kernels.knn"):
+    with caplog.at_level(logging.DEBUG, logger="geoprobe.backends.knn_certified"):
         d32, i32 = knn_distances(x, 2, selection_dtype="float32")
     assert "redone" not in caplog.text, seed
     assert torch.equal(idx, i32), seed

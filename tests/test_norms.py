@@ -1,4 +1,4 @@
-"""Tests of geoprobe.norms against brute force, scipy and real tokenizers."""
+"""Tests of geoprobe.probes.norms against brute force, scipy and real tokenizers."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from geoprobe.errors import InputDataError
-from geoprobe.norms import PAPER_GROUPS, GroupSpec, norm_frequency
+from geoprobe.probes.norms import PAPER_GROUPS, GroupSpec, norm_frequency
 from geoprobe.profile import NormFrequencyResult
 
 
@@ -70,7 +70,7 @@ def test_monotone_relation_gives_unit_rho(sign):
 
 
 def test_constant_norms_give_nan_rho_not_an_error(caplog):
-    with caplog.at_level(logging.WARNING, logger="geoprobe.norms"):
+    with caplog.at_level(logging.WARNING, logger="geoprobe.probes.norms"):
         res = norm_frequency(np.ones(100), np.arange(100))
     assert math.isnan(res.spearman_rho)
     assert "constant" in caplog.text
@@ -135,7 +135,7 @@ def test_length_mismatch_truncates_to_common_length(caplog):
     ref = norm_frequency(norms[:3000], counts[:3000])
     longer_norms = norm_frequency(norms, counts[:3000])
     assert longer_norms.to_dict() == ref.to_dict()
-    with caplog.at_level(logging.WARNING, logger="geoprobe.norms"):
+    with caplog.at_level(logging.WARNING, logger="geoprobe.probes.norms"):
         longer_counts = norm_frequency(norms[:3000], counts)
     assert longer_counts.to_dict() == ref.to_dict()
     assert "dropped" in caplog.text

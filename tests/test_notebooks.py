@@ -163,7 +163,7 @@ def _brute_force_delta(x: np.ndarray) -> tuple[float, float]:
 
 def test_delta_matches_brute_force_on_the_same_samples(measured):
     import geoprobe as gp
-    from geoprobe.hyperbolicity import delta, matched_null_delta
+    from geoprobe.probes.hyperbolicity import delta, matched_null_delta
     from geoprobe.models import load_tokenizer
 
     _, s = measured

@@ -687,14 +687,20 @@ def _identical_topk(x64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return torch.zeros((n, k), dtype=torch.float64, device=x64.device), idx
 
 
-def _earlier_within(x64: torch.Tensor, i: int, tau: float) -> bool:
-    """Whether some row j < i lies within ``tau`` of row i (direct differences)."""
+def first_earlier_within(x64: torch.Tensor, i: int, tau: float) -> Optional[int]:
+    """The smallest j < i whose row lies within ``tau`` of row i (direct float64 differences), or
+    None when there is none."""
     step = max(1, (1 << 22) // x64.shape[1])
     for s in range(0, i, step):
-        d = _norms_of(x64[s:min(i, s + step)] - x64[i])
-        if bool((d <= tau).any()):
-            return True
-    return False
+        hit = torch.nonzero(_norms_of(x64[s:min(i, s + step)] - x64[i]) <= tau).flatten()
+        if hit.numel():
+            return s + int(hit[0])
+    return None
+
+
+def _earlier_within(x64: torch.Tensor, i: int, tau: float) -> bool:
+    """Whether some row j < i lies within ``tau`` of row i (direct differences)."""
+    return first_earlier_within(x64, i, tau) is not None
 
 
 def _near_from_lists(x64: torch.Tensor, dist: torch.Tensor, idx: torch.Tensor, tau: float,

@@ -6,7 +6,7 @@ The base-point δ is δ_w = max_{x,y} [max_z min(A_xz, A_zy) − A_xy] with A = 
 value is symmetric in x and y.
 
 **float32 search, float64 answer.** The blocks run in float32 first and give each row's maximum V32
-(on CUDA with Triton: one tiled kernel, :mod:`geoprobe.kernels.delta_triton`, with the same bound). With
+(on CUDA with Triton: one tiled kernel, :mod:`geoprobe.backends.delta_triton`, with the same bound). With
 u = 2⁻²⁴ and a = max|A|, rounding A to float32 moves each entry by at most u·a, min and max move their
 result by no more than their arguments, and the final subtraction adds at most 2u·a(1 + u); so
 |V32 − V| ≤ 4u·a(1 + u), and the search uses e = 6u·a. Let L = max(β, max V32 − e), a lower bound of
@@ -91,7 +91,7 @@ def delta_fixed_torch(dist: torch.Tensor, base_point: int, *, best0: float = 0.0
     amax = float(A.abs().max())
     candidates = torch.arange(n, device=device)
     if search_float32 and amax < _F32_SAFE:
-        if delta_triton.available(device):  # one tiled kernel (geoprobe.kernels.delta_triton)
+        if delta_triton.available(device):  # one tiled kernel (geoprobe.backends.delta_triton)
             v32 = delta_triton.row_max_float32(A)
         else:
             A32 = A.to(torch.float32)

@@ -20,7 +20,7 @@ the kernel off (torch blocks).
 
 A is copied once into a float32 buffer padded to a multiple of BM with −inf (a padded z contributes
 min(−inf, ·) = −inf, which never wins a max), so the inner loop has no masks. The float32 error bound
-of :mod:`geoprobe.kernels.delta_torch` holds unchanged (rounding A to float32 moves each entry by at most
+of :mod:`geoprobe.backends.delta_torch` holds unchanged (rounding A to float32 moves each entry by at most
 u·max|A|, min and max are exact, the subtraction adds one rounding): the caller recomputes in float64
 the rows that can hold the maximum. Work: n³/2 (min, max) pairs for one base point.
 """

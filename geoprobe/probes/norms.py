@@ -28,9 +28,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy import stats
 
-from .errors import InputDataError
+from ..errors import InputDataError
 from .frequency import validate_counts
-from .profile import Density2D, NormBin, NormFrequencyResult, WordGroup, WordNorm
+from ..profile import Density2D, NormBin, NormFrequencyResult, WordGroup, WordNorm
 
 logger = logging.getLogger(__name__)
 

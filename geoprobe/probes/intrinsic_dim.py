@@ -40,10 +40,11 @@ curve that Denti et al. read the dimension from; when no two consecutive scales 
 single scale) it is the estimate of the scale holding the median estimate (lower median for an even
 count). ``error`` is that scale's error; every scale is listed in ``scales``.
 
-Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8 after
-round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1). Points are
-therefore deduplicated first (:func:`deduplicate`) and the neighbour distances recomputed exactly in
-float64 (:mod:`geoprobe.kernels.knn`: a float32 (CPU) or 3xTF32 (CUDA) matrix-product selection,
+Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8
+after round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1).
+Points are therefore deduplicated first by the rule of :mod:`geoprobe.probes.duplicates`
+(:func:`deduplicate`, re-exported here) and the neighbour distances recomputed exactly in float64
+(:mod:`geoprobe.backends.knn_certified`: a float32 (CPU) or 3xTF32 (CUDA) matrix-product selection,
 certified by a rounding-error bound, then direct float64 differences); ``n_points`` is the number of
 points left and ``n_duplicates_removed`` the number removed.
 
@@ -53,13 +54,12 @@ sequence of (N_l, D) arrays or one (L, N, D) tensor) and returns the list of res
 it keeps the layers on the GPU and queues each group of layers' work without waiting for the device:
 finiteness and exact-duplicate hashes of every layer, one host synchronisation, then every layer's
 selection products, candidate distances and certificates
-(:func:`geoprobe.kernels.knn.distances_at_ranks_queued`), one copy of all the distances to the host,
-and the estimates. A layer whose certificate fails, that has near-duplicates or that is otherwise
+(:func:`geoprobe.backends.knn_certified.distances_at_ranks_queued`), one copy of all the distances to
+the host, and the estimates. A layer whose certificate fails, that has near-duplicates or that is otherwise
 unusual is recomputed by :func:`intrinsic_dimension` itself, so the answers stay the same.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -68,14 +68,17 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InputDataError
-from .kernels.knn import (Selection, as_float64_points, check_selection, distances_at_ranks,
-                          distances_at_ranks_queued, knn_distances)
-from .profile import IDResult, IDScale
+from ..errors import InputDataError
+from ..backends.knn_certified import (Selection, as_float64_points, check_selection,
+                                      distances_at_ranks, distances_at_ranks_queued, knn_distances)
+from ..profile import IDResult, IDScale
+from .duplicates import (check_tol, dedup_with_distances, deduplicate, duplicate_keys,
+                         exact_first_occurrences, row_hashes, usable_ranks)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["intrinsic_dimension", "intrinsic_dimension_layers", "deduplicate", "knn_distances",
+__all__ = ["intrinsic_dimension", "intrinsic_dimension_layers", "deduplicate", "duplicate_keys",
+           "knn_distances",
            "twonn_mle", "twonn_linear_fit", "gride_mle", "gride_scales"]
 
 ESTIMATORS = ("twonn", "gride")
@@ -219,67 +222,7 @@ def _choose_scale(scales: Sequence[IDScale]) -> IDScale:
     return order[(len(order) - 1) // 2]
 
 
-# --------------------------------------------------------------------------- deduplication
-def _exact_first_occurrences(x64: torch.Tensor) -> torch.Tensor:
-    """Sorted indices of the first occurrence of every bitwise-distinct row (on the rows' device).
-
-    Rows are hashed by a random odd-weighted sum of their 64-bit patterns (wrapping integer
-    arithmetic, so equal rows hash equally); only rows whose hash repeats are compared byte by byte.
-    Rows equal in value but not in bits (−0.0 against +0.0) are left to the tolerance step, where
-    their distance 0 makes them duplicates too."""
-    n = x64.shape[0]
-    h = _row_hashes(x64)
-    _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
-    keep = torch.ones(n, dtype=torch.bool, device=x64.device)
-    clash = torch.nonzero(counts[inverse] > 1).flatten()
-    if clash.numel():
-        rows = x64[clash].cpu().numpy()
-        seen: dict[bytes, int] = {}
-        same = [seen.setdefault(rows[j].tobytes(), j) != j for j in range(rows.shape[0])]
-        keep[clash[torch.tensor(same, dtype=torch.bool, device=x64.device)]] = False
-    return torch.nonzero(keep).flatten()
-
-
-def _row_hashes(x64: torch.Tensor) -> torch.Tensor:
-    """A 64-bit hash of every row's bit pattern (int64 tensor on the rows' device): equal rows hash
-    equally. No host synchronisation on CUDA."""
-    n, dim = x64.shape
-    weights = _hash_weights(dim)
-    step = max(1, (1 << 20) // dim)
-    if x64.device.type == "cpu":  # numpy's unsigned arithmetic wraps by definition
-        bits = x64.contiguous().numpy().view(np.uint64)
-        hn = np.empty(n, dtype=np.uint64)
-        for s in range(0, n, step):
-            hn[s:s + step] = (bits[s:s + step] * weights).sum(axis=1)
-        return torch.from_numpy(hn.view(np.int64))
-    bits = x64.contiguous().view(torch.int64)
-    w = _device_hash_weights(dim, x64.device)
-    h = torch.empty(n, dtype=torch.int64, device=x64.device)
-    for s in range(0, n, 64 * step):
-        h[s:s + 64 * step] = (bits[s:s + 64 * step] * w).sum(dim=1)
-    return h
-
-
-@functools.lru_cache(maxsize=16)
-def _hash_weights(dim: int) -> np.ndarray:
-    """Random odd 64-bit weights of the row hash (fixed seed)."""
-    w = np.random.default_rng(0x5EED).integers(0, 2 ** 62, size=dim, dtype=np.uint64) * 2 + 1
-    w.setflags(write=False)
-    return w
-
-
-@functools.lru_cache(maxsize=16)
-def _device_hash_weights(dim: int, device: torch.device) -> torch.Tensor:
-    """The weights as an int64 tensor on ``device``, kept: a host → device copy waits for the work
-    queued before it."""
-    return torch.from_numpy(_hash_weights(dim).view(np.int64).copy()).to(device)
-
-
-def _data_scale(x64: torch.Tensor) -> float:
-    """Root-mean-square distance of the points from their mean, sqrt(mean_i ‖x_i − x̄‖²)."""
-    return float(torch.sqrt(x64.var(dim=0, correction=0).sum()))
-
-
+# --------------------------------------------------------------------------- preparing the distances
 class _Prepared:
     """Points left after deduplication and their exact distances to the neighbours of the requested
     ranks (float64 numpy, one column per rank)."""
@@ -303,89 +246,23 @@ class _Prepared:
         return self.n_input - self.n_points
 
 
-def _check_tol(tol: Any) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise InputDataError(f"dedup_tol must be a finite number ≥ 0 or None, got {tol!r}")
-
-
-def _usable(ranks: list[int], n: int) -> list[int]:
-    return sorted(r for r in set(ranks) if r <= n - 1)
-
-
-def _dedup(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
-           min_points: int, selection: Selection = None
-           ) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor]]:
-    """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks and the kept rows'
-    exact distances at those ranks (None when fewer than two rows are kept)."""
-    n = x64.shape[0]
-    first = _exact_first_occurrences(x64)
-    n_unique = first.numel()
-    if n_unique < min_points:
-        if n_unique == 1:
-            raise InputDataError(f"all {n} points are identical; the intrinsic dimension is undefined")
-        raise InputDataError(f"only {n_unique} distinct points among {n}; need at least {min_points}")
-    xu = x64 if n_unique == n else x64[first]
-    if n_unique == 1:
-        return xu, [], None
-    tau = tol * _data_scale(xu)
-    ranks = _usable(ranks_for(n_unique), n_unique)
-    dist, near = distances_at_ranks(xu, ranks, tau=tau, selection_dtype=selection)
-    assert near is not None
-    if bool(near.any()):
-        xu = xu[~near]
-        if xu.shape[0] < min_points:
-            raise InputDataError(f"only {xu.shape[0]} points among {n} are more than "
-                                 f"dedup_tol × scale = {tau:.3g} apart; need at least {min_points}")
-        dist = None
-        if xu.shape[0] >= 2:
-            ranks = _usable(ranks_for(xu.shape[0]), xu.shape[0])
-            dist, _ = distances_at_ranks(xu, ranks, selection_dtype=selection)
-    if n > xu.shape[0]:
-        logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
-                    n, n - n_unique, n_unique - xu.shape[0], tau)
-    return xu, ranks, dist
-
-
 def _prepare(x64: torch.Tensor, ranks_for: Callable[[int], list[int]],
              tol: Optional[float], selection: Selection = None) -> _Prepared:
     n = x64.shape[0]
     if tol is None:
         if n < 3:
             raise InputDataError(f"need at least 3 points, got {n}")
-        ranks = _usable(ranks_for(n), n)
+        ranks = usable_ranks(ranks_for(n), n)
         dist, _ = distances_at_ranks(x64, ranks, selection_dtype=selection)
         zero = int((dist[:, 0] == 0.0).sum())
         if zero:
             raise InputDataError(f"{zero} points have an exact duplicate; pass dedup_tol (e.g. 1e-6) "
                                  "to remove duplicates first")
         return _Prepared(x64, ranks, dist.cpu().numpy(), n)
-    _check_tol(tol)
-    xu, ranks, dist = _dedup(x64, tol, ranks_for, min_points=3, selection=selection)
+    check_tol(tol)
+    xu, ranks, dist = dedup_with_distances(x64, tol, ranks_for, min_points=3, selection=selection)
     assert dist is not None
     return _Prepared(xu, ranks, dist.cpu().numpy(), n)
-
-
-def deduplicate(x: Any, tol: float = 1e-6, *,
-                device: Optional[str | torch.device] = None) -> tuple[Any, int]:
-    """Remove duplicate and near-duplicate points.
-
-    Point i is a duplicate when some earlier point j < i lies within ``tol × s``, where
-    s = sqrt(mean_i ‖x_i − x̄‖²) is the root-mean-square distance of the distinct points from their
-    mean (translation invariant and, unlike nearest-neighbour distances, not shrunk by the duplicates
-    themselves). The default 1e-6 merges float32 copies of float64 points (they differ by about
-    6e-8 of each coordinate) and leaves genuinely distinct points alone. Exact copies are found by
-    hashing the rows; near copies from the exact float64 nearest-neighbour distances.
-
-    Returns ``(points, n_removed)``: the kept rows in their original order (a float64 numpy array for
-    numpy input, a float64 tensor for tensor input) and how many rows were removed.
-    """
-    x64 = as_float64_points(x, device)
-    if x64.shape[0] == 0:
-        raise InputDataError("no points given")
-    _check_tol(tol)
-    kept, _, _ = _dedup(x64, tol, lambda n: [1], min_points=1)
-    n_removed = x64.shape[0] - kept.shape[0]
-    return (kept if isinstance(x, torch.Tensor) else kept.cpu().numpy()), n_removed
 
 
 # --------------------------------------------------------------------------- the probe
@@ -462,7 +339,7 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
         discard_fraction: fraction of the largest TwoNN ratios left out of ``linear_fit_dimension``.
         selection_dtype: precision of the neighbour-selection products (torch.float32, torch.float64
             or "3xtf32"; default "3xtf32" on CUDA, float32 on the CPU; see
-            :mod:`geoprobe.kernels.knn`). The neighbour distances, hence the answer, do not depend on it.
+            :mod:`geoprobe.backends.knn_certified`). The neighbour distances, hence the answer, do not depend on it.
         device: where the neighbour search runs (default: the tensor's device, else the CPU).
 
     Returns:
@@ -498,7 +375,7 @@ def gpu_memory_message(shape: tuple, device: Any = None, x: Any = None) -> str:
     free = None
     dev = device if device is not None else getattr(x, "device", None)
     if torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda":
-        from .runtime import cuda_free_bytes
+        from ..runtime import cuda_free_bytes
 
         free = cuda_free_bytes(dev)
     text = f"intrinsic dimension of {n:,} points × {d:,} coordinates ran out of GPU memory (about {need / 2 ** 30:.1f} GiB needed"
@@ -539,7 +416,7 @@ def intrinsic_dimension_layers(layers: Any, *, estimator: str = "twonn",
     """
     opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype)
     if dedup_tol is not None:
-        _check_tol(dedup_tol)
+        check_tol(dedup_tol)
     if on_error not in ON_ERROR:
         raise InputDataError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     items = _layer_items(layers)
@@ -633,59 +510,11 @@ def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: to
     """(layer index, IDResult or InputDataError) for one group; two host synchronisations for the
     layers on the fast path, :func:`intrinsic_dimension` for the others."""
     t0 = time.perf_counter()
-    tol = opts.dedup_tol
-    done: dict[int, Any] = {}
-    slow: list[int] = []
-    # 1. queue: finiteness and exact-duplicate hashes of every layer
+    done: dict[int, Any] = {j: err for j, _, err in group if err is not None}
     live = [(j, x) for j, x, err in group if x is not None]
-    for j, _, err in group:
-        if err is not None:
-            done[j] = err
-    flags = []
-    for _, x in live:
-        finite = torch.isfinite(x).all()
-        clash = torch.zeros((), dtype=torch.bool, device=dev)
-        if tol is not None and x.shape[0] > 1:
-            h = torch.sort(_row_hashes(x)).values
-            clash = (h[1:] == h[:-1]).any()
-        flags.append(torch.stack([finite, clash]))
-    host = torch.stack(flags).cpu().numpy() if flags else np.zeros((0, 2), bool)  # sync 1
-    # 2. queue: selection, candidate distances and certificates of every usable layer
-    queued = []
-    for (j, x), (finite, clash) in zip(live, host):
-        n = x.shape[0]
-        if not finite or n < 3:
-            slow.append(j)
-            continue
-        xu = x
-        if clash:
-            first = _exact_first_occurrences(x)
-            if first.numel() < 3:
-                slow.append(j)
-                continue
-            if first.numel() < n:
-                xu = x[first]
-        nu = xu.shape[0]
-        ranks = _usable(opts.ranks_for(nu), nu)
-        tau: float | torch.Tensor = 0.0
-        if tol is not None:
-            tau = tol * torch.sqrt(xu.var(dim=0, correction=0).sum())
-        dist, ok = distances_at_ranks_queued(xu, ranks, min_distance=tau,
-                                             selection_dtype=opts.selection)
-        queued.append((j, xu, n, ranks, dist, ok))
-    if queued:  # sync 2: every certificate and every layer's distances in one copy each
-        oks = torch.stack([q[5] for q in queued]).cpu().numpy()
-        flat = torch.cat([q[4].reshape(-1) for q in queued]).cpu().numpy()
-    pos = 0
-    fast = []
-    for (j, xu, n, ranks, dist, _), ok in zip(queued, oks if queued else []):
-        size = dist.numel()
-        if ok:
-            d = flat[pos:pos + size].reshape(dist.shape)
-            fast.append((j, _Prepared(xu, ranks, d, n)))
-        else:
-            slow.append(j)
-        pos += size
+    queued, slow = _queue_distances(live, _screen(live, dev, opts.dedup_tol), opts)
+    fast, failed = _certified(queued)
+    slow.extend(failed)
     share = (time.perf_counter() - t0) / max(1, len(fast))
     for j, prep in fast:
         try:
@@ -700,6 +529,70 @@ def _group_results(group: list[tuple[int, Optional[torch.Tensor], Any]], dev: to
         except InputDataError as exc:
             done[j] = exc
     return sorted(done.items())
+
+
+def _screen(live: list[tuple[int, torch.Tensor]], dev: torch.device,
+            tol: Optional[float]) -> np.ndarray:
+    """(finite, has exact duplicates) of every layer: queued on the device, read in one host
+    synchronisation. The duplicate flag is a repeated row hash (False when nothing is removed)."""
+    flags = []
+    for _, x in live:
+        finite = torch.isfinite(x).all()
+        clash = torch.zeros((), dtype=torch.bool, device=dev)
+        if tol is not None and x.shape[0] > 1:
+            h = torch.sort(row_hashes(x)).values
+            clash = (h[1:] == h[:-1]).any()
+        flags.append(torch.stack([finite, clash]))
+    return torch.stack(flags).cpu().numpy() if flags else np.zeros((0, 2), bool)
+
+
+def _queue_distances(live: list[tuple[int, torch.Tensor]], host: np.ndarray, opts: _Options
+                     ) -> tuple[list[tuple], list[int]]:
+    """Queue the selection, candidate distances and certificate of every usable layer (exact copies
+    removed first); the others (not finite, fewer than 3 distinct rows) go to the slow list.
+    Returns (queued (j, points, n input rows, ranks, distances, certificate), slow layer indices)."""
+    queued, slow = [], []
+    for (j, x), (finite, clash) in zip(live, host):
+        n = x.shape[0]
+        if not finite or n < 3:
+            slow.append(j)
+            continue
+        xu = x
+        if clash:
+            first = exact_first_occurrences(x)
+            if first.numel() < 3:
+                slow.append(j)
+                continue
+            if first.numel() < n:
+                xu = x[first]
+        nu = xu.shape[0]
+        ranks = usable_ranks(opts.ranks_for(nu), nu)
+        tau: float | torch.Tensor = 0.0
+        if opts.dedup_tol is not None:
+            tau = opts.dedup_tol * torch.sqrt(xu.var(dim=0, correction=0).sum())
+        dist, ok = distances_at_ranks_queued(xu, ranks, min_distance=tau,
+                                             selection_dtype=opts.selection)
+        queued.append((j, xu, n, ranks, dist, ok))
+    return queued, slow
+
+
+def _certified(queued: list[tuple]) -> tuple[list[tuple[int, _Prepared]], list[int]]:
+    """Every certificate and every layer's distances copied to the host in one copy each (the second
+    synchronisation); the layers whose certificate holds, prepared, and those whose does not."""
+    if not queued:
+        return [], []
+    oks = torch.stack([q[5] for q in queued]).cpu().numpy()
+    flat = torch.cat([q[4].reshape(-1) for q in queued]).cpu().numpy()
+    pos = 0
+    fast, failed = [], []
+    for (j, xu, n, ranks, dist, _), ok in zip(queued, oks):
+        size = dist.numel()
+        if ok:
+            fast.append((j, _Prepared(xu, ranks, flat[pos:pos + size].reshape(dist.shape), n)))
+        else:
+            failed.append(j)
+        pos += size
+    return fast, failed
 
 
 # --------------------------------------------------------------------------- validation

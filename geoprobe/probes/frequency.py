@@ -39,8 +39,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import zeta
 
-from .errors import InputDataError
-from .profile import PowerLawResult
+from ..errors import InputDataError
+from ..profile import PowerLawResult
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,45 @@ def _compare_lognormal(values: np.ndarray, mult: np.ndarray, xmin: int,
     return True, float(R), float(p)
 
 
+def _fit_at_xmin(values: np.ndarray, mult: np.ndarray, xmin: Any) -> tuple[int, float, float]:
+    """(k_min, γ̂, D) of the fit at the given ``xmin``, after checking it is a positive integer
+    leaving a tail of at least :data:`MIN_TAIL_TYPES` types and two distinct counts."""
+    try:
+        ok = not isinstance(xmin, bool) and float(xmin).is_integer() and xmin >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputDataError(f"xmin must be a positive integer, got {xmin!r}")
+    x = int(xmin)
+    v_tail, m_tail = _tail(values, mult, x)
+    if v_tail.size < 2 or m_tail.sum() < MIN_TAIL_TYPES:
+        raise InputDataError(
+            f"xmin={x} leaves {int(m_tail.sum())} token types with {v_tail.size} distinct count(s); "
+            f"a fit needs at least {MIN_TAIL_TYPES} types and 2 distinct counts — lower xmin")
+    gamma = discrete_mle(values, mult, x)
+    if not math.isfinite(gamma):
+        raise InputDataError(f"the tail above xmin={x} is steeper than γ = {GAMMA_BOUNDS[1]:g}; "
+                             "it does not follow a power law — lower xmin")
+    return x, gamma, ks_distance(values, mult, x, gamma)
+
+
+def _fit_best_xmin(values: np.ndarray, mult: np.ndarray,
+                   xmin_range: tuple[float, float]) -> tuple[int, float, float]:
+    """(k_min, γ̂, D) of the candidate k_min in ``xmin_range`` with the smallest KS distance D
+    (Clauset et al. 2009 §3.3); the first such candidate on ties."""
+    lo, hi = xmin_range
+    if not (1 <= lo <= hi):
+        raise InputDataError(f"xmin_range must be (lo, hi) with 1 ≤ lo ≤ hi, got {xmin_range!r}")
+    scan = scan_xmin(values, mult, (lo, hi))
+    good = np.isfinite(scan.ks)
+    if not np.any(good):
+        raise InputDataError(
+            f"no candidate xmin in {tuple(xmin_range)} leaves at least {MIN_TAIL_TYPES} token types "
+            "with 2 distinct counts and a finite fit; widen xmin_range or use a larger corpus")
+    i = int(np.flatnonzero(good)[np.argmin(scan.ks[good])])
+    return int(scan.xmins[i]), float(scan.gammas[i]), float(scan.ks[i])
+
+
 # --------------------------------------------------------------------------- public entry point
 def fit_power_law(counts: Any, *, xmin: Optional[int] = None,
                   xmin_range: tuple[float, float] = (1, 50),
@@ -253,35 +292,9 @@ def fit_power_law(counts: Any, *, xmin: Optional[int] = None,
             "at least two distinct counts — use a larger corpus")
 
     if xmin is not None:
-        try:
-            ok = not isinstance(xmin, bool) and float(xmin).is_integer() and xmin >= 1
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise InputDataError(f"xmin must be a positive integer, got {xmin!r}")
-        x = int(xmin)
-        v_tail, m_tail = _tail(values, mult, x)
-        if v_tail.size < 2 or m_tail.sum() < MIN_TAIL_TYPES:
-            raise InputDataError(
-                f"xmin={x} leaves {int(m_tail.sum())} token types with {v_tail.size} distinct count(s); "
-                f"a fit needs at least {MIN_TAIL_TYPES} types and 2 distinct counts — lower xmin")
-        gamma = discrete_mle(values, mult, x)
-        if not math.isfinite(gamma):
-            raise InputDataError(f"the tail above xmin={x} is steeper than γ = {GAMMA_BOUNDS[1]:g}; "
-                                 "it does not follow a power law — lower xmin")
-        ks = ks_distance(values, mult, x, gamma)
+        x, gamma, ks = _fit_at_xmin(values, mult, xmin)
     else:
-        lo, hi = xmin_range
-        if not (1 <= lo <= hi):
-            raise InputDataError(f"xmin_range must be (lo, hi) with 1 ≤ lo ≤ hi, got {xmin_range!r}")
-        scan = scan_xmin(values, mult, (lo, hi))
-        good = np.isfinite(scan.ks)
-        if not np.any(good):
-            raise InputDataError(
-                f"no candidate xmin in {tuple(xmin_range)} leaves at least {MIN_TAIL_TYPES} token types "
-                "with 2 distinct counts and a finite fit; widen xmin_range or use a larger corpus")
-        i = int(np.flatnonzero(good)[np.argmin(scan.ks[good])])
-        x, gamma, ks = int(scan.xmins[i]), float(scan.gammas[i]), float(scan.ks[i])
+        x, gamma, ks = _fit_best_xmin(values, mult, xmin_range)
 
     v_tail, m_tail = _tail(values, mult, x)
     n_tail = int(m_tail.sum())

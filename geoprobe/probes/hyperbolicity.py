@@ -15,9 +15,9 @@ d(x,y) + d(z,t), d(x,z) + d(y,t), d(x,t) + d(y,z); then δ = max over quadruples
 Backends (all return the float64 value of the plain formula, checked against :func:`_delta_reference`):
 
 * CPU (numpy arrays, CPU torch tensors): a compiled numba kernel that prunes triples which cannot beat
-  the best value so far (``geoprobe.kernels.delta_cpu``); no n×n×n array is ever formed.
+  the best value so far (``geoprobe.backends.delta_cpu``); no n×n×n array is ever formed.
 * CUDA torch tensors: blocked torch operations, float32 search and float64 recomputation of the rows
-  that can hold the maximum (``geoprobe.kernels.delta_torch``).
+  that can hold the maximum (``geoprobe.backends.delta_torch``).
 
 Distances between points are Euclidean, in float64. Random Gaussian points with no hierarchy already
 give small δ_rel (distance concentration), so every δ_rel needs a matched null:
@@ -33,8 +33,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import GeoprobeError, InputDataError
-from .profile import DeltaResult
+from ..errors import GeoprobeError, InputDataError
+from ..profile import DeltaResult
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _fixed_blocked_numpy(dist: np.ndarray, w: int, block: Optional[int] = None,
 
 def _cpu_delta(dist: np.ndarray, mode: str, base_point: int, block: Optional[int]) -> tuple[float, str]:
     try:
-        from .kernels import delta_cpu
+        from ..backends import delta_cpu
     except ImportError as exc:  # numba missing or broken: the same value, slower
         logger.warning("numba is unavailable (%s); δ runs in blocked numpy (install numba for speed)",
                        exc)
@@ -241,8 +241,8 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
                 ) -> tuple[float, float, str]:
     import torch
 
-    from .kernels import delta_torch
-    from .runtime import cuda_free_bytes
+    from ..backends import delta_torch
+    from ..runtime import cuda_free_bytes
 
     if x.is_complex():
         raise InputDataError("points must be real numbers, got a complex tensor")

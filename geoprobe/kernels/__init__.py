@@ -1,1 +1,0 @@
-"""Fast backends (blocked CPU, torch CUDA) behind the probe functions."""
