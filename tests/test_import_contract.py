@@ -60,7 +60,8 @@ def _named_modules(config: dict) -> set[str]:
 def _stand_in_tree(root: Path, modules: set[str], extra: dict[str, str]) -> None:
     """Each named module and its parents as packages (`__init__.py`), with the given import lines added."""
     modules = {".".join(name.split(".")[:k]) for name in modules for k in range(1, name.count(".") + 2)}
-    (root / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    config = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    (root / "pyproject.toml").write_text(config, encoding="utf-8")
     for name in modules:
         folder = root.joinpath(*name.split("."))
         folder.mkdir(parents=True, exist_ok=True)

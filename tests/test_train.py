@@ -397,7 +397,7 @@ def test_bad_settings_and_models(examples, tmp_path):
         TrainSettings(lr=0)
     with pytest.raises(AdapterError, match="batch_size"):
         TrainSettings(batch_size=0)
-    from finetune_helpers import tiny_bert
+    from tiny_models import tiny_bert
     with pytest.raises(AdapterError, match="causal"):
         finetune(tiny_bert(), bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False)
     with pytest.raises(AdapterError, match="HydraLoRA only"):
