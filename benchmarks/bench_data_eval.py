@@ -9,7 +9,7 @@
    (LLM-Adapters' math ``evaluate.py``), on a small random Llama; the outputs must be identical.
 
 The tokenizer is a byte-level BPE trained on the GSM8K training questions (no hub access here).
-Run: python benchmarks/bench_data_eval.py   → benchmarks/results/data_eval_cpu.json
+Run: python benchmarks/bench_data_eval.py   → appends a run to benchmarks/results/data_eval.json
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from adapters.data import IGNORE_INDEX, format_prompt, load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.evaluate import generate_answers  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 
@@ -120,7 +120,7 @@ def main() -> None:
                        "outputs_identical": batched == single},
         "command": "python benchmarks/bench_data_eval.py",
     }
-    write_json(HERE / "results" / "data_eval_cpu.json", result)
+    append_run(results_path("data_eval"), result, label="cpu")
     import json
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
 

@@ -16,7 +16,7 @@ weighted tree metric (δ = 0: the least pruning, the kernel's slowest case). Eve
 against the others (they must agree to 1e-9 relative). Timings are medians of ``--repeats`` runs,
 interleaved; the load average is recorded since this 2-core machine is shared.
 
-Run: python benchmarks/bench_delta_cpu.py   → benchmarks/results/delta_cpu.json
+Run: python benchmarks/bench_delta_cpu.py   → appends a run to benchmarks/results/delta_cpu.json
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.probes.hyperbolicity import _fixed_blocked_numpy, delta, euclidean_distances  # noqa: E402
 from geoprobe.backends import delta_cpu, delta_torch  # noqa: E402
 
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--n-small", type=int, default=300, help="size for the n×n×n reference")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(HERE / "results" / "delta_cpu.json"))
+    ap.add_argument("--out", default=str(results_path("delta_cpu")))
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
 
@@ -160,7 +160,7 @@ def main() -> None:
         "cases": cases,
         "exact_mode": exact,
     }
-    write_json(args.out, result)
+    append_run(args.out, result)
     print(f"wrote {args.out}")
 
 

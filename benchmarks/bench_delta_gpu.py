@@ -18,7 +18,7 @@ A tree metric (δ = 0, every row a float64 candidate) shows the worst case of th
 mode (max over every base point) is timed at small sizes. All values are checked against each other
 (1e-9 relative). Timings: median of ``--repeats`` after one warm-up, with ``torch.cuda.synchronize``.
 
-Run: python benchmarks/bench_delta_gpu.py   → benchmarks/results/delta_gpu.json
+Run: python benchmarks/bench_delta_gpu.py   → appends a run to benchmarks/results/delta_gpu.json
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.probes.hyperbolicity import delta  # noqa: E402
 from geoprobe.probes.hyperbolicity import gromov_product  # noqa: E402
 from geoprobe.backends import delta_torch, delta_triton  # noqa: E402
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--exact-sizes", default="256,512,1500")
     ap.add_argument("--exact-cpu-max", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results" / "delta_gpu.json"))
+    ap.add_argument("--out", default=str(results_path("delta_gpu")))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
@@ -185,7 +185,7 @@ def main() -> None:
         exact[f"gauss576_n{n}"] = row
         print("exact", n, row, flush=True)
 
-    write_json(args.out, {
+    append_run(args.out, {
         "benchmark": "delta_gpu",
         "command": "python benchmarks/bench_delta_gpu.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0),

@@ -13,7 +13,7 @@ tokens per second; the machine's load average before and after is recorded (othe
 cores slow every row). Packed rows carry more examples per step, so compare tokens per second across
 layouts and seconds per step within one layout.
 
-Run: python benchmarks/bench_finetune_cpu.py   → benchmarks/results/finetune_cpu.json
+Run: python benchmarks/bench_finetune_cpu.py   → appends a run to benchmarks/results/finetune_cpu.json
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
 from geoprobe.errors import DataFormatError  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 STEPS = 8
@@ -127,7 +127,7 @@ def main() -> None:
         results.append(run_ours(lm, examples, method, packed=True))
     for r in results:
         print(f"{r['row']:<48} {r['seconds_per_step']:7.2f} s/step {r['tokens_per_second']:8.0f} tokens/s")
-    write_json(HERE / "results" / "finetune_cpu.json", {
+    append_run(results_path("finetune_cpu"), {
         "benchmark": "fine-tuning step time, SmolLM2-135M-Instruct, GSM8K",
         "settings": {"steps": STEPS, "batch_size": BATCH, "max_length": MAX_LENGTH, "examples": N_EXAMPLES,
                      "r": R, "torch_threads": torch.get_num_threads()},

@@ -34,9 +34,9 @@ that setting measures Python overhead rather than training throughput; ``--batch
 
 Run on the GPU machine:
   python benchmarks/bench_finetune_gpu.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data gsm8k/
-      → benchmarks/results/finetune_gpu.json
+      → appends a run to benchmarks/results/finetune_gpu.json
 Check on the CPU end to end (tiny subset, few steps; times mean nothing there):
-  python benchmarks/bench_finetune_gpu.py --small   → benchmarks/results/finetune_gpu_small.json
+  python benchmarks/bench_finetune_gpu.py --small   → the same file, a run labelled small
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ import torch  # noqa: E402
 
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
 from adapters.train import TrainSettings, _data_digest, _Order, finetune  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -293,7 +293,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="GGUF file / model folder (default: the embedded SmolLM2)")
     p.add_argument("--data", type=Path, default=DATA, help="GSM8K folder (train.jsonl) or file")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON output (default: benchmarks/results/finetune_gpu.json, _small with --small)")
+                   help="results file to append the run to (default: benchmarks/results/finetune_gpu.json)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--small", action="store_true", help="tiny subset, a few steps (CPU check)")
     p.add_argument("--batch-size", type=int, default=None, help="peer examples per step")
@@ -318,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                          f"and the loss window ({cfg.window}) within them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
-    out = args.out or HERE / "results" / ("finetune_gpu_small.json" if args.small else "finetune_gpu.json")
+    out = args.out or results_path("finetune_gpu")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     t_start = time.perf_counter()
@@ -350,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     steps_losses = lora_packed["per_step_losses"][-cfg.window:]
     noise = statistics.stdev(steps_losses) / math.sqrt(len(steps_losses)) if len(steps_losses) > 1 else None
     total_real = sum(len(r["input_ids"]) for r in rows)
-    write_json(out, {
+    append_run(out, {
         "benchmark": "fine-tuning throughput, SmolLM2-135M-Instruct, GSM8K: adapters.train.finetune vs "
                      "transformers.Trainer + PEFT LoRA",
         "command": "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None
@@ -372,7 +372,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "seconds_total": time.perf_counter() - t_start,
         "results": results,
         "failed_rows": failed,
-    })
+    }, label="small" if args.small else "default")
     print(f"written {out}")
 
 

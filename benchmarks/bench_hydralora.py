@@ -12,7 +12,8 @@ forward + backward (gradients for the input and every adapter parameter), in one
 Timings are medians over ``--repeats`` rounds; within a round the methods run interleaved, so
 machine noise hits them alike. The fused and loop outputs are compared (max abs difference).
 
-Run: python benchmarks/bench_hydralora.py [--device cuda] → benchmarks/results/hydralora_<device>.json
+Run: python benchmarks/bench_hydralora.py [--device cuda]
+  → appends a run (label cpu or cuda) to benchmarks/results/hydralora.json
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hydralora import HydraLoraLinear, hydralora_config, hydralora_delta_reference  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def main() -> None:
@@ -133,8 +134,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "peft": __import__("peft").__version__},
     }
-    out = Path(args.out) if args.out else HERE / "results" / f"hydralora_{'cuda' if cuda else 'cpu'}.json"
-    write_json(out, result)
+    out = Path(args.out) if args.out else results_path("hydralora")
+    append_run(out, result, label="cuda" if cuda else "cpu")
     print(f"wrote {out}")
 
 

@@ -39,7 +39,8 @@ leaves out views and other metadata-only operations (``t``, ``view``, ``split``,
 the operations that launch a kernel. On a GPU host each such operation costs some microseconds of Python
 and dispatch, which at 4 × 512 tokens is a visible part of the step.
 
-Run: python benchmarks/bench_hydralora_model.py [--layers 32] → benchmarks/results/hydralora_model_cuda.json
+Run: python benchmarks/bench_hydralora_model.py [--layers 32]
+  → appends a run to benchmarks/results/hydralora_model.json
 CPU check of the script: python benchmarks/bench_hydralora_model.py --small --layers 2 --repeats 2 --out /tmp/x.json
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ sys.path.insert(0, str(HERE.parent))
 from adapters.hydralora import HydraLoraLinear, hydralora_config  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK_RULE = "integer r_h ≥ 1 minimising |Σ(r_h·d_in + N·r_h·d_out + N·d_in) − Σ r·(d_in + d_out)|"
@@ -152,7 +153,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also run one step per method under torch.profiler: GPU kernel time and kernel count")
     ap.add_argument("--small", action="store_true", help="tiny shapes (checks the script, e.g. on a CPU)")
-    ap.add_argument("--out", default=str(HERE / "results" / "hydralora_model_cuda.json"))
+    ap.add_argument("--out", default=str(results_path("hydralora_model")))
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -321,7 +322,7 @@ def main() -> None:
                      "peft": __import__("peft").__version__,
                      "transformers": __import__("transformers").__version__},
     }
-    write_json(Path(args.out), result)
+    append_run(Path(args.out), result)
     print(f"wrote {args.out}")
 
 

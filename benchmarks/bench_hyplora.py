@@ -16,7 +16,8 @@ parameter: A, B, raw curvature, raw scale), in one run:
 Timings are medians over ``--repeats`` rounds; within a round the methods run interleaved, so
 machine noise hits them alike. The bottleneck and chain outputs are compared (max abs difference).
 
-Run: python benchmarks/bench_hyplora.py [--device cuda] → benchmarks/results/hyplora_<device>.json
+Run: python benchmarks/bench_hyplora.py [--device cuda]
+  → appends a run (label cpu or cuda) to benchmarks/results/hyplora.json
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config, hyplora_delta  # noqa: E402
 from adapters.kernels import set_fused_enabled  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def main() -> None:
@@ -154,8 +155,8 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version(),
                      "peft": __import__("peft").__version__},
     }
-    out = Path(args.out) if args.out else HERE / "results" / f"hyplora_{'cuda' if cuda else 'cpu'}.json"
-    write_json(out, result)
+    out = Path(args.out) if args.out else results_path("hyplora")
+    append_run(out, result, label="cuda" if cuda else "cpu")
     print(f"wrote {out}")
 
 

@@ -6,7 +6,7 @@ negligible), the wall time per call of forward and forward + backward, issued ba
 synchronisation at the end (so the figure is the host's issue time), plus the issue time of the pieces
 the fused path is made of (one ``torch.mm``, one Triton launch, the support check, the autocast guard).
 
-Run: python benchmarks/bench_hyplora_host.py → benchmarks/results/hyplora_host_cuda.json
+Run: python benchmarks/bench_hyplora_host.py → appends a run to benchmarks/results/hyplora_host.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from adapters.hyplora import HypLoraLinear, _no_autocast, hyplora_config  # noqa: E402
 from adapters.kernels import hyplora_fused as hf  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def issue_cost(fn, n: int) -> dict:
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--n", type=int, default=300, help="calls per measurement")
-    ap.add_argument("--out", default=str(HERE / "results" / "hyplora_host_cuda.json"))
+    ap.add_argument("--out", default=str(results_path("hyplora_host")))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
@@ -151,7 +151,7 @@ def main() -> None:
     res["piece: autocast guard"] = issue_cost(guard, args.n)
     for k, v in res.items():
         print(f"{k:<40} issue {v['issue_us']:8.1f} us  wall {v['wall_us']:8.1f} us", flush=True)
-    write_json(Path(args.out), {
+    append_run(Path(args.out), {
         "benchmark": "hyplora_host_issue_cost",
         "command": "python benchmarks/bench_hyplora_host.py " + " ".join(sys.argv[1:]),
         "shape": {"d_in": d, "d_out": d, "tokens": T, "r": r},

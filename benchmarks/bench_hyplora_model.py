@@ -23,7 +23,8 @@ Peak memory is ``torch.cuda.max_memory_allocated`` during a step, reported in Gi
 over the weights held before the step. The losses of the methods are reported (the three HypLoRA
 variants share weights; reference-style uses the reference code's formula, so it differs slightly).
 
-Run: python benchmarks/bench_hyplora_model.py [--layers 32] → benchmarks/results/hyplora_model_cuda.json
+Run: python benchmarks/bench_hyplora_model.py [--layers 32]
+  → appends a run to benchmarks/results/hyplora_model.json
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
 from adapters.kernels import set_fused_enabled  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also run one step per method under torch.profiler: GPU kernel time and kernel count")
     ap.add_argument("--small", action="store_true", help="tiny shapes (checks the script, e.g. on a CPU)")
-    ap.add_argument("--out", default=str(HERE / "results" / "hyplora_model_cuda.json"))
+    ap.add_argument("--out", default=str(results_path("hyplora_model")))
     args = ap.parse_args()
 
     from peft import LoraConfig, get_peft_model
@@ -192,7 +193,7 @@ def main() -> None:
                      "peft": __import__("peft").__version__,
                      "transformers": __import__("transformers").__version__},
     }
-    write_json(Path(args.out), result)
+    append_run(Path(args.out), result)
     print(f"wrote {args.out}")
 
 

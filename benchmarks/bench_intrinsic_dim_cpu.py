@@ -7,7 +7,7 @@ time, the medians and both answers.
 
     python benchmarks/bench_intrinsic_dim_cpu.py [--repeats 3] [--skip-4096] [--no-gride]
 
-Writes benchmarks/results/intrinsic_dim_cpu.json.
+Appends a run to benchmarks/results/intrinsic_dim_cpu.json.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.probes.intrinsic_dim import intrinsic_dimension  # noqa: E402
 
-OUT = ROOT / "benchmarks" / "results" / "intrinsic_dim_cpu.json"
+OUT = results_path("intrinsic_dim_cpu")
 
 
 def manifold(n: int, dim: int, d: int = 10, seed: int = 0) -> np.ndarray:
@@ -154,7 +154,7 @@ def main() -> None:
               f"scikit-dimension {g['scikit_dimension_seconds']:.2f} s, speed-up {g['speedup']:.1f}x, "
               f"max relative difference {g['max_rel_diff']:.2e}", flush=True)
     result["machine"]["load_average_after"] = os.getloadavg()
-    write_json(args.out, result)
+    append_run(args.out, result)
     print(f"wrote {args.out}")
 
 

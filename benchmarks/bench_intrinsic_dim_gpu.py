@@ -17,7 +17,8 @@ bench_intrinsic_dim_cpu.py), float32, drawn on the device.
 ``--small`` runs tiny shapes, and on a machine without CUDA runs everything on the CPU with the 3xTF32
 rows skipped (a check of the script, not a measurement).
 
-Run: python benchmarks/bench_intrinsic_dim_gpu.py → benchmarks/results/intrinsic_dim_gpu.json
+Run: python benchmarks/bench_intrinsic_dim_gpu.py
+  → appends a run to benchmarks/results/intrinsic_dim_gpu.json
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.probes.intrinsic_dim import intrinsic_dimension, intrinsic_dimension_layers  # noqa: E402
 from geoprobe.backends.knn_certified import (_Gram, _matmul_precision,  # noqa: E402
                                              _scaled_points, as_float64_points,
@@ -221,8 +222,7 @@ def main() -> None:
         args.layers, args.layer_n, args.layer_dim, args.layer_repeats = 4, 300, 64, 1
         args.check_n, args.skdim_n = 1500, 800
     if args.out is None:
-        name = "intrinsic_dim_gpu.json" if cuda and not args.small else "intrinsic_dim_gpu_small.json"
-        args.out = ROOT / "benchmarks" / "results" / name
+        args.out = results_path("intrinsic_dim_gpu")
 
     x = manifold((args.n,), args.dim, device)
     large = bench_selections(x, device, args.repeats)
@@ -232,7 +232,7 @@ def main() -> None:
     layers = manifold((args.layers, args.layer_n), args.layer_dim, device, d=8, seed=1)
     per_layers = bench_layers(layers, device, args.layer_repeats)
 
-    write_json(args.out, {
+    append_run(args.out, {
         "benchmark": "intrinsic_dim_gpu",
         "command": "python benchmarks/bench_intrinsic_dim_gpu.py " + " ".join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu (no CUDA)",

@@ -9,7 +9,7 @@ Steps, in one run, with a fresh cache folder (``GEOPROBE_CACHE`` pointed at a te
 * ``load_embeddings (cached copy)`` and ``load_embeddings (GGUF, gguf.quants)`` — E only;
 * ``hub id, HF_HUB_OFFLINE=1`` and ``hub id, hub unreachable`` — time to ModelNotFoundError.
 
-Run: python benchmarks/bench_models.py → benchmarks/results/model_loading.json
+Run: python benchmarks/bench_models.py → appends a run to benchmarks/results/models.json
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from geoprobe import models as gm  # noqa: E402
 from geoprobe.errors import ModelNotFoundError  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def timed(fn):
@@ -62,7 +62,7 @@ def hub_failure_seconds(offline: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results" / "model_loading.json"))
+    ap.add_argument("--out", default=str(results_path("models")))
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -102,7 +102,7 @@ def main() -> None:
                     "platform": platform.platform(), "python": platform.python_version()},
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
-    write_json(args.out, report)
+    append_run(args.out, report)
     print(f"first load {t_first:.1f} s, cached load {statistics.median(cached):.2f} s "
           f"(×{report['speedup_cached']:.0f}), logits identical: {same}")
     print(f"load_embeddings: cached {t_emb_cached:.2f} s, GGUF {t_emb_gguf:.2f} s, equal: {emb_equal}")

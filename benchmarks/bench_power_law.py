@@ -10,7 +10,7 @@ as per-type counts. Compared, on the same counts, in one run:
 
 Each timing is the median of ``--repeats`` runs. γ, k_min and D of every method are recorded.
 
-Run: python benchmarks/bench_power_law.py   → benchmarks/results/power_law.json
+Run: python benchmarks/bench_power_law.py   → appends a run to benchmarks/results/power_law.json
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.probes.frequency import fit_power_law  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--s", type=float, default=1.1, help="Zipf rank exponent")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(HERE / "results" / "power_law.json"))
+    ap.add_argument("--out", default=str(results_path("power_law")))
     args = ap.parse_args()
 
     import powerlaw
@@ -106,7 +106,7 @@ def main() -> None:
         "versions": {"numpy": np.__version__, "powerlaw": getattr(powerlaw, "__version__", "?")},
         "command": "python benchmarks/bench_power_law.py " + " ".join(sys.argv[1:]),
     }
-    write_json(args.out, result)
+    append_run(args.out, result)
     for r in rows:
         print(f"{r['median_s']:9.3f} s  γ={r['gamma']:.4f}  xmin={r['xmin']:g}  D={r['ks_distance']:.4f}"
               f"  {r['method']}")

@@ -1,7 +1,7 @@
 """`geoprobe probe` on the embedded default model and corpus: cold (empty model cache, the GGUF is
 dequantized) and warm (cached safetensors copy), end to end through the command line.
 
-Run: python benchmarks/bench_probe.py   → benchmarks/results/probe_cpu.json
+Run: python benchmarks/bench_probe.py   → appends a run (label cpu) to benchmarks/results/probe.json
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def run(cache: str, out: str) -> float:
@@ -36,8 +39,7 @@ def main() -> None:
               "cold_s": round(cold, 2), "warm_s": [round(w, 2) for w in warm],
               "stage_seconds_last_run": timings,
               "command": "python benchmarks/bench_probe.py"}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "probe_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    append_run(results_path("probe"), result, label="cpu")
     print(json.dumps(result, indent=1))
 
 

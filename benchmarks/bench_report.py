@@ -6,7 +6,7 @@ mathtext tick labels (``$10^{3}$``, parsed by pyparsing on every draw), glyphs a
 (``svg.fonttype = 'path'``). Both render the same synthetic 30-layer profile (tests/profile_factory)
 to the same page; we report the median wall time of interleaved runs and the page size.
 
-Run: python benchmarks/bench_report.py   → benchmarks/results/report.json
+Run: python benchmarks/bench_report.py   → appends a run to benchmarks/results/report.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from profile_factory import make_profile  # noqa: E402
 
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.report import plots, render_html  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main(repeats: int = 5) -> dict:
         out["cases"][name]["speedup"] = round(base / ours, 2)
         print(f"{name} ({out['cases'][name]['figures']} figures): ours {ours:.2f} s ({sizes['ours'] / 1e3:.0f} kB), matplotlib defaults "
               f"{base:.2f} s ({sizes['matplotlib defaults'] / 1e3:.0f} kB), ×{base / ours:.2f}")
-    write_json(HERE / "results" / "report.json", out)
+    append_run(results_path("report"), out)
     return out
 
 

@@ -15,7 +15,7 @@ Reported per method: median and best wall-clock tokens/s, and tokens per CPU-sec
 time over all threads), which is robust to other load on the machine. The load average before and
 after is recorded; on a shared machine compare the CPU-second figures.
 
-Run: python benchmarks/bench_token_counting.py → benchmarks/results/token_counting.json
+Run: python benchmarks/bench_token_counting.py → appends a run to benchmarks/results/token_counting.json
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from geoprobe.corpus import Corpus  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.models import load_tokenizer  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=2_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None, help="model spec for the tokenizer (default: SmolLM2)")
-    ap.add_argument("--out", default=str(HERE / "results" / "token_counting.json"))
+    ap.add_argument("--out", default=str(results_path("token_counting")))
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -130,7 +130,7 @@ def main() -> None:
         "versions": _versions(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
-    write_json(args.out, report)
+    append_run(args.out, report)
     for name, r in rows.items():
         print(f"{name:32s} {r['tokens_per_second_median']:>12,.0f} tok/s (best "
               f"{r['tokens_per_second_best']:,.0f}; {r['tokens_per_cpu_second']:,.0f} per CPU-s)"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,19 +25,13 @@ from adapters.hyplora import HypLoraLinear
 from adapters.plan import AdapterPlan
 from geoprobe.errors import AdapterError, GeoprobeError, OutputError, PlanError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from finetune_helpers import tiny_bert, tiny_llama  # noqa: E402
+from tiny_models import tiny_bert, tiny_llama
 
 R = 4
 RANKS = [2, 5]  # GeLoRA ranks of the two blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 MAKERS = {"llama": tiny_llama, "bert": tiny_bert}

@@ -15,6 +15,8 @@ from adapters.data import (IGNORE_INDEX, Example, collate, format_prompt, load_e
                            pack, tokenize_for_training)
 from geoprobe.errors import DataFormatError, GeoprobeError
 
+import tiny_models
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 
 
@@ -32,31 +34,14 @@ def _minilm_folder() -> Path | None:
 MINILM = _minilm_folder()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models here run fastest on one thread (and do not fight other jobs for cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    """A lossless byte-level BPE tokenizer (Llama-like: BOS prepended, EOS defined, no pad)."""
-    import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:40], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    """A lossless byte-level BPE tokenizer (Llama-like: BOS prepended, EOS defined, no pad), vocabulary 500."""
+    return tiny_models.bpe_tokenizer(vocab_size=500, n_topics=40)
 
 
 def _examples():
@@ -69,15 +54,6 @@ def _examples():
                 label=None, task="generic"),
         Example(prompt="x" * 5, answer="y", label="y", task="generic"),
     ]
-
-
-def _tiny_llama(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -226,7 +202,7 @@ def test_packed_forward_equals_separate_forwards(bpe_tokenizer):
     """A packed row through transformers (no attention_mask, no cache, restarting position ids)
     gives every example the logits and loss it gets alone."""
     tok = bpe_tokenizer
-    model = _tiny_llama(len(tok), seed=1).double()
+    model = tiny_models.tiny_llama(1, vocab=len(tok), positions=512).double()
     rows = tokenize_for_training(_examples(), tok, max_length=512)
     packed = pack(rows, max_length=sum(len(r["input_ids"]) for r in rows))
     assert len(packed) == 1
@@ -268,7 +244,7 @@ def test_collate_right_pads_with_mask():
 
 def test_collate_padded_forward_equals_unpadded(bpe_tokenizer):
     tok = bpe_tokenizer
-    model = _tiny_llama(len(tok), seed=2).double()
+    model = tiny_models.tiny_llama(2, vocab=len(tok), positions=512).double()
     rows = tokenize_for_training(_examples(), tok, max_length=512)
     batch = collate(rows, pad_id=tok.eos_token_id)
     with torch.no_grad():

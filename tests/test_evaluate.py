@@ -18,14 +18,10 @@ from adapters.evaluate import (COMMONSENSE_LABELS, EvalResult, accuracy, evaluat
                                f1_binary, generate_answers, is_correct, matthews_corrcoef)
 from geoprobe.errors import DataFormatError
 
+import tiny_models
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models here run fastest on one thread (and do not fight other jobs for cores)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 # --------------------------------------------------------------------------- LLM-Adapters' rules
@@ -233,32 +229,9 @@ def test_metrics_closed_forms():
 
 # --------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A lossless byte-level BPE tokenizer (Llama-like: BOS prepended, EOS defined, no pad)."""
-    import pydoc_data.topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:30], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
 def tiny_llama(bpe_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=bpe_tokenizer.bos_token_id, eos_token_id=bpe_tokenizer.eos_token_id,
-                      pad_token_id=None)
-    return LlamaForCausalLM(cfg).double().eval()
+    """The tiny Llama of `tiny_models` on the shared BPE tokenizer (conftest), in float64."""
+    return tiny_models.tiny_llama(0, tokenizer=bpe_tokenizer, positions=512, dtype=torch.float64)
 
 
 PROMPTS = ["Hi", "The function returns a new list of the items.",

@@ -5,6 +5,7 @@ itself (the ranks/alphas it builds from the config, its trainable-parameter coun
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -22,29 +23,18 @@ from adapters.gelora import (
 )
 from geoprobe.errors import AdapterError, InputDataError, PlanError
 
+import tiny_models
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core machine crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
-def tiny_llama(n_layers: int = 2, hidden: int = 64, inter: int = 96, seed: int = 0):
-    """A random LlamaForCausalLM small enough for unit tests (same seed → same weights)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
+tiny_llama = functools.partial(tiny_models.tiny_llama, vocab=128, inter=96, positions=64)
 
 
 def lora_modules(model):
@@ -179,7 +169,7 @@ def test_rank_zero_blocks_are_left_out():
 
 
 def test_keys_escaped_layer_1_does_not_match_layer_11():
-    model = tiny_llama(n_layers=12, hidden=32, inter=48)
+    model = tiny_llama(layers=12, hidden=32, inter=48)
     ranks = [j + 1 for j in range(12)]
     cfg = gelora_config(model, ranks, target_modules=TARGETS)
     names = [n for n, _ in model.named_modules()]
@@ -199,17 +189,17 @@ def test_keys_escaped_layer_1_does_not_match_layer_11():
 
 
 def test_budget_parameter_count_matches_plain_lora_in_peft():
-    model = tiny_llama(n_layers=4, hidden=32, inter=48)
+    model = tiny_llama(layers=4, hidden=32, inter=48)
     costs = params_per_rank(model, TARGETS)
     assert costs == [3 * (32 + 48)] * 4
     d = [2.0, 3.5, 7.9, 8.3, 6.0]
     ranks = gelora_ranks(d[:-1], d[1:], rule="budget", r=4, floor=1, n_params_fn=costs)
-    plain = peft.get_peft_model(tiny_llama(n_layers=4, hidden=32, inter=48),
+    plain = peft.get_peft_model(tiny_llama(layers=4, hidden=32, inter=48),
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     n_plain = plain.get_nb_trainable_parameters()[0]
     geo = peft.get_peft_model(model, gelora_config(model, ranks, target_modules=TARGETS))
     n_geo = geo.get_nb_trainable_parameters()[0]
-    assert n_geo == lora_parameter_count(tiny_llama(n_layers=4, hidden=32, inter=48), ranks, TARGETS)
+    assert n_geo == lora_parameter_count(tiny_llama(layers=4, hidden=32, inter=48), ranks, TARGETS)
     assert n_geo <= n_plain and n_plain - n_geo < min(costs)
     assert ranks != [4, 4, 4, 4]  # the IDs reshaped the budget
 

@@ -6,6 +6,7 @@ routing → loss N, N = 1 → plain LoRA), and stock PEFT LoRA itself.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -25,29 +26,18 @@ from adapters.hydralora import (
 )
 from geoprobe.errors import AdapterError
 
+import tiny_models
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy 2-core machine crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32):
-    """Random LlamaForCausalLM, hidden 64, 2 layers (same seed → same weights)."""
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+tiny_llama = functools.partial(tiny_models.tiny_llama, vocab=128, inter=96, positions=64, dtype=torch.float32)
 
 
 def token_batch(seed: int = 1, batch: int = 2, length: int = 12) -> torch.Tensor:
@@ -65,7 +55,7 @@ def randomize_heads(model, seed: int = 3, scale: float = 0.2) -> None:
 
 def hydra_model(seed: int = 0, n_heads: int = 4, r: int = 4, top_k=None, balance=True, dtype=torch.float32):
     cfg = hydralora_config(r, 8, n_heads, TARGETS, top_k=top_k, balance=balance)
-    model = peft.get_peft_model(tiny_llama(seed, dtype), cfg).eval()
+    model = peft.get_peft_model(tiny_llama(seed, dtype=dtype), cfg).eval()
     randomize_heads(model)
     return model
 

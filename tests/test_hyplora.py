@@ -3,6 +3,7 @@ PEFT layer against PEFT's own bar for a new method (tests/test_custom_models.py 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.hyplora import (NOT_MERGEABLE, REFERENCE_DEFAULT_CURVATURE, HypLoraLinear, HypLoraOptions,
                               hyplora_config, hyplora_delta, hyplora_delta_bottleneck, hyplora_options,
                               inverse_positive, positive, register_hyplora)
 from geoprobe.errors import AdapterError, InputDataError
+
+import tiny_models
 
 mpmath.mp.dps = 50
 REPO = Path(__file__).resolve().parents[1]
@@ -290,12 +292,7 @@ def test_positive_parametrisation_round_trip():
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+tiny_llama = functools.partial(tiny_models.tiny_llama, vocab=97, positions=64)
 
 
 def _ids(seed=0, batch=3, length=9):

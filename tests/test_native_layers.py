@@ -18,7 +18,6 @@ import torch
 from adapters.hydralora import HydraLoraLinear
 from adapters.kernels import native
 from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the native node; fixtures too)
-    _one_thread,
     make_layer,
     module_path,
     test_double_backward_is_refused,
@@ -29,6 +28,8 @@ from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the nat
     test_n1_lean_equals_peft_lora,
 )
 from tests.test_hyplora_fused import _layer, _layer_vs_chain
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (run on the GPU machine: pytest -m gpu)")

@@ -7,7 +7,6 @@ import html
 import math
 import os
 import re
-import sys
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).parent))
 from profile_factory import HOSTILE, make_profile  # noqa: E402
 
 from geoprobe.errors import OutputError, ProfileError  # noqa: E402

@@ -9,12 +9,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from profile_factory import HOSTILE, make_profile  # noqa: E402
 
 from geoprobe.report import render_report  # noqa: E402

@@ -4,12 +4,10 @@ no script runs (checked in the browser, not with a regex)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_report_browser import _open, _screenshot, driver  # noqa: E402,F401  (fixture)
 
 from geoprobe.cli import main  # noqa: E402

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +21,12 @@ from geoprobe.cli import main
 from geoprobe.errors import AdapterError, DataFormatError
 from geoprobe.profile import FinetuneResult, GeometryProfile
 
-sys.path.insert(0, str(Path(__file__).parent))
-from finetune_helpers import bpe_tokenizer, tiny_llama, write_model_folder, write_problems  # noqa: E402
-from profile_factory import make_profile  # noqa: E402
+from finetune_helpers import write_model_folder, write_problems
+from profile_factory import make_profile
+from tiny_models import bpe_tokenizer, tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +397,7 @@ def test_bad_settings_and_models(examples, tmp_path):
         TrainSettings(lr=0)
     with pytest.raises(AdapterError, match="batch_size"):
         TrainSettings(batch_size=0)
-    from finetune_helpers import tiny_bert
+    from tiny_models import tiny_bert
     with pytest.raises(AdapterError, match="causal"):
         finetune(tiny_bert(), bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False)
     with pytest.raises(AdapterError, match="HydraLoRA only"):
