@@ -142,13 +142,24 @@ class HydraLoraLinear(LoraLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Give every frozen-gate tensor of ``state_dict`` a buffer to load into (routing frozen when saved)."""
-        head = f"{prefix}{GATES}."
-        for key, value in state_dict.items():
-            adapter = key[len(head):] if key.startswith(head) else None
-            if adapter in self.lora_hydra_B and adapter not in self.lora_hydra_gates:
-                router = self.lora_hydra_router[adapter].weight
-                self.lora_hydra_gates[adapter] = torch.zeros(value.shape, dtype=value.dtype, device=router.device)
+        """Restore frozen gates saved with the adapter (a buffer exists only while routing is frozen, so a fresh
+        layer has none to load into).
+
+        A key ``<prefix>lora_hydra_gates.<adapter>`` (PEFT versions that insert the adapter name into every
+        checkpoint key, or a full model state dict) gets a buffer for the child to load into. A bare
+        ``<prefix>lora_hydra_gates`` (PEFT versions that map checkpoint keys onto the model's existing keys,
+        which cannot name a buffer that does not exist yet) belongs to the adapter PEFT is loading, the one it
+        added last, and is passed on under that adapter's name."""
+        head = f"{prefix}{GATES}"
+        for key, value in list(state_dict.items()):
+            if key == head and self.lora_hydra_B:
+                key = f"{head}.{list(self.lora_hydra_B)[-1]}"
+                state_dict[key] = value
+            if key.startswith(head + "."):
+                adapter = key[len(head) + 1:]
+                if adapter in self.lora_hydra_B and adapter not in self.lora_hydra_gates:
+                    router = self.lora_hydra_router[adapter].weight
+                    self.lora_hydra_gates[adapter] = torch.zeros(value.shape, dtype=value.dtype, device=router.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
