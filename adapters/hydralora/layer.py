@@ -284,7 +284,8 @@ class HydraLoraLinear(LoraLinear):
                 result = result + F.linear(z, w) * self.scaling[adapter]
         return result.to(out_dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str],
+                             **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for adapter in set(adapter_names):

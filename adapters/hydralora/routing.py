@@ -26,7 +26,8 @@ def hydra_layers(model: nn.Module) -> Layers:
 def _require_layers(model: nn.Module) -> Layers:
     layers = hydra_layers(model)
     if not layers:
-        raise AdapterError("the model holds no HydraLoRA layer; build it with get_peft_model(model, hydralora_config(...))")
+        raise AdapterError("the model holds no HydraLoRA layer; build it with "
+                           "get_peft_model(model, hydralora_config(...))")
     return layers
 
 
