@@ -153,6 +153,25 @@ def test_frozen_gates_are_saved_and_loaded(tmp_path):
         assert torch.equal(renamed(x), frozen)
 
 
+def test_frozen_gates_load_onto_the_adapter_being_loaded(tmp_path):
+    """load_adapter beside a live adapter: the saved gates go to the new adapter only."""
+    frozen_model = hydra_mlp(seed=0)
+    freeze_routing(frozen_model, [0.6, 0.3, 0.1])
+    frozen_model.save_pretrained(tmp_path / "frozen")
+    x = inputs()
+    with torch.no_grad():
+        want = frozen_model(x)
+    model = hydra_mlp(seed=0)  # same base weights, its own live adapter "default"
+    model.add_adapter("second", config())  # the HydraLoRA config first: PEFT alone would read a LoraConfig
+    model.load_adapter(str(tmp_path / "frozen"), adapter_name="second")
+    for _, layer in hydra_layers(model):
+        assert "default" not in layer.hydra_frozen_gates
+        assert layer.hydra_frozen_gates["second"].tolist() == pytest.approx([0.6, 0.3, 0.1])
+    model.set_adapter("second")
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
 def test_live_routing_folders_hold_no_gates_and_load_live(tmp_path):
     from safetensors import safe_open
 
