@@ -1,4 +1,4 @@
-"""HydraLoRA's single-function path (adapters.hydralora._HydraLinearFn) against the module path and peers.
+"""HydraLoRA's single-function path (adapters.hydralora.kernels.HydraLinearFn) against the module path and peers.
 
 Oracles: the layer's own module-by-module path (``use_lean_path = False``) and the per-head loop
 ``hydralora_delta_reference``, both in float64 on fresh random inputs (outputs and every gradient: input,
@@ -390,3 +390,26 @@ def _cuda_check(base_dtype, adapter_dtype):
     assert (y_lean.double().cpu() - y64).norm() <= tol * y64.norm()
     for a, b in zip(g_lean, g64):
         assert (a.double().cpu() - b).norm() <= tol * b.norm()
+
+
+def test_lean_path_with_private_entry_points_off_matches(module_path):
+    """With the private torch entry points off (GEOPROBE_PRIVATE_APIS=0) the one-node path takes the public
+    ``apply`` and a copying reshape: same values and gradients as with them on, and as the module path."""
+    from adapters.kernels import _internals
+
+    layer = make_layer(12, 10, 3, 4, balance=True, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 7, 12, dtype=torch.float64, generator=g)
+    cot = torch.randn(2, 7, 10, dtype=torch.float64, generator=g)
+    y_on, g_on = run(layer, x, cot, lean=True, aux_coef=0.3)
+    previous = _internals.set_private_apis(False)
+    try:
+        y_off, g_off = run(layer, x, cot, lean=True, aux_coef=0.3)
+    finally:
+        _internals.set_private_apis(previous)
+    y_mod, g_mod = run(layer, x, cot, lean=False, aux_coef=0.3)
+    assert torch.equal(y_off, y_on)
+    assert torch.allclose(y_off, y_mod, rtol=1e-12, atol=1e-12)
+    for a, b, c in zip(g_off, g_on, g_mod):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, rtol=1e-10, atol=1e-12)
