@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
     "hyplora_delta": "adapters.hyplora",
     "HypLoraLinear": "adapters.hyplora",
     "HypLoraOptions": "adapters.hyplora",
+    "HypLoraConfig": "adapters.hyplora",
     "hyplora_config": "adapters.hyplora",
     "register_hyplora": "adapters.hyplora",
     "build": "adapters.build",

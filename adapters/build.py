@@ -668,7 +668,7 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
             if "hyplora" in spec.method:
                 from .hyplora import register_hyplora
 
-                register_hyplora(config, curvature=spec.curvature or DEFAULT_CURVATURE,
+                config = register_hyplora(config, curvature=spec.curvature or DEFAULT_CURVATURE,
                                  curvature_pattern=spec.curvature_pattern, official=spec.official)
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,

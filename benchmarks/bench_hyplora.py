@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config, hyplora_delta  # noqa: E402
-from adapters.kernels import set_fused_enabled  # noqa: E402
+from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
 from geoprobe.records import write_json  # noqa: E402
 
 

@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
-from adapters.kernels import set_fused_enabled  # noqa: E402
+from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from geoprobe.records import write_json  # noqa: E402

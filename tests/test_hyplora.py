@@ -481,9 +481,12 @@ def test_merge_is_refused_and_leaves_weights_untouched():
     with pytest.raises(AdapterError, match=NOT_MERGEABLE):
         pm.merge_adapter()
     layer = _layers(pm)[0]
-    for call in (layer.merge, layer.unmerge, lambda: layer.merge(safe_merge=True),
-                 lambda: layer.get_delta_weight("default")):
+    for call in (layer.merge, lambda: layer.merge(safe_merge=True), lambda: layer.get_delta_weight("default")):
         with pytest.raises(AdapterError, match="nonlinear in x"):
+            call()
+    # nothing is ever merged: unmerging warns as LoRA does, and changes nothing
+    for call in (layer.unmerge, pm.unmerge_adapter):
+        with pytest.warns(UserWarning, match="Already unmerged"):
             call()
     assert not layer.merged
     for n, p in pm.named_parameters():
