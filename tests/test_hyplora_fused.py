@@ -184,6 +184,25 @@ def _layer(d_in, d_out, r, *, base_dtype=torch.float32, dropout=0.0, official=Fa
     return layer
 
 
+@pytest.mark.parametrize("official", [False, True])
+def test_layer_with_private_apis_off_gives_the_same_bits_without_native_nodes(python_node, official):
+    """Without the native nodes the CPU layer never needs a private entry point: switching them off
+    (adapters.kernels._internals.set_private_apis(False)) changes no value and no gradient."""
+    layer = _layer(20, 14, 5, official=official, seed=9)
+    x = torch.randn(4, 20, generator=torch.Generator().manual_seed(9))
+    runs = []
+    for private in (True, False):
+        previous = _internals.set_private_apis(private)
+        try:
+            out, grads = _grads(lambda xx: layer(xx), [x])
+            params = torch.autograd.grad(layer(x).sum(), [p for p in layer.parameters() if p.requires_grad])
+        finally:
+            _internals.set_private_apis(previous)
+        runs.append([out, *grads, *params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_lean_layer_path_is_chosen_only_for_one_plain_hyplora_adapter(monkeypatch):
     """The one-node layer path serves exactly: one active, unmerged, consistent-map HypLoRA adapter,
     no extra forward arguments, kernels available (forced here, whatever the machine has)."""

@@ -159,7 +159,8 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     """True when :func:`hyplora_linear_fused` may take this call: fused kernels on (the native C++ node of
     :mod:`adapters.kernels.native`, or Triton on CUDA or under the interpreter on CPU), adapter weights
     float32/float64 of one dtype, rank ≤ MAX_RANK, a floating input with at least one token on the
-    weights' device. Cheap enough to ask on every forward; every other case (autocast off or on) goes
+    weights' device (the native node alone only where :func:`adapters.kernels._internals.transforms_active`
+is False). Cheap enough to ask on every forward; every other case (autocast off or on) goes
     through PEFT's dispatch and :func:`hyplora_bottleneck_fused`."""
     if not _ENABLED:
         return False
@@ -171,7 +172,9 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
         return False
     if triton is not None and (dev.type == "cuda" or (dev.type == "cpu" and _INTERPRETING)):
         return True
-    return native_module(dev) is not None
+    # the native node alone (no Triton for this device) serves only where no functorch transform may be
+    # active (with private entry points off that cannot be ruled out)
+    return native_module(dev) is not None and not _internals.transforms_active()
 
 
 def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
