@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
