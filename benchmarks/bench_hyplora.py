@@ -6,7 +6,7 @@ parameter: A, B, raw curvature, raw scale), in one run:
 
 * ``hyplora bottleneck`` — :class:`adapters.hyplora.HypLoraLinear` (Δ = B·(c·A x), per-token scalars
   from ‖x‖ and aᵀ(BᵀB)a; float32 island; on CUDA the fused Triton kernels of
-  :mod:`adapters.kernels.hyplora_fused`);
+  :mod:`adapters.hyplora.kernels.fused`);
 * ``hyplora bottleneck unfused`` — the same layer with those kernels switched off (torch ops);
 * ``hyplora map chain`` — the same weights through :func:`adapters.hyplora.hyplora_delta`
   (expmap0 → B A → time part → logmap0, element-wise over d_out; float32 island);

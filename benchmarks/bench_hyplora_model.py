@@ -11,7 +11,7 @@ from round to round), median over rounds:
 
 * ``peft lora`` — stock PEFT LoRA (the peer);
 * ``hyplora fused`` — :class:`adapters.hyplora.HypLoraLinear` as it runs by default: base output, update
-  and addition as one autograd node (:func:`adapters.kernels.hyplora_fused.hyplora_linear_fused`);
+  and addition as one autograd node (:func:`adapters.hyplora.kernels.hyplora_linear_fused`);
 * ``hyplora fused via dispatch`` — the same Triton kernels for Δ alone, reached through PEFT's
   per-adapter dispatch (cast, Δ, cast back, addition as separate ops);
 * ``hyplora unfused`` — the same layer with the kernels switched off (torch ops, ``_TokenScale``);
