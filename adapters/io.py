@@ -280,18 +280,22 @@ def _legacy_fields(method: Method, sidecar: Mapping[str, Any]) -> dict[str, Any]
             "hyplora_official": bool(sidecar.get("official", False))}
 
 
-def config_from_saved(method: Method, raw: Mapping[str, Any], legacy: Optional[Mapping[str, Any]] = None) -> Any:
-    """The PEFT config of ``method`` from a saved ``adapter_config.json`` (``raw``): the one loader of
-    every config class. Keys the class does not know (newer PEFT) are dropped, as PEFT does;
-    ``legacy`` fields fill in what older folders kept elsewhere."""
+def config_from_saved(method: Method, raw: Mapping[str, Any], legacy: Optional[Mapping[str, Any]] = None,
+                      where: str = "adapter_config.json") -> Any:
+    """The PEFT config of ``method`` from a saved ``adapter_config.json`` (``raw``), through the registry:
+    the config class's own loader where it has one, else the class built from the fields it declares
+    (keys of newer PEFT versions are dropped, as PEFT does). ``legacy`` fields fill in what older
+    folders kept elsewhere."""
+    data = {**raw, **{k: v for k, v in (legacy or {}).items() if k not in raw}}
+    loader = method.config_loader
+    if loader is not None:
+        return loader(data, where)
     cls = method.config_class
     known = {f.name for f in dataclasses.fields(cls) if f.init}
-    data = {**{k: v for k, v in raw.items() if k in known}, **{k: v for k, v in (legacy or {}).items()
-                                                                if k not in raw}}
     try:
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in known})
     except (TypeError, ValueError) as exc:
-        raise AdapterError(f"adapter_config.json does not fit {method.name}: {exc}") from None
+        raise AdapterError(f"{where} does not fit {method.name}: {exc}") from None
 
 
 def _unchecked_method(folder: Path, raw_cfg: Mapping[str, Any], kind: Optional[str]) -> Method:
@@ -353,7 +357,7 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
     sidecar = _read_sidecar(folder) if (folder / SIDECAR).is_file() else {}
     method = (_checked_method(folder, sidecar, model, kind) if sidecar
               else _unchecked_method(folder, raw_cfg, kind))
-    config = config_from_saved(method, raw_cfg, _legacy_fields(method, sidecar))
+    config = config_from_saved(method, raw_cfg, _legacy_fields(method, sidecar), str(folder / "adapter_config.json"))
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
                                                is_trainable=is_trainable, config=config)

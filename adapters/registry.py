@@ -38,7 +38,10 @@ class Method:
     ``hyplora+gelora``); config: import path of its PEFT config class; layer: import path of its layer
     class (None: PEFT's own LoRA layer); combines_with: the methods it can be joined with
     (``"<this>+<other>"``); mergeable: whether its update can be merged into the base weights;
-    description: one line for help texts and reports.
+    description: one line for help texts and reports; loader: import path of the function
+    ``(raw adapter_config.json dict, where) -> config`` that reads its config class back (None: the
+    class is built from the saved fields it declares, :func:`adapters.io.config_from_saved`). Methods of
+    one config class share its loader.
     """
 
     name: str
@@ -48,6 +51,8 @@ class Method:
     combines_with: tuple[str, ...]
     mergeable: bool
     description: str
+    loader: Optional[str] = None
+
 
     def includes(self, part: str) -> bool:
         """True when ``part`` (a single method) is one of this method's parts."""
@@ -59,6 +64,11 @@ class Method:
         return _resolve(self.config)
 
     @property
+    def config_loader(self) -> Optional[Any]:
+        """The config class's own loader (None where the generic one serves)."""
+        return None if self.loader is None else _resolve(self.loader)
+
+    @property
     def layer_class(self) -> Optional[type]:
         """The layer class, or None where PEFT's LoRA layer serves (imported on first use)."""
         return None if self.layer is None else _resolve(self.layer)
@@ -66,18 +76,19 @@ class Method:
 
 _LORA_CONFIG = "peft:LoraConfig"
 _HYP_CONFIG, _HYP_LAYER = "adapters.hyplora.config:HypLoraConfig", "adapters.hyplora.layer:HypLoraLinear"
+_HYP_LOADER = "adapters.hyplora.config:config_from_saved"
 _HYDRA_CONFIG, _HYDRA_LAYER = "adapters.hydralora:HydraLoraConfig", "adapters.hydralora:HydraLoraLinear"
 
 METHODS: tuple[Method, ...] = (
     Method("lora", ("lora",), _LORA_CONFIG, None, (), True, "stock PEFT LoRA: h = W x + (α/r)·B A x"),
     Method("hyplora", ("hyplora",), _HYP_CONFIG, _HYP_LAYER, ("gelora",), False,
-           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)"),
+           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", _HYP_LOADER),
     Method("gelora", ("gelora",), _LORA_CONFIG, None, ("hyplora", "hydralora"), True,
            "LoRA with per-block ranks from intrinsic dimensions (GeLoRA)"),
     Method("hydralora", ("hydralora",), _HYDRA_CONFIG, _HYDRA_LAYER, ("gelora",), False,
            "one shared A and N routed B heads (HydraLoRA)"),
     Method("hyplora+gelora", ("hyplora", "gelora"), _HYP_CONFIG, _HYP_LAYER, (), False,
-           "HypLoRA layers with GeLoRA's per-block ranks"),
+           "HypLoRA layers with GeLoRA's per-block ranks", _HYP_LOADER),
     Method("hydralora+gelora", ("hydralora", "gelora"), _HYDRA_CONFIG, _HYDRA_LAYER, (), False,
            "HydraLoRA layers with GeLoRA's per-block ranks"),
 )

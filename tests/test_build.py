@@ -434,6 +434,14 @@ def test_registry_names_every_method_once():
         assert method.layer_class in (None, _expected_class(name))
         for other in method.combines_with:  # a combination is a registered method made of both parts
             assert f"{name}+{other}" in METHODS or f"{other}+{name}" in METHODS
+    # one loader per config class: methods sharing a config class share its loader
+    for name in METHODS:
+        method = registry.get(name)
+        assert all(other.loader == method.loader for other in map(registry.get, METHODS)
+                   if other.config == method.config)
+    saved = adapters.hyplora_config(2, 4, ["q_proj"], curvature=0.7, official=True).to_dict()
+    loaded = registry.get("hyplora").config_loader(saved, "test")
+    assert type(loaded) is HypLoraConfig and loaded.options == adapters.HypLoraOptions(curvature=0.7, official=True)
     assert registry.get(" HypLoRA ").name == "hyplora"
     assert registry.get("gelora").combines_with == ("hyplora", "hydralora")
     with pytest.raises(AdapterError, match="planner"):

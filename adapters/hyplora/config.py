@@ -1,10 +1,10 @@
 """HypLoRA's PEFT config: ``LoraConfig`` plus HypLoRA's own fields, so that ``save_pretrained`` writes
-them to ``adapter_config.json`` and :func:`config_from_dict` (what :func:`adapters.load` uses) reads
+them to ``adapter_config.json`` and :func:`config_from_saved` (what :func:`adapters.load` uses) reads
 them back into a config that builds HypLoRA layers again.
 
 Stock ``PeftModel.from_pretrained`` reads such a folder with PEFT's own ``LoraConfig``, which does
 not know the ``hyplora_*`` fields: PEFT warns that it ignores them (naming them) and builds plain LoRA
-layers. Load HypLoRA folders with :func:`adapters.load`, or pass ``config=config_from_dict(...)``.
+layers. Load HypLoRA folders with :func:`adapters.load`, or pass ``config=config_from_saved(...)``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from geoprobe.errors import AdapterError
 from .layer import HypLoraLinear, UnsupportedTarget
 from .options import HypLoraOptions, check_lora_settings, options_of
 
-__all__ = ["HypLoraConfig", "hyplora_config", "register_hyplora", "hyplora_options", "config_from_dict"]
+__all__ = ["HypLoraConfig", "hyplora_config", "register_hyplora", "hyplora_options", "config_from_saved"]
 
 
 @dataclass
@@ -103,11 +103,11 @@ def hyplora_options(config: Any) -> Optional[HypLoraOptions]:
     return options_of(config) if isinstance(config, HypLoraConfig) else None
 
 
-def config_from_dict(data: Mapping[str, Any]) -> HypLoraConfig:
-    """A :class:`HypLoraConfig` from the contents of a saved ``adapter_config.json`` (unknown keys of
-    newer PEFT versions are dropped, as PEFT does)."""
+def config_from_saved(raw: Mapping[str, Any], where: str = "adapter_config.json") -> HypLoraConfig:
+    """A :class:`HypLoraConfig` from the contents of a saved ``adapter_config.json`` (``where`` names it in
+    errors; keys of newer PEFT versions that this class does not know are dropped, as PEFT does)."""
     known = {f.name for f in dataclasses.fields(HypLoraConfig) if f.init}
     try:
-        return HypLoraConfig(**{k: v for k, v in data.items() if k in known})
+        return HypLoraConfig(**{k: v for k, v in raw.items() if k in known})
     except (TypeError, ValueError) as exc:
-        raise AdapterError(f"adapter_config.json does not fit HypLoRA: {exc}") from None
+        raise AdapterError(f"{where} does not fit HypLoRA: {exc}") from None
