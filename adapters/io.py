@@ -45,7 +45,6 @@ _READABLE_VERSIONS = (1, 2)
 FINGERPRINT_ROWS = 64
 _SPEC_ATTR = "_geoprobe_adapter"
 _SIDECAR_FIELDS = ("method", "plan", "base_model", "fingerprint", "versions")
-_LAYER_WEIGHTS = {"hyplora": ".lora_hyp_", "hydralora": ".lora_hydra_"}  # tensor names only that layer has
 
 
 # --------------------------------------------------------------------------- the record
@@ -248,7 +247,8 @@ def _weight_keys(folder: Path) -> list[str]:
 
 def _layer_kind(keys: Sequence[str]) -> Optional[str]:
     """The single method whose own layer tensors the file holds (None: plain LoRA tensors)."""
-    return next((kind for kind, marker in _LAYER_WEIGHTS.items() if any(marker in k for k in keys)), None)
+    return next((m.name for m in registry.METHODS if len(m.parts) == 1 and m.weights is not None
+                 and any(m.weights in k for k in keys)), None)
 
 
 def _layer_part(method: Method) -> Optional[str]:

@@ -41,7 +41,8 @@ class Method:
     description: one line for help texts and reports; loader: import path of the function
     ``(raw adapter_config.json dict, where) -> config`` that reads its config class back (None: the
     class is built from the saved fields it declares, :func:`adapters.io.config_from_saved`). Methods of
-    one config class share its loader.
+    one config class share its loader; weights: a fragment of the tensor names that only its own
+    layer saves (how a folder's weights tell which layer they belong to; None for LoRA layers).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Method:
     mergeable: bool
     description: str
     loader: Optional[str] = None
+    weights: Optional[str] = None
 
 
     def includes(self, part: str) -> bool:
@@ -82,15 +84,15 @@ _HYDRA_CONFIG, _HYDRA_LAYER = "adapters.hydralora:HydraLoraConfig", "adapters.hy
 METHODS: tuple[Method, ...] = (
     Method("lora", ("lora",), _LORA_CONFIG, None, (), True, "stock PEFT LoRA: h = W x + (α/r)·B A x"),
     Method("hyplora", ("hyplora",), _HYP_CONFIG, _HYP_LAYER, ("gelora",), False,
-           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", _HYP_LOADER),
+           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", _HYP_LOADER, ".lora_hyp_"),
     Method("gelora", ("gelora",), _LORA_CONFIG, None, ("hyplora", "hydralora"), True,
            "LoRA with per-block ranks from intrinsic dimensions (GeLoRA)"),
     Method("hydralora", ("hydralora",), _HYDRA_CONFIG, _HYDRA_LAYER, ("gelora",), False,
-           "one shared A and N routed B heads (HydraLoRA)"),
+           "one shared A and N routed B heads (HydraLoRA)", None, ".lora_hydra_"),
     Method("hyplora+gelora", ("hyplora", "gelora"), _HYP_CONFIG, _HYP_LAYER, (), False,
-           "HypLoRA layers with GeLoRA's per-block ranks", _HYP_LOADER),
+           "HypLoRA layers with GeLoRA's per-block ranks", _HYP_LOADER, ".lora_hyp_"),
     Method("hydralora+gelora", ("hydralora", "gelora"), _HYDRA_CONFIG, _HYDRA_LAYER, (), False,
-           "HydraLoRA layers with GeLoRA's per-block ranks"),
+           "HydraLoRA layers with GeLoRA's per-block ranks", None, ".lora_hydra_"),
 )
 """Every method, in the order help texts list them."""
 
