@@ -10,7 +10,10 @@
     run = adapters.finetune(model, tokenizer, examples, plan, out="out")
 
 Nothing heavy is imported here: submodules (and the names listed in ``_LAZY``) are imported on first
-attribute access, so ``import adapters`` costs neither torch nor peft.
+attribute access, so ``import adapters`` costs neither torch nor peft. The one exception is the
+function :func:`adapters.build.build`, bound here as ``adapters.build`` (its module imports neither): a
+submodule imported later would otherwise take its name. The module itself stays importable as
+``importlib.import_module("adapters.build")``; the method list is :mod:`adapters.registry`.
 """
 from __future__ import annotations
 
@@ -23,26 +26,25 @@ _LAZY: dict[str, str] = {
     "hyplora_delta": "adapters.hyplora",
     "HypLoraLinear": "adapters.hyplora",
     "HypLoraOptions": "adapters.hyplora",
+    "HypLoraConfig": "adapters.hyplora",
     "hyplora_config": "adapters.hyplora",
     "register_hyplora": "adapters.hyplora",
-    "build": "adapters.build",
-    "load": "adapters.build",
-    "save": "adapters.build",
+    "load": "adapters.io",
+    "save": "adapters.io",
     "plan_adapters": "adapters.plan",
     "AdapterPlan": "adapters.plan",
     "finetune": "adapters.train",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "build"])
+
+from .build import build  # noqa: E402  (the function; see the module docstring)
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is not None:
-        mod = importlib.import_module(module)
-        # ``build`` names both a submodule and its function: the submodule is callable (it forwards to
-        # the function), so returning it keeps ``adapters.build(...)`` and ``adapters.build.save`` both valid
-        value = mod if module == f"{__name__}.{name}" else getattr(mod, name)
+        value = getattr(importlib.import_module(module), name)
     else:
         if name.startswith("_"):
             raise AttributeError(f"module 'adapters' has no attribute {name!r}")

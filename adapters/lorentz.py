@@ -14,7 +14,9 @@ Chami et al. 2019, "Hyperbolic Graph Convolutional Neural Networks"; same conven
 where sinhc(t) = sinh(t)/t and asinhc(w) = asinh(w)/w; the second forms use arccosh(u) = asinh(√(u²−1))
 and ‖y_s‖ = √K·w on H. They have no division by ‖v‖ or ‖y_s‖, so the origin needs no special case, and
 both ratios are evaluated from the *square* of their argument with a Taylor series near zero, so
-values and gradients stay finite and accurate at v = 0.
+values and gradients stay finite and accurate at v = 0. These are the only Python sinhc/asinhc of the
+package (HypLoRA's token node and its kernels use them and their one cut-off rule,
+:func:`series_cutoff`).
 
 Numerical guards (the reasons, not just the numbers):
 
@@ -40,6 +42,11 @@ from geoprobe.errors import InputDataError
 __all__ = [
     "MAX_T",
     "Curvature",
+    "series_cutoff",
+    "sinhc_sq",
+    "sinhc_sq_slope",
+    "asinhc_sq",
+    "asinhc_sq_slope",
     "sinh_ratio",
     "asinh_ratio",
     "expmap0",
@@ -54,10 +61,17 @@ MAX_T: float = 12.0
 Curvature = Union[float, torch.Tensor]
 
 
-def _series_cutoff(dtype: torch.dtype) -> float:
-    """Below this |argument| the 3-term Taylor series is used; its truncation error (≤ 5·x⁶/112)
-    is under 1e-18 for float64 at 1e-3 and under 1e-9 for float32 at 0.05."""
-    return 1e-3 if dtype == torch.float64 else 0.05
+def series_cutoff(dtype: torch.dtype) -> float:
+    """Squared argument below which sinhc and asinhc take their two-term series (the one rule, shared by
+    the Python forms here, HypLoRA's token node and its Triton and C++ kernels).
+
+    In the argument u = t² the series are S(u) = 1 + u/6 (+ u²/120 …) and R(u) = 1 − u/6 (+ 3u²/40 …):
+    their truncation error is ≤ 3u²/40, which at the cut-off is 7.5e-18 for float64 (cut 1e-8, below
+    its unit roundoff 1.1e-16) and 7.5e-10 for float32 (cut 1e-4, below 6e-8). Above the cut-off the
+    closed forms are accurate to a few ulps; their slopes lose ≈ 3ε/u to cancellation, but every use of
+    a slope carries a factor u (what enters the chain rule is u·S'(u)), so the gradients stay ≈ ε.
+    Half-precision arguments are computed in float32 (their own ε is far above either error)."""
+    return 1e-8 if dtype == torch.float64 else 1e-4
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -85,26 +99,54 @@ def _sqrt_safe(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sqrt(torch.where(positive, x2, torch.ones_like(x2))), positive
 
 
-def sinh_ratio(t2: torch.Tensor) -> torch.Tensor:
-    """sinhc(t) = sinh(t)/t as a function of t² ≥ 0 (1 at t = 0).
+def sinhc_sq(u: torch.Tensor, *, max_t: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S(u) = sinh(min(√u, max_t))/√u (sinhc of t = √u, 1 at u = 0) and the masked √u (1 where the
+    series serves), kept for :func:`sinhc_sq_slope`.
 
-    Series 1 + t²/6 + t⁴/120 below the cutoff, sinh(t)/t above; the square is taken as input so that
-    the gradient is finite at t = 0."""
-    small = t2 < _series_cutoff(t2.dtype) ** 2
-    t, _ = _sqrt_safe(torch.where(small, torch.ones_like(t2), t2))
-    series = 1.0 + t2 / 6.0 + t2 * t2 / 120.0
-    return torch.where(small, series, torch.sinh(t) / t)
+    Series 1 + u/6 below :func:`series_cutoff`; the square is the input so that the gradient is
+    finite at t = 0. ``max_t``: clamp of the argument of sinh (HypLoRA's expmap0 clamps at 12)."""
+    small = u < series_cutoff(u.dtype)
+    t = torch.sqrt(u.masked_fill(small, 1.0))
+    closed = torch.sinh(t if max_t is None else t.clamp(max=max_t)) / t
+    return torch.where(small, 1.0 + u / 6.0, closed), t
+
+
+def sinhc_sq_slope(u: torch.Tensor, t: torch.Tensor, *, max_t: Optional[float] = None) -> torch.Tensor:
+    """S'(u) = (t cosh t − sinh t)/(2t³) inside the clamp, −sinh(max_t)/(2t³) beyond it; series
+    1/6 + u/60 below :func:`series_cutoff` (t: the masked √u of :func:`sinhc_sq`)."""
+    tc = t if max_t is None else t.clamp(max=max_t)
+    sh = torch.sinh(tc)
+    inside = tc * torch.cosh(tc) - sh
+    slope = (inside if max_t is None else torch.where(t > max_t, -sh, inside)) / (2.0 * t * t * t)
+    return torch.where(u < series_cutoff(u.dtype), 1.0 / 6.0 + u / 60.0, slope)
+
+
+def asinhc_sq(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R(v) = asinh(√v)/√v (asinhc of w = √v, 1 at v = 0), the masked v and asinh(√v) (kept for
+    :func:`asinhc_sq_slope`). Series 1 − v/6 below :func:`series_cutoff`."""
+    small = v < series_cutoff(v.dtype)
+    vs = v.masked_fill(small, 1.0)
+    ash = torch.asinh(torch.sqrt(vs))
+    return torch.where(small, 1.0 - v / 6.0, ash * torch.rsqrt(vs)), vs, ash
+
+
+def asinhc_sq_slope(v: torch.Tensor, vs: torch.Tensor, ash: torch.Tensor) -> torch.Tensor:
+    """R'(v) = (w/√(1+w²) − asinh w)/(2w³), w = √v; series −1/6 + 3v/20 below :func:`series_cutoff`."""
+    slope = (torch.rsqrt(1.0 + 1.0 / vs) - ash) * (0.5 * torch.rsqrt(vs) / vs)
+    return torch.where(v < series_cutoff(v.dtype), -1.0 / 6.0 + 0.15 * v, slope)
+
+
+def sinh_ratio(t2: torch.Tensor) -> torch.Tensor:
+    """sinhc(t) = sinh(t)/t as a function of t² ≥ 0 (1 at t = 0): :func:`sinhc_sq` without a clamp.
+    Half-precision arguments are computed in float32 and returned in their dtype."""
+    return sinhc_sq(t2.to(_compute_dtype(t2)))[0].to(t2.dtype)
 
 
 def asinh_ratio(w2: torch.Tensor) -> torch.Tensor:
-    """asinhc(w) = asinh(w)/w as a function of w² ≥ 0 (1 at w = 0).
-
-    Series 1 − w²/6 + 3w⁴/40 below the cutoff, asinh(w)/w above. Since arccosh(u) = asinh(√(u²−1)),
-    this is also arccosh(u)/√(u²−1) with w² = u² − 1 (the near-u = 1 guard of the logarithmic map)."""
-    small = w2 < _series_cutoff(w2.dtype) ** 2
-    w, _ = _sqrt_safe(torch.where(small, torch.ones_like(w2), w2))
-    series = 1.0 - w2 / 6.0 + 3.0 * w2 * w2 / 40.0
-    return torch.where(small, series, torch.asinh(w) / w)
+    """asinhc(w) = asinh(w)/w as a function of w² ≥ 0 (1 at w = 0): :func:`asinhc_sq`. Since
+    arccosh(u) = asinh(√(u²−1)), this is also arccosh(u)/√(u²−1) with w² = u² − 1 (the near-u = 1 guard
+    of the logarithmic map). Half-precision arguments are computed in float32."""
+    return asinhc_sq(w2.to(_compute_dtype(w2)))[0].to(w2.dtype)
 
 
 def _space_factor(sq_norm: torch.Tensor, k: torch.Tensor, max_t: Optional[float]) -> tuple[

@@ -32,13 +32,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from geoprobe.errors import PlanError
+from geoprobe.errors import AdapterError, PlanError
 from geoprobe.records import write_json
 from geoprobe.profile import AdapterPlanRecord, GeometryProfile
 
+from . import registry
+from .registry import AUTO, Method
+
 KHRULKOV_BALL_DELTA_REL = 0.144
 K_MIN, K_MAX = 0.05, 20.0
-METHODS = ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora", "hydralora+gelora")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
@@ -59,8 +61,7 @@ class AdapterPlan:
     model: str = ""
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise PlanError(f"unknown adapter method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _method(self.method)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -186,21 +187,58 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
 
     alpha = float(alpha if alpha is not None else 2 * r)
     reasons: dict[str, str] = {}
-    curvature = None
-    layer_ranks = None
-    n_heads = None
-    silhouettes: dict[str, float] = {}
-
-    dp = profile.delta_prompts
-    hyperbolic = dp is not None and dp.side_of_null == "below"
-    if dp is not None:
-        curvature, reasons["curvature"] = curvature_from_delta(dp.mean, dp.diameter or 0.0, dp.dim)
-        reasons["hyperbolic"] = (
-            f"per-prompt δ_rel {dp.mean:.4f} ± {dp.std:.4f} against the matched Gaussian null "
-            f"{dp.null_mean:.4f} ± {dp.null_std:.4f}: {dp.side_of_null} the null")
+    curvature, hyperbolic = _curvature_evidence(profile, reasons)
+    n_heads, silhouettes = None, {}
     if train_embeddings is not None:
         n_heads, silhouettes, reasons["heads"] = choose_heads(train_embeddings, seed=seed)
+    ids = _layer_dimensions(profile)
+    if method == AUTO:
+        method, reasons["method"] = _auto_method(n_heads, silhouettes, hyperbolic)
+    chosen = _method(method)
+    layer_ranks = None
+    if chosen.includes("gelora"):
+        n_blocks = profile.model.n_layers
+        costs = (list(params_per_rank) if params_per_rank is not None else
+                 [2 * profile.model.hidden_size * len(target_modules)] * n_blocks)
+        layer_ranks = gelora_ranks(ids[:-1], ids[1:], rule=rank_rule, r=r, floor=rank_floor,
+                                   cap=rank_cap, n_params_fn=costs)
+        reasons["ranks"] = (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {min(ids):.1f}…{max(ids):.1f}: "
+                            f"ranks {min(layer_ranks)}…{max(layer_ranks)} over {len(layer_ranks)} blocks")
+    if chosen.includes("hydralora") and n_heads is None:
+        raise PlanError("HydraLoRA needs training data to choose its number of heads (--data)")
+    if not chosen.includes("hyplora"):
+        curvature = None
+        reasons.pop("curvature", None)
+    reasons["alpha"] = f"α/r = {alpha / r:g} for every method (fair comparison)"
+    return AdapterPlan(method=chosen.name, r=r, alpha=alpha, target_modules=tuple(target_modules),
+                       curvature=curvature, layer_ranks=layer_ranks,
+                       rank_rule=rank_rule if layer_ranks else None, n_heads=n_heads,
+                       silhouettes=silhouettes, reasons=reasons, model=profile.model.name)
 
+
+def _method(name: str) -> Method:
+    """The registry's method called ``name``, or a PlanError naming the choices."""
+    try:
+        return registry.get(name)
+    except AdapterError:
+        raise PlanError(f"unknown adapter method {name!r}; choose one of {', '.join(registry.choices())}") from None
+
+
+def _curvature_evidence(profile: GeometryProfile, reasons: dict[str, str]) -> tuple[Optional[float], bool]:
+    """HypLoRA's initial K from the per-prompt δ_rel (None without it) and whether δ_rel lies below its
+    null; the reasons are added to ``reasons``."""
+    dp = profile.delta_prompts
+    if dp is None:
+        return None, False
+    curvature, reasons["curvature"] = curvature_from_delta(dp.mean, dp.diameter or 0.0, dp.dim)
+    reasons["hyperbolic"] = (
+        f"per-prompt δ_rel {dp.mean:.4f} ± {dp.std:.4f} against the matched Gaussian null "
+        f"{dp.null_mean:.4f} ± {dp.null_std:.4f}: {dp.side_of_null} the null")
+    return curvature, dp.side_of_null == "below"
+
+
+def _layer_dimensions(profile: GeometryProfile) -> list[float]:
+    """The TwoNN dimension of every layer (embedding output and each block), or a PlanError."""
     ids = [l.twonn.dimension if l.twonn is not None else math.nan for l in profile.layers]
     n_blocks = profile.model.n_layers
     if len(ids) != n_blocks + 1:
@@ -209,32 +247,15 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
                         "re-run `geoprobe probe` without --no-layers")
     if any(not math.isfinite(v) for v in ids):
         raise PlanError("the profile lacks an intrinsic dimension for some layer; re-run `geoprobe probe`")
+    return ids
 
-    if method == "auto":
-        if n_heads is not None and silhouettes.get(str(n_heads), 0.0) >= 0.1:
-            method = "hydralora+gelora"
-            reasons["method"] = f"training data clusters into {n_heads} groups: HydraLoRA heads, GeLoRA ranks"
-        elif hyperbolic:
-            method = "hyplora+gelora"
-            reasons["method"] = "prompt embeddings are more tree-like than the null: HypLoRA, GeLoRA ranks"
-        else:
-            method = "gelora"
-            reasons["method"] = ("prompt embeddings are not more tree-like than random points of their "
-                                 "dimension: no hyperbolic map; GeLoRA ranks from intrinsic dimension")
-    if "gelora" in method:
-        costs = (list(params_per_rank) if params_per_rank is not None else
-                 [2 * profile.model.hidden_size * len(target_modules)] * n_blocks)
-        layer_ranks = gelora_ranks(ids[:-1], ids[1:], rule=rank_rule, r=r, floor=rank_floor,
-                                   cap=rank_cap, n_params_fn=costs)
-        reasons["ranks"] = (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {min(ids):.1f}…{max(ids):.1f}: "
-                            f"ranks {min(layer_ranks)}…{max(layer_ranks)} over {len(layer_ranks)} blocks")
-    if "hydralora" in method and n_heads is None:
-        raise PlanError("HydraLoRA needs training data to choose its number of heads (--data)")
-    if "hyplora" not in method:
-        curvature = None
-        reasons.pop("curvature", None)
-    reasons["alpha"] = f"α/r = {alpha / r:g} for every method (fair comparison)"
-    return AdapterPlan(method=method, r=r, alpha=alpha, target_modules=tuple(target_modules),
-                       curvature=curvature, layer_ranks=layer_ranks,
-                       rank_rule=rank_rule if layer_ranks else None, n_heads=n_heads,
-                       silhouettes=silhouettes, reasons=reasons, model=profile.model.name)
+
+def _auto_method(n_heads: Optional[int], silhouettes: dict[str, float], hyperbolic: bool) -> tuple[str, str]:
+    """``auto``'s choice and its reason: HydraLoRA when the training data clusters, HypLoRA when the
+    prompts are more tree-like than the null, GeLoRA otherwise (each with GeLoRA ranks)."""
+    if n_heads is not None and silhouettes.get(str(n_heads), 0.0) >= 0.1:
+        return "hydralora+gelora", f"training data clusters into {n_heads} groups: HydraLoRA heads, GeLoRA ranks"
+    if hyperbolic:
+        return "hyplora+gelora", "prompt embeddings are more tree-like than the null: HypLoRA, GeLoRA ranks"
+    return "gelora", ("prompt embeddings are not more tree-like than random points of their "
+                      "dimension: no hyperbolic map; GeLoRA ranks from intrinsic dimension")

@@ -67,7 +67,8 @@ from geoprobe import runtime
 from geoprobe.records import write_json
 from geoprobe.profile import FinetuneResult, GeometryProfile, Record
 
-from .build import adapter_spec, build, check_adapter_state, save, write_adapter
+from .build import build
+from .io import adapter_spec, check_adapter_state, save, write_adapter
 from .data import IGNORE_INDEX, Example, collate, format_prompt, pack, tokenize_for_training
 from .plan import AdapterPlan
 

@@ -6,7 +6,7 @@ parameter: A, B, raw curvature, raw scale), in one run:
 
 * ``hyplora bottleneck`` — :class:`adapters.hyplora.HypLoraLinear` (Δ = B·(c·A x), per-token scalars
   from ‖x‖ and aᵀ(BᵀB)a; float32 island; on CUDA the fused Triton kernels of
-  :mod:`adapters.kernels.hyplora_fused`);
+  :mod:`adapters.hyplora.kernels.fused`);
 * ``hyplora bottleneck unfused`` — the same layer with those kernels switched off (torch ops);
 * ``hyplora map chain`` — the same weights through :func:`adapters.hyplora.hyplora_delta`
   (expmap0 → B A → time part → logmap0, element-wise over d_out; float32 island);
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config, hyplora_delta  # noqa: E402
-from adapters.kernels import set_fused_enabled  # noqa: E402
+from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 

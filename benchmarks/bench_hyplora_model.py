@@ -11,7 +11,7 @@ from round to round), median over rounds:
 
 * ``peft lora`` — stock PEFT LoRA (the peer);
 * ``hyplora fused`` — :class:`adapters.hyplora.HypLoraLinear` as it runs by default: base output, update
-  and addition as one autograd node (:func:`adapters.kernels.hyplora_fused.hyplora_linear_fused`);
+  and addition as one autograd node (:func:`adapters.hyplora.kernels.hyplora_linear_fused`);
 * ``hyplora fused via dispatch`` — the same Triton kernels for Δ alone, reached through PEFT's
   per-adapter dispatch (cast, Δ, cast back, addition as separate ops);
 * ``hyplora unfused`` — the same layer with the kernels switched off (torch ops, ``_TokenScale``);
@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
-from adapters.kernels import set_fused_enabled  # noqa: E402
+from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402

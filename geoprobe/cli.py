@@ -415,7 +415,7 @@ def cmd_evaluate(args, command: str) -> int:
 
     _check_limit(args.limit, "--limit")
     if args.adapter:
-        from adapters.build import SIDECAR
+        from adapters.io import SIDECAR
         folder = Path(args.adapter)
         if not (folder / "adapter_config.json").is_file():
             hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""

@@ -6,6 +6,7 @@ base model. Oracles: stock PEFT built by hand, brute-force module scans, paramet
 closed form Σ r_j (d_in + d_out)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -16,9 +17,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 
 import adapters
-from adapters import build as build_module
-from adapters.build import (BERT_TARGETS, LLAMA_TARGETS, METHODS, SIDECAR, adapter_spec, base_fingerprint,
-                            default_targets, load, save)
+from adapters import io as io_module
+from adapters import registry
+from adapters.build import BERT_TARGETS, LLAMA_TARGETS, METHODS, default_targets
+from adapters.io import SIDECAR, adapter_spec, base_fingerprint, load, save
 from adapters.gelora import lora_parameter_count
 from adapters.hydralora import HydraLoraLinear
 from adapters.hyplora import HypLoraLinear
@@ -27,6 +29,7 @@ from geoprobe.errors import AdapterError, GeoprobeError, OutputError, PlanError
 
 from tiny_models import tiny_bert, tiny_llama
 
+build_module = importlib.import_module("adapters.build")  # ``adapters.build`` is the function
 R = 4
 RANKS = [2, 5]  # GeLoRA ranks of the two blocks
 
@@ -51,20 +54,17 @@ def _out(model, batch) -> torch.Tensor:
 
 def _build(kind: str, method: str, seed: int = 0, **kw):
     kwargs = {"r": R, **kw}
-    if "gelora" in method:
+    if registry.get(method).includes("gelora"):
         kwargs.setdefault("layer_ranks", RANKS)
-    if "hydralora" in method:
+    if registry.get(method).includes("hydralora"):
         kwargs.setdefault("n_heads", 3)
     torch.manual_seed(1000)  # adapter initialisation
     return build_module.build(MAKERS[kind](seed), method, **kwargs)
 
 
 def _expected_class(method: str):
-    if "hyplora" in method:
-        return HypLoraLinear
-    if "hydralora" in method:
-        return HydraLoraLinear
-    return LoraLinear
+    expected = {"hyplora": HypLoraLinear, "hydralora": HydraLoraLinear}
+    return next((expected[p] for p in registry.get(method).parts if p in expected), LoraLinear)
 
 
 def _block(name: str) -> int:
@@ -223,19 +223,25 @@ def test_method_matrix(kind, method, tmp_path):
         load(MAKERS[kind](7), folder)
 
     # merge: exact for linear methods, a clear refusal for the nonlinear / routed ones
-    if method in ("lora", "gelora"):
+    assert registry.get(method).mergeable == (method in ("lora", "gelora"))
+    if registry.get(method).mergeable:
         merged = loaded.merge_and_unload()
         assert torch.allclose(_out(merged, batch), out1, atol=1e-5)
     else:
         with pytest.raises(AdapterError):
             loaded.merge_adapter()
 
-    # without the sidecar: custom layers are refused, plain LoRA loads as what it is
+    # without the sidecar every folder loads as what it is (the method's fields are in its config), unchecked
     (folder / SIDECAR).unlink()
-    if cls is LoraLinear:
-        plain = load(MAKERS[kind](0), folder)
-        assert torch.equal(_out(plain, batch), out1)
-    else:
+    plain = load(MAKERS[kind](0), folder)
+    assert torch.equal(_out(plain, batch), out1)
+    assert all(type(m) is cls for m in plain.modules() if isinstance(m, LoraLinear))
+    # a custom-layer folder whose config does not name the method (older versions) and no sidecar: refused
+    if cls is not LoraLinear:
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        own = {k for k in raw if k.startswith(("hyplora_", "hydra_"))}
+        assert own
+        (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in raw.items() if k not in own}))
         with pytest.raises(AdapterError, match="no geoprobe_adapter.json"):
             load(MAKERS[kind](0), folder)
 
@@ -244,7 +250,7 @@ def test_method_matrix(kind, method, tmp_path):
 def test_half_precision_base(method, tmp_path):
     """A bfloat16 base: finite forward after training, and the round trip is still exact."""
     batch = _inputs("llama")
-    kwargs = {"layer_ranks": RANKS} if "gelora" in method else {}
+    kwargs = {"layer_ranks": RANKS} if registry.get(method).includes("gelora") else {}
     torch.manual_seed(1000)
     model = build_module.build(tiny_llama(0).to(torch.bfloat16), method, r=R, **kwargs)
     _train_step(model, batch)
@@ -255,13 +261,15 @@ def test_half_precision_base(method, tmp_path):
 
 
 def test_stock_peft_would_silently_differ(tmp_path):
-    """Why the sidecar is needed: the same HypLoRA folder loaded by stock PEFT gives other outputs."""
+    """Why adapters.load is needed: stock PEFT loads a HypLoRA folder as plain LoRA (other outputs), with a
+    warning that names the HypLoRA fields it ignores."""
     batch = _inputs("llama")
     model = _build("llama", "hyplora")
     _train_step(model, batch)
     want = _out(model, batch)
     folder = save(model, tmp_path / "a")
-    stock = PeftModel.from_pretrained(tiny_llama(0), str(folder))
+    with pytest.warns(UserWarning, match="hyplora_curvature"):  # PEFT names the fields it ignores
+        stock = PeftModel.from_pretrained(tiny_llama(0), str(folder))
     assert not torch.allclose(_out(stock, batch), want, atol=1e-4)
     assert torch.equal(_out(load(tiny_llama(0), folder), batch), want)
 
@@ -278,7 +286,10 @@ def test_build_from_plan():
         assert m.scaling["default"] == pytest.approx(3.0)
         assert float(m.hyp_curvature("default").detach()) == pytest.approx(0.5, rel=1e-5)
     spec = adapter_spec(model)
-    assert spec.plan == plan.to_dict() and spec.curvature == 0.5 and spec.layer_ranks == [1, 3]
+    config = model.peft_config["default"]
+    assert spec.plan == plan.to_dict() and spec.method == "hyplora+gelora" and config.hyplora_curvature == 0.5
+    ranks = {k.replace("\\.", "."): v for k, v in config.rank_pattern.items()}  # GeLoRA's per-block ranks
+    assert [ranks[f"model.layers.{b}.self_attn.{t}"] for b in (0, 1) for t in ("q_proj", "v_proj")] == [1, 1, 3, 3]
 
     heads = AdapterPlan(method="hydralora+gelora", r=R, alpha=2.0 * R, target_modules=LLAMA_TARGETS,
                         layer_ranks=[2, 2], n_heads=3, curvature=None)
@@ -299,13 +310,18 @@ def test_plan_for_another_model_is_refused():
 
 
 # --------------------------------------------------------------------------- files
-def test_save_pretrained_writes_the_sidecar(tmp_path):
+@pytest.mark.parametrize("method", ["hydralora", "hyplora"])
+def test_save_pretrained_folder_loads_back_as_its_method(tmp_path, method):
+    """PEFT's own save_pretrained (not patched) writes the method's fields into adapter_config.json, so the
+    folder loads back as that method with the same outputs; only adapters.save adds the sidecar."""
     batch = _inputs("llama")
-    model = _build("llama", "hydralora")
+    model = _build("llama", method)
     _train_step(model, batch)
     model.save_pretrained(str(tmp_path / "a"))
-    assert (tmp_path / "a" / SIDECAR).is_file()
-    assert torch.equal(_out(load(tiny_llama(0), tmp_path / "a"), batch), _out(model, batch))
+    assert not (tmp_path / "a" / SIDECAR).is_file()
+    loaded = load(tiny_llama(0), tmp_path / "a")
+    assert adapter_spec(loaded).method == method
+    assert torch.equal(_out(loaded, batch), _out(model, batch))
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -318,7 +334,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def broken(folder, spec):
         raise OSError("disk full")
 
-    monkeypatch.setattr(build_module, "_write_sidecar", broken)
+    monkeypatch.setattr(io_module, "_write_sidecar", broken)
     with pytest.raises(OSError, match="disk full"):
         save(model, target)
     # the old adapter is intact and nothing half-written is left beside it
@@ -368,3 +384,72 @@ def test_wrong_shape_base_is_refused(tmp_path):
         load(tiny_llama(0, layers=3), folder)
     with pytest.raises(AdapterError, match="architecture"):
         load(tiny_bert(0), folder)
+
+
+def test_first_version_sidecars_still_load(tmp_path):
+    """A folder as the first sidecar version wrote it: a plain LoraConfig and HypLoRA's options (here the
+    reference formula) in the sidecar. It loads as HypLoRA with those options and the same outputs."""
+    from adapters.hyplora import HypLoraConfig
+
+    batch = _inputs("llama")
+    model = _build("llama", "hyplora", official=True, curvature=1.7)
+    _train_step(model, batch)
+    want = _out(model, batch)
+    folder = save(model, tmp_path / "a")
+    raw = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({k: v for k, v in raw.items()
+                                                            if not k.startswith("hyplora_")}))
+    side = json.loads((folder / SIDECAR).read_text())
+    spec = adapter_spec(model)
+    (folder / SIDECAR).write_text(json.dumps({
+        **side, "schema_version": 1, "r": spec.r, "alpha": spec.alpha, "target_modules": spec.target_modules,
+        "dropout": spec.dropout, "curvature": 1.7, "curvature_pattern": {}, "official": True, "n_heads": None,
+        "top_k": None, "balance": False, "layer_ranks": None, "trainable_parameters": spec.trainable_parameters}))
+    loaded = load(tiny_llama(0), folder)
+    config = loaded.peft_config["default"]
+    assert isinstance(config, HypLoraConfig) and config.hyplora_official and config.hyplora_curvature == 1.7
+    assert torch.equal(_out(loaded, batch), want)
+
+
+def test_registry_names_every_method_once():
+    from adapters.hydralora import HydraLoraConfig
+    from adapters.hyplora import HypLoraConfig
+
+    assert METHODS == registry.names() == ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora",
+                                           "hydralora+gelora")
+    assert registry.choices() == ("auto",) + METHODS and registry.choices(include_auto=False) == METHODS
+    for name in METHODS:
+        method = registry.get(name)
+        assert method.name == name and "+".join(method.parts) == name and method.description
+        assert method.config_class.__name__.endswith("Config")
+        assert (method.layer_class is None) == (_expected_class(name) is LoraLinear)
+        assert method.layer_class in (None, _expected_class(name))
+        for other in method.combines_with:  # a combination is a registered method made of both parts
+            assert f"{name}+{other}" in METHODS or f"{other}+{name}" in METHODS
+    # one loader per config class: methods sharing a config class share its loader
+    for name in METHODS:
+        method = registry.get(name)
+        assert all(other.loader == method.loader for other in map(registry.get, METHODS)
+                   if other.config == method.config)
+    saved = adapters.hyplora_config(2, 4, ["q_proj"], curvature=0.7, official=True).to_dict()
+    loaded = registry.get("hyplora").config_loader(saved, "test")
+    assert type(loaded) is HypLoraConfig and loaded.options == adapters.HypLoraOptions(curvature=0.7, official=True)
+    assert registry.get(" HypLoRA ").name == "hyplora"
+    assert registry.get("gelora").combines_with == ("hyplora", "hydralora")
+    with pytest.raises(AdapterError, match="planner"):
+        registry.get("auto")
+    with pytest.raises(AdapterError, match="unknown adapter method"):
+        registry.get("dora")
+    assert registry.for_config(LoraConfig(r=2, target_modules=["q_proj"])).name == "lora"
+    assert registry.for_config(HypLoraConfig(r=2, target_modules=["q_proj"])).name == "hyplora"
+    assert registry.for_config(HydraLoraConfig(r=2, target_modules=["q_proj"])).name == "hydralora"
+    with pytest.raises(AdapterError, match="no adapter method"):
+        registry.for_config(object())
+
+
+def test_registry_is_read_without_torch():
+    code = ("import sys, adapters.registry as r; assert r.get('hyplora').config.endswith('HypLoraConfig'); "
+            "bad = {'torch', 'peft'} & set(sys.modules); assert not bad, bad")
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True, timeout=120)

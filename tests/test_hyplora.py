@@ -428,8 +428,9 @@ def test_save_reregister_load_reproduces_outputs(tmp_path, official):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
 
-    # stock PEFT silently builds plain LoRA layers from the same folder: outputs differ (hence a sidecar)
-    stock = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    # stock PEFT builds plain LoRA layers from the same folder: outputs differ (hence adapters.load)
+    with pytest.warns(UserWarning, match="hyplora_curvature"):  # but it warns, naming the fields it ignores
+        stock = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert not _layers(stock)
     with torch.no_grad():
         assert not torch.allclose(stock(ids).logits, want, atol=1e-3)
@@ -478,9 +479,12 @@ def test_merge_is_refused_and_leaves_weights_untouched():
     with pytest.raises(AdapterError, match=NOT_MERGEABLE):
         pm.merge_adapter()
     layer = _layers(pm)[0]
-    for call in (layer.merge, layer.unmerge, lambda: layer.merge(safe_merge=True),
-                 lambda: layer.get_delta_weight("default")):
+    for call in (layer.merge, lambda: layer.merge(safe_merge=True), lambda: layer.get_delta_weight("default")):
         with pytest.raises(AdapterError, match="nonlinear in x"):
+            call()
+    # nothing is ever merged: unmerging warns as LoRA does, and changes nothing
+    for call in (layer.unmerge, pm.unmerge_adapter):
+        with pytest.warns(UserWarning, match="Already unmerged"):
             call()
     assert not layer.merged
     for n, p in pm.named_parameters():
@@ -622,3 +626,25 @@ def test_cuda_layer_matches_float64_reference():
     with torch.no_grad():
         want = layer.base_layer(xb) + layer.hyp_delta("default", xb.float()).to(torch.bfloat16)
         assert torch.equal(layer(xb), want)
+
+
+def test_several_active_adapters_add_their_updates():
+    """PEFT's mixed active adapters (base_model.set_adapter([...])): each HypLoRA layer adds every active
+    adapter's own update, h = W x + Σ_i (α_i/r_i)·Δ_i(x), with each adapter's K and s."""
+    pm = _hyp_model()
+    torch.manual_seed(3)
+    pm.add_adapter("other", hyplora_config(4, 6, TARGETS, curvature=2.0, init_lora_weights=False))
+    pm.base_model.set_adapter(["default", "other"])
+    layer = _layers(pm)[0]
+    assert layer.active_adapters == ["default", "other"]
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = layer(x)
+        want = layer.base_layer(x) + sum(layer.hyp_delta(name, x) for name in ("default", "other"))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        both = pm(_ids(seed=2)).logits
+    assert torch.isfinite(both).all()
+    pm.base_model.set_adapter("default")
+    with torch.no_grad():
+        assert not torch.allclose(pm(_ids(seed=2)).logits, both)

@@ -1,4 +1,4 @@
-"""Fused HypLoRA kernels (adapters.kernels.hyplora_fused) against the literal map chain in float64.
+"""Fused HypLoRA kernels (adapters.hyplora.kernels.fused) against the literal map chain in float64.
 
 GPU tests (marked ``gpu``) compare output and every gradient (x, A, B, raw curvature, raw scale) with
 :func:`adapters.hyplora.hyplora_delta` on fresh random inputs that cover the series branches, the sinh
@@ -19,14 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.hyplora import (HypLoraLinear, _bottleneck, hyplora_config, hyplora_delta,
-                              hyplora_delta_bottleneck, inverse_positive, positive)
-from adapters.kernels import hyplora_fused, native
-from adapters.kernels.hyplora_fused import (fused_unsupported_reason, hyplora_bottleneck_fused,
+from adapters.hyplora import (HypLoraLinear, hyplora_config, hyplora_delta, hyplora_delta_bottleneck,
+                              inverse_positive, positive)
+from adapters.hyplora.functional import bottleneck as _bottleneck
+from adapters.hyplora.kernels import fused as hyplora_fused
+from adapters.hyplora.kernels.fused import (fused_unsupported_reason, hyplora_bottleneck_fused,
                                             set_fused_enabled)
+from adapters.kernels import _internals, native
 
 REPO = Path(__file__).resolve().parents[1]
-LOGGER = "adapters.kernels.hyplora_fused"
+LOGGER = "adapters.hyplora.kernels.fused"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
 
@@ -182,10 +184,29 @@ def _layer(d_in, d_out, r, *, base_dtype=torch.float32, dropout=0.0, official=Fa
     return layer
 
 
+@pytest.mark.parametrize("official", [False, True])
+def test_layer_with_private_apis_off_gives_the_same_bits_without_native_nodes(python_node, official):
+    """Without the native nodes the CPU layer never needs a private entry point: switching them off
+    (adapters.kernels._internals.set_private_apis(False)) changes no value and no gradient."""
+    layer = _layer(20, 14, 5, official=official, seed=9)
+    x = torch.randn(4, 20, generator=torch.Generator().manual_seed(9))
+    runs = []
+    for private in (True, False):
+        previous = _internals.set_private_apis(private)
+        try:
+            out, grads = _grads(lambda xx: layer(xx), [x])
+            params = torch.autograd.grad(layer(x).sum(), [p for p in layer.parameters() if p.requires_grad])
+        finally:
+            _internals.set_private_apis(previous)
+        runs.append([out, *grads, *params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_lean_layer_path_is_chosen_only_for_one_plain_hyplora_adapter(monkeypatch):
     """The one-node layer path serves exactly: one active, unmerged, consistent-map HypLoRA adapter,
     no extra forward arguments, kernels available (forced here, whatever the machine has)."""
-    import adapters.hyplora as hyp
+    import adapters.hyplora.layer as hyp
 
     calls = []
     monkeypatch.setattr(hyp, "linear_fast_path", lambda x, A, B: calls.append(1) or True)
@@ -222,7 +243,7 @@ _INTERPRETER_SCRIPT = r"""
 import math, sys, torch
 sys.path.insert(0, sys.argv[1])
 from tests.test_hyplora_fused import _inputs, _grads, _chain, _fused, _rel
-from adapters.kernels.hyplora_fused import fused_unsupported_reason
+from adapters.hyplora.kernels.fused import fused_unsupported_reason
 worst = 0.0
 for (T, d_in, d_out, r, K, b_scale) in [(19, 33, 21, 5, 1.7, 0.3), (8, 40, 12, 16, 0.4, 1e-5)]:
     t = _inputs(T, d_in, d_out, r, K, torch.float64, "cpu", b_scale=b_scale)
@@ -353,7 +374,7 @@ def test_rank_above_limit_falls_back_on_cuda(fresh_log, caplog):
 def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, seed=None):
     """Relative errors of the layer's output and of the gradients of x, A, B, raw K, raw s against
     base(x) + (α/r)·hyplora_delta in float64 (the lean path must be the one taken)."""
-    import adapters.hyplora as hyp
+    import adapters.hyplora.layer as hyp
 
     lead, T, d_in, d_out, r = shape
     seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -451,8 +472,7 @@ def test_direct_launch_equals_triton_launch_across_specialisations(python_node):
     kernel.run = lambda *a, **k: jit_runs.append(1) or original_run(*a, **k)
     hyplora_fused._FWD_LINEAR.cache.clear()
     for direct in (True, False):
-        previous = hyplora_fused._DIRECT_LAUNCH
-        hyplora_fused._DIRECT_LAUNCH = direct
+        previous = _internals.set_private_apis(direct)
         try:
             for T in (1, 16, 17, 64, 17, 1):
                 x = torch.randn(T, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(T),
@@ -464,7 +484,7 @@ def test_direct_launch_equals_triton_launch_across_specialisations(python_node):
                 outs.setdefault(T, []).append([out.detach(), x.grad] + [p.grad for p in layer.parameters()
                                                                         if p.grad is not None])
         finally:
-            hyplora_fused._DIRECT_LAUNCH = previous
+            _internals.set_private_apis(previous)
         if direct:  # T = 16 and 64 share a specialisation, 17 and 1 come back: 3 of 6 launches compile
             assert len(jit_runs) == 3, len(jit_runs)
     del kernel.run

@@ -226,3 +226,73 @@ def test_bad_curvature_is_refused(bad):
 def test_logmap0_needs_time_and_space():
     with pytest.raises(InputDataError, match="time and at least one space"):
         logmap0(torch.ones(4, 1), 1.0)
+
+
+# ============================================================================ the one cut-off rule
+def _mp_sinhc_sq(u: float) -> tuple[float, float]:
+    """S(u) = sinh(√u)/√u and u·S'(u) in 50 digits (series at u = 0)."""
+    um = mpmath.mpf(u)
+    if um == 0:
+        return 1.0, 0.0
+    t = mpmath.sqrt(um)
+    return float(mpmath.sinh(t) / t), float(um * (t * mpmath.cosh(t) - mpmath.sinh(t)) / (2 * t ** 3))
+
+
+def _mp_asinhc_sq(v: float) -> tuple[float, float]:
+    """R(v) = asinh(√v)/√v and v·R'(v) in 50 digits."""
+    vm = mpmath.mpf(v)
+    if vm == 0:
+        return 1.0, 0.0
+    w = mpmath.sqrt(vm)
+    return float(mpmath.asinh(w) / w), float(vm * (w / mpmath.sqrt(1 + w * w) - mpmath.asinh(w)) / (2 * w ** 3))
+
+
+_UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_one_series_cutoff_is_accurate_at_around_and_far_from_the_switch(dtype):
+    """sinhc and asinhc (values, and u·slope — what enters every chain rule) against 50-digit values at the
+    switch of lorentz.series_cutoff, just below and above it, a decade either side, at 0 and far out: every
+    error within a few units of the dtype's roundoff (bfloat16 arguments are computed in float32 and
+    rounded once to bfloat16)."""
+    from adapters.lorentz import asinhc_sq, asinhc_sq_slope, series_cutoff, sinhc_sq, sinhc_sq_slope
+
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    cut = series_cutoff(compute)
+    assert series_cutoff(dtype) == cut  # half precision shares float32's rule
+    points = [0.0, cut * 1e-3, cut * 0.1, cut * (1 - 1e-3), cut, cut * (1 + 1e-3), cut * 10.0, 1e-2, 0.5, 3.0, 50.0]
+    u = torch.tensor(points, dtype=torch.float64).to(dtype)
+    used = u.double().tolist()  # the arguments as the dtype holds them
+    eps = _UNIT_ROUNDOFF[dtype]
+    uc = u.to(compute)
+    S, t = sinhc_sq(uc)
+    R, vs, ash = asinhc_sq(uc)
+    got = {"sinhc": sinh_ratio(u).double(), "asinhc": asinh_ratio(u).double(),
+           "u·S'": (uc * sinhc_sq_slope(uc, t)).double(), "v·R'": (uc * asinhc_sq_slope(uc, vs, ash)).double()}
+    assert torch.equal(S.to(dtype).double(), got["sinhc"]) and torch.equal(R.to(dtype).double(), got["asinhc"])
+    want = {"sinhc": [_mp_sinhc_sq(x)[0] for x in used], "asinhc": [_mp_asinhc_sq(x)[0] for x in used],
+            "u·S'": [_mp_sinhc_sq(x)[1] for x in used], "v·R'": [_mp_asinhc_sq(x)[1] for x in used]}
+    for name in got:
+        ref = np.array(want[name])
+        # values relative to themselves; u·slope relative to the value it corrects (S or R, ≈ 1 near the switch)
+        scale = np.abs(ref) if name in ("sinhc", "asinhc") else np.maximum(np.abs(ref), np.array(want[
+            "sinhc" if name == "u·S'" else "asinhc"]))
+        err = np.abs(got[name].numpy() - ref) / scale
+        bound = (4.0 if dtype != torch.float32 or name in ("sinhc", "asinhc") else 8.0) * eps
+        if dtype == torch.bfloat16 and name in ("u·S'", "v·R'"):
+            bound = 8.0 * _UNIT_ROUNDOFF[torch.float32]  # slopes are formed in float32 from the rounded u
+        assert err.max() <= bound, (name, dict(zip(points, err.tolist())))
+
+
+def test_series_switch_is_continuous_in_value_and_slope():
+    """Either side of the switch the series and the closed forms agree to working precision."""
+    from adapters.lorentz import asinhc_sq, series_cutoff, sinhc_sq
+
+    for dtype in (torch.float64, torch.float32):
+        cut = series_cutoff(dtype)
+        below = torch.tensor(cut, dtype=torch.float64).nextafter(torch.tensor(0.0, dtype=torch.float64))
+        pair = torch.stack([below, torch.tensor(cut, dtype=torch.float64)]).to(dtype)
+        for fn in (lambda v: sinhc_sq(v)[0], lambda v: asinhc_sq(v)[0]):
+            out = fn(pair).double()
+            assert abs(float(out[1] - out[0])) <= 2 * _UNIT_ROUNDOFF[dtype]

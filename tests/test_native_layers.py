@@ -17,6 +17,7 @@ import torch
 
 from adapters.hydralora import HydraLoraLinear
 from adapters.kernels import native
+from geoprobe.errors import GeoprobeError
 from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the native node; fixtures too)
     make_layer,
     module_path,
@@ -108,6 +109,62 @@ def test_native_nodes_are_the_ones_taken():
         native.set_native_mode(previous)
 
 
+def _hyplora_values_and_grads(layer, x):
+    leaf = x.detach().clone().requires_grad_(True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    out = layer(leaf)
+    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view(out.shape))
+    return out.detach(), [leaf.grad] + [p.grad.clone() for p in params], out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hyplora_private_apis_off_matches_private_path_cpu(dtype):
+    """With the private torch entry points off (adapters.kernels._internals.set_private_apis(False)) the
+    layer takes the public path (PEFT's dispatch and the reference node instead of the C++ node that also
+    forms the base product): the same values and gradients (x, A, B, raw K, raw s), to float32 rounding."""
+    from adapters.kernels import _internals
+
+    layer = _layer(24, 18, 6, base_dtype=dtype, seed=4)
+    if dtype == torch.float64:
+        layer.double()
+    x = torch.randn(3, 7, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    x[0, 0] = 0.0
+    on_out, on_grads, on_y = _hyplora_values_and_grads(layer, x)
+    assert "CppNode" in _node(on_y)
+    previous = _internals.set_private_apis(False)
+    try:
+        off_out, off_grads, off_y = _hyplora_values_and_grads(layer, x)
+        assert "CppNode" not in _node(off_y)
+        assert layer._hyp_fast_adapter(x, (), {}) is None  # no native node while transforms cannot be ruled out
+    finally:
+        _internals.set_private_apis(previous)
+    # PEFT's dispatch forms the update in float32 whatever the weights' dtype (HypLoraLinear.hyp_delta); the
+    # C++ node in the adapter weights' dtype: they agree to float32 rounding
+    tol = 2e-5
+    torch.testing.assert_close(off_out, on_out, rtol=tol, atol=tol)
+    for a, b in zip(off_grads, on_grads):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_hydra_private_apis_off_matches_private_path_cpu():
+    """HydraLoRA's C++ node against its public path (private entry points off): same values, gradients."""
+    from adapters.kernels import _internals
+
+    hydra = make_layer(12, 10, 3, 4, seed=2)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    on_out, on_grads, _ = _hyplora_values_and_grads(hydra, x)
+    previous = _internals.set_private_apis(False)
+    try:
+        off_out, off_grads, _ = _hyplora_values_and_grads(hydra, x)
+    finally:
+        _internals.set_private_apis(previous)
+    torch.testing.assert_close(off_out, on_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(off_grads, on_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_hyplora_node_partial_gradients_cpu():
     """Frozen A and an input without gradient: the node computes only what is asked, and it equals the
     float64 chain's."""
@@ -162,6 +219,12 @@ def test_mode_from_environment(monkeypatch):
     for raw, want in [("0", "off"), ("off", "off"), ("all", "all"), ("", "auto"), ("auto", "auto")]:
         monkeypatch.setenv("GEOPROBE_NATIVE", raw)
         assert native._mode_from_env() == want
+    for raw, want in [("no", "off"), ("false", "off"), ("cpu", "all"), ("1", "auto"), ("cuda", "auto")]:
+        monkeypatch.setenv("GEOPROBE_NATIVE", raw)
+        assert native._mode_from_env() == want
+    monkeypatch.setenv("GEOPROBE_NATIVE", "sometimes")
+    with pytest.raises(GeoprobeError, match="GEOPROBE_NATIVE"):
+        native._mode_from_env()
     with pytest.raises(ValueError):
         native.set_native_mode("sometimes")
     previous = native.set_native_mode("auto")

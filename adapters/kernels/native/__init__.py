@@ -12,8 +12,9 @@ a minute; a C++ compiler is needed, and nvcc for the CUDA build) and cached unde
 (default ``~/.cache/torch_extensions``) under a name that carries a hash of the sources. Where it cannot be
 built the layers keep their Python nodes (the reason is logged once).
 
-``GEOPROBE_NATIVE`` selects where it is used: ``auto`` (default) CUDA tensors only, ``all`` CPU tensors as
-well, ``0``/``off`` never. :func:`set_native_mode` changes it for the process.
+``GEOPROBE_NATIVE`` selects where it is used: ``auto`` (default; also ``1``/``on``/``true``/``yes``/``cuda``)
+CUDA tensors only, ``all`` (or ``cpu``) CPU tensors as well, ``0``/``off``/``false``/``no`` never; any
+other value is refused with a clear error. :func:`set_native_mode` changes it for the process.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from geoprobe.runtime import env_switch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["native_mode", "native_module", "native_unavailable_reason", "set_native_mode"]
@@ -37,13 +40,13 @@ _HEADERS = ("dtype_codes.h", "hyplora_scalars.h", "hyplora_tokens.h", "hydra_gat
 _MODES = ("auto", "all", "off")
 
 
+_SPELLINGS = {**dict.fromkeys(("0", "off", "false", "no"), "off"), **dict.fromkeys(("all", "cpu"), "all"),
+              **dict.fromkeys(("auto", "1", "on", "true", "yes", "cuda"), "auto")}
+"""Accepted values of GEOPROBE_NATIVE (lower case) and the mode each selects; any other value is refused."""
+
+
 def _mode_from_env() -> str:
-    raw = os.environ.get("GEOPROBE_NATIVE", "auto").strip().lower()
-    if raw in ("0", "off", "false", "no"):
-        return "off"
-    if raw in ("all", "cpu"):
-        return "all"
-    return "auto"
+    return env_switch("GEOPROBE_NATIVE", _SPELLINGS, "auto")
 
 
 _MODE = _mode_from_env()

@@ -1,6 +1,6 @@
 """Fused HypLoRA bottleneck update: two Triton kernels for the per-token scalar work (CUDA).
 
-The layer's update (:func:`adapters.hyplora.hyplora_delta_bottleneck`, arXiv 2410.04010 Eq. 6–8,
+The layer's update (:func:`adapters.hyplora.functional.hyplora_delta_bottleneck`, arXiv 2410.04010 Eq. 6–8,
 METHODS §10) is
 
     a = A x,  sq = ‖x‖²,  q = aᵀ G a with G = BᵀB,  K = sp(k̃), s = sp(s̃)  (sp(v) = softplus(v) + 1e-6)
@@ -24,11 +24,13 @@ at a few thousand tokens per step the remaining cost is host-side, which is why 
 is built, with CUDA kernels doing the same per-token work as the Triton kernels here; the Python nodes
 below serve where it is not (and under functorch transforms).
 
-The formulas, series cut-offs and clamps are those of :class:`adapters.hyplora._TokenScale`
-(softplus as ``torch.nn.functional.softplus``: x itself above 20). Inputs the kernels do not cover
-(no CUDA device or no Triton, dtypes other than float32/float64, rank > 64, per-token K or s, no
-tokens) go through the reference path :func:`adapters.hyplora._bottleneck`; the reason is logged
-once per process. With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's
+The formulas, series cut-offs and clamps are those of :mod:`adapters.hyplora.functional` (its token
+node, with sinhc/asinhc and the cut-off of :mod:`adapters.lorentz`; softplus as
+``torch.nn.functional.softplus``: x itself above 20). Inputs the kernels do not cover (no CUDA device
+or no Triton, dtypes other than float32/float64, rank > 64, per-token K or s, no tokens) go through the
+reference path :func:`adapters.hyplora.functional.reference_path`; the reason is logged once per
+process. Private torch and Triton entry points (direct autograd apply, the functorch check, direct
+kernel launches) go through :mod:`adapters.kernels._internals`. With ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (Triton's
 interpreter; sinh/cosh/asinh/log1p are then formed from exp and log, accurate to ≈ ε/√u instead of ε).
 """
 from __future__ import annotations
@@ -36,14 +38,16 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .frozen_linear import frozen_plain_linear
-from .native import native_module
+from ...kernels import _internals
+from ...kernels.frozen_linear import frozen_plain_linear
+from ...kernels.native import native_module
+from ..functional import fused_cutoff, reference_path
 
 logger = logging.getLogger(__name__)
 
@@ -127,20 +131,14 @@ def _report(reason: str) -> None:
         logger.info("HypLoRA fused kernels not used (%s); running the reference path", reason)
 
 
-def _reference(x, A, B, raw_k, raw_s, scale):
-    from ..hyplora import _bottleneck, _prepare, positive
-
-    xd, Ad, Bd, k, s = _prepare(x, A, B, positive(raw_k), positive(raw_s))
-    return _bottleneck(xd, Ad, Bd, k, s, official=False, out_scale=float(scale))
-
-
 def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, raw_k: torch.Tensor,
                              raw_s: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """scale·Δ(x) of HypLoRA (consistent map) with K = softplus(raw_k) + 1e-6, s = softplus(raw_s) + 1e-6.
 
     x: (..., d_in); A: (r, d_in); B: (d_out, r); raw_k, raw_s: one-element tensors (the layer's raw
     parameters). Differentiable once in x, A, B, raw_k, raw_s. Returns (..., d_out) in the compute dtype
-    (float64 if any of x, A, B is float64, else float32), like :func:`adapters.hyplora._bottleneck`;
+    (float64 if any of x, A, B is float64, else float32), like
+:func:`adapters.hyplora.functional.reference_path`;
     autocast is switched off inside.
     Falls back to that reference path (logging the reason once) where the kernels do not apply.
     """
@@ -150,10 +148,10 @@ def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     reason = fused_unsupported_reason(x, A, B, raw_k, raw_s)
     if reason is not None:
         _report(reason)
-        return _reference(x, A, B, raw_k, raw_s, scale)
+        return reference_path(x, A, B, raw_k, raw_s, scale)
     if x.dim() == 2 and x.is_contiguous():
-        return _FusedDelta.apply(x, A, B, raw_k, raw_s, float(scale))
-    out = _FusedDelta.apply(x.reshape(-1, x.shape[-1]).contiguous(), A, B, raw_k, raw_s, float(scale))
+        return _DELTA_APPLY(x, A, B, raw_k, raw_s, float(scale))
+    out = _DELTA_APPLY(x.reshape(-1, x.shape[-1]).contiguous(), A, B, raw_k, raw_s, float(scale))
     return out.view(*x.shape[:-1], B.shape[0])
 
 
@@ -161,7 +159,8 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     """True when :func:`hyplora_linear_fused` may take this call: fused kernels on (the native C++ node of
     :mod:`adapters.kernels.native`, or Triton on CUDA or under the interpreter on CPU), adapter weights
     float32/float64 of one dtype, rank ≤ MAX_RANK, a floating input with at least one token on the
-    weights' device. Cheap enough to ask on every forward; every other case (autocast off or on) goes
+    weights' device (the native node alone only where :func:`adapters.kernels._internals.transforms_active`
+is False). Cheap enough to ask on every forward; every other case (autocast off or on) goes
     through PEFT's dispatch and :func:`hyplora_bottleneck_fused`."""
     if not _ENABLED:
         return False
@@ -173,7 +172,9 @@ def linear_fast_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
         return False
     if triton is not None and (dev.type == "cuda" or (dev.type == "cpu" and _INTERPRETING)):
         return True
-    return native_module(dev) is not None
+    # the native node alone (no Triton for this device) serves only where no functorch transform may be
+    # active (with private entry points off that cannot be ruled out)
+    return native_module(dev) is not None and not _internals.transforms_active()
 
 
 def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -195,17 +196,14 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
     computed in the adapter weights' dtype.
     """
     module = native_module(x.device)
-    if module is not None and raw_k.dtype is raw_s.dtype and not torch._C._are_functorch_transforms_active():
+    if module is not None and raw_k.dtype is raw_s.dtype and not _internals.transforms_active():
         if result.stride(-1) != 1:
             result = result.contiguous()
         return module.hyplora_linear(x, result, A, B, raw_k, raw_s, float(scale), _cut(A.dtype))
-    apply = _FusedLinear.apply
-    if _DIRECT_APPLY and not torch._C._are_functorch_transforms_active():
-        apply = _LINEAR_APPLY  # autograd.Function.apply without its per-call Python checks
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return apply(x, result, A, B, raw_k, raw_s, float(scale))
-    return apply(x, result, A, B, raw_k, raw_s, float(scale))
+            return _LINEAR_APPLY(x, result, A, B, raw_k, raw_s, float(scale))
+    return _LINEAR_APPLY(x, result, A, B, raw_k, raw_s, float(scale))
 
 
 def hyplora_layer_native(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor,
@@ -223,7 +221,7 @@ def hyplora_layer_native(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor
     module = native_module(x.device)
     if module is None or raw_k.dtype is not raw_s.dtype or not frozen_plain_linear(base, x):
         return None
-    if torch._C._are_functorch_transforms_active():
+    if _internals.transforms_active():
         return None
     dev = x.device.type
     if torch.is_autocast_enabled(dev) and base.weight.dtype != torch.get_autocast_dtype(dev):
@@ -252,66 +250,8 @@ _CUTS: dict[torch.dtype, float] = {}
 def _cut(dtype: torch.dtype) -> float:
     cut = _CUTS.get(dtype)
     if cut is None:
-        from ..hyplora import _fused_cutoff
-
-        cut = _CUTS[dtype] = _fused_cutoff(dtype)
+        cut = _CUTS[dtype] = fused_cutoff(dtype)
     return cut
-
-
-_DIRECT_LAUNCH = True
-"""Launch compiled kernels through :class:`_Launcher` (False: always ``kernel[grid](...)``)."""
-
-
-def _spec_key(args: tuple) -> tuple:
-    """What Triton's argument binder specialises a launch on: each tensor's dtype and 16-byte
-    alignment, each integer's ``== 1``, divisibility by 16 and 32-bit range, any other value's type
-    (and a bool's value)."""
-    tensor = torch.Tensor
-    return tuple([(v.dtype, v.data_ptr() & 15 == 0) if type(v) is tensor or isinstance(v, tensor)
-                  else (v == 1, v & 15 == 0, -0x80000000 <= v <= 0x7FFFFFFF) if type(v) is int
-                  else (bool, v) if type(v) is bool else type(v) for v in args])
-
-
-def _launch_hooks() -> bool:
-    """True when a launch hook is installed (a profiler): Triton must then build launch metadata. The
-    hook is a function or None in older Triton, a chain of functions (empty by default) in newer."""
-    knobs = getattr(triton, "knobs", None)
-    hook = knobs.runtime.launch_enter_hook if knobs is not None else None
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-
-
-class _Launcher:
-    """``kernel[grid](*args, **meta)`` with Triton's per-call argument binding done once per
-    specialisation.
-
-    The first launch with a given :func:`_spec_key` (plus the meta-parameters) goes through Triton's
-    own ``JITFunction.run``, which compiles, binds and launches, and returns the compiled kernel; later
-    launches with the same key call that kernel's C launcher directly with the arguments in signature
-    order, as ``JITFunction.run`` itself does after binding. Launch hooks (profilers), the interpreter
-    and ``_DIRECT_LAUNCH = False`` always take Triton's path."""
-
-    def __init__(self, fn: Any):
-        self.fn = fn
-        self.cache: dict[tuple, Any] = {}
-
-    def __call__(self, grid0: int, args: tuple, **meta: Any) -> None:
-        if not _DIRECT_LAUNCH or _INTERPRETING or _launch_hooks():
-            self.fn[(grid0,)](*args, **meta)
-            return
-        key = (_spec_key(args), tuple(meta.items()))
-        kernel = self.cache.get(key)
-        if kernel is None:
-            kernel = self.fn[(grid0,)](*args, **meta)
-            if hasattr(kernel, "result"):
-                kernel = kernel.result()
-            names = self.fn.arg_names[len(args):]
-            self.cache[key] = (kernel, tuple(meta[n] for n in names))
-            return
-        kernel, tail = kernel
-        stream = torch._C._cuda_getCurrentRawStream(args[0].device.index)
-        kernel.run(grid0, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
 
 
 class _FusedDelta(torch.autograd.Function):
@@ -639,12 +579,11 @@ if triton is not None:
         tl.store(SQ + T + row, q)
 
 
-    _FWD = _Launcher(_fwd_kernel)
-    _BWD = _Launcher(_bwd_kernel)
-    _FWD_LINEAR = _Launcher(_fwd_linear_kernel)
+    _FWD = _internals.DirectLauncher(_fwd_kernel, interpreting=_INTERPRETING)
+    _BWD = _internals.DirectLauncher(_bwd_kernel, interpreting=_INTERPRETING)
+    _FWD_LINEAR = _internals.DirectLauncher(_fwd_linear_kernel, interpreting=_INTERPRETING)
 
-_DIRECT_APPLY = True
-"""Call the C ``apply`` of :class:`_FusedLinear` directly: ``torch.autograd.Function.apply`` adds a
-pytree pass over the arguments (for functorch's dead wrappers) and a ``setup_context`` check on every
-call; neither applies here (no functorch transform active, checked per call; no ``setup_context``)."""
-_LINEAR_APPLY = super(torch.autograd.Function, _FusedLinear).apply
+_DELTA_APPLY = _internals.function_apply(_FusedDelta)
+_LINEAR_APPLY = _internals.function_apply(_FusedLinear)
+"""``apply`` of the two nodes: without the per-call Python checks of ``torch.autograd.Function.apply``
+where :mod:`adapters.kernels._internals` allows it (no functorch transform active, checked per call)."""
