@@ -332,15 +332,19 @@ def _checked_method(folder: Path, sidecar: Mapping[str, Any], model: Any, kind: 
 
 
 def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "default",
-         is_trainable: bool = False):
+         is_trainable: bool = False, expect: Optional[str] = None):
     """Load an adapter folder written by :func:`save` onto the base ``model`` and return the PeftModel.
 
     The method (from the sidecar, else from the config's own fields) names the config class, which
     builds the right layers; the weights restore the adapter exactly. Without a sidecar the base
     model is not checked (a warning says so).
 
+    ``expect`` names the method the caller needs (``"hydralora"``): a folder of another method is refused,
+    and a folder without a sidecar is read with that method's config loader, which refuses a config that
+    lacks the method's fields.
+
     Raises:
-        AdapterError: no adapter at ``path``; custom-layer weights whose folder does not say which
+        AdapterError: no adapter at ``path``; a folder of another method than ``expect``; custom-layer weights whose folder does not say which
             layer they belong to; a sidecar whose base-model fingerprint differs from ``model``'s;
             weights that do not fit the model.
     """
@@ -355,8 +359,12 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
     keys = _weight_keys(folder)
     kind = _layer_kind(keys)
     sidecar = _read_sidecar(folder) if (folder / SIDECAR).is_file() else {}
-    method = (_checked_method(folder, sidecar, model, kind) if sidecar
-              else _unchecked_method(folder, raw_cfg, kind))
+    if sidecar:
+        method = _checked_method(folder, sidecar, model, kind)
+    else:
+        method = registry.get(expect) if expect is not None else _unchecked_method(folder, raw_cfg, kind)
+    if expect is not None and not method.includes(expect):
+        raise AdapterError(f"{folder} holds a {method.name} adapter, not {expect}")
     config = config_from_saved(method, raw_cfg, _legacy_fields(method, sidecar), str(folder / "adapter_config.json"))
     try:
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,

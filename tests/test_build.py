@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch

@@ -392,9 +392,12 @@ def _cuda_check(base_dtype, adapter_dtype):
         assert (a.double().cpu() - b).norm() <= tol * b.norm()
 
 
-def test_lean_path_with_private_entry_points_off_matches(module_path):
-    """With the private torch entry points off (GEOPROBE_PRIVATE_APIS=0) the one-node path takes the public
-    ``apply`` and a copying reshape: same values and gradients as with them on, and as the module path."""
+def test_lean_path_with_private_entry_points_off_matches(module_path, monkeypatch):
+    """With the private torch entry points off (GEOPROBE_PRIVATE_APIS=0) the layer cannot prove that its base
+    has no hooks, so it takes the module path; and the one-node path itself, where the base is known to be
+    plain, takes the public ``apply`` and a copying reshape: same values and gradients as with them on, and
+    as the module path."""
+    import adapters.hydralora.layer as hydra_layer
     from adapters.kernels import _internals
 
     layer = make_layer(12, 10, 3, 4, balance=True, seed=5)
@@ -404,6 +407,11 @@ def test_lean_path_with_private_entry_points_off_matches(module_path):
     y_on, g_on = run(layer, x, cot, lean=True, aux_coef=0.3)
     previous = _internals.set_private_apis(False)
     try:
+        HydraLoraLinear.use_lean_path = True
+        assert not is_lean(layer(x))  # hooks cannot be ruled out without the private dictionaries
+        # this test's base is a plain frozen nn.Linear without hooks: let the one-node path run
+        monkeypatch.setattr(hydra_layer, "frozen_plain_linear", lambda base, xx: (
+            type(base) is torch.nn.Linear and not base.weight.requires_grad and xx.dtype == base.weight.dtype))
         y_off, g_off = run(layer, x, cot, lean=True, aux_coef=0.3)
     finally:
         _internals.set_private_apis(previous)

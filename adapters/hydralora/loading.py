@@ -1,31 +1,20 @@
-"""HydraLoRA's loading step: a saved folder onto a base model with the HydraLoRA layer registered."""
+"""HydraLoRA's loading entry point: :func:`adapters.io.load` asked for a HydraLoRA folder."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch.nn as nn
-
-from geoprobe.errors import AdapterError
-from geoprobe.records import read_json
-from .config import HydraLoraConfig, config_from_saved
 
 __all__ = ["hydralora_from_pretrained"]
 
 
 def hydralora_from_pretrained(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
-                              is_trainable: bool = False, *, config: Optional[HydraLoraConfig] = None) -> Any:
-    """Load a HydraLoRA adapter saved with ``save_pretrained`` onto the base ``model``: the config
-    (``config``, or rebuilt from ``adapter_config.json`` by :func:`config_from_saved`, which refuses a folder
-    without the ``hydra_*`` fields) registers the custom layer, and ``PeftModel.from_pretrained`` restores the
-    weights, frozen gates included."""
-    from peft import PeftModel
+                              is_trainable: bool = False) -> Any:
+    """Load a HydraLoRA adapter saved with ``save_pretrained`` or :func:`adapters.save` onto the base
+    ``model``, frozen gates included. The one loader, :func:`adapters.io.load`, does the work; this asks it
+    for HydraLoRA, so a folder of another method, or one whose ``adapter_config.json`` lacks the ``hydra_*``
+    fields (plain LoRA would be built from it), is refused with an :class:`AdapterError`."""
+    from adapters.io import load
 
-    if config is None:
-        cfg_file = Path(path) / "adapter_config.json"
-        raw = read_json(cfg_file, "adapter config", error=AdapterError,
-                        missing=f"{cfg_file} does not exist; point to a folder written by save_pretrained")
-        config = config_from_saved(raw, str(path))
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config,
-                                     is_trainable=is_trainable)
+    return load(model, path, adapter_name=adapter_name, is_trainable=is_trainable, expect="hydralora")
