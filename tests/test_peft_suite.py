@@ -86,3 +86,71 @@ def test_peft_custom_model_matrix_on_our_methods(tmp_path):
     passed_rows = {r["row"] for r in records if r["outcome"] == "passed"}
     assert passed_rows == _rows(), f"rows with no passing test: {sorted(_rows() - passed_rows)}"
     assert done.returncode == 0, tail
+
+
+# ---------------------------------------------------------------------------------- the refusal check
+def _frames(entry: str) -> list[tuple[str, str]]:
+    return [("/x/_pytest/python.py", "pytest_pyfunc_call"), ("/peft/tests/test_custom_models.py", "test_x"),
+            ("/peft/tests/testing_common.py", "_test_x"), ("/sp/peft/tuners/tuners_utils.py", entry),
+            ("/repo/adapters/hyplora.py", "merge")]
+
+
+def test_entry_point_is_the_call_below_the_test_code():
+    from peft_suite import verdict
+
+    skip = Path("/repo/tests/peft_suite/untouched.py")
+    frames = _frames("merge_adapter")
+    assert verdict.entry_point(frames, Path("/peft/tests"), skip) == "merge_adapter"
+    wrapped = frames[:3] + [(str(skip), "guarded")] + frames[3:]
+    assert verdict.entry_point(wrapped, Path("/peft/tests"), skip) == "merge_adapter"
+    assert verdict.entry_point(frames[:3], Path("/peft/tests"), skip) is None
+
+
+@pytest.mark.parametrize("error, entry, mergeable, changes, refusal", [
+    ("HypLoRA is not mergeable: nonlinear", "merge_adapter", False, [], True),
+    ("HypLoRA is not mergeable: nonlinear", "merge_and_unload", False, [], True),
+    ("HypLoRA cannot combine adapters", "add_weighted_adapter", False, [], True),
+    ("HypLoRA is not mergeable: nonlinear", "merge", False, None, True),  # a layer's own merge
+    ("HypLoRA is not mergeable: nonlinear", "unmerge_adapter", False, [], False),  # must only warn
+    ("HypLoRA is not mergeable: nonlinear", "forward", False, [], False),
+    ("HypLoRA is not mergeable: nonlinear", "merge_adapter", True, [], False),
+    ("HypLoRA is not mergeable: nonlinear", "merge_adapter", False, ["tensor lin0.weight changed"], False),
+    ("HypLoRA cannot combine adapters", "add_weighted_adapter", False, ["adapter 'mix' added"], False),
+    ("HydraLoRA is not mergeable", "merge_adapter", False, [], False),  # names another method
+    ("something went wrong", "merge_adapter", False, [], False),
+])
+def test_judge_accepts_only_our_clean_merge_refusals(error, entry, mergeable, changes, refusal):
+    from geoprobe.errors import AdapterError
+    from peft_suite import verdict
+
+    judged = verdict.judge(AdapterError(error), entry, "HypLoRA", mergeable, AdapterError, changes)
+    assert judged.refusal is refusal, judged.reason
+
+
+def test_judge_refuses_a_bare_key_error():
+    from geoprobe.errors import AdapterError
+    from peft_suite import verdict
+
+    judged = verdict.judge(KeyError("HypLoRA cannot"), "add_weighted_adapter", "HypLoRA", False, AdapterError, [])
+    assert not judged.refusal and "KeyError" in judged.reason
+
+
+def test_untouched_sees_a_clean_refusal_and_a_half_built_adapter():
+    import torch
+    from peft import get_peft_model
+
+    from geoprobe.errors import AdapterError
+    from peft_suite import rows, untouched
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model = get_peft_model(base, rows.methods_under_test()[0].config_cls(target_modules=["0", "2"], r=2))
+    weight = model.base_model.model[0].base_layer.weight.detach().clone()
+    merge_adapter = untouched.guard(type(model.base_model).merge_adapter, AdapterError)
+    with pytest.raises(AdapterError) as caught:
+        merge_adapter(model.base_model)
+    assert getattr(caught.value, untouched.CHANGES_ATTR) == []
+    assert torch.equal(model.base_model.model[0].base_layer.weight, weight)
+    before = untouched.snapshot(model.base_model)
+    model.base_model.model[0].base_layer.weight.data += 1.0
+    assert untouched.changes(before, model.base_model) == ["tensor model.0.base_layer.weight changed"]

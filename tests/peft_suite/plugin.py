@@ -9,9 +9,11 @@ of PEFT's unpacked test folder. It
    ``LoraConfig`` subclass takes ``init_lora_weights=False`` like ``LoraConfig`` itself;
 3. replaces the rows of PEFT's three row lists with ours (:mod:`peft_suite.rows`) before the first
    test function is parametrised; ``pytest.mark.parametrize`` holds these very list objects;
-4. deselects every test that is not parametrised by one of our rows;
-5. turns an expected refusal (:mod:`peft_suite.verdict`) into an xfail, and
-6. writes one JSON record per test to the file named by ``GEOPROBE_PEFT_SUITE_REPORT``.
+4. wraps PEFT's merge entry points to check that a refusal leaves the model as it was
+   (:mod:`peft_suite.untouched`);
+5. deselects every test that is not parametrised by one of our rows;
+6. turns an expected refusal (:mod:`peft_suite.verdict`) into an xfail, and
+7. writes one JSON record per test to the file named by ``GEOPROBE_PEFT_SUITE_REPORT``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any, Callable
 
 import pytest
 
-from peft_suite import rows, verdict
+from peft_suite import rows, untouched, verdict
 
 REPORT_ENV = "GEOPROBE_PEFT_SUITE_REPORT"
 _ROW_LISTS = {
@@ -55,6 +57,9 @@ def _stand_in(name: str, attributes: tuple[str, ...]) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _stand_in("diffusers", ("StableDiffusionPipeline",))
     _stand_in("datasets", ("load_dataset",))
+    from geoprobe.errors import AdapterError
+
+    untouched.install(AdapterError)
     config.stash[_METHODS] = rows.methods_under_test()
     config.stash[_RECORDS] = {}
 
@@ -118,8 +123,9 @@ def _judge(item: pytest.Item, excinfo: pytest.ExceptionInfo) -> verdict.Verdict:
     from geoprobe.errors import AdapterError
 
     method = _row_of(item)
-    entry = verdict.entry_point(_frames(excinfo), Path(str(item.path)).parent)
-    return verdict.judge(excinfo.value, entry, method.name, method.mergeable, AdapterError)
+    entry = verdict.entry_point(_frames(excinfo), Path(str(item.path)).parent, Path(untouched.__file__))
+    changes = getattr(excinfo.value, untouched.CHANGES_ATTR, None)
+    return verdict.judge(excinfo.value, entry, method.name, method.mergeable, AdapterError, changes)
 
 
 @pytest.hookimpl(wrapper=True)
