@@ -154,3 +154,41 @@ def test_untouched_sees_a_clean_refusal_and_a_half_built_adapter():
     before = untouched.snapshot(model.base_model)
     model.base_model.model[0].base_layer.weight.data += 1.0
     assert untouched.changes(before, model.base_model) == ["tensor model.0.base_layer.weight changed"]
+
+
+# ---------------------------------------------------------------------------------- fetching the sdist
+def _fake_tarball(cache: Path, version: str) -> None:
+    import io
+    import tarfile
+
+    cache.mkdir(parents=True)
+    with tarfile.open(cache / f"peft-{version}.tar.gz", "w:gz") as archive:
+        data = b"def test_nothing():\n    pass\n"
+        info = tarfile.TarInfo(f"peft-{version}/tests/test_custom_models.py")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+
+def test_a_cached_sdist_is_unpacked_without_pypi(tmp_path, monkeypatch):
+    from peft_suite import sdist
+
+    monkeypatch.setenv(sdist.CACHE_ENV, str(tmp_path / "cache"))
+    _fake_tarball(tmp_path / "cache", "0.0.1")
+    monkeypatch.setattr(sdist, "_download", lambda *a: pytest.fail("downloaded although a tarball is cached"))
+    found, why = sdist.fetch("0.0.1")
+    assert found is not None and why == ""
+    assert (found.tests / "test_custom_models.py").is_file()
+    assert (found.tests / "__init__.py").is_file()  # PEFT's tests import their helpers relatively
+    assert sdist.fetch("0.0.1")[0] == found  # unpacked once, reused
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_no_sdist_skips_only_when_pypi_is_unreachable(tmp_path, monkeypatch, reachable):
+    from peft_suite import sdist
+
+    monkeypatch.setenv(sdist.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.setattr(sdist, "_download", lambda *a: (None, "pip: no route to host"))
+    monkeypatch.setattr(sdist, "pypi_reachable", lambda *a, **k: reachable)
+    outcome = pytest.fail.Exception if reachable else pytest.skip.Exception
+    with pytest.raises(outcome, match="pip: no route to host" if reachable else "PyPI is unreachable"):
+        _sdist()

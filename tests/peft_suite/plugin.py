@@ -113,10 +113,16 @@ def _frames(excinfo: pytest.ExceptionInfo) -> list[tuple[str, str]]:
 
 
 def _test_line(item: pytest.Item, excinfo: pytest.ExceptionInfo) -> str:
-    """``file:line`` of the innermost frame in PEFT's test folder (where the test failed)."""
+    """``file:line: statement`` of the innermost frame in PEFT's test folder (where the test failed)."""
     test_dir = Path(str(item.path)).parent
     inside = [e for e in excinfo.traceback if Path(str(e.path)).parent == test_dir]
-    return f"{Path(str(inside[-1].path)).name}:{inside[-1].lineno + 1}" if inside else "?"
+    if not inside:
+        return "?"
+    try:
+        statement = " ".join(str(inside[-1].statement).split())[:160]
+    except Exception:  # the source may be unavailable; the place is enough then
+        statement = ""
+    return f"{Path(str(inside[-1].path)).name}:{inside[-1].lineno + 1}: {statement}"
 
 
 def _judge(item: pytest.Item, excinfo: pytest.ExceptionInfo) -> verdict.Verdict:
