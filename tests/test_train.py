@@ -16,7 +16,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from adapters.data import collate, load_examples, pack, tokenize_for_training
-import adapters.train as train_module
+import adapters.train.loss as loss_module
 from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
                             list_checkpoints, lr_factor)
 from geoprobe.cli import main
@@ -120,6 +120,20 @@ def test_resume_refuses_other_settings_and_existing_runs(examples, tmp_path):
     done = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
                     resume=True, r=4)
     assert done.resumed_from == 2 and len(done.result.loss_values) == 4
+
+
+def test_corrupt_checkpoint_state_names_the_file(examples, tmp_path):
+    tok = bpe_tokenizer()
+    s = TrainSettings(lr=5e-3, max_steps=4, batch_size=2, max_length=160, save_every=2)
+    with pytest.raises(_Interrupt):
+        finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
+                 on_step=_stop_at(2), r=4)
+    state = tmp_path / CHECKPOINTS / "step-2" / "trainer_state.json"
+    state.write_text('{"step": 2, "run": ', encoding="utf-8")
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match="trainer_state.json.*not valid JSON"):
+        finetune(model, tok, examples, "lora", out=tmp_path, settings=s, progress=False, resume=True, r=4)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def test_failed_checkpoint_write_leaves_no_partial_folder(examples, tmp_path, monkeypatch):
@@ -302,7 +316,7 @@ def test_deferred_loss_reads_change_nothing(examples, tmp_path):
 
 
 def test_non_finite_loss_read_late_names_its_step_and_writes_no_checkpoint(examples, tmp_path, monkeypatch):
-    real = train_module._answer_loss_sum
+    real = loss_module.answer_loss_sum
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -310,7 +324,7 @@ def test_non_finite_loss_read_late_names_its_step_and_writes_no_checkpoint(examp
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(train_module, "_answer_loss_sum", poisoned)
+    monkeypatch.setattr(loss_module, "answer_loss_sum", poisoned)
     model = tiny_llama()
     with pytest.raises(AdapterError, match="nan at step 2"):
         finetune(model, bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False, r=4,
