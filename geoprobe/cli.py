@@ -389,34 +389,15 @@ def cmd_run(args, command: str) -> int:
 def cmd_native(args: argparse.Namespace, command: str) -> int:
     """Build (or find in the cache) the native adapter layers for CUDA, or for the CPU with --cpu or
     without CUDA, and print where they are used under the current GEOPROBE_NATIVE mode."""
-    import time
+    from . import workflows
 
-    import torch
-
-    from adapters.kernels import native
-
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"native adapter layers for {'CUDA' if cuda else 'the CPU'}: building or loading from the cache "
-          "(about a minute the first time) …", flush=True)
-    previous = native.set_native_mode("all")  # the CPU variant is built on request too
-    log = logging.getLogger(native.__name__)
-    level = log.level
-    log.setLevel(logging.ERROR)  # this command reports the outcome itself, in one line
-    try:
-        start = time.perf_counter()
-        module = native.native_module(device)
-        seconds = time.perf_counter() - start
-        reason = native.native_unavailable_reason(device) if module is None else None
-    finally:
-        native.set_native_mode(previous)
-        log.setLevel(level)
-    if module is None:
-        raise GeoprobeError(f"the native adapter layers could not be built ({reason}); the layers keep their "
-                            "Python nodes")
+    device = workflows.native_device(cpu=args.cpu)
+    print(f"native adapter layers for {'CUDA' if device == 'cuda' else 'the CPU'}: building or loading from "
+          "the cache (about a minute the first time) …", flush=True)
+    built = workflows.build_native(device)
     used = {"auto": "CUDA tensors", "all": "CUDA and CPU tensors", "off": "nothing (GEOPROBE_NATIVE=0)"}
-    print(f"ready in {seconds:.1f} s: {module.__file__}")
-    print(f"used on {used[native.native_mode()]} (GEOPROBE_NATIVE={native.native_mode()})")
+    print(f"ready in {built.seconds:.1f} s: {built.path}")
+    print(f"used on {used[built.mode]} (GEOPROBE_NATIVE={built.mode})")
     return 0
 
 

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
-           "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device"]
+           "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device", "native_device",
+           "NativeBuild", "build_native"]
 
 PLAN_FILE = "plan.json"
 PROFILE_FILE = "profile.json"
@@ -349,3 +350,53 @@ def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike
                      eval_path=str(out / EVAL_FILE), report_path=str(report), accuracy=float(res.accuracy),
                      n_correct=sum(bool(p["correct"]) for p in res.predictions), n_eval=res.n,
                      n_unreadable=res.n_unparsed, finetune=result, eval_metrics=dict(result.eval_metrics))
+
+
+# --------------------------------------------------------------------------- native adapter layers
+def native_device(cpu: bool = False) -> str:
+    """``cuda`` when CUDA is present and ``cpu`` is not asked for, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
+@dataclass(frozen=True)
+class NativeBuild(Record):
+    """The native adapter layers built (or found in the cache) for ``device``: the extension's
+    ``path``, the ``seconds`` it took and the GEOPROBE_NATIVE ``mode`` in force."""
+
+    device: str
+    path: str
+    seconds: float
+    mode: str
+
+
+def build_native(device: str) -> NativeBuild:
+    """Build (or load from the cache) the C++ nodes of the adapter layers for ``device`` now rather
+    than at the first training step; the CPU variant is built on request too.
+
+    Raises:
+        GeoprobeError: the extension cannot be built (the layers keep their Python nodes).
+    """
+    import time
+
+    import torch
+
+    from adapters.kernels import native
+
+    previous = native.set_native_mode("all")  # the CPU variant is built on request too
+    native_log = logging.getLogger(native.__name__)
+    level = native_log.level
+    native_log.setLevel(logging.ERROR)  # the caller reports the outcome itself, in one line
+    try:
+        start = time.perf_counter()
+        module = native.native_module(torch.device(device))
+        seconds = time.perf_counter() - start
+        reason = native.native_unavailable_reason(torch.device(device)) if module is None else None
+    finally:
+        native.set_native_mode(previous)
+        native_log.setLevel(level)
+    if module is None:
+        raise GeoprobeError(f"the native adapter layers could not be built ({reason}); the layers keep their "
+                            "Python nodes")
+    return NativeBuild(device=device, path=str(module.__file__), seconds=seconds, mode=native.native_mode())

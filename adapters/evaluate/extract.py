@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 
 from geoprobe.errors import DataFormatError
 
-from ..data import GLUE_LABEL_WORDS, RESPONSE_MARKER
+from ..data import GLUE_LABEL_WORDS, RESPONSE_MARKER, is_number
 
 __all__ = ["NUMBER_TASKS", "LETTER_TASKS", "COMMONSENSE_LABELS", "NUMBER_TOLERANCE", "DEFAULT_NEW_TOKENS",
            "response_text", "extract_number", "extract_choice", "extract_label", "extract_commonsense",
@@ -161,18 +161,10 @@ def task_family(task: str, gold: Optional[str] = None, choices: Optional[Sequenc
         return "letter"
     if task in COMMONSENSE_LABELS or task in GLUE_LABEL_WORDS or choices:
         return "label"
-    if gold is not None and _is_number(gold):
+    if gold is not None and is_number(gold):
         return "number"
     raise DataFormatError(f"cannot tell how to score task {task!r}: it is not a known task, its "
                           "examples have no choices and the gold answer is not a number")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", ""))
-    except ValueError:
-        return False
-    return True
 
 
 def extract_prediction(text: str, task: str, choices: Optional[Sequence[str]] = None,
@@ -194,7 +186,7 @@ def is_correct(pred: Optional[float | str], gold: str, task: str, *, tol: float 
         return False
     numeric = task in NUMBER_TASKS or (
         task not in LETTER_TASKS and task not in COMMONSENSE_LABELS and task not in GLUE_LABEL_WORDS
-        and isinstance(pred, (int, float)) and not isinstance(pred, bool) and _is_number(str(gold)))
+        and isinstance(pred, (int, float)) and not isinstance(pred, bool) and is_number(str(gold)))
     if numeric:
         try:
             g = float(str(gold).replace(",", ""))
