@@ -534,3 +534,39 @@ def test_cli_run_on_a_tiny_model(cli_files, tmp_path, capsys):
     assert ft.method == profile.adapter_plan.method and len(ft.loss_values) == 2
     html = (out / "report.html").read_text()
     assert "Fine-tune results" in html and ft.method in html
+
+
+def test_run_workflow_as_one_library_call(cli_files, tmp_path):
+    from geoprobe.models import load_model
+    from geoprobe.workflows import RunResult, run
+
+    f = cli_files
+    lm = load_model(str(f["model"]), device="cpu")
+    out = tmp_path / "run"
+    planned = []
+    done = run(lm, load_examples(f["train"]), load_examples(f["test"]), out=out, r=4, progress=False,
+               settings=TrainSettings(max_steps=2, batch_size=2, max_length=160), max_new_tokens=4,
+               on_plan=planned.append)
+    assert isinstance(done, RunResult) and len(planned) == 1 and done.method == planned[0].method
+    assert RunResult.from_dict(json.loads(json.dumps(done.to_dict()))) == done
+    for path in (done.plan_path, done.profile_path, done.results_path, done.eval_path, done.report_path):
+        assert Path(path).is_file() and Path(path).parent == out
+    assert Path(done.adapter_dir) == out / ADAPTER
+    assert done.n_eval == 6 and 0 <= done.n_correct <= 6 and done.accuracy == done.n_correct / 6
+    assert done.finetune.eval_metrics == done.eval_metrics and done.eval_metrics["n_eval"] == 6.0
+    assert json.loads(Path(done.results_path).read_text())["eval_metrics"] == done.eval_metrics
+    assert GeometryProfile.load(done.profile_path).finetune[0].loss_values == done.finetune.loss_values
+
+
+def test_plan_file_errors_are_plan_errors(cli_files, tmp_path):
+    from geoprobe.errors import PlanError
+    from geoprobe.workflows import plan_from_file
+
+    (tmp_path / "bad.json").write_text('{"method": ', encoding="utf-8")
+    with pytest.raises(PlanError, match="does not exist"):
+        plan_from_file(tmp_path / "none.json", None, [])
+    with pytest.raises(PlanError, match="bad.json is not valid JSON"):
+        plan_from_file(tmp_path / "bad.json", None, [])
+    import adapters.train
+    import geoprobe.workflows
+    assert adapters.train.plan_for_training is geoprobe.workflows.plan_for_training
