@@ -4,9 +4,10 @@ Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report fro
 profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``),
 ``evaluate`` (accuracy of a model with an adapter on a test set), ``run`` (probe → plan → build →
 fine-tune → evaluate → report in one command) and ``native`` (build the adapter layers' C++ nodes now
-instead of at the first training step, and say where they serve). The adapter commands reach into the ``adapters``
-package inside their own functions only. Every :class:`~geoprobe.errors.GeoprobeError` is printed as
-one line and exits non-zero.
+instead of at the first training step, and say where they serve). This module parses arguments, prints
+and calls the library: the adapter commands call :mod:`geoprobe.workflows` (and reach into the
+``adapters`` package inside their own functions only). Every :class:`~geoprobe.errors.GeoprobeError`
+is printed as one line and exits non-zero.
 """
 from __future__ import annotations
 
