@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from geoprobe.errors import AdapterError, PlanError
+from geoprobe.models import is_causal_lm
 
 from . import registry
 from .io import attach, base_fingerprint, base_of, is_peft, model_name, spec_for
@@ -131,7 +132,7 @@ def default_targets(model: Any) -> tuple[str, ...]:
         f"are named {_short_names(names)}. Pass target_modules.")
 
 
-def _resolve_targets(model: Any, target_modules: Union[None, str, Sequence[str]]) -> list[str]:
+def resolve_targets(model: Any, target_modules: Union[None, str, Sequence[str]]) -> list[str]:
     if target_modules is None:
         return list(default_targets(model))
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -142,11 +143,6 @@ def _resolve_targets(model: Any, target_modules: Union[None, str, Sequence[str]]
     if missing:
         raise _unknown_targets_error(model, missing)
     return list(dict.fromkeys(targets))
-
-
-def _is_causal(model: Any) -> bool:
-    name = type(model).__name__
-    return name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 # --------------------------------------------------------------------------- settings
@@ -276,9 +272,9 @@ def _settings(model: Any, method: Method, plan: Optional[AdapterPlan], o: dict[s
         raise AdapterError(f"rank r must be a positive integer, got {r!r}")
     alpha = 2.0 * r if o["alpha"] is None else _check_number("alpha", o["alpha"], low=0.0)
     dropout = _check_number("dropout", o["dropout"], low=0.0, low_ok=True, high=1.0)
-    targets = _resolve_targets(model, o["target_modules"])
+    targets = resolve_targets(model, o["target_modules"])
     s = Settings(method=method, r=int(r), alpha=float(alpha), targets=list(targets), dropout=float(dropout),
-                 task_type="CAUSAL_LM" if _is_causal(model) else None)
+                 task_type="CAUSAL_LM" if is_causal_lm(model) else None)
     extra: dict[str, Any] = {}
     if method.includes("gelora"):
         extra["layer_ranks"] = _gelora_ranks_for(model, targets, o["layer_ranks"], from_plan=plan is not None)

@@ -294,7 +294,7 @@ def _from_llm_adapters(rec: dict, file: Path, i: int, task: str) -> Example:
 
 
 def _task_from_content(instruction: str, label: Optional[str]) -> str:
-    if label is not None and _is_number(label):
+    if label is not None and is_number(label):
         return "math"
     if _ANSWER_FORMAT.search(instruction):
         return "commonsense"
@@ -314,7 +314,8 @@ def _choices_from_instruction(instruction: str, task: str) -> Optional[tuple[str
     return None
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number once its thousands separators (commas) are removed."""
     try:
         float(text.replace(",", ""))
     except ValueError:

@@ -141,34 +141,6 @@ def choose_heads(embeddings: np.ndarray, *, k_range: Sequence[int] = range(2, 11
     return int(best), scores, reason
 
 
-def example_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: int = 1000,
-                       max_length: int = 128, batch_size: int = 16, seed: int = 0) -> np.ndarray:
-    """Mean-pooled last hidden state of a seeded sample of training texts."""
-    import torch
-
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(texts))[:max_examples]
-    out = []
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    dev = next(model.parameters()).device
-    with torch.inference_mode():
-        for b in range(0, len(idx), batch_size):
-            enc = tokenizer([texts[i] for i in idx[b:b + batch_size]], truncation=True,
-                            max_length=max_length, return_attention_mask=False)["input_ids"]
-            w = max(len(e) for e in enc)
-            ids = torch.full((len(enc), w), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), w), dtype=torch.long)
-            for i, e in enumerate(enc):
-                ids[i, :len(e)] = torch.tensor(e)
-                mask[i, :len(e)] = 1
-            h = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                      output_hidden_states=True).hidden_states[-1].float()
-            m = mask.to(h.device).unsqueeze(-1).float()
-            out.append(((h * m).sum(1) / m.sum(1)).cpu().numpy())
-    return np.concatenate(out, axis=0)
-
-
 def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embeddings=None,
                   r: int = 32, alpha: Optional[float] = None, target_modules=DEFAULT_TARGETS,
                   rank_rule: str = "budget", rank_floor: int = 1, rank_cap: Optional[int] = None,

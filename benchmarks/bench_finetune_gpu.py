@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from adapters.data import load_examples, pack, tokenize_for_training  # noqa: E402
-from adapters.train import TrainSettings, _data_digest, _Order, finetune  # noqa: E402
+from adapters.train import Order as _Order, TrainSettings, data_digest as _data_digest, finetune  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"

@@ -4,9 +4,10 @@ Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report fro
 profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``),
 ``evaluate`` (accuracy of a model with an adapter on a test set), ``run`` (probe → plan → build →
 fine-tune → evaluate → report in one command) and ``native`` (build the adapter layers' C++ nodes now
-instead of at the first training step, and say where they serve). The adapter commands reach into the ``adapters``
-package inside their own functions only. Every :class:`~geoprobe.errors.GeoprobeError` is printed as
-one line and exits non-zero.
+instead of at the first training step, and say where they serve). This module parses arguments, prints
+and calls the library: the adapter commands call :mod:`geoprobe.workflows` (and reach into the
+``adapters`` package inside their own functions only). Every :class:`~geoprobe.errors.GeoprobeError`
+is printed as one line and exits non-zero.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from adapters import registry
 
 from .errors import GeoprobeError
 
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADAPTER_CHOICES = ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora", "hydralora+gelora", "auto")
+ADAPTER_CHOICES = (*registry.names(), registry.AUTO)  # every registered method, then the planner's choice
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -143,13 +146,9 @@ def _add_eval_args(p: argparse.ArgumentParser, batch_flag: str = "--eval-batch-s
 
 
 def _resolve_device(name: Optional[str]) -> str:
-    if name:
-        return name
-    try:
-        import torch
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    from .workflows import resolve_device
+
+    return resolve_device(name)
 
 
 def _load_corpus(args):
@@ -257,11 +256,9 @@ def _load_lm(args):
 
 
 def _require_causal(lm, what: str) -> None:
-    from .errors import AdapterError
+    from .workflows import require_causal_lm
 
-    if lm.info.is_encoder:
-        raise AdapterError(f"{what} needs a causal language model that generates answers; {lm.name} is an "
-                           f"encoder ({lm.info.architecture}). Use `geoprobe probe` for encoders")
+    require_causal_lm(lm, what)
 
 
 def _check_limit(value: Optional[int], flag: str) -> None:
@@ -280,16 +277,10 @@ def _train_settings(args):
 
 def _build_kwargs(args, planned: bool) -> dict:
     """Options for adapters.build: a plan supplies r and alpha; --n-heads and --curvature override it."""
-    kw = {"dropout": args.dropout}
-    if args.target_modules:
-        kw["target_modules"] = _targets(args)
-    if not planned:
-        kw.update(r=args.r, alpha=args.alpha)
-    if args.n_heads is not None:
-        kw["n_heads"] = args.n_heads
-    if args.curvature is not None:
-        kw["curvature"] = args.curvature
-    return kw
+    from .workflows import build_options
+
+    return build_options(planned=planned, dropout=args.dropout, target_modules=_targets(args), r=args.r,
+                         alpha=args.alpha, n_heads=args.n_heads, curvature=args.curvature)
 
 
 def _targets(args) -> Optional[list]:
@@ -307,65 +298,6 @@ def _default_out(args) -> Path:
     return Path("runs") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{args.adapter.replace('+', '-')}"
 
 
-def _needs_plan(method: str) -> bool:
-    return method == "auto" or "gelora" in method
-
-
-def _plan_from_file(path: str, lm, examples, args, command: str):
-    """An AdapterPlan from a plan JSON, or planned from a profile JSON (its own plan if it has one)."""
-    import json
-
-    from adapters.plan import AdapterPlan
-    from adapters.train import plan_for_training
-
-    from .errors import PlanError
-    from .profile import GeometryProfile
-
-    try:
-        head = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PlanError(f"plan file {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"cannot read plan {path}: {exc}") from None
-    if isinstance(head, dict) and head.get("schema") == "geoprobe.profile":
-        profile = GeometryProfile.load(path)
-        if profile.adapter_plan is not None and args.adapter in ("auto", profile.adapter_plan.method):
-            plan = AdapterPlan.from_dict(dict(profile.adapter_plan.data))
-        else:
-            plan, profile = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
-                                              target_modules=_targets(args), profile=profile, seed=args.seed,
-                                              data_name=str(args.data),
-                                              command=command)
-        return plan
-    return AdapterPlan.load(path)
-
-
-def _resolve_adapter(args, lm, examples, out: Path, command: str):
-    """The method name, or the AdapterPlan for auto / GeLoRA methods (from --plan, from OUT/plan.json
-    when resuming, or from a quick probe of the training prompts); the plan is kept in OUT/plan.json."""
-    from adapters.plan import AdapterPlan
-    from adapters.train import plan_for_training
-
-    from .errors import PlanError
-
-    if args.plan:
-        plan = _plan_from_file(args.plan, lm, examples, args, command)
-        if args.adapter != "auto" and plan.method != args.adapter:
-            raise PlanError(f"--plan {args.plan} plans {plan.method}, not --adapter {args.adapter}; "
-                            "use --adapter auto to follow the plan")
-    elif not _needs_plan(args.adapter):
-        return args.adapter
-    elif args.resume and (out / "plan.json").is_file():
-        plan = AdapterPlan.load(out / "plan.json")
-    else:
-        plan, _ = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
-                                    target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
-                                    progress=not args.quiet,
-                                    device=_resolve_device(args.device), command=command)
-    plan.save(out / "plan.json")
-    return plan
-
-
 def _print_run(run) -> None:
     r = run.result
     first = r.loss_values[0] if r.loss_values else float("nan")
@@ -380,147 +312,95 @@ def _print_run(run) -> None:
 
 def cmd_finetune(args, command: str) -> int:
     from adapters.data import load_examples
-    from adapters.train import check_out, finetune
+
+    from . import workflows
 
     _check_limit(args.limit, "--limit")
     settings = _train_settings(args)
     out = _default_out(args)
-    check_out(out, args.resume)  # before the (slow) model load
+    workflows.check_out(out, args.resume)  # before the (slow) model load
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
     _require_causal(lm, "fine-tuning")
-    adapter = _resolve_adapter(args, lm, examples, out, command)
-    run = finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=args.resume,
-                   progress=not args.quiet, model_name=lm.name, data_name=str(args.data),
-                   **_build_kwargs(args, planned=not isinstance(adapter, str)))
+    adapter = workflows.resolve_adapter(lm, examples, out, method=args.adapter, plan=args.plan,
+                                        resume=args.resume, r=args.r, alpha=args.alpha,
+                                        target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
+                                        progress=not args.quiet, device=args.device, command=command)
+    run = workflows.finetune_model(lm, examples, adapter, out=out, settings=settings, resume=args.resume,
+                                   progress=not args.quiet, data_name=str(args.data),
+                                   **_build_kwargs(args, planned=not isinstance(adapter, str)))
     _print_run(run)
     return 0
 
 
-def _eval_record(res, *, model: str, adapter: Optional[str], data: str) -> dict:
-    return {"schema": "geoprobe.evaluation", "model": model, "adapter": adapter, "data": data, **res.to_dict()}
-
-
-def _print_eval(res, data: str) -> None:
-    correct = sum(bool(p["correct"]) for p in res.predictions)
-    print(f"accuracy {res.accuracy:.4f} ({correct}/{res.n}) on {data}"
-          + (f"; {res.n_unparsed} answers unreadable" if res.n_unparsed else ""))
+def _print_eval(correct: int, n: int, accuracy: float, n_unreadable: int, data: str) -> None:
+    print(f"accuracy {accuracy:.4f} ({correct}/{n}) on {data}"
+          + (f"; {n_unreadable} answers unreadable" if n_unreadable else ""))
 
 
 def cmd_evaluate(args, command: str) -> int:
     from adapters.data import load_examples
-    from adapters.evaluate import evaluate
 
+    from . import workflows
     from .records import write_json
 
     _check_limit(args.limit, "--limit")
     if args.adapter:
-        from adapters.io import SIDECAR
-        folder = Path(args.adapter)
-        if not (folder / "adapter_config.json").is_file():
-            hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""
-            raise GeoprobeError(f"--adapter {folder} is not an adapter folder{hint}")
+        workflows.check_adapter_folder(args.adapter)
     out = Path(args.out) if args.out else (
         Path(args.adapter).parent / f"eval-{_slug(Path(args.data).stem)}.json" if args.adapter
         else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
     _require_causal(lm, "evaluation")
-    model = lm.model
-    if args.adapter:
-        import adapters
-        model = adapters.load(lm.model, args.adapter)
-    res = evaluate(model, lm.tokenizer, examples, batch_size=args.eval_batch_size,
-                   max_new_tokens=args.max_new_tokens)
-    write_json(out, _eval_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
-    _print_eval(res, str(args.data))
+    res = workflows.evaluate_model(lm, examples, adapter=args.adapter, batch_size=args.eval_batch_size,
+                                   max_new_tokens=args.max_new_tokens)
+    write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
+    _print_eval(sum(bool(p["correct"]) for p in res.predictions), res.n, res.accuracy, res.n_unparsed,
+                str(args.data))
     print(f"evaluation written to {out}")
     return 0
 
 
 def cmd_run(args, command: str) -> int:
-    import dataclasses
-
     from adapters.data import load_examples
-    from adapters.evaluate import evaluate
-    from adapters.plan import AdapterPlan
-    from adapters.train import check_out, finetune, plan_for_training
 
-    from .records import write_json
-    from .profile import GeometryProfile
-    from .report import render_report
+    from . import workflows
 
     _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
     settings = _train_settings(args)
     out = _default_out(args)
-    check_out(out, args.resume)  # before the (slow) model load and probe
+    workflows.check_out(out, args.resume)  # before the (slow) model load and probe
     examples = load_examples(args.data, limit=args.limit)
     tests = load_examples(args.eval, limit=args.eval_limit)
     lm = _load_lm(args)
     _require_causal(lm, "`geoprobe run`")
-    if args.resume and (out / "plan.json").is_file() and (out / "profile.json").is_file():
-        plan = AdapterPlan.load(out / "plan.json")
-        profile = GeometryProfile.load(out / "profile.json")
-    else:
-        plan, profile = plan_for_training(lm, examples, method=args.adapter, r=args.r, alpha=args.alpha,
-                                          target_modules=_targets(args), seed=args.seed,
-                                          data_name=str(args.data), progress=not args.quiet,
-                                          device=_resolve_device(args.device), command=command)
-        plan.save(out / "plan.json")
-        profile.save(out / "profile.json")
-    print(f"plan: {plan.method} — {plan.reasons.get('method', 'as requested')}")
-    run = finetune(lm.model, lm.tokenizer, examples, plan, out=out, settings=settings, resume=args.resume,
-                   progress=not args.quiet, model_name=lm.name, data_name=str(args.data),
-                   **_build_kwargs(args, planned=True))
-    _print_run(run)
-    res = evaluate(run.model, lm.tokenizer, tests, batch_size=args.eval_batch_size,
-                   max_new_tokens=args.max_new_tokens)
-    write_json(out / "eval.json",
-               _eval_record(res, model=lm.name, adapter=str(run.adapter_dir), data=str(args.eval)))
-    metrics = {k: float(v) for k, v in res.metrics.items()}
-    metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))
-    result = dataclasses.replace(run.result, eval_metrics=metrics)
-    write_json(run.results_path, result.to_dict())
-    profile = profile.with_updates(adapter_plan=plan.to_record(), finetune=[result])
-    profile.save(out / "profile.json")
-    report = render_report([profile], out / "report.html", command=command)
-    _print_eval(res, str(args.eval))
-    print(f"report written to {report}")
+    done = workflows.run(
+        lm, examples, tests, out=out, method=args.adapter, settings=settings, resume=args.resume, r=args.r,
+        alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout, n_heads=args.n_heads,
+        curvature=args.curvature, eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
+        data_name=str(args.data), eval_name=str(args.eval), progress=not args.quiet, device=args.device,
+        command=command,
+        on_plan=lambda plan: print(f"plan: {plan.method} — {plan.reasons.get('method', 'as requested')}"),
+        on_trained=_print_run)
+    _print_eval(done.n_correct, done.n_eval, done.accuracy, done.n_unreadable, str(args.eval))
+    print(f"report written to {done.report_path}")
     return 0
 
 
 def cmd_native(args: argparse.Namespace, command: str) -> int:
     """Build (or find in the cache) the native adapter layers for CUDA, or for the CPU with --cpu or
     without CUDA, and print where they are used under the current GEOPROBE_NATIVE mode."""
-    import time
+    from . import workflows
 
-    import torch
-
-    from adapters.kernels import native
-
-    cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    print(f"native adapter layers for {'CUDA' if cuda else 'the CPU'}: building or loading from the cache "
-          "(about a minute the first time) …", flush=True)
-    previous = native.set_native_mode("all")  # the CPU variant is built on request too
-    log = logging.getLogger(native.__name__)
-    level = log.level
-    log.setLevel(logging.ERROR)  # this command reports the outcome itself, in one line
-    try:
-        start = time.perf_counter()
-        module = native.native_module(device)
-        seconds = time.perf_counter() - start
-        reason = native.native_unavailable_reason(device) if module is None else None
-    finally:
-        native.set_native_mode(previous)
-        log.setLevel(level)
-    if module is None:
-        raise GeoprobeError(f"the native adapter layers could not be built ({reason}); the layers keep their "
-                            "Python nodes")
+    device = workflows.native_device(cpu=args.cpu)
+    print(f"native adapter layers for {'CUDA' if device == 'cuda' else 'the CPU'}: building or loading from "
+          "the cache (about a minute the first time) …", flush=True)
+    built = workflows.build_native(device)
     used = {"auto": "CUDA tensors", "all": "CUDA and CPU tensors", "off": "nothing (GEOPROBE_NATIVE=0)"}
-    print(f"ready in {seconds:.1f} s: {module.__file__}")
-    print(f"used on {used[native.native_mode()]} (GEOPROBE_NATIVE={native.native_mode()})")
+    print(f"ready in {built.seconds:.1f} s: {built.path}")
+    print(f"used on {used[built.mode]} (GEOPROBE_NATIVE={built.mode})")
     return 0
 
 

@@ -15,7 +15,8 @@ import torch
 import adapters
 from adapters.data import collate, load_examples, tokenize_for_training
 from adapters.evaluate import evaluate
-from adapters.train import CHECKPOINTS, TrainSettings, batch_loss, finetune, list_checkpoints, plan_for_training
+from adapters.train import CHECKPOINTS, TrainSettings, batch_loss, finetune, list_checkpoints
+from geoprobe.workflows import plan_for_training
 from geoprobe.cli import main
 from geoprobe.profile import GeometryProfile
 

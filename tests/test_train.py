@@ -14,7 +14,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from adapters.data import collate, load_examples, pack, tokenize_for_training
-import adapters.train as train_module
+import adapters.train.loss as loss_module
 from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
                             list_checkpoints, lr_factor)
 from geoprobe.cli import main
@@ -113,6 +113,20 @@ def test_resume_refuses_other_settings_and_existing_runs(examples, tmp_path):
     done = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
                     resume=True, r=4)
     assert done.resumed_from == 2 and len(done.result.loss_values) == 4
+
+
+def test_corrupt_checkpoint_state_names_the_file(examples, tmp_path):
+    tok = bpe_tokenizer()
+    s = TrainSettings(lr=5e-3, max_steps=4, batch_size=2, max_length=160, save_every=2)
+    with pytest.raises(_Interrupt):
+        finetune(tiny_llama(), tok, examples, "lora", out=tmp_path, settings=s, progress=False,
+                 on_step=_stop_at(2), r=4)
+    state = tmp_path / CHECKPOINTS / "step-2" / "trainer_state.json"
+    state.write_text('{"step": 2, "run": ', encoding="utf-8")
+    model = tiny_llama()
+    with pytest.raises(AdapterError, match="trainer_state.json.*not valid JSON"):
+        finetune(model, tok, examples, "lora", out=tmp_path, settings=s, progress=False, resume=True, r=4)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def test_failed_checkpoint_write_leaves_no_partial_folder(examples, tmp_path, monkeypatch):
@@ -295,7 +309,7 @@ def test_deferred_loss_reads_change_nothing(examples, tmp_path):
 
 
 def test_non_finite_loss_read_late_names_its_step_and_writes_no_checkpoint(examples, tmp_path, monkeypatch):
-    real = train_module._answer_loss_sum
+    real = loss_module.answer_loss_sum
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -303,7 +317,7 @@ def test_non_finite_loss_read_late_names_its_step_and_writes_no_checkpoint(examp
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(train_module, "_answer_loss_sum", poisoned)
+    monkeypatch.setattr(loss_module, "answer_loss_sum", poisoned)
     model = tiny_llama()
     with pytest.raises(AdapterError, match="nan at step 2"):
         finetune(model, bpe_tokenizer(), examples, "lora", out=tmp_path, progress=False, r=4,
@@ -514,3 +528,39 @@ def test_cli_run_on_a_tiny_model(cli_files, tmp_path, capsys):
     assert ft.method == profile.adapter_plan.method and len(ft.loss_values) == 2
     html = (out / "report.html").read_text()
     assert "Fine-tune results" in html and ft.method in html
+
+
+def test_run_workflow_as_one_library_call(cli_files, tmp_path):
+    from geoprobe.models import load_model
+    from geoprobe.workflows import RunResult, run
+
+    f = cli_files
+    lm = load_model(str(f["model"]), device="cpu")
+    out = tmp_path / "run"
+    planned = []
+    done = run(lm, load_examples(f["train"]), load_examples(f["test"]), out=out, r=4, progress=False,
+               settings=TrainSettings(max_steps=2, batch_size=2, max_length=160), max_new_tokens=4,
+               on_plan=planned.append)
+    assert isinstance(done, RunResult) and len(planned) == 1 and done.method == planned[0].method
+    assert RunResult.from_dict(json.loads(json.dumps(done.to_dict()))) == done
+    for path in (done.plan_path, done.profile_path, done.results_path, done.eval_path, done.report_path):
+        assert Path(path).is_file() and Path(path).parent == out
+    assert Path(done.adapter_dir) == out / ADAPTER
+    assert done.n_eval == 6 and 0 <= done.n_correct <= 6 and done.accuracy == done.n_correct / 6
+    assert done.finetune.eval_metrics == done.eval_metrics and done.eval_metrics["n_eval"] == 6.0
+    assert json.loads(Path(done.results_path).read_text())["eval_metrics"] == done.eval_metrics
+    assert GeometryProfile.load(done.profile_path).finetune[0].loss_values == done.finetune.loss_values
+
+
+def test_plan_file_errors_are_plan_errors(cli_files, tmp_path):
+    from geoprobe.errors import PlanError
+    from geoprobe.workflows import plan_from_file
+
+    (tmp_path / "bad.json").write_text('{"method": ', encoding="utf-8")
+    with pytest.raises(PlanError, match="does not exist"):
+        plan_from_file(tmp_path / "none.json", None, [])
+    with pytest.raises(PlanError, match="bad.json is not valid JSON"):
+        plan_from_file(tmp_path / "bad.json", None, [])
+    import adapters.train
+    import geoprobe.workflows
+    assert adapters.train.plan_for_training is geoprobe.workflows.plan_for_training

@@ -1,0 +1,87 @@
+"""The training loss: Σ −log p over the answer tokens, with logits computed at the answer
+positions only.
+
+For one optimizer step over micro-batches b = 1…G,
+
+    L = Σ_b Σ_{t ∈ answer(b)} −log p(x_t | x_<t) / N,   N = number of answer tokens in all G micro-batches,
+
+so accumulating G micro-batches gives exactly the gradient of the concatenated batch. Only answer
+tokens count: the prompt is labelled −100 by :func:`adapters.data.tokenize_for_training` (the
+LLM-Adapters / Alpaca-LoRA recipe). The output layer receives only the hidden states at the answer
+positions (a forward pre-hook), so logits, softmax and their gradients cover the answer tokens and not
+the prompt or the padding.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..data import IGNORE_INDEX
+
+__all__ = ["answer_targets", "answer_loss_sum", "batch_loss"]
+
+
+def answer_targets(labels: Any) -> tuple[Any, Any]:
+    """Where the loss is taken in a (B, T) label tensor: the flat indices b·T + t of the positions
+    whose logits predict an answer token (``labels[b, t + 1] != -100``) and those tokens, in
+    row-major order. Computed wherever ``labels`` lives; on the host it costs no device round trip."""
+    import torch
+
+    width = labels.shape[1]
+    rows, cols = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
+    return rows * width + cols, labels[rows, cols + 1]
+
+
+def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any) -> Any:
+    """Σ_k −log p(target_k | position index_k) for the model called on ``inputs`` (no labels).
+
+    ``index`` / ``target`` come from :func:`answer_targets` (on the model's device). The output layer
+    is fed only the hidden states at ``index`` (a forward pre-hook on ``get_output_embeddings()``),
+    so the vocabulary projection, the logits and the softmax cover the answer positions alone: the
+    same rows of logits as ``logits.flatten(0, 1)[index]``, without computing the rest. When the
+    model's output layer is not called on the full (B, T, H) hidden states (the hook does not apply),
+    the full logits are computed and the rows gathered. No host synchronisation. The sum is taken in
+    float32 for half-precision logits (float64 logits stay float64).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ids = inputs.get("input_ids")
+    shape = tuple(ids.shape) if ids is not None else tuple(inputs["inputs_embeds"].shape[:2])
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    fed: list[bool] = []
+
+    def pick(module: Any, args: tuple) -> Optional[tuple]:
+        if fed or not args or not torch.is_tensor(args[0]) or args[0].dim() != 3 or tuple(args[0].shape[:2]) != shape:
+            return None
+        fed.append(True)
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick) if isinstance(head, torch.nn.Module) else None
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if fed and logits.dim() == 2 and logits.shape[0] == index.numel():
+        sel = logits
+    else:
+        sel = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+    if sel.dtype in (torch.float16, torch.bfloat16):
+        sel = sel.float()
+    return F.cross_entropy(sel, target, reduction="sum")
+
+
+def batch_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """(Σ of −log p over the answer tokens of ``batch``, number of those tokens).
+
+    Logits at position t predict token t + 1; positions labelled −100 are skipped. Packed batches
+    (with ``position_ids``) are run without an attention mask; every batch with ``use_cache=False``.
+    The sum is taken in float32 for half-precision logits (float64 logits stay float64); logits are
+    computed at the answer positions only (:func:`answer_loss_sum`). Labels on a GPU cost one
+    synchronisation here (to count the tokens); the training loop counts on the host instead.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    index, target = answer_targets(labels)
+    return answer_loss_sum(model, inputs, index, target), int(index.numel())

@@ -1,0 +1,84 @@
+"""The hyperparameters of one fine-tune run and the learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from geoprobe.errors import AdapterError
+from geoprobe.profile import Record
+
+__all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED"]
+
+NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every")
+"""Settings a resumed run may change: they steer bookkeeping, not the trained weights."""
+
+
+@dataclass(frozen=True)
+class TrainSettings(Record):
+    """Hyperparameters of one fine-tune run (all recorded in the results).
+
+    ``epochs`` may be fractional; ``max_steps`` (optimizer steps) overrides it. ``warmup_ratio`` is
+    the fraction of the steps spent warming up (W = ⌈ratio·T⌉). ``balance_coef`` > 0 switches on
+    HydraLoRA's load-balancing loss with that weight. ``log_every``: the losses stay on the device and
+    are read every ``log_every`` steps (and at every checkpoint and the last step); every step's loss
+    is recorded all the same, so it changes when a non-finite loss is noticed, not the results.
+    """
+
+    lr: float = 3e-4
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: Optional[int] = None
+    max_length: int = 256
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    pack: bool = True
+    template: str = "alpaca"
+    balance_coef: float = 0.0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not _positive_number(self.lr):
+            raise self._bad("lr", "a positive number")
+        if not _positive_number(self.epochs):
+            raise self._bad("epochs", "a positive number")
+        for name in ("batch_size", "grad_accum", "save_every", "keep_checkpoints", "log_every"):
+            self._positive_int(name)
+        self._positive_int("max_length", 2)
+        if self.max_steps is not None:
+            self._positive_int("max_steps")
+        if not (0.0 <= self.warmup_ratio < 1.0):
+            raise self._bad("warmup_ratio", "in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise self._bad("weight_decay", "≥ 0")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise self._bad("max_grad_norm", "a positive number or None")
+        if not (math.isfinite(self.balance_coef) and self.balance_coef >= 0):
+            raise self._bad("balance_coef", "≥ 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise self._bad("seed", "a non-negative integer")
+
+    def _bad(self, name: str, want: str) -> AdapterError:
+        return AdapterError(f"training setting {name} = {getattr(self, name)!r}; it must be {want}")
+
+    def _positive_int(self, name: str, minimum: int = 1) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise self._bad(name, f"an integer ≥ {minimum}")
+
+
+def _positive_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate for the step with index ``step`` (0-based) of ``total``:
+    (step + 1)/warmup during warm-up, then (total − step)/(total − warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return (total - step) / max(total - warmup, 1)

@@ -1,0 +1,394 @@
+"""The training loop as a small object: :class:`Trainer` (``setup``, ``step``, ``checkpoint``,
+``result``) and :func:`finetune`, which drives it.
+
+Optimisation. AdamW over the adapter parameters only (the base model stays frozen); learning rate
+lr·f(s) for the s-th step (:func:`~adapters.train.settings.lr_factor`: linear warm-up, linear decay).
+bf16 autocast on CUDA, float32 on the CPU; gradient clipping at ``max_grad_norm``. AdamW runs as
+PyTorch's fused kernel on CUDA and as the multi-tensor (foreach) implementation on the CPU. With
+HydraLoRA's load balancing on, coef · Σ_layers L_aux / G is added to the objective
+(Switch-Transformer loss, see :mod:`adapters.hydralora`).
+
+The loop never waits on the GPU within a step: the answer positions and the token count are computed
+on the host from the collated labels, batches go to the GPU through pinned memory without blocking,
+and the per-step losses stay on the device until they are read every ``log_every`` steps, at a
+checkpoint, at the end, or every step when ``on_step`` is given.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from geoprobe import runtime
+from geoprobe.errors import AdapterError, DataFormatError
+from geoprobe.models import is_causal_lm
+from geoprobe.profile import FinetuneResult
+from geoprobe.records import write_json
+
+from .. import registry
+from ..build import build
+from ..io import adapter_spec, save
+from ..data import Example, collate
+from ..plan import AdapterPlan
+from . import checkpoints as ckpt
+from . import loss as loss_fns
+from .order import Order, data_digest, training_sequences
+from .settings import NOT_COMPARED, TrainSettings, lr_factor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "FinetuneRun", "finetune"]
+
+
+@dataclass
+class FinetuneRun:
+    """What :func:`finetune` returns: the trained PeftModel, the result record, and where they went."""
+
+    model: Any
+    result: FinetuneResult
+    out: Path
+    adapter_dir: Path
+    results_path: Path
+    resumed_from: Optional[int] = None
+
+
+def _adamw(params: list[Any], s: TrainSettings, device: Any) -> tuple[Any, str]:
+    """AdamW over ``params`` and its implementation's name: the fused kernel on CUDA (one launch
+    for all tensors), the multi-tensor (foreach) one on the CPU; the same update rule either way."""
+    import torch
+
+    if device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params):
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=True), "AdamW fused"
+    if device.type in ("cpu", "cuda"):
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, foreach=True), "AdamW foreach"
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay), "AdamW"
+
+
+def _mover(device: Any) -> Callable[[Any], Any]:
+    """Host tensor → ``device``: through pinned memory without waiting on CUDA, a plain copy elsewhere."""
+    if device.type == "cuda":
+        return lambda t: t.pin_memory().to(device, non_blocking=True)
+    return lambda t: t.to(device)
+
+
+def _check_model(model: Any, tokenizer: Any) -> int:
+    """The padding id, after checking that ``model`` is a causal LM and ``tokenizer`` has EOS."""
+    if model.get_output_embeddings() is None or not is_causal_lm(model):
+        raise AdapterError(f"fine-tuning trains a causal language model on answers; {type(model).__name__} "
+                           "is not one (use a …ForCausalLM model)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataFormatError("the tokenizer has no eos_token; set tokenizer.eos_token first")
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+
+class Trainer:
+    """One fine-tune run of adapters on a causal LM (see :func:`finetune` for the arguments).
+
+    The constructor checks the model, the output folder and the data (nothing is built yet);
+    :meth:`setup` builds the adapter, the optimizer and the schedule and restores the newest
+    checkpoint when resuming; :meth:`step` runs one optimizer step; :meth:`checkpoint` writes the
+    state; :meth:`result` is the result record so far; :meth:`finish` saves the adapter and results.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, examples: Sequence[Example],
+                 adapter: Union[str, AdapterPlan], *, out: Union[str, Path], settings: TrainSettings,
+                 resume: bool = False, model_name: Optional[str] = None, data_name: str = "",
+                 on_step: Optional[Callable[[int, float], None]] = None,
+                 build_kwargs: Optional[dict[str, Any]] = None) -> None:
+        s = self.settings = settings
+        self.model, self.adapter, self.out = model, adapter, Path(out)
+        self.model_name, self.data_name, self.on_step = model_name, data_name, on_step
+        self.build_kwargs = dict(build_kwargs or {})
+        self.pad = _check_model(model, tokenizer)
+        self.start_ckpt = ckpt.check_out(self.out, resume)
+        self.n_examples = len(list(examples))
+        self.seqs, self.dropped = training_sequences(examples, tokenizer, max_length=s.max_length,
+                                                     template=s.template, packed=s.pack)
+        self.order = Order(len(self.seqs), s.batch_size, s.seed)
+        self.total = s.max_steps or max(1, math.ceil(s.epochs * self.order.per_epoch / s.grad_accum))
+        self.warmup = math.ceil(s.warmup_ratio * self.total) if s.warmup_ratio > 0 else 0
+        if s.balance_coef > 0:
+            method = adapter.method if isinstance(adapter, AdapterPlan) else str(adapter)
+            if method == registry.AUTO or not registry.get(method).includes("hydralora"):
+                raise AdapterError(f"balance_coef applies to HydraLoRA only, not to {method!r}; set it to 0")
+            self.build_kwargs["balance"] = True
+        self.device = next(model.parameters()).device
+        self.was_training = model.training
+        self.peft_model: Any = None
+        self.step_count, self.micro, self.tokens_seen, self.seconds_before = 0, 0, 0, 0.0
+        self.loss_steps: list[int] = []
+        self.loss_values: list[float] = []
+        self.resumed_from: Optional[int] = None
+        self._pending: list[tuple[int, int, Any]] = []  # (step, answer tokens, loss sum on the device)
+        self._t0 = time.perf_counter()
+        self._bar: Any = runtime.NullBar()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Build the adapter (seeded), the optimizer and the schedule; restore the newest checkpoint
+        when resuming. On failure the adapters are removed again."""
+        import torch
+
+        torch.manual_seed(self.settings.seed)
+        self.peft_model = build(self.model, self.adapter, base_name=self.model_name, **self.build_kwargs)
+        try:
+            self._setup_optimizer()
+            self.run_id = self._run_id()
+            if self.start_ckpt is not None:
+                self._restore(self.start_ckpt)
+            self._setup_step()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _setup_optimizer(self) -> None:
+        import torch
+
+        self.spec = adapter_spec(self.peft_model)
+        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        if not self.params:
+            raise AdapterError("the adapter has no trainable parameters")
+        self.optimizer, self.optimizer_name = _adamw(self.params, self.settings, self.device)
+        total, warmup = self.total, self.warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: lr_factor(i, total, warmup))
+
+    def _run_id(self) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint: settings, adapter, data, step count."""
+        run_id = {
+            "settings": {k: v for k, v in self.settings.to_dict().items() if k not in NOT_COMPARED},
+            "adapter": {k: v for k, v in self.spec.to_dict().items() if k not in ("versions", "base_model")},
+            "config": self._method_settings(),
+            "data_sha256": data_digest(self.seqs),
+            "total_steps": self.total,
+        }
+        return json.loads(json.dumps(run_id, default=str))  # compared with the JSON copy in the checkpoint
+
+    def _method_settings(self) -> dict[str, Any]:
+        """The adapter config's fields (curvature, heads, ranks, …: the method's own settings live there),
+        less those that name where the model came from or whether it trains."""
+        config = self.peft_model.peft_config["default"].to_dict()
+        skip = ("base_model_name_or_path", "revision", "inference_mode")
+        return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items() if k not in skip}
+
+    def _restore(self, folder: Path) -> None:
+        state = ckpt.read_state(folder)
+        saved_id = state.get("run")
+        if saved_id != self.run_id:
+            diff = ckpt.describe_diff(saved_id or {}, self.run_id)
+            raise AdapterError(f"checkpoint {folder} belongs to a run with other settings or data ({diff}); "
+                               "resume with the original settings, or choose another --out")
+        ckpt.load_checkpoint(folder, self.peft_model, self.optimizer, self.scheduler)
+        self.step_count, self.micro = int(state["step"]), int(state["micro_step"])
+        self.tokens_seen, self.seconds_before = int(state["tokens_seen"]), float(state["seconds"])
+        self.loss_steps, self.loss_values = list(state["loss_steps"]), list(state["loss_values"])
+        self.resumed_from = self.step_count
+        log.info("resuming from %s (step %d of %d)", folder, self.step_count, self.total)
+
+    def _setup_step(self) -> None:
+        import torch
+
+        cuda = self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        self.aux_loss = None
+        if self.settings.balance_coef > 0:
+            from ..hydralora import hydra_aux_loss
+            self.aux_loss = hydra_aux_loss
+        self.to_device = _mover(self.device)
+        self.acc_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        self.extra = {"n_examples": self.n_examples, "n_dropped_too_long": self.dropped,
+                      "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
+                      "device": str(self.device),
+                      "compute_dtype": "bfloat16 autocast" if cuda else "float32",
+                      "optimizer": self.optimizer_name,
+                      "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"]}
+
+    # ------------------------------------------------------------------ the loop
+    @property
+    def done(self) -> bool:
+        """Whether every step has been taken."""
+        return self.step_count >= self.total
+
+    def start(self, progress: bool = True) -> None:
+        """Switch to training mode, start the clock and the progress bar."""
+        self.peft_model.train()
+        self._t0 = time.perf_counter()
+        self._bar = runtime.progress(self.total, "fine-tune", enabled=progress, unit="step",
+                                     initial=self.step_count)
+
+    def _micro_batches(self, picks: list[list[int]]) -> tuple[list[tuple[Any, Any, Any]], int]:
+        """Collated micro-batches on the device (inputs, answer index, answer tokens) and the number
+        of answer tokens; counted and indexed on the host, copied without waiting."""
+        work, n_tok = [], 0
+        for idx in picks:
+            b = collate([self.seqs[i] for i in idx], self.pad)
+            index, target = loss_fns.answer_targets(b["labels"])
+            n_tok += int(index.numel())
+            work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"},
+                         self.to_device(index), self.to_device(target)))
+        if n_tok == 0:
+            raise DataFormatError(f"step {self.step_count + 1} has no answer tokens to train on")
+        return work, n_tok
+
+    def _accumulate(self, work: list[tuple[Any, Any, Any]], n_tok: int) -> Any:
+        """Forward and backward over the micro-batches; the summed answer loss, on the device."""
+        s, loss_sum = self.settings, None
+        for inputs, index, target in work:
+            with self.autocast:
+                part = loss_fns.answer_loss_sum(self.peft_model, inputs, index, target)
+                objective = part / n_tok
+                if self.aux_loss is not None:
+                    objective = objective + s.balance_coef * self.aux_loss(self.peft_model) / s.grad_accum
+            objective.backward()
+            part = part.detach().to(self.acc_dtype)
+            loss_sum = part if loss_sum is None else loss_sum + part
+        return loss_sum
+
+    def step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches, then the checkpoint it is due."""
+        import torch
+
+        s = self.settings
+        picks = [self.order.indices(self.micro + k) for k in range(s.grad_accum)]
+        work, n_tok = self._micro_batches(picks)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = self._accumulate(work, n_tok)
+        self.tokens_seen += sum(len(self.seqs[i]["input_ids"]) for idx in picks for i in idx)
+        if s.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        self.micro += s.grad_accum
+        self._pending.append((self.step_count, n_tok, loss_sum))
+        due = self.step_count % s.save_every == 0 or self.step_count == self.total
+        if due or self.on_step is not None or self.step_count % s.log_every == 0:
+            self.read_losses()
+        if due:
+            self.checkpoint()
+        self._bar.update(1)
+        if self.on_step is not None:
+            self.on_step(self.step_count, self.loss_values[-1])
+
+    def read_losses(self) -> None:
+        """Bring the pending step losses to the host (one synchronisation) and record them."""
+        import torch
+
+        if not self._pending:
+            return
+        sums = torch.stack([p[2] for p in self._pending]).tolist()
+        done = list(self._pending)
+        self._pending.clear()
+        for (k, n, _), total_k in zip(done, sums):
+            value = total_k / n
+            if not math.isfinite(value):
+                raise AdapterError(f"the training loss became {value} at step {k}; lower --lr")
+            self.loss_steps.append(k)
+            self.loss_values.append(value)
+        self._bar.set_postfix(loss=f"{self.loss_values[-1]:.4f}")
+
+    def elapsed(self) -> float:
+        """Training seconds, those before a resumption included."""
+        return self.seconds_before + time.perf_counter() - self._t0
+
+    def checkpoint(self) -> Path:
+        """Write ``OUT/checkpoints/step-N`` and the results so far."""
+        elapsed = self.elapsed()
+        folder = ckpt.write_checkpoint(self.out / ckpt.CHECKPOINTS, self.step_count, self.peft_model,
+                                       self.optimizer, self.scheduler, {
+                                           "step": self.step_count, "micro_step": self.micro,
+                                           "total_steps": self.total, "tokens_seen": self.tokens_seen,
+                                           "seconds": elapsed, "loss_steps": self.loss_steps,
+                                           "loss_values": self.loss_values, "run": self.run_id},
+                                       self.settings.keep_checkpoints)
+        write_json(self.out / ckpt.RESULTS, self.result(elapsed).to_dict())
+        return folder
+
+    # ------------------------------------------------------------------ results
+    def result(self, seconds: Optional[float] = None) -> FinetuneResult:
+        """The result record after the steps taken so far (``seconds``: training time to record)."""
+        seconds = self.elapsed() if seconds is None else seconds
+        s, spec = self.settings, self.spec
+        return FinetuneResult(
+            method=spec.method, model=self.model_name or spec.base_model, data=self.data_name,
+            settings=s.to_dict() | self.extra | {"resumed_from_step": self.resumed_from}, seed=s.seed,
+            loss_steps=list(self.loss_steps), loss_values=list(self.loss_values),
+            trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
+            tokens_per_second=(self.tokens_seen / seconds) if seconds > 0 and self.tokens_seen else None,
+            versions=runtime.versions())
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        self._bar.close()
+
+    def finish(self) -> FinetuneRun:
+        """Switch to evaluation mode and write OUT/adapter and OUT/results.json."""
+        self.peft_model.eval()
+        elapsed = self.elapsed()
+        adapter_dir = save(self.peft_model, self.out / ckpt.ADAPTER)
+        result = self.result(elapsed)
+        results_path = write_json(self.out / ckpt.RESULTS, result.to_dict())
+        values = self.loss_values
+        log.info("fine-tuned %s for %d steps: loss %.4f → %.4f; adapter in %s", self.spec.method, self.total,
+                 values[0] if values else float("nan"), values[-1] if values else float("nan"), adapter_dir)
+        return FinetuneRun(model=self.peft_model, result=result, out=self.out, adapter_dir=adapter_dir,
+                           results_path=results_path, resumed_from=self.resumed_from)
+
+    def abort(self) -> None:
+        """Remove the adapters again, so that the caller's model is as it came in (the newest
+        checkpoint keeps the progress)."""
+        if self.peft_model is not None:
+            self.peft_model.unload()
+        self.model.train(self.was_training)
+
+
+def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
+             adapter: Union[str, AdapterPlan] = "lora", *, out: Union[str, Path],
+             settings: Optional[TrainSettings] = None, resume: bool = False, progress: bool = True,
+             model_name: Optional[str] = None, data_name: str = "",
+             on_step: Optional[Callable[[int, float], None]] = None, **build_kwargs: Any) -> FinetuneRun:
+    """Fine-tune adapters on ``examples`` and write OUT/adapter, OUT/results.json, OUT/checkpoints.
+
+    Args:
+        model: a causal LM (the base model; adapters are added in place by :func:`adapters.build`).
+        tokenizer: its tokenizer (needs an EOS token).
+        examples: training :class:`~adapters.data.Example` records.
+        adapter: a method of :data:`adapters.build.METHODS` or an :class:`AdapterPlan`.
+        out: output folder.
+        settings: :class:`TrainSettings` (defaults if None).
+        resume: continue from the newest checkpoint in ``out`` (same settings and data required).
+        on_step: called after every optimizer step (and its checkpoint) with (step, loss); reading
+            each step's loss makes the host wait for the GPU once per step.
+        build_kwargs: passed to :func:`adapters.build` (r, alpha, target_modules, curvature, n_heads,
+            layer_ranks, dropout, top_k).
+
+    ``model`` is modified in place (PEFT injects the adapter layers) and returned inside the
+    :class:`FinetuneRun` as a PeftModel; when the run is interrupted or fails, the adapters are removed
+    again so that ``model`` is as it came in (the newest checkpoint keeps the progress). Resuming on
+    the CPU gives the same result as an uninterrupted run, bit for bit.
+
+    Raises:
+        AdapterError: an encoder model, unusable settings, an existing run without ``resume``, or a
+            checkpoint written with other settings or data.
+        DataFormatError: examples without answers, or none that fits ``max_length``.
+    """
+    trainer = Trainer(model, tokenizer, examples, adapter, out=out, settings=settings or TrainSettings(),
+                      resume=resume, model_name=model_name, data_name=data_name, on_step=on_step,
+                      build_kwargs=build_kwargs)
+    trainer.setup()
+    try:
+        trainer.start(progress)
+        try:
+            while not trainer.done:
+                trainer.step()
+        finally:
+            trainer.close()
+        return trainer.finish()
+    except BaseException:
+        trainer.abort()
+        raise

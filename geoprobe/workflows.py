@@ -1,0 +1,409 @@
+"""Workflows: probe → plan → build → fine-tune → evaluate → report as library calls.
+
+What the ``geoprobe`` command does is available here in one call each, so a notebook can do the
+same::
+
+    import geoprobe as gp
+    from geoprobe import workflows
+    from adapters.data import load_examples
+
+    lm = gp.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    done = workflows.run(lm, load_examples("train.jsonl"), load_examples("test.jsonl"), out="runs/smol")
+    done.accuracy, done.report_path
+
+* :func:`plan_for_training`: an adapter plan for fine-tuning a model on a training set, from a given
+  profile or from a quick probe of the training prompts (:func:`quick_probe_settings`).
+* :func:`resolve_adapter`: the method name or the plan a fine-tune run uses (``--adapter``/``--plan``).
+* :func:`finetune_model` and :func:`evaluate_model`: fine-tune adapters / measure accuracy, for a
+  :class:`~geoprobe.models.LoadedModel`.
+* :func:`run`: all of it, ending in OUT/profile.json, OUT/report.html and a :class:`RunResult`.
+
+This module and :mod:`geoprobe.cli` are the only parts of ``geoprobe`` that import ``adapters``; they
+do so inside the functions, so ``import geoprobe`` stays light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .errors import AdapterError, DataFormatError, GeoprobeError, PlanError
+from .profile import FinetuneResult, GeometryProfile
+from .records import Record, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
+           "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
+           "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device", "native_device",
+           "NativeBuild", "build_native"]
+
+PLAN_FILE = "plan.json"
+PROFILE_FILE = "profile.json"
+EVAL_FILE = "eval.json"
+REPORT_FILE = "report.html"
+
+PathLike = Union[str, os.PathLike]
+
+
+def resolve_device(name: Optional[str]) -> str:
+    """``name``, or ``cuda`` when a GPU is available and ``cpu`` otherwise."""
+    if name:
+        return name
+    try:
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def require_causal_lm(lm: Any, what: str) -> None:
+    """Refuse an encoder: ``what`` (fine-tuning, evaluation, a run) generates answers."""
+    from .models import is_causal_lm
+
+    if not is_causal_lm(lm):
+        kind = "an encoder" if lm.info.is_encoder else "not a causal language model"
+        raise AdapterError(f"{what} needs a causal language model that generates answers; {lm.name} is "
+                           f"{kind} ({lm.info.architecture}). Use `geoprobe probe` for such models")
+
+
+def check_out(out: PathLike, resume: bool) -> Optional[Path]:
+    """Check that a fine-tune folder may be used (see :func:`adapters.train.check_out`); the
+    checkpoint to resume from, or None."""
+    from adapters.train import check_out as check_train_out
+
+    return check_train_out(out, resume)
+
+
+# --------------------------------------------------------------------------- planning
+def quick_probe_settings(n_prompts: int, seed: int = 0):
+    """Small :class:`geoprobe.pipeline.ProbeSettings` for planning from training prompts (seconds on
+    a CPU for a 135M model): ≤ 100 prompts for δ, 1,500 hidden-state positions per layer."""
+    from .pipeline import ProbeSettings
+
+    return ProbeSettings(seed=seed, n_prompts=max(1, min(100, n_prompts)), token_sample=500,
+                         token_repeats=2, null_repeats=2, layer_positions=1500, layer_delta_points=200,
+                         max_length=128, batch_size=8)
+
+
+def _check_profile_matches(profile: GeometryProfile, info: Any) -> None:
+    pm = profile.model
+    if (pm.hidden_size, pm.n_layers, pm.vocab_size) != (info.hidden_size, info.n_layers, info.vocab_size):
+        raise PlanError(
+            f"the profile was measured on {pm.name} (hidden {pm.hidden_size}, {pm.n_layers} layers, "
+            f"vocabulary {pm.vocab_size}), not on this model ({info.name}: hidden {info.hidden_size}, "
+            f"{info.n_layers} layers, vocabulary {info.vocab_size}); probe this model")
+
+
+def plan_for_training(lm: Any, examples: Sequence[Any], *, method: str = "auto", r: int = 32,
+                      alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
+                      profile: Optional[GeometryProfile] = None, seed: int = 0, data_name: str = "training prompts",
+                      progress: bool = False, device: Optional[str] = None, command: str = "",
+                      max_embedded: int = 500) -> tuple[Any, GeometryProfile]:
+    """Plan adapters for fine-tuning ``lm`` (a :class:`geoprobe.models.LoadedModel`) on ``examples``.
+
+    Without ``profile``, the model is probed quickly (:func:`quick_probe_settings`) on the training
+    prompts; HydraLoRA's number of heads comes from k-means on the mean-pooled last hidden states of
+    up to ``max_embedded`` training prompts (:func:`geoprobe.hidden.prompt_embeddings`); GeLoRA's budget
+    uses the model's parameters per rank. Returns the plan (an :class:`adapters.plan.AdapterPlan`)
+    and the profile it was made from.
+
+    Raises:
+        PlanError: a profile measured on another model, or one without the model's layers.
+    """
+    from adapters import registry
+    from adapters.build import resolve_targets
+    from adapters.gelora import params_per_rank
+    from adapters.plan import plan_adapters
+
+    from .corpus import Corpus
+    from .hidden import prompt_embeddings
+    from .pipeline import probe
+
+    prompts = [ex.prompt + (("\n" + ex.input) if ex.input else "") for ex in examples]
+    if not prompts:
+        raise DataFormatError("no training examples to plan from")
+    if profile is None:
+        corpus = Corpus.from_texts(prompts, name=data_name)
+        profile = probe(lm, corpus, settings=quick_probe_settings(len(prompts), seed), progress=progress,
+                        device=device, command=command, layers=True)
+    else:
+        _check_profile_matches(profile, lm.info)
+    targets = resolve_targets(lm.model, target_modules)
+    try:
+        costs = params_per_rank(lm.model, targets)
+    except AdapterError:
+        costs = None
+    emb = None
+    if method == registry.AUTO or registry.get(method).includes("hydralora"):
+        emb = prompt_embeddings(lm.model, lm.tokenizer, prompts, max_examples=max_embedded, seed=seed)
+    plan = plan_adapters(profile, method=method, train_embeddings=emb, r=r, alpha=alpha,
+                         target_modules=tuple(targets), params_per_rank=costs, seed=seed)
+    log.info("adapter plan: %s (%s)", plan.method, plan.reasons.get("method", ""))
+    return plan, profile
+
+
+def needs_plan(method: str) -> bool:
+    """Whether ``method`` is planned from the model's geometry (auto and the GeLoRA methods)."""
+    from adapters import registry
+
+    return method == registry.AUTO or registry.get(method).includes("gelora")
+
+
+def plan_from_file(path: PathLike, lm: Any, examples: Sequence[Any], *, method: str = "auto", r: int = 32,
+                   alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
+                   seed: int = 0, data_name: str = "training prompts", command: str = "") -> Any:
+    """An AdapterPlan from a plan JSON, or planned from a profile JSON (its own plan when it has one
+    for ``method``, or for any method when ``method`` is auto)."""
+    from adapters.plan import AdapterPlan
+
+    head = read_json(path, "plan", error=PlanError, missing=f"plan file {path} does not exist")
+    if head.get("schema") == "geoprobe.profile":
+        profile = GeometryProfile.load(path)
+        if profile.adapter_plan is not None and method in ("auto", profile.adapter_plan.method):
+            return AdapterPlan.from_dict(dict(profile.adapter_plan.data))
+        plan, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha, target_modules=target_modules,
+                                    profile=profile, seed=seed, data_name=data_name, command=command)
+        return plan
+    return AdapterPlan.load(path)
+
+
+def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: str = "lora",
+                    plan: Optional[PathLike] = None, resume: bool = False, r: int = 32,
+                    alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
+                    seed: int = 0, data_name: str = "training prompts", progress: bool = False,
+                    device: Optional[str] = None, command: str = "") -> Any:
+    """The method name, or the AdapterPlan for auto / GeLoRA methods (from ``plan``, from
+    OUT/plan.json when resuming, or from a quick probe of the training prompts); a plan is kept in
+    OUT/plan.json."""
+    from adapters.plan import AdapterPlan
+
+    out = Path(out)
+    if plan is not None:
+        chosen = plan_from_file(plan, lm, examples, method=method, r=r, alpha=alpha,
+                                target_modules=target_modules, seed=seed, data_name=data_name, command=command)
+        if method != "auto" and chosen.method != method:
+            raise PlanError(f"--plan {plan} plans {chosen.method}, not --adapter {method}; "
+                            "use --adapter auto to follow the plan")
+    elif not needs_plan(method):
+        return method
+    elif resume and (out / PLAN_FILE).is_file():
+        chosen = AdapterPlan.load(out / PLAN_FILE)
+    else:
+        chosen, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha,
+                                      target_modules=target_modules, seed=seed, data_name=data_name,
+                                      progress=progress, device=resolve_device(device), command=command)
+    chosen.save(out / PLAN_FILE)
+    return chosen
+
+
+def build_options(*, planned: bool, dropout: float = 0.05, target_modules: Optional[Sequence[str]] = None,
+                  r: int = 32, alpha: Optional[float] = None, n_heads: Optional[int] = None,
+                  curvature: Optional[float] = None) -> dict[str, Any]:
+    """Options for :func:`adapters.build`: a plan supplies r and alpha; ``n_heads`` and
+    ``curvature`` override it."""
+    kw: dict[str, Any] = {"dropout": dropout}
+    if target_modules:
+        kw["target_modules"] = list(target_modules)
+    if not planned:
+        kw.update(r=r, alpha=alpha)
+    if n_heads is not None:
+        kw["n_heads"] = n_heads
+    if curvature is not None:
+        kw["curvature"] = curvature
+    return kw
+
+
+# --------------------------------------------------------------------------- fine-tune and evaluate
+def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, out: PathLike,
+                   settings: Any = None, resume: bool = False, progress: bool = True, data_name: str = "",
+                   **build_kwargs: Any) -> Any:
+    """Fine-tune adapters on a loaded model (:func:`adapters.finetune` on ``lm.model`` and
+    ``lm.tokenizer``, named after ``lm``); returns the :class:`adapters.train.FinetuneRun`."""
+    from adapters.train import finetune
+
+    require_causal_lm(lm, "fine-tuning")
+    return finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=resume,
+                    progress=progress, model_name=lm.name, data_name=data_name, **build_kwargs)
+
+
+def check_adapter_folder(folder: PathLike) -> Path:
+    """``folder`` if it holds a saved adapter; a clear error otherwise (pointing at an ``adapter/``
+    subfolder when the run folder was given)."""
+    from adapters.io import SIDECAR
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""
+        raise GeoprobeError(f"--adapter {folder} is not an adapter folder{hint}")
+    return folder
+
+
+def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLike] = None, model: Any = None,
+                   batch_size: int = 8, max_new_tokens: Optional[int] = None, what: str = "evaluation") -> Any:
+    """Accuracy of ``lm`` on ``examples`` (greedy generation, :func:`adapters.evaluate.evaluate`):
+    of ``model`` when given (a trained PeftModel), else of the base model with the adapter saved in
+    ``adapter``, else of the base model. Returns the :class:`adapters.evaluate.EvalResult`."""
+    from adapters.evaluate import evaluate
+
+    require_causal_lm(lm, what)
+    if model is None:
+        model = lm.model
+        if adapter is not None:
+            import adapters
+            model = adapters.load(lm.model, check_adapter_folder(adapter))
+    return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def evaluation_record(res: Any, *, model: str, adapter: Optional[str], data: str) -> dict[str, Any]:
+    """The evaluation JSON: schema, model, adapter, data and the :class:`EvalResult` fields."""
+    return {"schema": "geoprobe.evaluation", "model": model, "adapter": adapter, "data": data, **res.to_dict()}
+
+
+# --------------------------------------------------------------------------- the whole run
+@dataclass(frozen=True)
+class RunResult(Record):
+    """What :func:`run` wrote and measured: the files under ``out`` and the headline numbers.
+
+    ``finetune`` is the fine-tune result record with its ``eval_metrics`` (accuracy, the task's
+    metrics, ``n_eval``, ``n_unreadable``); ``accuracy``, ``n_correct``, ``n_eval`` and
+    ``n_unreadable`` repeat the evaluation's headline.
+    """
+
+    out: str
+    method: str
+    plan_reason: str
+    plan_path: str
+    profile_path: str
+    adapter_dir: str
+    results_path: str
+    eval_path: str
+    report_path: str
+    accuracy: float
+    n_correct: int
+    n_eval: int
+    n_unreadable: int
+    finetune: FinetuneResult
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _plan_run(lm: Any, examples: Sequence[Any], out: Path, *, method: str, resume: bool,
+              planning: dict[str, Any]) -> tuple[Any, GeometryProfile]:
+    """The plan and profile of a run: kept from OUT when resuming, else planned and written there."""
+    from adapters.plan import AdapterPlan
+
+    if resume and (out / PLAN_FILE).is_file() and (out / PROFILE_FILE).is_file():
+        return AdapterPlan.load(out / PLAN_FILE), GeometryProfile.load(out / PROFILE_FILE)
+    plan, profile = plan_for_training(lm, examples, method=method, **planning)
+    plan.save(out / PLAN_FILE)
+    profile.save(out / PROFILE_FILE)
+    return plan, profile
+
+
+def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name: str) -> FinetuneResult:
+    """Write OUT/eval.json and the fine-tune results with their evaluation metrics."""
+    write_json(out / EVAL_FILE, evaluation_record(res, model=lm.name, adapter=str(trained.adapter_dir),
+                                                  data=eval_name))
+    metrics = {k: float(v) for k, v in res.metrics.items()}
+    metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))
+    result = dataclasses.replace(trained.result, eval_metrics=metrics)
+    write_json(trained.results_path, result.to_dict())
+    return result
+
+
+def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike, method: str = "auto",
+        settings: Any = None, resume: bool = False, r: int = 32, alpha: Optional[float] = None,
+        target_modules: Optional[Sequence[str]] = None, dropout: float = 0.05, n_heads: Optional[int] = None,
+        curvature: Optional[float] = None, eval_batch_size: int = 8, max_new_tokens: Optional[int] = None,
+        data_name: str = "", eval_name: str = "", progress: bool = True, device: Optional[str] = None,
+        command: str = "", on_plan: Optional[Callable[[Any], None]] = None,
+        on_trained: Optional[Callable[[Any], None]] = None) -> RunResult:
+    """Probe, plan, build, fine-tune, evaluate and report: ``lm`` (a loaded causal LM) fine-tuned on
+    ``examples`` and evaluated on ``tests``, everything written under ``out``.
+
+    Writes OUT/plan.json and OUT/profile.json (the quick probe of the training prompts and the plan,
+    :func:`plan_for_training`; kept when resuming), the adapter, checkpoints and results.json
+    (:func:`adapters.finetune`), OUT/eval.json, and OUT/report.html with the profile holding the plan
+    and the fine-tune result. ``on_plan`` is called with the plan before training, ``on_trained`` with
+    the :class:`adapters.train.FinetuneRun` before evaluation.
+    """
+    from .report import render_report
+
+    require_causal_lm(lm, "`geoprobe run`")
+    out = Path(out)
+    planning = dict(r=r, alpha=alpha, target_modules=target_modules, seed=getattr(settings, "seed", 0),
+                    data_name=data_name, progress=progress, device=resolve_device(device), command=command)
+    plan, profile = _plan_run(lm, examples, out, method=method, resume=resume, planning=planning)
+    if on_plan is not None:
+        on_plan(plan)
+    trained = finetune_model(lm, examples, plan, out=out, settings=settings, resume=resume, progress=progress,
+                             data_name=data_name,
+                             **build_options(planned=True, dropout=dropout, target_modules=target_modules,
+                                             n_heads=n_heads, curvature=curvature))
+    if on_trained is not None:
+        on_trained(trained)
+    res = evaluate_model(lm, tests, model=trained.model, batch_size=eval_batch_size,
+                         max_new_tokens=max_new_tokens, what="`geoprobe run`")
+    result = _record_evaluation(trained, res, lm=lm, out=out, eval_name=eval_name)
+    profile = profile.with_updates(adapter_plan=plan.to_record(), finetune=[result])
+    profile.save(out / PROFILE_FILE)
+    report = render_report([profile], out / REPORT_FILE, command=command)
+    return RunResult(out=str(out), method=plan.method, plan_reason=plan.reasons.get("method", "as requested"),
+                     plan_path=str(out / PLAN_FILE), profile_path=str(out / PROFILE_FILE),
+                     adapter_dir=str(trained.adapter_dir), results_path=str(trained.results_path),
+                     eval_path=str(out / EVAL_FILE), report_path=str(report), accuracy=float(res.accuracy),
+                     n_correct=sum(bool(p["correct"]) for p in res.predictions), n_eval=res.n,
+                     n_unreadable=res.n_unparsed, finetune=result, eval_metrics=dict(result.eval_metrics))
+
+
+# --------------------------------------------------------------------------- native adapter layers
+def native_device(cpu: bool = False) -> str:
+    """``cuda`` when CUDA is present and ``cpu`` is not asked for, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
+@dataclass(frozen=True)
+class NativeBuild(Record):
+    """The native adapter layers built (or found in the cache) for ``device``: the extension's
+    ``path``, the ``seconds`` it took and the GEOPROBE_NATIVE ``mode`` in force."""
+
+    device: str
+    path: str
+    seconds: float
+    mode: str
+
+
+def build_native(device: str) -> NativeBuild:
+    """Build (or load from the cache) the C++ nodes of the adapter layers for ``device`` now rather
+    than at the first training step; the CPU variant is built on request too.
+
+    Raises:
+        GeoprobeError: the extension cannot be built (the layers keep their Python nodes).
+    """
+    import time
+
+    import torch
+
+    from adapters.kernels import native
+
+    previous = native.set_native_mode("all")  # the CPU variant is built on request too
+    native_log = logging.getLogger(native.__name__)
+    level = native_log.level
+    native_log.setLevel(logging.ERROR)  # the caller reports the outcome itself, in one line
+    try:
+        start = time.perf_counter()
+        module = native.native_module(torch.device(device))
+        seconds = time.perf_counter() - start
+        reason = native.native_unavailable_reason(torch.device(device)) if module is None else None
+    finally:
+        native.set_native_mode(previous)
+        native_log.setLevel(level)
+    if module is None:
+        raise GeoprobeError(f"the native adapter layers could not be built ({reason}); the layers keep their "
+                            "Python nodes")
+    return NativeBuild(device=device, path=str(module.__file__), seconds=seconds, mode=native.native_mode())
