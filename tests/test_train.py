@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -561,6 +562,3 @@ def test_plan_file_errors_are_plan_errors(cli_files, tmp_path):
         plan_from_file(tmp_path / "none.json", None, [])
     with pytest.raises(PlanError, match="bad.json is not valid JSON"):
         plan_from_file(tmp_path / "bad.json", None, [])
-    import adapters.train
-    import geoprobe.workflows
-    assert adapters.train.plan_for_training is geoprobe.workflows.plan_for_training

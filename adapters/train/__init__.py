@@ -32,7 +32,6 @@ equals an uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
-from typing import Any
 
 from .checkpoints import ADAPTER, CHECKPOINTS, RESULTS, STATE, check_out, latest_checkpoint, list_checkpoints
 from .loss import answer_loss_sum, answer_targets, batch_loss
@@ -59,14 +58,3 @@ __all__ = [
     "RESULTS",
     "STATE",
 ]
-
-_MOVED = {"plan_for_training", "quick_probe_settings"}
-
-
-def __getattr__(name: str) -> Any:
-    """``plan_for_training`` and ``quick_probe_settings`` live in :mod:`geoprobe.workflows`."""
-    if name in _MOVED:
-        from geoprobe import workflows
-
-        return getattr(workflows, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

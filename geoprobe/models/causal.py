@@ -40,9 +40,9 @@ def is_causal_lm(obj: Any) -> bool:
 
 
 def _is_loaded_model(obj: Any) -> bool:
-    from .common import LoadedModel
-
-    return isinstance(obj, LoadedModel)
+    """A :class:`~geoprobe.models.LoadedModel` (recognised by its fields, so this module need not import
+    the loader that calls it)."""
+    return hasattr(obj, "info") and hasattr(obj.info, "is_encoder") and hasattr(obj, "model")
 
 
 def _is_config(obj: Any) -> bool:
