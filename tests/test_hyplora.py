@@ -648,3 +648,20 @@ def test_several_active_adapters_add_their_updates():
     pm.base_model.set_adapter("default")
     with torch.no_grad():
         assert not torch.allclose(pm(_ids(seed=2)).logits, both)
+
+
+def test_add_weighted_adapter_is_refused_before_anything_is_built():
+    """PEFT mixes lora_A/lora_B; HypLoRA's update is nonlinear in x with its own K and s per adapter, so no
+    mix reproduces even one adapter: refused with a clear error, the model left exactly as it was."""
+    model = _hyp_model(seed=0)
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    configs = dict(model.peft_config)
+    for names, weights in ((["default"], [1.0]), (["default", "other"], [0.5, 0.5])):
+        for combination in ("linear", "cat", "svd"):
+            with pytest.raises(AdapterError, match="add_weighted_adapter cannot combine HypLoRA"):
+                model.add_weighted_adapter(names, weights, "mix", combination_type=combination)
+            assert dict(model.peft_config) == configs
+            assert all("mix" not in layer.lora_A for layer in _layers(model))
+            after = model.state_dict()
+            assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

@@ -17,7 +17,6 @@ The package, one idea per module:
 * :mod:`.routing`: model-level helpers (:func:`hydra_layers`, :func:`hydra_aux_loss`,
   :func:`record_routing`, :func:`freeze_routing`, :func:`unfreeze_routing`);
 * :mod:`.loading`: :func:`hydralora_from_pretrained`;
-* :mod:`.refusals`: PEFT operations HydraLoRA refuses before they change the model.
 
 Stock PEFT loading of a HydraLoRA folder without ``config=`` builds plain LoRA (the custom-module mapping is
 not saved), which is why :func:`hydralora_from_pretrained` exists and refuses folders without ``hydra_*``

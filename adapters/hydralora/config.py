@@ -18,7 +18,7 @@ from peft import LoraConfig
 
 from geoprobe.errors import AdapterError
 from .layer import HydraLoraLinear
-from .refusals import refuse_weighted_combination
+from ..refusals import refuse_weighted_combination
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class HydraLoraConfig(LoraConfig):
     hydra_balance: bool = field(default=False, metadata={"help": "record the load-balancing loss"})
 
     def __post_init__(self) -> None:
-        refuse_weighted_combination()
+        refuse_weighted_combination("HydraLoRA", "each routes every token through its own router, so no "
+                                    "weighted mix of their matrices reproduces them")
         super().__post_init__()
         _check_settings(self)
         self._register_custom_module({nn.Linear: HydraLoraLinear})

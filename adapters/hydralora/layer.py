@@ -41,7 +41,7 @@ PEFT integration (METHODS.md §8). :class:`HydraLoraLinear` subclasses ``peft.tu
 registered by :class:`~adapters.hydralora.config.HydraLoraConfig`. Its extra tensors are named ``lora_hydra_*``
 and listed in ``adapter_layer_names``/``other_param_names``, so PEFT's trainability, disable/enable/delete,
 several active adapters, mixed batches and save/load handle them. PEFT's ``add_weighted_adapter`` is refused
-(:mod:`adapters.hydralora.refusals`).
+(:mod:`adapters.refusals`).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from peft import LoraConfig
 
 from geoprobe.errors import AdapterError
 
+from ..refusals import refuse_weighted_combination
 from .layer import HypLoraLinear, UnsupportedTarget
 from .options import HypLoraOptions, check_lora_settings, options_of
 
@@ -42,6 +43,8 @@ class HypLoraConfig(LoraConfig):
     hyplora_official: bool = field(default=False, metadata={"help": "the reference code's formula"})
 
     def __post_init__(self) -> None:
+        refuse_weighted_combination("HypLoRA", "its update is nonlinear in x and each adapter has its own "
+                                    "curvature and scale, so no weighted mix of their matrices reproduces them")
         super().__post_init__()
         check_lora_settings(self)
         options_of(self)  # HypLoraOptions refuses a bad curvature or pattern

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from peft import LoraConfig
 
 __all__ = ["MethodUnderTest", "methods_under_test", "single_rows", "multi_rows", "mixed_rows", "method_of"]
 
@@ -36,34 +35,20 @@ class MethodUnderTest:
     mergeable: bool = False
 
 
-def _hyplora_config_cls() -> type:
-    """Today's HypLoRA config as a class: a ``LoraConfig`` that registers the HypLoRA layer on itself.
-
-    Once ``adapters.registry.HypLoraConfig`` exists, return it instead (and drop :class:`HypLoraRowConfig`).
-    """
-    return HypLoraRowConfig
+_TITLES = {"hyplora": "HypLoRA", "hydralora": "HydraLoRA"}
+"""How rows and our error messages name each method that brings its own layer."""
 
 
 def methods_under_test() -> tuple[MethodUnderTest, ...]:
-    """The methods added to PEFT's matrix: the one place that names our config classes."""
-    from adapters.hydralora import HydraLoraConfig
+    """The methods added to PEFT's matrix: every registered single method with a layer of its own (plain
+    LoRA and GeLoRA use PEFT's own LoRA layer, which PEFT's rows already cover)."""
+    from adapters import registry
 
-    return (MethodUnderTest("HypLoRA", _hyplora_config_cls()), MethodUnderTest("HydraLoRA", HydraLoraConfig))
-
-
-@dataclass
-class HypLoraRowConfig(LoraConfig):
-    """``LoraConfig`` whose targeted ``nn.Linear`` layers become HypLoRA layers (curvature 1.0).
-
-    A class (not a factory function) because PEFT's tests call ``issubclass(config_cls, ...)``, pickle
-    models holding the config and rebuild it with ``dataclasses.replace``.
-    """
-
-    def __post_init__(self) -> None:
-        from adapters.hyplora import register_hyplora
-
-        super().__post_init__()
-        register_hyplora(self)
+    own = [m for m in registry.METHODS if len(m.parts) == 1 and m.layer is not None]
+    missing = [m.name for m in own if m.name not in _TITLES]
+    if missing:
+        raise LookupError(f"registered methods without rows in PEFT's matrix: {missing}; add them to _TITLES")
+    return tuple(MethodUnderTest(_TITLES[m.name], m.config_class, m.mergeable) for m in own)
 
 
 # a representative subset of PEFT's LoRA rows on the MLP (one target, both targets, modules_to_save,
