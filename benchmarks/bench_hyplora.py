@@ -69,8 +69,8 @@ def main() -> None:
         p.data = p.data.float()
     A = hyp.lora_A["default"].weight
     Bw = hyp.lora_B["default"].weight
-    raw_k = hyp.lora_hyp_k["default"]
-    raw_s = hyp.lora_hyp_s["default"]
+    raw_k = hyp.lora_hyp_k["default"].view(())
+    raw_s = hyp.lora_hyp_s["default"].view(())
     scaling = hyp.scaling["default"]
     params = [A, Bw, raw_k, raw_s]
 

@@ -665,3 +665,40 @@ def test_add_weighted_adapter_is_refused_before_anything_is_built():
             assert all("mix" not in layer.lora_A for layer in _layers(model))
             after = model.state_dict()
             assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_curvature_and_scale_are_vectors_of_one_and_older_scalar_states_load():
+    """K and s are shape-(1,) parameters (FSDP refuses 0-dim ones); states saved with 0-dim K and s load
+    into them and give the same outputs."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    model = _hyp_model(seed=0)
+    for layer in _layers(model):
+        assert layer.lora_hyp_k["default"].shape == (1,) and layer.lora_hyp_s["default"].shape == (1,)
+        with torch.no_grad():
+            layer.lora_hyp_k["default"].add_(0.25)
+    ids = _ids(3)
+    with torch.no_grad():
+        want = model(ids).logits
+    state = {k: (v.reshape(()) if ".lora_hyp_" in k else v) for k, v in get_peft_model_state_dict(model).items()}
+    assert any(v.dim() == 0 for v in state.values())
+    fresh = _hyp_model(seed=0, adapter_seed=5)
+    result = set_peft_model_state_dict(fresh, state)
+    assert not [k for k in result.unexpected_keys if ".lora_" in k]
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, want)
+
+
+def test_adapter_dtype_follows_peft_autocast_setting():
+    """PEFT keeps adapter weights in the base dtype when autocast_adapter_dtype=False, and upcasts them to
+    float32 otherwise: K and s follow the same rule as lora_A/lora_B."""
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        torch.manual_seed(1)
+        pm = get_peft_model(tiny_llama().to(torch.bfloat16), hyplora_config(4, 8, TARGETS),
+                            autocast_adapter_dtype=autocast)
+        for layer in _layers(pm):
+            assert layer.lora_A["default"].weight.dtype == dtype
+            assert layer.lora_hyp_k["default"].dtype == dtype and layer.lora_hyp_s["default"].dtype == dtype
+        with torch.no_grad():
+            assert torch.isfinite(pm(_ids()).logits.float()).all()

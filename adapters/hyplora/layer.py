@@ -121,11 +121,13 @@ class HypLoraLinear(LoraLinear):
             raise AdapterError(f"HypLoRA needs a layer with in_features/out_features, got {type(self.base_layer)}")
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         curvature = options.curvature_for(kwargs.get("target_name", "") or "")
-        device = self.lora_A[adapter_name].weight.device
+        # shape (1,), not a 0-dim tensor: FSDP refuses scalar parameters; the dtype is lora_A's after PEFT
+        # moved it to the base layer (PEFT's autocast_adapter_dtype then upcasts both to float32 or not)
+        like = self.lora_A[adapter_name].weight
         self.lora_hyp_k[adapter_name] = nn.Parameter(
-            torch.tensor(inverse_positive(curvature), dtype=torch.float32, device=device))
+            torch.tensor([inverse_positive(curvature)], dtype=like.dtype, device=like.device))
         self.lora_hyp_s[adapter_name] = nn.Parameter(
-            torch.tensor(inverse_positive(math.sqrt(self.in_features)), dtype=torch.float32, device=device))
+            torch.tensor([inverse_positive(math.sqrt(self.in_features))], dtype=like.dtype, device=like.device))
         self.hyp_official[adapter_name] = options.official
         self.lora_variant[adapter_name] = _HypLoraVariant()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -142,7 +144,7 @@ class HypLoraLinear(LoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        raw_k, raw_s = self.lora_hyp_k[name], self.lora_hyp_s[name]
+        raw_k, raw_s = self._raw_k(name), self._raw_s(name)
         dropout = self.lora_dropout[name]
         identity = type(dropout) is nn.Identity or not dropout.training
         if identity:  # base product inside the node where the native layer serves the base layer
@@ -170,13 +172,30 @@ class HypLoraLinear(LoraLinear):
     def is_hyplora(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_hyp_k
 
+    def _raw_k(self, adapter_name: str) -> torch.Tensor:
+        """The raw curvature parameter as the 0-dim tensor the formulas and kernels take (a view)."""
+        return self.lora_hyp_k[adapter_name].view(())
+
+    def _raw_s(self, adapter_name: str) -> torch.Tensor:
+        """The raw scale parameter as the 0-dim tensor the formulas and kernels take (a view)."""
+        return self.lora_hyp_s[adapter_name].view(())
+
     def hyp_curvature(self, adapter_name: str) -> torch.Tensor:
         """Current K of ``adapter_name`` (float32 scalar tensor, differentiable)."""
-        return positive(self.lora_hyp_k[adapter_name].float())
+        return positive(self._raw_k(adapter_name).float())
 
     def hyp_scale(self, adapter_name: str) -> torch.Tensor:
         """Current s of ``adapter_name`` (float32 scalar tensor, differentiable)."""
-        return positive(self.lora_hyp_s[adapter_name].float())
+        return positive(self._raw_s(adapter_name).float())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Folders saved when K and s were 0-dim tensors load into today's shape-(1,) parameters."""
+        for table in ("lora_hyp_k", "lora_hyp_s"):
+            for name in getattr(self, table, {}):
+                key = f"{prefix}{table}.{name}"
+                if key in state_dict and state_dict[key].dim() == 0:
+                    state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def hyp_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """(α/r)·Δ(dropout(x)) for one adapter, in float32."""
@@ -185,10 +204,9 @@ class HypLoraLinear(LoraLinear):
         if not official:  # fused CUDA kernels, float32 under any autocast; the reference path elsewhere
             return hyplora_bottleneck_fused(
                 x.float(), self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
-                self.lora_hyp_k[adapter_name].float(), self.lora_hyp_s[adapter_name].float(),
-                self.scaling[adapter_name])
+                self._raw_k(adapter_name).float(), self._raw_s(adapter_name).float(), self.scaling[adapter_name])
         with _no_autocast(x.device.type):
-            raw_k = _ClipGrad.apply(self.lora_hyp_k[adapter_name].float(), REF_K_GRAD_CLIP)
+            raw_k = _ClipGrad.apply(self._raw_k(adapter_name).float(), REF_K_GRAD_CLIP)
             return bottleneck(x.float(), self.lora_A[adapter_name].weight.float(),
                                self.lora_B[adapter_name].weight.float(), positive(raw_k),
                                self.hyp_scale(adapter_name), official=official,
