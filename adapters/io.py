@@ -36,7 +36,7 @@ from .registry import Method
 log = logging.getLogger(__name__)
 
 __all__ = ["SIDECAR", "AdapterSpec", "adapter_spec", "attach", "save", "write_adapter", "load",
-           "check_adapter_state", "base_fingerprint", "fingerprint_mismatch", "config_from_saved"]
+           "check_adapter_state", "base_fingerprint", "fingerprint_mismatch", "config_from_saved", "saved_method"]
 
 SIDECAR = "geoprobe_adapter.json"
 SIDECAR_SCHEMA = "geoprobe.adapter"
@@ -298,16 +298,23 @@ def config_from_saved(method: Method, raw: Mapping[str, Any], legacy: Optional[M
         raise AdapterError(f"{where} does not fit {method.name}: {exc}") from None
 
 
-def _unchecked_method(folder: Path, raw_cfg: Mapping[str, Any], kind: Optional[str]) -> Method:
-    """The method of a folder without a sidecar, from its config's own fields; refuses custom layer
-    weights whose config does not say which layer they belong to (folders of older versions)."""
+def saved_method(raw_cfg: Mapping[str, Any]) -> Method:
+    """The method a saved ``adapter_config.json`` (``raw_cfg``) belongs to, from the fields its config
+    class adds to ``LoraConfig`` (``hyplora_*``, ``hydra_*``); ``lora`` when it holds none. With it, stock
+    PEFT loads such a folder as its method: ``PeftModel.from_pretrained(model, folder,
+    config=config_from_saved(saved_method(raw), raw))`` (what :func:`load` does)."""
     own = {f.name for f in dataclasses.fields(registry.get("lora").config_class)}
     for method in registry.METHODS:
         extra = {f.name for f in dataclasses.fields(method.config_class)} - own
         if len(method.parts) == 1 and extra and extra <= set(raw_cfg):
-            break
-    else:
-        method = registry.get("lora")
+            return method
+    return registry.get("lora")
+
+
+def _unchecked_method(folder: Path, raw_cfg: Mapping[str, Any], kind: Optional[str]) -> Method:
+    """The method of a folder without a sidecar, from its config's own fields; refuses custom layer
+    weights whose config does not say which layer they belong to (folders of older versions)."""
+    method = saved_method(raw_cfg)
     if kind is not None and _layer_part(method) != kind:
         raise AdapterError(
             f"{folder} holds {kind} weights but no {SIDECAR} and a config that does not name the method: PEFT "

@@ -13,7 +13,14 @@ of PEFT's unpacked test folder. It
    (:mod:`peft_suite.untouched`);
 5. deselects every test that is not parametrised by one of our rows;
 6. turns an expected refusal (:mod:`peft_suite.verdict`) into an xfail, and
-7. writes one JSON record per test to the file named by ``GEOPROBE_PEFT_SUITE_REPORT``.
+7. writes one JSON record per test to the file named by ``GEOPROBE_PEFT_SUITE_REPORT``;
+8. loads saved folders of our methods as their method where PEFT's tests load them with stock calls
+   (``PeftModel.from_pretrained(model, folder)``, ``load_adapter``): PEFT builds a config from
+   ``adapter_config.json`` by its ``peft_type`` alone, and ``LORA`` names ``LoraConfig``, so without help a
+   third-party ``LoraConfig`` subclass comes back as plain LoRA (with a warning naming the fields it
+   dropped). A user passes ``config=`` or calls ``adapters.load``; this plugin does the same inside PEFT's
+   config loader (``PeftConfigMixin.from_peft_type``), for folders whose saved fields name one of our
+   methods (``adapters.io.saved_method``), and leaves every other folder to PEFT.
 """
 from __future__ import annotations
 
@@ -60,8 +67,26 @@ def pytest_configure(config: pytest.Config) -> None:
     from geoprobe.errors import AdapterError
 
     untouched.install(AdapterError)
+    _load_our_folders_as_their_method()
     config.stash[_METHODS] = rows.methods_under_test()
     config.stash[_RECORDS] = {}
+
+
+def _load_our_folders_as_their_method() -> None:
+    """Item 8 of the module docstring."""
+    from peft.config import PeftConfigMixin
+
+    from adapters import io
+
+    stock = PeftConfigMixin.from_peft_type.__func__
+
+    def from_peft_type(cls: type, **kwargs: Any) -> Any:
+        method = io.saved_method(kwargs)
+        if method.layer is None:
+            return stock(cls, **kwargs)
+        return io.config_from_saved(method, kwargs, where="adapter_config.json")
+
+    PeftConfigMixin.from_peft_type = classmethod(from_peft_type)
 
 
 def _lora_aware(helper: Callable[[type, dict], dict]) -> Callable[[type, dict], dict]:
