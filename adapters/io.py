@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from geoprobe import runtime
 from geoprobe.errors import AdapterError, OutputError
-from geoprobe.records import Record, read_json, write_json
+from geoprobe.records import Record, read_json, replace_folder, write_json
 
 from . import registry
 from .registry import Method
@@ -193,7 +193,7 @@ def save(peft_model: Any, path: Union[str, os.PathLike]) -> Path:
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     try:
         write_adapter(peft_model, tmp)
-        _replace_dir(tmp, target)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,19 +212,6 @@ def write_adapter(peft_model: Any, folder: Union[str, os.PathLike]) -> Path:
     peft_model.save_pretrained(str(folder), selected_adapters=["default"])
     _write_sidecar(folder, spec)
     return folder
-
-
-def _replace_dir(src: Path, target: Path) -> None:
-    """Rename the complete folder ``src`` onto ``target``; an old ``target`` is moved aside first and
-    deleted afterwards, so ``target`` is at every moment either the old or the new complete folder
-    (or briefly absent), never a mixture."""
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, trash / target.name)
-        os.replace(src, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, target)
 
 
 # --------------------------------------------------------------------------- load

@@ -78,19 +78,24 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _as_curvature(K: Curvature, like: torch.Tensor) -> torch.Tensor:
-    """K as a tensor of ``like``'s dtype/device; a Python number must be finite and positive.
-    Tensors are not inspected (that would synchronise a GPU); they must be positive."""
-    if isinstance(K, torch.Tensor):
-        return K.to(dtype=like.dtype, device=like.device)
+def as_positive(value: Curvature, like: torch.Tensor, name: str, meaning: str = "") -> torch.Tensor:
+    """``value`` as a tensor of ``like``'s dtype/device; a Python number must be finite and positive
+    (``name`` and ``meaning`` word the error). Tensors are not inspected (that would synchronise a GPU);
+    they must be positive."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
     try:
-        k = float(K)
+        v = float(value)
     except (TypeError, ValueError):
-        raise InputDataError(f"curvature K must be a positive number or tensor, got {K!r}") from None
-    if not math.isfinite(k) or k <= 0.0:
-        raise InputDataError(
-            f"curvature K must be finite and > 0 (the hyperboloid has radius sqrt(K)), got {K!r}")
-    return torch.tensor(k, dtype=like.dtype, device=like.device)
+        raise InputDataError(f"{name} must be a positive number or tensor, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0.0:
+        raise InputDataError(f"{name} must be finite and > 0{meaning}, got {value!r}")
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
+
+
+def _as_curvature(K: Curvature, like: torch.Tensor) -> torch.Tensor:
+    """K as a tensor of ``like``'s dtype/device (see :func:`as_positive`)."""
+    return as_positive(K, like, "curvature K", " (the hyperboloid has radius sqrt(K))")
 
 
 def _sqrt_safe(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -16,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 from .errors import GeoprobeError, OutputError, ProfileError
 
-__all__ = ["Record", "atomic_path", "write_text", "write_bytes", "write_json", "read_json", "check_schema"]
+__all__ = ["Record", "atomic_path", "replace_folder", "write_text", "write_bytes", "write_json", "read_json", "check_schema"]
 
 
 # --------------------------------------------------------------------------- frozen records
@@ -125,6 +126,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def replace_folder(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rename the complete folder ``src`` onto ``target``. An old ``target`` is moved aside into a temporary
+    folder beside it first and deleted afterwards, so ``target`` is at every moment the old or the new
+    complete folder (or briefly absent), never a mixture."""
+    src, target = Path(src), Path(target)
+    if target.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, trash / target.name)
+        os.replace(src, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, target)
+    return target
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -6,26 +6,7 @@ and ``commonsense_evaluate.py``), which HypLoRA, GeLoRA and HydraLoRA report aga
 answers the Alpaca-templated instruction greedily, a rule reads the short answer out of the text, and
 the answer is compared with the gold label.
 
-Extraction rules, applied to the response (:func:`response_text`: for a full decoded sequence, one
-that starts with the template, the text after the first ``### Response:`` marker; cut before the next
-line starting with ``###``, i.e. where a model that did not stop starts a new instruction of its own):
-
-* numbers (:func:`extract_number`): all commas are removed, then the *last* number is taken, read by
-  LLM-Adapters' pattern ``-?\\d+\\.?\\d*`` (negatives and decimals; ``5-3`` reads as 5 and -3, as there).
-  With ``fractions=True`` (default) a number followed by ``/`` and a number (``3/4``, ``3 / 4``) is
-  read as the fraction, 0.75, where LLM-Adapters would read 4; a zero denominator falls back to the
-  LLM-Adapters reading. No number gives ``None`` (LLM-Adapters uses ``inf``; both score as wrong).
-* AQuA letters (:func:`extract_choice`): first an explicit statement, ``answer is (C)``,
-  ``answer: C``, ``option C``; then the first parenthesised letter ``(C)``; then the first standalone
-  capital letter A–E, skipping the article "A" when a lower-case word follows it ("A train ...").
-  ``rule="llm_adapters"`` reproduces LLM-Adapters exactly: the first character A–E anywhere in the
-  text, even inside a word ("Because" → B), for comparison with published numbers.
-* labels (:func:`extract_label`, :func:`extract_commonsense`): the first occurrence of any candidate
-  label — ``true``/``false`` (BoolQ), ``solution1``/``solution2`` (PIQA), ``answer1``–``answer5``
-  (ARC, OpenBookQA, SIQA), ``ending1``–``ending4`` (HellaSwag), ``option1``/``option2``
-  (WinoGrande), the GLUE label words — as LLM-Adapters' ``commonsense_evaluate.py`` does with
-  ``re.findall(...)[0]``, but matched case-insensitively and as whole words (``untrue`` is not
-  ``true``; ``not_entailment`` is not ``entailment``; ``_`` and a space are interchangeable).
+The extraction rules (numbers, AQuA letters, commonsense and GLUE labels) are stated in :mod:`.extract`.
 
 Scoring (:func:`is_correct`): numbers are right when ``|pred − gold| ≤ 0.001`` (LLM-Adapters' absolute
 tolerance ``miss = 0.001``); letters and labels when equal (case-insensitively). GLUE is scored by

@@ -36,8 +36,8 @@ from torch.autograd.function import once_differentiable
 
 from geoprobe.errors import AdapterError, InputDataError
 
-from ..lorentz import (MAX_T, asinhc_sq, asinhc_sq_slope, logmap0, series_cutoff, sinhc_sq, sinhc_sq_slope,
-                       space_expmap0)
+from ..lorentz import (MAX_T, as_positive, asinhc_sq, asinhc_sq_slope, logmap0, series_cutoff, sinhc_sq,
+                       sinhc_sq_slope, space_expmap0)
 
 __all__ = [
     "POSITIVE_FLOOR",
@@ -96,25 +96,13 @@ def _check_shapes(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
             "expected x (..., d_in), A (r, d_in), B (d_out, r)")
 
 
-def _as_positive(value: Scalar, like: torch.Tensor, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype=like.dtype, device=like.device)
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputDataError(f"{name} must be a positive number or tensor, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0.0:
-        raise InputDataError(f"{name} must be finite and > 0, got {value!r}")
-    return torch.tensor(v, dtype=like.dtype, device=like.device)
-
-
 def prepare(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: Scalar, s: Scalar) -> tuple[torch.Tensor, ...]:
     """x, A, B in one compute dtype (float64 if any is float64, else float32) and K, s as tensors of it;
     refuses shapes that do not chain and non-positive K or s."""
     _check_shapes(x, A, B)
     dtype = torch.float64 if torch.float64 in (x.dtype, A.dtype, B.dtype) else torch.float32
     xd, Ad, Bd = x.to(dtype), A.to(dtype), B.to(dtype)
-    return xd, Ad, Bd, _as_positive(K, xd, "curvature K"), _as_positive(s, xd, "scale s")
+    return xd, Ad, Bd, as_positive(K, xd, "curvature K"), as_positive(s, xd, "scale s")
 
 
 def fused_cutoff(dtype: torch.dtype) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from geoprobe.errors import AdapterError, OutputError
-from geoprobe.records import read_json, write_json
+from geoprobe.records import read_json, replace_folder, write_json
 
 from ..io import check_adapter_state, write_adapter
 
@@ -110,17 +110,6 @@ def _temporary_folder(root: Path, step: int) -> Path:
         raise OutputError(f"cannot write checkpoints under {root}: {exc.strerror or exc}") from None
 
 
-def _replace(tmp: Path, target: Path, step: int) -> None:
-    """Move the finished ``tmp`` folder to ``target``, replacing an older folder of that name."""
-    if target.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".old-step-{step}.", dir=target.parent))
-        os.replace(target, trash / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (renamed away before any file is deleted)."""
     for _, old in list_checkpoints(root.parent)[:-keep]:
@@ -142,7 +131,7 @@ def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer: Any, sch
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         write_json(tmp / STATE, state)  # last: a folder with trainer_state.json is complete
-        _replace(tmp, target, step)
+        replace_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

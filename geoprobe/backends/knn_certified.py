@@ -96,6 +96,7 @@ import numpy as np
 import torch
 
 from ..errors import InputDataError
+from .arrays import real_float64
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +128,7 @@ def as_float64_points(x: Any, device: Optional[str | torch.device] = None, *,
             raise InputDataError("points must be real numbers, got a complex tensor")
         t = t.to(device=device, dtype=torch.float64)
     else:
-        try:
-            arr = np.asarray(x)
-        except (TypeError, ValueError) as exc:
-            raise InputDataError(f"points must be an (N, D) array of numbers: {exc}") from None
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise InputDataError(f"points must be an (N, D) array of numbers, got dtype {arr.dtype}")
-        if np.iscomplexobj(arr):
-            raise InputDataError("points must be real numbers, got a complex array")
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).to(device)
+        t = torch.from_numpy(real_float64(x, "points", "an (N, D) array")).to(device)
     if t.ndim != 2:
         raise InputDataError(f"points must be a 2-D array (N points × D coordinates), "
                              f"got shape {tuple(t.shape)}")

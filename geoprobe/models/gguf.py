@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..errors import GeoprobeError, MissingDependencyError, ModelLoadError
-from ..records import read_json, write_json
+from ..records import read_json, replace_folder, write_json
 from .common import LoadedModel, finish, tokenizer_from
 from .folder import folder_embeddings, load_folder
 
@@ -204,13 +204,9 @@ def _write_gguf_cache(model: Any, tokenizer: Any, folder: Path, source_path: Pat
         write_json(tmp / CACHE_MARKER, {
             "format": CACHE_FORMAT, "sha256": sha, "source": str(source_path.resolve()),
             "source_size": source_path.stat().st_size, "transformers": transformers.__version__})
-        if folder.exists():  # stale copy (other transformers major) or a concurrent writer
-            if _cache_valid(folder, sha):
-                return
-            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, trash / folder.name)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, folder)
+        if folder.exists() and _cache_valid(folder, sha):  # a concurrent writer finished first
+            return
+        replace_folder(tmp, folder)  # over a stale copy (another transformers major), if any
         tmp = None
         logger.info("cached the dequantised model in %s", folder)
     except Exception as exc:  # a cache that cannot be written only costs time next run

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..backends.arrays import real_float64
 from ..errors import GeoprobeError, InputDataError
 from ..profile import DeltaResult
 
@@ -64,15 +65,7 @@ def _as_float64_array(x: Any, what: str) -> np.ndarray:
             raise InputDataError(f"{what} must be real numbers, got a complex tensor")
         arr = x.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:
-        try:
-            arr = np.asarray(x)
-        except (TypeError, ValueError) as exc:
-            raise InputDataError(f"{what} must be a 2-D array of numbers: {exc}") from None
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise InputDataError(f"{what} must be a 2-D array of numbers, got dtype {arr.dtype}")
-        if np.iscomplexobj(arr):
-            raise InputDataError(f"{what} must be real numbers, got a complex array")
-        arr = np.asarray(arr, dtype=np.float64)
+        arr = real_float64(x, what, "a 2-D array")
     return np.ascontiguousarray(arr)
 
 

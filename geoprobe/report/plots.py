@@ -237,15 +237,23 @@ def _with_counts(series: Sequence[Series]) -> list[Series]:
     return [s for s in series if _count_table(s.value)[0].size]
 
 
-def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
-    """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
+def _count_plot(series: Sequence[Series]) -> Optional[tuple[Any, Any, list[tuple[Series, Any, Any, Any]]]]:
+    """(figure, axes, [(series, power-law result, k, m)]) for the series that hold a count table (k: times
+    a type occurs, m: how many types occur k times), or None when none does."""
     usable = _with_counts(series)
     if not usable:
         return None
     fig, (ax,) = _figure()
-    for s in usable:
-        pl = s.value
-        k, m = _count_table(pl)
+    return fig, ax, [(s, s.value, *_count_table(s.value)) for s in usable]
+
+
+def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
+    """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
+    made = _count_plot(series)
+    if made is None:
+        return None
+    fig, ax, usable = made
+    for s, pl, k, m in usable:
         total = m.sum()
         ax.scatter(k, m / total, s=6, color=s.colour, alpha=0.25, linewidths=0, rasterized=False)
         binned_x, binned_y, _ = log_binned(k, m)
@@ -268,13 +276,11 @@ def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
 
 def rank_frequency(series: Sequence[Series]) -> Optional[str]:
     """Frequency against rank (log-log), with the Zipf line f(r) = x_min·(r/n_tail)^(−s)."""
-    usable = _with_counts(series)
-    if not usable:
+    made = _count_plot(series)
+    if made is None:
         return None
-    fig, (ax,) = _figure()
-    for s in usable:
-        pl = s.value
-        k, m = _count_table(pl)
+    fig, ax, usable = made
+    for s, pl, k, m in usable:
         xs, ys = rank_curve(k, m)
         ax.plot(xs, ys, "-", color=s.colour, linewidth=1.4,
                 label=label(s.label) if len(usable) > 1 else "observed")
