@@ -27,12 +27,7 @@ from geoprobe.errors import AdapterError
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):
@@ -277,3 +272,39 @@ def test_every_merge_entry_point_refuses_live_routing_and_keeps_weights():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(model(x), out)
+
+
+def test_router_of_a_saturated_layer_has_exactly_zero_gradient():
+    """Why PEFT's "every adapter parameter moves in 3 SGD steps" is left out for HydraLoRA on lin0+lin1 with
+    zero-initialised heads (tests/peft_suite/rows.py, LEFT_OUT): in PEFT's own setting (its MLP with
+    log-softmax, inputs 0 … 89, lr 0.5) lin1's router gets exactly zero gradient at the first step, because
+    every head is 0, and whenever it gets exactly zero gradient afterwards its gates are saturated: one-hot
+    in float32, where the softmax's derivative is exactly 0. lin0's router does learn."""
+    class PeftMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.lin1 = nn.Linear(10, 20), nn.Linear(20, 2)
+
+        def forward(self, x):
+            return torch.log_softmax(self.lin1(torch.relu(self.lin0(x))), dim=-1)
+
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(PeftMLP(), HydraLoraConfig(target_modules=["lin0", "lin1"]))
+        lin1 = model.base_model.model.lin1
+        seen: list[torch.Tensor] = []
+        lin1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+        x = torch.arange(90, dtype=torch.float32).view(9, 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        router0 = model.base_model.model.lin0.lora_hydra_router["default"].weight.detach().clone()
+        for step in range(3):
+            opt.zero_grad()
+            model(x).sum().backward()
+            grad = lin1.lora_hydra_router["default"].weight.grad
+            if step == 0:
+                assert torch.equal(grad, torch.zeros_like(grad))
+            elif torch.equal(grad, torch.zeros_like(grad)):
+                gates = torch.softmax(seen[-1] @ lin1.lora_hydra_router["default"].weight.detach().T, dim=-1)
+                assert torch.equal(gates.max(dim=-1).values, torch.ones(gates.shape[0]))
+            opt.step()
+        assert not torch.allclose(model.base_model.model.lin0.lora_hydra_router["default"].weight, router0)

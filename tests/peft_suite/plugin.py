@@ -11,7 +11,8 @@ of PEFT's unpacked test folder. It
    test function is parametrised; ``pytest.mark.parametrize`` holds these very list objects;
 4. wraps PEFT's merge entry points to check that a refusal leaves the model as it was
    (:mod:`peft_suite.untouched`);
-5. deselects every test that is not parametrised by one of our rows;
+5. deselects every test that is not parametrised by one of our rows, and the (test, row) pairs of
+   ``rows.LEFT_OUT`` (each with its reason there);
 6. turns an expected refusal (:mod:`peft_suite.verdict`) into an xfail, and
 7. writes one JSON record per test to the file named by ``GEOPROBE_PEFT_SUITE_REPORT``;
 8. loads saved folders of our methods as their method where PEFT's tests load them with stock calls
@@ -126,7 +127,8 @@ def _row_of(item: pytest.Item) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    ours = [item for item in items if _row_of(item) is not None]
+    ours = [item for item in items if _row_of(item) is not None
+            and (item.originalname, item.callspec.params.get("test_name")) not in rows.LEFT_OUT]
     others = [item for item in items if _row_of(item) is None]
     if others:
         config.hook.pytest_deselected(items=others)

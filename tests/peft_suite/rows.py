@@ -64,7 +64,6 @@ _OWN: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         ("5 rank 4 gaussian", {"target_modules": ["lin1"], "r": 4, "init_lora_weights": "gaussian"}),
     ),
     "HydraLoRA": (
-        ("2 random heads", {"target_modules": ["lin0", "lin1"], "init_lora_weights": False}),
         ("5 top-1", {"target_modules": ["lin0"], "hydra_top_k": 1}),
         ("6 top-2 of 3", {"target_modules": ["lin1"], "hydra_heads": 3, "hydra_top_k": 2}),
         ("7 balance", {"target_modules": ["lin0"], "hydra_balance": True}),
@@ -72,18 +71,18 @@ _OWN: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
 }
 
 
-# HydraLoRA takes row 2 (both layers) with random B heads: with PEFT's zero-initialised B the router of lin1
-# gets no gradient at the first step, and by the second PEFT's unnormalised inputs (0 … 89) have pushed lin1's
-# router logits into full saturation, where the softmax's gradient is exactly 0, so PEFT's "every adapter
-# parameter moves in 3 SGD steps" cannot hold there (zero init is covered on lin0 by row 1, on lin1 by row 6)
-_REPLACED: dict[str, frozenset[str]] = {"HydraLoRA": frozenset({"2"})}
+# (test, row) pairs left out, each with the reason, which a test of ours checks:
+# PEFT's "every adapter parameter moves in 3 SGD steps" on lin0+lin1 with zero-initialised B heads: lin1's router
+# gets no gradient at the first step (all heads are 0), and by the second PEFT's unnormalised inputs (0 … 89,
+# lr 0.5) have pushed lin1's router logits into full saturation, where the softmax's gradient is exactly 0
+# (tests/test_hydralora_peft.py::test_router_of_a_saturated_layer_has_exactly_zero_gradient)
+LEFT_OUT: frozenset[tuple[str, str]] = frozenset({("test_only_params_are_updated", "HydraLoRA Vanilla MLP 2")})
 
 
 def single_rows(methods: tuple[MethodUnderTest, ...]) -> list[tuple[str, str, type, dict[str, Any]]]:
     """Rows for ``TEST_CASES``: ``(f"{method} Vanilla MLP {tag}", "MLP", config_cls, kwargs)``."""
     return [(f"{m.name} Vanilla MLP {tag}", "MLP", m.config_cls, dict(kwargs))
-            for m in methods for tag, kwargs in (*_COMMON, *_OWN.get(m.name, ()))
-            if tag not in _REPLACED.get(m.name, frozenset())]
+            for m in methods for tag, kwargs in (*_COMMON, *_OWN.get(m.name, ()))]
 
 
 def multi_rows(methods: tuple[MethodUnderTest, ...]) -> list[tuple[str, str, type, dict, dict]]:
