@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from ..runtime import env_flag
+
 logger = logging.getLogger(__name__)
 
 try:
@@ -50,9 +52,11 @@ except Exception:
 
 __all__ = ["available", "row_max_float32", "set_enabled", "tile_size"]
 
-_ENABLED = os.environ.get("GEOPROBE_DELTA_TRITON", "1") != "0"
-#: Use the Gluon kernel (explicit register tiles) where it can run; "0" forces the plain Triton one.
-_USE_GLUON = os.environ.get("GEOPROBE_DELTA_GLUON", "1") != "0"
+#: GEOPROBE_DELTA_TRITON=0: the torch blocks instead of the kernel for the float32 search.
+_ENABLED = env_flag("GEOPROBE_DELTA_TRITON", default=True)
+#: Use the Gluon kernel (explicit register tiles) where it can run; GEOPROBE_DELTA_GLUON=0 forces the plain
+#: Triton one.
+_USE_GLUON = env_flag("GEOPROBE_DELTA_GLUON", default=True)
 
 
 def set_enabled(enabled: bool) -> bool:
