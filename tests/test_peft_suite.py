@@ -28,6 +28,12 @@ def _rows() -> set[str]:
     return {row[0] for build in (rows.single_rows, rows.multi_rows, rows.mixed_rows) for row in build(methods)}
 
 
+def _single_rows() -> list:
+    from peft_suite import rows
+
+    return rows.single_rows(rows.methods_under_test())
+
+
 def _sdist():
     import peft
 
@@ -83,8 +89,11 @@ def test_peft_custom_model_matrix_on_our_methods(tmp_path):
     assert set(outcomes) <= {"passed", "refused", "skipped", "failed"}, outcomes
     failed = _failures(records)
     assert not failed, f"PEFT's tests fail on our rows ({dict(outcomes)}):\n{failed}"
-    passed_rows = {r["row"] for r in records if r["outcome"] == "passed"}
-    assert passed_rows == _rows(), f"rows with no passing test: {sorted(_rows() - passed_rows)}"
+    # a row of two adapters may reach only tests that end in a merge or a weighted combination, which our
+    # methods refuse (after PEFT checked the several-active-adapters forward pass): a checked refusal counts
+    ran_rows = {r["row"] for r in records if r["outcome"] in ("passed", "refused")}
+    assert ran_rows == _rows(), f"rows with no passing test or checked refusal: {sorted(_rows() - ran_rows)}"
+    assert {r["row"] for r in records if r["outcome"] == "passed"} >= {row[0] for row in _single_rows()}
     assert done.returncode == 0, tail
 
 
