@@ -22,7 +22,8 @@ import torch.nn as nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from adapters.hyplora import HypLoraLinear, _no_autocast, hyplora_config  # noqa: E402
+from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
+from adapters.hyplora.layer import _no_autocast  # noqa: E402
 from adapters.hyplora.kernels import fused as hf  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
