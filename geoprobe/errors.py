@@ -32,8 +32,11 @@ class CorpusError(GeoprobeError):
     """The corpus is empty, binary, or lacks the requested field."""
 
 
-class InputDataError(GeoprobeError):
-    """Points or counts handed to a probe are unusable (NaN/inf, too few, all identical)."""
+class InputDataError(GeoprobeError, ValueError):
+    """Points or counts handed to a probe are unusable (NaN/inf, too few, all identical).
+
+    Also a :class:`ValueError`, as scikit-learn and scikit-dimension raise for bad input, so code
+    written against their estimators (``except ValueError``) catches it."""
 
 
 class ProfileError(GeoprobeError):

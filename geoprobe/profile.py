@@ -127,12 +127,15 @@ class DeltaResult(Record):
 
 @dataclass(frozen=True)
 class IDScale(Record):
-    """GRIDE estimate at one scale (n1, n2 = 2·n1)."""
+    """GRIDE estimate at one scale (n1, n2 = 2·n1); ``radius`` is the mean distance of the points to
+    their n2-th nearest neighbour, the length scale the estimate describes (scikit-dimension's
+    ``radius_scales_``; None in profiles written before it was recorded)."""
 
     n1: int
     n2: int
     dimension: float
     error: float
+    radius: Optional[float] = None
 
 
 @dataclass(frozen=True)

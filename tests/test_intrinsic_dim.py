@@ -412,3 +412,15 @@ def test_bad_options():
         intrinsic_dimension(x, estimator="gride", n1_max=0)
     with pytest.raises(InputDataError, match="scales"):
         intrinsic_dimension(x, estimator="gride", scales=[0, 1])
+
+
+@pytest.mark.parametrize("n1", [50, 64, 1000])
+def test_gride_scale_beyond_the_points_names_n1_and_n(n1):
+    """A scale n1 ≥ N has no neighbours of that rank: a clear InputDataError (also a ValueError)
+    naming n1 and N, not an error from deep inside the neighbour search."""
+    x = subspace(50, 3, 8, seed=23)
+    with pytest.raises(InputDataError, match=rf"n1={n1}.*50 points") as info:
+        intrinsic_dimension(x, estimator="gride", scales=[n1])
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(InputDataError, match=rf"n1={n1}.*50 points"):
+        intrinsic_dimension(x, estimator="gride", scales=[1, n1])

@@ -253,3 +253,19 @@ def test_out_of_gpu_memory_is_reported_with_the_size(monkeypatch):
     assert "1,234 points × 56 coordinates" in msg and "subsample" in msg
     need = float(msg.split("about ")[1].split(" GiB")[0])
     assert abs(need - 1234 * 56 * idm.GPU_BYTES_PER_ENTRY / 2 ** 30) < 0.05
+
+
+def test_gride_scale_beyond_a_layer_is_that_layers_error():
+    """A scale n1 ≥ N of one layer: that layer's clear error (naming n1 and N) on both paths, the
+    other layers estimated."""
+    rng = np.random.default_rng(11)
+    layers = [_manifold(rng, 300, 20), _manifold(rng, 40, 20)]
+    opts = _Options("gride", None, [32], 1e-6, 0.1, None)
+    for got in (intrinsic_dimension_layers(layers, estimator="gride", scales=[32], on_error="skip"),
+                _layers_batched(layers, torch.device("cpu"), opts, "skip", None)):
+        assert got[1] is None and _bare(got[0]) == _bare(intrinsic_dimension(layers[0], estimator="gride",
+                                                                             scales=[32]))
+    with pytest.raises(InputDataError, match=r"layer 1: GRIDE scale n1=32 .*40 points"):
+        intrinsic_dimension_layers(layers, estimator="gride", scales=[32])
+    with pytest.raises(InputDataError, match=r"layer 1: GRIDE scale n1=32 .*40 points"):
+        _layers_batched(layers, torch.device("cpu"), opts, "raise", None)

@@ -38,7 +38,8 @@ included. ``dimension`` is the estimate at the first scale n1 whose estimate agr
 scale's within max(5 %, two combined standard errors) — the start of the plateau of the ID-versus-scale
 curve that Denti et al. read the dimension from; when no two consecutive scales agree (or there is a
 single scale) it is the estimate of the scale holding the median estimate (lower median for an even
-count). ``error`` is that scale's error; every scale is listed in ``scales``.
+count). ``error`` is that scale's error; every scale is listed in ``scales``, with its ``radius``, the
+mean distance to the n2-th neighbour.
 
 Duplicates. Repeated points (BOS and padding positions, repeated tokens) give r1 = 0, or r1 ≈ 1e-8
 after round-off, and drive TwoNN towards 0 (27 % duplicated rows turn a dimension of 10 into 0.1).
@@ -284,6 +285,19 @@ class _Options:
         self.estimator, self.n1_max, self.scales = estimator, n1_max, scales
         self.dedup_tol, self.discard_fraction, self.selection = dedup_tol, discard_fraction, selection
 
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` points can hold every explicit GRIDE scale (n2 = 2·n1 ≤ n − 1)."""
+        return self.explicit is None or 2 * max(self.explicit) <= n - 1
+
+    def check_fits(self, n: int) -> None:
+        """Raise a clear error when an explicit GRIDE scale needs more neighbours than ``n`` points
+        have (checked before the neighbour search, which cannot find a rank ≥ N)."""
+        if not self.fits(n):
+            n1 = max(self.explicit or [0])
+            raise InputDataError(f"GRIDE scale n1={n1} needs n2 + 1 = {2 * n1 + 1} points (its "
+                                 f"n2 = {2 * n1}-th neighbour), but only {n} points were given; "
+                                 f"use scales n1 ≤ {max(1, (n - 1) // 2)}")
+
     def gride_use(self, n: int) -> list[int]:
         return self.explicit if self.explicit is not None else gride_scales(n, self.n1_max)
 
@@ -316,7 +330,8 @@ def _estimate(prep: _Prepared, opts: _Options, backend: str, seconds: float) -> 
     for n1 in use:
         mu = prep.r(2 * n1) / prep.r(n1)
         d, err = gride_mle(mu, n1, 2 * n1)
-        results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err))
+        results.append(IDScale(n1=n1, n2=2 * n1, dimension=d, error=err,
+                               radius=float(prep.r(2 * n1).mean())))
     chosen = _choose_scale(results)
     return IDResult(dimension=chosen.dimension, error=chosen.error, estimator="gride", n_points=n,
                     n_duplicates_removed=prep.n_removed, linear_fit_dimension=None, scales=results,
@@ -356,6 +371,7 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
     opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype)
     try:
         x64 = as_float64_points(x, device)
+        opts.check_fits(int(x64.shape[0]))
         prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype)
     except torch.OutOfMemoryError:
         raise InputDataError(gpu_memory_message(tuple(getattr(x, "shape", ())), device, x)) from None
@@ -554,7 +570,7 @@ def _queue_distances(live: list[tuple[int, torch.Tensor]], host: np.ndarray, opt
     queued, slow = [], []
     for (j, x), (finite, clash) in zip(live, host):
         n = x.shape[0]
-        if not finite or n < 3:
+        if not finite or n < 3 or not opts.fits(n):
             slow.append(j)
             continue
         xu = x
