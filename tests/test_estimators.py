@@ -28,7 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def skdim():
-    return pytest.importorskip("skdim")
+    """scikit-dimension with GRIDE and TwoNN(method=...) (0.5 on); older releases skip."""
+    sk = pytest.importorskip("skdim")
+    if not hasattr(sk.id, "GRIDE") or "method" not in sk.id.TwoNN().get_params():
+        pytest.skip("this scikit-dimension has no GRIDE or TwoNN(method=...)")
+    return sk
 
 
 def subspace(n: int, d: int, dim: int, seed: int) -> np.ndarray:
@@ -207,7 +211,7 @@ def _skdim_tests() -> Path:
     if spec is None or spec.origin is None:
         pytest.skip("scikit-dimension is not installed")
     tests = Path(spec.origin).parent / "tests"
-    if not (tests / "test_twonn_gride.py").is_file():
+    if not all((tests / f).is_file() for f in ("test_twonn_gride.py", "reference/fixtures.json")):
         pytest.skip("the installed scikit-dimension wheel does not ship its tests")
     return tests
 

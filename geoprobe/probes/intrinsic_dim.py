@@ -26,7 +26,10 @@ estimate exactly (the DADApy convention), has the score
 
 strictly decreasing from +∞ to −n1 Σ log μ_i < 0, so it has one root; it is found in float64 by a
 Newton iteration safeguarded by bisection. The error is 1/sqrt(I(d̂)) with the observed Fisher
-information I(d) = −s'(d) = (N − 1)/d² + (n2 − n1 − 1) Σ (log μ_i / (2 sinh(d log μ_i / 2)))².
+information I(d) = −s'(d) = (N − 1)/d² + (n2 − n1 − 1) Σ (log μ_i / (2 sinh(d log μ_i / 2)))² of
+the likelihood that is maximised (DADApy and scikit-dimension put N/d² in the first term, the
+information of the unmodified likelihood; at n1 = 1 ours gives d̂/sqrt(N − 1), nearer the exact
+standard deviation d/sqrt(N − 2), and the two differ by a factor of about 1 + 1/(2N)).
 Ratios equal to 1 (tied distances, impossible under the model when n2 − n1 > 1) are left out of the
 GRIDE likelihood and logged. Larger n1 probe larger neighbourhoods, which averages out noise at the
 smallest scale.
