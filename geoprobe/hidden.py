@@ -29,8 +29,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .runtime import progress as progress_bar
+
 if TYPE_CHECKING:
     import torch
+
+    from .corpus import Corpus
+    from .models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class HiddenStates:
         self.close()
 
 
-def hidden_states(lm: Any, corpus: Any, *, max_positions: int = DEFAULT_POSITIONS,
+def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = DEFAULT_POSITIONS,
                   max_length: int = 128, batch_size: int = 8, seed: int = 0,
                   device: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                   progress: bool = False) -> HiddenStates:
@@ -107,8 +112,6 @@ def hidden_states(lm: Any, corpus: Any, *, max_positions: int = DEFAULT_POSITION
     ``progress`` shows a bar on stderr. Same arguments as :func:`collect_hidden_states`, which this
     calls with ``lm.model``, ``lm.tokenizer`` and ``corpus.documents``.
     """
-    from .runtime import progress as progress_bar
-
     bar = progress_bar(len(corpus), "hidden states", enabled=progress)
     try:
         return collect_hidden_states(lm.model, lm.tokenizer, list(corpus.documents),
