@@ -8,7 +8,9 @@ Public API (DESIGN.md)::
     gp.fit_power_law(counts); gp.norm_frequency(norms, counts)
     gp.delta(x); gp.intrinsic_dimension(x)
     gp.intrinsic_dimension_layers([layer0, layer1, ...])   # every layer in one call (one GPU pass)
+    hs = gp.hidden_states(lm, corpus); hs.layer(i)          # per-layer states of sampled positions
     profile = gp.probe(lm, corpus); profile.save("profile.json")
+    profile.to_frame(); profile.layers_frame()              # pandas tables (geoprobe[pandas])
 
 Heavy modules (torch, transformers) are imported on first use.
 """
@@ -30,6 +32,8 @@ _LAZY = {
     "delta": "geoprobe.probes.hyperbolicity",
     "intrinsic_dimension": "geoprobe.probes.intrinsic_dim",
     "intrinsic_dimension_layers": "geoprobe.probes.intrinsic_dim",
+    "hidden_states": "geoprobe.hidden",
+    "HiddenStates": "geoprobe.hidden",
     "probe": "geoprobe.pipeline",
     "ProbeSettings": "geoprobe.pipeline",
     "GeometryProfile": "geoprobe.profile",

@@ -146,6 +146,17 @@ class Corpus:
         return cls(documents=docs, name=name, field=field)
 
     # ----------------------------------------------------------------- properties
+    def __repr__(self) -> str:
+        """One line: name, documents, characters, the start of the SHA-256, the field and the start
+        of the first document (never the documents themselves)."""
+        name = self.name if len(self.name) <= 60 else self.name[:59] + "…"
+        field = f", field {self.field!r}" if self.field else ""
+        first = self.documents[0] if self.documents else ""
+        first = " ".join(first.split())
+        first = first if len(first) <= 40 else first[:39] + "…"
+        return (f"Corpus({name!r}: {len(self.documents):,} documents, {self.n_characters:,} "
+                f"characters, sha256 {self.sha256[:12]}…{field}, first {first!r})")
+
     def __len__(self) -> int:
         return len(self.documents)
 

@@ -1,6 +1,9 @@
 """Per-layer hidden states of a seeded corpus sample, the positions to leave out of them, and
 pooled prompt embeddings.
 
+:func:`hidden_states` (``gp.hidden_states``) takes a loaded model and a corpus, as ``gp.probe`` does;
+:func:`collect_hidden_states` takes the torch model, its tokenizer and the texts.
+
 Layer 0 is the embedding output and layer i the output of block i, as Hugging Face's
 ``output_hidden_states`` returns them. ``progress`` is a tqdm-like bar (``update``, ``total``).
 Special positions (BOS/CLS/SEP/padding) are dropped. The states are gathered batch by batch into one
@@ -22,16 +25,24 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
+
+from .runtime import progress as progress_bar
 
 if TYPE_CHECKING:
     import torch
 
+    from .corpus import Corpus
+    from .models import LoadedModel
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+DEFAULT_POSITIONS = 1200
+"""Positions sampled per layer by default, as :class:`geoprobe.pipeline.ProbeSettings` samples them."""
 
 SINK_FACTOR = 8.0
 """Default sink threshold: a position is an attention sink when its hidden-state norm exceeds this
@@ -65,11 +76,51 @@ class HiddenStates:
     def layer(self, i: int) -> np.ndarray:
         return np.asarray(self.layers[i])
 
+    def __repr__(self) -> str:
+        width = self.layers[0].shape[1] if self.layers else 0
+        where = f", memory-mapped at {self.memmap_path}" if self.memmap_path else ""
+        return (f"HiddenStates({self.n_layers} layers × {self.n_positions} positions × {width}, "
+                f"{len(np.unique(self.doc_index))} documents{where})")
+
     def close(self) -> None:
+        """Drop the arrays and remove the memory-mapped file, if any."""
         self.layers = []
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
+
+    def __enter__(self) -> "HiddenStates":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = DEFAULT_POSITIONS,
+                  max_length: int = 128, batch_size: int = 8, seed: int = 0,
+                  device: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  progress: bool = False) -> HiddenStates:
+    """Hidden states of every layer at up to ``max_positions`` seeded non-special positions of
+    ``corpus`` (a :class:`geoprobe.corpus.Corpus`), read from ``lm`` (a
+    :class:`geoprobe.models.LoadedModel`) — the sample ``gp.probe`` measures per layer.
+
+    ``hs.layer(i)`` is layer i's (positions × hidden) float32 array (0 = embedding output, i = output
+    of block i); ``hs.doc_index``, ``hs.position`` and ``hs.token_id`` say where each row came from.
+    Documents are shuffled with ``seed`` and truncated to ``max_length`` tokens, the forward passes run
+    in batches of ``batch_size`` on ``device`` (default: the model's device), and states beyond
+    ``memory_budget`` bytes go to a memory-mapped temporary file (``hs.close()`` removes it).
+    ``progress`` shows a bar on stderr. Same arguments as :func:`collect_hidden_states`, which this
+    calls with ``lm.model``, ``lm.tokenizer`` and ``corpus.documents``.
+    """
+    bar = progress_bar(len(corpus), "hidden states", enabled=progress)
+    try:
+        return collect_hidden_states(lm.model, lm.tokenizer, list(corpus.documents),
+                                     max_positions=max_positions, max_length=max_length,
+                                     batch_size=batch_size, seed=seed,
+                                     device=str(device or lm.device), memory_budget=memory_budget,
+                                     progress=bar)
+    finally:
+        bar.close()
 
 
 def _special_ids(tokenizer) -> set[int]:

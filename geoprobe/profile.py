@@ -4,17 +4,25 @@ adapter plans and fine-tune results.
 This module is the contract of the data flow (DESIGN.md): probes write these records, ``adapters``
 writes fine-tune results in this format and ``geoprobe.report`` reads nothing else. Every record is a
 frozen dataclass with ``to_dict``/``from_dict``; the profile is saved as JSON with a schema version.
+A profile's ``repr`` is a few lines of headline numbers; ``to_frame()`` and ``layers_frame()`` give
+its results as pandas tables (the optional extra ``geoprobe[pandas]``).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import ProfileError
 from .records import Record, read_json, write_json
+from .runtime import optional_module
+
+if TYPE_CHECKING:
+    import pandas
 
 SCHEMA_VERSION = 1
 SCHEMA_NAME = "geoprobe.profile"
@@ -325,3 +333,160 @@ class GeometryProfile(Record):
 
     def with_updates(self, **changes: Any) -> "GeometryProfile":
         return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        return "\n".join(summary_lines(self))
+
+    def to_frame(self) -> "pandas.DataFrame":
+        """One row per probe result (columns :data:`PROBE_COLUMNS`, rows as :func:`probe_rows`
+        builds them). Needs pandas: ``pip install "geoprobe[pandas]"``."""
+        return _frame(probe_rows(self), PROBE_COLUMNS, "GeometryProfile.to_frame()")
+
+    def layers_frame(self) -> "pandas.DataFrame":
+        """One row per layer with its δ and intrinsic-dimension columns (:data:`LAYER_COLUMNS`, rows
+        as :func:`layer_rows` builds them). Needs pandas: ``pip install "geoprobe[pandas]"``."""
+        return _frame(layer_rows(self), LAYER_COLUMNS, "GeometryProfile.layers_frame()")
+
+
+# --------------------------------------------------------------------------- tables
+PROBE_COLUMNS = ("probe", "layer", "statistic", "value", "error", "null_value", "null_error",
+                 "verdict", "n", "n_sets", "seconds")
+"""Columns of :meth:`GeometryProfile.to_frame`: the probe ("power_law", "norm_frequency",
+"delta_prompts", "delta_tokens", "delta_layer", "twonn", "gride"), the layer (layer probes only),
+the statistic's name and value, its error (γ's standard error, the std of δ_rel over sets, the ID's
+standard error), the matched null's mean and std and the side of the null (δ only), the number of
+items measured (token types, tokens seen, points per set, points) and of sets, and seconds taken."""
+
+LAYER_COLUMNS = ("layer", "n_positions", "n_sinks_excluded", "norm_median", "norm_max",
+                 "delta_rel", "delta_rel_std", "null_delta_rel", "null_delta_rel_std", "delta_verdict",
+                 "delta_points", "twonn", "twonn_error", "twonn_linear_fit", "twonn_points",
+                 "n_duplicates_removed", "gride", "gride_error", "gride_points")
+"""Columns of :meth:`GeometryProfile.layers_frame`: :class:`LayerGeometry`'s counts and norms, its
+δ_rel beside the matched null (mean, std, side of the null, points per set) and its TwoNN (MLE, error,
+linear fit, points, duplicates removed) and GRIDE (dimension, error, points) estimates; NaN or None
+where a layer lacks the result."""
+
+
+def _delta_row(probe: str, stat: DeltaStat, layer: Optional[int] = None) -> dict[str, Any]:
+    return {"probe": probe, "layer": layer, "statistic": "delta_rel", "value": stat.mean,
+            "error": stat.std, "null_value": stat.null_mean, "null_error": stat.null_std,
+            "verdict": stat.side_of_null, "n": stat.n_points, "n_sets": stat.n_sets}
+
+
+def _id_row(result: IDResult, layer: int) -> dict[str, Any]:
+    return {"probe": result.estimator, "layer": layer, "statistic": "dimension",
+            "value": result.dimension, "error": result.error, "n": result.n_points,
+            "seconds": result.seconds}
+
+
+def probe_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
+    """The rows of :meth:`GeometryProfile.to_frame`: the power law's γ, the norm–frequency Spearman ρ,
+    δ_rel of the prompts and of the token samples, then per layer its δ_rel, TwoNN and GRIDE
+    dimension; results the profile lacks give no row. Keys missing from a row read as empty."""
+    rows: list[dict[str, Any]] = []
+    if profile.frequency is not None:
+        f = profile.frequency
+        rows.append({"probe": "power_law", "statistic": "gamma", "value": f.gamma,
+                     "error": f.gamma_err, "n": f.n_types, "seconds": f.seconds})
+    if profile.norms is not None:
+        rows.append({"probe": "norm_frequency", "statistic": "spearman_rho",
+                     "value": profile.norms.spearman_rho, "n": profile.norms.n_tokens_seen})
+    for probe, stat in (("delta_prompts", profile.delta_prompts),
+                        ("delta_tokens", profile.delta_tokens)):
+        if stat is not None:
+            rows.append(_delta_row(probe, stat))
+    for lg in profile.layers:
+        if lg.delta is not None:
+            rows.append(_delta_row("delta_layer", lg.delta, lg.layer))
+        rows.extend(_id_row(r, lg.layer) for r in (lg.twonn, lg.gride) if r is not None)
+    return rows
+
+
+def layer_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
+    """The rows of :meth:`GeometryProfile.layers_frame`, one per :class:`LayerGeometry`."""
+    rows = []
+    for lg in profile.layers:
+        row: dict[str, Any] = {"layer": lg.layer, "n_positions": lg.n_positions,
+                               "n_sinks_excluded": lg.n_sinks_excluded,
+                               "norm_median": lg.norm_median, "norm_max": lg.norm_max}
+        if lg.delta is not None:
+            d = lg.delta
+            row |= {"delta_rel": d.mean, "delta_rel_std": d.std, "null_delta_rel": d.null_mean,
+                    "null_delta_rel_std": d.null_std, "delta_verdict": d.side_of_null,
+                    "delta_points": d.n_points}
+        if lg.twonn is not None:
+            t = lg.twonn
+            row |= {"twonn": t.dimension, "twonn_error": t.error,
+                    "twonn_linear_fit": t.linear_fit_dimension, "twonn_points": t.n_points,
+                    "n_duplicates_removed": t.n_duplicates_removed}
+        if lg.gride is not None:
+            row |= {"gride": lg.gride.dimension, "gride_error": lg.gride.error,
+                    "gride_points": lg.gride.n_points}
+        rows.append(row)
+    return rows
+
+
+_INTEGER_COLUMNS = ("layer", "n", "n_sets", "n_positions", "n_sinks_excluded", "delta_points",
+                    "twonn_points", "n_duplicates_removed", "gride_points")
+
+
+def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...], purpose: str) -> "pandas.DataFrame":
+    """``rows`` as a DataFrame with exactly ``columns``; count columns hold pandas' nullable
+    integers (missing = <NA>), numbers missing from a row are NaN."""
+    pd = optional_module("pandas", "pandas", purpose)
+    frame = pd.DataFrame.from_records(rows, columns=list(columns))
+    for name in _INTEGER_COLUMNS:
+        if name in frame.columns:
+            frame[name] = frame[name].astype("Int64")
+    return frame
+
+
+# --------------------------------------------------------------------------- summary (repr)
+def _num(x: Optional[float], digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
+
+
+def _delta_text(stat: Optional[DeltaStat]) -> str:
+    if stat is None:
+        return "–"
+    return (f"{_num(stat.mean)} ± {_num(stat.std, 2)} vs null {_num(stat.null_mean)} ± "
+            f"{_num(stat.null_std, 2)} ({stat.side_of_null}, {stat.n_sets} sets)")
+
+
+def _range_text(values: list[float]) -> str:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return "–"
+    return f"{_num(min(finite))}–{_num(max(finite))} (median {_num(statistics.median(finite))})"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def summary_lines(profile: GeometryProfile) -> list[str]:
+    """The lines of a profile's ``repr``: model, corpus, headline numbers (γ, Spearman ρ, δ_rel of
+    prompts and tokens beside their nulls, per-layer ranges of TwoNN, GRIDE and δ_rel), seed, date,
+    plan and fine-tune runs. Each is at most about 120 characters, whatever the profile holds."""
+    m, c, ls = profile.model, profile.corpus, profile.layers
+    f, nf = profile.frequency, profile.norms
+    gamma = f"γ = {_num(f.gamma)} ± {_num(f.gamma_err, 2)} (x_min {f.xmin})" if f else "γ –"
+    rho = f"Spearman ρ(norm, log frequency) = {_num(nf.spearman_rho)}" if nf else "ρ –"
+    lines = [f"GeometryProfile of {_short(m.name)} ({_short(m.architecture, 30)}, "
+             f"{m.n_parameters:,} parameters, {m.n_layers} blocks, hidden {m.hidden_size})",
+             f"  corpus     {_short(c.name)}: {c.n_documents:,} documents, {c.n_tokens:,} tokens, "
+             f"sha256 {c.sha256[:12]}…",
+             f"  frequency  {gamma}; {rho}",
+             f"  δ_rel      prompts {_delta_text(profile.delta_prompts)}",
+             f"             tokens  {_delta_text(profile.delta_tokens)}"]
+    if ls:
+        lines.append(f"  layers     {len(ls)}: TwoNN {_range_text([lg.twonn.dimension for lg in ls if lg.twonn])}, "
+                     f"GRIDE {_range_text([lg.gride.dimension for lg in ls if lg.gride])}")
+        lines.append(f"             δ_rel {_range_text([lg.delta.mean for lg in ls if lg.delta])}")
+    extra = [f"seed {profile.seed}", f"created {profile.created or '–'}"]
+    if profile.adapter_plan is not None:
+        extra.append(f"plan {_short(profile.adapter_plan.method, 20)}")
+    if profile.finetune:
+        extra.append(f"{len(profile.finetune)} fine-tune runs")
+    lines.append("  " + ", ".join(extra))
+    return lines

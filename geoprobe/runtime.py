@@ -1,20 +1,22 @@
 """What every job needs from its surroundings, written once: the versions a result records, the
-``GEOPROBE_*`` environment switches, progress bars, independent seeded random streams and GPU-memory
-figures for error messages."""
+``GEOPROBE_*`` environment switches, optional packages, progress bars, independent seeded random
+streams and GPU-memory figures for error messages."""
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
 from importlib import metadata
+from types import ModuleType
 from typing import Any, Mapping, Optional, TypeVar
 
 import numpy as np
 
-from .errors import GeoprobeError
+from .errors import GeoprobeError, MissingDependencyError
 
-__all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "progress", "NullBar", "rng",
-           "cuda_free_bytes", "gib"]
+__all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "optional_module", "progress",
+           "NullBar", "rng", "cuda_free_bytes", "gib"]
 
 T = TypeVar("T")
 
@@ -71,6 +73,17 @@ def env_switch(name: str, values: Mapping[str, T], default: T) -> T:
     accepted = ", ".join(sorted(values))
     raise GeoprobeError(f"environment variable {name}={os.environ[name]!r} is not understood: use one of "
                         f"{accepted}")
+
+
+# --------------------------------------------------------------------------- optional packages
+def optional_module(name: str, extra: str, purpose: str) -> ModuleType:
+    """Import the optional package ``name`` on first use, or raise :class:`MissingDependencyError`
+    saying that ``purpose`` needs it and naming the install command ``pip install "geoprobe[extra]"``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{purpose} needs {name}, which is not installed: pip install \"geoprobe[{extra}]\"") from None
 
 
 # --------------------------------------------------------------------------- progress

@@ -33,8 +33,7 @@ from .markup import (DASH, Markup, el, esc, finite, join, kv_table, num, pm, pva
 
 logger = logging.getLogger(__name__)
 
-# Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+PALETTE = plots.PALETTE
 
 SECTIONS = {
     "summary": "Summary",

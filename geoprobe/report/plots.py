@@ -1,8 +1,11 @@
-"""The report's figures, drawn with matplotlib (no pyplot, Agg canvas) and returned as inline SVG.
+"""The report's figures, drawn with matplotlib (no pyplot, Agg canvas), as ``Figure`` objects for
+notebooks and as inline SVG for the report.
 
-Each function takes profile records and returns the text of one ``<svg>`` element (XML prolog,
-DOCTYPE and metadata removed, no fixed size: it scales to its container through its viewBox), or
-``None`` when the records hold nothing to draw. Text is written as SVG ``<text>``
+Each figure has two functions taking the same profile records: ``<name>_figure`` draws it and returns
+the :class:`matplotlib.figure.Figure` (shown by Jupyter, saved with ``fig.savefig``), and ``<name>``
+returns that figure as the text of one ``<svg>`` element (XML prolog, DOCTYPE and metadata removed,
+no fixed size: it scales to its container through its viewBox); both give ``None`` when the records
+hold nothing to draw. :func:`profile_figures` draws every figure of one profile at once. Text is written as SVG ``<text>``
 (``svg.fonttype = 'none'``), which matplotlib escapes; labels taken from models additionally pass
 through :func:`label` so that ``$`` cannot start mathtext and control characters are dropped.
 
@@ -23,15 +26,21 @@ import io
 import math
 import os
 import re
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from ..profile import GeometryProfile
 from .markup import superscript
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Quantile levels behind SinkReport.norm_quantiles_by_layer as geoprobe.pipeline records them.
 SINK_QUANTILE_LEVELS = (0.0, 0.5, 0.9, 0.99, 1.0)
 
+# Okabe–Ito colours: distinguishable with the common colour-vision deficiencies.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 NULL_COLOUR = "#6b6b6b"
 _RC = {
     "svg.fonttype": "none",
@@ -143,13 +152,19 @@ def prefix_ids(svg: str, prefix: str) -> str:
     return re.sub(r'((?:xlink:)?href="#)([^"]+)(?=")', ref, svg)
 
 
-def _finish(fig, ax_list: Sequence, legend: bool = True) -> str:
+def _done(fig: "Figure", ax_list: Sequence, legend: bool = True) -> "Figure":
+    """``fig`` with a legend on each axes that has labelled artists (when ``legend``)."""
     if legend:
         for ax in ax_list:
             handles, labels = ax.get_legend_handles_labels()
             if handles:
                 ax.legend(loc="best")
-    return to_svg(fig)
+    return fig
+
+
+def _svg(fig: Optional["Figure"]) -> Optional[str]:
+    """:func:`to_svg` of ``fig``, or None for no figure."""
+    return None if fig is None else to_svg(fig)
 
 
 def _decade_label(x: float, _pos: Any = None) -> str:
@@ -247,7 +262,7 @@ def _count_plot(series: Sequence[Series]) -> Optional[tuple[Any, Any, list[tuple
     return fig, ax, [(s, s.value, *_count_table(s.value)) for s in usable]
 
 
-def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
+def frequency_distribution_figure(series: Sequence[Series]) -> Optional["Figure"]:
     """Log-log P(k) (share of token types seen k times), log-binned means, fitted power law."""
     made = _count_plot(series)
     if made is None:
@@ -271,10 +286,15 @@ def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
     ax.set_xlabel("k: times a token type occurs in the corpus")
     ax.set_ylabel("P(k): share of token types")
     ax.legend(loc="upper right")
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
 
 
-def rank_frequency(series: Sequence[Series]) -> Optional[str]:
+def frequency_distribution(series: Sequence[Series]) -> Optional[str]:
+    """:func:`frequency_distribution_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(frequency_distribution_figure(series))
+
+
+def rank_frequency_figure(series: Sequence[Series]) -> Optional["Figure"]:
     """Frequency against rank (log-log), with the Zipf line f(r) = x_min·(r/n_tail)^(−s)."""
     made = _count_plot(series)
     if made is None:
@@ -293,7 +313,12 @@ def rank_frequency(series: Sequence[Series]) -> Optional[str]:
     _log(ax)
     ax.set_xlabel("rank r of the token type")
     ax.set_ylabel("occurrences f(r)")
-    return _finish(fig, [ax])
+    return _done(fig, [ax])
+
+
+def rank_frequency(series: Sequence[Series]) -> Optional[str]:
+    """:func:`rank_frequency_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(rank_frequency_figure(series))
 
 
 def _ok(x: Any) -> bool:
@@ -316,7 +341,7 @@ def _density_grid(density) -> Optional[np.ndarray]:
     return None
 
 
-def norm_density(norms, colour: str) -> Optional[str]:
+def norm_density_figure(norms, colour: str) -> Optional["Figure"]:
     """2-D histogram of embedding norm against log10 frequency, with per-bin mean norms."""
     from matplotlib.colors import LogNorm
 
@@ -349,7 +374,12 @@ def norm_density(norms, colour: str) -> Optional[str]:
     ax.grid(False)
     ax.set_xlabel("log10 frequency (occurrences in the corpus)")
     ax.set_ylabel("input-embedding L2 norm")
-    return _finish(fig, [ax])
+    return _done(fig, [ax])
+
+
+def norm_density(norms, colour: str) -> Optional[str]:
+    """:func:`norm_density_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(norm_density_figure(norms, colour))
 
 
 # --------------------------------------------------------------------------- hyperbolicity
@@ -359,7 +389,7 @@ def dot_plot(stat) -> bool:
     return min(n, n_null or n) < 10
 
 
-def delta_histogram(stat, colour: str) -> Optional[str]:
+def delta_histogram_figure(stat, colour: str) -> Optional["Figure"]:
     """Histogram of the data's δ_rel against the matched Gaussian null's (a dot plot when either
     side has fewer than 10 values)."""
     vals = _arr(stat.values)
@@ -384,7 +414,7 @@ def delta_histogram(stat, colour: str) -> Optional[str]:
         ax.set_ylim(-0.6, 1.6)
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("δ_rel = 2δ / diam (bars: means)")
-        return _finish(fig, [ax], legend=False)
+        return _done(fig, [ax], legend=False)
     both = np.concatenate([vals, nulls])
     lo, hi = float(both.min()), float(both.max())
     if hi <= lo:
@@ -399,7 +429,12 @@ def delta_histogram(stat, colour: str) -> Optional[str]:
     ax.set_xlabel("δ_rel = 2δ / diam")
     ax.set_ylabel("point sets")
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, borderaxespad=0.2)
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
+
+
+def delta_histogram(stat, colour: str) -> Optional[str]:
+    """:func:`delta_histogram_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(delta_histogram_figure(stat, colour))
 
 
 def layer_axis(series: Sequence[Series]) -> tuple[bool, str]:
@@ -418,7 +453,7 @@ def _layer_x(layers, relative: bool) -> np.ndarray:
     return x
 
 
-def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
+def delta_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
     """δ_rel of each layer's hidden states (error bar = std over samples) against its null band."""
     from matplotlib.lines import Line2D
 
@@ -445,10 +480,15 @@ def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("δ_rel = 2δ / diam")
     ax.set_ylim(bottom=0)
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
 
 
-def sink_norms(layers, sinks, colour: str) -> Optional[str]:
+def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
+    """:func:`delta_per_layer_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(delta_per_layer_figure(series))
+
+
+def sink_norms_figure(layers, sinks, colour: str) -> Optional["Figure"]:
     """Per-layer hidden-state norm quantiles (log scale) and the sink threshold factor × median."""
     q = [list(row) for row in (sinks.norm_quantiles_by_layer if sinks is not None else [])]
     fig, (ax,) = _figure(*WIDE, right=2.6)
@@ -488,11 +528,16 @@ def sink_norms(layers, sinks, colour: str) -> Optional[str]:
     ax.set_xlabel("layer (0 = embedding output)")
     ax.set_ylabel("hidden-state L2 norm")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
+
+
+def sink_norms(layers, sinks, colour: str) -> Optional[str]:
+    """:func:`sink_norms_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(sink_norms_figure(layers, sinks, colour))
 
 
 # --------------------------------------------------------------------------- intrinsic dimension
-def id_per_layer(series: Sequence[Series]) -> Optional[str]:
+def id_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
     """TwoNN (solid, circles) and GRIDE (dashed, squares) intrinsic dimension per layer."""
     from matplotlib.lines import Line2D
 
@@ -522,7 +567,12 @@ def id_per_layer(series: Sequence[Series]) -> Optional[str]:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("intrinsic dimension")
     ax.set_ylim(bottom=0)
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
+
+
+def id_per_layer(series: Sequence[Series]) -> Optional[str]:
+    """:func:`id_per_layer_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(id_per_layer_figure(series))
 
 
 def pick_layers(layers, count: int = 4) -> list:
@@ -534,7 +584,7 @@ def pick_layers(layers, count: int = 4) -> list:
     return [with_scales[i] for i in idx]
 
 
-def gride_scales(layers) -> Optional[str]:
+def gride_scales_figure(layers) -> Optional["Figure"]:
     """GRIDE dimension against neighbourhood scale n1 (n2 = 2·n1) for a few layers."""
     from matplotlib import colormaps
 
@@ -559,11 +609,16 @@ def gride_scales(layers) -> Optional[str]:
     ax.set_xlabel("scale n1 (neighbours; n2 = 2·n1)")
     ax.set_ylabel("GRIDE dimension")
     ax.set_ylim(bottom=0)
-    return _finish(fig, [ax])
+    return _done(fig, [ax])
+
+
+def gride_scales(layers) -> Optional[str]:
+    """:func:`gride_scales_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(gride_scales_figure(layers))
 
 
 # --------------------------------------------------------------------------- adapters
-def loss_curves(series: Sequence[Series]) -> Optional[str]:
+def loss_curves_figure(series: Sequence[Series]) -> Optional["Figure"]:
     """Training loss against step for each fine-tune run."""
     usable = [s for s in series if len(s.value.loss_steps) and
               len(s.value.loss_steps) == len(s.value.loss_values)]
@@ -575,7 +630,12 @@ def loss_curves(series: Sequence[Series]) -> Optional[str]:
                 label=label(s.label, 40))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    return _finish(fig, [ax])
+    return _done(fig, [ax])
+
+
+def loss_curves(series: Sequence[Series]) -> Optional[str]:
+    """:func:`loss_curves_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(loss_curves_figure(series))
 
 
 def short_names(names: Sequence[Any]) -> tuple[list[str], str]:
@@ -600,8 +660,8 @@ def short_names(names: Sequence[Any]) -> tuple[list[str], str]:
     return short, texts[0][:pre] + "*" + (texts[0][len(texts[0]) - suf:] if suf else "")
 
 
-def value_bars(names: Sequence[Any], values: Sequence[float], colour: str,
-               ylabel: str) -> Optional[str]:
+def value_bars_figure(names: Sequence[Any], values: Sequence[float], colour: str,
+               ylabel: str) -> Optional["Figure"]:
     """A bar chart of numbers keyed by names (plan entries such as per-layer ranks)."""
     vals = _arr(values)
     if vals.size < 2 or not np.isfinite(vals).any():
@@ -622,4 +682,38 @@ def value_bars(names: Sequence[Any], values: Sequence[float], colour: str,
         ax.set_xlabel("entry (in the order of the plan)")
     ax.set_ylabel(label(ylabel, 40))
     ax.grid(axis="x", visible=False)
-    return _finish(fig, [ax], legend=False)
+    return _done(fig, [ax], legend=False)
+
+
+def value_bars(names: Sequence[Any], values: Sequence[float], colour: str,
+               ylabel: str) -> Optional[str]:
+    """:func:`value_bars_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
+    return _svg(value_bars_figure(names, values, colour, ylabel))
+
+
+# --------------------------------------------------------------------------- one profile
+def profile_figures(profile: GeometryProfile, colour: str = PALETTE[0]) -> dict[str, "Figure"]:
+    """Every figure of ``profile`` that its records can draw, keyed by name in report order:
+    ``frequency_distribution``, ``rank_frequency``, ``norm_density``, ``delta_prompts``,
+    ``delta_tokens`` (:func:`delta_histogram_figure`), ``delta_per_layer``, ``sink_norms``,
+    ``id_per_layer``, ``gride_scales`` and ``loss_curves`` (one line per fine-tune run)."""
+    series = [Series(profile.model.name, colour, profile.layers)]
+    freq = [Series(profile.model.name, colour, profile.frequency)] if profile.frequency else []
+    runs = [Series(f"{r.method} (seed {r.seed})", PALETTE[i % len(PALETTE)], r)
+            for i, r in enumerate(profile.finetune)]
+    drawn = {
+        "frequency_distribution": lambda: frequency_distribution_figure(freq),
+        "rank_frequency": lambda: rank_frequency_figure(freq),
+        "norm_density": lambda: norm_density_figure(profile.norms, colour) if profile.norms else None,
+        "delta_prompts": lambda: (delta_histogram_figure(profile.delta_prompts, colour)
+                                  if profile.delta_prompts else None),
+        "delta_tokens": lambda: (delta_histogram_figure(profile.delta_tokens, colour)
+                                 if profile.delta_tokens else None),
+        "delta_per_layer": lambda: delta_per_layer_figure(series),
+        "sink_norms": lambda: sink_norms_figure(profile.layers, profile.sinks, colour),
+        "id_per_layer": lambda: id_per_layer_figure(series),
+        "gride_scales": lambda: gride_scales_figure(profile.layers),
+        "loss_curves": lambda: loss_curves_figure(runs),
+    }
+    figures = {name: draw() for name, draw in drawn.items()}
+    return {name: fig for name, fig in figures.items() if fig is not None}
