@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import CorpusError, InputDataError
-from .hidden import SINK_FACTOR, collect_hidden_states, sink_mask
+from .hidden import SINK_FACTOR, hidden_states, sink_mask
 from .profile import (CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport)
 from .runtime import progress, versions
 
@@ -203,11 +203,8 @@ def _hidden_layers(lm, corpus, s: ProbeSettings, prog: _Progress, device: str,
     """Step 4: hidden states of a seeded sample of positions, then each layer's sinks, δ and
     intrinsic dimension."""
     t0 = time.perf_counter()
-    bar = prog.bar(len(corpus), "hidden states")
-    hs = collect_hidden_states(lm.model, lm.tokenizer, corpus.documents,
-                               max_positions=s.layer_positions, max_length=s.max_length,
-                               batch_size=s.batch_size, seed=s.seed, device=device, progress=bar)
-    bar.close()
+    hs = hidden_states(lm, corpus, max_positions=s.layer_positions, max_length=s.max_length,
+                       batch_size=s.batch_size, seed=s.seed, device=device, progress=prog.enabled)
     timings["hidden_states"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
