@@ -78,20 +78,19 @@ class Method:
 
 _LORA_CONFIG = "peft:LoraConfig"
 _HYP_CONFIG, _HYP_LAYER = "adapters.hyplora.config:HypLoraConfig", "adapters.hyplora.layer:HypLoraLinear"
-_HYP_LOADER = "adapters.hyplora.config:config_from_saved"
 _HYDRA_CONFIG, _HYDRA_LAYER = "adapters.hydralora:HydraLoraConfig", "adapters.hydralora:HydraLoraLinear"
 _HYDRA_LOADER = "adapters.hydralora.config:config_from_saved"
 
 METHODS: tuple[Method, ...] = (
     Method("lora", ("lora",), _LORA_CONFIG, None, (), True, "stock PEFT LoRA: h = W x + (α/r)·B A x"),
     Method("hyplora", ("hyplora",), _HYP_CONFIG, _HYP_LAYER, ("gelora",), False,
-           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", _HYP_LOADER, ".lora_hyp_"),
+           "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", None, ".lora_hyp_"),
     Method("gelora", ("gelora",), _LORA_CONFIG, None, ("hyplora", "hydralora"), True,
            "LoRA with per-block ranks from intrinsic dimensions (GeLoRA)"),
     Method("hydralora", ("hydralora",), _HYDRA_CONFIG, _HYDRA_LAYER, ("gelora",), False,
            "one shared A and N routed B heads (HydraLoRA)", _HYDRA_LOADER, ".lora_hydra_"),
     Method("hyplora+gelora", ("hyplora", "gelora"), _HYP_CONFIG, _HYP_LAYER, (), False,
-           "HypLoRA layers with GeLoRA's per-block ranks", _HYP_LOADER, ".lora_hyp_"),
+           "HypLoRA layers with GeLoRA's per-block ranks", None, ".lora_hyp_"),
     Method("hydralora+gelora", ("hydralora", "gelora"), _HYDRA_CONFIG, _HYDRA_LAYER, (), False,
            "HydraLoRA layers with GeLoRA's per-block ranks", _HYDRA_LOADER, ".lora_hydra_"),
 )

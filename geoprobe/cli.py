@@ -255,12 +255,6 @@ def _load_lm(args):
                       trust_remote_code=args.trust_remote_code)
 
 
-def _require_causal(lm, what: str) -> None:
-    from .workflows import require_causal_lm
-
-    require_causal_lm(lm, what)
-
-
 def _check_limit(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
         raise GeoprobeError(f"{flag} must be ≥ 1, got {value}")
@@ -321,7 +315,7 @@ def cmd_finetune(args, command: str) -> int:
     workflows.check_out(out, args.resume)  # before the (slow) model load
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
-    _require_causal(lm, "fine-tuning")
+    workflows.require_causal_lm(lm, "fine-tuning")  # before planning, which may probe the model
     adapter = workflows.resolve_adapter(lm, examples, out, method=args.adapter, plan=args.plan,
                                         resume=args.resume, r=args.r, alpha=args.alpha,
                                         target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
@@ -352,7 +346,6 @@ def cmd_evaluate(args, command: str) -> int:
         else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_lm(args)
-    _require_causal(lm, "evaluation")
     res = workflows.evaluate_model(lm, examples, adapter=args.adapter, batch_size=args.eval_batch_size,
                                    max_new_tokens=args.max_new_tokens)
     write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
@@ -375,7 +368,6 @@ def cmd_run(args, command: str) -> int:
     examples = load_examples(args.data, limit=args.limit)
     tests = load_examples(args.eval, limit=args.eval_limit)
     lm = _load_lm(args)
-    _require_causal(lm, "`geoprobe run`")
     done = workflows.run(
         lm, examples, tests, out=out, method=args.adapter, settings=settings, resume=args.resume, r=args.r,
         alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout, n_heads=args.n_heads,

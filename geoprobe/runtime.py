@@ -1,6 +1,6 @@
 """What every job needs from its surroundings, written once: the versions a result records, the
-``GEOPROBE_*`` environment switches, optional packages, progress bars, independent seeded random
-streams and GPU-memory figures for error messages."""
+``GEOPROBE_*`` environment switches, optional packages, progress bars and the GPU memory free for
+error messages."""
 from __future__ import annotations
 
 import importlib
@@ -9,14 +9,12 @@ import platform
 import sys
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Mapping, Optional, TypeVar
-
-import numpy as np
+from typing import Any, Mapping, TypeVar
 
 from .errors import GeoprobeError, MissingDependencyError
 
 __all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "optional_module", "progress",
-           "NullBar", "rng", "cuda_free_bytes", "gib"]
+           "NullBar", "cuda_free_bytes"]
 
 T = TypeVar("T")
 
@@ -122,16 +120,6 @@ def progress(total: int, desc: str, *, enabled: bool = True, unit: str = "it", i
                 dynamic_ncols=True)
 
 
-# --------------------------------------------------------------------------- random streams
-def rng(seed: int, *stream: int) -> np.random.Generator:
-    """An independent generator for sub-stream ``stream`` of ``seed``: numpy's ``SeedSequence`` with
-    the stream numbers appended to the entropy, so streams (1,), (2,), (1, 5) … never overlap, unlike
-    ``default_rng(seed + k)``. ``rng(seed)`` alone is ``default_rng(seed)``."""
-    if not stream:
-        return np.random.default_rng(seed)
-    return np.random.default_rng([int(seed), *(int(s) for s in stream)])
-
-
 # --------------------------------------------------------------------------- GPU memory
 def cuda_free_bytes(device: Any) -> int:
     """Bytes a new tensor on CUDA ``device`` can take: the driver's free memory plus what torch's
@@ -141,8 +129,3 @@ def cuda_free_bytes(device: Any) -> int:
     device = torch.device(device)
     free, _ = torch.cuda.mem_get_info(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
-def gib(n_bytes: Optional[float]) -> str:
-    """``n_bytes`` as ``"12.3 GiB"`` for messages."""
-    return "unknown" if n_bytes is None else f"{n_bytes / 2 ** 30:.1f} GiB"

@@ -434,7 +434,7 @@ def test_registry_names_every_method_once():
         assert all(other.loader == method.loader for other in map(registry.get, METHODS)
                    if other.config == method.config)
     saved = adapters.hyplora_config(2, 4, ["q_proj"], curvature=0.7, official=True).to_dict()
-    loaded = registry.get("hyplora").config_loader(saved, "test")
+    loaded = io_module.config_from_saved(registry.get("hyplora"), saved, where="test")  # the generic loader
     assert type(loaded) is HypLoraConfig and loaded.options == adapters.HypLoraOptions(curvature=0.7, official=True)
     assert registry.get(" HypLoRA ").name == "hyplora"
     assert registry.get("gelora").combines_with == ("hyplora", "hydralora")

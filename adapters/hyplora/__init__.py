@@ -9,7 +9,7 @@ One home per piece: :mod:`.functional` (the pure math, imported by the layer and
 :mod:`.layer` (:class:`HypLoraLinear`, the PEFT layer) and :mod:`.kernels` (the fused Triton path and
 the entry points to the C++ nodes).
 """
-from .config import HypLoraConfig, config_from_saved, hyplora_config, hyplora_options, register_hyplora
+from .config import HypLoraConfig, hyplora_config, hyplora_options, register_hyplora
 from .functional import (POSITIVE_FLOOR, REFERENCE_DEFAULT_CURVATURE, hyplora_delta, hyplora_delta_bottleneck,
                          inverse_positive, positive)
 from .layer import NOT_MERGEABLE, HypLoraLinear
@@ -29,5 +29,4 @@ __all__ = [
     "register_hyplora",
     "hyplora_config",
     "hyplora_options",
-    "config_from_saved",
 ]

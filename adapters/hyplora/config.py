@@ -1,10 +1,11 @@
 """HypLoRA's PEFT config: ``LoraConfig`` plus HypLoRA's own fields, so that ``save_pretrained`` writes
-them to ``adapter_config.json`` and :func:`config_from_saved` (what :func:`adapters.load` uses) reads
+them to ``adapter_config.json`` and :func:`adapters.io.config_from_saved` (what :func:`adapters.load` uses) reads
 them back into a config that builds HypLoRA layers again.
 
 Stock ``PeftModel.from_pretrained`` reads such a folder with PEFT's own ``LoraConfig``, which does
 not know the ``hyplora_*`` fields: PEFT warns that it ignores them (naming them) and builds plain LoRA
-layers. Load HypLoRA folders with :func:`adapters.load`, or pass ``config=config_from_saved(...)``.
+layers. Load HypLoRA folders with :func:`adapters.load`, or pass
+``config=adapters.io.config_from_saved(adapters.io.saved_method(raw), raw)``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ..refusals import refuse_weighted_combination
 from .layer import HypLoraLinear, UnsupportedTarget
 from .options import HypLoraOptions, check_lora_settings, options_of
 
-__all__ = ["HypLoraConfig", "hyplora_config", "register_hyplora", "hyplora_options", "config_from_saved"]
+__all__ = ["HypLoraConfig", "hyplora_config", "register_hyplora", "hyplora_options"]
 
 
 @dataclass
@@ -105,12 +106,3 @@ def hyplora_options(config: Any) -> Optional[HypLoraOptions]:
     """The HypLoRA options of ``config``, or None for a config that does not build HypLoRA layers."""
     return options_of(config) if isinstance(config, HypLoraConfig) else None
 
-
-def config_from_saved(raw: Mapping[str, Any], where: str = "adapter_config.json") -> HypLoraConfig:
-    """A :class:`HypLoraConfig` from the contents of a saved ``adapter_config.json`` (``where`` names it in
-    errors; keys of newer PEFT versions that this class does not know are dropped, as PEFT does)."""
-    known = {f.name for f in dataclasses.fields(HypLoraConfig) if f.init}
-    try:
-        return HypLoraConfig(**{k: v for k, v in raw.items() if k in known})
-    except (TypeError, ValueError) as exc:
-        raise AdapterError(f"{where} does not fit HypLoRA: {exc}") from None

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from geoprobe.runtime import env_flag
 
-__all__ = ["PRIVATE_APIS", "private_apis_reason", "set_private_apis", "function_apply", "transforms_active",
+__all__ = ["PRIVATE_APIS", "set_private_apis", "function_apply", "transforms_active",
            "unsafe_view", "unhooked_plain_linear", "DirectLauncher"]
 
 logger = logging.getLogger(__name__)
@@ -60,30 +60,24 @@ def _check() -> Optional[str]:
     return None
 
 
-def _initial() -> tuple[bool, Optional[str]]:
+def _initial() -> bool:
     if not env_flag(SWITCH, default=True):
-        return False, f"switched off by {SWITCH}=0"
+        return False
     reason = _check()
     if reason is not None:
         logger.info("adapter fast paths use public APIs only: %s", reason)
-    return reason is None, reason
+    return reason is None
 
 
-PRIVATE_APIS, _REASON = _initial()
-
-
-def private_apis_reason() -> Optional[str]:
-    """Why the private entry points are off (None while they are on)."""
-    return None if PRIVATE_APIS else _REASON
+PRIVATE_APIS = _initial()
 
 
 def set_private_apis(enabled: bool) -> bool:
     """Turn the private entry points on or off for this process (on only where the import check passed);
     returns the previous setting. Tests use it to run the public fallbacks."""
-    global PRIVATE_APIS, _REASON
+    global PRIVATE_APIS
     previous = PRIVATE_APIS
-    reason = _check() if enabled else "switched off by set_private_apis(False)"
-    PRIVATE_APIS, _REASON = reason is None, reason
+    PRIVATE_APIS = bool(enabled) and _check() is None
     return previous
 
 
