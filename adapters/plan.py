@@ -197,16 +197,28 @@ def _method(name: str) -> Method:
 
 
 def _curvature_evidence(profile: GeometryProfile, reasons: dict[str, str]) -> tuple[Optional[float], bool]:
-    """HypLoRA's initial K from the per-prompt δ_rel (None without it) and whether δ_rel lies below its
-    null; the reasons are added to ``reasons``."""
+    """HypLoRA's initial K from the per-prompt δ_rel (None without it) and whether δ_rel lies below
+    every null (the conservative verdict); the reasons, quoting the intervals, go into ``reasons``."""
     dp = profile.delta_prompts
     if dp is None:
         return None, False
     curvature, reasons["curvature"] = curvature_from_delta(dp.mean, dp.diameter or 0.0, dp.dim)
-    reasons["hyperbolic"] = (
-        f"per-prompt δ_rel {dp.mean:.4f} ± {dp.std:.4f} against the matched Gaussian null "
-        f"{dp.null_mean:.4f} ± {dp.null_std:.4f}: {dp.side_of_null} the null")
-    return curvature, dp.side_of_null == "below"
+    reasons["hyperbolic"] = delta_evidence(dp)
+    return curvature, dp.verdict == "below"
+
+
+def delta_evidence(dp) -> str:
+    """The per-prompt δ_rel verdict in one sentence: the value with its interval, each null's paired
+    difference with its interval, and the conservative verdict."""
+    pct = f"{100 * dp.level:g} %"
+    head = f"per-prompt δ_rel {dp.mean:.4f}"
+    if dp.ci_low is not None:
+        head += f" ({pct} interval {dp.ci_low:.4f}–{dp.ci_high:.4f}, {dp.n_sets} prompts)"
+    parts = []
+    for c in dp.nulls:
+        ci = (f" [{c.diff_ci_low:+.4f}, {c.diff_ci_high:+.4f}]" if c.diff_ci_low is not None else "")
+        parts.append(f"{c.null} null {c.mean:.4f}: difference {c.diff_mean:+.4f}{ci}, {c.verdict}")
+    return f"{head}; " + "; ".join(parts) + f". Verdict: {dp.verdict} ({dp.verdict_reason})"
 
 
 def _layer_dimensions(profile: GeometryProfile) -> list[float]:

@@ -43,6 +43,18 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-prompts", type=int, default=200, help="prompts for per-prompt δ")
     p.add_argument("--layer-positions", type=int, default=1200,
                    help="hidden-state positions per layer for intrinsic dimension and δ")
+    p.add_argument("--layer-sets", type=int, default=8,
+                   help="fewest documents per layer for δ (one δ set per document; default 8)")
+    p.add_argument("--token-sets", type=int, default=8,
+                   help="seeded sets of 1,000 distinct corpus tokens for the embedding δ (default 8)")
+    p.add_argument("--null-repeats", type=int, default=1, help="draws of each null per δ set (default 1)")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap resamples of every δ interval and test (default 2000)")
+    p.add_argument("--id-bootstrap", type=int, default=500,
+                   help="block-bootstrap resamples of each layer's intrinsic dimension (0 = none; default 500)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of every interval (default 0.95)")
+    p.add_argument("--correction", default="holm", choices=("holm", "bh", "none"),
+                   help="correction of the per-layer δ tests: Holm (default), Benjamini–Hochberg, none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -160,21 +172,36 @@ def _load_corpus(args):
     return Corpus.default()
 
 
-def _measure(spec: Optional[str], args, command: str):
-    from .models import load_model
-    from .pipeline import ProbeSettings, probe
+def probe_settings(args):
+    """The :class:`~geoprobe.pipeline.ProbeSettings` the probe flags ask for (checked here, before
+    anything is loaded)."""
+    from .pipeline import ProbeSettings
 
+    return ProbeSettings(seed=args.seed, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
+                         layer_positions=args.layer_positions, layer_sets=args.layer_sets,
+                         token_repeats=args.token_sets, null_repeats=args.null_repeats,
+                         n_boot=args.bootstrap, id_boot=args.id_bootstrap, level=args.level,
+                         correction=args.correction)
+
+
+def _measure(spec: Optional[str], args, command: str, settings=None):
+    from .models import load_model
+    from .pipeline import probe
+
+    settings = settings or probe_settings(args)
     device = _resolve_device(args.device)
     corpus = _load_corpus(args)
     lm = load_model(spec, device=device, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code)
-    if args.n_prompts < 1 or args.layer_positions < 4:
-        raise GeoprobeError("--n-prompts must be ≥ 1 and --layer-positions ≥ 4")
-    settings = ProbeSettings(seed=args.seed, max_tokens=args.max_tokens, n_prompts=args.n_prompts,
-                             layer_positions=args.layer_positions,
-                             layer_delta_points=min(400, args.layer_positions))
     return probe(lm, corpus, settings=settings, progress=not args.quiet, device=device,
                  command=command, layers=not getattr(args, "no_layers", False))
+
+
+def delta_summary(d) -> str:
+    """One line: δ_rel with its interval, each null's difference, and the conservative verdict."""
+    ci = f" [{d.ci_low:.4f}, {d.ci_high:.4f}]" if d.ci_low is not None else ""
+    nulls = ", ".join(f"{c.null} {c.mean:.4f} ({c.verdict})" for c in d.nulls)
+    return f"{d.mean:.4f}{ci} vs nulls {nulls} → {d.verdict}"
 
 
 def summary_table(profile) -> str:
@@ -188,7 +215,7 @@ def summary_table(profile) -> str:
         rows.append(("norm vs log-freq ρ", f"{profile.norms.spearman_rho:+.3f}"))
     for label, d in (("δ_rel per prompt", profile.delta_prompts), ("δ_rel tokens", profile.delta_tokens)):
         if d is not None:
-            rows.append((label, f"{d.mean:.4f} ± {d.std:.4f}  (null {d.null_mean:.4f} ± {d.null_std:.4f}, {d.side_of_null})"))
+            rows.append((label, delta_summary(d)))
     ids = [l.twonn.dimension for l in profile.layers if l.twonn is not None]
     if ids:
         rows.append(("TwoNN ID per layer", f"{min(ids):.1f} … {max(ids):.1f} over {len(ids)} layers"))
@@ -202,7 +229,7 @@ def cmd_probe(args, command: str) -> int:
     out = Path(args.out) if args.out else Path("profiles") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}.json"
     if out.exists() and out.is_dir():
         raise GeoprobeError(f"--out {out} is a folder; give a file name")
-    profile = _measure(args.model, args, command)
+    profile = _measure(args.model, args, command, probe_settings(args))
     profile.save(out)
     print(summary_table(profile))
     print(f"profile written to {out}")
@@ -213,13 +240,14 @@ def cmd_report(args, command: str) -> int:
     from .profile import GeometryProfile
     from .report import default_report_path, render_report
 
+    settings = probe_settings(args)
     profiles = [GeometryProfile.load(p) for p in args.profile]
     specs = list(args.models) or ([None] if not profiles else [])
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_writable(out)
     for spec in specs:
-        prof = _measure(spec, args, command)
+        prof = _measure(spec, args, command, settings)
         if args.save_profiles:
             prof.save(Path(args.save_profiles) / f"{_slug(prof.model.name)}.json")
         profiles.append(prof)

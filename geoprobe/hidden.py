@@ -99,7 +99,7 @@ class HiddenStates:
 def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = DEFAULT_POSITIONS,
                   max_length: int = 128, batch_size: int = 8, seed: int = 0,
                   device: Optional[str] = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                  progress: bool = False) -> HiddenStates:
+                  progress: bool = False, min_documents: int = 1) -> HiddenStates:
     """Hidden states of every layer at up to ``max_positions`` seeded non-special positions of
     ``corpus`` (a :class:`geoprobe.corpus.Corpus`), read from ``lm`` (a
     :class:`geoprobe.models.LoadedModel`) — the sample ``gp.probe`` measures per layer.
@@ -110,7 +110,8 @@ def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = D
     in batches of ``batch_size`` on ``device`` (default: the model's device), and states beyond
     ``memory_budget`` bytes go to a memory-mapped temporary file (``hs.close()`` removes it).
     ``progress`` shows a bar on stderr. Same arguments as :func:`collect_hidden_states`, which this
-    calls with ``lm.model``, ``lm.tokenizer`` and ``corpus.documents``.
+    calls with ``lm.model``, ``lm.tokenizer`` and ``corpus.documents``; ``seed`` may be an int or a
+    ``numpy.random.SeedSequence``.
     """
     bar = progress_bar(len(corpus), "hidden states", enabled=progress)
     try:
@@ -118,7 +119,7 @@ def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = D
                                      max_positions=max_positions, max_length=max_length,
                                      batch_size=batch_size, seed=seed,
                                      device=str(device or lm.device), memory_budget=memory_budget,
-                                     progress=bar)
+                                     progress=bar, min_documents=min_documents)
     finally:
         bar.close()
 
@@ -139,21 +140,23 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]
 
 
 def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positions: int = 4000,
-                          max_length: int = 128, batch_size: int = 8, seed: int = 0,
+                          max_length: int = 128, batch_size: int = 8,
+                          seed: "int | np.random.SeedSequence" = 0,
                           device: str = "cpu", memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                          progress=None) -> HiddenStates:
+                          progress=None, min_documents: int = 1) -> HiddenStates:
     """Run ``model`` over a seeded sample of ``texts`` and keep every layer's hidden state at up to
     ``max_positions`` non-special positions.
 
     Documents are shuffled with ``seed`` and taken until they hold ``max_positions`` usable positions
-    (each truncated to ``max_length`` tokens); when they hold more, a seeded subset is kept.
+    and number at least ``min_documents`` (each truncated to ``max_length`` tokens); when they hold
+    more positions, a seeded subset of them is kept.
     """
     import torch
 
     rng = np.random.default_rng(seed)
     special = _special_ids(tokenizer)
     chosen, chosen_docs = _choose_documents(tokenizer, texts, rng.permutation(len(texts)), special,
-                                            max_positions, max_length)
+                                            max_positions, max_length, min_documents)
     keep_set, n = _sample_positions(chosen, special, rng, max_positions)
     if progress is not None and hasattr(progress, "total"):
         progress.total = len(keep_set)  # a tqdm bar: its total is known only now
@@ -192,9 +195,11 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
 
 
 def _choose_documents(tokenizer, texts: Sequence[str], order: np.ndarray, special: set[int],
-                      max_positions: int, max_length: int) -> tuple[list[list[int]], list[int]]:
+                      max_positions: int, max_length: int,
+                      min_documents: int = 1) -> tuple[list[list[int]], list[int]]:
     """Token ids and corpus indices of the documents taken, in ``order``, until they hold
-    ``max_positions`` non-special positions (documents with none are passed over)."""
+    ``max_positions`` non-special positions and number at least ``min_documents`` (documents with
+    no such position are passed over)."""
     chosen: list[list[int]] = []
     chosen_docs: list[int] = []
     usable = 0
@@ -207,7 +212,7 @@ def _choose_documents(tokenizer, texts: Sequence[str], order: np.ndarray, specia
             chosen.append(ids)
             chosen_docs.append(int(d))
             usable += n_ok
-            if usable >= max_positions:
+            if usable >= max_positions and len(chosen) >= min_documents:
                 return chosen, chosen_docs
     return chosen, chosen_docs
 

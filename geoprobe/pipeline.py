@@ -5,14 +5,21 @@ Steps (each timed in ``profile.timings``):
 1. token counts over the corpus → power law of the frequency distribution (:mod:`geoprobe.probes.frequency`);
 2. input-embedding norms against frequency (:mod:`geoprobe.probes.norms`);
 3. δ-hyperbolicity of (a) each prompt's input-token embeddings, base point = token 0 (HypLoRA,
-   arXiv 2410.04010 §4.2, Table 2), (b) a seeded sample of distinct corpus tokens' embeddings, and
-   (c) each layer's hidden states — every one beside a Gaussian null with the same n, dimension, mean
-   and covariance (METHODS.md §3: distance concentration alone gives δ_rel ≈ 0.06–0.26);
+   arXiv 2410.04010 §4.2, Table 2), (b) seeded sets of distinct corpus tokens' embeddings, and
+   (c) each layer's hidden states, one set per document — every set beside the three nulls of
+   :mod:`geoprobe.probes.nulls` (own-covariance Gaussian, population Gaussian, resampled real
+   points; METHODS.md §3b: distance concentration alone gives δ_rel ≈ 0.06–0.26), with bootstrap
+   intervals and verdicts from :func:`geoprobe.probes.delta_stats.delta_vs_null`, the layers'
+   corrected across layers (Holm by default);
 4. intrinsic dimension (TwoNN and GRIDE) of every layer's hidden states, attention-sink positions
    (massive activations) left out and counted.
+
+Seeds: ``ProbeSettings.seed`` roots a ``numpy.random.SeedSequence`` whose spawned children drive the
+prompt order, the token sets, the hidden-state sample, each null and each bootstrap.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
@@ -24,7 +31,9 @@ import numpy as np
 
 from .errors import CorpusError, InputDataError
 from .hidden import SINK_FACTOR, hidden_states, sink_mask
-from .profile import (CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport)
+from .probes.delta_stats import correct_across, delta_vs_null
+from .probes.nulls import NULL_KINDS, NullError, PopulationGaussian, ResamplePool
+from .profile import CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport
 from .runtime import progress, versions
 
 logger = logging.getLogger(__name__)
@@ -32,25 +41,90 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """Sizes and seeds of every sampling step; stored in the profile."""
+    """Sizes, seeds and statistics of every sampling step; stored in the profile.
+
+    Invalid values raise :class:`ProbeOptionError` when the settings are made, before any model is
+    loaded. ``seed`` is the root of a ``numpy.random.SeedSequence``; every step draws from its own
+    spawned child (no two draws share a stream)."""
 
     seed: int = 0
     max_tokens: Optional[int] = None      # cap on corpus tokens counted (None = all)
     n_prompts: int = 200                  # prompts for per-prompt δ
     prompt_tokens: int = 128              # tokens per prompt (truncation)
-    token_sample: int = 1000              # distinct tokens for the embedding δ
-    token_repeats: int = 3                # seeded samples of those
-    null_repeats: int = 3                 # Gaussian null repeats per point set
-    layer_positions: int = 1200           # hidden-state positions per layer for the ID
-    layer_delta_points: int = 400         # of those, used for per-layer δ
+    token_sample: int = 1000              # distinct tokens per embedding-δ set
+    token_repeats: int = 8                # seeded token sets
+    null_repeats: int = 1                 # draws of each null per set
+    layer_positions: int = 1200           # hidden-state positions per layer
+    layer_sets: int = 8                   # fewest documents (δ sets) per layer
+    n_boot: int = 2000                    # bootstrap resamples of every δ interval and test
+    id_boot: int = 500                    # block-bootstrap resamples of each layer's intrinsic dimension
+    level: float = 0.95                   # confidence level of every interval
+    correction: str = "holm"              # across layers: "holm", "bh" or "none"
     max_length: int = 128                 # tokens per document for hidden states
     batch_size: int = 8
     sink_factor: float = SINK_FACTOR      # ‖h‖ > factor × median ‖h‖ → sink
     exclude_sinks: bool = True
     delta_mode: str = "fixed"
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+class ProbeOptionError(InputDataError):
+    """A probe setting outside its allowed range (raised before any work starts)."""
+
+
+def _int_at_least(name: str, value: object, low: int, high: Optional[int] = None,
+                  flag: Optional[str] = None) -> None:
+    label = flag or name
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ProbeOptionError(f"{label} must be an integer, got {value!r}")
+    if value < low:
+        raise ProbeOptionError(f"{label} = {value}: it must be at least {low}")
+    if high is not None and value > high:
+        raise ProbeOptionError(f"{label} = {value:,}: at most {high:,} is accepted")
+
+
+def check_settings(s: "ProbeSettings") -> None:
+    """Refuse settings no probe can honour, naming the CLI flag of each (see :class:`ProbeSettings`)."""
+    from .probes.delta_stats import MAX_NULL_REPEATS
+    from .probes.hyperbolicity import MODES
+    from .probes.uncertainty import CORRECTIONS, MAX_BOOT
+
+    if isinstance(s.seed, bool) or not isinstance(s.seed, (int, np.integer)) or not 0 <= s.seed < 2 ** 63:
+        raise ProbeOptionError(f"--seed must be an integer in [0, 2^63), got {s.seed!r}")
+    if s.max_tokens is not None:
+        _int_at_least("max_tokens", s.max_tokens, 1, flag="--max-tokens")
+    _int_at_least("n_prompts", s.n_prompts, 2, flag="--n-prompts")
+    _int_at_least("prompt_tokens", s.prompt_tokens, 4)
+    _int_at_least("token_sample", s.token_sample, 4)
+    _int_at_least("token_repeats", s.token_repeats, 2, 10_000, flag="--token-sets")
+    _int_at_least("null_repeats", s.null_repeats, 1, MAX_NULL_REPEATS, flag="--null-repeats")
+    _int_at_least("layer_positions", s.layer_positions, 16, flag="--layer-positions")
+    _int_at_least("layer_sets", s.layer_sets, 2, 10_000, flag="--layer-sets")
+    _int_at_least("n_boot", s.n_boot, 2, MAX_BOOT, flag="--bootstrap")
+    if s.id_boot != 0:
+        _int_at_least("id_boot", s.id_boot, 2, MAX_BOOT, flag="--id-bootstrap")
+    _int_at_least("max_length", s.max_length, 2)
+    _int_at_least("batch_size", s.batch_size, 1)
+    if isinstance(s.level, bool) or not isinstance(s.level, (int, float)) or not 0.5 <= s.level < 1:
+        raise ProbeOptionError(f"--level must be a confidence level in [0.5, 1), got {s.level!r}")
+    if s.correction not in CORRECTIONS:
+        raise ProbeOptionError(f"--correction must be one of {', '.join(CORRECTIONS)}, got {s.correction!r}")
+    if s.delta_mode not in MODES:
+        raise ProbeOptionError(f"delta_mode must be one of {MODES}, got {s.delta_mode!r}")
+    if not (isinstance(s.sink_factor, (int, float)) and s.sink_factor > 1):
+        raise ProbeOptionError(f"sink_factor must be a number above 1, got {s.sink_factor!r}")
+
+
+def _streams(seed: int) -> dict[str, np.random.SeedSequence]:
+    """Independent seed streams of one probe run, spawned from ``SeedSequence(seed)``."""
+    names = ("prompt_order", "prompt_delta", "token_choice", "token_delta", "hidden", "layers",
+             "population")
+    return dict(zip(names, np.random.SeedSequence(seed).spawn(len(names))))
 
 
 class _Progress:
@@ -61,34 +135,6 @@ class _Progress:
 
     def bar(self, total: int, desc: str):
         return progress(total, desc, enabled=self.enabled)
-
-
-def _stat(what: str, values: list[float], null_values: list[float], n: int, dim: int, mode: str,
-          diameter: Optional[float] = None) -> DeltaStat:
-    v = np.asarray(values, dtype=np.float64)
-    nv = np.asarray(null_values, dtype=np.float64)
-    return DeltaStat(what=what, mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0,
-                     null_mean=float(nv.mean()), null_std=float(nv.std(ddof=1)) if nv.size > 1 else 0.0,
-                     n_points=int(n), dim=int(dim), n_sets=int(v.size), mode=mode,
-                     values=[float(a) for a in v], null_values=[float(a) for a in nv],
-                     diameter=diameter)
-
-
-def delta_with_null(sets: list[np.ndarray], what: str, *, null_repeats: int, seed: int,
-                    mode: str = "fixed", progress=None) -> DeltaStat:
-    """δ_rel of each point set (base point 0) and of ``null_repeats`` matched Gaussian nulls each."""
-    from .probes.hyperbolicity import delta, matched_null_delta
-
-    values, nulls, diams = [], [], []
-    for i, x in enumerate(sets):
-        r = delta(x, mode=mode, base_point=0)
-        values.append(r.delta_rel)
-        diams.append(r.diameter)
-        nulls.extend(matched_null_delta(x, n_repeats=null_repeats, seed=seed + 7919 * i, mode=mode))
-        if progress is not None:
-            progress.update(1)
-    n = int(np.median([s.shape[0] for s in sets]))
-    return _stat(what, values, nulls, n, sets[0].shape[1], mode, float(np.mean(diams)))
 
 
 def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: bool = True,
@@ -102,6 +148,10 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     tok = lm.tokenizer
     if len(corpus) == 0:
         raise CorpusError("the corpus has no documents")
+    if layers and len(corpus) < s.layer_sets:
+        raise CorpusError(f"per-layer δ needs at least {s.layer_sets} documents (one δ set each) and "
+                          f"corpus {corpus.name!r} has {len(corpus)}; give a larger corpus or lower "
+                          "--layer-sets")
 
     from .probes.norms import norm_frequency
 
@@ -110,16 +160,20 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     emb = lm.input_embeddings().double().numpy()
     norms = norm_frequency(np.linalg.norm(emb, axis=1), counts.counts, tokenizer=tok)
     timings["norms"] = time.perf_counter() - t0
+    streams = _streams(s.seed)
     t0 = time.perf_counter()
-    delta_prompts = _delta_prompts(corpus, tok, emb, s, prog)
+    population = PopulationGaussian.fit(emb, np.random.default_rng(streams["population"]))
+    timings["population_null"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    delta_prompts = _delta_prompts(corpus, tok, emb, counts.counts, population, s, streams, prog)
     timings["delta_prompts"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    delta_tokens = _delta_tokens(emb, counts.counts, s)
+    delta_tokens = _delta_tokens(emb, counts.counts, population, s, streams)
     timings["delta_tokens"] = time.perf_counter() - t0
     layer_results: list[LayerGeometry] = []
     sinks = None
     if layers:
-        layer_results, sinks = _hidden_layers(lm, corpus, s, prog, device, timings)
+        layer_results, sinks = _hidden_layers(lm, corpus, s, prog, device, timings, streams)
 
     corpus_info = CorpusInfo(name=corpus.name, sha256=corpus.sha256, n_documents=len(corpus),
                              n_tokens=int(counts.n_tokens), n_characters=corpus.n_characters,
@@ -152,11 +206,12 @@ def _frequency(corpus, tok, s: ProbeSettings, progress: bool, timings: dict[str,
     return counts, frequency
 
 
-def _prompt_sets(corpus, tok, emb: np.ndarray, s: ProbeSettings) -> list[np.ndarray]:
+def _prompt_sets(corpus, tok, emb: np.ndarray, s: ProbeSettings,
+                 order_seed: np.random.SeedSequence) -> list[np.ndarray]:
     """Input-token embeddings of up to ``n_prompts`` prompts, taken in a seeded order of the corpus,
     each truncated to ``prompt_tokens`` tokens (BOS, if the tokenizer adds one, is the base point);
     prompts with fewer than 4 distinct embedding rows are passed over."""
-    order = np.random.default_rng(s.seed).permutation(len(corpus))
+    order = np.random.default_rng(order_seed).permutation(len(corpus))
     prompt_sets: list[np.ndarray] = []
     for start in range(0, len(order), 256):
         texts = [corpus.documents[i] for i in order[start:start + 256]]
@@ -171,44 +226,68 @@ def _prompt_sets(corpus, tok, emb: np.ndarray, s: ProbeSettings) -> list[np.ndar
     return prompt_sets
 
 
-def _delta_prompts(corpus, tok, emb: np.ndarray, s: ProbeSettings, prog: _Progress) -> DeltaStat:
-    """Step 3a: per-prompt δ of the input-token embeddings, one matched null each."""
-    prompt_sets = _prompt_sets(corpus, tok, emb, s)
-    if not prompt_sets:
-        raise CorpusError(f"corpus {corpus.name!r} has no prompt with at least 4 distinct tokens")
+def _delta_prompts(corpus, tok, emb: np.ndarray, counts: np.ndarray, population: PopulationGaussian,
+                   s: ProbeSettings, streams: dict, prog: _Progress) -> DeltaStat:
+    """Step 3a: per-prompt δ of the input-token embeddings against the three nulls: own-covariance
+    Gaussian, the Gaussian of the whole input-embedding matrix, and as many tokens drawn from the
+    corpus's token distribution (the prompt's first token kept as base point)."""
+    prompt_sets = _prompt_sets(corpus, tok, emb, s, streams["prompt_order"])
+    if len(prompt_sets) < 2:
+        raise CorpusError(f"corpus {corpus.name!r} has {len(prompt_sets)} prompt(s) with at least 4 "
+                          "distinct tokens; per-prompt δ and its interval need at least 2")
     bar = prog.bar(len(prompt_sets), "δ per prompt")
-    stat = delta_with_null(prompt_sets, "prompt input-token embeddings",
-                           null_repeats=1, seed=s.seed, mode=s.delta_mode, progress=bar)
+    pool = ResamplePool(emb, weights=_weights(counts, emb.shape[0]))
+    stat = delta_vs_null(prompt_sets, population=population, resample=pool,
+                         null_repeats=s.null_repeats, n_boot=s.n_boot, level=s.level,
+                         seed=streams["prompt_delta"], mode=s.delta_mode,
+                         what="prompt input-token embeddings", progress=bar)
     bar.close()
-    return stat
+    return dataclasses.replace(stat, seed=s.seed)
 
 
-def _delta_tokens(emb: np.ndarray, counts: np.ndarray, s: ProbeSettings) -> Optional[DeltaStat]:
-    """Step 3b: δ of ``token_repeats`` seeded samples of ``token_sample`` distinct corpus tokens'
-    embeddings (None when fewer than 4 distinct tokens were seen)."""
+def _weights(counts: np.ndarray, vocab: int) -> np.ndarray:
+    """Corpus counts of the first ``vocab`` token ids (0 for ids the corpus never produced)."""
+    w = np.zeros(vocab, dtype=np.float64)
+    k = min(vocab, counts.shape[0])
+    w[:k] = counts[:k]
+    return w
+
+
+def _delta_tokens(emb: np.ndarray, counts: np.ndarray, population: PopulationGaussian,
+                  s: ProbeSettings, streams: dict) -> Optional[DeltaStat]:
+    """Step 3b: δ of ``token_repeats`` seeded sets of ``token_sample`` distinct corpus tokens'
+    embeddings, against the own-covariance and population Gaussians and as many distinct tokens
+    drawn uniformly from the whole vocabulary (None when fewer than 4 distinct tokens were seen)."""
     seen = np.flatnonzero(counts[: emb.shape[0]] > 0)
     m = min(s.token_sample, seen.size)
-    token_sets = []
-    for r in range(s.token_repeats):
-        pick = np.random.default_rng(s.seed + 1000 + r).choice(seen, size=m, replace=False)
-        token_sets.append(emb[np.sort(pick)])
     if m < 4:
         return None
-    return delta_with_null(token_sets, "distinct corpus tokens' input embeddings",
-                           null_repeats=s.null_repeats, seed=s.seed + 1, mode=s.delta_mode)
+    rngs = [np.random.default_rng(c) for c in streams["token_choice"].spawn(s.token_repeats)]
+    token_sets = [emb[np.sort(r.choice(seen, size=m, replace=False))] for r in rngs]
+    if m >= emb.shape[0]:
+        logger.warning("the token sample covers the whole vocabulary: no population or resampling null")
+        nulls: tuple[str, ...] = ("own",)
+    else:
+        nulls = NULL_KINDS
+    stat = delta_vs_null(token_sets, population=population, resample=ResamplePool(emb), nulls=nulls,
+                         null_repeats=s.null_repeats, n_boot=s.n_boot, level=s.level,
+                         seed=streams["token_delta"], mode=s.delta_mode,
+                         what="distinct corpus tokens' input embeddings")
+    return dataclasses.replace(stat, seed=s.seed)
 
 
 def _hidden_layers(lm, corpus, s: ProbeSettings, prog: _Progress, device: str,
-                   timings: dict[str, float]) -> tuple[list[LayerGeometry], SinkReport]:
+                   timings: dict[str, float], streams: dict) -> tuple[list[LayerGeometry], SinkReport]:
     """Step 4: hidden states of a seeded sample of positions, then each layer's sinks, δ and
     intrinsic dimension."""
     t0 = time.perf_counter()
     hs = hidden_states(lm, corpus, max_positions=s.layer_positions, max_length=s.max_length,
-                       batch_size=s.batch_size, seed=s.seed, device=device, progress=prog.enabled)
+                       batch_size=s.batch_size, seed=streams["hidden"], device=device,
+                       progress=prog.enabled, min_documents=s.layer_sets)
     timings["hidden_states"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        return _layer_geometry(hs, s, prog)
+        return _layer_geometry(hs, s, prog, streams["layers"])
     finally:
         hs.close()
         timings["layers"] = time.perf_counter() - t0
@@ -228,9 +307,10 @@ class _KeptRows(Sequence):
         return self.hs.layer(li).astype(np.float64)[~self.masks[li]]
 
 
-def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGeometry], SinkReport]:
-    """Each layer's sinks, intrinsic dimension (TwoNN and GRIDE, sinks left out) and δ beside its
-    matched null, and the report of the sinks left out."""
+def _layer_geometry(hs, s: ProbeSettings, prog: _Progress,
+                    seeds: np.random.SeedSequence) -> tuple[list[LayerGeometry], SinkReport]:
+    """Each layer's sinks, intrinsic dimension (TwoNN and GRIDE, sinks left out) and δ per document
+    against the three nulls (corrected across layers), and the report of the sinks left out."""
     from .probes.intrinsic_dim import intrinsic_dimension_layers
 
     n_layers = hs.n_layers
@@ -241,18 +321,21 @@ def _layer_geometry(hs, s: ProbeSettings, prog: _Progress) -> tuple[list[LayerGe
     # intrinsic dimension of every layer (a layer whose TwoNN fails gets no GRIDE either)
     twonns = intrinsic_dimension_layers(kept, estimator="twonn", on_error="skip", progress=bar)
     gridez = intrinsic_dimension_layers(kept, estimator="gride", on_error="skip", progress=bar)
+    deltas = []
+    for li, ss in zip(range(n_layers), seeds.spawn(n_layers)):
+        deltas.append(_layer_delta(kept[li], hs.doc_index[~masks[li]], li, s, ss))
+        bar.update(1)
+    bar.close()
+    deltas = correct_across(deltas, s.correction)
     results = []
     for li in range(n_layers):
-        keep = kept[li]
         twonn = twonns[li]
-        results.append(LayerGeometry(layer=li, n_positions=int(keep.shape[0]),
+        results.append(LayerGeometry(layer=li, n_positions=int((~masks[li]).sum()),
                                      n_sinks_excluded=int(masks[li].sum()),
                                      norm_median=float(np.median(norms[li])),
                                      norm_max=float(norms[li].max()), twonn=twonn,
                                      gride=gridez[li] if twonn is not None else None,
-                                     delta=_layer_delta(keep, li, s)))
-        bar.update(1)
-    bar.close()
+                                     delta=deltas[li]))
     return results, _sink_report(hs, norms, masks, s)
 
 
@@ -261,25 +344,37 @@ def _sinks(norms: np.ndarray, s: ProbeSettings) -> np.ndarray:
     return sink_mask(norms, s.sink_factor) if s.exclude_sinks else np.zeros(len(norms), bool)
 
 
-def _layer_delta(keep: np.ndarray, li: int, s: ProbeSettings) -> Optional[DeltaStat]:
-    """δ of a seeded subset of ``layer_delta_points`` of layer ``li``'s kept rows beside
-    ``null_repeats`` matched Gaussian nulls (None for fewer than 4 rows, or when δ fails)."""
-    from .probes.hyperbolicity import delta, matched_null_delta
-
-    m = min(s.layer_delta_points, keep.shape[0])
-    if m < 4:
-        return None
-    rng = np.random.default_rng(s.seed + 17 * li)
-    sub = keep[np.sort(rng.choice(keep.shape[0], size=m, replace=False))]
+def _layer_delta(keep: np.ndarray, docs: np.ndarray, li: int, s: ProbeSettings,
+                 seed: np.random.SeedSequence) -> Optional[DeltaStat]:
+    """δ of each document's kept rows of layer ``li`` against the own-covariance Gaussian, the
+    Gaussian of all the layer's kept rows, and as many rows of other documents (None, with a
+    warning, when δ cannot be computed for the layer)."""
+    usable = _documents_with_points(keep, docs)
+    if usable.size < s.layer_sets:
+        raise CorpusError(
+            f"layer {li}: per-layer δ needs at least {s.layer_sets} documents with 4 or more distinct "
+            f"positions, the sample holds {usable.size}; use a corpus with more documents, raise "
+            "--layer-positions, or lower --layer-sets")
+    rows = np.isin(docs, usable)
     try:
-        r = delta(sub, mode=s.delta_mode, base_point=0)
-        nulls = matched_null_delta(sub, n_repeats=s.null_repeats, seed=s.seed + li,
-                                   mode=s.delta_mode)
-    except InputDataError as exc:
+        stat = delta_vs_null(keep[rows], groups=docs[rows], population=keep,
+                             resample=ResamplePool(keep, groups=docs), null_repeats=s.null_repeats,
+                             n_boot=s.n_boot, level=s.level, seed=seed, mode=s.delta_mode,
+                             what=f"layer {li} hidden states, one set per document")
+    except (InputDataError, NullError) as exc:
         logger.warning("layer %d: δ skipped: %s", li, exc)
         return None
-    return _stat(f"layer {li} hidden states", [r.delta_rel], nulls, m, sub.shape[1], s.delta_mode,
-                 r.diameter)
+    return dataclasses.replace(stat, seed=s.seed)
+
+
+def _documents_with_points(keep: np.ndarray, docs: np.ndarray, least: int = 4) -> np.ndarray:
+    """The documents (in order of first appearance) with at least ``least`` distinct kept rows."""
+    out = []
+    for d in dict.fromkeys(docs.tolist()):
+        rows = keep[docs == d]
+        if rows.shape[0] >= least and np.unique(rows, axis=0).shape[0] >= least:
+            out.append(d)
+    return np.asarray(out, dtype=docs.dtype)
 
 
 def _sink_report(hs, norms: list[np.ndarray], masks: list[np.ndarray],

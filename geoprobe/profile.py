@@ -24,7 +24,7 @@ from .runtime import optional_module
 if TYPE_CHECKING:
     import pandas
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_NAME = "geoprobe.profile"
 
 
@@ -163,35 +163,80 @@ class IDResult(Record):
 
 # --------------------------------------------------------------------------- profile parts
 @dataclass(frozen=True)
-class DeltaStat(Record):
-    """δ_rel of a set of point clouds beside a matched Gaussian null.
+class NullComparison(Record):
+    """The data's δ_rel against one null, set by set (METHODS.md §3b; :mod:`geoprobe.probes.nulls`).
 
-    ``values`` are the data's δ_rel (one per prompt, or one per seeded sample); ``null_values`` the
-    null's (same n and dimension, Gaussian with the data's mean and covariance, seeded repeats).
+    ``null`` is "own" (Gaussian with the set's own mean and covariance), "population" (Gaussian with
+    the population's) or "resample" (real points drawn at random); ``question`` says what it tests.
+    ``values`` holds the null's δ_rel for each set (the mean over its repeats), in the order of
+    :attr:`DeltaStat.values`. The paired differences d_i = data_i − null_i give ``diff_mean`` and
+    ``share_below`` (the share of sets with d_i < 0); every ``*_ci_*`` pair is a percentile-bootstrap
+    interval over sets at :attr:`DeltaStat.level`. ``p_value`` tests mean(d) = 0 (two-sided bootstrap
+    p), ``p_adjusted`` is that p after the correction named in :attr:`DeltaStat.correction`, and
+    ``verdict`` is "below" (more tree-like than this null), "above" or "within" (the interval of the
+    difference holds 0, after correction).
+    """
+
+    null: str
+    question: str
+    values: list[float]
+    mean: float
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    diff_mean: float = 0.0
+    diff_ci_low: Optional[float] = None
+    diff_ci_high: Optional[float] = None
+    share_below: float = 0.0
+    share_ci_low: Optional[float] = None
+    share_ci_high: Optional[float] = None
+    p_value: Optional[float] = None
+    p_adjusted: Optional[float] = None
+    verdict: str = "within"
+
+
+@dataclass(frozen=True)
+class DeltaStat(Record):
+    """δ_rel of a group of point sets beside its nulls, with bootstrap intervals.
+
+    ``values`` are the data's δ_rel, one per set (a prompt, a token sample, a document's positions);
+    ``mean`` ± ``std`` their mean and standard deviation (HypLoRA's Table 2 form) and
+    ``ci_low``/``ci_high`` the bootstrap interval of the mean. ``nulls`` holds one
+    :class:`NullComparison` per null. ``verdict`` is the most conservative of theirs: "below" or
+    "above" only when every null agrees, otherwise "within"; ``verdict_reason`` says why.
+    ``n_points`` is the median number of distinct points per set.
     """
 
     what: str
     mean: float
     std: float
-    null_mean: float
-    null_std: float
     n_points: int
     dim: int
     n_sets: int
     mode: str
     values: list[float] = field(default_factory=list)
-    null_values: list[float] = field(default_factory=list)
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    nulls: list[NullComparison] = field(default_factory=list)
+    verdict: str = "within"
+    verdict_reason: str = ""
+    level: float = 0.95
+    n_boot: int = 0
+    null_repeats: int = 1
+    correction: str = "single test, no correction"
     diameter: Optional[float] = None
+    backend: str = ""
+    dtype: str = "float64"
+    seed: Optional[int] = None
+    seconds: float = 0.0
 
     @property
     def side_of_null(self) -> str:
-        """'below' (more tree-like than random), 'above', or 'within' (inside 2 null std)."""
-        spread = 2.0 * max(self.null_std, 1e-12)
-        if self.mean < self.null_mean - spread:
-            return "below"
-        if self.mean > self.null_mean + spread:
-            return "above"
-        return "within"
+        """The conservative verdict: 'below' (more tree-like than every null), 'above', or 'within'."""
+        return self.verdict
+
+    def null(self, kind: str) -> Optional[NullComparison]:
+        """The comparison with null ``kind`` ("own", "population", "resample"), or None."""
+        return next((c for c in self.nulls if c.null == kind), None)
 
 
 @dataclass(frozen=True)

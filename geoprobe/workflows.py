@@ -84,9 +84,9 @@ def quick_probe_settings(n_prompts: int, seed: int = 0):
     a CPU for a 135M model): ≤ 100 prompts for δ, 1,500 hidden-state positions per layer."""
     from .pipeline import ProbeSettings
 
-    return ProbeSettings(seed=seed, n_prompts=max(1, min(100, n_prompts)), token_sample=500,
-                         token_repeats=2, null_repeats=2, layer_positions=1500, layer_delta_points=200,
-                         max_length=128, batch_size=8)
+    return ProbeSettings(seed=seed, n_prompts=max(2, min(100, n_prompts)), token_sample=500,
+                         token_repeats=4, null_repeats=1, layer_positions=1500, max_length=128,
+                         batch_size=8)
 
 
 def _check_profile_matches(profile: GeometryProfile, info: Any) -> None:
