@@ -15,7 +15,17 @@ value, the quantity HypLoRA reports. When δ_rel is not below its matched Gaussi
 no more tree-like than random points of its dimension; ``auto`` then does not choose HypLoRA.
 
 Ranks (GeLoRA, arXiv 2412.09250): from per-layer TwoNN dimensions, block i reads layer i−1 and writes
-layer i; rule ``diff``, ``max`` or ``budget`` (see :mod:`adapters.gelora`).
+layer i; rule ``diff``, ``max`` or ``budget`` (see :mod:`adapters.gelora`). The paper's rule uses the
+difference of neighbouring layers' dimensions, r_i ∝ max(d_i − d_(i−1), 0), and differences of
+estimates a few percent apart are mostly noise (METHODS.md §3b). So the dimensions are read from the
+profile's block bootstrap over documents: d_i is the median of layer i's bootstrap replicates (robust
+to their skew), and the curve is smoothed by a centred three-layer moving average
+s_i = (d_(i−1) + d_i + d_(i+1))/3 (two layers at the ends) before the rule is applied. The smoothed
+difference s_i − s_(i−1) = (d_(i+1) − d_(i−2))/3 estimates the same local slope of the ID curve as
+d_i − d_(i−1), with a ninth of its variance for independent errors (2σ²/9 against 2σ²), at the cost
+of spreading a change over three blocks. ``rank_ranges`` gives, per block, the 2.5–97.5 % range of the
+ranks the same rule plans from each bootstrap replicate of the curve (replicates are resampled jointly
+across layers, the same documents for every layer).
 
 Heads (HydraLoRA, arXiv 2404.19245): N = the k of k-means (k = 2…10) with the best silhouette on the
 training examples' embeddings (mean-pooled last hidden state), as the paper chose N by clustering.
@@ -55,6 +65,8 @@ class AdapterPlan:
     curvature: Optional[float] = None
     layer_ranks: Optional[list[int]] = None
     rank_rule: Optional[str] = None
+    rank_ranges: Optional[list[list[int]]] = None
+    id_curve: Optional[list[float]] = None
     n_heads: Optional[int] = None
     silhouettes: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -163,19 +175,27 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
     n_heads, silhouettes = None, {}
     if train_embeddings is not None:
         n_heads, silhouettes, reasons["heads"] = choose_heads(train_embeddings, seed=seed)
-    ids = _layer_dimensions(profile)
+    ids, replicates = layer_dimensions(profile)
     if method == AUTO:
         method, reasons["method"] = _auto_method(n_heads, silhouettes, hyperbolic)
     chosen = _method(method)
-    layer_ranks = None
+    layer_ranks = rank_ranges = curve = None
     if chosen.includes("gelora"):
         n_blocks = profile.model.n_layers
         costs = (list(params_per_rank) if params_per_rank is not None else
                  [2 * profile.model.hidden_size * len(target_modules)] * n_blocks)
-        layer_ranks = gelora_ranks(ids[:-1], ids[1:], rule=rank_rule, r=r, floor=rank_floor,
-                                   cap=rank_cap, n_params_fn=costs)
-        reasons["ranks"] = (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {min(ids):.1f}…{max(ids):.1f}: "
-                            f"ranks {min(layer_ranks)}…{max(layer_ranks)} over {len(layer_ranks)} blocks")
+
+        def rule(d: np.ndarray) -> list[int]:
+            return gelora_ranks(d[:-1], d[1:], rule=rank_rule, r=r, floor=rank_floor, cap=rank_cap,
+                                n_params_fn=costs)
+
+        curve = smooth_ids(ids)
+        layer_ranks = rule(curve)
+        if replicates is not None:
+            per_rep = np.asarray([rule(smooth_ids(rep)) for rep in replicates])
+            lo, hi = np.quantile(per_rep, [0.025, 0.975], axis=0)
+            rank_ranges = [[int(np.floor(a)), int(np.ceil(b))] for a, b in zip(lo, hi)]
+        reasons["ranks"] = _ranks_reason(rank_rule, ids, layer_ranks, replicates)
     if chosen.includes("hydralora") and n_heads is None:
         raise PlanError("HydraLoRA needs training data to choose its number of heads (--data)")
     if not chosen.includes("hyplora"):
@@ -184,7 +204,9 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
     reasons["alpha"] = f"α/r = {alpha / r:g} for every method (fair comparison)"
     return AdapterPlan(method=chosen.name, r=r, alpha=alpha, target_modules=tuple(target_modules),
                        curvature=curvature, layer_ranks=layer_ranks,
-                       rank_rule=rank_rule if layer_ranks else None, n_heads=n_heads,
+                       rank_rule=rank_rule if layer_ranks else None, rank_ranges=rank_ranges,
+                       id_curve=[round(float(v), 4) for v in curve] if curve is not None else None,
+                       n_heads=n_heads,
                        silhouettes=silhouettes, reasons=reasons, model=profile.model.name)
 
 
@@ -221,17 +243,44 @@ def delta_evidence(dp) -> str:
     return f"{head}; " + "; ".join(parts) + f". Verdict: {dp.verdict} ({dp.verdict_reason})"
 
 
-def _layer_dimensions(profile: GeometryProfile) -> list[float]:
-    """The TwoNN dimension of every layer (embedding output and each block), or a PlanError."""
-    ids = [l.twonn.dimension if l.twonn is not None else math.nan for l in profile.layers]
+def layer_dimensions(profile: GeometryProfile) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Every layer's TwoNN dimension (embedding output and each block) — the median of its bootstrap
+    replicates when the profile has them, else the estimate — and the (B × layers) replicates (None
+    without a bootstrap), or a PlanError."""
+    layers = profile.layers
     n_blocks = profile.model.n_layers
-    if len(ids) != n_blocks + 1:
-        raise PlanError(f"the profile has {len(ids)} layers of intrinsic dimensions but the model has "
+    if len(layers) != n_blocks + 1:
+        raise PlanError(f"the profile has {len(layers)} layers of intrinsic dimensions but the model has "
                         f"{n_blocks} blocks (needs {n_blocks + 1}: embedding output and each block); "
                         "re-run `geoprobe probe` without --no-layers")
-    if any(not math.isfinite(v) for v in ids):
+    if any(lg.twonn is None or not math.isfinite(lg.twonn.dimension) for lg in layers):
         raise PlanError("the profile lacks an intrinsic dimension for some layer; re-run `geoprobe probe`")
-    return ids
+    reps = [list(lg.twonn.replicates or []) for lg in layers]
+    if all(reps) and len({len(r) for r in reps}) == 1 and len(reps[0]) >= 2:
+        rep = np.asarray(reps, dtype=np.float64).T  # B × layers
+        return np.median(rep, axis=0), rep
+    return np.asarray([lg.twonn.dimension for lg in layers], dtype=np.float64), None
+
+
+def smooth_ids(ids: Sequence[float]) -> np.ndarray:
+    """The centred three-layer moving average of an ID curve (two layers at each end; module
+    docstring)."""
+    d = np.asarray(ids, dtype=np.float64)
+    if d.size < 3:
+        return d.copy()
+    out = np.empty_like(d)
+    out[1:-1] = (d[:-2] + d[1:-1] + d[2:]) / 3.0
+    out[0] = (d[0] + d[1]) / 2.0
+    out[-1] = (d[-2] + d[-1]) / 2.0
+    return out
+
+
+def _ranks_reason(rank_rule: str, ids: np.ndarray, ranks: list[int],
+                  replicates: Optional[np.ndarray]) -> str:
+    source = (f"medians of {replicates.shape[0]} block-bootstrap replicates" if replicates is not None
+              else "the profile's estimates (no bootstrap replicates stored)")
+    return (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {ids.min():.1f}…{ids.max():.1f} ({source}, "
+            f"three-layer moving average): ranks {min(ranks)}…{max(ranks)} over {len(ranks)} blocks")
 
 
 def _auto_method(n_heads: Optional[int], silhouettes: dict[str, float], hyperbolic: bool) -> tuple[str, str]:

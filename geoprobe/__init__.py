@@ -30,6 +30,7 @@ _LAZY = {
     "fit_power_law": "geoprobe.probes.frequency",
     "norm_frequency": "geoprobe.probes.norms",
     "delta": "geoprobe.probes.hyperbolicity",
+    "delta_vs_null": "geoprobe.probes.delta_stats",
     "intrinsic_dimension": "geoprobe.probes.intrinsic_dim",
     "intrinsic_dimension_layers": "geoprobe.probes.intrinsic_dim",
     "hidden_states": "geoprobe.hidden",
@@ -41,6 +42,8 @@ _LAZY = {
     "NormFrequencyResult": "geoprobe.profile",
     "DeltaResult": "geoprobe.profile",
     "IDResult": "geoprobe.profile",
+    "DeltaStat": "geoprobe.profile",
+    "NullComparison": "geoprobe.profile",
     "GeoprobeError": "geoprobe.errors",
 }
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import CorpusError, InputDataError
 from .hidden import SINK_FACTOR, hidden_states, sink_mask
-from .probes.delta_stats import correct_across, delta_vs_null
+from .probes.delta_stats import correct_across, delta_vs_null, distinct_rows
 from .probes.nulls import NULL_KINDS, NullError, PopulationGaussian, ResamplePool
 from .profile import CorpusInfo, DeltaStat, GeometryProfile, LayerGeometry, SinkReport
 from .runtime import progress, versions
@@ -357,7 +357,7 @@ def _layer_delta(keep: np.ndarray, docs: np.ndarray, li: int, s: ProbeSettings,
             "--layer-positions, or lower --layer-sets")
     rows = np.isin(docs, usable)
     try:
-        stat = delta_vs_null(keep[rows], groups=docs[rows], population=keep,
+        stat = delta_vs_null(keep[rows], groups=docs[rows], population=distinct_rows(keep),
                              resample=ResamplePool(keep, groups=docs), null_repeats=s.null_repeats,
                              n_boot=s.n_boot, level=s.level, seed=seed, mode=s.delta_mode,
                              what=f"layer {li} hidden states, one set per document")

@@ -178,22 +178,37 @@ class ResamplePool:
 
     def draw(self, base: np.ndarray, m: int, rng: np.random.Generator,
              exclude_group: object = None) -> np.ndarray:
-        """``base`` (the set's base point) followed by m − 1 distinct rows drawn without replacement
-        (probability ∝ weight when weights are given); rows equal to ``base`` are dropped."""
+        """``base`` (the set's base point) followed by m − 1 distinct rows, none equal to ``base``,
+        drawn without replacement (probability ∝ weight when weights are given). Rows that repeat
+        one already drawn (a token seen in two documents) are skipped and replaced by new draws."""
         cand = self.candidates(exclude_group)
-        k = m - 1
-        if cand.size < k:
+        points = np.asarray(self.points)
+        weights = None if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        need = m - 1
+        if cand.size < need:
             where = " outside the set's own group" if self.groups is not None else ""
-            raise NullError(f"the resampling null needs {k} real points{where} to draw from, but the "
-                            f"pool has {cand.size}; give a larger pool (more documents or tokens)")
-        p = None
-        if self.weights is not None:
-            w = np.asarray(self.weights, dtype=np.float64)[cand]
-            p = w / w.sum()
-            if int((p > 0).sum()) < k:
-                raise NullError(f"the resampling null needs {k} rows of positive weight, the pool has "
-                                f"{int((p > 0).sum())}")
-        pick = rng.choice(cand, size=k, replace=False, p=p)
-        rows = np.asarray(self.points, dtype=np.float64)[pick]
-        rows = rows[~np.all(rows == base, axis=1)]
+            raise NullError(f"the resampling null needs {need} real points{where} to draw from, but "
+                            f"the pool has {cand.size}; give a larger pool (more documents or tokens)")
+        rows = np.empty((0, points.shape[1]))
+        base = np.asarray(base, dtype=np.float64)
+        seen = {base.tobytes()}
+        while rows.shape[0] < need:
+            if cand.size == 0:
+                raise NullError(f"the resampling null needs {need} distinct real points to draw from, "
+                                f"the pool holds only {rows.shape[0]} besides the base point")
+            p = None
+            if weights is not None:
+                w = weights[cand]
+                p = w / w.sum()
+            k = min(need - rows.shape[0], cand.size)
+            pick = rng.choice(cand.size, size=k, replace=False, p=p)
+            new = []
+            for r in np.asarray(points[cand[pick]], dtype=np.float64):
+                key = r.tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    new.append(r)
+            if new:
+                rows = np.vstack([rows, np.asarray(new)])
+            cand = np.delete(cand, pick)
         return np.vstack([base[None, :], rows])
