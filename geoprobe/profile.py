@@ -137,18 +137,31 @@ class DeltaResult(Record):
 class IDScale(Record):
     """GRIDE estimate at one scale (n1, n2 = 2·n1); ``radius`` is the mean distance of the points to
     their n2-th nearest neighbour, the length scale the estimate describes (scikit-dimension's
-    ``radius_scales_``; None in profiles written before it was recorded)."""
+    ``radius_scales_``; None in profiles written before it was recorded). ``error`` is the bootstrap
+    standard error when a bootstrap ran, else 1/sqrt(observed Fisher information); ``ci_low`` and
+    ``ci_high`` bound the bootstrap percentile interval (None without a bootstrap)."""
 
     n1: int
     n2: int
     dimension: float
     error: float
     radius: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
 
 
 @dataclass(frozen=True)
 class IDResult(Record):
-    """Intrinsic dimension (TwoNN: Facco et al. 2017; GRIDE: Denti et al. 2022)."""
+    """Intrinsic dimension (TwoNN: Facco et al. 2017; GRIDE: Denti et al. 2022).
+
+    TwoNN: ``dimension`` is the paper's line fit after discarding the largest 10 % of the ratios
+    (scikit-dimension's and DADApy's default; equal to ``linear_fit_dimension``), ``mle_dimension``
+    the unbiased maximum-likelihood estimate (N − 1)/Σ log μ_i. GRIDE: ``dimension`` is the estimate
+    at the scale ``scale_n1`` (every scale in ``scales``), chosen by the rule ``scale_rule`` states.
+    ``error`` is the bootstrap standard error when a bootstrap ran (``n_boot`` > 0, resampling
+    ``n_groups`` groups of points), else the analytic one (:mod:`geoprobe.probes.intrinsic_dim`);
+    ``ci_low``/``ci_high`` bound the bootstrap percentile interval at level ``ci_level``.
+    Profiles written before these fields existed read with their defaults."""
 
     dimension: float
     error: float
@@ -159,6 +172,14 @@ class IDResult(Record):
     scales: list[IDScale] = field(default_factory=list)
     backend: str = "cpu"
     seconds: float = 0.0
+    mle_dimension: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    ci_level: Optional[float] = None
+    n_boot: int = 0
+    n_groups: int = 0
+    scale_n1: Optional[int] = None
+    scale_rule: str = ""
 
 
 # --------------------------------------------------------------------------- profile parts
@@ -404,12 +425,14 @@ items measured (token types, tokens seen, points per set, points) and of sets, a
 
 LAYER_COLUMNS = ("layer", "n_positions", "n_sinks_excluded", "norm_median", "norm_max",
                  "delta_rel", "delta_rel_std", "null_delta_rel", "null_delta_rel_std", "delta_verdict",
-                 "delta_points", "twonn", "twonn_error", "twonn_linear_fit", "twonn_points",
-                 "n_duplicates_removed", "gride", "gride_error", "gride_points")
+                 "delta_points", "twonn", "twonn_error", "twonn_ci_low", "twonn_ci_high",
+                 "twonn_linear_fit", "twonn_mle", "twonn_points", "n_duplicates_removed", "gride",
+                 "gride_error", "gride_ci_low", "gride_ci_high", "gride_n1", "gride_points")
 """Columns of :meth:`GeometryProfile.layers_frame`: :class:`LayerGeometry`'s counts and norms, its
-δ_rel beside the matched null (mean, std, side of the null, points per set) and its TwoNN (MLE, error,
-linear fit, points, duplicates removed) and GRIDE (dimension, error, points) estimates; NaN or None
-where a layer lacks the result."""
+δ_rel beside the matched null (mean, std, side of the null, points per set) and its TwoNN (line fit,
+error, bootstrap interval, line fit again under its own name, MLE, points, duplicates removed) and
+GRIDE (dimension, error, bootstrap interval, scale n1, points) estimates; NaN or None where a layer
+lacks the result or the value was not computed."""
 
 
 def _delta_row(probe: str, stat: DeltaStat, layer: Optional[int] = None) -> dict[str, Any]:
@@ -461,18 +484,20 @@ def layer_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
                     "delta_points": d.n_points}
         if lg.twonn is not None:
             t = lg.twonn
-            row |= {"twonn": t.dimension, "twonn_error": t.error,
-                    "twonn_linear_fit": t.linear_fit_dimension, "twonn_points": t.n_points,
+            row |= {"twonn": t.dimension, "twonn_error": t.error, "twonn_ci_low": t.ci_low,
+                    "twonn_ci_high": t.ci_high, "twonn_linear_fit": t.linear_fit_dimension,
+                    "twonn_mle": t.mle_dimension, "twonn_points": t.n_points,
                     "n_duplicates_removed": t.n_duplicates_removed}
         if lg.gride is not None:
-            row |= {"gride": lg.gride.dimension, "gride_error": lg.gride.error,
-                    "gride_points": lg.gride.n_points}
+            g = lg.gride
+            row |= {"gride": g.dimension, "gride_error": g.error, "gride_ci_low": g.ci_low,
+                    "gride_ci_high": g.ci_high, "gride_n1": g.scale_n1, "gride_points": g.n_points}
         rows.append(row)
     return rows
 
 
 _INTEGER_COLUMNS = ("layer", "n", "n_sets", "n_positions", "n_sinks_excluded", "delta_points",
-                    "twonn_points", "n_duplicates_removed", "gride_points")
+                    "twonn_points", "n_duplicates_removed", "gride_n1", "gride_points")
 
 
 def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...], purpose: str) -> "pandas.DataFrame":

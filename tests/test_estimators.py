@@ -78,9 +78,12 @@ def test_results_come_from_intrinsic_dimension():
     x = subspace(500, 4, 12, seed=2)
     ref = intrinsic_dimension(x)
     lin = TwoNN().fit(x)
-    assert lin.dimension_ == ref.linear_fit_dimension and lin.mle_dimension_ == ref.dimension
+    assert lin.dimension_ == ref.dimension == ref.linear_fit_dimension
+    assert lin.mle_dimension_ == ref.mle_dimension
     assert lin.error_ == ref.error and lin.result_.n_points == ref.n_points
-    assert TwoNN(method="mle").fit(x).dimension_ == ref.dimension
+    mle = TwoNN(method="mle").fit(x)
+    assert mle.dimension_ == ref.mle_dimension
+    assert mle.error_ == pytest.approx(ref.mle_dimension / math.sqrt(ref.n_points - 2), rel=1e-15)
     g = intrinsic_dimension(x, estimator="gride", scales=[1, 2, 4, 8, 16])
     est = GRIDE(n1=4, multiscale=True, range_max=32).fit(x)
     at = {s.n1: s for s in g.scales}

@@ -15,7 +15,8 @@ from scipy.spatial import cKDTree
 
 from geoprobe.errors import InputDataError
 from geoprobe.probes.intrinsic_dim import (deduplicate, duplicate_keys, gride_mle, gride_scales,
-                                           intrinsic_dimension, twonn_linear_fit, twonn_mle)
+                                           intrinsic_dimension, shared_gride_scale,
+                                           twonn_linear_fit, twonn_mle)
 from geoprobe.backends import knn_certified as knn_module
 from geoprobe.backends.knn_certified import as_float64_points, distances_at_ranks, knn_distances
 from geoprobe.profile import IDResult
@@ -226,8 +227,10 @@ def test_subspace_dimension(d):
     r = intrinsic_dimension(x)
     assert isinstance(r, IDResult) and r.estimator == "twonn" and r.n_points == 2500
     assert r.n_duplicates_removed == 0
-    assert abs(r.dimension - d) < 0.08 * d
-    assert r.error == pytest.approx(r.dimension / math.sqrt(2500 - 2))
+    assert abs(r.dimension - d) < 0.08 * d and abs(r.mle_dimension - d) < 0.08 * d
+    assert r.dimension == r.linear_fit_dimension
+    assert r.error == pytest.approx(r.dimension / math.sqrt(2500 - 2))  # d_lin/sqrt(N − 2)
+    assert (r.ci_low, r.ci_high, r.n_boot, r.n_groups) == (None, None, 0, 0)
     g = intrinsic_dimension(x, estimator="gride")
     assert abs(g.dimension - d) < 0.08 * d
     assert [s.n1 for s in g.scales] == [1, 2, 4, 8, 16, 32]
@@ -235,7 +238,7 @@ def test_subspace_dimension(d):
 
 def test_sphere_and_swiss_roll():
     s = intrinsic_dimension(sphere(3000, 2, seed=1))
-    assert abs(s.dimension - 2) < 0.12 and abs(s.linear_fit_dimension - 2) < 0.12
+    assert abs(s.dimension - 2) < 0.12 and abs(s.mle_dimension - 2) < 0.12
     r = intrinsic_dimension(swiss_roll(3000, seed=2))
     assert abs(r.dimension - 2) < 0.15
     g = intrinsic_dimension(swiss_roll(3000, seed=2), estimator="gride")
@@ -252,9 +255,9 @@ def test_twonn_matches_scikit_dimension(make):
     ours = intrinsic_dimension(x)
     lin = skdim_quiet(peer().id.TwoNN(), x).dimension_  # default: line fit, 10 % discarded
     mle = skdim_quiet(peer().id.TwoNN(method="mle", discard_fraction=0.0), x).dimension_
-    assert ours.linear_fit_dimension == pytest.approx(lin, rel=1e-9)
-    assert ours.dimension == pytest.approx(mle, rel=1e-9)
-    assert intrinsic_dimension(x, discard_fraction=0.25).linear_fit_dimension == pytest.approx(
+    assert ours.dimension == ours.linear_fit_dimension == pytest.approx(lin, rel=1e-9)
+    assert ours.mle_dimension == pytest.approx(mle, rel=1e-9)
+    assert intrinsic_dimension(x, discard_fraction=0.25).dimension == pytest.approx(
         skdim_quiet(peer().id.TwoNN(discard_fraction=0.25), x).dimension_, rel=1e-9)
 
 
@@ -268,10 +271,11 @@ def test_gride_matches_scikit_dimension_and_reduces_to_twonn():
     tw = intrinsic_dimension(x)
     s1 = ours.scales[0]
     assert (s1.n1, s1.n2) == (1, 2)
-    assert s1.dimension == pytest.approx(tw.dimension, rel=1e-12)
+    assert s1.dimension == pytest.approx(tw.mle_dimension, rel=1e-12)
     assert s1.error == pytest.approx(s1.dimension / math.sqrt(2000 - 1), rel=1e-12)
     one = intrinsic_dimension(x, estimator="gride", scales=[1])
-    assert one.dimension == pytest.approx(tw.dimension, rel=1e-12) and len(one.scales) == 1
+    assert one.dimension == pytest.approx(tw.mle_dimension, rel=1e-12) and len(one.scales) == 1
+    assert one.scale_n1 == 1 and "only scale" in one.scale_rule
 
 
 def test_gride_scale_rule():
@@ -281,7 +285,9 @@ def test_gride_scale_rule():
     assert gride_scales(10) == [1]
     r = intrinsic_dimension(subspace(300, 3, 10, seed=13), estimator="gride", n1_max=8)
     assert [s.n1 for s in r.scales] == [1, 2, 4, 8][: len(gride_scales(300, 8))]
-    assert any(r.dimension == s.dimension and r.error == s.error for s in r.scales)
+    at = {s.n1: s for s in r.scales}
+    assert (r.dimension, r.error) == (at[r.scale_n1].dimension, at[r.scale_n1].error)
+    assert (r.scale_n1, r.scale_rule) == shared_gride_scale([r])
 
 
 # --------------------------------------------------------------------------- duplicates

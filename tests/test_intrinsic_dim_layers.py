@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from geoprobe.errors import InputDataError
-from geoprobe.probes.intrinsic_dim import (_layers_batched, _Options, intrinsic_dimension,
-                                           intrinsic_dimension_layers)
+from geoprobe.probes.intrinsic_dim import (_layers_batched, _Options, at_shared_scale,
+                                           intrinsic_dimension, intrinsic_dimension_layers)
 from geoprobe.backends.knn_certified import distances_at_ranks, distances_at_ranks_queued
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -55,13 +55,19 @@ def _bare(r):
     return None if r is None else dataclasses.replace(r, seconds=0.0)
 
 
-def _per_layer(layers, **kw):
+def _per_layer(layers, shared=True, **kw):
+    """Per-layer calls (an error's message in place of a failed layer's result); GRIDE results then
+    at the scale shared by all layers, as intrinsic_dimension_layers reports them (``shared``)."""
     out = []
     for x in layers:
         try:
             out.append(_bare(intrinsic_dimension(x, **kw)))
         except InputDataError as exc:
             out.append(str(exc))
+    if shared and kw.get("estimator") == "gride":
+        ok = [r for r in out if not isinstance(r, str)]
+        moved = iter(at_shared_scale(ok))
+        out = [r if isinstance(r, str) else next(moved) for r in out]
     return out
 
 
@@ -127,7 +133,7 @@ def test_batched_path_on_cpu_equals_per_layer(estimator, caplog):
     and only the layers that need it (near-duplicates, too few points) are recomputed on their own."""
     seed = _seed()
     layers = _layers(np.random.default_rng(seed))
-    ref = _per_layer(layers, estimator=estimator)
+    ref = _per_layer(layers, shared=False, estimator=estimator)  # the shared scale comes after
     opts = _Options(estimator, None, None, 1e-6, 0.1, None)
     with caplog.at_level(logging.DEBUG, logger="geoprobe.probes.intrinsic_dim"):
         got = _layers_batched(layers, torch.device("cpu"), opts, "skip", None)
@@ -137,7 +143,7 @@ def test_batched_path_on_cpu_equals_per_layer(estimator, caplog):
     # GRIDE scales that one layer cannot hold fail for that layer alone, with the same message
     if estimator == "gride":
         small = [layers[0], layers[1][:30]]
-        ref = _per_layer(small, estimator="gride", scales=[1, 16])
+        ref = _per_layer(small, shared=False, estimator="gride", scales=[1, 16])
         opts = _Options("gride", None, [1, 16], 1e-6, 0.1, None)
         got = _layers_batched(small, torch.device("cpu"), opts, "skip", None)
         assert _bare(got[0]) == ref[0] and got[1] is None and "n1=16" in ref[1]
@@ -168,7 +174,8 @@ def test_queued_ranks_equal_distances_at_ranks():
 
 def test_pipeline_layer_estimates_equal_per_layer_calls():
     """The probe's per-layer TwoNN/GRIDE (through intrinsic_dimension_layers) are those of
-    intrinsic_dimension on each layer's rows without its sinks; a layer whose TwoNN fails has neither."""
+    intrinsic_dimension on each layer's rows without its sinks, GRIDE at the scale shared by the
+    layers; a layer whose TwoNN fails has neither."""
     from geoprobe.hidden import HiddenStates, sink_mask
     from geoprobe.pipeline import ProbeSettings, _layer_geometry, _Progress
 
@@ -182,6 +189,10 @@ def test_pipeline_layer_estimates_equal_per_layer_calls():
                       token_id=np.zeros(n, dtype=np.int64))
     s = ProbeSettings(layer_delta_points=3)  # δ is not what this test is about
     got, sinks = _layer_geometry(hs, s, _Progress(False))
+    kept = [x[~sink_mask(np.linalg.norm(x, axis=1), s.sink_factor)]
+            for x in (layer.astype(np.float64) for layer in layers[:3])]
+    gride = at_shared_scale([intrinsic_dimension(x, estimator="gride") for x in kept])
+    assert len({g.scale_n1 for g in gride} | {lg.gride.scale_n1 for lg in got[:3]}) == 1
     for li, lg in enumerate(got):
         x = layers[li].astype(np.float64)
         keep = x[~sink_mask(np.linalg.norm(x, axis=1), s.sink_factor)]
@@ -190,7 +201,7 @@ def test_pipeline_layer_estimates_equal_per_layer_calls():
             assert lg.twonn is None and lg.gride is None
             continue
         assert _bare(lg.twonn) == _bare(intrinsic_dimension(keep, estimator="twonn")), seed
-        assert _bare(lg.gride) == _bare(intrinsic_dimension(keep, estimator="gride")), seed
+        assert _bare(lg.gride) == _bare(gride[li]), seed
     assert got[1].n_sinks_excluded == 3 and sinks.excluded_by_layer[1] == 3
 
 

@@ -108,9 +108,10 @@ def usable_ranks(ranks: list[int], n: int) -> list[int]:
 
 def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
            min_points: int, selection: Selection = None
-           ) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor]]:
-    """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks and the kept rows'
-    exact distances at those ranks (None when fewer than two rows are kept)."""
+           ) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor], torch.Tensor]:
+    """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks, the kept rows'
+    exact distances at those ranks (None when fewer than two rows are kept) and the kept rows'
+    indices in ``x64`` (increasing, an int64 tensor on the rows' device)."""
     n = x64.shape[0]
     first = exact_first_occurrences(x64)
     n_unique = first.numel()
@@ -120,13 +121,14 @@ def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int
         raise InputDataError(f"only {n_unique} distinct points among {n}; need at least {min_points}")
     xu = x64 if n_unique == n else x64[first]
     if n_unique == 1:
-        return xu, [], None
+        return xu, [], None, first
     tau = tol * data_scale(xu)
     ranks = usable_ranks(ranks_for(n_unique), n_unique)
     dist, near = distances_at_ranks(xu, ranks, tau=tau, selection_dtype=selection)
     assert near is not None
     if bool(near.any()):
         xu = xu[~near]
+        first = first[~near.to(first.device)]
         if xu.shape[0] < min_points:
             raise InputDataError(f"only {xu.shape[0]} points among {n} are more than "
                                  f"dedup_tol × scale = {tau:.3g} apart; need at least {min_points}")
@@ -137,7 +139,7 @@ def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int
     if n > xu.shape[0]:
         logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
                     n, n - n_unique, n_unique - xu.shape[0], tau)
-    return xu, ranks, dist
+    return xu, ranks, dist, first
 
 
 def deduplicate(x: Any, tol: float = 1e-6, *,
@@ -158,7 +160,7 @@ def deduplicate(x: Any, tol: float = 1e-6, *,
     if x64.shape[0] == 0:
         raise InputDataError("no points given")
     check_tol(tol)
-    kept, _, _ = dedup_with_distances(x64, tol, lambda n: [1], min_points=1)
+    kept, _, _, _ = dedup_with_distances(x64, tol, lambda n: [1], min_points=1)
     n_removed = x64.shape[0] - kept.shape[0]
     return (kept if isinstance(x, torch.Tensor) else kept.cpu().numpy()), n_removed
 
