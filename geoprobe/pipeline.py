@@ -318,11 +318,15 @@ def _layer_geometry(hs, s: ProbeSettings, prog: _Progress,
     masks = [_sinks(nv, s) for nv in norms]
     kept = _KeptRows(hs, masks)
     bar = prog.bar(3 * n_layers, "layers")
-    # intrinsic dimension of every layer (a layer whose TwoNN fails gets no GRIDE either)
-    twonns = intrinsic_dimension_layers(kept, estimator="twonn", on_error="skip", progress=bar)
-    gridez = intrinsic_dimension_layers(kept, estimator="gride", on_error="skip", progress=bar)
+    # intrinsic dimension of every layer with a block bootstrap over documents, the same resampled
+    # documents in every layer (a layer whose TwoNN fails gets no GRIDE either)
+    docs = [hs.doc_index[~m] for m in masks]
+    s_id, s_delta = seeds.spawn(2)
+    boot = dict(groups=docs, n_boot=s.id_boot, seed=s_id, level=s.level)
+    twonns = intrinsic_dimension_layers(kept, estimator="twonn", on_error="skip", progress=bar, **boot)
+    gridez = _gride_layers(kept, bar, boot)
     deltas = []
-    for li, ss in zip(range(n_layers), seeds.spawn(n_layers)):
+    for li, ss in zip(range(n_layers), s_delta.spawn(n_layers)):
         deltas.append(_layer_delta(kept[li], hs.doc_index[~masks[li]], li, s, ss))
         bar.update(1)
     bar.close()
@@ -337,6 +341,33 @@ def _layer_geometry(hs, s: ProbeSettings, prog: _Progress,
                                      gride=gridez[li] if twonn is not None else None,
                                      delta=deltas[li]))
     return results, _sink_report(hs, norms, masks, s)
+
+
+def _gride_layers(kept: Sequence[np.ndarray], bar, boot: dict) -> list:
+    """GRIDE of every layer: the scale curves and the one scale n1 shared by all layers
+    (:func:`~geoprobe.probes.intrinsic_dim.shared_gride_scale`), then the block bootstrap at that
+    scale only (the other scales keep their analytic errors; bootstrapping every scale of every layer
+    would cost five times as much for intervals the report does not show)."""
+    from .probes.intrinsic_dim import at_scale, intrinsic_dimension_layers
+
+    curves = intrinsic_dimension_layers(kept, estimator="gride", on_error="skip", progress=bar)
+    first = next((r for r in curves if r is not None), None)
+    if first is None or not boot["n_boot"]:
+        return curves
+    n1, reason = int(first.scale_n1), first.scale_rule
+    at_n1 = intrinsic_dimension_layers(kept, estimator="gride", scales=[n1], on_error="skip", **boot)
+    out = []
+    for curve, b in zip(curves, at_n1):
+        if curve is None or b is None:
+            out.append(curve)
+            continue
+        sb = b.scales[0]
+        scales = [dataclasses.replace(sc, error=sb.error, ci_low=sb.ci_low, ci_high=sb.ci_high)
+                  if sc.n1 == n1 else sc for sc in curve.scales]
+        out.append(at_scale(dataclasses.replace(curve, scales=scales, n_boot=b.n_boot,
+                                                n_groups=b.n_groups, ci_level=b.ci_level,
+                                                seconds=curve.seconds + b.seconds), n1, reason))
+    return out
 
 
 def _sinks(norms: np.ndarray, s: ProbeSettings) -> np.ndarray:

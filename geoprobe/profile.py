@@ -160,7 +160,9 @@ class IDResult(Record):
     at the scale ``scale_n1`` (every scale in ``scales``), chosen by the rule ``scale_rule`` states.
     ``error`` is the bootstrap standard error when a bootstrap ran (``n_boot`` > 0, resampling
     ``n_groups`` groups of points), else the analytic one (:mod:`geoprobe.probes.intrinsic_dim`);
-    ``ci_low``/``ci_high`` bound the bootstrap percentile interval at level ``ci_level``.
+    ``ci_low``/``ci_high`` bound the bootstrap percentile interval at level ``ci_level``; TwoNN keeps
+    the bootstrap replicates of ``dimension`` in ``replicates`` (6 significant digits; the same
+    resampled documents in every layer, so the adapter planner can read the curve's joint spread).
     Profiles written before these fields existed read with their defaults."""
 
     dimension: float
@@ -180,6 +182,7 @@ class IDResult(Record):
     n_groups: int = 0
     scale_n1: Optional[int] = None
     scale_rule: str = ""
+    replicates: list[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- profile parts

@@ -464,7 +464,10 @@ class _Options:
     def ranks_for(self, n: int) -> list[int]:
         if self.estimator == "twonn":
             return [1, 2]
-        return [r for n1 in self.gride_use(n) for r in (n1, 2 * n1)]
+        ranks = [r for n1 in self.gride_use(n) for r in (n1, 2 * n1)]
+        if self.n_boot and 1 not in ranks:  # the bootstrap pairs mutual first neighbours (r1)
+            ranks.insert(0, 1)
+        return ranks
 
     def kwargs(self) -> dict[str, Any]:
         return dict(estimator=self.estimator, n1_max=self.n1_max, scales=self.scales,
@@ -521,15 +524,17 @@ def _twonn(prep: _Prepared, opts: _Options, boot: Optional[Groups], backend: str
     mle, _ = twonn_mle(mu)
     lin = twonn_linear_fit(mu, opts.discard_fraction)
     err, lo, hi = lin / math.sqrt(mu.size - 2), None, None
+    kept: list[float] = []
     if boot is not None:
         reps = twonn_replicates(np.log(mu), boot, opts.n_boot, opts.seed, opts.discard_fraction)
         err, lo, hi = interval(reps[:, 0], opts.level, "TwoNN")
+        kept = [float(f"{v:.6g}") for v in reps[:, 0]]
     return IDResult(dimension=lin, error=err, estimator="twonn", n_points=prep.n_points,
                     n_duplicates_removed=prep.n_removed, linear_fit_dimension=lin, scales=[],
                     backend=backend, seconds=time.perf_counter() - t0, mle_dimension=mle,
                     ci_low=lo, ci_high=hi,
                     ci_level=opts.level if boot is not None else None, n_boot=opts.n_boot,
-                    n_groups=boot.n_groups if boot is not None else 0)
+                    n_groups=boot.n_groups if boot is not None else 0, replicates=kept)
 
 
 def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[int] = None,
