@@ -11,8 +11,9 @@ so the data it sees has diameter D = diam(prompt embeddings)/√d. Hence
     K = 1/c_D = D² · (δ_rel/0.144)²,
 
 clamped to [K_MIN, K_MAX] (the learnable K moves from there). δ_rel is the per-prompt input-embedding
-value, the quantity HypLoRA reports. When δ_rel is not below its matched Gaussian null, the data is
-no more tree-like than random points of its dimension; ``auto`` then does not choose HypLoRA.
+value, the quantity HypLoRA reports. When δ_rel is not below every one of its three nulls (the
+conservative verdict of :class:`geoprobe.profile.DeltaStat`), the data is not shown to be more
+tree-like than random points of its dimension; ``auto`` then does not choose HypLoRA.
 
 Ranks (GeLoRA, arXiv 2412.09250): from per-layer TwoNN dimensions, block i reads layer i−1 and writes
 layer i; rule ``diff``, ``max`` or ``budget`` (see :mod:`adapters.gelora`). The paper's rule uses the

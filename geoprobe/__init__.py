@@ -7,6 +7,7 @@ Public API (DESIGN.md)::
     corpus = gp.Corpus.default()        # or gp.Corpus.from_path(path, field=...)
     gp.fit_power_law(counts); gp.norm_frequency(norms, counts)
     gp.delta(x); gp.intrinsic_dimension(x)
+    gp.delta_vs_null(sets, population=..., resample=...)   # δ_rel beside three nulls, intervals
     gp.intrinsic_dimension_layers([layer0, layer1, ...])   # every layer in one call (one GPU pass)
     hs = gp.hidden_states(lm, corpus); hs.layer(i)          # per-layer states of sampled positions
     profile = gp.probe(lm, corpus); profile.save("profile.json")
@@ -41,6 +42,7 @@ _LAZY = {
     "PowerLawResult": "geoprobe.profile",
     "NormFrequencyResult": "geoprobe.profile",
     "DeltaResult": "geoprobe.profile",
+    "DeltaStat": "geoprobe.profile",
     "IDResult": "geoprobe.profile",
     "DeltaStat": "geoprobe.profile",
     "NullComparison": "geoprobe.profile",

@@ -201,7 +201,7 @@ def delta_summary(d) -> str:
     """One line: δ_rel with its interval, each null's difference, and the conservative verdict."""
     ci = f" [{d.ci_low:.4f}, {d.ci_high:.4f}]" if d.ci_low is not None else ""
     nulls = ", ".join(f"{c.null} {c.mean:.4f} ({c.verdict})" for c in d.nulls)
-    return f"{d.mean:.4f}{ci} vs nulls {nulls} → {d.verdict}"
+    return f"{d.mean:.4f}{ci} vs nulls {nulls} → {d.verdict} (most conservative)"
 
 
 def summary_table(profile) -> str:

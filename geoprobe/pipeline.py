@@ -120,8 +120,11 @@ def check_settings(s: "ProbeSettings") -> None:
         raise ProbeOptionError(f"sink_factor must be a number above 1, got {s.sink_factor!r}")
 
 
-def _streams(seed: int) -> dict[str, np.random.SeedSequence]:
-    """Independent seed streams of one probe run, spawned from ``SeedSequence(seed)``."""
+def seed_streams(seed: int) -> dict[str, np.random.SeedSequence]:
+    """The independent seed streams of one probe run, spawned from ``SeedSequence(seed)``:
+    "prompt_order", "prompt_delta", "token_choice", "token_delta", "hidden", "layers", "population".
+    A notebook that draws from the same streams reproduces :func:`probe`'s samples number for
+    number."""
     names = ("prompt_order", "prompt_delta", "token_choice", "token_delta", "hidden", "layers",
              "population")
     return dict(zip(names, np.random.SeedSequence(seed).spawn(len(names))))
@@ -160,7 +163,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     emb = lm.input_embeddings().double().numpy()
     norms = norm_frequency(np.linalg.norm(emb, axis=1), counts.counts, tokenizer=tok)
     timings["norms"] = time.perf_counter() - t0
-    streams = _streams(s.seed)
+    streams = seed_streams(s.seed)
     t0 = time.perf_counter()
     population = PopulationGaussian.fit(emb, np.random.default_rng(streams["population"]))
     timings["population_null"] = time.perf_counter() - t0

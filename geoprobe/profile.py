@@ -186,6 +186,23 @@ class IDResult(Record):
 
 
 # --------------------------------------------------------------------------- profile parts
+NULL_KINDS = ("own", "population", "resample")
+"""The nulls a δ_rel is compared with (METHODS.md §3b; drawn by :mod:`geoprobe.probes.nulls`)."""
+
+NULL_NAMES = {"own": "own-covariance Gaussian", "population": "population Gaussian",
+              "resample": "resampled real points"}
+"""Short names used in tables and sentences."""
+
+NULL_QUESTIONS = {
+    "own": "more tree-like than a Gaussian with the set's own mean and covariance?",
+    "population": "more tree-like than Gaussian points with the mean and covariance of the population "
+                  "the set was drawn from?",
+    "resample": "more tree-like than the same number of real points drawn at random from that "
+                "population (same base point)?",
+}
+"""The question each null answers, as the report states it."""
+
+
 @dataclass(frozen=True)
 class NullComparison(Record):
     """The data's δ_rel against one null, set by set (METHODS.md §3b; :mod:`geoprobe.probes.nulls`).
@@ -418,30 +435,58 @@ class GeometryProfile(Record):
 
 
 # --------------------------------------------------------------------------- tables
-PROBE_COLUMNS = ("probe", "layer", "statistic", "value", "error", "null_value", "null_error",
-                 "verdict", "n", "n_sets", "seconds")
-"""Columns of :meth:`GeometryProfile.to_frame`: the probe ("power_law", "norm_frequency",
-"delta_prompts", "delta_tokens", "delta_layer", "twonn", "gride"), the layer (layer probes only),
-the statistic's name and value, its error (γ's standard error, the std of δ_rel over sets, the ID's
-standard error), the matched null's mean and std and the side of the null (δ only), the number of
-items measured (token types, tokens seen, points per set, points) and of sets, and seconds taken."""
+NULL_FIELDS = (("", "mean"), ("_diff", "diff_mean"), ("_diff_ci_low", "diff_ci_low"),
+               ("_diff_ci_high", "diff_ci_high"), ("_share_below", "share_below"), ("_p", "p_value"),
+               ("_p_adjusted", "p_adjusted"), ("_verdict", "verdict"))
+"""(column suffix, :class:`NullComparison` field) of the per-null columns of both tables."""
+
+NULL_COLUMNS = tuple(f"null_{kind}{suffix}" for kind in NULL_KINDS for suffix, _ in NULL_FIELDS)
+"""Per null kind k ("own", "population", "resample"): ``null_k`` (the null's mean δ_rel),
+``null_k_diff`` with ``null_k_diff_ci_low``/``null_k_diff_ci_high`` (mean paired difference
+data − null and its bootstrap interval), ``null_k_share_below`` (share of sets below their null),
+``null_k_p`` and ``null_k_p_adjusted`` (bootstrap p before and after the correction across tests)
+and ``null_k_verdict`` ("below", "within", "above"). Empty where that null was not computed."""
+
+PROBE_COLUMNS = ("probe", "layer", "statistic", "value", "error", "ci_low", "ci_high", "verdict",
+                 *NULL_COLUMNS, "n", "n_sets", "seconds")
+"""Columns of :meth:`GeometryProfile.to_frame`, one row per probe result: the probe ("power_law",
+"norm_frequency", "delta_prompts", "delta_tokens", "delta_layer", "twonn", "gride"), the layer (layer
+probes only), the statistic's name and value, its error (γ's standard error, the std of δ_rel over
+sets, the ID's standard error), for δ the bootstrap interval of the mean (``ci_low``, ``ci_high``),
+the conservative verdict over the nulls and the :data:`NULL_COLUMNS` of each null, then the number of
+items measured (token types, tokens seen, points per set, points), of sets, and seconds taken.
+Compare the nulls of one row side by side, e.g. ``frame.filter(like="_verdict")``."""
 
 LAYER_COLUMNS = ("layer", "n_positions", "n_sinks_excluded", "norm_median", "norm_max",
-                 "delta_rel", "delta_rel_std", "null_delta_rel", "null_delta_rel_std", "delta_verdict",
-                 "delta_points", "twonn", "twonn_error", "twonn_ci_low", "twonn_ci_high",
-                 "twonn_linear_fit", "twonn_mle", "twonn_points", "n_duplicates_removed", "gride",
-                 "gride_error", "gride_ci_low", "gride_ci_high", "gride_n1", "gride_points")
-"""Columns of :meth:`GeometryProfile.layers_frame`: :class:`LayerGeometry`'s counts and norms, its
-δ_rel beside the matched null (mean, std, side of the null, points per set) and its TwoNN (line fit,
-error, bootstrap interval, line fit again under its own name, MLE, points, duplicates removed) and
-GRIDE (dimension, error, bootstrap interval, scale n1, points) estimates; NaN or None where a layer
-lacks the result or the value was not computed."""
+                 "delta_rel", "delta_rel_std", "delta_rel_ci_low", "delta_rel_ci_high",
+                 "delta_verdict", "delta_sets", "delta_points", *NULL_COLUMNS, "delta_correction",
+                 "twonn", "twonn_error", "twonn_ci_low", "twonn_ci_high", "twonn_linear_fit",
+                 "twonn_mle", "twonn_points", "n_duplicates_removed", "gride", "gride_error",
+                 "gride_ci_low", "gride_ci_high", "gride_n1", "gride_points")
+"""Columns of :meth:`GeometryProfile.layers_frame`, one row per layer: :class:`LayerGeometry`'s
+counts and norms; its δ_rel (mean over sets, std, bootstrap interval of the mean), the conservative
+verdict over the nulls, the number of sets (documents) and median points per set, the
+:data:`NULL_COLUMNS` of each null and the correction across layers behind their adjusted p-values
+and verdicts; its TwoNN (line fit, error, bootstrap interval, line fit again under its own name, MLE,
+points, duplicates removed) and GRIDE (dimension at the shared scale, error, bootstrap interval,
+scale n1, points) estimates. NaN or None where a layer lacks the result or the value was not
+computed."""
+
+
+def _null_cells(stat: DeltaStat) -> dict[str, Any]:
+    """The :data:`NULL_COLUMNS` of ``stat`` (nulls it lacks are left out of the row)."""
+    row: dict[str, Any] = {}
+    for c in stat.nulls:
+        if c.null in NULL_KINDS:
+            row |= {f"null_{c.null}{suffix}": getattr(c, name) for suffix, name in NULL_FIELDS}
+    return row
 
 
 def _delta_row(probe: str, stat: DeltaStat, layer: Optional[int] = None) -> dict[str, Any]:
     return {"probe": probe, "layer": layer, "statistic": "delta_rel", "value": stat.mean,
-            "error": stat.std, "null_value": stat.null_mean, "null_error": stat.null_std,
-            "verdict": stat.side_of_null, "n": stat.n_points, "n_sets": stat.n_sets}
+            "error": stat.std, "ci_low": stat.ci_low, "ci_high": stat.ci_high,
+            "verdict": stat.verdict, "n": stat.n_points, "n_sets": stat.n_sets,
+            "seconds": stat.seconds} | _null_cells(stat)
 
 
 def _id_row(result: IDResult, layer: int) -> dict[str, Any]:
@@ -482,9 +527,10 @@ def layer_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
                                "norm_median": lg.norm_median, "norm_max": lg.norm_max}
         if lg.delta is not None:
             d = lg.delta
-            row |= {"delta_rel": d.mean, "delta_rel_std": d.std, "null_delta_rel": d.null_mean,
-                    "null_delta_rel_std": d.null_std, "delta_verdict": d.side_of_null,
-                    "delta_points": d.n_points}
+            row |= {"delta_rel": d.mean, "delta_rel_std": d.std, "delta_rel_ci_low": d.ci_low,
+                    "delta_rel_ci_high": d.ci_high, "delta_verdict": d.verdict,
+                    "delta_sets": d.n_sets, "delta_points": d.n_points,
+                    "delta_correction": d.correction} | _null_cells(d)
         if lg.twonn is not None:
             t = lg.twonn
             row |= {"twonn": t.dimension, "twonn_error": t.error, "twonn_ci_low": t.ci_low,
@@ -499,8 +545,8 @@ def layer_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
     return rows
 
 
-_INTEGER_COLUMNS = ("layer", "n", "n_sets", "n_positions", "n_sinks_excluded", "delta_points",
-                    "twonn_points", "n_duplicates_removed", "gride_n1", "gride_points")
+_INTEGER_COLUMNS = ("layer", "n", "n_sets", "n_positions", "n_sinks_excluded", "delta_sets",
+                    "delta_points", "twonn_points", "n_duplicates_removed", "gride_n1", "gride_points")
 
 
 def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...], purpose: str) -> "pandas.DataFrame":
@@ -519,11 +565,33 @@ def _num(x: Optional[float], digits: int = 3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
 
 
-def _delta_text(stat: Optional[DeltaStat]) -> str:
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def _delta_lines(label: str, stat: Optional[DeltaStat]) -> list[str]:
+    """Two repr lines for one δ: the mean with its interval, sets and conservative verdict; then each
+    null's mean and verdict. One line ("–") when there is no δ."""
+    head = f"  {'δ_rel' if label == 'prompts' else '':<11}{label:<8}"
     if stat is None:
-        return "–"
-    return (f"{_num(stat.mean)} ± {_num(stat.std, 2)} vs null {_num(stat.null_mean)} ± "
-            f"{_num(stat.null_std, 2)} ({stat.side_of_null}, {stat.n_sets} sets)")
+        return [head + "–"]
+    ci = f" [{_num(stat.ci_low)}, {_num(stat.ci_high)}]" if stat.ci_low is not None else ""
+    n = len(stat.nulls)
+    over = f"most conservative of {_COUNT_WORDS.get(n, str(n))} null{'s' if n != 1 else ''}"
+    first = f"{head}{_num(stat.mean)}{ci} over {stat.n_sets:,} sets: {stat.verdict} ({over})"
+    nulls = ", ".join(f"{c.null} {_num(c.mean)} {c.verdict}" for c in stat.nulls) or "none computed"
+    return [first, f"{'':<13}{'':<8}nulls {_short(nulls, 90)}"]
+
+
+def _layer_delta_text(layers: list[LayerGeometry]) -> str:
+    """Range of the layers' δ_rel and how many get each conservative verdict (the correction across
+    layers named by its method)."""
+    stats = [lg.delta for lg in layers if lg.delta is not None]
+    text = f"δ_rel {_range_text([d.mean for d in stats])}"
+    if stats:
+        counts = "/".join(str(sum(d.verdict == v for d in stats)) for v in ("below", "within", "above"))
+        method = _short(stats[0].correction.split(" across ")[0], 24)
+        text += f"; verdict over all nulls below/within/above {counts} ({method})"
+    return text
 
 
 def _range_text(values: list[float]) -> str:
@@ -538,9 +606,10 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def summary_lines(profile: GeometryProfile) -> list[str]:
-    """The lines of a profile's ``repr``: model, corpus, headline numbers (γ, Spearman ρ, δ_rel of
-    prompts and tokens beside their nulls, per-layer ranges of TwoNN, GRIDE and δ_rel), seed, date,
-    plan and fine-tune runs. Each is at most about 120 characters, whatever the profile holds."""
+    """The lines of a profile's ``repr``: model, corpus, headline numbers (γ, Spearman ρ; δ_rel of
+    prompts and tokens with its interval, the conservative verdict and each null's mean and verdict;
+    per-layer ranges of TwoNN, GRIDE and δ_rel with the layers' verdict counts), seed, date, plan and
+    fine-tune runs. Each is at most about 120 characters, whatever the profile holds."""
     m, c, ls = profile.model, profile.corpus, profile.layers
     f, nf = profile.frequency, profile.norms
     gamma = f"γ = {_num(f.gamma)} ± {_num(f.gamma_err, 2)} (x_min {f.xmin})" if f else "γ –"
@@ -550,12 +619,12 @@ def summary_lines(profile: GeometryProfile) -> list[str]:
              f"  corpus     {_short(c.name)}: {c.n_documents:,} documents, {c.n_tokens:,} tokens, "
              f"sha256 {c.sha256[:12]}…",
              f"  frequency  {gamma}; {rho}",
-             f"  δ_rel      prompts {_delta_text(profile.delta_prompts)}",
-             f"             tokens  {_delta_text(profile.delta_tokens)}"]
+             *_delta_lines("prompts", profile.delta_prompts),
+             *_delta_lines("tokens", profile.delta_tokens)]
     if ls:
         lines.append(f"  layers     {len(ls)}: TwoNN {_range_text([lg.twonn.dimension for lg in ls if lg.twonn])}, "
                      f"GRIDE {_range_text([lg.gride.dimension for lg in ls if lg.gride])}")
-        lines.append(f"             δ_rel {_range_text([lg.delta.mean for lg in ls if lg.delta])}")
+        lines.append(f"             {_layer_delta_text(ls)}")
     extra = [f"seed {profile.seed}", f"created {profile.created or '–'}"]
     if profile.adapter_plan is not None:
         extra.append(f"plan {_short(profile.adapter_plan.method, 20)}")

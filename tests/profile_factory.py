@@ -1,22 +1,27 @@
 """Synthetic, realistic :class:`GeometryProfile` objects for report tests (seeded, no model needed).
 
 Numbers follow what METHODS.md records for the real small models: a Zipf stream with s ≈ 1.15
-(γ ≈ 1.87), a negative norm/frequency rank correlation, per-prompt δ_rel above its Gaussian null,
+(γ ≈ 1.87), a negative norm/frequency rank correlation, per-prompt δ_rel beside three nulls (all
+below it by default), per-layer δ over ten documents corrected across layers (Holm),
 hump-shaped layer IDs from about 3 to 9, and attention sinks with norms near 2.7e4 against about 2e2
 in the middle blocks. Counts, bins, densities and correlations are computed from the simulated
 tokens, so they agree with each other.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import numpy as np
 from scipy import stats
 
-from geoprobe.profile import (AdapterPlanRecord, CorpusInfo, DeltaStat, Density2D, FinetuneResult,
-                              GeometryProfile, IDResult, IDScale, LayerGeometry, ModelInfo, NormBin,
-                              NormFrequencyResult, PowerLawResult, SinkReport, WordGroup, WordNorm)
+from geoprobe.probes.delta_stats import correct_across, headline
+from geoprobe.probes.uncertainty import paired_bootstrap
+from geoprobe.profile import (NULL_KINDS, NULL_QUESTIONS, AdapterPlanRecord, CorpusInfo, DeltaStat, Density2D,
+                              FinetuneResult, GeometryProfile, IDResult, IDScale, LayerGeometry,
+                              ModelInfo, NormBin, NormFrequencyResult, NullComparison, PowerLawResult,
+                              SinkReport, WordGroup, WordNorm)
 
 HOSTILE = ('<script>window.pwned=1</script>', '"><img src=x onerror=window.pwned=2>')
 
@@ -38,15 +43,32 @@ def _tokens_of(word: str) -> list[str]:
     return ["Ġ" + word]
 
 
-def _delta_stat(rng, what: str, n_sets: int, n_null: int, n_points: int, dim: int, mean: float,
-                std: float, null_mean: float, null_std: float, mode: str = "fixed") -> DeltaStat:
+def _delta_stat(rng, what: str, n_sets: int, n_points: int, dim: int, mean: float, std: float,
+                null_means: dict[str, float], null_std: float, *, n_boot: int = 2000,
+                mode: str = "fixed") -> DeltaStat:
+    """A δ record of ``n_sets`` simulated sets beside one null per entry of ``null_means`` (kind →
+    the null's mean δ_rel), summarised as :func:`geoprobe.probes.delta_stats.delta_vs_null` does:
+    paired bootstrap per null, verdict from its p-value, conservative headline."""
     v = np.clip(rng.normal(mean, std, n_sets), 0.0, 1.0)
-    nv = np.clip(rng.normal(null_mean, null_std, n_null), 0.0, 1.0)
-    return DeltaStat(what=what, mean=float(v.mean()), std=float(v.std(ddof=1)) if n_sets > 1 else 0.0,
-                     null_mean=float(nv.mean()), null_std=float(nv.std(ddof=1)) if n_null > 1 else 0.0,
-                     n_points=n_points, dim=dim, n_sets=n_sets, mode=mode,
-                     values=[float(x) for x in v], null_values=[float(x) for x in nv],
-                     diameter=float(rng.uniform(1.5, 3.0)))
+    level = 0.95
+    comps = []
+    for kind, null_mean in null_means.items():
+        nv = np.clip(rng.normal(null_mean, null_std, n_sets), 0.0, 1.0)
+        b = paired_bootstrap(v, nv, n_boot=n_boot, level=level, rng=rng)
+        verdict = ("within" if b.p_value >= 1 - level else "below" if b.diff_mean < 0 else "above")
+        comps.append(NullComparison(
+            null=kind, question=NULL_QUESTIONS[kind], values=[float(x) for x in nv],
+            mean=float(nv.mean()), ci_low=b.ci_b[0], ci_high=b.ci_b[1], diff_mean=b.diff_mean,
+            diff_ci_low=b.ci_diff[0], diff_ci_high=b.ci_diff[1], share_below=b.share_below,
+            share_ci_low=b.ci_share[0], share_ci_high=b.ci_share[1], p_value=b.p_value,
+            verdict=verdict))
+    mean_ci = paired_bootstrap(v, v, n_boot=n_boot, level=level, rng=rng)
+    verdict, reason = headline(comps)
+    return DeltaStat(what=what, mean=float(v.mean()), std=float(v.std(ddof=1)), n_points=n_points,
+                     dim=dim, n_sets=n_sets, mode=mode, values=[float(x) for x in v],
+                     ci_low=mean_ci.ci_a[0], ci_high=mean_ci.ci_a[1], nulls=comps, verdict=verdict,
+                     verdict_reason=reason, level=level, n_boot=n_boot,
+                     diameter=float(rng.uniform(1.5, 3.0)), backend="cpu-blocked", seed=0)
 
 
 def make_profile(name: str = "SmolLM2-135M-Instruct", *, seed: int = 0, n_layers: int = 30,
@@ -124,15 +146,20 @@ def make_profile(name: str = "SmolLM2-135M-Instruct", *, seed: int = 0, n_layers
                                          counts=[[int(c) for c in row] for row in h]))
 
     # ---- δ per prompt and per token sample
-    shift = {"above": 0.035, "within": 0.0, "below": -0.035}[delta_prompt_side]
-    delta_prompts = _delta_stat(rng, "prompt input-token embeddings", 200, 200, 96, hidden,
-                                0.095 + shift, 0.012, 0.095, 0.008)
-    delta_tokens = _delta_stat(rng, "distinct corpus tokens' input embeddings", 3, 9, 1000, hidden,
-                               0.205, 0.004, 0.207, 0.005)
+    # the nulls sit on one side of the data ("above", "below") or on both sides ("within": the
+    # own-covariance null below the data, the population null above it, the resampled one level)
+    prompt_nulls = {"above": (0.060, 0.070, 0.065), "below": (0.130, 0.120, 0.125),
+                    "within": (0.080, 0.110, 0.095)}[delta_prompt_side]
+    delta_prompts = _delta_stat(rng, "prompt input-token embeddings", 200, 96, hidden, 0.095, 0.012,
+                                dict(zip(NULL_KINDS, prompt_nulls)), 0.008)
+    delta_tokens = _delta_stat(rng, "distinct corpus tokens' input embeddings", 3, 1000, hidden,
+                               0.205, 0.004, {"own": 0.207, "population": 0.203, "resample": 0.206},
+                               0.005)
 
     # ---- layers: sinks in the middle blocks, hump-shaped ID
     n_pos = 3000
     layers = []
+    deltas = []
     quantiles = []
     excluded = []
     for li in range(n_layers + 1):
@@ -161,12 +188,15 @@ def make_profile(name: str = "SmolLM2-135M-Instruct", *, seed: int = 0, n_layers
         gride = IDResult(dimension=scales[2].dimension, error=scales[2].error, estimator="gride",
                          n_points=m_used, n_duplicates_removed=dups, scales=scales)
         null = 0.11 + 0.02 * rng.standard_normal()
-        side = 0.02 * math.sin(li / 3.0)
-        d = _delta_stat(rng, f"layer {li} hidden states", 1, 3, 500, hidden, null + side, 0.0,
-                        null, 0.004)
+        side = 0.04 * math.sin(li / 3.0)
+        deltas.append(_delta_stat(rng, f"layer {li} hidden states, one set per document", 10, 40,
+                                  hidden, null + side, 0.008,
+                                  {"own": null + 0.3 * side, "population": null,
+                                   "resample": null + 0.4 * side}, 0.005))
         layers.append(LayerGeometry(layer=li, n_positions=kept, n_sinks_excluded=n_ex,
                                     norm_median=float(median), norm_max=float(mx), twonn=twonn,
-                                    gride=gride, delta=d))
+                                    gride=gride))
+    layers = [dataclasses.replace(lg, delta=d) for lg, d in zip(layers, correct_across(deltas, "holm"))]
     sinks = SinkReport(factor=20.0, n_positions=n_pos, n_excluded=max(excluded),
                        excluded_by_layer=excluded, positions_in_sequence=[0],
                        reason="hidden-state norm above 20× the layer median (massive activations, "

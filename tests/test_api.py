@@ -19,12 +19,12 @@ from geoprobe.hidden import DEFAULT_POSITIONS, HiddenStates, collect_hidden_stat
 from geoprobe.pipeline import ProbeSettings
 from geoprobe.profile import LAYER_COLUMNS, PROBE_COLUMNS, FinetuneResult, GeometryProfile
 from geoprobe.report import plots, profile_figures
+from profile_factory import make_profile as factory_profile
 from test_profile import make_profile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-PROFILES = Path(__file__).resolve().parents[1] / "reports" / "profiles"
 
 
 # --------------------------------------------------------------------------- gp.hidden_states
@@ -43,6 +43,14 @@ def small_corpus():
 
     topics = pydoc_data.topics.topics
     return gp.Corpus.from_texts([topics[k][:400] for k in sorted(topics)[:20]], name="topics")
+
+
+def test_delta_vs_null_is_public():
+    from geoprobe.probes import delta_stats
+
+    assert "delta_vs_null" in gp.__all__ and gp.delta_vs_null is delta_stats.delta_vs_null
+    assert gp.DeltaStat is gp.delta_vs_null(
+        [np.random.default_rng(i).normal(size=(12, 4)) for i in range(3)], n_boot=50).__class__
 
 
 def test_hidden_states_is_public_and_equals_collect(tiny_lm, small_corpus):
@@ -98,7 +106,14 @@ def test_corpus_repr_bounded_for_long_names_and_documents(tmp_path):
 
 
 def _real_profile() -> GeometryProfile:
-    return GeometryProfile.load(PROFILES / "default" / "smollm2-135m-instruct.json")
+    """A full profile shaped like SmolLM2-135M on the default corpus (31 layers, three nulls per δ,
+    per-layer δ corrected across layers), saved and loaded back as a user would read one."""
+    import tempfile
+
+    p = factory_profile("SmolLM2-135M-Instruct", corpus="pydoc_data.topics")
+    p = p.with_updates(model=dataclasses.replace(p.model, architecture="LlamaForCausalLM"))
+    with tempfile.TemporaryDirectory() as folder:
+        return GeometryProfile.load(p.save(Path(folder) / "profile.json"))
 
 
 def test_profile_repr_is_one_screen_with_headline_numbers():
@@ -112,8 +127,12 @@ def test_profile_repr_is_one_screen_with_headline_numbers():
     assert f"γ = {p.frequency.gamma:.3g}" in text
     assert f"Spearman ρ(norm, log frequency) = {p.norms.spearman_rho:.3g}" in text
     d = p.delta_prompts
-    assert f"prompts {d.mean:.3g} ± {d.std:.2g} vs null {d.null_mean:.3g}" in text
-    assert f"({d.side_of_null}, {d.n_sets} sets)" in text
+    assert (f"prompts {d.mean:.3g} [{d.ci_low:.3g}, {d.ci_high:.3g}] over {d.n_sets} sets: "
+            f"{d.verdict} (most conservative of three nulls)") in text
+    assert "nulls " + ", ".join(f"{c.null} {c.mean:.3g} {c.verdict}" for c in d.nulls) in text
+    verdicts = [lg.delta.verdict for lg in p.layers]
+    counts = "/".join(str(verdicts.count(v)) for v in ("below", "within", "above"))
+    assert f"verdict over all nulls below/within/above {counts} (Holm)" in text
     twonn = [lg.twonn.dimension for lg in p.layers]
     assert f"layers     {len(p.layers)}: TwoNN {min(twonn):.3g}–{max(twonn):.3g}" in text
     assert f"(median {np.median(twonn):.3g})" in text
@@ -142,9 +161,21 @@ def test_to_frame_one_row_per_probe_result():
     assert gamma["statistic"] == "gamma" and gamma["value"] == 1.9 and gamma["error"] == 0.05
     assert gamma["n"] == 5 and pd.isna(gamma["layer"])
     prompts = frame[frame["probe"] == "delta_prompts"].iloc[0]
-    assert (prompts["value"], prompts["error"], prompts["null_value"], prompts["null_error"]) == (
-        0.1, 0.01, 0.12, 0.005)
-    assert prompts["verdict"] == p.delta_prompts.side_of_null == "below" and prompts["n_sets"] == 2
+    assert (prompts["value"], prompts["error"], prompts["ci_low"], prompts["ci_high"]) == (
+        0.1, 0.01, 0.09, 0.11)
+    assert prompts["verdict"] == "below" and prompts["n_sets"] == 2 and prompts["n"] == 40
+    for kind, p_adj in (("own", 0.002), ("population", 0.003)):
+        assert prompts[f"null_{kind}"] == 0.1225 and prompts[f"null_{kind}_diff"] == -0.0225
+        assert (prompts[f"null_{kind}_diff_ci_low"], prompts[f"null_{kind}_diff_ci_high"]) == (-0.03, -0.015)
+        assert prompts[f"null_{kind}_share_below"] == 1.0 and prompts[f"null_{kind}_p"] == 0.001
+        assert prompts[f"null_{kind}_p_adjusted"] == p_adj and prompts[f"null_{kind}_verdict"] == "below"
+    assert pd.isna(prompts["null_resample_p_adjusted"])
+    # rows of other probes leave every δ column empty
+    assert frame.iloc[0][[c for c in PROBE_COLUMNS if c.startswith("null_")]].isna().all()
+    assert {c for c in PROBE_COLUMNS if c.startswith("null_")} == {
+        f"null_{k}{suffix}" for k in ("own", "population", "resample")
+        for suffix in ("", "_diff", "_diff_ci_low", "_diff_ci_high", "_share_below", "_p",
+                       "_p_adjusted", "_verdict")}
     twonn = frame[frame["probe"] == "twonn"]
     assert list(twonn["layer"]) == [0, 1, 2] and list(twonn["value"]) == [3.0, 4.0, 5.0]
     assert str(frame["layer"].dtype) == "Int64"
@@ -159,8 +190,20 @@ def test_layers_frame_one_row_per_layer():
     for lg, (_, row) in zip(p.layers, frame.iterrows()):
         assert row["twonn"] == lg.twonn.dimension and row["gride"] == lg.gride.dimension
         assert row["twonn_error"] == lg.twonn.error and row["n_positions"] == lg.n_positions
-        assert row["delta_rel"] == lg.delta.mean and row["null_delta_rel"] == lg.delta.null_mean
-        assert row["delta_verdict"] == lg.delta.side_of_null
+        d = lg.delta
+        assert (row["delta_rel"], row["delta_rel_ci_low"], row["delta_rel_ci_high"]) == (
+            d.mean, d.ci_low, d.ci_high)
+        assert row["delta_verdict"] == d.verdict and row["delta_sets"] == d.n_sets
+        assert row["delta_correction"] == d.correction == f"Holm across {len(p.layers)} tests"
+        for c in d.nulls:
+            assert (row[f"null_{c.null}"], row[f"null_{c.null}_diff"]) == (c.mean, c.diff_mean)
+            assert (row[f"null_{c.null}_diff_ci_low"], row[f"null_{c.null}_diff_ci_high"]) == (
+                c.diff_ci_low, c.diff_ci_high)
+            assert row[f"null_{c.null}_p_adjusted"] == c.p_adjusted
+            assert row[f"null_{c.null}_verdict"] == c.verdict
+        # the conservative column: a direction only where every null's column agrees
+        sides = {row[f"null_{k}_verdict"] for k in ("own", "population", "resample")}
+        assert row["delta_verdict"] == (sides.pop() if len(sides) == 1 else "within")
     missing = make_profile().with_updates(layers=[dataclasses.replace(
         make_profile().layers[0], twonn=None, gride=None, delta=None)]).layers_frame()
     assert len(missing) == 1 and math.isnan(missing["twonn"][0]) and pd.isna(missing["delta_points"][0])

@@ -45,7 +45,8 @@ def check_profile(path: Path, hidden: int, n_layers_plus_one: int):
     assert n["groups"] and all(_finite(g["mean_norm"]) for g in n["groups"])
     for key in ("delta_prompts", "delta_tokens"):
         ds = d[key]
-        assert 0 < ds["mean"] < 1 and 0 < ds["null_mean"] < 1
+        assert 0 < ds["mean"] < 1 and ds["nulls"] and all(0 < c["mean"] < 1 for c in ds["nulls"])
+        assert ds["ci_low"] <= ds["mean"] <= ds["ci_high"] and ds["verdict"] in ("below", "within", "above")
         assert ds["dim"] == hidden
     layers = d["layers"]
     assert len(layers) == n_layers_plus_one

@@ -69,8 +69,7 @@ def gelora_plan(lm, data):
 
     corpus = Corpus.from_texts([e.prompt for e in data["train"]], name="gsm8k prompts")
     profile = probe(lm, corpus, progress=False, settings=ProbeSettings(
-        n_prompts=16, token_sample=200, token_repeats=1, null_repeats=1, layer_positions=800,
-        layer_delta_points=100))
+        n_prompts=16, token_sample=200, token_repeats=2, null_repeats=1, layer_positions=800))
     plan, used = plan_for_training(lm, data["train"], method="gelora", r=RANK, profile=profile)
     assert used is profile and len(plan.layer_ranks) == lm.info.n_layers == 30 and len(profile.layers) == 31
     assert all(r >= 1 for r in plan.layer_ranks)

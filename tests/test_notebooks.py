@@ -3,8 +3,10 @@ notebooks/) without an error, and the numbers they print agree with independent 
 
 * 01_measure: γ from a recount of the corpus with the tokenizer alone (fitted by `fit_power_law` and by
   the `powerlaw` package), Spearman ρ from scipy on embeddings read straight from the GGUF file, δ
-  from a brute-force (max, min) product on scipy distances, TwoNN from brute-force neighbour
-  distances, and `gp.probe` giving the same numbers as the step-by-step cells;
+  from a brute-force (max, min) product on scipy distances, the summary of δ against its three nulls
+  recomputed from the per-set values (means, paired differences, shares, the conservative verdict),
+  TwoNN from brute-force neighbour distances, and `gp.probe` giving the same numbers as the
+  step-by-step cells;
 * 02_adapters: the curvature from the closed form K = (diam/√d)²(δ_rel/0.144)², GeLoRA ranks that
   spend at most a rank-r LoRA's parameters and follow the ID increases, the built layers as planned,
   a training loss that falls and whose first value is the base model's answer loss computed here
@@ -163,8 +165,9 @@ def _brute_force_delta(x: np.ndarray) -> tuple[float, float]:
 
 def test_delta_matches_brute_force_on_the_same_samples(measured):
     import geoprobe as gp
-    from geoprobe.probes.hyperbolicity import delta, matched_null_delta
     from geoprobe.models import load_tokenizer
+    from geoprobe.pipeline import seed_streams
+    from geoprobe.probes.hyperbolicity import delta
 
     _, s = measured
     tok = load_tokenizer()
@@ -173,20 +176,47 @@ def test_delta_matches_brute_force_on_the_same_samples(measured):
     E = gp.load_embeddings().double().numpy()
     seen = np.flatnonzero(counts[: E.shape[0]] > 0)
     assert len(s["token_delta"]) >= 2
-    for k, sample in enumerate(s["token_delta"]):
-        pick = np.sort(np.random.default_rng(sample["sample_seed"]).choice(seen, size=s["token_sample"],
-                                                                           replace=False))
+    children = seed_streams(s["seed"])["token_choice"].spawn(len(s["token_delta"]))
+    for k, (sample, child) in enumerate(zip(s["token_delta"], children)):
+        pick = np.sort(np.random.default_rng(child).choice(seen, size=s["token_sample"], replace=False))
+        assert sample["token_ids"] == pick.tolist()
         x = E[pick]
         r = delta(x, base_point=0)
         assert (r.delta, r.diameter, r.delta_rel) == (sample["delta"], sample["diameter"], sample["delta_rel"])
-        assert matched_null_delta(x, n_repeats=s["null_repeats"], seed=sample["null_seed"]) == \
-            sample["null_delta_rel"]
         if k == 0:
             value, diameter = _brute_force_delta(x)
             assert value == pytest.approx(sample["delta"], rel=1e-10)
             assert diameter == pytest.approx(sample["diameter"], rel=1e-12)
-    assert s["probe"]["token_delta_values"] == [t["delta_rel"] for t in s["token_delta"]]
-    assert s["probe"]["token_null_values"] == [v for t in s["token_delta"] for v in t["null_delta_rel"]]
+    stat = s["token_stat"]
+    assert stat["values"] == [t["delta_rel"] for t in s["token_delta"]]
+    assert s["probe"]["token_delta_values"] == stat["values"]
+    assert s["probe"]["token_nulls"] == {c["null"]: c["values"] for c in stat["nulls"]}
+
+
+def test_delta_summary_against_its_nulls_recomputed(measured):
+    """The notebook's δ record, recomputed from its per-set values: means, paired differences, the
+    share of sets below each null, intervals that hold their estimate, and the verdicts — a null's
+    direction only where its interval of the difference excludes 0, the headline a direction only
+    when every null agrees."""
+    _, s = measured
+    stat = s["token_stat"]
+    v = np.asarray(stat["values"])
+    assert stat["mean"] == pytest.approx(v.mean(), rel=1e-12)
+    assert stat["ci_low"] <= stat["mean"] <= stat["ci_high"]
+    assert [c["null"] for c in stat["nulls"]] == ["own", "population", "resample"]
+    for c in stat["nulls"]:
+        nv = np.asarray(c["values"])
+        assert nv.shape == v.shape
+        assert c["mean"] == pytest.approx(nv.mean(), rel=1e-12)
+        assert c["diff_mean"] == pytest.approx((v - nv).mean(), abs=1e-15)
+        assert c["share_below"] == np.mean(v < nv)
+        assert c["diff_ci_low"] <= c["diff_mean"] <= c["diff_ci_high"]
+        if c["verdict"] != "within":
+            assert not c["diff_ci_low"] <= 0 <= c["diff_ci_high"]
+            assert c["verdict"] == ("below" if c["diff_mean"] < 0 else "above")
+    sides = {c["verdict"] for c in stat["nulls"]}
+    assert stat["verdict"] == (sides.pop() if len(sides) == 1 else "within")
+    assert s["probe"]["token_verdict"] == stat["verdict"]
 
 
 def test_layer_dimensions_match_brute_force_twonn(measured, lm):
@@ -195,8 +225,11 @@ def test_layer_dimensions_match_brute_force_twonn(measured, lm):
     from geoprobe.hidden import collect_hidden_states
 
     _, s = measured
+    from geoprobe.pipeline import seed_streams
+
     hs = collect_hidden_states(lm.model, lm.tokenizer, _default_documents(), max_positions=s["layer_positions"],
-                               max_length=s["max_length"], batch_size=8, seed=s["seed"])
+                               max_length=s["max_length"], batch_size=8,
+                               seed=seed_streams(s["seed"])["hidden"], min_documents=8)
     assert hs.n_layers == len(s["layers"]) == lm.info.n_layers + 1
     checked = 0
     for rec in s["layers"]:
@@ -229,7 +262,9 @@ def test_adapters_notebook_plan_follows_the_profile(adapted):
     assert s["method"] == "hyplora+gelora"
     assert s["curvature"] == pytest.approx(K, rel=1e-12)
     assert s["built_curvatures"] == [round(K, 6)]
-    below = dp["mean"] < dp["null_mean"] - 2 * dp["null_std"]
+    sides = {c["verdict"] for c in dp["nulls"]}
+    below = sides == {"below"}                   # below every null: the conservative verdict
+    assert (dp["verdict"] == "below") == below
     assert s["auto_method"] == ("hyplora+gelora" if below else "gelora")
 
     ids = [layer["twonn"]["dimension"] for layer in prof["layers"]]

@@ -6,13 +6,25 @@ import pytest
 
 from geoprobe.errors import ProfileError
 from geoprobe.profile import (SCHEMA_VERSION, CorpusInfo, DeltaStat, Density2D, GeometryProfile,
-                              IDResult, IDScale, LayerGeometry, ModelInfo, NormBin,
+                              IDResult, IDScale, LayerGeometry, ModelInfo, NormBin, NullComparison,
                               NormFrequencyResult, PowerLawResult, SinkReport, WordGroup, WordNorm)
 
 
+def make_delta() -> DeltaStat:
+    """Two sets below every null, numbers chosen by hand."""
+    nulls = [NullComparison(null=k, question=f"question {k}", values=[0.12, 0.125], mean=0.1225,
+                            ci_low=0.12, ci_high=0.125, diff_mean=-0.0225, diff_ci_low=-0.03,
+                            diff_ci_high=-0.015, share_below=1.0, share_ci_low=1.0,
+                            share_ci_high=1.0, p_value=0.001, p_adjusted=p_adj, verdict="below")
+             for k, p_adj in (("own", 0.002), ("population", 0.003), ("resample", None))]
+    return DeltaStat(what="prompts", mean=0.1, std=0.01, n_points=40, dim=8, n_sets=2, mode="fixed",
+                     values=[0.09, 0.11], ci_low=0.09, ci_high=0.11, nulls=nulls, verdict="below",
+                     verdict_reason="more tree-like than every null", level=0.95, n_boot=2000,
+                     correction="Holm across 3 tests")
+
+
 def make_profile(n_layers=3):
-    ds = DeltaStat(what="prompts", mean=0.1, std=0.01, null_mean=0.12, null_std=0.005, n_points=40,
-                   dim=8, n_sets=2, mode="fixed", values=[0.09, 0.11], null_values=[0.12, 0.125])
+    ds = make_delta()
     layers = [LayerGeometry(layer=i, n_positions=100, n_sinks_excluded=i, norm_median=1.5,
                             norm_max=9.0,
                             twonn=IDResult(dimension=3.0 + i, error=0.2, estimator="twonn",
@@ -60,12 +72,24 @@ def test_nan_written_as_null_and_read_back(tmp_path):
     assert math.isnan(GeometryProfile.load(tmp_path / "p.json").timings["a"] or math.nan)
 
 
-def test_side_of_null():
-    base = make_profile().delta_prompts
-    assert base.side_of_null == "below"
+def test_side_of_null_is_the_recorded_verdict_and_null_finds_each_kind():
     import dataclasses
-    assert dataclasses.replace(base, mean=0.2).side_of_null == "above"
-    assert dataclasses.replace(base, mean=0.121).side_of_null == "within"
+
+    base = make_profile().delta_prompts
+    assert base.side_of_null == base.verdict == "below"
+    assert dataclasses.replace(base, verdict="within").side_of_null == "within"
+    assert [base.null(k).null for k in ("own", "population", "resample")] == ["own", "population",
+                                                                             "resample"]
+    assert base.null("own") is base.nulls[0] and base.null("other") is None
+    assert dataclasses.replace(base, nulls=[]).null("own") is None
+
+
+def test_round_trip_keeps_every_null_field(tmp_path):
+    p = make_profile()
+    q = GeometryProfile.load(p.save(tmp_path / "p.json"))
+    for a, b in zip(p.delta_prompts.nulls, q.delta_prompts.nulls):
+        assert a == b and isinstance(b, NullComparison)
+    assert q.delta_prompts.null("resample").p_adjusted is None
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -18,7 +18,7 @@ from scipy import stats
 from profile_factory import HOSTILE, make_profile  # noqa: E402
 
 from geoprobe.errors import OutputError, ProfileError  # noqa: E402
-from geoprobe.profile import DeltaStat, GeometryProfile, WordGroup  # noqa: E402
+from geoprobe.profile import NULL_KINDS, NULL_NAMES, GeometryProfile, WordGroup  # noqa: E402
 from geoprobe.report import default_report_path, model_slug, render_html, render_report  # noqa: E402
 from geoprobe.report import markup, plots, sentences  # noqa: E402
 
@@ -153,9 +153,12 @@ def test_single_report_parses_and_has_every_section(single_html):
     p = make_profile(adapter_plan=True, finetune=True)
     text = " ".join(page.text)
     assert markup.num(p.frequency.gamma, 3) in text
-    assert markup.pm(p.delta_prompts.mean, p.delta_prompts.std) in text
-    assert markup.pm(p.delta_prompts.null_mean, p.delta_prompts.null_std) in text
-    assert "less tree-like than random points" in text          # per-prompt δ is above its null
+    d = p.delta_prompts
+    assert markup.interval(d.mean, d.ci_low, d.ci_high) in text
+    # the summary card says what was tested and how, and which rule gives the headline
+    assert "200 prompts, 2,000 bootstrap resamples, 95 % intervals" in text
+    assert "above · most conservative of three nulls" in text   # every null lies below per-prompt δ
+    assert "less tree-like than every null" in text
     assert "geoprobe report --model smollm2" in text
 
 
@@ -200,7 +203,9 @@ def test_comparison_report_overlays_models(multi_html, smol, minilm):
     # the depths differ (30 vs 6 blocks): layers go on a relative axis, and the caption says so
     assert "relative depth" in multi_html
     text = " ".join(page.text)
-    assert "more tree-like than random points" in text       # MiniLM per-prompt δ below its null
+    assert "more tree-like than every null" in text          # MiniLM per-prompt δ below every null
+    for kind in NULL_KINDS:                                  # one comparison row per null and model
+        assert compare.count(f"per prompt: δ_rel − {NULL_NAMES[kind]}") == 1
 
 
 def test_no_external_resources(single_html, hostile_html):
@@ -469,34 +474,153 @@ def test_gride_layers_are_spread_from_first_to_last(smol):
     assert [lg.layer for lg in chosen] == [0, 10, 20, 30]
 
 
-# --------------------------------------------------------------------------- readings
-def _stat(mean, null_mean, null_std, std=0.01):
-    return DeltaStat(what="x", mean=mean, std=std, null_mean=null_mean, null_std=null_std,
-                     n_points=100, dim=64, n_sets=10, mode="fixed")
+# --------------------------------------------------------------------------- δ against three nulls
+def _cells(row: str) -> list[str]:
+    return [html.unescape(re.sub(r"<[^>]+>", "", c))
+            for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, flags=re.S)]
 
 
-@pytest.mark.parametrize("mean,side,phrase", [
-    (0.050, "below", "more tree-like than random points"),
-    (0.079, "within", "no more tree-like than random points"),
-    (0.120, "above", "less tree-like than random points"),
-])
-def test_delta_sentence_follows_side_of_null(mean, side, phrase):
-    st = _stat(mean, 0.08, 0.01)
-    assert st.side_of_null == side
-    text = sentences.delta_sentence(st, "points")
-    assert phrase in text
-    assert markup.pm(0.08, 0.01) in text
-    if side != "within":
-        z = abs(mean - 0.08) / 0.01
-        assert f"{markup.num(z, 2)} null standard deviations" in text
+def _tables(doc: str, cls: str) -> list[tuple[str, list[list[str]]]]:
+    """(caption text, body rows as cell texts) of every ``<table class="data cls">``."""
+    out = []
+    for t in re.findall(rf'<table class="data {cls}">.*?</table>', doc, flags=re.S):
+        caption = html.unescape(re.sub(r"<[^>]+>", "", re.search(r"<caption>(.*?)</caption>", t,
+                                                                  flags=re.S).group(1)))
+        body = re.search(r"<tbody>(.*?)</tbody>", t, flags=re.S).group(1)
+        out.append((caption, [_cells(r) for r in re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)]))
+    return out
 
 
-def test_layer_counts_match_side_of_null(smol):
+def _conservative(verdicts: list[str]) -> str:
+    """The headline rule, written out here: a direction only when every null gives it."""
+    return verdicts[0] if len(set(verdicts)) == 1 else "within"
+
+
+def test_null_tables_show_each_null_with_its_record_numbers(single_html, smol):
+    tables = _tables(single_html, "nulls")
+    assert len(tables) == 2                                  # prompts, then token sample
+    for (caption, rows), stat, unit in zip(tables, (smol.delta_prompts, smol.delta_tokens),
+                                           ("prompts", "token sets")):
+        assert markup.interval(stat.mean, stat.ci_low, stat.ci_high) in caption
+        assert f"{stat.n_sets:,} {unit}" in caption and "2,000 bootstrap resamples" in caption
+        assert [c.null for c in stat.nulls] == list(NULL_KINDS)
+        for row, c in zip(rows, stat.nulls):
+            assert row[0] == f"{NULL_NAMES[c.null]}: Is the set {c.question}"
+            assert row[1] == markup.interval(c.mean, c.ci_low, c.ci_high)
+            assert row[2] == markup.interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True)
+            assert row[3] == f"{100 * c.share_below:.0f} % [{100 * c.share_ci_low:.0f} %, " \
+                             f"{100 * c.share_ci_high:.0f} %]"
+            assert row[4] == markup.pvalue(c.p_value)
+            assert row[-1] == f"{c.verdict} · {NULL_NAMES[c.null]}"
+            # a null's direction is claimed only where its interval of the difference excludes 0
+            if c.verdict != "within":
+                assert not c.diff_ci_low <= 0 <= c.diff_ci_high
+
+
+@pytest.mark.parametrize("side", ["below", "within", "above"])
+def test_headline_badge_is_the_most_conservative_null(side):
+    p = make_profile(n_layers=2, delta_prompt_side=side)
+    doc = render_html([p])
+    expected = _conservative([c.verdict for c in p.delta_prompts.nulls])
+    assert expected == side                                  # the fixture puts the nulls there
+    tile = re.search(r'<div class="label">δ_rel per prompt</div>.*?</p></div>', doc, flags=re.S).group(0)
+    badge = re.search(r'<span class="badge (\w+)"[^>]*>(.*?)</span>', tile)
+    assert badge.groups() == (expected, f"{expected} · most conservative of three nulls")
+    if side == "within":                                     # the nulls disagree, and the text says so
+        assert "the nulls disagree" in html.unescape(tile)
+        assert {c.verdict for c in p.delta_prompts.nulls} == {"below", "above", "within"}
+
+
+def test_every_delta_badge_names_its_null(single_html):
+    section = re.search(r'<section id="hyperbolicity".*?</section>', single_html, flags=re.S).group(0)
+    badges = [html.unescape(b) for b in re.findall(r'<span class="badge \w+"[^>]*>(.*?)</span>', section)]
+    assert len(badges) > 31 * 4
+    names = tuple(NULL_NAMES.values()) + ("most conservative of three nulls",)
+    for b in badges:
+        verdict, _, name = b.partition(" · ")
+        assert verdict in ("below", "within", "above") and name in names, b
+
+
+def test_per_layer_table_numbers_and_correction(single_html, smol):
+    ((caption, rows),) = _tables(single_html, "layer-delta")
+    assert "Holm across 31 tests" in caption and "most conservative" in caption
+    assert len(rows) == len(smol.layers)
+    for row, lg in zip(rows, smol.layers):
+        d = lg.delta
+        assert row[:4] == [str(lg.layer), str(d.n_sets), str(d.n_points),
+                           markup.interval(d.mean, d.ci_low, d.ci_high)]
+        for i, c in enumerate(d.nulls):
+            assert row[4 + 2 * i] == markup.interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high,
+                                                     signed=True)
+            assert row[5 + 2 * i] == f"{c.verdict} · {NULL_NAMES[c.null]} ({markup.pvalue(c.p_adjusted)})"
+        assert row[-1] == f"{_conservative([c.verdict for c in d.nulls])} · most conservative of three nulls"
+
+
+def test_per_layer_figure_draws_each_interval_and_each_null(smol):
+    series = [plots.Series(smol.model.name, plots.PALETTE[0], smol.layers)]
+    fig = plots.delta_per_layer_figure(series)
+    (ax,) = fig.axes
+    (bars,) = ax.containers                                  # one error-bar set: the data's
+    segments = bars.lines[2][0].get_segments()
+    assert len(segments) == len(smol.layers)
+    for seg, lg in zip(segments, smol.layers):               # one bar per layer, from ci_low to ci_high
+        assert seg[0][0] == seg[1][0] == lg.layer
+        assert sorted((seg[0][1], seg[1][1])) == pytest.approx([lg.delta.ci_low, lg.delta.ci_high],
+                                                               abs=1e-12)
+    lines = {(line.get_linestyle(), line.get_marker()): line for line in ax.get_lines()
+             if len(line.get_xdata()) == len(smol.layers)}
+    for kind in NULL_KINDS:                                   # each null's means, in its own style
+        style, marker, _ = plots.NULL_STYLES[kind]
+        line = lines[(style, marker)]
+        assert list(line.get_ydata()) == [lg.delta.null(kind).mean for lg in smol.layers]
+    bands = [c for c in ax.collections if type(c).__name__ in ("PolyCollection", "FillBetweenPolyCollection")]
+    assert len(bands) == len(NULL_KINDS)
+    for band, kind in zip(bands, NULL_KINDS):                 # the band spans each null's interval
+        ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        lows = [lg.delta.null(kind).ci_low for lg in smol.layers]
+        highs = [lg.delta.null(kind).ci_high for lg in smol.layers]
+        assert ys.min() == pytest.approx(min(lows)) and ys.max() == pytest.approx(max(highs))
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [smol.model.name, "data (bars: 95 % interval)"] + [NULL_NAMES[k] for k in NULL_KINDS]
+    caption = plots.delta_per_layer_caption(series)
+    assert "error bars: the 95 % bootstrap interval of the mean" in caption and "std" not in caption
+    for kind in NULL_KINDS:
+        assert f"{NULL_NAMES[kind]}: {plots.NULL_STYLES[kind][2]}" in caption
+
+
+def test_histogram_draws_the_data_and_every_null(smol):
+    stat = smol.delta_prompts
+    fig = plots.delta_histogram_figure(stat, plots.PALETTE[0])
+    (ax,) = fig.axes
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"data ({stat.n_sets} sets)"] + [NULL_NAMES[k] for k in NULL_KINDS]
+    means = sorted(line.get_xdata()[0] for line in ax.get_lines())   # the vertical mean lines
+    assert means == pytest.approx(sorted([np.mean(stat.values)] + [np.mean(c.values) for c in stat.nulls]))
+    assert not plots.dot_plot(stat) and plots.dot_plot(smol.delta_tokens)
+    dots = plots.delta_histogram_figure(smol.delta_tokens, plots.PALETTE[0])
+    labels = [t.get_text() for t in dots.axes[0].get_yticklabels()]
+    assert labels == [NULL_NAMES[k] for k in reversed(NULL_KINDS)] + ["data"]
+
+
+def test_layer_counts_per_null_and_conservative(smol):
     text = sentences.layers_delta_sentence(smol.layers)
-    sides = [lg.delta.side_of_null for lg in smol.layers]
-    assert f"{sides.count('below')} below" in text
-    assert f"{sides.count('within')} within" in text
-    assert f"{sides.count('above')} above" in text
+    assert "Holm across 31 tests" in text
+    for kind in NULL_KINDS:
+        v = [lg.delta.null(kind).verdict for lg in smol.layers]
+        assert (f"against the {NULL_NAMES[kind]} {v.count('below')} below, {v.count('within')} within, "
+                f"{v.count('above')} above") in text
+    v = [_conservative([c.verdict for c in lg.delta.nulls]) for lg in smol.layers]
+    assert f"Most conservative of the nulls: {v.count('below')} below, {v.count('within')} within, " \
+           f"{v.count('above')} above." in text
+
+
+def test_null_sentence_names_the_null_and_its_numbers(smol):
+    for c in smol.delta_prompts.nulls:
+        text = sentences.null_sentence(c, "prompts")
+        assert text.startswith(f"Against the {NULL_NAMES[c.null]} ")
+        assert markup.interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True) in text
+        assert f"p = {markup.pvalue(c.p_value)}" in text
+        assert sentences.NULL_VERDICT[c.verdict].format(null=NULL_NAMES[c.null]) in text
 
 
 def test_spearman_and_group_readings(smol):
@@ -556,5 +680,10 @@ def test_number_formatting():
     assert markup.seconds(0.41) == "0.41 s" and markup.seconds(312.4) == "5 min 12 s"
     assert markup.seconds(4000) == "1 h 06 min"
     assert markup.pvalue(0.0) == "< 10⁻³⁰⁰" and markup.pvalue(0.0312) == "0.031"
+    assert markup.interval(0.0933, 0.0916, 0.0950) == "0.0933 [0.0916, 0.0950]"
+    assert markup.interval(-0.0225, -0.03, -0.015, signed=True) == "\u22120.0225 [\u22120.0300, \u22120.0150]"
+    assert markup.interval(0.0331, 0.0311, 0.0352, signed=True) == "+0.0331 [+0.0311, +0.0352]"
+    assert markup.interval(0.5, None, None) == "0.500" and markup.interval(math.nan, 0, 1) == markup.DASH
+    assert markup.share(0.15, 0.1, 0.2) == "15 % [10 %, 20 %]" and markup.share(None) == markup.DASH
     assert markup.value_text(20.0) == "20" and markup.value_text(None) == "null"
     assert markup.value_text(["a", 1]) == '["a", 1]'

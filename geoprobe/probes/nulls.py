@@ -41,21 +41,11 @@ from typing import Optional
 import numpy as np
 
 from ..errors import GeoprobeError, InputDataError
+from ..profile import NULL_KINDS, NULL_NAMES, NULL_QUESTIONS  # the wording lives in the contract
 
-NULL_KINDS = ("own", "population", "resample")
-
-NULL_NAMES = {"own": "own-covariance Gaussian", "population": "population Gaussian",
-              "resample": "resampled real points"}
-"""Short names used in tables and sentences."""
-
-NULL_QUESTIONS = {
-    "own": "more tree-like than a Gaussian with the set's own mean and covariance?",
-    "population": "more tree-like than Gaussian points with the mean and covariance of the population "
-                  "the set was drawn from?",
-    "resample": "more tree-like than the same number of real points drawn at random from that "
-                "population (same base point)?",
-}
-"""The question each null answers, as the report states it."""
+__all__ = ["MAX_POPULATION_ROWS", "NULL_KINDS", "NULL_NAMES", "NULL_QUESTIONS", "NullError",
+           "PopulationGaussian", "ResamplePool", "check_kinds", "moment_matched_covariance",
+           "own_gaussian"]
 
 MAX_POPULATION_ROWS = 16384
 

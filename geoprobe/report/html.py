@@ -3,7 +3,8 @@
 The page holds its CSS inline and its plots as inline SVG; it has no script and makes no request
 of any kind (a Content-Security-Policy of ``default-src 'none'`` says so to the browser as well).
 Every model-provided string is escaped through :mod:`geoprobe.report.markup`. Sections: summary,
-token frequency, embedding norm and frequency, δ-hyperbolicity (with the attention-sink exclusion),
+token frequency, embedding norm and frequency, δ-hyperbolicity (each δ beside three nulls with
+bootstrap intervals, the headline the most conservative verdict; the attention-sink exclusion),
 intrinsic dimension, adapter plan and fine-tune results (only when a profile carries them), and
 reproducibility. With several profiles, per-layer curves are overlaid (one colour per model) and the
 headline numbers are set side by side.
@@ -25,11 +26,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from .. import __version__
 from ..errors import OutputError, ProfileError
 from ..records import write_text
-from ..profile import DeltaStat, FinetuneResult, GeometryProfile, LayerGeometry
+from ..profile import (NULL_KINDS, NULL_QUESTIONS, DeltaStat, FinetuneResult, GeometryProfile,
+                       LayerGeometry, NullComparison)
 from . import plots
 from . import sentences as say
-from .markup import (DASH, Markup, el, esc, finite, join, kv_table, num, pm, pvalue, raw, seconds,
-                     table, value_text)
+from .markup import (DASH, Markup, el, esc, finite, interval, join, kv_table, num, pm, pvalue, raw,
+                     seconds, share, table, value_text)
 
 logger = logging.getLogger(__name__)
 
@@ -223,10 +225,19 @@ def _reading(text: Optional[str]) -> Optional[Markup]:
 
 
 def _badge(stat: Optional[DeltaStat]) -> Optional[Markup]:
-    if stat is None or not (finite(stat.mean) and finite(stat.null_mean)):
+    """The headline badge: the most conservative verdict over the nulls."""
+    if stat is None or not finite(stat.mean) or not stat.nulls:
         return None
-    side = stat.side_of_null
-    return el("span", say.VERDICT_SHORT[side], class_=f"badge {side}", title=say.VERDICT[side])
+    return el("span", say.headline_badge(stat), class_=f"badge {stat.verdict}",
+              title=stat.verdict_reason or say.HEADLINE[stat.verdict])
+
+
+def _null_badge(c: NullComparison) -> Optional[Markup]:
+    """One null's badge: its verdict and its name."""
+    if not finite(c.mean):
+        return None
+    return el("span", say.null_badge(c), class_=f"badge {c.verdict}",
+              title=say.NULL_VERDICT[c.verdict].format(null=say.null_name(c.null)))
 
 
 def _block(m: _Model, multi: bool, *content: Any) -> Markup:
@@ -249,9 +260,19 @@ def _id_text(r) -> str:
 
 
 def _delta_cell(stat: Optional[DeltaStat]) -> Markup:
+    """δ_rel with its interval and the headline badge."""
     if stat is None:
         return Markup(DASH)
-    return join([pm(stat.mean, stat.std), " ", _badge(stat)])
+    return join([interval(stat.mean, stat.ci_low, stat.ci_high), " ", _badge(stat)])
+
+
+def _diff_cell(stat: Optional[DeltaStat], kind: str) -> Markup:
+    """The paired difference data − null ``kind`` with its interval and that null's badge."""
+    c = stat.null(kind) if stat is not None else None
+    if c is None:
+        return Markup(DASH)
+    return join([interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True), " ",
+                 _null_badge(c)])
 
 
 # --------------------------------------------------------------------------- summary
@@ -305,16 +326,16 @@ def _summary_tiles(m: _Model) -> Markup:
     else:
         tiles.append(_tile("Spearman ρ, norm vs log-frequency", DASH, "not measured",
                            "This profile holds no norm measurement."))
-    for stat, name, subject in ((p.delta_prompts, "δ_rel per prompt", "each prompt's input-token "
-                                 "embeddings"),
-                                (p.delta_tokens, "δ_rel of a token sample", "samples of distinct "
-                                 "corpus tokens' embeddings")):
+    for stat, name, subject, unit in (
+            (p.delta_prompts, "δ_rel per prompt", "each prompt's input-token embeddings", "prompts"),
+            (p.delta_tokens, "δ_rel of a token sample", "samples of distinct corpus tokens' "
+             "embeddings", "token sets")):
         if stat is None:
             tiles.append(_tile(name, DASH, "not measured", "This profile holds no such δ."))
         else:
-            tiles.append(_tile(name, pm(stat.mean, stat.std),
-                               f"null {pm(stat.null_mean, stat.null_std)}",
-                               say.delta_sentence(stat, subject), _badge(stat)))
+            tiles.append(_tile(name, interval(stat.mean, stat.ci_low, stat.ci_high),
+                               say.how_tested(stat, unit), say.delta_sentence(stat, subject),
+                               _badge(stat)))
     id_text = say.id_sentence(p.layers, p.model.hidden_size)
     tiles.append(_tile("Intrinsic dimension over layers", _id_range_text(p.layers, "twonn"),
                        f"TwoNN · GRIDE {_id_range_text(p.layers, 'gride')}",
@@ -331,12 +352,12 @@ _HEADLINES = (
     ("x_min", lambda p: str(p.frequency.xmin) if p.frequency else DASH),
     ("Zipf s", lambda p: num(p.frequency.zipf_exponent, 3) if p.frequency else DASH),
     ("Spearman ρ, norm vs log-frequency", lambda p: num(p.norms.spearman_rho, 2) if p.norms else DASH),
-    ("δ_rel per prompt", lambda p: _delta_cell(p.delta_prompts)),
-    ("null δ_rel per prompt", lambda p: pm(p.delta_prompts.null_mean, p.delta_prompts.null_std)
-     if p.delta_prompts else DASH),
-    ("δ_rel token sample", lambda p: _delta_cell(p.delta_tokens)),
-    ("null δ_rel token sample", lambda p: pm(p.delta_tokens.null_mean, p.delta_tokens.null_std)
-     if p.delta_tokens else DASH),
+    ("δ_rel per prompt [interval]", lambda p: _delta_cell(p.delta_prompts)),
+    *((f"per prompt: δ_rel − {say.null_name(k)}", lambda p, k=k: _diff_cell(p.delta_prompts, k))
+      for k in NULL_KINDS),
+    ("δ_rel token sample [interval]", lambda p: _delta_cell(p.delta_tokens)),
+    *((f"token sample: δ_rel − {say.null_name(k)}", lambda p, k=k: _diff_cell(p.delta_tokens, k))
+      for k in NULL_KINDS),
     ("TwoNN ID range over layers", lambda p: _id_range_text(p.layers, "twonn")),
     ("GRIDE ID range over layers", lambda p: _id_range_text(p.layers, "gride")),
     ("Sink positions excluded", lambda p: f"{num(p.sinks.n_excluded)} of {num(p.sinks.n_positions)}"
@@ -490,22 +511,32 @@ def _groups(nf) -> Optional[Markup]:
 
 # --------------------------------------------------------------------------- hyperbolicity
 _DELTA_SUBJECTS = (
-    ("delta_prompts", "Per prompt: input-token embeddings", "each prompt's input-token embeddings"),
+    ("delta_prompts", "Per prompt: input-token embeddings", "each prompt's input-token embeddings",
+     "prompts"),
     ("delta_tokens", "Token sample: distinct corpus tokens",
-     "samples of distinct corpus tokens' embeddings"))
+     "samples of distinct corpus tokens' embeddings", "token sets"))
 
 
 def _hyperbolicity(models: list[_Model], figs: _Figures) -> Markup:
-    parts: list[Any] = [el("p", "Gromov δ of the Euclidean point cloud, relative to its diameter: "
-                                "δ_rel = 2δ/diam, 0 for a tree metric (Khrulkov et al. 2020). "
-                                "Distance concentration alone makes random high-dimensional "
-                                "points look hyperbolic, so every value stands beside a null: "
-                                "Gaussian points with the data's size, dimension, mean and "
-                                "covariance. A value counts as below or above the null when it "
-                                "lies more than 2 null standard deviations away.")]
-    for key, heading, subject in _DELTA_SUBJECTS:
+    parts: list[Any] = [
+        el("p", "Gromov δ of the Euclidean point cloud, relative to its diameter: δ_rel = 2δ/diam, "
+                "0 for a tree metric (Khrulkov et al. 2020). Distance concentration alone makes "
+                "random high-dimensional points look hyperbolic, so every set's δ_rel stands beside "
+                "three nulls with the set's number of points, dimension and base point, each "
+                "answering its own question:"),
+        el("ul", [el("li", el("strong", say.null_name(k)), ": is the set ", NULL_QUESTIONS[k])
+                  for k in NULL_KINDS], class_="readings"),
+        el("p", "For each null the report gives the paired difference data − null averaged over "
+                "the sets, the share of sets below their null, and percentile-bootstrap intervals "
+                "of both (sets resampled; for hidden states one set per document, so whole "
+                "documents are resampled). A null's verdict is below or above when its bootstrap "
+                "p-value is under 1 − the interval level — after Holm's or Benjamini–Hochberg's "
+                "correction across layers for the per-layer tests — and within otherwise. The "
+                "headline verdict is the most conservative of the nulls: a direction only when "
+                "every null agrees.")]
+    for key, heading, subject, unit in _DELTA_SUBJECTS:
         parts.append(el("h3", heading))
-        parts.extend(_delta_embeddings(models, figs, key, subject))
+        parts.extend(_delta_embeddings(models, figs, key, subject, unit))
     parts.append(el("h3", "Per layer: hidden states"))
     parts.extend(_delta_layers(models, figs))
     parts.append(el("h3", "Attention sinks left out"))
@@ -519,8 +550,30 @@ def _hyperbolicity(models: list[_Model], figs: _Figures) -> Markup:
     return join(parts)
 
 
-def _delta_embeddings(models: list[_Model], figs: _Figures, key: str, subject: str) -> list[Any]:
-    """The reading and histogram of each model's embedding δ_rel (``key`` of the profile)."""
+def _null_table(stat: DeltaStat, unit: str) -> Markup:
+    """One row per null: its question, mean δ_rel, the paired difference, the share of ``unit``
+    below it (each with its interval), the p-values and its verdict."""
+    adjusted = any(finite(c.p_adjusted) for c in stat.nulls)
+    header = ["null: the question it answers", "null δ_rel [interval]", "data − null [interval]",
+              f"{unit} below the null [interval]", "p"] + (["p adjusted"] if adjusted else []) + [
+              "verdict"]
+    rows = []
+    for c in stat.nulls:
+        row = [join([el("strong", say.null_name(c.null)), ": ", say.null_question(c)]),
+               interval(c.mean, c.ci_low, c.ci_high),
+               interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True),
+               share(c.share_below, c.share_ci_low, c.share_ci_high), pvalue(c.p_value)]
+        rows.append(row + ([pvalue(c.p_adjusted)] if adjusted else []) + [_null_badge(c)])
+    caption = (f"δ_rel of the data: {interval(stat.mean, stat.ci_low, stat.ci_high)} "
+               f"(std {num(stat.std, 2)}) over {say.how_tested(stat, unit)}; {stat.correction}.")
+    return table(header, rows, caption=caption, cls="data nulls",
+                 numeric={1, 2, 3, 4} | ({5} if adjusted else set()))
+
+
+def _delta_embeddings(models: list[_Model], figs: _Figures, key: str, subject: str,
+                      unit: str) -> list[Any]:
+    """Each model's headline reading, its table of the three nulls, one reading per null and the
+    histogram of the per-set δ_rel (``key`` of the profile)."""
     multi = len(models) > 1
     parts: list[Any] = []
     row_figs = []
@@ -532,12 +585,14 @@ def _delta_embeddings(models: list[_Model], figs: _Figures, key: str, subject: s
             continue
         parts.append(el("p", lead, say.delta_sentence(stat, subject), " ", _badge(stat),
                         class_="reading"))
-        how = ("one dot per point set, data above, matched Gaussian null below; bars: means"
-               if plots.dot_plot(stat) else
-               "data (filled) against the matched Gaussian null (hatched); vertical lines: means")
+        if stat.nulls:
+            parts.append(_null_table(stat, unit))
+            parts.append(el("ul", [el("li", say.null_sentence(c, unit)) for c in stat.nulls],
+                            class_="readings"))
         fig = figs(plots.delta_histogram(stat, m.colour),
-                   (f"{m.label}: " if multi else "") + f"δ_rel of {subject}: {how}.",
-                   f"histogram of delta_rel against the null for {m.label}")
+                   (f"{m.label}: " if multi else "") + f"δ_rel of {subject}: "
+                   + plots.delta_histogram_caption(stat, unit) + ".",
+                   f"histogram of delta_rel against its nulls for {m.label}")
         if fig is None:
             parts.append(_note(*lead, "the per-set values were not recorded (or fewer than "
                                       "two); no histogram."))
@@ -546,32 +601,66 @@ def _delta_embeddings(models: list[_Model], figs: _Figures, key: str, subject: s
     return parts
 
 
+def _layer_nulls(layers: Sequence[LayerGeometry]) -> list[str]:
+    """The null kinds any layer's δ was compared with, in the order of :data:`NULL_KINDS`."""
+    have = {c.null for lg in layers if lg.delta is not None for c in lg.delta.nulls}
+    return [k for k in NULL_KINDS if k in have]
+
+
+def _layer_table(m: _Model) -> Markup:
+    """Per layer: documents, points, δ_rel [interval], each null's difference [interval] and
+    verdict after the correction, and the conservative verdict."""
+    layers = [lg for lg in m.profile.layers if lg.delta is not None]
+    kinds = _layer_nulls(layers)
+    header = ["layer", "documents", "points per document", "δ_rel [interval]"]
+    for k in kinds:
+        header += [f"data − {say.null_name(k)} [interval]", f"{say.null_name(k)}: verdict (p adjusted)"]
+    header.append("every null")
+    rows = []
+    for lg in layers:
+        d = lg.delta
+        row: list[Any] = [str(lg.layer), num(d.n_sets), num(d.n_points),
+                          interval(d.mean, d.ci_low, d.ci_high)]
+        for k in kinds:
+            c = d.null(k)
+            if c is None:
+                row += [DASH, DASH]
+                continue
+            p = c.p_adjusted if finite(c.p_adjusted) else c.p_value
+            row += [interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True),
+                    join([_null_badge(c), f" ({pvalue(p)})"])]
+        rows.append(row + [_badge(d)])
+    corrections = "; ".join(sorted({lg.delta.correction for lg in layers}))
+    levels = sorted({lg.delta.level for lg in layers})
+    caption = (f"Intervals: {', '.join(f'{100 * v:g} %' for v in levels)} percentile bootstrap over the "
+               f"layer's documents. Verdicts and adjusted p-values after {corrections}; "
+               "“every null” is the most conservative of the nulls.")
+    return table(header, rows, caption=caption, cls="data layer-delta",
+                 numeric={0, 1, 2, 3} | {4 + 2 * i for i in range(len(kinds))})
+
+
 def _delta_layers(models: list[_Model], figs: _Figures) -> list[Any]:
     """The per-layer δ_rel figure, one reading per model and the per-layer tables."""
     multi = len(models) > 1
     with_layers = [m for m in models if any(lg.delta is not None for lg in m.profile.layers)]
     if not with_layers:
         return [_note("No per-layer δ in these profiles; left out.")]
-    relative, _ = plots.layer_axis([m.series(m.profile.layers) for m in with_layers])
+    series = [m.series(m.profile.layers) for m in with_layers]
+    relative, _ = plots.layer_axis(series)
     parts: list[Any] = [_figures(figs(
-        plots.delta_per_layer([m.series(m.profile.layers) for m in with_layers]),
-        "δ_rel of each layer's hidden states (circles; bars: std over samples) and its matched "
-        "Gaussian null (dashed, band ± std), attention-sink positions excluded."
+        plots.delta_per_layer(series),
+        plots.delta_per_layer_caption(series)
         + (" The models differ in depth, so layers are placed on a 0–1 relative depth axis."
            if relative else ""),
-        "delta_rel per layer against the null", wide=True))]
+        "delta_rel per layer against its nulls", wide=True))]
     for m in models:
         lead = [el("strong", _model_name(m)), ": "] if multi else []
         text = say.layers_delta_sentence(m.profile.layers)
         parts.append(el("p", lead, text or "no per-layer δ in this profile.", class_="reading"))
     for m in with_layers:
-        rows = [[str(lg.layer), num(lg.delta.n_points), pm(lg.delta.mean, lg.delta.std),
-                 pm(lg.delta.null_mean, lg.delta.null_std), _badge(lg.delta)]
-                for lg in m.profile.layers if lg.delta is not None]
-        parts.append(el("details", el("summary", "Per-layer δ_rel table",
-                                      f" — {m.label}" if multi else ""),
-                        table(["layer", "points", "δ_rel", "null δ_rel", "side of null"], rows,
-                              numeric={0, 1, 2, 3})))
+        parts.append(el("details", el("summary", "Per-layer δ_rel table: each null's difference "
+                                                 "and verdict", f" — {m.label}" if multi else ""),
+                        _layer_table(m)))
     return parts
 
 

@@ -151,6 +151,32 @@ def pm(mean: Any, std: Any, sig: int = 2) -> str:
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}".replace("-", MINUS)
 
 
+def interval(mean: Any, low: Any, high: Any, sig: int = 2, *, signed: bool = False) -> str:
+    """``mean [low, high]``, all three to the decimals that the interval's half-width warrants
+    (``sig`` significant digits of it); ``signed`` writes a plus sign on positive numbers (for
+    differences). Only the mean when the interval is missing or empty."""
+    if not finite(mean):
+        return DASH
+    plus = "+" if signed else ""
+    if not (finite(low) and finite(high)) or high <= low:
+        text = num(mean, sig + 1)
+        return ("+" + text) if signed and mean > 0 else text
+    half = (high - low) / 2.0
+    decimals = min(max(sig - 1 - int(math.floor(math.log10(half))), 0), 8)
+    return (f"{mean:{plus}.{decimals}f} [{low:{plus}.{decimals}f}, {high:{plus}.{decimals}f}]"
+            .replace("-", MINUS))
+
+
+def share(value: Any, low: Any = None, high: Any = None) -> str:
+    """A share as whole percent, with its interval when given: ``15 % [10 %, 20 %]``."""
+    if not finite(value):
+        return DASH
+    text = f"{100 * value:.0f} %"
+    if finite(low) and finite(high):
+        text += f" [{100 * low:.0f} %, {100 * high:.0f} %]"
+    return text
+
+
 def pvalue(p: Any) -> str:
     """A p-value: ``0.032``, ``1.2×10⁻⁵``, or ``< 10⁻³⁰⁰`` where it underflowed to zero."""
     if not finite(p):

@@ -17,7 +17,8 @@ Facco et al. 2017; Denti et al. 2022):
 * rank-frequency f(r) with the matching Zipf line f(r) = x_min · (r / n_tail)^(−s), s = 1/(γ − 1),
   from inverting the tail count N(≥k) ≈ n_tail · (k / x_min)^(1−γ);
 * norm against log10 frequency as a 2-D histogram with the per-bin mean norms;
-* δ_rel = 2δ/diam histograms against the matched Gaussian null, and per layer;
+* δ_rel = 2δ/diam histograms of the data against its three nulls, and per layer the means with
+  their bootstrap intervals;
 * TwoNN/GRIDE intrinsic dimension per layer and GRIDE over neighbourhood scales n1.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from ..profile import GeometryProfile
+from ..profile import NULL_KINDS, NULL_NAMES, GeometryProfile
 from .markup import superscript
 
 if TYPE_CHECKING:
@@ -383,58 +384,89 @@ def norm_density(norms, colour: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- hyperbolicity
+NULL_STYLES = {"own": ("--", "s", "dashed, squares"), "population": (":", "^", "dotted, triangles"),
+               "resample": ("-.", "D", "dash-dot, diamonds")}
+"""Line style, marker and their description of each null in every δ figure (the colour stays the
+model's, so nulls and models can be told apart in an overlay and in grey)."""
+
+
+def _null_style(kind: str) -> tuple[str, str, str]:
+    return NULL_STYLES.get(kind, ("-", "x", "solid, crosses"))
+
+
 def dot_plot(stat) -> bool:
-    """True when :func:`delta_histogram` draws dots (fewer than 10 values on a side)."""
-    n, n_null = len(stat.values), len(stat.null_values)
-    return min(n, n_null or n) < 10
+    """True when :func:`delta_histogram` draws dots (fewer than 10 sets)."""
+    return len(stat.values) < 10
 
 
 def delta_histogram_figure(stat, colour: str) -> Optional["Figure"]:
-    """Histogram of the data's δ_rel against the matched Gaussian null's (a dot plot when either
-    side has fewer than 10 values)."""
+    """The per-set δ_rel of the data (filled histogram) against each null's per-set δ_rel (one
+    outline per null, in the line style of :data:`NULL_STYLES`), with vertical lines at the means;
+    with fewer than 10 sets, one row of dots per series (data on top) and a bar at each mean."""
     vals = _arr(stat.values)
-    nulls = _arr(stat.null_values)
-    vals, nulls = vals[np.isfinite(vals)], nulls[np.isfinite(nulls)]
-    if vals.size == 0 or vals.size + nulls.size < 3:
+    vals = vals[np.isfinite(vals)]
+    nulls = [(c.null, _arr(c.values)) for c in stat.nulls]
+    nulls = [(k, v[np.isfinite(v)]) for k, v in nulls]
+    nulls = [(k, v) for k, v in nulls if v.size]
+    if vals.size == 0 or vals.size + sum(v.size for _, v in nulls) < 3:
         return None
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax,) = _figure(top=0.12 if dot_plot(stat) else 0.4)
+    dots = dot_plot(stat)
+    fig, (ax,) = _figure(SMALL[0] + (0.0 if dots else 1.95),
+                         SMALL[1] if not dots else 1.2 + 0.45 * len(nulls),
+                         left=1.75 if dots else 0.72, right=0.15 if dots else 2.4)
     ax.xaxis.set_major_locator(MaxNLocator(6))
-    if dot_plot(stat):
+    if dots:
         jitter = np.random.default_rng(0)
-        for y, v, c, name in ((1.0, vals, colour, f"data ({vals.size} sets)"),
-                              (0.0, nulls, NULL_COLOUR, f"matched Gaussian null ({nulls.size})")):
-            if v.size == 0:
-                continue
-            ax.scatter(v, y + jitter.uniform(-0.12, 0.12, v.size), s=28, color=c, alpha=0.85,
-                       linewidths=0, label=name)
-            ax.plot([v.mean(), v.mean()], [y - 0.3, y + 0.3], color=c, linewidth=2.0)
-        ax.set_yticks([0, 1], ["null", "data"])
-        ax.set_ylim(-0.6, 1.6)
+        rows = [("data", vals, "o", "-")] + [(NULL_NAMES.get(k, k), v, _null_style(k)[1],
+                                              _null_style(k)[0]) for k, v in nulls]
+        for i, (name, v, marker, style) in enumerate(rows):
+            y = len(rows) - 1 - i
+            filled = i == 0
+            ax.scatter(v, y + jitter.uniform(-0.12, 0.12, v.size), s=26, marker=marker,
+                       color=colour if filled else "none", edgecolors=colour, linewidths=1.0,
+                       alpha=0.9, label=f"{name} ({v.size} sets)")
+            ax.plot([v.mean(), v.mean()], [y - 0.3, y + 0.3], style, color=colour, linewidth=2.0)
+        ax.set_yticks(range(len(rows)), [label(r[0], 30) for r in rows][::-1])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
         ax.grid(axis="y", visible=False)
         ax.set_xlabel("δ_rel = 2δ / diam (bars: means)")
         return _done(fig, [ax], legend=False)
-    both = np.concatenate([vals, nulls])
+    both = np.concatenate([vals] + [v for _, v in nulls])
     lo, hi = float(both.min()), float(both.max())
     if hi <= lo:
         hi = lo + max(abs(lo) * 0.01, 1e-6)
     edges = np.linspace(lo, hi, 31)
-    ax.hist(vals, bins=edges, color=colour, alpha=0.65, label=f"data ({vals.size} sets)")
-    ax.axvline(float(vals.mean()), color=colour, linewidth=1.6)
-    if nulls.size:
-        ax.hist(nulls, bins=edges, histtype="step", color=NULL_COLOUR, linewidth=1.4,
-                hatch="///", label=f"matched Gaussian null ({nulls.size})")
-        ax.axvline(float(nulls.mean()), color=NULL_COLOUR, linewidth=1.4, linestyle="--")
+    ax.hist(vals, bins=edges, color=colour, alpha=0.55, label=f"data ({vals.size} sets)")
+    ax.axvline(float(vals.mean()), color=colour, linewidth=1.8)
+    for kind, v in nulls:
+        style = _null_style(kind)[0]
+        ax.hist(v, bins=edges, histtype="step", color=NULL_COLOUR, linewidth=1.4, linestyle=style,
+                label=NULL_NAMES.get(kind, kind))
+        ax.axvline(float(v.mean()), color=NULL_COLOUR, linewidth=1.4, linestyle=style)
     ax.set_xlabel("δ_rel = 2δ / diam")
     ax.set_ylabel("point sets")
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, borderaxespad=0.2)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _done(fig, [ax], legend=False)
 
 
 def delta_histogram(stat, colour: str) -> Optional[str]:
     """:func:`delta_histogram_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
     return _svg(delta_histogram_figure(stat, colour))
+
+
+def delta_histogram_caption(stat, unit: str = "sets") -> str:
+    """What :func:`delta_histogram_figure` draws for ``stat``, in words (no final full stop)."""
+    names = [(NULL_NAMES.get(c.null, c.null), _null_style(c.null)) for c in stat.nulls]
+    if dot_plot(stat):
+        rows = ", ".join(f"{n} ({s[2].split(', ')[1]})" for n, s in names)
+        return (f"one dot per {unit[:-1] if unit.endswith('s') else unit}: the data (filled circles) "
+                f"on the top row, below it the same sets' δ_rel under each null ({rows}); "
+                "bars: means")
+    outlines = ", ".join(f"{n} ({s[2].split(', ')[0]})" for n, s in names)
+    return (f"histogram over the {unit} of the data's δ_rel (filled) and of each null's δ_rel for "
+            f"the same {unit} (grey outlines: {outlines}); vertical lines: means")
 
 
 def layer_axis(series: Sequence[Series]) -> tuple[bool, str]:
@@ -453,30 +485,55 @@ def _layer_x(layers, relative: bool) -> np.ndarray:
     return x
 
 
+def _ci_arrays(items) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means and interval ends of records with ``mean``, ``ci_low``, ``ci_high`` (NaN if missing)."""
+    return (_arr(x.mean for x in items), _arr(x.ci_low for x in items),
+            _arr(x.ci_high for x in items))
+
+
 def delta_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
-    """δ_rel of each layer's hidden states (error bar = std over samples) against its null band."""
+    """Per layer, the data's mean δ_rel over the layer's sets (circles joined by a solid line; error
+    bars: the bootstrap interval of the mean, ``ci_low`` to ``ci_high``) and each null's mean δ_rel
+    (line style and marker of :data:`NULL_STYLES`; shaded band: its interval), in the model's colour;
+    the legend names the models, the data and each null."""
     from matplotlib.lines import Line2D
 
     usable = [s for s in series if any(lg.delta is not None for lg in s.value)]
     if not usable:
         return None
     relative, xlabel = layer_axis(usable)
-    fig, (ax,) = _figure(*WIDE)
+    fig, (ax,) = _figure(WIDE[0] + 1.2, WIDE[1], right=2.7)
+    kinds: list[str] = []
     for s in usable:
         layers = [lg for lg in s.value if lg.delta is not None]
         x = _layer_x(layers, relative)
-        d = [lg.delta for lg in layers]
-        mean, std = _arr(x.mean for x in d), _arr(x.std for x in d)
-        nmean, nstd = _arr(x.null_mean for x in d), _arr(x.null_std for x in d)
-        ax.errorbar(x, mean, yerr=np.nan_to_num(std), fmt="o-", color=s.colour, markersize=3.5,
-                    linewidth=1.4, capsize=2, label=label(s.label))
-        ax.plot(x, nmean, "--", color=s.colour, linewidth=1.1, alpha=0.9)
-        ax.fill_between(x, nmean - np.nan_to_num(nstd), nmean + np.nan_to_num(nstd),
-                        color=s.colour, alpha=0.15, linewidth=0)
+        mean, lo, hi = _ci_arrays([lg.delta for lg in layers])
+        ax.plot(x, mean, "o-", color=s.colour, markersize=3.5, linewidth=1.4, label=label(s.label))
+        ok = np.isfinite(mean) & np.isfinite(lo) & np.isfinite(hi)
+        if ok.any():
+            ax.errorbar(x[ok], mean[ok], yerr=[mean[ok] - lo[ok], hi[ok] - mean[ok]], fmt="none",
+                        ecolor=s.colour, elinewidth=1.1, capsize=2)
+        for kind in [k for k in NULL_KINDS if any(lg.delta.null(k) for lg in layers)]:
+            kinds += [kind] if kind not in kinds else []
+            have = [(xi, lg.delta.null(kind)) for xi, lg in zip(x, layers) if lg.delta.null(kind)]
+            xs = np.asarray([h[0] for h in have])
+            nm, nlo, nhi = _ci_arrays([h[1] for h in have])
+            style, marker, _ = _null_style(kind)
+            ax.plot(xs, nm, linestyle=style, marker=marker, color=s.colour, markersize=3.0,
+                    markerfacecolor="none", linewidth=1.1, alpha=0.9)
+            band = np.isfinite(nlo) & np.isfinite(nhi)
+            if band.any():
+                ax.fill_between(xs, nlo, nhi, where=band, color=s.colour, alpha=0.09, linewidth=0)
+    level = next((lg.delta.level for s in usable for lg in s.value if lg.delta is not None), 0.95)
     handles, labels = ax.get_legend_handles_labels()
-    handles.append(Line2D([], [], color=NULL_COLOUR, linestyle="--"))
-    labels.append("matched Gaussian null ± std")
-    ax.legend(handles, labels, loc="best")
+    handles.append(Line2D([], [], color=NULL_COLOUR, marker="o", markersize=3.5, linestyle="-"))
+    labels.append(f"data (bars: {100 * level:g} % interval)")
+    for kind in kinds:
+        style, marker, _ = _null_style(kind)
+        handles.append(Line2D([], [], color=NULL_COLOUR, linestyle=style, marker=marker,
+                              markersize=3.0, markerfacecolor="none"))
+        labels.append(NULL_NAMES.get(kind, kind))
+    ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("δ_rel = 2δ / diam")
     ax.set_ylim(bottom=0)
@@ -486,6 +543,19 @@ def delta_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
 def delta_per_layer(series: Sequence[Series]) -> Optional[str]:
     """:func:`delta_per_layer_figure` as an inline ``<svg>`` element (None: nothing to draw)."""
     return _svg(delta_per_layer_figure(series))
+
+
+def delta_per_layer_caption(series: Sequence[Series]) -> str:
+    """What :func:`delta_per_layer_figure` draws for ``series``, in words."""
+    stats = [lg.delta for s in series for lg in s.value if lg.delta is not None]
+    levels = ", ".join(f"{100 * v:g} %" for v in sorted({d.level for d in stats})) or "95 %"
+    kinds = [k for k in NULL_KINDS if any(d.null(k) for d in stats)]
+    nulls = "; ".join(f"{NULL_NAMES.get(k, k)}: {_null_style(k)[2]}" for k in kinds)
+    colour = " in each model's colour" if len(series) > 1 else ""
+    return (f"Mean δ_rel over each layer's sets (one set per document; circles on a solid line, "
+            f"error bars: the {levels} bootstrap interval of the mean, documents resampled) and, "
+            f"for the same documents, each null's mean δ_rel ({nulls}; shaded bands: their "
+            f"{levels} intervals){colour}; attention-sink positions excluded.")
 
 
 def sink_norms_figure(layers, sinks, colour: str) -> Optional["Figure"]:

@@ -1,53 +1,138 @@
 """Plain-language readings of the headline numbers, each set against its baseline.
 
-The δ-hyperbolicity verdicts follow :attr:`geoprobe.profile.DeltaStat.side_of_null`: a value more
-than two null standard deviations below the matched Gaussian null is "more tree-like than random
-points of the same size and dimension" (METHODS.md §3: distance concentration alone gives
-δ_rel ≈ 0.06–0.26, so a bare δ_rel says nothing). Frequency and norm readings compare with the
-HypLoRA paper (arXiv 2410.04010 §4.1: γ ≈ 1.9 on GSM8K prompts; frequent tokens near the origin,
-word-group means rising from function words to specific words).
+δ-hyperbolicity is read against three nulls (METHODS.md §3b; :class:`geoprobe.profile.DeltaStat`):
+a Gaussian with the set's own mean and covariance, a Gaussian with the population's, and real points
+resampled from the population. Each null gets its own reading — the mean paired difference data − null
+with its bootstrap interval, the share of sets below the null, the p-value (adjusted across layers
+where several were tested) and that null's verdict — and every sentence names the null it uses. The
+headline is the most conservative verdict: "below" or "above" only when every null agrees
+(:attr:`DeltaStat.verdict`, explained by :attr:`DeltaStat.verdict_reason`). Distance concentration
+alone gives δ_rel ≈ 0.06–0.26 (METHODS.md §3), so a bare δ_rel says nothing. Frequency and norm
+readings compare with the HypLoRA paper (arXiv 2410.04010 §4.1: γ ≈ 1.9 on GSM8K prompts; frequent
+tokens near the origin, word-group means rising from function words to specific words).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
-from .markup import finite, num, pm, pvalue
+from ..profile import NULL_KINDS, NULL_NAMES, NULL_QUESTIONS
+from .markup import finite, interval, num, pvalue, share
 
 PAPER_GAMMA = 1.87
 # HypLoRA Table 1 (LLaMA3-8B): function words, question words, categories, specific words.
 PAPER_GROUP_ORDER = ("function", "question", "categor", "specific")
 
-VERDICT = {
-    "below": "more tree-like than random points of this size and dimension",
-    "within": "no more tree-like than random points of this size and dimension",
-    "above": "less tree-like than random points of this size and dimension",
+NULL_VERDICT = {
+    "below": "more tree-like than the {null}",
+    "within": "within noise of the {null} (the interval of the difference holds 0)",
+    "above": "less tree-like than the {null}",
 }
-VERDICT_SHORT = {"below": "below null", "within": "within null", "above": "above null"}
+"""One null's verdict in words; ``{null}`` is its name (:data:`geoprobe.profile.NULL_NAMES`)."""
+
+HEADLINE = {
+    "below": "more tree-like than every null",
+    "within": "no direction claimed",
+    "above": "less tree-like than every null",
+}
+"""The conservative verdict over all nulls in words."""
+
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
-def null_distance(stat) -> float:
-    """(mean − null mean) in units of the null's standard deviation (NaN when it is zero)."""
-    if not (finite(stat.mean) and finite(stat.null_mean) and finite(stat.null_std)):
-        return math.nan
-    if stat.null_std <= 0:
-        return math.nan
-    return (stat.mean - stat.null_mean) / stat.null_std
+def null_name(kind: str) -> str:
+    """The name of null ``kind`` ("own" → "own-covariance Gaussian")."""
+    return NULL_NAMES.get(kind, kind)
+
+
+def null_question(comparison) -> str:
+    """The question a :class:`~geoprobe.profile.NullComparison` answers, as a question about the set."""
+    q = comparison.question or NULL_QUESTIONS.get(comparison.null, "")
+    return f"Is the set {q}" if q else "(no question recorded)"
+
+
+def conservative_phrase(stat) -> str:
+    """'most conservative of three nulls' (the count is the number of nulls in ``stat``)."""
+    n = len(stat.nulls)
+    if n == 1:
+        return f"the only null computed ({null_name(stat.nulls[0].null)})"
+    return f"most conservative of {_COUNT_WORDS.get(n, str(n))} nulls"
+
+
+def headline_badge(stat) -> str:
+    """The text of the headline badge: the conservative verdict and the rule behind it."""
+    return f"{stat.verdict} · {conservative_phrase(stat)}"
+
+
+def null_badge(comparison) -> str:
+    """The text of one null's badge: its verdict and its name."""
+    return f"{comparison.verdict} · {null_name(comparison.null)}"
+
+
+def how_tested(stat, unit: str) -> str:
+    """What was tested and how: '200 prompts, 2,000 bootstrap resamples, 95 % intervals'."""
+    parts = [f"{num(stat.n_sets)} {unit}"]
+    if stat.n_boot:
+        parts.append(f"{num(stat.n_boot)} bootstrap resamples")
+        parts.append(f"{100 * stat.level:g} % intervals")
+    else:
+        parts.append("no bootstrap (too few sets for an interval)")
+    if stat.null_repeats > 1:
+        parts.append(f"{stat.null_repeats} draws of each null per set")
+    return ", ".join(parts)
+
+
+def _comparable(stat) -> bool:
+    return finite(stat.mean) and bool(stat.nulls) and any(finite(c.mean) for c in stat.nulls)
 
 
 def delta_sentence(stat, subject: str) -> str:
-    """'δ_rel 0.12 ± 0.02 against 0.09 ± 0.01 for matched Gaussian points: less tree-like …'."""
-    if not (finite(stat.mean) and finite(stat.null_mean)):
-        return f"δ_rel of {subject} could not be compared with its null (a value is missing)."
-    side = stat.side_of_null
-    z = null_distance(stat)
-    how_far = ""
-    if side != "within" and finite(z):
-        how_far = f" ({num(abs(z), 2)} null standard deviations {'below' if z < 0 else 'above'})"
-    sets = f"{stat.n_sets} point set{'s' if stat.n_sets != 1 else ''} of about {stat.n_points} points"
-    return (f"δ_rel of {subject} is {pm(stat.mean, stat.std)} against "
-            f"{pm(stat.null_mean, stat.null_std)} for matched Gaussian points "
-            f"({sets} in {stat.dim} dimensions): {VERDICT[side]}{how_far}.")
+    """The headline reading: δ_rel with its interval, the sets measured, and the conservative
+    verdict over the nulls with its reason (each null named)."""
+    if not _comparable(stat):
+        return f"δ_rel of {subject} could not be compared with its nulls (a value is missing)."
+    value = (interval(stat.mean, stat.ci_low, stat.ci_high)
+             if finite(stat.ci_low) and finite(stat.ci_high) else num(stat.mean, 3))
+    level = f"{100 * stat.level:g} % interval; " if finite(stat.ci_low) and finite(stat.ci_high) else ""
+    sets = f"{num(stat.n_sets)} point set{'s' if stat.n_sets != 1 else ''} of about {num(stat.n_points)} points"
+    reason = stat.verdict_reason or HEADLINE[stat.verdict]
+    return (f"δ_rel of {subject} is {value} ({level}{sets} in {stat.dim} dimensions). "
+            f"Verdict, {conservative_phrase(stat)}: {stat.verdict} — {reason}.")
+
+
+def null_sentence(comparison, unit: str = "sets") -> str:
+    """One null's reading: its mean δ_rel, the paired difference, the share of ``unit`` below it,
+    the p-value (adjusted when corrected) and its verdict, the null named throughout."""
+    c = comparison
+    name = null_name(c.null)
+    if not finite(c.mean):
+        return f"The {name} could not be compared (a value is missing)."
+    p = f"p = {pvalue(c.p_value)}" if finite(c.p_value) else "no p-value"
+    if finite(c.p_adjusted):
+        p += f", adjusted {pvalue(c.p_adjusted)}"
+    return (f"Against the {name} ({interval(c.mean, c.ci_low, c.ci_high)}): difference data − null "
+            f"{interval(c.diff_mean, c.diff_ci_low, c.diff_ci_high, signed=True)}, "
+            f"{share(c.share_below, c.share_ci_low, c.share_ci_high)} of the {unit} below it, {p}: "
+            f"{NULL_VERDICT[c.verdict].format(null=name)}.")
+
+
+def layers_delta_sentence(layers: Sequence) -> Optional[str]:
+    """How many layers fall below, within and above each null (after the correction across layers)
+    and under the conservative verdict."""
+    stats = [lg.delta for lg in layers if lg.delta is not None and finite(lg.delta.mean)]
+    if not stats:
+        return None
+
+    def counts(verdicts: list[str]) -> str:
+        return ", ".join(f"{verdicts.count(v)} {v}" for v in ("below", "within", "above"))
+
+    parts = []
+    for kind in NULL_KINDS:
+        verdicts = [c.verdict for s in stats for c in s.nulls if c.null == kind]
+        if verdicts:
+            parts.append(f"against the {null_name(kind)} {counts(verdicts)}")
+    corrections = sorted({s.correction for s in stats})
+    return (f"Of {len(stats)} layers with δ measured ({'; '.join(corrections)}): "
+            + "; ".join(parts) + f". Most conservative of the nulls: {counts([s.verdict for s in stats])}.")
 
 
 def power_law_sentence(pl) -> str:
@@ -135,18 +220,6 @@ def groups_order_sentence(groups: Sequence) -> Optional[str]:
         return f"The word-group means rise in the paper's order ({names})."
     return (f"The word-group means do not follow the paper's order ({names}): "
             + ", ".join(f"{g.name} {num(g.mean_norm, 3)}" for _, g in ranked) + ".")
-
-
-def layers_delta_sentence(layers: Sequence) -> Optional[str]:
-    """How many layers fall below, within and above their null."""
-    stats = [lg.delta for lg in layers if lg.delta is not None and finite(lg.delta.mean)]
-    if not stats:
-        return None
-    counts = {k: sum(1 for s in stats if s.side_of_null == k) for k in ("below", "within", "above")}
-    parts = [f"{counts['below']} below (more tree-like than random)",
-             f"{counts['within']} within 2 null standard deviations",
-             f"{counts['above']} above (less tree-like)"]
-    return f"Of {len(stats)} layers with δ measured, " + ", ".join(parts) + "."
 
 
 def id_range(layers: Sequence, attr: str = "twonn") -> Optional[tuple[float, int, float, int]]:
