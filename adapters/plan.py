@@ -24,7 +24,12 @@ to their skew), and the curve is smoothed by a centred three-layer moving averag
 s_i = (d_(i−1) + d_i + d_(i+1))/3 (two layers at the ends) before the rule is applied. The smoothed
 difference s_i − s_(i−1) = (d_(i+1) − d_(i−2))/3 estimates the same local slope of the ID curve as
 d_i − d_(i−1), with a ninth of its variance for independent errors (2σ²/9 against 2σ²), at the cost
-of spreading a change over three blocks. ``rank_ranges`` gives, per block, the 2.5–97.5 % range of the
+of spreading a change over three blocks. For the ``budget`` rule every block's score is
+max(s_i − s_(i−1), 0) + σ̂ with σ̂ the median over blocks of the bootstrap standard deviation of
+s_i − s_(i−1): growth below its own noise is not resolved, so a block whose curve is flat gets the
+share of a block whose growth is at the noise level, not the floor (on SmolLM2 and GSM8K prompts,
+σ̂ ≈ 0.06 ID units; with the fixed floor 10⁻³ the plateau's blocks swung between rank 1 and 36 from
+one seed to the next). ``rank_ranges`` gives, per block, the 2.5–97.5 % range of the
 ranks the same rule plans from each bootstrap replicate of the curve (replicates are resampled jointly
 across layers, the same documents for every layer).
 
@@ -186,9 +191,11 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
         costs = (list(params_per_rank) if params_per_rank is not None else
                  [2 * profile.model.hidden_size * len(target_modules)] * n_blocks)
 
+        eps = growth_noise(replicates)
+
         def rule(d: np.ndarray) -> list[int]:
             return gelora_ranks(d[:-1], d[1:], rule=rank_rule, r=r, floor=rank_floor, cap=rank_cap,
-                                n_params_fn=costs)
+                                n_params_fn=costs, eps=eps)
 
         curve = smooth_ids(ids)
         layer_ranks = rule(curve)
@@ -196,7 +203,7 @@ def plan_adapters(profile: GeometryProfile, *, method: str = "auto", train_embed
             per_rep = np.asarray([rule(smooth_ids(rep)) for rep in replicates])
             lo, hi = np.quantile(per_rep, [0.025, 0.975], axis=0)
             rank_ranges = [[int(np.floor(a)), int(np.ceil(b))] for a, b in zip(lo, hi)]
-        reasons["ranks"] = _ranks_reason(rank_rule, ids, layer_ranks, replicates)
+        reasons["ranks"] = _ranks_reason(rank_rule, ids, layer_ranks, replicates, eps)
     if chosen.includes("hydralora") and n_heads is None:
         raise PlanError("HydraLoRA needs training data to choose its number of heads (--data)")
     if not chosen.includes("hyplora"):
@@ -256,11 +263,15 @@ def layer_dimensions(profile: GeometryProfile) -> tuple[np.ndarray, Optional[np.
                         "re-run `geoprobe probe` without --no-layers")
     if any(lg.twonn is None or not math.isfinite(lg.twonn.dimension) for lg in layers):
         raise PlanError("the profile lacks an intrinsic dimension for some layer; re-run `geoprobe probe`")
+    estimates = np.asarray([lg.twonn.dimension for lg in layers], dtype=np.float64)
     reps = [list(lg.twonn.replicates or []) for lg in layers]
-    if all(reps) and len({len(r) for r in reps}) == 1 and len(reps[0]) >= 2:
-        rep = np.asarray(reps, dtype=np.float64).T  # B × layers
-        return np.median(rep, axis=0), rep
-    return np.asarray([lg.twonn.dimension for lg in layers], dtype=np.float64), None
+    if not (all(reps) and len({len(r) for r in reps}) == 1 and len(reps[0]) >= 2):
+        return estimates, None
+    rep = np.asarray(reps, dtype=np.float64).T  # B × layers
+    rep = rep[np.isfinite(rep).all(axis=1)]  # replicates where some layer had no estimate
+    if rep.shape[0] < 2:
+        return estimates, None
+    return np.median(rep, axis=0), rep
 
 
 def smooth_ids(ids: Sequence[float]) -> np.ndarray:
@@ -276,12 +287,26 @@ def smooth_ids(ids: Sequence[float]) -> np.ndarray:
     return out
 
 
+DEFAULT_GROWTH_FLOOR = 1e-3
+"""The budget rule's score floor when the profile holds no bootstrap replicates."""
+
+
+def growth_noise(replicates: Optional[np.ndarray]) -> float:
+    """σ̂: the median over blocks of the bootstrap standard deviation of the smoothed per-block ID
+    growth s_i − s_(i−1) (module docstring); :data:`DEFAULT_GROWTH_FLOOR` without replicates."""
+    if replicates is None or replicates.shape[0] < 2 or replicates.shape[1] < 2:
+        return DEFAULT_GROWTH_FLOOR
+    growth = np.diff(np.asarray([smooth_ids(rep) for rep in replicates]), axis=1)
+    return max(float(np.median(growth.std(axis=0, ddof=1))), DEFAULT_GROWTH_FLOOR)
+
+
 def _ranks_reason(rank_rule: str, ids: np.ndarray, ranks: list[int],
-                  replicates: Optional[np.ndarray]) -> str:
+                  replicates: Optional[np.ndarray], eps: float) -> str:
     source = (f"medians of {replicates.shape[0]} block-bootstrap replicates" if replicates is not None
               else "the profile's estimates (no bootstrap replicates stored)")
     return (f"GeLoRA rule '{rank_rule}' on TwoNN dimensions {ids.min():.1f}…{ids.max():.1f} ({source}, "
-            f"three-layer moving average): ranks {min(ranks)}…{max(ranks)} over {len(ranks)} blocks")
+            f"three-layer moving average, growth floor {eps:.3g} = its bootstrap noise): ranks "
+            f"{min(ranks)}…{max(ranks)} over {len(ranks)} blocks")
 
 
 def _auto_method(n_heads: Optional[int], silhouettes: dict[str, float], hyperbolic: bool) -> tuple[str, str]:

@@ -317,6 +317,12 @@ def _layer_geometry(hs, s: ProbeSettings, prog: _Progress,
     from .probes.intrinsic_dim import intrinsic_dimension_layers
 
     n_layers = hs.n_layers
+    n_docs = len(np.unique(hs.doc_index))
+    if n_docs < s.layer_sets:
+        raise CorpusError(
+            f"per-layer δ needs at least {s.layer_sets} documents (one δ set each) and the hidden-state "
+            f"sample holds {n_docs}; use a corpus with more documents, raise --layer-positions, or "
+            "lower --layer-sets")
     norms = [np.linalg.norm(hs.layer(li).astype(np.float64), axis=1) for li in range(n_layers)]
     masks = [_sinks(nv, s) for nv in norms]
     kept = _KeptRows(hs, masks)
@@ -385,10 +391,9 @@ def _layer_delta(keep: np.ndarray, docs: np.ndarray, li: int, s: ProbeSettings,
     warning, when δ cannot be computed for the layer)."""
     usable = _documents_with_points(keep, docs)
     if usable.size < s.layer_sets:
-        raise CorpusError(
-            f"layer {li}: per-layer δ needs at least {s.layer_sets} documents with 4 or more distinct "
-            f"positions, the sample holds {usable.size}; use a corpus with more documents, raise "
-            "--layer-positions, or lower --layer-sets")
+        logger.warning("layer %d: δ skipped: %d documents have 4 or more distinct positions, "
+                       "--layer-sets asks for %d", li, usable.size, s.layer_sets)
+        return None
     rows = np.isin(docs, usable)
     try:
         stat = delta_vs_null(keep[rows], groups=docs[rows], population=distinct_rows(keep),

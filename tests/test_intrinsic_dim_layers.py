@@ -187,8 +187,8 @@ def test_pipeline_layer_estimates_equal_per_layer_calls():
     layers[3] = np.repeat(layers[3][:2], n // 2, axis=0)  # two distinct rows: no estimate
     hs = HiddenStates(layers=layers, doc_index=np.arange(n) // 10, position=np.arange(n) % 10,
                       token_id=np.zeros(n, dtype=np.int64))
-    s = ProbeSettings(layer_delta_points=3)  # δ is not what this test is about
-    got, sinks = _layer_geometry(hs, s, _Progress(False))
+    s = ProbeSettings(id_boot=0)  # the estimates themselves, no bootstrap
+    got, sinks = _layer_geometry(hs, s, _Progress(False), np.random.SeedSequence(seed))
     kept = [x[~sink_mask(np.linalg.norm(x, axis=1), s.sink_factor)]
             for x in (layer.astype(np.float64) for layer in layers[:3])]
     gride = at_shared_scale([intrinsic_dimension(x, estimator="gride") for x in kept])
