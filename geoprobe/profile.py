@@ -15,7 +15,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from .errors import ProfileError
 from .records import Record, read_json, write_json
@@ -29,6 +29,27 @@ SCHEMA_NAME = "geoprobe.profile"
 
 
 # --------------------------------------------------------------------------- probe results
+PROBE_METADATA = ("n_points", "dim", "seconds", "backend", "dtype", "seed")
+"""What every probe result carries under the same names (:class:`PowerLawResult`,
+:class:`NormFrequencyResult`, :class:`DeltaResult`, :class:`IDResult`, :class:`DeltaStat`): the
+number of items measured (points, or token types/tokens for the frequency probes), their dimension
+(0 for a distance matrix), seconds taken, the backend that ran ("numba-cpu", "torch-cuda", "cpu", …),
+the dtype of the arithmetic, and the seed of any random draw (None when nothing was drawn).
+Uncertainty is in a field named ``error`` (a standard error) and, where intervals are computed, in
+``ci_low``/``ci_high``."""
+
+
+class ProbeResult(Protocol):
+    """The metadata protocol of :data:`PROBE_METADATA`."""
+
+    n_points: int
+    dim: int
+    seconds: float
+    backend: str
+    dtype: str
+    seed: Optional[int]
+
+
 @dataclass(frozen=True)
 class PowerLawResult(Record):
     """Discrete power law P(k) ∝ k^(−γ) fitted to the token *frequency distribution*
@@ -53,6 +74,15 @@ class PowerLawResult(Record):
     count_values: list[int] = field(default_factory=list)
     count_multiplicities: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    backend: str = "cpu"
+    dtype: str = "float64"
+    seed: Optional[int] = None
+    dim: int = 1
+
+    @property
+    def n_points(self) -> int:
+        """Items measured: the token types counted (:data:`PROBE_METADATA`)."""
+        return self.n_types
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,16 @@ class NormFrequencyResult(Record):
     bins: list[NormBin]
     groups: list[WordGroup]
     density: Optional[Density2D] = None
+    seconds: float = 0.0
+    backend: str = "cpu"
+    dtype: str = "float64"
+    seed: Optional[int] = None
+    dim: int = 1
+
+    @property
+    def n_points(self) -> int:
+        """Items measured: the tokens seen in the corpus (:data:`PROBE_METADATA`)."""
+        return self.n_tokens_seen
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,8 @@ class DeltaResult(Record):
     backend: str
     dtype: str
     seconds: float = 0.0
+    dim: int = 0
+    seed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +225,9 @@ class IDResult(Record):
     scale_n1: Optional[int] = None
     scale_rule: str = ""
     replicates: list[float] = field(default_factory=list)
+    dim: int = 0
+    dtype: str = "float64"
+    seed: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- profile parts

@@ -286,3 +286,34 @@ def test_readme_api_block_runs_as_written(tmp_path, monkeypatch):
     assert len(repr(profile)) < 1000 and len(profile.layers_frame()) == profile.model.n_layers + 1
     assert hs.n_layers == profile.model.n_layers + 1
     assert hs.n_positions == profile.layers[0].n_positions + profile.layers[0].n_sinks_excluded
+
+
+def test_every_probe_result_carries_the_same_metadata():
+    """n_points, dim, seconds, backend, dtype and seed under one name in every probe's result, with
+    values that match the input (oracle: the input's own shape)."""
+    import numpy as np
+
+    from geoprobe.profile import PROBE_METADATA
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6))
+    counts = np.maximum(rng.zipf(1.8, size=4000) % 3000, 1)
+    tokens = np.bincount(counts, minlength=3001)
+    results = {
+        "delta": gp.delta(x),
+        "delta_matrix": gp.delta(np.abs(x[:20, :1] - x[:20, :1].T), distances=True),
+        "twonn": gp.intrinsic_dimension(x, n_boot=20, seed=7),
+        "gride": gp.intrinsic_dimension(x, estimator="gride"),
+        "power_law": gp.fit_power_law(tokens),
+        "norms": gp.norm_frequency(np.linalg.norm(rng.normal(size=(3001, 4)), axis=1), tokens),
+        "delta_vs_null": gp.delta_vs_null(x, n_sets=4, set_size=40, n_boot=50, seed=5),
+    }
+    for name, r in results.items():
+        for key in PROBE_METADATA:
+            assert hasattr(r, key), (name, key)
+        assert r.seconds > 0 and isinstance(r.backend, str) and r.backend and r.dtype == "float64", name
+    assert (results["delta"].n_points, results["delta"].dim) == (240, 6)
+    assert (results["delta_matrix"].n_points, results["delta_matrix"].dim) == (20, 0)
+    assert results["twonn"].dim == 6 and results["twonn"].seed == 7 and results["gride"].seed is None
+    assert results["power_law"].n_points == int((tokens > 0).sum())
+    assert results["delta_vs_null"].seed == 5 and results["delta_vs_null"].dim == 6

@@ -328,7 +328,8 @@ def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: i
     logger.debug("δ (%s, n=%d, %s): %.6g in %.3f s", mode, n, backend, value, seconds)
     return DeltaResult(delta=float(value), diameter=diam, delta_rel=2.0 * float(value) / diam,
                        n_points=n, mode=mode, base_point=w if mode == "fixed" else None,
-                       backend=backend, dtype="float64", seconds=seconds)
+                       backend=backend, dtype="float64", seconds=seconds,
+                       dim=0 if distances else int(x.shape[1]))
 
 
 def gaussian_null(x: Any, n_repeats: int = 1, seed: int = 0, *,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -203,6 +204,7 @@ def norm_frequency(norms: Any, counts: Any, *, tokenizer: Any = None, n_bins: in
     Raises :class:`InputDataError` for empty or NaN/negative norms, bad counts, and when no token in
     the common range has a positive count.
     """
+    t0 = time.perf_counter()
     nv = _validate_norms(norms)
     cv = validate_counts(counts)
     if not (isinstance(n_bins, (int, np.integer)) and n_bins >= 1):
@@ -241,4 +243,4 @@ def norm_frequency(norms: Any, counts: Any, *, tokenizer: Any = None, n_bins: in
     return NormFrequencyResult(
         spearman_rho=rho, spearman_p=p, n_tokens_seen=n_seen, mean_norm_seen=float(y.mean()),
         mean_norm_unseen=mean_unseen, bins=log_frequency_bins(x, y, int(n_bins)), groups=group_list,
-        density=density_2d(x, y, int(density_bins)))
+        density=density_2d(x, y, int(density_bins)), seconds=time.perf_counter() - t0)
