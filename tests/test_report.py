@@ -687,3 +687,55 @@ def test_number_formatting():
     assert markup.share(0.15, 0.1, 0.2) == "15 % [10 %, 20 %]" and markup.share(None) == markup.DASH
     assert markup.value_text(20.0) == "20" and markup.value_text(None) == "null"
     assert markup.value_text(["a", 1]) == '["a", 1]'
+
+
+def _with_id_intervals(profile, n1: int = 4):
+    """``profile`` with bootstrap intervals on every TwoNN and GRIDE result and GRIDE at scale n1."""
+    from geoprobe.probes.intrinsic_dim import at_scale
+
+    layers = []
+    for lg in profile.layers:
+        t = dataclasses.replace(lg.twonn, ci_low=lg.twonn.dimension - 0.3,
+                                ci_high=lg.twonn.dimension + 0.5, ci_level=0.95, n_boot=500,
+                                n_groups=12, mle_dimension=lg.twonn.dimension * 1.1)
+        g = lg.gride
+        scales = [dataclasses.replace(sc, n1=2 ** i, n2=2 ** (i + 1), ci_low=sc.dimension - 0.2,
+                                      ci_high=sc.dimension + 0.4) for i, sc in enumerate(g.scales)]
+        g = at_scale(dataclasses.replace(g, scales=scales), n1, f"n1 = {n1}: the flattest point")
+        layers.append(dataclasses.replace(lg, twonn=t, gride=g))
+    return profile.with_updates(layers=layers)
+
+
+def test_id_figure_bars_are_the_bootstrap_intervals_and_name_the_gride_scale(smol):
+    prof = _with_id_intervals(smol)
+    series = [plots.Series(prof.model.name, plots.PALETTE[0], prof.layers)]
+    fig = plots.id_per_layer_figure(series)
+    (ax,) = fig.axes
+    twonn_bars, gride_bars = ax.containers
+    for bars, attr in ((twonn_bars, "twonn"), (gride_bars, "gride")):
+        segments = bars.lines[2][0].get_segments()
+        assert len(segments) == len(prof.layers)
+        for seg, lg in zip(segments, prof.layers):
+            r = getattr(lg, attr)
+            assert sorted((seg[0][1], seg[1][1])) == pytest.approx([r.ci_low, r.ci_high])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[-2:] == ["TwoNN (line fit)", "GRIDE at n1 = 4"]
+    assert "95 % block-bootstrap interval over documents (500 resamples of 12 documents)" in \
+        plots.id_bars_text([lg.twonn for lg in prof.layers])
+    scales = plots.gride_scales_figure(prof.layers)
+    (sax,) = scales.axes
+    shared = [line for line in sax.get_lines() if line.get_linestyle() == ":"]
+    assert len(shared) == 1 and list(shared[0].get_xdata()) == [4, 4]
+    assert "shared scale n1 = 4" in [t.get_text() for t in sax.get_legend().get_texts()]
+
+
+def test_id_table_shows_intervals_mle_and_the_shared_scale(tmp_path, smol):
+    prof = _with_id_intervals(smol)
+    out = tmp_path / "r.html"
+    render_report([prof], out)
+    text = out.read_text(encoding="utf-8")
+    assert "GRIDE at n1 = 4 [interval]" in text and "TwoNN MLE" in text
+    lg = prof.layers[5]
+    assert markup.interval(lg.twonn.dimension, lg.twonn.ci_low, lg.twonn.ci_high) in text
+    assert markup.num(lg.twonn.mle_dimension, 3) in text
+    assert "TwoNN (line fit) · GRIDE at n1 = 4" in text

@@ -256,7 +256,18 @@ def _tokens(tokens: Sequence[str]) -> Markup:
 
 
 def _id_text(r) -> str:
-    return pm(r.dimension, r.error) if r is not None else DASH
+    """An estimate with its bootstrap interval, or ± its standard error without one."""
+    if r is None:
+        return DASH
+    if r.ci_low is not None and r.ci_high is not None:
+        return interval(r.dimension, r.ci_low, r.ci_high)
+    return pm(r.dimension, r.error)
+
+
+def _gride_scale(layers: Sequence[LayerGeometry]) -> Optional[tuple[int, str]]:
+    """The GRIDE scale n1 shared by the layers and the rule's reason (None without GRIDE)."""
+    g = next((lg.gride for lg in layers if lg.gride is not None and lg.gride.scale_n1), None)
+    return (int(g.scale_n1), g.scale_rule) if g is not None else None
 
 
 def _delta_cell(stat: Optional[DeltaStat]) -> Markup:
@@ -337,8 +348,10 @@ def _summary_tiles(m: _Model) -> Markup:
                                say.how_tested(stat, unit), say.delta_sentence(stat, subject),
                                _badge(stat)))
     id_text = say.id_sentence(p.layers, p.model.hidden_size)
+    scale = _gride_scale(p.layers)
     tiles.append(_tile("Intrinsic dimension over layers", _id_range_text(p.layers, "twonn"),
-                       f"TwoNN · GRIDE {_id_range_text(p.layers, 'gride')}",
+                       f"TwoNN (line fit) · GRIDE{f' at n1 = {scale[0]}' if scale else ''} "
+                       f"{_id_range_text(p.layers, 'gride')}",
                        id_text or "No layer was measured."))
     return el("div", tiles, class_="tiles")
 
@@ -706,10 +719,15 @@ def _intrinsic(models: list[_Model], figs: _Figures) -> Markup:
     multi = len(models) > 1
     parts: list[Any] = [el("p", "Intrinsic dimension of each layer's hidden states (attention-sink "
                                 "positions and duplicate rows removed). TwoNN uses the ratio of the "
-                                "second to the first neighbour distance (Facco et al. 2017); GRIDE "
+                                "second to the first neighbour distance (Facco et al. 2017); its "
+                                "headline is the paper's line fit with the largest 10 % of ratios "
+                                "discarded, as scikit-dimension and DADApy report it, with the "
+                                "maximum-likelihood estimate beside it in the table. GRIDE "
                                 "generalises it to neighbours n1 and n2 = 2·n1, which probes larger "
-                                "scales and is less sensitive to noise (Denti et al. 2022). Bars: "
-                                "one standard error.")]
+                                "scales and is less sensitive to noise (Denti et al. 2022); every "
+                                "layer is read at one scale n1 shared by the model's layers. "
+                                "Intervals come from a block bootstrap over documents (positions of "
+                                "one document are not independent).")]
     with_id = [m for m in models if any(lg.twonn or lg.gride for lg in m.profile.layers)]
     if not with_id:
         parts.append(_note("No intrinsic dimension in these profiles; left out."))
@@ -717,7 +735,9 @@ def _intrinsic(models: list[_Model], figs: _Figures) -> Markup:
     relative, _ = plots.layer_axis([m.series(m.profile.layers) for m in with_id])
     parts.append(_figures(figs(
         plots.id_per_layer([m.series(m.profile.layers) for m in with_id]),
-        "TwoNN (solid, circles) and GRIDE (dashed, squares) intrinsic dimension per layer."
+        "TwoNN line fit (solid, circles) and GRIDE at the shared scale"
+        + _scale_words(with_id) + " (dashed, squares) per layer; "
+        + plots.id_bars_text([lg.twonn for m in with_id for lg in m.profile.layers]) + "."
         + (" Layers on a 0–1 relative depth axis (the models differ in depth)." if relative else ""),
         "intrinsic dimension per layer", wide=True)))
     for m in models:
@@ -733,7 +753,11 @@ def _intrinsic(models: list[_Model], figs: _Figures) -> Markup:
             plots.gride_scales(m.profile.layers),
             (f"{m.label}: " if multi else "") + "GRIDE dimension across neighbourhood scales for "
             "layers " + ", ".join(str(lg.layer) for lg in chosen) + " (a flat curve means a "
-            "dimension that does not depend on scale).",
+            "dimension that does not depend on scale; bars: ± one standard error"
+            + (", the bootstrap's at the shared scale" if any(
+                lg.gride.ci_low is not None for lg in chosen) else "") + ")."
+            + (f" Dotted: the scale n1 = {_gride_scale(m.profile.layers)[0]} shared by all layers — "
+               f"{_gride_scale(m.profile.layers)[1]}." if _gride_scale(m.profile.layers) else ""),
             f"GRIDE dimension across scales for {m.label}"))
     if any(f is not None for f in scale_figs):
         parts.append(el("h3", "GRIDE across scales"))
@@ -745,15 +769,27 @@ def _intrinsic(models: list[_Model], figs: _Figures) -> Markup:
         for lg in m.profile.layers:
             ref = lg.twonn or lg.gride
             rows.append([str(lg.layer), num(lg.n_positions),
+                         num(ref.n_groups) if ref and ref.n_groups else DASH,
                          num(ref.n_duplicates_removed) if ref else DASH,
                          _id_text(lg.twonn),
-                         num(lg.twonn.linear_fit_dimension, 3) if lg.twonn else DASH,
+                         num(lg.twonn.mle_dimension, 3) if lg.twonn else DASH,
                          _id_text(lg.gride)])
+        scale = _gride_scale(m.profile.layers)
+        gride_head = f"GRIDE at n1 = {scale[0]} [interval]" if scale else "GRIDE"
         parts.append(el("details", el("summary", "Per-layer intrinsic dimension table",
                                       f" — {m.label}" if multi else ""),
-                        table(["layer", "positions", "duplicates removed", "TwoNN (MLE)",
-                               "TwoNN (line fit)", "GRIDE"], rows, numeric={0, 1, 2, 3, 4, 5})))
+                        table(["layer", "positions", "documents", "duplicates removed",
+                               "TwoNN line fit [interval]", "TwoNN MLE", gride_head], rows,
+                              numeric={0, 1, 2, 3, 4, 5, 6})))
     return join(parts)
+
+
+def _scale_words(models: list[_Model]) -> str:
+    """" n1 = k" when every model shares one GRIDE scale k, else " of each model"."""
+    scales = {s[0] for m in models if (s := _gride_scale(m.profile.layers)) is not None}
+    if len(scales) == 1:
+        return f" n1 = {next(iter(scales))}"
+    return " of each model" if scales else ""
 
 
 # --------------------------------------------------------------------------- adapters

@@ -607,8 +607,29 @@ def sink_norms(layers, sinks, colour: str) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- intrinsic dimension
+def _id_bars(results: Sequence[Any]) -> np.ndarray:
+    """(2 × n) error-bar lengths below and above each estimate: its bootstrap interval when one was
+    computed, else ± its standard error."""
+    dim = _arr(r.dimension for r in results)
+    lo = _arr(r.ci_low if r.ci_low is not None else r.dimension - r.error for r in results)
+    hi = _arr(r.ci_high if r.ci_high is not None else r.dimension + r.error for r in results)
+    return np.nan_to_num(np.vstack([np.maximum(dim - lo, 0.0), np.maximum(hi - dim, 0.0)]))
+
+
+def id_bars_text(results: Sequence[Any]) -> str:
+    """What :func:`id_per_layer_figure`'s bars show for ``results``, in words."""
+    boot = [r for r in results if r is not None and r.ci_low is not None]
+    if not boot:
+        return "bars: ± one standard error"
+    level = f"{100 * (boot[0].ci_level or 0.95):g} %"
+    return (f"bars: {level} block-bootstrap interval over documents ({boot[0].n_boot:,} resamples "
+            f"of {boot[0].n_groups} documents)")
+
+
 def id_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
-    """TwoNN (solid, circles) and GRIDE (dashed, squares) intrinsic dimension per layer."""
+    """TwoNN (Facco's line fit; solid, circles) and GRIDE at the scale n1 shared by the layers
+    (dashed, squares) per layer, with their bootstrap intervals (± one standard error where no
+    bootstrap ran)."""
     from matplotlib.lines import Line2D
 
     usable = [s for s in series if any(lg.twonn or lg.gride for lg in s.value)]
@@ -616,23 +637,27 @@ def id_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
         return None
     relative, xlabel = layer_axis(usable)
     fig, (ax,) = _figure(*WIDE)
+    n1s = set()
     for s in usable:
         for attr, fmt, mk in (("twonn", "-", "o"), ("gride", "--", "s")):
             layers = [lg for lg in s.value if getattr(lg, attr) is not None
                       and _ok(getattr(lg, attr).dimension)]
             if not layers:
                 continue
-            x = _layer_x(layers, relative)
-            dim = _arr(getattr(lg, attr).dimension for lg in layers)
-            err = np.nan_to_num(_arr(getattr(lg, attr).error for lg in layers))
-            ax.errorbar(x, dim, yerr=err, fmt=fmt, marker=mk, color=s.colour, markersize=3.5,
+            results = [getattr(lg, attr) for lg in layers]
+            if attr == "gride":
+                n1s |= {r.scale_n1 for r in results if r.scale_n1}
+            ax.errorbar(_layer_x(layers, relative), _arr(r.dimension for r in results),
+                        yerr=_id_bars(results), fmt=fmt, marker=mk, color=s.colour, markersize=3.5,
                         linewidth=1.3, capsize=2,
                         label=label(s.label) if attr == "twonn" or not any(
                             lg.twonn for lg in s.value) else None)
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], color=NULL_COLOUR, linestyle="-", marker="o", markersize=3.5),
                 Line2D([], [], color=NULL_COLOUR, linestyle="--", marker="s", markersize=3.5)]
-    labels += ["TwoNN", "GRIDE"]
+    gride = (f"GRIDE at n1 = {next(iter(n1s))}" if len(n1s) == 1 else
+             "GRIDE at each model's shared n1" if n1s else "GRIDE")
+    labels += ["TwoNN (line fit)", gride]
     ax.legend(handles, labels, loc="best")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("intrinsic dimension")
@@ -655,7 +680,8 @@ def pick_layers(layers, count: int = 4) -> list:
 
 
 def gride_scales_figure(layers) -> Optional["Figure"]:
-    """GRIDE dimension against neighbourhood scale n1 (n2 = 2·n1) for a few layers."""
+    """GRIDE dimension against neighbourhood scale n1 (n2 = 2·n1) for a few layers, with the scale
+    shared by all layers (the headline's) marked by a dotted vertical line."""
     from matplotlib import colormaps
 
     chosen = pick_layers(layers)
@@ -673,6 +699,11 @@ def gride_scales_figure(layers) -> Optional["Figure"]:
 
     ax.set_xscale("log", base=2)
     n1s = sorted({s.n1 for lg in chosen for s in lg.gride.scales if s.n1 > 0})
+    shared = chosen[0].gride.scale_n1
+    if shared:
+        ax.axvline(shared, color=NULL_COLOUR, linestyle=":", linewidth=1.2,
+                   label=f"shared scale n1 = {shared}")
+        ax.legend(loc="best")
     ax.xaxis.set_major_locator(FixedLocator(n1s))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
