@@ -67,7 +67,7 @@ def main() -> None:
                            {"compare_lognormal": False})):
         med, times, res = timed(lambda: fit_power_law(counts, **kwargs), args.repeats)
         rows.append({"method": label, "median_s": med, "runs_s": times, "gamma": res.gamma,
-                     "gamma_err": res.gamma_err, "xmin": res.xmin, "ks_distance": res.ks_distance,
+                     "gamma_err": res.error, "xmin": res.xmin, "ks_distance": res.ks_distance,
                      "lognormal_converged": res.lognormal_converged})
 
     def pl_fit(xmin, compare):

@@ -210,7 +210,7 @@ def summary_table(profile) -> str:
             ("corpus", f"{profile.corpus.name} ({profile.corpus.n_tokens:,} tokens)")]
     f = profile.frequency
     if f is not None:
-        rows.append(("power law γ", f"{f.gamma:.3f} ± {f.gamma_err:.3f} (xmin {f.xmin}, Zipf s {f.zipf_exponent:.2f})"))
+        rows.append(("power law γ", f"{f.gamma:.3f} ± {f.error:.3f} (xmin {f.xmin}, Zipf s {f.zipf_exponent:.2f})"))
     if profile.norms is not None:
         rows.append(("norm vs log-freq ρ", f"{profile.norms.spearman_rho:+.3f}"))
     for label, d in (("δ_rel per prompt", profile.delta_prompts), ("δ_rel tokens", profile.delta_tokens)):

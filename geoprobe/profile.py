@@ -55,13 +55,14 @@ class PowerLawResult(Record):
     """Discrete power law P(k) ∝ k^(−γ) fitted to the token *frequency distribution*
     (HypLoRA, arXiv 2410.04010 §4.1; Clauset, Shalizi & Newman 2009 for the method).
 
+    ``error`` is γ's standard error (the name every probe result uses; ``gamma_err`` reads the same).
     ``zipf_exponent`` s = 1/(γ − 1) is the matching rank-law exponent f(r) ∝ r^(−s).
     ``count_values``/``count_multiplicities`` hold the frequency-of-frequency table (how many types
     occur k times), from which both the log-log distribution and the rank-frequency plot are drawn.
     """
 
     gamma: float
-    gamma_err: float
+    error: float
     xmin: int
     zipf_exponent: float
     ks_distance: float
@@ -83,6 +84,11 @@ class PowerLawResult(Record):
     def n_points(self) -> int:
         """Items measured: the token types counted (:data:`PROBE_METADATA`)."""
         return self.n_types
+
+    @property
+    def gamma_err(self) -> float:
+        """γ's standard error (the same as ``error``)."""
+        return self.error
 
 
 @dataclass(frozen=True)
@@ -548,7 +554,7 @@ def probe_rows(profile: GeometryProfile) -> list[dict[str, Any]]:
     if profile.frequency is not None:
         f = profile.frequency
         rows.append({"probe": "power_law", "statistic": "gamma", "value": f.gamma,
-                     "error": f.gamma_err, "n": f.n_types, "seconds": f.seconds})
+                     "error": f.error, "n": f.n_types, "seconds": f.seconds})
     if profile.norms is not None:
         rows.append({"probe": "norm_frequency", "statistic": "spearman_rho",
                      "value": profile.norms.spearman_rho, "n": profile.norms.n_tokens_seen})
@@ -657,7 +663,7 @@ def summary_lines(profile: GeometryProfile) -> list[str]:
     fine-tune runs. Each is at most about 120 characters, whatever the profile holds."""
     m, c, ls = profile.model, profile.corpus, profile.layers
     f, nf = profile.frequency, profile.norms
-    gamma = f"γ = {_num(f.gamma)} ± {_num(f.gamma_err, 2)} (x_min {f.xmin})" if f else "γ –"
+    gamma = f"γ = {_num(f.gamma)} ± {_num(f.error, 2)} (x_min {f.xmin})" if f else "γ –"
     rho = f"Spearman ρ(norm, log frequency) = {_num(nf.spearman_rho)}" if nf else "ρ –"
     lines = [f"GeometryProfile of {_short(m.name)} ({_short(m.architecture, 30)}, "
              f"{m.n_parameters:,} parameters, {m.n_layers} blocks, hidden {m.hidden_size})",

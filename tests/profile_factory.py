@@ -97,7 +97,7 @@ def make_profile(name: str = "SmolLM2-135M-Instruct", *, seed: int = 0, n_layers
     xmin = 6
     n_tail = int(counts[counts >= xmin].size)
     frequency = PowerLawResult(
-        gamma=float(gamma), gamma_err=float((gamma - 1) / math.sqrt(n_tail)), xmin=xmin,
+        gamma=float(gamma), error=float((gamma - 1) / math.sqrt(n_tail)), xmin=xmin,
         zipf_exponent=float(1 / (gamma - 1)), ks_distance=float(rng.uniform(0.01, 0.03)),
         n_types=int(seen.sum()), n_tokens=int(counts.sum()), n_tail_types=n_tail,
         lognormal_converged=True, lognormal_loglikelihood_ratio=float(rng.normal(-1.5, 0.5)),

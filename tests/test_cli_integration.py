@@ -38,7 +38,7 @@ def check_profile(path: Path, hidden: int, n_layers_plus_one: int):
     d = json.loads(path.read_text())
     assert d["schema"] == "geoprobe.profile"
     f = d["frequency"]
-    assert 1.3 < f["gamma"] < 3.0 and _finite(f["gamma_err"]) and f["gamma_err"] > 0
+    assert 1.3 < f["gamma"] < 3.0 and _finite(f["error"]) and f["error"] > 0
     assert f["n_tokens"] == sum(k * m for k, m in zip(f["count_values"], f["count_multiplicities"]))
     n = d["norms"]
     assert -1 <= n["spearman_rho"] <= 1

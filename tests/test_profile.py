@@ -39,7 +39,7 @@ def make_profile(n_layers=3):
                         model_type="llama", n_parameters=10, vocab_size=5, hidden_size=8,
                         n_layers=n_layers - 1, dtype="float32"),
         corpus=CorpusInfo(name="c", sha256="ab" * 32, n_documents=2, n_tokens=30, n_characters=99),
-        frequency=PowerLawResult(gamma=1.9, gamma_err=0.05, xmin=2, zipf_exponent=1 / 0.9,
+        frequency=PowerLawResult(gamma=1.9, error=0.05, xmin=2, zipf_exponent=1 / 0.9,
                                  ks_distance=0.03, n_types=5, n_tokens=30, n_tail_types=3,
                                  lognormal_converged=False, count_values=[1, 2, 5],
                                  count_multiplicities=[3, 1, 1]),

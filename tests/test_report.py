@@ -312,7 +312,7 @@ def test_non_finite_numbers_show_as_dashes(smol):
                                   delta=dataclasses.replace(lg.delta, mean=nan))
               if lg.layer % 2 else lg for lg in smol.layers[:6]]
     broken = smol.with_updates(
-        frequency=dataclasses.replace(smol.frequency, gamma=nan, gamma_err=nan, zipf_exponent=nan),
+        frequency=dataclasses.replace(smol.frequency, gamma=nan, error=nan, zipf_exponent=nan),
         delta_prompts=dataclasses.replace(smol.delta_prompts, mean=nan, values=[nan] * 5),
         norms=dataclasses.replace(smol.norms, spearman_rho=nan, spearman_p=nan),
         layers=layers, sinks=dataclasses.replace(smol.sinks, norm_quantiles_by_layer=[]),

@@ -271,7 +271,7 @@ def fit_power_law(counts: Any, *, xmin: Optional[int] = None,
 
     ``counts`` holds one occurrence count per token type of a vocabulary; zeros (types never seen)
     are dropped, so the samples are the positive per-type counts. γ is the exact discrete MLE
-    (Hurwitz zeta), ``gamma_err`` its Fisher-information standard error, ``zipf_exponent`` =
+    (Hurwitz zeta), ``error`` its Fisher-information standard error, ``zipf_exponent`` =
     1/(γ − 1). With ``xmin=None`` k_min minimises the KS distance over the distinct counts in
     ``xmin_range`` (inclusive; Clauset et al. 2009 §3.3); a given ``xmin`` is used as is.
 
@@ -308,7 +308,7 @@ def fit_power_law(counts: Any, *, xmin: Optional[int] = None,
     logger.info("power law: γ = %.4f ± %.4f, xmin = %d, D = %.4f, %d of %d types in the tail (%.2f s)",
                 gamma, gamma_err, x, ks, n_tail, n_types, seconds)
     return PowerLawResult(
-        gamma=gamma, gamma_err=gamma_err, xmin=x, zipf_exponent=1.0 / (gamma - 1.0),
+        gamma=gamma, error=gamma_err, xmin=x, zipf_exponent=1.0 / (gamma - 1.0),
         ks_distance=ks, n_types=n_types, n_tokens=n_tokens, n_tail_types=n_tail,
         lognormal_converged=converged, lognormal_loglikelihood_ratio=R, lognormal_p=p,
         count_values=[int(k) for k in values], count_multiplicities=[int(k) for k in mult],

@@ -321,7 +321,7 @@ def _summary_tiles(m: _Model) -> Markup:
     pl = p.frequency
     if pl is not None:
         tiles.append(_tile("Power-law exponent γ", num(pl.gamma, 3),
-                           f"± {num(pl.gamma_err, 2)} · x_min {pl.xmin}",
+                           f"± {num(pl.error, 2)} · x_min {pl.xmin}",
                            f"Above {pl.xmin} occurrences the share of token types seen k times falls "
                            f"as k^−{num(pl.gamma, 3)} (the paper reports ≈ {say.PAPER_GAMMA:g} on "
                            "GSM8K prompts)."))
@@ -360,7 +360,7 @@ _HEADLINES = (
     ("Parameters", lambda p: num(p.model.n_parameters)),
     ("Hidden size · layers", lambda p: f"{p.model.hidden_size} · {p.model.n_layers}"),
     ("Corpus tokens", lambda p: num(p.corpus.n_tokens)),
-    ("γ (frequency power law)", lambda p: pm(p.frequency.gamma, p.frequency.gamma_err)
+    ("γ (frequency power law)", lambda p: pm(p.frequency.gamma, p.frequency.error)
      if p.frequency else DASH),
     ("x_min", lambda p: str(p.frequency.xmin) if p.frequency else DASH),
     ("Zipf s", lambda p: num(p.frequency.zipf_exponent, 3) if p.frequency else DASH),
@@ -441,7 +441,7 @@ def _frequency(models: list[_Model], figs: _Figures) -> Markup:
             logn = f"R = {num(pl.lognormal_loglikelihood_ratio, 3)}, p = {pvalue(pl.lognormal_p)}"
         else:
             logn = "fit did not converge"
-        row = [pm(pl.gamma, pl.gamma_err), str(pl.xmin), num(pl.zipf_exponent, 3),
+        row = [pm(pl.gamma, pl.error), str(pl.xmin), num(pl.zipf_exponent, 3),
                num(pl.ks_distance, 3), num(pl.n_types), num(pl.n_tokens), num(pl.n_tail_types),
                logn, seconds(pl.seconds)]
         rows.append(([_model_name(m)] if len(have) > 1 else []) + row)

@@ -141,8 +141,8 @@ def power_law_sentence(pl) -> str:
         return "No power law could be fitted to the token frequency distribution."
     text = (f"Above k = {pl.xmin} occurrences, the share of token types seen k times falls as "
             f"k^−{num(pl.gamma, 3)}")
-    if finite(pl.gamma_err) and pl.gamma_err > 0:
-        text += f" (± {num(pl.gamma_err, 2)})"
+    if finite(pl.error) and pl.error > 0:
+        text += f" (± {num(pl.error, 2)})"
     text += (f"; {num(pl.n_tail_types)} of {num(pl.n_types)} token types lie in that tail. "
              f"The paper reports γ ≈ {PAPER_GAMMA:g} on GSM8K prompts; γ = 2 would be Zipf's law "
              f"with s = 1.")
