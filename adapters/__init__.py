@@ -4,7 +4,9 @@
     adapters.lorentz.expmap0(v, K); adapters.lorentz.logmap0(y, K)
     adapters.hyplora.hyplora_delta(x, A, B, K, s)
     cfg = adapters.hyplora_config(r=32, alpha=128, target_modules=[...], curvature=1.0)
-    plan = adapters.plan_adapters(profile, train_embeddings=...)     # an AdapterPlan
+    targets = adapters.default_targets(model)                         # ("q_proj", "k_proj", ...)
+    costs = adapters.params_per_rank(model, targets)                  # parameters per unit of rank, per block
+    plan = adapters.plan_adapters(profile, train_embeddings=..., params_per_rank=costs)   # an AdapterPlan
     peft_model = adapters.build(model, plan)                          # or a method name: "hyplora", ...
     adapters.save(peft_model, "out/adapter"); adapters.load(base_model, "out/adapter")
     run = adapters.finetune(model, tokenizer, examples, plan, out="out")
@@ -32,6 +34,8 @@ _LAZY: dict[str, str] = {
     "load": "adapters.io",
     "save": "adapters.io",
     "plan_adapters": "adapters.plan",
+    "default_targets": "adapters.build",
+    "params_per_rank": "adapters.gelora",
     "AdapterPlan": "adapters.plan",
     "finetune": "adapters.train",
 }

@@ -10,6 +10,7 @@ Public API (DESIGN.md)::
     gp.delta_vs_null(sets, population=..., resample=...)   # δ_rel beside three nulls, intervals
     gp.intrinsic_dimension_layers([layer0, layer1, ...])   # every layer in one call (one GPU pass)
     hs = gp.hidden_states(lm, corpus); hs.layer(i)          # per-layer states of sampled positions
+    streams = gp.seed_streams(seed)     # the SeedSequence children gp.probe draws from, by step name
     profile = gp.probe(lm, corpus); profile.save("profile.json")
     profile.to_frame(); profile.layers_frame()              # pandas tables (geoprobe[pandas])
 
@@ -38,13 +39,13 @@ _LAZY = {
     "HiddenStates": "geoprobe.hidden",
     "probe": "geoprobe.pipeline",
     "ProbeSettings": "geoprobe.pipeline",
+    "seed_streams": "geoprobe.pipeline",
     "GeometryProfile": "geoprobe.profile",
     "PowerLawResult": "geoprobe.profile",
     "NormFrequencyResult": "geoprobe.profile",
     "DeltaResult": "geoprobe.profile",
     "DeltaStat": "geoprobe.profile",
     "IDResult": "geoprobe.profile",
-    "DeltaStat": "geoprobe.profile",
     "NullComparison": "geoprobe.profile",
     "GeoprobeError": "geoprobe.errors",
 }

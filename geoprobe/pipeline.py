@@ -121,10 +121,22 @@ def check_settings(s: "ProbeSettings") -> None:
 
 
 def seed_streams(seed: int) -> dict[str, np.random.SeedSequence]:
-    """The independent seed streams of one probe run, spawned from ``SeedSequence(seed)``:
-    "prompt_order", "prompt_delta", "token_choice", "token_delta", "hidden", "layers", "population".
-    A notebook that draws from the same streams reproduces :func:`probe`'s samples number for
-    number."""
+    """The independent seed streams of one probe run (``gp.seed_streams``), spawned from
+    ``SeedSequence(seed)`` and keyed by step:
+
+    * "prompt_order": the order in which prompts are taken from the corpus;
+    * "prompt_delta" / "token_delta": the ``seed`` of :func:`~geoprobe.probes.delta_stats.delta_vs_null`
+      for per-prompt δ and for the token sets;
+    * "token_choice": spawned once into ``token_repeats`` children, one ``default_rng`` per token set;
+    * "hidden": the ``seed`` of :func:`geoprobe.hidden.hidden_states` (documents and positions);
+    * "layers": spawned once into two children, the block bootstrap of every layer's intrinsic
+      dimension (the same stream for TwoNN and for GRIDE at the shared scale, so their replicates
+      draw the same documents) and the per-layer δ, itself spawned once into one child per layer;
+    * "population": ``default_rng`` of :meth:`~geoprobe.probes.nulls.PopulationGaussian.fit` on the
+      input-embedding matrix.
+
+    ``SeedSequence.spawn`` advances its parent, so call this afresh for each run: code that draws from
+    a fresh set of streams as above reproduces :func:`probe`'s samples number for number."""
     names = ("prompt_order", "prompt_delta", "token_choice", "token_delta", "hidden", "layers",
              "population")
     return dict(zip(names, np.random.SeedSequence(seed).spawn(len(names))))
