@@ -13,6 +13,11 @@ compared. Default targets are found from the model's module names: attention q, 
 (``q_proj k_proj v_proj up_proj down_proj``) in Llama-like models; ``query key value`` and the
 ``dense`` layers inside the encoder blocks in BERT-like encoders (the pooler's ``dense`` sits outside
 the blocks and is left alone). Saving and loading are in :mod:`adapters.io`.
+
+The PEFT task type follows the model: ``CAUSAL_LM`` for causal LMs; ``SEQ_CLS`` for a
+sequence-classification model (an encoder with a classification head), whose head (``classifier`` in
+BERT-style models, found as the modules beside the base model) is trained in full and saved with the
+adapter through PEFT's ``modules_to_save``.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from geoprobe.errors import AdapterError, PlanError
-from geoprobe.models import is_causal_lm
+from geoprobe.models import head_module_names, is_causal_lm, is_sequence_classifier
 
 from . import registry
 from .io import attach, base_fingerprint, base_of, is_peft, model_name, spec_for
@@ -199,13 +204,27 @@ class Settings:
     top_k: Optional[int] = None
     balance: bool = False
     layer_ranks: Optional[list[int]] = None
+    modules_to_save: Optional[list[str]] = None
+
+
+def _task(model: Any) -> tuple[Optional[str], Optional[list[str]]]:
+    """PEFT's task type for ``model`` and the modules trained in full beside the adapters: the head of
+    a sequence classifier (``SEQ_CLS``), nothing for a causal LM (``CAUSAL_LM``) or a bare model."""
+    if is_sequence_classifier(model):
+        head = head_module_names(base_of(model))
+        if not head:
+            raise AdapterError(f"{type(base_of(model)).__name__} is a sequence classifier without a head module "
+                               "to train beside the adapters")
+        return "SEQ_CLS", head
+    return ("CAUSAL_LM" if is_causal_lm(model) else None), None
 
 
 def _lora_config(s: Settings, model: Any):
     """LoRA's config, with GeLoRA's per-block ranks where the method includes GeLoRA."""
     from peft import LoraConfig
 
-    kw: dict[str, Any] = {"lora_dropout": s.dropout, "task_type": s.task_type}
+    kw: dict[str, Any] = {"lora_dropout": s.dropout, "task_type": s.task_type,
+                          "modules_to_save": s.modules_to_save}
     if s.method.includes("gelora"):
         from .gelora import gelora_config
 
@@ -233,7 +252,7 @@ def make_config(s: Settings, model: Any):
             r=cfg.r, alpha=cfg.lora_alpha, n_heads=s.n_heads, target_modules=list(s.targets), top_k=s.top_k,
             balance=s.balance, rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
             exclude_modules=sorted(cfg.exclude_modules) if cfg.exclude_modules else None,
-            lora_dropout=s.dropout, task_type=s.task_type)
+            lora_dropout=s.dropout, task_type=s.task_type, modules_to_save=s.modules_to_save)
     return cfg
 
 
@@ -273,8 +292,9 @@ def _settings(model: Any, method: Method, plan: Optional[AdapterPlan], o: dict[s
     alpha = 2.0 * r if o["alpha"] is None else _check_number("alpha", o["alpha"], low=0.0)
     dropout = _check_number("dropout", o["dropout"], low=0.0, low_ok=True, high=1.0)
     targets = resolve_targets(model, o["target_modules"])
+    task_type, head = _task(model)
     s = Settings(method=method, r=int(r), alpha=float(alpha), targets=list(targets), dropout=float(dropout),
-                 task_type="CAUSAL_LM" if is_causal_lm(model) else None)
+                 task_type=task_type, modules_to_save=head)
     extra: dict[str, Any] = {}
     if method.includes("gelora"):
         extra["layer_ranks"] = _gelora_ranks_for(model, targets, o["layer_ranks"], from_plan=plan is not None)

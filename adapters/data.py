@@ -31,6 +31,11 @@ Formats read by :func:`load_examples` (``kind``):
 parsed from ``Answer Choices: (A) ... (E) ...``, commonsense labels parsed from the instruction's
 ``Answer format: answer1/answer2/...`` line, GLUE label words; ``None`` for free-form numbers.
 
+Sequence classification (an encoder with a classification head, GeLoRA's GLUE setting) reads
+``Example.texts`` and the class id ``choices.index(label)``: :func:`class_labels` gives the label set
+and refuses data that needs generation, :func:`tokenize_for_classification` tokenises the sentence
+(or the pair, with the tokenizer's segment ids) and :func:`collate_classification` pads a batch.
+
 Tokenisation (:func:`tokenize_for_training`) follows the LLM-Adapters / Alpaca-LoRA recipe — loss on
 the response only — but tokenises prompt and answer separately, so the label mask falls exactly on the
 answer tokens (no merge across the boundary) and the training prompt is tokenised exactly as it is at
@@ -122,6 +127,8 @@ class Example:
     context the Alpaca template places under ``### Input:``, ``answer`` the text trained on, ``label``
     the gold short answer used for scoring (``None`` when the split is unlabelled), ``task`` the
     canonical task name, ``choices`` the candidate labels in order (``None`` for free-form numbers).
+    ``texts`` holds the raw text fields a sequence classifier reads (GLUE: the sentence, or the
+    sentence pair), empty for the instruction formats, which need generation.
     """
 
     prompt: str
@@ -130,6 +137,7 @@ class Example:
     task: str
     choices: Optional[tuple[str, ...]] = None
     input: str = ""
+    texts: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- loading
@@ -379,7 +387,8 @@ def _read_glue(file: Path, task: str, limit: Optional[int]) -> list[Example]:
             label = _glue_label(row[y_col].strip(), words, file, n + 1)
         prompt = _GLUE_INSTRUCTIONS[task].format(a=a, b=b)
         answer = f"the correct answer is {label}" if label is not None else ""
-        out.append(Example(prompt=prompt, answer=answer, label=label, task=task, choices=words))
+        out.append(Example(prompt=prompt, answer=answer, label=label, task=task, choices=words,
+                           texts=(a, b) if b_col is not None else (a,)))
     return out
 
 
@@ -589,4 +598,96 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any
         out["position_ids"] = pos
     else:
         out["attention_mask"] = mask
+    return out
+
+
+# --------------------------------------------------------------------------- sequence classification
+def class_labels(examples: Sequence[Example], *, what: str = "--data") -> tuple[str, ...]:
+    """The label set of data a sequence classifier can learn: the examples' ``choices`` (class id =
+    index), the same for every example, with raw ``texts`` to classify.
+
+    Raises:
+        DataFormatError: no examples; examples without ``texts`` (instruction data, whose answers a
+            model has to generate: GSM8K, the math and commonsense sets); mixed label sets; fewer than
+            two labels; a gold label outside the set.
+    """
+    examples = list(examples)
+    if not examples:
+        raise DataFormatError(f"{what} holds no examples")
+    gen = next((ex for ex in examples if not ex.texts or not ex.choices), None)
+    if gen is not None:
+        raise DataFormatError(f"{what} ({gen.task or 'this data'}) needs generation: its answers are written "
+                              "out, not picked from a fixed label set with raw text fields; a classification "
+                              "head can learn GLUE-style TSV files (SST-2, CoLA, RTE, MRPC) only")
+    labels = tuple(examples[0].choices or ())
+    other = next((ex for ex in examples if ex.choices != labels), None)
+    if other is not None:
+        raise DataFormatError(f"{what} mixes label sets ({', '.join(labels)} and {', '.join(other.choices or ())}); "
+                              "train a classifier on one task at a time")
+    if len(labels) < 2:
+        raise DataFormatError(f"{what} has {len(labels)} label(s); a classifier needs at least two")
+    for i, ex in enumerate(examples):
+        if ex.label is not None and ex.label not in labels:
+            raise DataFormatError(f"{what} example {i}: label {ex.label!r} is none of {', '.join(labels)}")
+    return tuple(labels)
+
+
+def tokenize_for_classification(examples: Sequence[Example], tokenizer: Any, *,
+                                max_length: int = 256) -> list[dict[str, list[int]]]:
+    """Token ids and class ids for a sequence classifier.
+
+    Each example's ``texts`` (one sentence, or a pair given to the tokenizer as ``text, text_pair`` so
+    BERT-style models get ``[CLS] a [SEP] b [SEP]`` and segment ids 0/1) is tokenised with the
+    tokenizer's special tokens, truncated to ``max_length`` (a pair loses tokens from its longer
+    side first, the tokenizer's ``longest_first``). ``labels`` is ``[choices.index(label)]``. Rows
+    hold ``input_ids``, ``labels`` and, where the tokenizer makes them, ``token_type_ids``.
+
+    Raises:
+        DataFormatError: an example without a gold label (an unlabelled split), or without texts.
+    """
+    if max_length < 2:
+        raise DataFormatError(f"max_length must be >= 2, got {max_length}")
+    examples = list(examples)
+    labels = class_labels(examples, what="the classification data")
+    for i, ex in enumerate(examples):
+        if ex.label is None:
+            raise DataFormatError(f"example {i} ({ex.task}) has no gold label (an unlabelled split?); "
+                                  "use a labelled split")
+    if not examples:
+        return []
+    first = [ex.texts[0] for ex in examples]
+    pairs = [ex.texts[1] if len(ex.texts) > 1 else None for ex in examples]
+    out: list[dict[str, list[int]]] = []
+    for a, b, ex in zip(first, pairs, examples):
+        enc = tokenizer(a, b, truncation=True, max_length=max_length, add_special_tokens=True)
+        row = {"input_ids": list(enc["input_ids"]), "labels": [labels.index(ex.label)]}
+        if "token_type_ids" in enc:
+            row["token_type_ids"] = list(enc["token_type_ids"])
+        out.append(row)
+    return out
+
+
+def collate_classification(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad classification rows into tensors: ``input_ids`` (pad ``pad_id``), ``attention_mask``
+    (1 on tokens), ``token_type_ids`` (pad 0) where the rows have them, and ``labels`` of shape (B,)."""
+    import torch
+
+    if not batch:
+        raise DataFormatError("cannot collate an empty batch")
+    width = max(len(b["input_ids"]) for b in batch)
+    n = len(batch)
+    segments = all("token_type_ids" in b for b in batch)
+    input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    types = torch.zeros((n, width), dtype=torch.long)
+    for r, b in enumerate(batch):
+        k = len(b["input_ids"])
+        input_ids[r, :k] = torch.as_tensor(b["input_ids"], dtype=torch.long)
+        mask[r, :k] = 1
+        if segments:
+            types[r, :k] = torch.as_tensor(b["token_type_ids"], dtype=torch.long)
+    out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
+                           "labels": torch.as_tensor([b["labels"][0] for b in batch], dtype=torch.long)}
+    if segments:
+        out["token_type_ids"] = types
     return out

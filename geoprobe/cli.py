@@ -1,8 +1,9 @@
 """The ``geoprobe`` command: a thin layer over the library.
 
 Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report from models or saved
-profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``),
-``evaluate`` (accuracy of a model with an adapter on a test set), ``run`` (probe → plan → build →
+profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``;
+an encoder on GLUE TSVs trains a classification head beside them, ``--head``), ``evaluate`` (accuracy
+of a model with an adapter on a test set; GLUE's F1 and Matthews' correlation), ``run`` (probe → plan → build →
 fine-tune → evaluate → report in one command) and ``native`` (build the adapter layers' C++ nodes now
 instead of at the first training step, and say where they serve). This module parses arguments, prints
 and calls the library: the adapter commands call :mod:`geoprobe.workflows` (and reach into the
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--adapter", default="lora", choices=ADAPTER_CHOICES,
                    help="adapter method; auto = the plan from --plan or from a quick probe of the training prompts")
     f.add_argument("--plan", help="adapter plan JSON (or a profile JSON to plan from)")
+    _add_head_arg(f)
     _add_train_args(f)
     f.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="adapter folder written by `geoprobe finetune` (default: the base model)")
     e.add_argument("--data", required=True, help="test data with gold answers")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    _add_head_arg(e)
+    e.add_argument("--max-length", type=int, default=256,
+                   help="tokens per example for a classification head (as in training; default 256)")
     _add_eval_args(e, "--batch-size")
     e.add_argument("--out", help="evaluation JSON (default: beside the adapter, or evals/<model>-<data>.json)")
 
@@ -127,6 +132,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_head_arg(p: argparse.ArgumentParser) -> None:
+    from .workflows import HEADS
+
+    p.add_argument("--head", default="auto", choices=HEADS,
+                   help="auto (default): an encoder (BERT, MiniLM) on GLUE TSVs gets a sequence-classification "
+                        "head trained beside the adapters; a causal LM generates its answers")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=32, help="LoRA rank (GeLoRA: the rank whose budget is shared)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r for every method)")
@@ -152,7 +165,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(p: argparse.ArgumentParser, batch_flag: str = "--eval-batch-size") -> None:
     p.add_argument(batch_flag, dest="eval_batch_size", type=int, default=8,
-                   help="prompts generated together")
+                   help="prompts generated (or examples classified) together")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated per answer (default: 256 for math, 32 for labels)")
 
@@ -272,15 +285,28 @@ def _check_writable(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- adapter commands
-def _load_lm(args):
-    from .models import load_model
-
+def _quiet(args) -> None:
     if args.quiet:
         import transformers
         transformers.utils.logging.disable_progress_bar()
 
+
+def _load_lm(args):
+    from .models import load_model
+
+    _quiet(args)
     return load_model(args.model, device=_resolve_device(args.device), allow_pickle=args.allow_pickle,
                       trust_remote_code=args.trust_remote_code)
+
+
+def _load_for_data(args, examples, what: str):
+    """The model loaded for ``examples`` as --head asks (a classification head for an encoder on GLUE
+    data), the pairing checked before anything is trained."""
+    from . import workflows
+
+    _quiet(args)
+    return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=args.device,
+                                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
 
 
 def _check_limit(value: Optional[int], flag: str) -> None:
@@ -342,8 +368,7 @@ def cmd_finetune(args, command: str) -> int:
     out = _default_out(args)
     workflows.check_out(out, args.resume)  # before the (slow) model load
     examples = load_examples(args.data, limit=args.limit)
-    lm = _load_lm(args)
-    workflows.require_causal_lm(lm, "fine-tuning")  # before planning, which may probe the model
+    lm = _load_for_data(args, examples, "fine-tuning")  # checked before planning, which may probe the model
     adapter = workflows.resolve_adapter(lm, examples, out, method=args.adapter, plan=args.plan,
                                         resume=args.resume, r=args.r, alpha=args.alpha,
                                         target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
@@ -355,8 +380,10 @@ def cmd_finetune(args, command: str) -> int:
     return 0
 
 
-def _print_eval(correct: int, n: int, accuracy: float, n_unreadable: int, data: str) -> None:
-    print(f"accuracy {accuracy:.4f} ({correct}/{n}) on {data}"
+def _print_eval(correct: int, n: int, accuracy: float, n_unreadable: int, data: str,
+                metrics: Optional[dict] = None) -> None:
+    extra = "".join(f", {k} {v:.4f}" for k, v in (metrics or {}).items() if k in ("f1", "mcc"))
+    print(f"accuracy {accuracy:.4f} ({correct}/{n}){extra} on {data}"
           + (f"; {n_unreadable} answers unreadable" if n_unreadable else ""))
 
 
@@ -372,13 +399,14 @@ def cmd_evaluate(args, command: str) -> int:
     out = Path(args.out) if args.out else (
         Path(args.adapter).parent / f"eval-{_slug(Path(args.data).stem)}.json" if args.adapter
         else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
+    _check_limit(args.max_length, "--max-length")
     examples = load_examples(args.data, limit=args.limit)
-    lm = _load_lm(args)
+    lm = _load_for_data(args, examples, "evaluation")
     res = workflows.evaluate_model(lm, examples, adapter=args.adapter, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens, max_length=args.max_length)
     write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
     _print_eval(sum(bool(p["correct"]) for p in res.predictions), res.n, res.accuracy, res.n_unparsed,
-                str(args.data))
+                str(args.data), res.metrics)
     print(f"evaluation written to {out}")
     return 0
 

@@ -14,8 +14,17 @@ same::
 * :func:`plan_for_training`: an adapter plan for fine-tuning a model on a training set, from a given
   profile or from a quick probe of the training prompts (:func:`quick_probe_settings`).
 * :func:`resolve_adapter`: the method name or the plan a fine-tune run uses (``--adapter``/``--plan``).
+* :func:`load_for_data`: the model loaded for its data: an encoder on GLUE-style data gets a
+  sequence-classification head (GeLoRA's own setting), a causal LM is loaded to generate; the pairings
+  that cannot work (an encoder asked to generate, a classification head asked for data that needs
+  generation, a causal LM asked for a classification head) are refused by :func:`check_head`.
 * :func:`finetune_model` and :func:`evaluate_model`: fine-tune adapters / measure accuracy, for a
-  :class:`~geoprobe.models.LoadedModel`.
+  :class:`~geoprobe.models.LoadedModel`: a causal LM by generation, an encoder with a classification
+  head by its logits (PEFT ``SEQ_CLS``, the head trained beside the adapters and saved with them).
+
+Causal LMs are not given classification heads: they learn GLUE by generating the label word (the
+LLM-Adapters protocol of :mod:`adapters.evaluate`), so ``head="classification"`` with a causal LM is
+refused with that advice.
 * :func:`run`: all of it, ending in OUT/profile.json, OUT/report.html and a :class:`RunResult`.
 
 This module and :mod:`geoprobe.cli` are the only parts of ``geoprobe`` that import ``adapters``; they
@@ -36,7 +45,7 @@ from .records import Record, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
+__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
            "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device", "native_device",
            "NativeBuild", "build_native"]
@@ -47,6 +56,10 @@ EVAL_FILE = "eval.json"
 REPORT_FILE = "report.html"
 
 PathLike = Union[str, os.PathLike]
+
+HEADS = ("auto", "classification", "generation")
+"""What a model is trained and evaluated as (``--head``): ``auto`` (a classification head for an encoder
+on GLUE-style data, generation for a causal LM), ``classification`` or ``generation``."""
 
 
 def resolve_device(name: Optional[str]) -> str:
@@ -67,7 +80,101 @@ def require_causal_lm(lm: Any, what: str) -> None:
     if not is_causal_lm(lm):
         kind = "an encoder" if lm.info.is_encoder else "not a causal language model"
         raise AdapterError(f"{what} needs a causal language model that generates answers; {lm.name} is "
-                           f"{kind} ({lm.info.architecture}). Use `geoprobe probe` for such models")
+                           f"{kind} ({lm.info.architecture}) and cannot generate. Encoders are fine-tuned and "
+                           "evaluated with a classification head on GLUE-style TSV files (SST-2, CoLA, RTE, "
+                           "MRPC); `geoprobe probe` measures any model")
+
+
+def classification_labels(examples: Sequence[Any]) -> Optional[tuple[str, ...]]:
+    """The label set when a classification head can learn ``examples`` (GLUE-style data: raw texts and
+    one fixed label set, :func:`adapters.data.class_labels`); None when they need generation."""
+    from adapters.data import class_labels
+
+    try:
+        return class_labels(examples)
+    except DataFormatError:
+        return None
+
+
+def _check_head_name(head: str) -> None:
+    if head not in HEADS:
+        raise AdapterError(f"--head {head!r} is not one of {', '.join(HEADS)}")
+
+
+def _task_name(examples: Sequence[Any]) -> str:
+    names = sorted({getattr(ex, "task", "") or "this data" for ex in examples})
+    return ", ".join(names[:3]) or "this data"
+
+
+def check_head(lm: Any, examples: Sequence[Any], *, head: str = "auto", what: str = "fine-tuning") -> str:
+    """Check that ``lm`` can be trained or evaluated on ``examples`` as ``head`` asks and return the
+    protocol: ``classification`` (an encoder with a classification head, GLUE-style data) or
+    ``generation`` (a causal LM).
+
+    Raises:
+        AdapterError: an encoder asked to generate (or for data that needs generation); a causal LM
+            asked for a classification head (its GLUE route is generating the label word; on data that
+            needs generation a head could not answer at all); a classifier whose number of classes
+            differs from the data's label set; an encoder loaded without a head.
+        DataFormatError: ``head="classification"`` on data that needs generation.
+    """
+    from adapters.data import class_labels
+
+    from .models import is_causal_lm, is_sequence_classifier
+
+    _check_head_name(head)
+    task = _task_name(examples)
+    labels = classification_labels(examples)
+    if is_causal_lm(lm):
+        if head == "classification":
+            if labels is None:
+                raise AdapterError(f"--head classification: {task} needs generation (its answers are written "
+                                   "out, not picked from a label set), so a classification head cannot answer it; "
+                                   f"drop --head classification and {lm.name} generates the answers")
+            raise AdapterError(f"--head classification: {lm.name} is a causal language model; classification heads "
+                               f"are trained on encoders (BERT, MiniLM). A causal LM learns {task} by generating "
+                               "the label word: use --head auto or --head generation")
+        return "generation"
+    if head == "generation" or labels is None:
+        why = "--head generation asks for generation" if head == "generation" else f"{task} needs generation"
+        raise AdapterError(f"{what}: {why}, but {lm.name} is an encoder ({lm.info.architecture}) and cannot "
+                           "generate answers. Encoders are fine-tuned and evaluated with a classification head "
+                           "on GLUE-style TSV files (SST-2, CoLA, RTE, MRPC); use a causal LM for generation")
+    if head == "classification":
+        class_labels(examples, what="--data")
+    if not is_sequence_classifier(lm.model):
+        raise AdapterError(f"{what}: {lm.name} was loaded without a classification head; load it with "
+                           f"num_labels={len(labels)} (workflows.load_for_data does)")
+    n_classes = int(getattr(lm.model.config, "num_labels", 0))
+    if n_classes != len(labels):
+        raise AdapterError(f"{what}: the classification head of {lm.name} has {n_classes} classes but {task} has "
+                           f"{len(labels)} labels ({', '.join(labels)})")
+    return "classification"
+
+
+def load_for_data(spec: Any, examples: Sequence[Any], *, head: str = "auto", what: str = "fine-tuning",
+                  device: Optional[str] = None, dtype: Any = None, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> Any:
+    """Load the model ``spec`` (as :func:`geoprobe.load_model`) for training or evaluating on
+    ``examples`` and check the pairing (:func:`check_head`) before anything is trained.
+
+    An encoder gets a sequence-classification head with one class per label of the data when the data
+    is GLUE-style (``AutoModelForSequenceClassification``; the head freshly initialised, trained beside
+    the adapters); a causal LM is loaded as it is and generates. Returns the
+    :class:`~geoprobe.models.LoadedModel`.
+    """
+    from adapters.data import class_labels
+
+    from .models import load_model
+
+    _check_head_name(head)
+    if head == "classification":
+        class_labels(examples, what="--data")  # data that needs generation: refused before the load
+    labels = classification_labels(examples) if head != "generation" else None
+    lm = load_model(spec, device=resolve_device(device), dtype=dtype, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code, num_labels=len(labels) if labels else None)
+    check_head(lm, examples, head=head, what=what)
+    return lm
 
 
 def check_out(out: PathLike, resume: bool) -> Optional[Path]:
@@ -123,7 +230,7 @@ def plan_for_training(lm: Any, examples: Sequence[Any], *, method: str = "auto",
     from .hidden import prompt_embeddings
     from .pipeline import probe
 
-    prompts = [ex.prompt + (("\n" + ex.input) if ex.input else "") for ex in examples]
+    prompts = [_planning_text(ex, encoder=bool(lm.info.is_encoder)) for ex in examples]
     if not prompts:
         raise DataFormatError("no training examples to plan from")
     if profile is None:
@@ -144,6 +251,14 @@ def plan_for_training(lm: Any, examples: Sequence[Any], *, method: str = "auto",
                          target_modules=tuple(targets), params_per_rank=costs, seed=seed)
     log.info("adapter plan: %s (%s)", plan.method, plan.reasons.get("method", ""))
     return plan, profile
+
+
+def _planning_text(ex: Any, *, encoder: bool) -> str:
+    """The text a planning probe reads for one example: the raw sentence (pair) an encoder classifies,
+    else the instruction with its input."""
+    if encoder and getattr(ex, "texts", ()):
+        return "\n".join(ex.texts)
+    return ex.prompt + (("\n" + ex.input) if ex.input else "")
 
 
 def needs_plan(method: str) -> bool:
@@ -222,10 +337,19 @@ def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, o
                    settings: Any = None, resume: bool = False, progress: bool = True, data_name: str = "",
                    **build_kwargs: Any) -> Any:
     """Fine-tune adapters on a loaded model (:func:`adapters.finetune` on ``lm.model`` and
-    ``lm.tokenizer``, named after ``lm``); returns the :class:`adapters.train.FinetuneRun`."""
+    ``lm.tokenizer``, named after ``lm``); returns the :class:`adapters.train.FinetuneRun`.
+
+    A causal LM is trained on the answers; an encoder with a classification head (from
+    :func:`load_for_data`) on the class ids, its head trained beside the adapters (PEFT ``SEQ_CLS``,
+    ``modules_to_save``) and saved with them in OUT/adapter."""
     from adapters.train import finetune
 
-    require_causal_lm(lm, "fine-tuning")
+    from .models import is_sequence_classifier
+
+    if is_sequence_classifier(lm.model):
+        check_head(lm, examples, head="classification", what="fine-tuning")
+    else:
+        require_causal_lm(lm, "fine-tuning")
     return finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=resume,
                     progress=progress, model_name=lm.name, data_name=data_name, **build_kwargs)
 
@@ -243,18 +367,30 @@ def check_adapter_folder(folder: PathLike) -> Path:
 
 
 def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLike] = None, model: Any = None,
-                   batch_size: int = 8, max_new_tokens: Optional[int] = None, what: str = "evaluation") -> Any:
-    """Accuracy of ``lm`` on ``examples`` (greedy generation, :func:`adapters.evaluate.evaluate`):
-    of ``model`` when given (a trained PeftModel), else of the base model with the adapter saved in
-    ``adapter``, else of the base model. Returns the :class:`adapters.evaluate.EvalResult`."""
-    from adapters.evaluate import evaluate
+                   batch_size: int = 8, max_new_tokens: Optional[int] = None, max_length: int = 256,
+                   what: str = "evaluation") -> Any:
+    """Accuracy (and the task's metrics) of ``lm`` on ``examples``: of ``model`` when given (a trained
+    PeftModel), else of the base model with the adapter saved in ``adapter`` (its classification head
+    included), else of the base model. A causal LM answers by greedy generation
+    (:func:`adapters.evaluate.evaluate`); an encoder with a classification head by the argmax of its
+    logits (:func:`adapters.evaluate.classify`, rows cut at ``max_length`` tokens). Returns the
+    :class:`adapters.evaluate.EvalResult`."""
+    from adapters.evaluate import classify, evaluate
 
-    require_causal_lm(lm, what)
+    from .models import is_sequence_classifier
+
+    classifier = is_sequence_classifier(lm.model)
+    if classifier:
+        check_head(lm, examples, head="classification", what=what)
+    else:
+        require_causal_lm(lm, what)
     if model is None:
         model = lm.model
         if adapter is not None:
             import adapters
             model = adapters.load(lm.model, check_adapter_folder(adapter))
+    if classifier:
+        return classify(model, lm.tokenizer, examples, batch_size=batch_size, max_length=max_length)
     return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 

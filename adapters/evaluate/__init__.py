@@ -1,5 +1,6 @@
 """Evaluation by generation: batched greedy decoding (:mod:`.generate`), answer extraction and
-scoring (:mod:`.extract`), GLUE metrics (:mod:`.metrics`).
+scoring (:mod:`.extract`), GLUE metrics (:mod:`.metrics`); and of a sequence classifier by the argmax
+of its head's logits (:mod:`.classify`). Both return an :class:`EvalResult` (``protocol`` says which).
 
 The protocol is that of LLM-Adapters (Hu et al., EMNLP 2023, arXiv:2304.01933; its ``evaluate.py``
 and ``commonsense_evaluate.py``), which HypLoRA, GeLoRA and HydraLoRA report against: the model
@@ -19,46 +20,28 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from geoprobe.errors import DataFormatError
-from geoprobe.profile import Record
 
 from ..data import GLUE_LABEL_WORDS, Example, format_prompt
 from .extract import (COMMONSENSE_LABELS, DEFAULT_NEW_TOKENS, LETTER_TASKS, NUMBER_TASKS, NUMBER_TOLERANCE,
                       extract_choice, extract_commonsense, extract_label, extract_number, extract_prediction,
                       is_correct, norm_label, response_text, task_family)
 from .generate import generate_answers
-from .metrics import accuracy, f1_binary, matthews_corrcoef
+from .result import EvalResult
+from .classify import PROTOCOL_CLASSIFICATION, PROTOCOL_GENERATION, classify
+from .metrics import accuracy, f1_binary, matthews_corrcoef, task_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate", "generate_answers", "response_text", "extract_number", "extract_choice",
+__all__ = ["EvalResult", "evaluate", "classify", "task_metrics", "PROTOCOL_GENERATION", "PROTOCOL_CLASSIFICATION",
+           "generate_answers", "response_text", "extract_number", "extract_choice",
            "extract_label", "extract_commonsense", "extract_prediction", "task_family", "is_correct",
            "accuracy", "f1_binary", "matthews_corrcoef", "NUMBER_TASKS", "LETTER_TASKS",
            "COMMONSENSE_LABELS", "NUMBER_TOLERANCE"]
-
-
-@dataclass(frozen=True)
-class EvalResult(Record):
-    """Scores of one evaluation run.
-
-    ``accuracy`` is the fraction correct; ``metrics`` holds ``accuracy`` and, where GLUE asks for
-    them, ``f1`` (MRPC) and ``mcc`` (CoLA), plus ``accuracy/<task>`` when several tasks were mixed.
-    ``predictions`` holds one ``{prompt_id, generated, extracted, gold, correct}`` per example, in
-    input order; ``n_unparsed`` counts answers the rule could not read.
-    """
-
-    task: str
-    n: int
-    accuracy: float
-    predictions: list[dict[str, Any]]
-    seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)
-    n_unparsed: int = 0
 
 
 def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: Optional[str] = None,
@@ -97,10 +80,7 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: O
     if len(names) == 1 and names[0] in GLUE_LABEL_WORDS:
         words = examples[0].choices or GLUE_LABEL_WORDS[names[0]]
         y_true, y_pred = _glue_classes(predictions, words)
-        if names[0] == "mrpc":
-            metrics["f1"] = f1_binary(y_true, y_pred, positive=1)
-        if names[0] == "cola":
-            metrics["mcc"] = matthews_corrcoef(y_true, y_pred)
+        metrics.update({k: v for k, v in task_metrics(names[0], y_true, y_pred).items() if k != "accuracy"})
     if len(names) > 1:
         for name in names:
             metrics[f"accuracy/{name}"] = float(np.mean([p["correct"] for p in predictions if p["task"] == name]))

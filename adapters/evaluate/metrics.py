@@ -1,47 +1,64 @@
-"""Classification metrics of GLUE (Wang et al. 2019): accuracy, F1 of one class (MRPC) and
-Matthews' correlation (CoLA), as scikit-learn computes them."""
+"""Classification metrics of GLUE (Wang et al. 2019): accuracy, F1 of one class (MRPC) and Matthews'
+correlation (CoLA), computed by scikit-learn (``sklearn.metrics``), and :func:`task_metrics`, which
+says which of them a task reports.
+
+* accuracy = (1/n) Σ_i [ŷ_i = y_i];
+* F1 of the positive class = 2·TP / (2·TP + FP + FN), 0 when that is 0/0;
+* Matthews' correlation (Matthews 1975; Gorodkin 2004 for several classes)
+  = (c·s − Σ_k p_k t_k) / sqrt((s² − Σ_k p_k²)(s² − Σ_k t_k²)) with c correct predictions, s samples,
+  t_k / p_k the true / predicted counts of class k; 0 when the denominator is 0.
+"""
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 
 from geoprobe.errors import DataFormatError
 
-__all__ = ["accuracy", "f1_binary", "matthews_corrcoef"]
+__all__ = ["accuracy", "f1_binary", "matthews_corrcoef", "task_metrics", "POSITIVE_CLASS"]
+
+POSITIVE_CLASS = 1
+"""GLUE's positive class id for F1 (MRPC: ``equivalent``, the second label word)."""
 
 
 def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
-    """Fraction of positions where ``y_pred`` equals ``y_true``."""
+    """Fraction of positions where ``y_pred`` equals ``y_true`` (``sklearn.metrics.accuracy_score``)."""
+    from sklearn.metrics import accuracy_score
+
     t, p = _pair(y_true, y_pred)
-    return float(np.mean(t == p))
+    return float(accuracy_score(t, p))
 
 
-def f1_binary(y_true: Sequence[Any], y_pred: Sequence[Any], positive: Any = 1) -> float:
-    """F1 of the ``positive`` class: 2·TP / (2·TP + FP + FN); 0 when that is 0/0 (as scikit-learn)."""
+def f1_binary(y_true: Sequence[Any], y_pred: Sequence[Any], positive: Any = POSITIVE_CLASS) -> float:
+    """F1 of the ``positive`` class, 2·TP / (2·TP + FP + FN), 0 when that is 0/0
+    (``sklearn.metrics.f1_score`` with ``pos_label=positive``, ``zero_division=0``); the other labels
+    together count as the negative class."""
+    from sklearn.metrics import f1_score
+
     t, p = _pair(y_true, y_pred)
-    tp = int(np.sum((t == positive) & (p == positive)))
-    fp = int(np.sum((t != positive) & (p == positive)))
-    fn = int(np.sum((t == positive) & (p != positive)))
-    den = 2 * tp + fp + fn
-    return 2.0 * tp / den if den else 0.0
+    t, p = (t == positive).astype(int), (p == positive).astype(int)
+    return float(f1_score(t, p, pos_label=1, average="binary", zero_division=0.0))
 
 
 def matthews_corrcoef(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
-    """Matthews' correlation (Gorodkin's multi-class form, binary MCC for two classes):
-    ``(c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²))`` with ``c`` correct predictions, ``s``
-    samples, ``t_k``/``p_k`` true/predicted counts of class k; 0 when the denominator is 0."""
+    """Matthews' correlation (the module's formula; ``sklearn.metrics.matthews_corrcoef``), 0 when
+    the denominator is 0."""
+    from sklearn.metrics import matthews_corrcoef as mcc
+
     t, p = _pair(y_true, y_pred)
-    classes, inv = np.unique(np.concatenate([t, p]), return_inverse=True)
-    ti, pi = inv[: len(t)], inv[len(t):]
-    k = len(classes)
-    conf = np.zeros((k, k), dtype=np.float64)
-    np.add.at(conf, (ti, pi), 1.0)
-    tk, pk = conf.sum(axis=1), conf.sum(axis=0)
-    c, s = np.trace(conf), conf.sum()
-    den = (s * s - pk @ pk) * (s * s - tk @ tk)
-    return float((c * s - tk @ pk) / math.sqrt(den)) if den > 0 else 0.0
+    return float(mcc(t, p))
+
+
+def task_metrics(task: str, y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+    """The metrics GLUE reports for ``task`` from class ids: ``accuracy`` always, ``f1`` of class
+    :data:`POSITIVE_CLASS` for MRPC, ``mcc`` for CoLA."""
+    out = {"accuracy": accuracy(y_true, y_pred)}
+    if task == "mrpc":
+        out["f1"] = f1_binary(y_true, y_pred, positive=POSITIVE_CLASS)
+    if task == "cola":
+        out["mcc"] = matthews_corrcoef(y_true, y_pred)
+    return out
 
 
 def _pair(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
 """The training loss: Σ −log p over the answer tokens, with logits computed at the answer
-positions only.
+positions only; for a sequence classifier, Σ −log p(y | x) over the examples, from the head's logits.
 
 For one optimizer step over micro-batches b = 1…G,
 
@@ -10,6 +10,13 @@ tokens count: the prompt is labelled −100 by :func:`adapters.data.tokenize_for
 LLM-Adapters / Alpaca-LoRA recipe). The output layer receives only the hidden states at the answer
 positions (a forward pre-hook), so logits, softmax and their gradients cover the answer tokens and not
 the prompt or the padding.
+
+A sequence classifier (an encoder with a classification head, :func:`class_loss_sum`) is trained on
+the cross-entropy of its head's logits z ∈ R^C against the class id y of each example,
+
+    L = Σ_b Σ_{i ∈ b} −log softmax(z_i)_{y_i} / N,   N = number of examples in all G micro-batches,
+
+the same sum-then-divide rule, with examples in place of answer tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from typing import Any, Optional
 
 from ..data import IGNORE_INDEX
 
-__all__ = ["answer_targets", "answer_loss_sum", "batch_loss"]
+__all__ = ["answer_targets", "answer_loss_sum", "batch_loss", "class_loss_sum"]
 
 
 def answer_targets(labels: Any) -> tuple[Any, Any]:
@@ -85,3 +92,16 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     index, target = answer_targets(labels)
     return answer_loss_sum(model, inputs, index, target), int(index.numel())
+
+
+def class_loss_sum(model: Any, inputs: dict[str, Any], target: Any) -> Any:
+    """Σ_i −log softmax(z_i)_{target_i} for a sequence classifier called on ``inputs`` (no labels):
+    the cross-entropy of the head's logits z (B, C) against the class ids ``target`` (B,), summed, in
+    float32 for half-precision logits."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = model(**inputs).logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target, reduction="sum")

@@ -17,11 +17,11 @@ import numpy as np
 
 from geoprobe.errors import DataFormatError
 
-from ..data import Example, format_prompt, pack, tokenize_for_training
+from ..data import Example, format_prompt, pack, tokenize_for_classification, tokenize_for_training
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Order", "data_digest", "tokenize_examples", "training_sequences"]
+__all__ = ["Order", "data_digest", "tokenize_examples", "training_sequences", "classification_sequences"]
 
 
 class Order:
@@ -85,6 +85,16 @@ def training_sequences(examples: Sequence[Example], tokenizer: Any, *, max_lengt
     examples dropped as too long."""
     rows, dropped = tokenize_examples(examples, tokenizer, max_length, template)
     return (pack(rows, max_length) if packed else rows), dropped
+
+
+def classification_sequences(examples: Sequence[Example], tokenizer: Any, *,
+                             max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """The rows a sequence classifier trains on (one per example, truncated to ``max_length``, never
+    packed: each example has its own [CLS] summary) and the number dropped (none)."""
+    examples = list(examples)
+    if not examples:
+        raise DataFormatError("no training examples; check --data and --limit")
+    return tokenize_for_classification(examples, tokenizer, max_length=max_length), 0
 
 
 def data_digest(seqs: Sequence[dict[str, list[int]]]) -> str:

@@ -12,6 +12,12 @@ The loop never waits on the GPU within a step: the answer positions and the toke
 on the host from the collated labels, batches go to the GPU through pinned memory without blocking,
 and the per-step losses stay on the device until they are read every ``log_every`` steps, at a
 checkpoint, at the end, or every step when ``on_step`` is given.
+
+Two objectives, chosen by the model: a causal LM is trained on its answers (packed, answer-masked
+sequences, :func:`~adapters.train.loss.answer_loss_sum`); a sequence-classification model (an encoder
+with a classification head, PEFT ``SEQ_CLS``) on the cross-entropy of its head's logits against the
+class ids (one padded row per example, :func:`~adapters.train.loss.class_loss_sum`), its head trained
+in full beside the adapters (``modules_to_save``) and saved with them.
 """
 from __future__ import annotations
 
@@ -26,23 +32,28 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from geoprobe import runtime
 from geoprobe.errors import AdapterError, DataFormatError
-from geoprobe.models import is_causal_lm
+from geoprobe.models import is_causal_lm, is_sequence_classifier
 from geoprobe.profile import FinetuneResult
 from geoprobe.records import write_json
 
 from .. import registry
 from ..build import build
 from ..io import adapter_spec, save
-from ..data import Example, collate
+from ..data import Example, collate, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
 from . import loss as loss_fns
-from .order import Order, data_digest, training_sequences
+from .order import Order, classification_sequences, data_digest, training_sequences
 from .settings import NOT_COMPARED, TrainSettings, lr_factor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "FinetuneRun", "finetune"]
+__all__ = ["Trainer", "FinetuneRun", "finetune", "CAUSAL", "CLASSIFICATION"]
+
+CAUSAL = "causal_lm"
+"""The objective of a causal LM: −log p of the answer tokens."""
+CLASSIFICATION = "classification"
+"""The objective of a sequence classifier: cross-entropy of the head's logits against the class ids."""
 
 
 @dataclass
@@ -76,19 +87,27 @@ def _mover(device: Any) -> Callable[[Any], Any]:
     return lambda t: t.to(device)
 
 
-def _check_model(model: Any, tokenizer: Any) -> int:
-    """The padding id, after checking that ``model`` is a causal LM and ``tokenizer`` has EOS."""
+def _objective(model: Any, tokenizer: Any) -> tuple[str, int]:
+    """The training objective ``model`` takes (:data:`CAUSAL` or :data:`CLASSIFICATION`) and the
+    padding id, after checking the model and the tokenizer."""
+    if is_sequence_classifier(model):
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            raise DataFormatError("the tokenizer has no pad_token to pad classification batches; set "
+                                  "tokenizer.pad_token first")
+        return CLASSIFICATION, int(pad)
     if model.get_output_embeddings() is None or not is_causal_lm(model):
-        raise AdapterError(f"fine-tuning trains a causal language model on answers; {type(model).__name__} "
-                           "is not one (use a …ForCausalLM model)")
+        raise AdapterError(f"fine-tuning trains a causal language model on answers or a sequence classifier "
+                           f"on class ids; {type(model).__name__} is neither (load a …ForCausalLM model, or an "
+                           "encoder with a classification head: load_model(..., num_labels=C))")
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataFormatError("the tokenizer has no eos_token; set tokenizer.eos_token first")
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return CAUSAL, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
 
 class Trainer:
-    """One fine-tune run of adapters on a causal LM (see :func:`finetune` for the arguments).
+    """One fine-tune run of adapters on a causal LM or a sequence classifier (see :func:`finetune`).
 
     The constructor checks the model, the output folder and the data (nothing is built yet);
     :meth:`setup` builds the adapter, the optimizer and the schedule and restores the newest
@@ -105,11 +124,14 @@ class Trainer:
         self.model, self.adapter, self.out = model, adapter, Path(out)
         self.model_name, self.data_name, self.on_step = model_name, data_name, on_step
         self.build_kwargs = dict(build_kwargs or {})
-        self.pad = _check_model(model, tokenizer)
+        self.objective, self.pad = _objective(model, tokenizer)
         self.start_ckpt = ckpt.check_out(self.out, resume)
         self.n_examples = len(list(examples))
-        self.seqs, self.dropped = training_sequences(examples, tokenizer, max_length=s.max_length,
-                                                     template=s.template, packed=s.pack)
+        if self.objective == CLASSIFICATION:
+            self.seqs, self.dropped = classification_sequences(examples, tokenizer, max_length=s.max_length)
+        else:
+            self.seqs, self.dropped = training_sequences(examples, tokenizer, max_length=s.max_length,
+                                                         template=s.template, packed=s.pack)
         self.order = Order(len(self.seqs), s.batch_size, s.seed)
         self.total = s.max_steps or max(1, math.ceil(s.epochs * self.order.per_epoch / s.grad_accum))
         self.warmup = math.ceil(s.warmup_ratio * self.total) if s.warmup_ratio > 0 else 0
@@ -201,7 +223,7 @@ class Trainer:
             self.aux_loss = hydra_aux_loss
         self.to_device = _mover(self.device)
         self.acc_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
-        self.extra = {"n_examples": self.n_examples, "n_dropped_too_long": self.dropped,
+        self.extra = {"objective": self.objective, "n_examples": self.n_examples, "n_dropped_too_long": self.dropped,
                       "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
                       "device": str(self.device),
                       "compute_dtype": "bfloat16 autocast" if cuda else "float32",
@@ -223,8 +245,16 @@ class Trainer:
 
     def _micro_batches(self, picks: list[list[int]]) -> tuple[list[tuple[Any, Any, Any]], int]:
         """Collated micro-batches on the device (inputs, answer index, answer tokens) and the number
-        of answer tokens; counted and indexed on the host, copied without waiting."""
+        of answer tokens; counted and indexed on the host, copied without waiting. For a classifier:
+        (inputs, None, class ids) and the number of examples."""
         work, n_tok = [], 0
+        if self.objective == CLASSIFICATION:
+            for idx in picks:
+                b = collate_classification([self.seqs[i] for i in idx], self.pad)
+                n_tok += len(idx)
+                work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"}, None,
+                             self.to_device(b["labels"])))
+            return work, n_tok
         for idx in picks:
             b = collate([self.seqs[i] for i in idx], self.pad)
             index, target = loss_fns.answer_targets(b["labels"])
@@ -240,7 +270,10 @@ class Trainer:
         s, loss_sum = self.settings, None
         for inputs, index, target in work:
             with self.autocast:
-                part = loss_fns.answer_loss_sum(self.peft_model, inputs, index, target)
+                if index is None:
+                    part = loss_fns.class_loss_sum(self.peft_model, inputs, target)
+                else:
+                    part = loss_fns.answer_loss_sum(self.peft_model, inputs, index, target)
                 objective = part / n_tok
                 if self.aux_loss is not None:
                     objective = objective + s.balance_coef * self.aux_loss(self.peft_model) / s.grad_accum
@@ -355,8 +388,10 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
     """Fine-tune adapters on ``examples`` and write OUT/adapter, OUT/results.json, OUT/checkpoints.
 
     Args:
-        model: a causal LM (the base model; adapters are added in place by :func:`adapters.build`).
-        tokenizer: its tokenizer (needs an EOS token).
+        model: a causal LM, or a sequence-classification model (an encoder with a classification head,
+            trained on the examples' class ids with its head in full); the base model, adapters are
+            added in place by :func:`adapters.build`.
+        tokenizer: its tokenizer (needs an EOS token for a causal LM, a pad token for a classifier).
         examples: training :class:`~adapters.data.Example` records.
         adapter: a method of :data:`adapters.build.METHODS` or an :class:`AdapterPlan`.
         out: output folder.
@@ -373,9 +408,10 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
     the CPU gives the same result as an uninterrupted run, bit for bit.
 
     Raises:
-        AdapterError: an encoder model, unusable settings, an existing run without ``resume``, or a
+        AdapterError: an encoder without a classification head, unusable settings, an existing run without ``resume``, or a
             checkpoint written with other settings or data.
-        DataFormatError: examples without answers, or none that fits ``max_length``.
+        DataFormatError: examples without answers, or none that fits ``max_length``; for a classifier,
+            examples without a label set (data that needs generation).
     """
     trainer = Trainer(model, tokenizer, examples, adapter, out=out, settings=settings or TrainSettings(),
                       resume=resume, model_name=model_name, data_name=data_name, on_step=on_step,

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import gguf as _gguf
 from .causal import is_causal_lm
-from .common import DtypeLike, LoadedModel, special_token_ids, torch_dtype
+from .common import (DtypeLike, LoadedModel, head_module_names, is_sequence_classifier, special_token_ids,
+                     torch_dtype)
 from .embeddings import EMBEDDING_SUFFIXES, find_embedding_key
 from .folder import folder_embeddings, folder_tokenizer, load_folder
 from .gguf import CACHE_FORMAT, cache_root, file_sha256, gguf_cache_dir, load_gguf
@@ -45,15 +46,19 @@ logger = logging.getLogger(__name__)
 def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = None,
                allow_pickle: bool = False, trust_remote_code: bool = False,
                cache_dir: Optional[Union[str, os.PathLike]] = None,
-               revision: Optional[str] = None) -> LoadedModel:
-    """Load a model and its fast tokenizer for probing.
+               revision: Optional[str] = None, num_labels: Optional[int] = None) -> LoadedModel:
+    """Load a model and its fast tokenizer for probing (and for fine-tuning).
 
     ``spec``: ``None`` (embedded default), a hub id, a local folder or a ``.gguf`` file (see
     :mod:`geoprobe.models.spec` for how a spec is resolved). ``dtype``: ``None`` loads float32 (the
     probes compute in float32/float64 on the CPU); also "bfloat16", "float16", "auto" or a
     ``torch.dtype``. ``allow_pickle``: permit ``.bin``/``.pt`` weights (unpickling can run arbitrary
     code). ``trust_remote_code``: permit model code shipped with the checkpoint. ``cache_dir`` and
-    ``revision`` apply to hub downloads only.
+    ``revision`` apply to hub downloads only. ``num_labels``: an encoder (BERT, MiniLM) is built with
+    a sequence-classification head of that many classes (``AutoModelForSequenceClassification``; the
+    head is freshly initialised when the checkpoint has none, every other tensor must be present);
+    causal LMs (GGUF files and the default included) are loaded as causal LMs whatever it says, as
+    they answer classification tasks by generating the label word.
 
     Raises :class:`ModelNotFoundError`, :class:`ModelLoadError`, :class:`UnsafeModelError` or
     :class:`MissingDependencyError`, each with a message that says what to do.
@@ -67,10 +72,11 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
     elif kind == "folder":
         lm = load_folder(Path(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, name=folder_name(Path(target)),
-                         source="folder")
+                         source="folder", num_labels=num_labels)
     else:
         lm = load_hub(str(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, cache_dir=cache_dir, revision=revision)
+                      trust_remote_code=trust_remote_code, cache_dir=cache_dir, revision=revision,
+                      num_labels=num_labels)
     logger.info("loaded %s (%s, %s, %d parameters) in %.1f s", lm.name, lm.source,
                 lm.info.architecture, lm.info.n_parameters, time.perf_counter() - t0)
     return lm
@@ -112,6 +118,7 @@ def load_tokenizer(spec: Spec = None, *, trust_remote_code: bool = False,
 
 
 __all__ = ["LoadedModel", "load_model", "load_embeddings", "load_tokenizer", "is_causal_lm",
+           "is_sequence_classifier", "head_module_names",
            "default_gguf_path", "resolve_spec", "looks_like_path", "file_sha256", "gguf_cache_dir",
            "cache_root", "find_embedding_key", "special_token_ids", "hub_offline",
            "DEFAULT_PACKAGE", "DEFAULT_GGUF", "DEFAULT_NAME", "DEFAULT_INSTALL_HINT", "HUB_TIMEOUT_S",

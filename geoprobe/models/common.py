@@ -8,7 +8,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ..errors import GeoprobeError, ModelLoadError, UnsafeModelError
 from ..profile import ModelInfo
@@ -124,27 +124,109 @@ def from_pretrained(cls: Any, where: Union[str, Path], what: str, **kwargs: Any)
             f"{_first_line(exc)})") from None
 
 
-def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
-                 use_safetensors: Optional[bool], trust_remote_code: bool,
-                 **hub_kwargs: Any) -> tuple[Any, bool]:
-    """(model, causal): ``AutoModelForCausalLM`` when :func:`is_causal_lm` says so of ``config``,
-    else ``AutoModel``. A checkpoint with missing or mis-shaped tensors (the model would be partly
-    random) raises :class:`ModelLoadError`."""
-    from transformers import AutoModel, AutoModelForCausalLM
+def head_module_names(model: Any) -> list[str]:
+    """Names of the task head of a model with one (the top-level modules holding parameters beside the
+    base model named by ``base_model_prefix``): ``["classifier"]`` for ``BertForSequenceClassification``,
+    ``["score"]`` for ``LlamaForSequenceClassification``; empty for a bare base model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or getattr(model, prefix, None) is None:
+        return []
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
+def is_sequence_classifier(model: Any) -> bool:
+    """True for a transformers sequence-classification model (``…ForSequenceClassification``, or the
+    class transformers maps a model type to for sequence classification); a PEFT model is judged by
+    its base model."""
+    if hasattr(model, "get_base_model") and callable(model.get_base_model):
+        model = model.get_base_model()
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    except ImportError:
+        return False
+    return name in set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
+
+
+HEAD_SEED = 0
+"""The torch seed a freshly initialised classification head is drawn with, so every load of one
+checkpoint gives the same head whatever the global random state."""
+
+
+def _init_head(model: Any, names: Sequence[str]) -> None:
+    """Draw the head modules ``names`` afresh: every ``nn.Linear`` weight ~ N(0, σ²) with σ the config's
+    ``initializer_range`` (0.02 when unset; BERT's initialisation, Devlin et al. 2019), biases 0, from a
+    generator seeded with :data:`HEAD_SEED`."""
+    import torch
+
+    std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+    gen = torch.Generator(device="cpu").manual_seed(HEAD_SEED)
+    with torch.no_grad():
+        for name in names:
+            for module in getattr(model, name).modules():
+                if isinstance(module, torch.nn.Linear):
+                    w = torch.empty(module.weight.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                    module.weight.copy_(w)
+                    if module.bias is not None:
+                        module.bias.zero_()
+
+
+def _model_class(config: Any, num_labels: Optional[int]) -> tuple[Any, bool]:
+    """(auto class, causal) for ``config``: ``AutoModelForCausalLM`` for causal LMs, else
+    ``AutoModelForSequenceClassification`` when ``num_labels`` is given, else ``AutoModel``."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     causal = is_causal_lm(config)
-    cls = AutoModelForCausalLM if causal else AutoModel
+    if causal:
+        return AutoModelForCausalLM, True
+    if num_labels is not None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+            raise ModelLoadError(f"a classification head needs num_labels ≥ 2 classes, got {num_labels!r}")
+        config.num_labels = num_labels
+        return AutoModelForSequenceClassification, False
+    return AutoModel, False
+
+
+def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
+                 use_safetensors: Optional[bool], trust_remote_code: bool,
+                 num_labels: Optional[int] = None, **hub_kwargs: Any) -> tuple[Any, bool]:
+    """(model, causal): ``AutoModelForCausalLM`` when :func:`is_causal_lm` says so of ``config``;
+    otherwise ``AutoModelForSequenceClassification`` with ``num_labels`` classes when ``num_labels`` is
+    given (an encoder with a classification head), else ``AutoModel``. A checkpoint with missing or
+    mis-shaped tensors (the model would be partly random) raises :class:`ModelLoadError`; the one
+    exception is a classification head the checkpoint lacks (or holds for another number of classes),
+    which is freshly initialised (:func:`_init_head`, seeded), as it is meant to be trained."""
+    cls, causal = _model_class(config, num_labels)
+    head_kwargs = {"ignore_mismatched_sizes": True} if cls.__name__ == "AutoModelForSequenceClassification" else {}
     model, info = from_pretrained(
         cls, where, what, config=config, dtype=dtype, use_safetensors=use_safetensors,
-        trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs)
-    missing = sorted(info.get("missing_keys") or [])
-    mismatched = sorted(str(m) for m in info.get("mismatched_keys") or [])
+        trust_remote_code=trust_remote_code, output_loading_info=True, **head_kwargs, **hub_kwargs)
+    head = tuple(head_module_names(model)) if head_kwargs else ()
+
+    def key_of(entry: Any) -> str:
+        return str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+
+    def in_head(key: str) -> bool:
+        return key.split(".", 1)[0] in head
+
+    absent = [key_of(k) for k in info.get("missing_keys") or []] + \
+        [key_of(m) for m in info.get("mismatched_keys") or []]
+    fresh = sorted({k.split(".", 1)[0] for k in absent if in_head(k)})
+    missing = sorted(k for k in (key_of(k) for k in info.get("missing_keys") or []) if not in_head(k))
+    mismatched = sorted(key_of(m) for m in info.get("mismatched_keys") or [] if not in_head(key_of(m)))
     if missing or mismatched:
         bad = (missing + mismatched)[:5]
         raise ModelLoadError(
             f"{what}: the checkpoint does not match its config ({len(missing)} missing, "
             f"{len(mismatched)} mis-shaped tensors, e.g. {', '.join(bad)}); the model would be "
             "partly random. Check that config.json belongs to these weights.")
+    if fresh:
+        _init_head(model, fresh)
+        logger.info("%s: classification head %s with %d classes, freshly initialised (seed %d)",
+                    what, ", ".join(fresh), num_labels, HEAD_SEED)
     unexpected = info.get("unexpected_keys") or []
     if unexpected:
         logger.info("%s: %d checkpoint tensors not used by %s", what, len(unexpected), cls.__name__)

@@ -3,7 +3,7 @@ allowed) and the tokenizer files."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ModelLoadError
 from ..records import read_json
@@ -25,9 +25,11 @@ def _no_weights(what: str) -> ModelLoadError:
 
 
 def load_folder(folder: Path, *, device: str, dtype: Any, allow_pickle: bool,
-                trust_remote_code: bool, name: str, source: str) -> LoadedModel:
+                trust_remote_code: bool, name: str, source: str,
+                num_labels: Optional[int] = None) -> LoadedModel:
     """Build the model and tokenizer of ``folder`` after the safety checks (remote code, pickle,
-    every safetensors header readable)."""
+    every safetensors header readable); an encoder gets a classification head of ``num_labels``
+    classes when that is given (:func:`~geoprobe.models.common.load_weights`)."""
     from transformers import AutoConfig
 
     what = _what(folder)
@@ -42,7 +44,7 @@ def load_folder(folder: Path, *, device: str, dtype: Any, allow_pickle: bool,
         raise _no_weights(what)
     config = from_pretrained(AutoConfig, folder, what, trust_remote_code=trust_remote_code)
     model, causal = load_weights(config, folder, what, dtype=dtype, use_safetensors=bool(safe),
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=trust_remote_code, num_labels=num_labels)
     tokenizer = tokenizer_from(folder, what, trust_remote_code=trust_remote_code)
     return finish(model, tokenizer, name=name, source=source, device=device, dtype=dtype,
                   causal=causal)

@@ -103,11 +103,12 @@ def _no_weights(what: str, files: list[str]) -> ModelLoadError:
 
 # --------------------------------------------------------------------------- the whole model
 def load_hub(repo: str, *, device: str, dtype: Any, allow_pickle: bool, trust_remote_code: bool,
-             cache_dir: Any, revision: Optional[str]) -> LoadedModel:
+             cache_dir: Any, revision: Optional[str], num_labels: Optional[int] = None) -> LoadedModel:
     """Build the model of ``repo``: from the local cache when it is complete there, else after one
-    listing of the repository (pickle-only repositories refused unless allowed)."""
+    listing of the repository (pickle-only repositories refused unless allowed); an encoder gets a
+    classification head of ``num_labels`` classes when that is given."""
     kw = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-              revision=revision)
+              revision=revision, num_labels=num_labels)
     if hub_cached_config(repo, revision, cache_dir) is not None:
         try:
             return _load_hub_files(repo, local_files_only=True,
@@ -132,7 +133,7 @@ def load_hub(repo: str, *, device: str, dtype: Any, allow_pickle: bool, trust_re
 
 def _load_hub_files(repo: str, *, device: str, dtype: Any, trust_remote_code: bool, cache_dir: Any,
                     revision: Optional[str], local_files_only: bool,
-                    use_safetensors: Optional[bool]) -> LoadedModel:
+                    use_safetensors: Optional[bool], num_labels: Optional[int] = None) -> LoadedModel:
     from transformers import AutoConfig
 
     what = _what(repo)
@@ -141,7 +142,7 @@ def _load_hub_files(repo: str, *, device: str, dtype: Any, trust_remote_code: bo
     config = from_pretrained(AutoConfig, repo, what, **kw)
     refuse_remote_code(what, getattr(config, "auto_map", None), trust_remote_code)
     model, causal = load_weights(config, repo, what, dtype=dtype, use_safetensors=use_safetensors,
-                                 **kw)
+                                 num_labels=num_labels, **kw)
     tokenizer = tokenizer_from(repo, what, **kw)
     return finish(model, tokenizer, name=repo, source="hub", device=device, dtype=dtype,
                   causal=causal)
