@@ -1,9 +1,10 @@
 """From a plan or a method name to a PEFT model.
 
-The methods are those of :mod:`adapters.registry` (METHODS.md §5–8): ``lora``, ``hyplora``, ``gelora``,
+The methods are those of :mod:`adapters.registry` (METHODS.md §5–8): ``lora``, ``dora``, ``hyplora``, ``gelora``,
 ``hydralora``, ``hyplora+gelora``, ``hydralora+gelora``; an :class:`~adapters.plan.AdapterPlan` (what
 ``auto`` means) gives the plan's method, r, α, targets, curvature, ranks and heads. Each method's
-settings go into its PEFT config: LoRA's ``LoraConfig``; GeLoRA's per-block ranks as ``rank_pattern``/
+settings go into its PEFT config: LoRA's ``LoraConfig`` (DoRA's with ``use_dora=True``, the method's
+registered options); GeLoRA's per-block ranks as ``rank_pattern``/
 ``alpha_pattern`` with α_j/r_j = α/r in every block; HypLoRA's initial curvature K (default 1, the
 paper's best) in :class:`~adapters.hyplora.HypLoraConfig`; HydraLoRA's N heads (default 4, the paper's
 setting) in :class:`~adapters.hydralora.HydraLoraConfig`.
@@ -231,7 +232,7 @@ def _lora_config(s: Settings, model: Any):
         return gelora_config(base_of(model), s.layer_ranks, target_modules=s.targets,
                              alpha_over_r=s.alpha / s.r, **kw)
     try:
-        return LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.targets), **kw)
+        return LoraConfig(r=s.r, lora_alpha=s.alpha, target_modules=list(s.targets), **kw, **dict(s.method.options))
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"invalid LoRA settings: {exc}") from None
 

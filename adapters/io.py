@@ -287,13 +287,17 @@ def config_from_saved(method: Method, raw: Mapping[str, Any], legacy: Optional[M
 
 def saved_method(raw_cfg: Mapping[str, Any]) -> Method:
     """The method a saved ``adapter_config.json`` (``raw_cfg``) belongs to, from the fields its config
-    class adds to ``LoraConfig`` (``hyplora_*``, ``hydra_*``); ``lora`` when it holds none. With it, stock
+    class adds to ``LoraConfig`` (``hyplora_*``, ``hydra_*``) or the options that select it within
+    ``LoraConfig`` (DoRA's ``use_dora``); ``lora`` when it holds none. With it, stock
     PEFT loads such a folder as its method: ``PeftModel.from_pretrained(model, folder,
     config=config_from_saved(saved_method(raw), raw))`` (what :func:`load` does)."""
     own = {f.name for f in dataclasses.fields(registry.get("lora").config_class)}
     for method in registry.METHODS:
         extra = {f.name for f in dataclasses.fields(method.config_class)} - own
         if len(method.parts) == 1 and extra and extra <= set(raw_cfg):
+            return method
+    for method in registry.METHODS:  # methods that share LoraConfig, told apart by their options
+        if len(method.parts) == 1 and method.options and method.matches_options(dict(raw_cfg)):
             return method
     return registry.get("lora")
 

@@ -2,6 +2,8 @@
 choose, and what :func:`adapters.build` and :func:`adapters.load` build.
 
 * ``lora``: stock PEFT LoRA, h = W x + (α/r)·B A x (Hu et al. 2021, arXiv 2106.09685).
+* ``dora``: PEFT's DoRA (``LoraConfig(use_dora=True)``), W' = m ⊙ (W + (α/r)·B A)/‖W + (α/r)·B A‖_c with a
+  learnable magnitude m per output feature (Liu et al. 2024, arXiv 2402.09353); HypLoRA's second baseline.
 * ``hyplora``: LoRA routed through the Lorentz model, h = W x + (α/r)·Δ(x) (arXiv 2410.04010).
 * ``gelora``: LoRA with per-block ranks from intrinsic dimensions (arXiv 2412.09250).
 * ``hydralora``: one shared A and N routed B heads (arXiv 2404.19245).
@@ -42,7 +44,10 @@ class Method:
     ``(raw adapter_config.json dict, where) -> config`` that reads its config class back (None: the
     class is built from the saved fields it declares, :func:`adapters.io.config_from_saved`). Methods of
     one config class share its loader; weights: a fragment of the tensor names that only its own
-    layer saves (how a folder's weights tell which layer they belong to; None for LoRA layers).
+    layer saves (how a folder's weights tell which layer they belong to; None for LoRA layers);
+    options: config fields, as (name, value) pairs, that select this method within a config class it
+    shares with others (DoRA: ``use_dora=True`` on PEFT's ``LoraConfig``); :func:`adapters.build` sets
+    them, :func:`for_config` and :func:`adapters.io.saved_method` read them back.
     """
 
     name: str
@@ -54,11 +59,23 @@ class Method:
     description: str
     loader: Optional[str] = None
     weights: Optional[str] = None
-
+    options: tuple[tuple[str, Any], ...] = ()
 
     def includes(self, part: str) -> bool:
         """True when ``part`` (a single method) is one of this method's parts."""
         return part in self.parts
+
+    def matches_options(self, config: Any) -> bool:
+        """Whether ``config`` (a config object or a saved ``adapter_config.json`` dict) holds every one of
+        this method's :attr:`options`; a method without options matches when the config sets none of
+        the options that select another method of its config class."""
+        def value(name: str) -> Any:
+            return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+        if self.options:
+            return all(value(k) == v for k, v in self.options)
+        rivals = [o for m in METHODS if m.config == self.config and m is not self for o in m.options]
+        return not any(value(k) == v for k, v in rivals)
 
     @property
     def config_class(self) -> type:
@@ -83,6 +100,9 @@ _HYDRA_LOADER = "adapters.hydralora.config:config_from_saved"
 
 METHODS: tuple[Method, ...] = (
     Method("lora", ("lora",), _LORA_CONFIG, None, (), True, "stock PEFT LoRA: h = W x + (α/r)·B A x"),
+    Method("dora", ("dora",), _LORA_CONFIG, None, (), True,
+           "PEFT's DoRA: LoRA direction with a learnable magnitude per output feature (use_dora=True)",
+           options=(("use_dora", True),)),
     Method("hyplora", ("hyplora",), _HYP_CONFIG, _HYP_LAYER, ("gelora",), False,
            "LoRA routed through the Lorentz model, learnable curvature (HypLoRA)", None, ".lora_hyp_"),
     Method("gelora", ("gelora",), _LORA_CONFIG, None, ("hyplora", "hydralora"), True,
@@ -124,14 +144,15 @@ def get(name: str) -> Method:
 
 
 def for_config(config: Any) -> Method:
-    """The single method whose config class is exactly ``type(config)`` (``lora`` for a plain
-    ``LoraConfig``; GeLoRA's per-block ranks are LoRA settings, not another config class).
+    """The single method whose config class is exactly ``type(config)`` and whose :attr:`Method.options`
+    the config holds (``lora`` for a plain ``LoraConfig``, ``dora`` for one with ``use_dora=True``;
+    GeLoRA's per-block ranks are LoRA settings, not another config class).
 
     Raises:
         AdapterError: a config class no method builds.
     """
     for method in METHODS:
-        if len(method.parts) == 1 and type(config) is method.config_class:
+        if len(method.parts) == 1 and type(config) is method.config_class and method.matches_options(config):
             return method
     raise AdapterError(f"no adapter method builds {type(config).__name__} configs; known: "
                        + ", ".join(sorted({m.config.rsplit(':', 1)[-1] for m in METHODS})))

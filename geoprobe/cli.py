@@ -4,7 +4,8 @@ Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report fro
 profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``;
 an encoder on GLUE TSVs trains a classification head beside them, ``--head``), ``evaluate`` (accuracy
 of a model with an adapter on a test set; GLUE's F1 and Matthews' correlation), ``run`` (probe → plan → build →
-fine-tune → evaluate → report in one command) and ``native`` (build the adapter layers' C++ nodes now
+fine-tune → evaluate → report in one command), ``compare`` (every method with every seed at an equal
+parameter budget, paired against LoRA) and ``native`` (build the adapter layers' C++ nodes now
 instead of at the first training step, and say where they serve). This module parses arguments, prints
 and calls the library: the adapter commands call :mod:`geoprobe.workflows` (and reach into the
 ``adapters`` package inside their own functions only). Every :class:`~geoprobe.errors.GeoprobeError`
@@ -112,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
     u.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
+    c = sub.add_parser("compare", help="fair multi-seed comparison of adapter methods at an equal parameter budget",
+                       description="Fine-tune every method with every seed at the parameter budget of a rank-r "
+                                   "LoRA (±5 %), evaluate each on every --eval set, and write OUT/runs/*.json, "
+                                   "OUT/summary.json and OUT/report.html. A rerun skips finished runs and resumes "
+                                   "an interrupted one.")
+    _add_model_args(c)
+    c.add_argument("--data", help="training data (required)")
+    c.add_argument("--eval", action="append", default=[], metavar="TEST",
+                   help="test data with gold answers (repeatable)")
+    c.add_argument("--methods", default="none,lora,dora,gelora",
+                   help="comma-separated methods: " + ", ".join(_compare_choices())
+                        + " ('--methods list' describes each)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per method (default 3)")
+    c.add_argument("--plan-seed", type=int, default=0, help="seed of the quick probe that plans auto and GeLoRA")
+    _add_train_args(c, seed=False)
+    c.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N examples of each set")
+    _add_eval_args(c)
+    c.add_argument("--out", help="output folder, required (rerun with the same folder to resume)")
+
     n = sub.add_parser("native", help="build the adapter layers' C++ nodes now (otherwise built at first use)")
     n.add_argument("--cpu", action="store_true",
                    help="build the CPU variant even where CUDA is present (it serves GEOPROBE_NATIVE=all)")
@@ -119,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADAPTER_CHOICES = (*registry.names(), registry.AUTO)  # every registered method, then the planner's choice
+
+
+def _compare_choices() -> tuple[str, ...]:
+    from .compare import choices
+
+    return choices()
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +166,7 @@ def _add_head_arg(p: argparse.ArgumentParser) -> None:
                         "head trained beside the adapters; a causal LM generates its answers")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--r", type=int, default=32, help="LoRA rank (GeLoRA: the rank whose budget is shared)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r for every method)")
     p.add_argument("--dropout", type=float, default=0.05, help="adapter dropout")
@@ -152,7 +178,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per (packed) sequence")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -319,7 +346,7 @@ def _train_settings(args):
 
     return TrainSettings(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          max_steps=args.max_steps, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
-                         seed=args.seed, save_every=args.save_every, pack=not args.no_pack,
+                         seed=getattr(args, "seed", 0), save_every=args.save_every, pack=not args.no_pack,
                          balance_coef=args.balance)
 
 
@@ -437,6 +464,72 @@ def cmd_run(args, command: str) -> int:
     return 0
 
 
+def _eval_sets(paths: Sequence[str], limit: Optional[int]) -> list:
+    """The ``--eval`` sets, each named by its task (or file stem), made unique with the folder name."""
+    from adapters.data import load_examples
+
+    from .compare import EvalSet
+
+    sets, names = [], set()
+    for path in paths:
+        examples = load_examples(path, limit=limit)
+        tasks = {ex.task for ex in examples}
+        name = tasks.pop() if len(tasks) == 1 and examples[0].task else Path(path).stem
+        if name in names:
+            name = f"{Path(path).parent.name}/{Path(path).stem}"
+        if name in names:
+            raise GeoprobeError(f"--eval {path} is given twice")
+        names.add(name)
+        sets.append(EvalSet(name=name, path=str(path), examples=examples))
+    return sets
+
+
+def _print_methods() -> None:
+    from .compare import arms
+
+    listed = arms()
+    width = max(len(a.name) for a in listed)
+    for a in listed:
+        print(f"  {a.name:<{width}}  {a.description}")
+
+
+def cmd_compare(args, command: str) -> int:
+    """Check every flag and data file, load the model, and run :func:`geoprobe.compare.compare`."""
+    from adapters.data import load_examples
+
+    from .compare import check_eval_sets, compare, parse_methods
+    from .errors import ComparisonError
+
+    if args.methods.strip().lower() in ("list", "help"):
+        _print_methods()
+        return 0
+    missing = [flag for flag, value in (("--data", args.data), ("--eval", args.eval), ("--out", args.out)) if not value]
+    if missing:
+        raise ComparisonError(f"geoprobe compare needs {', '.join(missing)}")
+    arms = parse_methods(args.methods)
+    if args.seeds < 1:
+        raise ComparisonError(f"--seeds must be at least 1, got {args.seeds}")
+    _check_limit(args.limit, "--limit")
+    _check_limit(args.eval_limit, "--eval-limit")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ComparisonError(f"--out {args.out} is a file; give a folder")
+    settings = _train_settings(args)
+    examples = load_examples(args.data, limit=args.limit)
+    evals = _eval_sets(args.eval, args.eval_limit)
+    check_eval_sets(evals)
+    lm = _load_lm(args)
+    done = compare(lm, examples, evals, out=args.out, arms=arms, seeds=args.seeds, train_settings=settings,
+                   r=args.r, alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout,
+                   n_heads=args.n_heads, curvature=args.curvature, eval_batch_size=args.eval_batch_size,
+                   max_new_tokens=args.max_new_tokens, plan_seed=args.plan_seed, data_name=str(args.data),
+                   progress=not args.quiet, device=args.device, command=command,
+                   echo=lambda line: print(line, flush=True))
+    print(done.table)
+    print(f"summary written to {done.summary_path}")
+    print(f"report written to {done.report_path}")
+    return 0
+
+
 def cmd_native(args: argparse.Namespace, command: str) -> int:
     """Build (or find in the cache) the native adapter layers for CUDA, or for the CPU with --cpu or
     without CUDA, and print where they are used under the current GEOPROBE_NATIVE mode."""
@@ -467,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     command = "geoprobe " + shlex.join(argv)
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
-                "evaluate": cmd_evaluate, "run": cmd_run, "native": cmd_native}
+                "evaluate": cmd_evaluate, "run": cmd_run, "compare": cmd_compare, "native": cmd_native}
     try:
         return handlers[args.command](args, command)
     except GeoprobeError as exc:

@@ -57,3 +57,8 @@ class AdapterError(GeoprobeError):
 
 class DataFormatError(GeoprobeError):
     """A training or evaluation data file lacks the expected fields."""
+
+
+class ComparisonError(GeoprobeError):
+    """A comparison cannot run as asked: an unknown method, no seeds, a parameter budget that cannot be
+    matched, or an output folder that holds a comparison with other settings."""

@@ -130,7 +130,7 @@ def test_bad_method_and_options_refused():
     with pytest.raises(AdapterError, match="AdapterPlan"):
         build_module.build(tiny_llama(), "auto")
     with pytest.raises(AdapterError, match="unknown adapter method"):
-        build_module.build(tiny_llama(), "dora")
+        build_module.build(tiny_llama(), "qlora")
     with pytest.raises(AdapterError, match="curvature applies to hyplora"):
         build_module.build(tiny_llama(), "lora", curvature=2.0)
     with pytest.raises(AdapterError, match="layer_ranks"):
@@ -155,6 +155,33 @@ def test_lora_equals_stock_peft():
     batch = _inputs("llama")
     _train_step(ours, batch)
     _train_step(stock, batch)
+    assert torch.equal(_out(ours, batch), _out(stock, batch))
+
+
+def test_dora_is_stock_peft_dora():
+    """``dora`` builds PEFT's own DoRA: the same parameters and outputs as ``LoraConfig(use_dora=True)``, one
+    magnitude per output feature of every adapted layer (``lora_magnitude_vector``), and training moves them."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    ours = _build("llama", "dora")
+    torch.manual_seed(1000)
+    stock = get_peft_model(tiny_llama(), LoraConfig(r=R, lora_alpha=2 * R, target_modules=list(LLAMA_TARGETS),
+                                                    lora_dropout=0.05, task_type="CAUSAL_LM", use_dora=True))
+    a, b = dict(ours.named_parameters()), dict(stock.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    adapted = [m for m in ours.modules() if isinstance(m, LoraLinear)]
+    assert adapted and all(isinstance(m.lora_magnitude_vector["default"], DoraLinearLayer) for m in adapted)
+    magnitudes = {n: p for n, p in ours.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == len(adapted)
+    assert sum(p.numel() for p in magnitudes.values()) == sum(m.out_features for m in adapted)
+    trainable, _ = ours.get_nb_trainable_parameters()
+    assert trainable == sum(R * (m.in_features + m.out_features) + m.out_features for m in adapted)
+    assert isinstance(ours.peft_config["default"], LoraConfig) and ours.peft_config["default"].use_dora
+    before = {n: p.detach().clone() for n, p in magnitudes.items()}
+    batch = _inputs("llama")
+    _train_step(ours, batch)
+    _train_step(stock, batch)
+    assert any(not torch.equal(p, before[n]) for n, p in magnitudes.items())
     assert torch.equal(_out(ours, batch), _out(stock, batch))
 
 
@@ -225,7 +252,7 @@ def test_method_matrix(kind, method, tmp_path):
         load(MAKERS[kind](7), folder)
 
     # merge: exact for linear methods, a clear refusal for the nonlinear / routed ones
-    assert registry.get(method).mergeable == (method in ("lora", "gelora"))
+    assert registry.get(method).mergeable == (method in ("lora", "dora", "gelora"))
     if registry.get(method).mergeable:
         merged = loaded.merge_and_unload()
         assert torch.allclose(_out(merged, batch), out1, atol=1e-5)
@@ -417,7 +444,7 @@ def test_registry_names_every_method_once():
     from adapters.hydralora import HydraLoraConfig
     from adapters.hyplora import HypLoraConfig
 
-    assert METHODS == registry.names() == ("lora", "hyplora", "gelora", "hydralora", "hyplora+gelora",
+    assert METHODS == registry.names() == ("lora", "dora", "hyplora", "gelora", "hydralora", "hyplora+gelora",
                                            "hydralora+gelora")
     assert registry.choices() == ("auto",) + METHODS and registry.choices(include_auto=False) == METHODS
     for name in METHODS:
@@ -441,8 +468,11 @@ def test_registry_names_every_method_once():
     with pytest.raises(AdapterError, match="planner"):
         registry.get("auto")
     with pytest.raises(AdapterError, match="unknown adapter method"):
-        registry.get("dora")
+        registry.get("qlora")
     assert registry.for_config(LoraConfig(r=2, target_modules=["q_proj"])).name == "lora"
+    assert registry.for_config(LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).name == "dora"
+    assert io_module.saved_method(LoraConfig(r=2, target_modules=["q_proj"], use_dora=True).to_dict()).name == "dora"
+    assert io_module.saved_method(LoraConfig(r=2, target_modules=["q_proj"]).to_dict()).name == "lora"
     assert registry.for_config(HypLoraConfig(r=2, target_modules=["q_proj"])).name == "hyplora"
     assert registry.for_config(HydraLoraConfig(r=2, target_modules=["q_proj"])).name == "hydralora"
     with pytest.raises(AdapterError, match="no adapter method"):

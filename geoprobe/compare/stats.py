@@ -1,0 +1,89 @@
+"""The statistics of a comparison: mean ± standard deviation over seeds, the paired per-seed difference
+against LoRA with its t interval, the verdict, and the rule that says when an evaluation set cannot
+separate the methods.
+
+Paired difference. For seed k both arms are trained with the same seed (same data order, same
+initialisation stream), so the per-seed differences d_k = acc(arm, k) − acc(LoRA, k) are the unit of
+analysis. With n seeds, mean d̄ and standard deviation s (ddof = 1), the 95 % interval is
+d̄ ± t_(0.975, n−1)·s/√n (Student's t). With 3 seeds t_(0.975, 2) = 4.30, so the interval is wide; with
+fewer than 2 paired seeds there is no interval. The untrained base model (``none``) has one value for all
+seeds, paired with each LoRA seed.
+
+Verdict: "better than LoRA" when the interval lies above 0, "worse than LoRA" when it lies below 0,
+"within seed noise" otherwise (and "no interval" with fewer than 2 paired seeds).
+
+Separation rule for an evaluation set: it cannot separate the methods when every arm's mean accuracy is
+below :data:`FLOOR` (5 %: a handful of questions decide such numbers, and a small model's few correct
+answers are mostly luck), or when no arm's interval against LoRA excludes 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["LEVEL", "FLOOR", "BETTER", "WORSE", "NOISE", "NO_INTERVAL", "mean_std", "paired_difference",
+           "verdict", "separation"]
+
+LEVEL = 0.95
+FLOOR = 0.05
+BETTER, WORSE, NOISE, NO_INTERVAL = ("better than LoRA", "worse than LoRA", "within seed noise",
+                                     "no interval (fewer than 2 paired seeds)")
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """``{"n", "mean", "std"}`` of ``values``: the sample standard deviation (ddof = 1), None for one value."""
+    x = np.asarray(list(values), dtype=np.float64)
+    if x.size == 0:
+        return {"n": 0, "mean": None, "std": None}
+    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None}
+
+
+def paired_difference(arm: Sequence[float], lora: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """The paired difference arm − LoRA over seeds (equal-length sequences, seed k at index k): its
+    ``n``, ``mean``, ``std``, Student-t interval ``low``/``high`` at ``level`` (None with n < 2), the
+    ``t_quantile`` used and the :func:`verdict`."""
+    from scipy import stats
+
+    a, b = np.asarray(list(arm), dtype=np.float64), np.asarray(list(lora), dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need equal lengths, got {a.size} and {b.size}")
+    d = a - b
+    n = int(d.size)
+    out: dict[str, Any] = {"n": n, "mean": float(d.mean()) if n else None, "std": None, "low": None,
+                           "high": None, "t_quantile": None, "level": level, "differences": d.tolist()}
+    if n >= 2:
+        s = float(d.std(ddof=1))
+        q = float(stats.t.ppf(0.5 + level / 2, n - 1))
+        half = q * s / math.sqrt(n)
+        out.update(std=s, t_quantile=q, low=float(d.mean()) - half, high=float(d.mean()) + half)
+    out["verdict"] = verdict(out["low"], out["high"])
+    return out
+
+
+def verdict(low: Optional[float], high: Optional[float]) -> str:
+    """The plain reading of a difference's interval (module docstring)."""
+    if low is None or high is None:
+        return NO_INTERVAL
+    if low > 0:
+        return BETTER
+    if high < 0:
+        return WORSE
+    return NOISE
+
+
+def separation(means: dict[str, Optional[float]], differences: dict[str, dict[str, Any]],
+               floor: float = FLOOR) -> dict[str, Any]:
+    """Whether an evaluation set separates the methods (module docstring): ``{"separates", "reason"}``."""
+    known = {k: v for k, v in means.items() if v is not None}
+    if known and all(v < floor for v in known.values()):
+        return {"separates": False, "reason": f"every method's mean accuracy is below {100 * floor:g} % "
+                                              f"(highest {100 * max(known.values()):.1f} %): too low to separate methods"}
+    decided = [k for k, d in differences.items() if d.get("verdict") in (BETTER, WORSE)]
+    if not decided:
+        with_interval = [k for k, d in differences.items() if d.get("low") is not None]
+        reason = ("every interval against LoRA contains 0: no method differs from LoRA beyond seed noise"
+                  if with_interval else "no paired interval against LoRA (needs LoRA and at least 2 seeds)")
+        return {"separates": False, "reason": reason}
+    return {"separates": True, "reason": f"the interval against LoRA excludes 0 for {', '.join(decided)}"}

@@ -1,0 +1,201 @@
+"""`geoprobe compare`: the paired interval against scipy, the verdict and separation rules, the method
+list, equal budgets counted against PEFT's own parameter count, the summary recomputed from the run
+records, the report's escaping, and refusals before any training. The end-to-end runs on the real
+SmolLM2 are in tests/test_compare_e2e.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+import adapters
+from adapters.build import LLAMA_TARGETS
+from geoprobe.cli import main
+from geoprobe.compare import (NONE, OFFICIAL, TOLERANCE, arms, choices, match_budget, paired_difference,
+                              parameter_count, parse_methods, separation, summarize, verdict)
+from geoprobe.compare.arms import target_modules_of
+from geoprobe.compare.stats import BETTER, NO_INTERVAL, NOISE, WORSE
+from geoprobe.compare.workflow import _check_out, check_eval_sets, EvalSet
+from geoprobe.errors import ComparisonError, DataFormatError
+from geoprobe.report.comparison import render_comparison_html
+
+from tiny_models import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("n", [2, 3, 5, 10])
+def test_paired_interval_is_scipys_paired_t_interval(n):
+    rng = np.random.default_rng(n)
+    a, b = rng.uniform(0.2, 0.6, n), rng.uniform(0.2, 0.6, n)
+    got = paired_difference(a, b)
+    ci = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert got["low"] == pytest.approx(ci.low, rel=1e-12) and got["high"] == pytest.approx(ci.high, rel=1e-12)
+    assert got["mean"] == pytest.approx(np.mean(a - b)) and got["n"] == n
+    assert got["t_quantile"] == pytest.approx(sps.t.ppf(0.975, n - 1))
+
+
+def test_paired_interval_needs_two_seeds_and_verdicts_follow_the_interval():
+    one = paired_difference([0.5], [0.3])
+    assert one["low"] is None and one["high"] is None and one["verdict"] == NO_INTERVAL
+    assert paired_difference([0.5, 0.52, 0.51], [0.3, 0.31, 0.3])["verdict"] == BETTER
+    assert paired_difference([0.1, 0.12, 0.11], [0.3, 0.31, 0.3])["verdict"] == WORSE
+    assert paired_difference([0.3, 0.5, 0.1], [0.3, 0.3, 0.3])["verdict"] == NOISE
+    assert verdict(-0.01, 0.02) == NOISE and verdict(0.0, 0.1) == NOISE and verdict(1e-9, 0.1) == BETTER
+    assert verdict(None, None) == NO_INTERVAL
+
+
+def test_separation_rule():
+    noise = {"dora": paired_difference([0.02, 0.03, 0.01], [0.02, 0.01, 0.03])}
+    low = separation({"lora": 0.02, "dora": 0.02, NONE: 0.01}, noise)
+    assert not low["separates"] and "below 5 %" in low["reason"]
+    high_noise = separation({"lora": 0.4, "dora": 0.41}, noise)
+    assert not high_noise["separates"] and "contains 0" in high_noise["reason"]
+    clear = {"dora": paired_difference([0.5, 0.52, 0.51], [0.3, 0.31, 0.3])}
+    assert separation({"lora": 0.3, "dora": 0.51}, clear)["separates"]
+
+
+# --------------------------------------------------------------------------- methods
+def test_method_names_come_from_the_registry():
+    from adapters import registry
+
+    names = choices()
+    assert names[0] == NONE and names[-1] == registry.AUTO
+    assert set(registry.names()) <= set(names) and OFFICIAL in names
+    official = {a.name: a for a in arms()}[OFFICIAL]
+    assert official.method == "hyplora" and official.official
+    assert [a.name for a in parse_methods(" LoRA, dora ,none")] == ["lora", "dora", NONE]
+    with pytest.raises(ComparisonError, match="unknown method.*qlora.*choose from none, lora"):
+        parse_methods("lora,qlora")
+    with pytest.raises(ComparisonError, match="more than once"):
+        parse_methods("lora,lora")
+    with pytest.raises(ComparisonError, match="empty"):
+        parse_methods(" , ")
+
+
+# --------------------------------------------------------------------------- budgets
+def _peft_count(method: str, budget, **kw) -> int:
+    torch.manual_seed(0)
+    extra = {"n_heads": budget.n_heads} if budget.n_heads else {}
+    if budget.layer_ranks is not None:
+        extra["layer_ranks"] = budget.layer_ranks
+    else:
+        extra.update(r=budget.r, alpha=budget.alpha)
+    model = adapters.build(tiny_llama(0), method, **extra, **kw)
+    trainable, _ = model.get_nb_trainable_parameters()
+    return trainable
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "hyplora", OFFICIAL, "hydralora", "gelora", "hydralora+gelora"])
+def test_budgets_match_peft_counts_within_five_percent(name):
+    arm = {a.name: a for a in arms()}[name]
+    mods = target_modules_of(tiny_llama(0), LLAMA_TARGETS)
+    ranks = [9, 23] if "gelora" in name else None  # GeLoRA-shaped per-block ranks (plans give such)
+    heads = 2 if "hydralora" in name else None
+    b = match_budget(arm, arm.method, mods, r=16, alpha=32.0, layer_ranks=ranks, n_heads=heads)
+    lora = _peft_count("lora", match_budget(parse_methods("lora")[0], "lora", mods, r=16, alpha=32.0))
+    assert b.lora_parameters == lora
+    assert b.parameters == _peft_count(arm.method, b, official=arm.official)
+    assert abs(b.parameters / lora - 1) <= TOLERANCE and b.ratio == pytest.approx(b.parameters / lora)
+    if b.layer_ranks is None:
+        assert b.alpha / b.r == pytest.approx(2.0)  # α/r kept when the rank changes
+
+
+def test_unmatchable_budget_is_refused_with_the_closest_budget():
+    mods = target_modules_of(tiny_llama(0), ["q_proj"])  # 64 → 64: a magnitude vector is 1/(2r) of LoRA
+    dora = parse_methods("dora")[0]
+    with pytest.raises(ComparisonError, match=r"--methods dora: .*LoRA budget of 256 \(rank 1\).*closest is 384"):
+        match_budget(dora, "dora", mods, r=1, alpha=2.0)
+    lowered = match_budget(dora, "dora", mods, r=16, alpha=32.0)  # 16·128 + 64 = +3.1 %: kept
+    assert lowered.r == 16 and not lowered.rank_changed
+    assert parameter_count("dora", mods, [16, 16]) == 2 * (16 * 128 + 64)
+
+
+# --------------------------------------------------------------------------- summary and report
+def _run(method, seed, accs, *, lora_params=1000):
+    return {"method": method, "seed": seed, "device": "cpu", "trainable_parameters": lora_params,
+            "budget_ratio": 1.0, "lora_parameters": lora_params, "train_seconds": 1.0, "eval_seconds": 0.5,
+            "wall_seconds": 1.5, "tokens_per_second": 10.0, "peak_memory_bytes": 2**30,
+            "peak_memory_kind": "cpu_peak_rss_of_process",
+            "eval": {k: {"accuracy": v} for k, v in accs.items()}}
+
+
+def test_summary_recomputed_from_runs():
+    rng = np.random.default_rng(3)
+    lora = rng.uniform(0.2, 0.4, 3)
+    dora = lora + rng.normal(0.02, 0.01, 3)
+    runs = {f"lora-seed{k}": _run("lora", k, {"gsm8k": lora[k]}) for k in range(3)}
+    runs.update({f"dora-seed{k}": _run("dora", k, {"gsm8k": dora[k]}) for k in range(3)})
+    runs[NONE] = _run(NONE, None, {"gsm8k": 0.1})
+    s = summarize(runs, [NONE, "lora", "dora"], 3, settings={"evals": {"gsm8k": {}}, "r": 8})
+    cell = s["table"]["gsm8k"]["dora"]
+    assert cell["mean"] == pytest.approx(dora.mean()) and cell["std"] == pytest.approx(dora.std(ddof=1))
+    ci = sps.ttest_rel(dora, lora).confidence_interval(0.95)
+    assert cell["difference"]["low"] == pytest.approx(ci.low) and cell["difference"]["high"] == pytest.approx(ci.high)
+    base = s["table"]["gsm8k"][NONE]
+    assert base["n"] == 1 and base["mean"] == 0.1 and base["std"] is None
+    assert base["difference"]["mean"] == pytest.approx(0.1 - lora.mean())  # the one base value against each seed
+    assert s["total"]["runs_done"] == s["total"]["runs_total"] == 7 and s["complete"]
+    assert s["total"]["device_seconds"] == pytest.approx(7 * 1.5)
+    assert any("t(0.975, 2) = 4.30" in n for n in s["notes"])
+
+
+def test_report_escapes_every_model_provided_string():
+    hostile = "<script>alert(1)</script>"
+    runs = {f"lora-seed{k}": _run("lora", k, {hostile: 0.3 + k / 100}) for k in range(2)}
+    s = summarize(runs, ["lora"], 2, settings={"evals": {hostile: {}}, "model": hostile, "data": hostile})
+    s["plans"] = {"auto": {"method": "gelora", "reasons": {"method": hostile}}}
+    s["budgets"] = {"lora": {"method": "lora", "parameters": 1, "ratio": 1.0, "rule": hostile}}
+    page = render_comparison_html(s, command=f"geoprobe compare {hostile}")
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("&lt;script&gt;") >= 5
+
+
+# --------------------------------------------------------------------------- refusals before training
+def test_eval_set_of_unknown_answer_format_is_refused():
+    from adapters.data import Example
+
+    good = Example(prompt="2+2?", answer="4", label="4", task="gsm8k")
+    odd = Example(prompt="Name a colour.", answer="red", label="red", task="generic")
+    check_eval_sets([EvalSet("gsm8k", "g.jsonl", [good])])
+    with pytest.raises(DataFormatError, match="--eval odd.json: the answer format of example 0 is not known"):
+        check_eval_sets([EvalSet("odd", "odd.json", [odd])])
+    unlabelled = Example(prompt="2+2?", answer="", label=None, task="gsm8k")
+    with pytest.raises(DataFormatError, match="no gold answer"):
+        check_eval_sets([EvalSet("t", "t.jsonl", [unlabelled])])
+
+
+def test_output_folder_with_other_settings_is_refused(tmp_path):
+    (tmp_path / "comparison.json").write_text(json.dumps({"settings": {"r": 32, "train": {"lr": 3e-4}}}))
+    _check_out(tmp_path, {"r": 32, "train": {"lr": 3e-4}})
+    with pytest.raises(ComparisonError, match=r"other settings \(train.lr: 0.0003 stored, 0.001 now\)"):
+        _check_out(tmp_path, {"r": 32, "train": {"lr": 1e-3}})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ComparisonError, match="not empty"):
+        _check_out(other, {})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "lora,qlora"], "unknown method(s) qlora; choose from none, lora, dora"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--eval-limit", "0"], "--eval-limit must be ≥ 1"),
+])
+def test_cli_bad_input_one_line_nothing_written(tmp_path, capsys, args, message):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--data", str(tmp_path / "train.json"), "--eval", str(tmp_path / "test.json"),
+               "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_lists_methods(capsys):
+    assert main(["compare", "--methods", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in choices()) and "use_dora" in listed
