@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
-           "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device", "native_device",
+           "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
+           "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
            "NativeBuild", "build_native"]
 
 PLAN_FILE = "plan.json"
@@ -242,25 +243,84 @@ def check_adapter_folder(folder: PathLike) -> Path:
     return folder
 
 
+def _model_for_evaluation(lm: Any, adapter: Optional[PathLike], model: Any, what: str) -> Any:
+    """``model`` when given, else the base model with the adapter saved in ``adapter``, else the base model."""
+    require_causal_lm(lm, what)
+    if model is not None:
+        return model
+    if adapter is None:
+        return lm.model
+    import adapters
+    return adapters.load(lm.model, check_adapter_folder(adapter))
+
+
 def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLike] = None, model: Any = None,
-                   batch_size: int = 8, max_new_tokens: Optional[int] = None, what: str = "evaluation") -> Any:
+                   batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                   what: str = "evaluation", progress: bool = False) -> Any:
     """Accuracy of ``lm`` on ``examples`` (greedy generation, :func:`adapters.evaluate.evaluate`):
     of ``model`` when given (a trained PeftModel), else of the base model with the adapter saved in
-    ``adapter``, else of the base model. Returns the :class:`adapters.evaluate.EvalResult`."""
+    ``adapter``, else of the base model. ``batch_size`` ``None`` fits the batch to the device.
+    Returns the :class:`adapters.evaluate.EvalResult`."""
     from adapters.evaluate import evaluate
 
-    require_causal_lm(lm, what)
-    if model is None:
-        model = lm.model
-        if adapter is not None:
-            import adapters
-            model = adapters.load(lm.model, check_adapter_folder(adapter))
-    return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    model = _model_for_evaluation(lm, adapter, model, what)
+    return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    progress=progress)
+
+
+def evaluate_model_sets(lm: Any, sets: Sequence[tuple[str, Sequence[Any]]], *, adapter: Optional[PathLike] = None,
+                        model: Any = None, batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                        what: str = "evaluation", progress: bool = False) -> Any:
+    """Accuracy of ``lm`` (or ``model``, or the base model with ``adapter``) on several named test
+    sets in one generation call (:func:`adapters.evaluate.evaluate_sets`); returns the
+    :class:`adapters.evaluate.SetsResult`."""
+    from adapters.evaluate import evaluate_sets
+
+    model = _model_for_evaluation(lm, adapter, model, what)
+    return evaluate_sets(model, lm.tokenizer, sets, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         progress=progress)
 
 
 def evaluation_record(res: Any, *, model: str, adapter: Optional[str], data: str) -> dict[str, Any]:
-    """The evaluation JSON: schema, model, adapter, data and the :class:`EvalResult` fields."""
+    """The evaluation JSON of one test set: schema, model, adapter, data and the :class:`EvalResult` fields."""
     return {"schema": "geoprobe.evaluation", "model": model, "adapter": adapter, "data": data, **res.to_dict()}
+
+
+EVALUATION_SETS_SCHEMA = "geoprobe.evaluation-sets"
+EVALUATION_SETS_VERSION = 1
+
+
+def evaluation_sets_record(res: Any, *, model: str, adapter: Optional[str]) -> dict[str, Any]:
+    """The evaluation JSON of several test sets (schema ``geoprobe.evaluation-sets``, version 1):
+    model and adapter, ``overall`` (``n``, ``n_correct``, ``accuracy``, ``n_unparsed``, ``seconds``
+    over all examples) and ``sets``, one :func:`evaluation_record` per set in the order given."""
+    return {"schema": EVALUATION_SETS_SCHEMA, "schema_version": EVALUATION_SETS_VERSION, "model": model,
+            "adapter": adapter,
+            "overall": {"n": res.n, "n_correct": res.n_correct, "accuracy": res.accuracy,
+                        "n_unparsed": res.n_unparsed, "seconds": res.seconds},
+            "sets": [evaluation_record(r, model=model, adapter=adapter, data=name)
+                     for name, r in zip(res.names, res.results)]}
+
+
+def read_evaluation(path: PathLike) -> list[dict[str, Any]]:
+    """The per-set records of an evaluation JSON written by ``geoprobe evaluate`` or ``run``: a
+    one-set file (schema ``geoprobe.evaluation``) gives a list of one, a several-set file
+    (``geoprobe.evaluation-sets``) its ``sets``.
+
+    Raises:
+        GeoprobeError: not an evaluation JSON, or a several-set file of a newer schema version.
+    """
+    data = read_json(path, "evaluation")
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema == "geoprobe.evaluation":
+        return [data]
+    if schema == EVALUATION_SETS_SCHEMA:
+        version = data.get("schema_version")
+        if version != EVALUATION_SETS_VERSION:
+            raise GeoprobeError(f"{path}: evaluation-sets schema version {version!r}; this geoprobe reads "
+                                f"version {EVALUATION_SETS_VERSION}")
+        return list(data["sets"])
+    raise GeoprobeError(f"{path} is not an evaluation JSON (schema {schema!r}); write one with `geoprobe evaluate`")
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -317,7 +377,7 @@ def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name:
 def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike, method: str = "auto",
         settings: Any = None, resume: bool = False, r: int = 32, alpha: Optional[float] = None,
         target_modules: Optional[Sequence[str]] = None, dropout: float = 0.05, n_heads: Optional[int] = None,
-        curvature: Optional[float] = None, eval_batch_size: int = 8, max_new_tokens: Optional[int] = None,
+        curvature: Optional[float] = None, eval_batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
         data_name: str = "", eval_name: str = "", progress: bool = True, device: Optional[str] = None,
         command: str = "", on_plan: Optional[Callable[[Any], None]] = None,
         on_trained: Optional[Callable[[Any], None]] = None) -> RunResult:
@@ -346,7 +406,7 @@ def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike
     if on_trained is not None:
         on_trained(trained)
     res = evaluate_model(lm, tests, model=trained.model, batch_size=eval_batch_size,
-                         max_new_tokens=max_new_tokens, what="`geoprobe run`")
+                         max_new_tokens=max_new_tokens, what="`geoprobe run`", progress=progress)
     result = _record_evaluation(trained, res, lm=lm, out=out, eval_name=eval_name)
     profile = profile.with_updates(adapter_plan=plan.to_record(), finetune=[result])
     profile.save(out / PROFILE_FILE)
