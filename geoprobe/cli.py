@@ -3,9 +3,9 @@
 Commands: ``probe`` (measure, write a profile JSON), ``report`` (HTML report from models or saved
 profiles), ``finetune`` (train adapters: LoRA, HypLoRA, GeLoRA, HydraLoRA or the planned ``auto``;
 an encoder on GLUE TSVs trains a classification head beside them, ``--head``), ``evaluate`` (accuracy
-of a model with an adapter on a test set; GLUE's F1 and Matthews' correlation), ``run`` (probe → plan → build →
-fine-tune → evaluate → report in one command), ``compare`` (every method with every seed at an equal
-parameter budget, paired against LoRA) and ``native`` (build the adapter layers' C++ nodes now
+of a model with an adapter on one or more test sets; GLUE's F1 and Matthews' correlation), ``run``
+(probe → plan → build → fine-tune → evaluate → report in one command), ``compare`` (every method with
+every seed at an equal parameter budget, paired against LoRA) and ``native`` (build the adapter layers' C++ nodes now
 instead of at the first training step, and say where they serve). This module parses arguments, prints
 and calls the library: the adapter commands call :mod:`geoprobe.workflows` (and reach into the
 ``adapters`` package inside their own functions only). Every :class:`~geoprobe.errors.GeoprobeError`
@@ -91,15 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
-    e = sub.add_parser("evaluate", help="accuracy of a model (with an adapter) on a test set")
+    e = sub.add_parser("evaluate", help="accuracy of a model (with an adapter) on one or more test sets")
     _add_model_args(e)
     e.add_argument("--adapter", help="adapter folder written by `geoprobe finetune` (default: the base model)")
-    e.add_argument("--data", required=True, help="test data with gold answers")
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+    e.add_argument("--data", required=True, action="append",
+                   help="test data with gold answers; repeat for several sets, evaluated in one call")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each set")
     _add_head_arg(e)
     e.add_argument("--max-length", type=int, default=256,
                    help="tokens per example for a classification head (as in training; default 256)")
-    _add_eval_args(e, "--batch-size")
+    _add_eval_args(e, "--eval-batch-size", "--batch-size")
     e.add_argument("--out", help="evaluation JSON (default: beside the adapter, or evals/<model>-<data>.json)")
 
     u = sub.add_parser("run", help="probe, plan, build, fine-tune, evaluate and report in one command")
@@ -190,9 +191,11 @@ def _add_train_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
 
 
-def _add_eval_args(p: argparse.ArgumentParser, batch_flag: str = "--eval-batch-size") -> None:
-    p.add_argument(batch_flag, dest="eval_batch_size", type=int, default=8,
-                   help="prompts generated (or examples classified) together")
+def _add_eval_args(p: argparse.ArgumentParser, *batch_flags: str) -> None:
+    p.add_argument(*(batch_flags or ("--eval-batch-size",)), dest="eval_batch_size", type=int, default=None,
+                   help="prompts generated (or examples classified) together (default: for generation, fitted "
+                        "to the device — from the free GPU memory and the KV cache of one sequence — or 16 on "
+                        "a CPU; 32 for a classification head)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens generated per answer (default: 256 for math, 32 for labels)")
 
@@ -414,26 +417,86 @@ def _print_eval(correct: int, n: int, accuracy: float, n_unreadable: int, data: 
           + (f"; {n_unreadable} answers unreadable" if n_unreadable else ""))
 
 
-def cmd_evaluate(args, command: str) -> int:
-    from adapters.data import load_examples
+def _check_eval_batch_size(value: Optional[int], flag: str) -> None:
+    if value is not None and value < 1:
+        raise GeoprobeError(f"{flag} must be ≥ 1 (or left out to fit the batch to the device), got {value}")
 
+
+def _evaluation_out(args) -> Path:
+    """--out, or beside the adapter, or evals/<model>-<data stems>.json."""
+    if args.out:
+        return Path(args.out)
+    stems = "-".join(_slug(Path(d).stem) for d in args.data)
+    if args.adapter:
+        return Path(args.adapter).parent / f"eval-{stems}.json"
+    return Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{stems}.json"
+
+
+def _load_test_sets(paths: Sequence[str], limit: Optional[int], flag: str) -> list:
+    """Each test set read and checked (labels, a known answer format) before the model is loaded."""
+    from adapters.data import load_examples
+    from adapters.evaluate import check_examples
+
+    seen = set()
+    sets = []
+    for path in paths:
+        if path in seen:
+            raise GeoprobeError(f"{flag} {path} is given twice; give each test set once")
+        seen.add(path)
+        examples = load_examples(path, limit=limit)
+        check_examples(examples, where=f"{flag} {path}")
+        sets.append((str(path), examples))
+    return sets
+
+
+def _load_for_evaluation(args, sets: Sequence[tuple[str, Sequence]]):
+    """The model loaded for all test sets together; GLUE sets of different label sets, which one
+    classification head cannot serve, are named when an encoder refuses them."""
+    from . import workflows
+    from .errors import AdapterError
+
+    try:
+        return _load_for_data(args, [ex for _, examples in sets for ex in examples], "evaluation")
+    except AdapterError:
+        labels = {name: workflows.classification_labels(examples) for name, examples in sets}
+        if len(sets) > 1 and None not in labels.values() and len(set(labels.values())) > 1:
+            kinds = "; ".join(f"{name}: {', '.join(words)}" for name, words in labels.items())
+            raise GeoprobeError(f"the --data sets have different label sets ({kinds}); an encoder's classification "
+                                "head evaluates one task at a time: give each task's --data in its own "
+                                "`geoprobe evaluate`") from None
+        raise
+
+
+def cmd_evaluate(args, command: str) -> int:
     from . import workflows
     from .records import write_json
 
     _check_limit(args.limit, "--limit")
+    _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size (--batch-size)")
     if args.adapter:
         workflows.check_adapter_folder(args.adapter)
-    out = Path(args.out) if args.out else (
-        Path(args.adapter).parent / f"eval-{_slug(Path(args.data).stem)}.json" if args.adapter
-        else Path("evals") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}-{_slug(Path(args.data).stem)}.json")
+    out = _evaluation_out(args)
+    if out.is_dir():
+        raise GeoprobeError(f"--out {out} is a folder; give a file name")
     _check_limit(args.max_length, "--max-length")
-    examples = load_examples(args.data, limit=args.limit)
-    lm = _load_for_data(args, examples, "evaluation")
-    res = workflows.evaluate_model(lm, examples, adapter=args.adapter, batch_size=args.eval_batch_size,
-                                   max_new_tokens=args.max_new_tokens, max_length=args.max_length)
-    write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=str(args.data)))
-    _print_eval(sum(bool(p["correct"]) for p in res.predictions), res.n, res.accuracy, res.n_unparsed,
-                str(args.data), res.metrics)
+    sets = _load_test_sets(args.data, args.limit, "--data")
+    lm = _load_for_evaluation(args, sets)
+    if len(sets) == 1:
+        res = workflows.evaluate_model(lm, sets[0][1], adapter=args.adapter, batch_size=args.eval_batch_size,
+                                       max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                                       progress=not args.quiet)
+        write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=sets[0][0]))
+        _print_eval(sum(bool(p["correct"]) for p in res.predictions), res.n, res.accuracy, res.n_unparsed,
+                    sets[0][0], res.metrics)
+    else:
+        res = workflows.evaluate_model_sets(lm, sets, adapter=args.adapter, batch_size=args.eval_batch_size,
+                                            max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                                            progress=not args.quiet)
+        write_json(out, workflows.evaluation_sets_record(res, model=lm.name, adapter=args.adapter))
+        for name, r in zip(res.names, res.results):
+            _print_eval(sum(bool(p["correct"]) for p in r.predictions), r.n, r.accuracy, r.n_unparsed, name,
+                        r.metrics)
+        _print_eval(res.n_correct, res.n, res.accuracy, res.n_unparsed, f"all {len(sets)} sets")
     print(f"evaluation written to {out}")
     return 0
 
@@ -445,11 +508,12 @@ def cmd_run(args, command: str) -> int:
 
     _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
+    _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size")
     settings = _train_settings(args)
     out = _default_out(args)
     workflows.check_out(out, args.resume)  # before the (slow) model load and probe
     examples = load_examples(args.data, limit=args.limit)
-    tests = load_examples(args.eval, limit=args.eval_limit)
+    tests = _load_test_sets([args.eval], args.eval_limit, "--eval")[0][1]
     lm = _load_lm(args)
     done = workflows.run(
         lm, examples, tests, out=out, method=args.adapter, settings=settings, resume=args.resume, r=args.r,
@@ -511,6 +575,7 @@ def cmd_compare(args, command: str) -> int:
         raise ComparisonError(f"--seeds must be at least 1, got {args.seeds}")
     _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
+    _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ComparisonError(f"--out {args.out} is a file; give a folder")
     settings = _train_settings(args)

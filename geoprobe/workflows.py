@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
-           "evaluate_model", "evaluation_record", "RunResult", "run", "resolve_device", "native_device",
+           "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
+           "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
            "NativeBuild", "build_native"]
 
 PLAN_FILE = "plan.json"
@@ -366,17 +367,11 @@ def check_adapter_folder(folder: PathLike) -> Path:
     return folder
 
 
-def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLike] = None, model: Any = None,
-                   batch_size: int = 8, max_new_tokens: Optional[int] = None, max_length: int = 256,
-                   what: str = "evaluation") -> Any:
-    """Accuracy (and the task's metrics) of ``lm`` on ``examples``: of ``model`` when given (a trained
-    PeftModel), else of the base model with the adapter saved in ``adapter`` (its classification head
-    included), else of the base model. A causal LM answers by greedy generation
-    (:func:`adapters.evaluate.evaluate`); an encoder with a classification head by the argmax of its
-    logits (:func:`adapters.evaluate.classify`, rows cut at ``max_length`` tokens). Returns the
-    :class:`adapters.evaluate.EvalResult`."""
-    from adapters.evaluate import classify, evaluate
-
+def _model_for_evaluation(lm: Any, examples: Sequence[Any], adapter: Optional[PathLike], model: Any,
+                          what: str) -> tuple[Any, bool]:
+    """The model to evaluate and whether it classifies: ``model`` when given, else the base model with
+    the adapter saved in ``adapter`` (its classification head included), else the base model; the
+    pairing of ``lm`` and ``examples`` is checked first (a head for a classifier, a causal LM otherwise)."""
     from .models import is_sequence_classifier
 
     classifier = is_sequence_classifier(lm.model)
@@ -389,14 +384,102 @@ def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLi
         if adapter is not None:
             import adapters
             model = adapters.load(lm.model, check_adapter_folder(adapter))
+    return model, classifier
+
+
+def _classify_kwargs(batch_size: Optional[int], max_length: int) -> dict[str, Any]:
+    """Options of :func:`adapters.evaluate.classify`: ``batch_size`` ``None`` keeps its default."""
+    return {"max_length": max_length, **({"batch_size": batch_size} if batch_size is not None else {})}
+
+
+def evaluate_model(lm: Any, examples: Sequence[Any], *, adapter: Optional[PathLike] = None, model: Any = None,
+                   batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, max_length: int = 256,
+                   what: str = "evaluation", progress: bool = False) -> Any:
+    """Accuracy (and the task's metrics) of ``lm`` on ``examples``: of ``model`` when given (a trained
+    PeftModel), else of the base model with the adapter saved in ``adapter`` (its classification head
+    included), else of the base model. A causal LM answers by greedy generation
+    (:func:`adapters.evaluate.evaluate`; ``batch_size`` ``None`` fits the batch to the device); an
+    encoder with a classification head by the argmax of its logits (:func:`adapters.evaluate.classify`,
+    rows cut at ``max_length`` tokens). Returns the :class:`adapters.evaluate.EvalResult`."""
+    from adapters.evaluate import classify, evaluate
+
+    model, classifier = _model_for_evaluation(lm, examples, adapter, model, what)
     if classifier:
-        return classify(model, lm.tokenizer, examples, batch_size=batch_size, max_length=max_length)
-    return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        return classify(model, lm.tokenizer, examples, **_classify_kwargs(batch_size, max_length))
+    return evaluate(model, lm.tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    progress=progress)
+
+
+def evaluate_model_sets(lm: Any, sets: Sequence[tuple[str, Sequence[Any]]], *, adapter: Optional[PathLike] = None,
+                        model: Any = None, batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
+                        max_length: int = 256, what: str = "evaluation", progress: bool = False) -> Any:
+    """Accuracy of ``lm`` (or ``model``, or the base model with ``adapter``) on several named test
+    sets: a causal LM generates for all of them in one call (:func:`adapters.evaluate.evaluate_sets`);
+    an encoder with a classification head classifies each set in turn (:func:`adapters.evaluate.classify`).
+    Returns the :class:`adapters.evaluate.SetsResult`."""
+    import time
+
+    from adapters.evaluate import SetsResult, classify, evaluate_sets
+
+    if not sets:
+        raise DataFormatError("evaluation needs at least one test set")
+    names = [name for name, _ in sets]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataFormatError(f"test set {twice[0]!r} is given twice; give each set once")
+    model, classifier = _model_for_evaluation(lm, [ex for _, exs in sets for ex in exs], adapter, model, what)
+    if not classifier:
+        return evaluate_sets(model, lm.tokenizer, sets, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             progress=progress)
+    t0 = time.perf_counter()
+    results = [classify(model, lm.tokenizer, list(exs), **_classify_kwargs(batch_size, max_length))
+               for _, exs in sets]
+    n = sum(r.n for r in results)
+    n_correct = sum(sum(bool(p["correct"]) for p in r.predictions) for r in results)
+    return SetsResult(names=names, results=results, n=n, n_correct=n_correct, accuracy=n_correct / n,
+                      n_unparsed=sum(r.n_unparsed for r in results), seconds=time.perf_counter() - t0)
 
 
 def evaluation_record(res: Any, *, model: str, adapter: Optional[str], data: str) -> dict[str, Any]:
-    """The evaluation JSON: schema, model, adapter, data and the :class:`EvalResult` fields."""
+    """The evaluation JSON of one test set: schema, model, adapter, data and the :class:`EvalResult` fields."""
     return {"schema": "geoprobe.evaluation", "model": model, "adapter": adapter, "data": data, **res.to_dict()}
+
+
+EVALUATION_SETS_SCHEMA = "geoprobe.evaluation-sets"
+EVALUATION_SETS_VERSION = 1
+
+
+def evaluation_sets_record(res: Any, *, model: str, adapter: Optional[str]) -> dict[str, Any]:
+    """The evaluation JSON of several test sets (schema ``geoprobe.evaluation-sets``, version 1):
+    model and adapter, ``overall`` (``n``, ``n_correct``, ``accuracy``, ``n_unparsed``, ``seconds``
+    over all examples) and ``sets``, one :func:`evaluation_record` per set in the order given."""
+    return {"schema": EVALUATION_SETS_SCHEMA, "schema_version": EVALUATION_SETS_VERSION, "model": model,
+            "adapter": adapter,
+            "overall": {"n": res.n, "n_correct": res.n_correct, "accuracy": res.accuracy,
+                        "n_unparsed": res.n_unparsed, "seconds": res.seconds},
+            "sets": [evaluation_record(r, model=model, adapter=adapter, data=name)
+                     for name, r in zip(res.names, res.results)]}
+
+
+def read_evaluation(path: PathLike) -> list[dict[str, Any]]:
+    """The per-set records of an evaluation JSON written by ``geoprobe evaluate`` or ``run``: a
+    one-set file (schema ``geoprobe.evaluation``) gives a list of one, a several-set file
+    (``geoprobe.evaluation-sets``) its ``sets``.
+
+    Raises:
+        GeoprobeError: not an evaluation JSON, or a several-set file of a newer schema version.
+    """
+    data = read_json(path, "evaluation")
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema == "geoprobe.evaluation":
+        return [data]
+    if schema == EVALUATION_SETS_SCHEMA:
+        version = data.get("schema_version")
+        if version != EVALUATION_SETS_VERSION:
+            raise GeoprobeError(f"{path}: evaluation-sets schema version {version!r}; this geoprobe reads "
+                                f"version {EVALUATION_SETS_VERSION}")
+        return list(data["sets"])
+    raise GeoprobeError(f"{path} is not an evaluation JSON (schema {schema!r}); write one with `geoprobe evaluate`")
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -453,7 +536,7 @@ def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name:
 def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike, method: str = "auto",
         settings: Any = None, resume: bool = False, r: int = 32, alpha: Optional[float] = None,
         target_modules: Optional[Sequence[str]] = None, dropout: float = 0.05, n_heads: Optional[int] = None,
-        curvature: Optional[float] = None, eval_batch_size: int = 8, max_new_tokens: Optional[int] = None,
+        curvature: Optional[float] = None, eval_batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
         data_name: str = "", eval_name: str = "", progress: bool = True, device: Optional[str] = None,
         command: str = "", on_plan: Optional[Callable[[Any], None]] = None,
         on_trained: Optional[Callable[[Any], None]] = None) -> RunResult:
@@ -482,7 +565,7 @@ def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike
     if on_trained is not None:
         on_trained(trained)
     res = evaluate_model(lm, tests, model=trained.model, batch_size=eval_batch_size,
-                         max_new_tokens=max_new_tokens, what="`geoprobe run`")
+                         max_new_tokens=max_new_tokens, what="`geoprobe run`", progress=progress)
     result = _record_evaluation(trained, res, lm=lm, out=out, eval_name=eval_name)
     profile = profile.with_updates(adapter_plan=plan.to_record(), finetune=[result])
     profile.save(out / PROFILE_FILE)

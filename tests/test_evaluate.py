@@ -7,16 +7,19 @@ from __future__ import annotations
 import math
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from adapters.data import Example, format_prompt
-from adapters.evaluate import (COMMONSENSE_LABELS, EvalResult, accuracy, evaluate, extract_choice,
-                               extract_commonsense, extract_label, extract_number, extract_prediction,
-                               f1_binary, generate_answers, is_correct, matthews_corrcoef)
-from geoprobe.errors import DataFormatError
+import adapters.evaluate.generate as gen_module
+from adapters.evaluate import (COMMONSENSE_LABELS, EvalResult, SetsResult, accuracy, auto_batch_size, evaluate,
+                               evaluate_sets, extract_choice, extract_commonsense, extract_label, extract_number,
+                               extract_prediction, f1_binary, generate_answers, is_correct,
+                               kv_cache_bytes_per_token, matthews_corrcoef)
+from geoprobe.errors import DataFormatError, InputDataError
 
 import tiny_models
 
@@ -266,10 +269,19 @@ def test_batched_greedy_equals_unbatched(bpe_tokenizer, tiny_llama):
     assert tok.pad_token is None and tok.padding_side == "right" and not model.training
 
 
-def test_batched_greedy_with_early_stops(bpe_tokenizer, tiny_llama):
-    """Make a token the model often emits the EOS: sequences then stop at different steps, and the
-    finished ones are padded while the others go on; outputs still equal one-at-a-time decoding."""
+@pytest.mark.parametrize("drop", [1, 16])
+def test_batched_greedy_with_early_stops(bpe_tokenizer, tiny_llama, monkeypatch, drop):
+    """Make a token the model often emits the EOS: sequences then stop at different steps. With
+    DROP_FRACTION 16 finished rows leave the batch (cache rows selected away); with 1 they stay,
+    masked, until all are done. Outputs equal one-at-a-time decoding and plain `model.generate`."""
+    from transformers import DynamicCache
+
     tok, model = bpe_tokenizer, tiny_llama
+    monkeypatch.setattr(gen_module, "DROP_FRACTION", drop)
+    selections = []
+    original = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices",
+                        lambda self, idx: (selections.append(len(idx)), original(self, idx))[1])
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     firsts = []
     with torch.no_grad():
@@ -290,12 +302,102 @@ def test_batched_greedy_with_early_stops(bpe_tokenizer, tiny_llama):
     model.generation_config.eos_token_id = stop
     try:
         one = generate_answers(model, tok, PROMPTS, batch_size=1, max_new_tokens=8)
-        many = generate_answers(model, tok, PROMPTS, batch_size=4, max_new_tokens=8)
+        selections.clear()
+        many = generate_answers(model, tok, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=8)
         ref = [_greedy_reference(model, tok, p, 8, stop) for p in PROMPTS]
+        plain = _plain_generate(model, tok, PROMPTS, 8)
     finally:
         model.generation_config.eos_token_id = saved
-    assert many == one == ref
+    assert many == one == ref == plain
     assert len({len(r) for r in ref}) > 1
+    if drop == 1:
+        assert selections == []  # finished rows were masked, never dropped
+    else:
+        assert selections and all(0 < k < len(PROMPTS) for k in selections)
+
+
+def _plain_generate(model, tok, prompts, max_new_tokens: int) -> list[str]:
+    """The plain loop: `model.generate(do_sample=False)` on one prompt at a time, new text only."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            enc = tok(p, return_tensors="pt")
+            seq = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.eos_token_id)
+            out.append(tok.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_equals_plain_generate_loop(bpe_tokenizer, dtype):
+    """Length-sorted, left-padded, early-stopping batches give the answers of plain one-at-a-time
+    `model.generate(do_sample=False)`, for every batch size including the device's choice."""
+    tok = bpe_tokenizer
+    model = tiny_models.tiny_llama(3, tokenizer=tok, positions=512, dtype=dtype)
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS] + ["Why?"]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) >= 8  # mixed lengths
+    plain = _plain_generate(model, tok, prompts, 12)
+    for bs in (None, 2, 5, len(prompts)):
+        assert generate_answers(model, tok, prompts, batch_size=bs, max_new_tokens=12) == plain, bs
+
+
+def test_static_cache_batches_equal_plain(bpe_tokenizer, tiny_llama):
+    """The static-cache batches (one shape for all: padded to the longest prompt and to the full
+    batch) give the plain answers; only their compiling is CUDA's, and the flag is refused elsewhere."""
+    tok, model = bpe_tokenizer, tiny_llama
+    width = max(len(tok(p)["input_ids"]) for p in PROMPTS)
+    eos = [tok.eos_token_id]
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    try:
+        with torch.no_grad():
+            got = gen_module._static_batch(model, tok, PROMPTS[:3], width=width, batch_size=5,
+                                           max_new_tokens=10, eos_ids=eos, device="cpu")
+    finally:
+        tok.pad_token, tok.padding_side = None, "right"
+    assert tok.batch_decode(got, skip_special_tokens=True) == _plain_generate(model, tok, PROMPTS[:3], 10)
+    with pytest.raises(InputDataError, match="CUDA"):
+        generate_answers(model, tok, PROMPTS, static_cache=True)
+
+
+def test_batch_size_and_new_tokens_checked(bpe_tokenizer, tiny_llama):
+    for bad in (0, -3):
+        with pytest.raises(InputDataError, match="batch size"):
+            generate_answers(tiny_llama, bpe_tokenizer, PROMPTS, batch_size=bad)
+    with pytest.raises(InputDataError, match="max_new_tokens"):
+        generate_answers(tiny_llama, bpe_tokenizer, PROMPTS, max_new_tokens=0)
+
+
+def test_kv_cache_bytes_match_a_real_cache(bpe_tokenizer):
+    """The per-token KV size equals the bytes a real DynamicCache holds after a forward pass."""
+    from transformers import DynamicCache
+
+    for dtype in (torch.float32, torch.float64):
+        model = tiny_models.tiny_llama(0, tokenizer=bpe_tokenizer, layers=3, dtype=dtype)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]] * 2)
+        cache = DynamicCache()
+        with torch.no_grad():
+            name, _ = gen_module._forward_names(model)
+            model(input_ids=ids, use_cache=True, **{name: cache})
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert kv_cache_bytes_per_token(model) == held // ids.numel()
+
+
+def test_auto_batch_size_rule(bpe_tokenizer, monkeypatch):
+    import geoprobe.runtime
+
+    model = tiny_models.tiny_llama(0, tokenizer=bpe_tokenizer)
+    assert auto_batch_size(model, 100, 256, "cpu") == gen_module.CPU_BATCH
+    assert auto_batch_size(model, 100, 256, "cpu", n_prompts=5) == 5
+    per_seq = gen_module._sequence_bytes(model, 300, 256)
+    assert per_seq > kv_cache_bytes_per_token(model) * 556  # the cache plus the prompt's activations
+    for free in (10**8, 3 * 10**9, 10**12):
+        monkeypatch.setattr(geoprobe.runtime, "cuda_free_bytes", lambda device, free=free: free)
+        b = auto_batch_size(model, 300, 256, "cuda")
+        budget = gen_module.MEMORY_FRACTION * free
+        assert 1 <= b <= gen_module.MAX_AUTO_BATCH
+        assert b * per_seq <= budget and (b == gen_module.MAX_AUTO_BATCH or (b + 1) * per_seq > budget)
+        assert auto_batch_size(model, 300, 256, "cuda", n_prompts=7) == min(b, 7)
+        assert auto_batch_size(model, 300, 1024, "cuda") <= b  # longer answers, no larger batch
 
 
 def test_generate_needs_pad_or_eos(tiny_llama):
@@ -310,28 +412,29 @@ def test_generate_needs_pad_or_eos(tiny_llama):
 
 
 # --------------------------------------------------------------------------- evaluation wiring
-class ScriptedLM(torch.nn.Module):
-    """Answers each prompt with a fixed text: a stand-in whose outputs are known in advance."""
+class Scripted:
+    """Stands in for generation: answers each templated prompt with a fixed text, recording calls."""
 
-    def __init__(self, tokenizer, answers: dict[str, str]):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tok = tokenizer
+    def __init__(self, answers: dict[str, str]):
         self.answers = answers
-        self.generation_config = None
-        self.batch_sizes: list[int] = []
+        self.calls: list[dict] = []
 
-    def generate(self, input_ids, attention_mask, generation_config):
-        self.batch_sizes.append(int(input_ids.shape[0]))
-        assert (attention_mask[:, -1] == 1).all()  # left padding
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            prompt = self.tok.decode(ids[mask.bool()], skip_special_tokens=True)
-            rows.append(self.tok(self.answers[prompt], add_special_tokens=False)["input_ids"]
-                        + [generation_config.eos_token_id])
-        width = max(map(len, rows))
-        new = torch.tensor([r + [generation_config.pad_token_id] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, new], dim=1)
+    def __call__(self, model, tokenizer, prompts, **kwargs):
+        self.calls.append({"n": len(prompts), **kwargs})
+        return [self.answers[p] for p in prompts]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Install a :class:`Scripted` generator for `evaluate`/`evaluate_sets` and return a factory."""
+    import adapters.evaluate as ev
+
+    def install(answers: dict[str, str]) -> Scripted:
+        fake = Scripted(answers)
+        monkeypatch.setattr(ev, "generate_answers", fake)
+        return fake
+
+    return install
 
 
 def _scripted_glue(task: str, n: int, seed: int):
@@ -356,11 +459,11 @@ def _scripted_glue(task: str, n: int, seed: int):
 
 
 @pytest.mark.parametrize("task", ["mrpc", "cola"])
-def test_evaluate_glue_metrics_against_sklearn(bpe_tokenizer, task):
+def test_evaluate_glue_metrics_against_sklearn(bpe_tokenizer, tiny_llama, scripted, task):
     sk = pytest.importorskip("sklearn.metrics")
     examples, replies, y_true, y_pred = _scripted_glue(task, 41, seed=7)
-    model = ScriptedLM(bpe_tokenizer, replies)
-    res = evaluate(model, bpe_tokenizer, examples, batch_size=6)
+    fake = scripted(replies)
+    res = evaluate(tiny_llama, bpe_tokenizer, examples, batch_size=6)
     assert isinstance(res, EvalResult) and res.task == task and res.n == 41
     assert res.accuracy == pytest.approx(sk.accuracy_score(y_true, y_pred))
     assert res.metrics["accuracy"] == res.accuracy
@@ -371,11 +474,12 @@ def test_evaluate_glue_metrics_against_sklearn(bpe_tokenizer, task):
     assert [p["prompt_id"] for p in res.predictions] == list(range(41))
     assert [p["generated"] for p in res.predictions] == [replies[format_prompt(e)] for e in examples]
     assert res.n_unparsed == sum(p["generated"] == "I cannot tell." for p in res.predictions)
-    assert max(model.batch_sizes) == 6 and sum(model.batch_sizes) == 41
+    assert fake.calls == [{"n": 41, "batch_size": 6, "max_new_tokens": 32, "device": None,
+                           "static_cache": False, "progress": False}]
     assert res.to_dict()["metrics"] == res.metrics
 
 
-def test_evaluate_mixed_tasks_and_math(bpe_tokenizer):
+def test_evaluate_mixed_tasks_and_math(bpe_tokenizer, tiny_llama, scripted):
     examples = [
         Example(prompt="What is 2 + 2?", answer="", label="4", task="addsub"),
         Example(prompt="What is 10 / 4?", answer="", label="2.5", task="svamp"),
@@ -388,14 +492,14 @@ def test_evaluate_mixed_tasks_and_math(bpe_tokenizer):
                format_prompt(examples[1]): "10 / 4 = 2.4. The answer is 2.4",
                format_prompt(examples[2]): "Because 1 + 1 = 2, the answer is (B).",
                format_prompt(examples[3]): "the correct answer is true"}
-    res = evaluate(ScriptedLM(bpe_tokenizer, replies), bpe_tokenizer, examples, batch_size=3)
+    scripted(replies)
+    res = evaluate(tiny_llama, bpe_tokenizer, examples, batch_size=3)
     assert [p["extracted"] for p in res.predictions] == [4.0, 2.4, "B", "true"]
     assert [p["correct"] for p in res.predictions] == [True, False, True, True]
     assert res.task == "mixed" and res.accuracy == 0.75
     assert res.metrics["accuracy/svamp"] == 0.0 and res.metrics["accuracy/aqua"] == 1.0
     with pytest.raises(DataFormatError, match="no gold label"):
-        evaluate(ScriptedLM(bpe_tokenizer, replies), bpe_tokenizer,
-                 [Example(prompt="q", answer="", label=None, task="sst2")])
+        evaluate(tiny_llama, bpe_tokenizer, [Example(prompt="q", answer="", label=None, task="sst2")])
 
 
 def test_evaluate_real_model_consistency(bpe_tokenizer, tiny_llama):
@@ -410,3 +514,87 @@ def test_evaluate_real_model_consistency(bpe_tokenizer, tiny_llama):
         assert p["gold"] == e.label
     assert res.accuracy == pytest.approx(np.mean([p["correct"] for p in res.predictions]))
     assert res.seconds > 0 and math.isfinite(res.seconds)
+
+
+# --------------------------------------------------------------------------- several test sets
+def _three_sets():
+    math = [Example(prompt=p, answer="", label=str(i), task="gsm8k") for i, p in enumerate(PROMPTS[:4])]
+    yes_no = [Example(prompt=p + "\n\nAnswer format: true/false", answer="", label=("true", "false")[i % 2],
+                      task="boolq", choices=("true", "false")) for i, p in enumerate(PROMPTS[2:])]
+    letters = [Example(prompt=p + " Answer Choices: (A) 1 (B) 2", answer="", label="AB"[i % 2], task="aqua",
+                       choices=("A", "B")) for i, p in enumerate(PROMPTS[1:4])]
+    return [("math.json", math), ("boolq.json", yes_no), ("aqua.json", letters)]
+
+
+@pytest.mark.parametrize("new_tokens", [None, 7])
+def test_evaluate_sets_equals_separate_evaluations(bpe_tokenizer, tiny_llama, new_tokens):
+    """Each set's record from one multi-set call equals `evaluate` on that set alone (answers,
+    readings, scores, counts); the pooled figures are the sums."""
+    sets = _three_sets()
+    res = evaluate_sets(tiny_llama, bpe_tokenizer, sets, batch_size=4, max_new_tokens=new_tokens)
+    assert isinstance(res, SetsResult) and res.names == [n for n, _ in sets]
+    for (name, examples), got in zip(sets, res.results):
+        alone = evaluate(tiny_llama, bpe_tokenizer, examples, batch_size=3, max_new_tokens=new_tokens)
+        assert got.predictions == alone.predictions, name
+        assert (got.n, got.accuracy, got.n_unparsed, got.task, got.metrics) == \
+            (alone.n, alone.accuracy, alone.n_unparsed, alone.task, alone.metrics)
+    assert res.n == sum(len(ex) for _, ex in sets) == sum(r.n for r in res.results)
+    assert res.n_correct == sum(p["correct"] for r in res.results for p in r.predictions)
+    assert res.accuracy == pytest.approx(res.n_correct / res.n)
+    assert res.n_unparsed == sum(r.n_unparsed for r in res.results)
+    assert SetsResult.from_dict(res.to_dict()) == res
+
+
+def test_evaluate_sets_one_call_and_one_bar(bpe_tokenizer, tiny_llama, scripted):
+    sets = _three_sets()
+    fake = scripted({format_prompt(ex): "the correct answer is true. The answer is (B). 3"
+                     for _, examples in sets for ex in examples})
+    evaluate_sets(tiny_llama, bpe_tokenizer, sets, max_new_tokens=9)
+    assert len(fake.calls) == 1 and fake.calls[0]["n"] == sum(len(ex) for _, ex in sets)
+    bars = {id(c["bar"]) for c in fake.calls}
+    fake.calls.clear()
+    evaluate_sets(tiny_llama, bpe_tokenizer, sets)  # labels 32 tokens, math and letters 256: two groups
+    assert sorted(c["max_new_tokens"] for c in fake.calls) == [32, 256]
+    assert len({id(c["bar"]) for c in fake.calls}) == 1 and bars
+
+
+def test_evaluate_sets_refuses_before_generating(bpe_tokenizer, tiny_llama, scripted):
+    fake = scripted({})
+    sets = _three_sets()
+    unknown = [Example(prompt="Name the colour of the sky.", answer="", label="blue", task="generic")]
+    with pytest.raises(DataFormatError, match=r"colours\.json: example 0: cannot tell how to score"):
+        evaluate_sets(tiny_llama, bpe_tokenizer, sets + [("colours.json", unknown)])
+    with pytest.raises(DataFormatError, match="given twice"):
+        evaluate_sets(tiny_llama, bpe_tokenizer, sets + [sets[0]])
+    with pytest.raises(DataFormatError, match="at least one"):
+        evaluate_sets(tiny_llama, bpe_tokenizer, [])
+    assert fake.calls == []
+
+
+# --------------------------------------------------------------------------- the real model
+GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+@pytest.mark.slow
+def test_fast_path_equals_plain_generate_on_smollm2():
+    """The embedded SmolLM2 on 12 GSM8K test questions: the fast path (the CPU's batch, and batches
+    of 5 that carry left padding) answers exactly as plain one-at-a-time `model.generate`."""
+    if not GSM8K_TEST.is_file():
+        pytest.skip(f"GSM8K test set not found at {GSM8K_TEST}")
+    from adapters.data import load_examples
+    from geoprobe import load_model
+
+    lm = load_model()
+    prompts = [format_prompt(ex) for ex in load_examples(GSM8K_TEST, limit=12)]
+    lengths = {len(lm.tokenizer(p)["input_ids"]) for p in prompts}
+    assert len(lengths) >= 6
+    plain = []
+    with torch.no_grad():
+        for p in prompts:
+            enc = lm.tokenizer(p, return_tensors="pt")
+            seq = lm.model.generate(**enc, do_sample=False, max_new_tokens=48,
+                                    pad_token_id=lm.tokenizer.pad_token_id or lm.tokenizer.eos_token_id)
+            plain.append(lm.tokenizer.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert generate_answers(lm.model, lm.tokenizer, prompts, max_new_tokens=48) == plain
+    assert generate_answers(lm.model, lm.tokenizer, prompts, batch_size=5, max_new_tokens=48) == plain
+    assert sum(len(a) for a in plain) > 12 * 40  # real answers, not empty strings

@@ -239,6 +239,24 @@ def test_classify_mrpc_and_cola_metrics_from_predictions(tmp_path, tokenizer):
         assert res.metrics["accuracy"] == pytest.approx(sk.accuracy_score(t, p), abs=1e-12)
 
 
+def test_several_classification_sets_are_each_classified(tokenizer):
+    from adapters.evaluate import SetsResult
+
+    lm = _loaded(tiny_classifier(seed=3), tokenizer)
+    a, b = sst2_examples(12, seed=1), sst2_examples(9, seed=2)
+    res = workflows.evaluate_model_sets(lm, [("a", a), ("b", b)], batch_size=4, max_length=32)
+    assert isinstance(res, SetsResult) and res.names == ["a", "b"] and res.n == 21
+    for examples, r in zip((a, b), res.results):
+        alone = workflows.evaluate_model(lm, examples, batch_size=5, max_length=32)
+        assert r.protocol == "classification"
+        assert [p["class_id"] for p in r.predictions] == [p["class_id"] for p in alone.predictions]
+        assert r.metrics == alone.metrics
+    assert res.n_correct == sum(p["correct"] for r in res.results for p in r.predictions)
+    assert res.accuracy == pytest.approx(res.n_correct / 21) and res.n_unparsed == 0
+    with pytest.raises(DataFormatError, match="given twice"):
+        workflows.evaluate_model_sets(lm, [("a", a), ("a", b)])
+
+
 # --------------------------------------------------------------------------- refusals
 def test_encoder_asked_for_generation_is_refused(tokenizer):
     lm = _loaded(tiny_classifier(), tokenizer)

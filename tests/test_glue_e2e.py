@@ -94,3 +94,23 @@ def test_encoder_on_gsm8k_is_refused(minilm, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "gsm8k needs generation" in err and "cannot generate" in err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_several_glue_sets_with_the_trained_head(trained, minilm, tmp_path, capsys):
+    test, train = GLUE / "SST-2" / "test.tsv", GLUE / "SST-2" / "train.tsv"
+    out = tmp_path / "sets.json"
+    rc = main(["evaluate", minilm, "--adapter", str(trained / "adapter"), "--data", str(test), "--data", str(train),
+               "--limit", "16", "--max-length", "64", "--out", str(out), "--quiet"])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["schema"] == "geoprobe.evaluation-sets" and [s["data"] for s in rec["sets"]] == [str(test), str(train)]
+    assert all(s["protocol"] == "classification" and s["n"] == 16 for s in rec["sets"])
+    assert rec["overall"]["n"] == 32 and rec["overall"]["n_correct"] == sum(
+        sum(p["correct"] for p in s["predictions"]) for s in rec["sets"])
+    if (GLUE / "CoLA" / "dev.tsv").is_file():  # two tasks cannot share one head
+        capsys.readouterr()
+        rc = main(["evaluate", minilm, "--data", str(test), "--data", str(GLUE / "CoLA" / "dev.tsv"), "--limit", "4",
+                   "--out", str(tmp_path / "mixed.json"), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "different label sets" in err and "Traceback" not in err
+        assert not (tmp_path / "mixed.json").exists()

@@ -18,6 +18,7 @@ from adapters.data import collate, load_examples, pack, tokenize_for_training
 import adapters.train.loss as loss_module
 from adapters.train import (ADAPTER, CHECKPOINTS, RESULTS, TrainSettings, batch_loss, finetune,
                             list_checkpoints, lr_factor)
+from geoprobe import workflows
 from geoprobe.cli import main
 from geoprobe.errors import AdapterError, DataFormatError
 from geoprobe.profile import FinetuneResult, GeometryProfile
@@ -562,3 +563,56 @@ def test_plan_file_errors_are_plan_errors(cli_files, tmp_path):
         plan_from_file(tmp_path / "none.json", None, [])
     with pytest.raises(PlanError, match="bad.json is not valid JSON"):
         plan_from_file(tmp_path / "bad.json", None, [])
+
+
+def test_cli_evaluate_several_sets(cli_files, tmp_path, capsys):
+    """`--data a --data b`: one JSON with a record per set that equals the one-set evaluation of
+    that set, and the pooled counts; a one-set call keeps the one-set format."""
+    f = cli_files
+    second = write_problems(tmp_path / "more.jsonl", 5, seed=9)
+    common = [str(f["model"]), "--max-new-tokens", "6", "--quiet"]
+    singles = []
+    for k, data in enumerate((f["test"], second)):
+        out = tmp_path / f"one{k}.json"
+        assert main(["evaluate", *common, "--data", str(data), "--out", str(out)]) == 0
+        singles.append(json.loads(out.read_text()))
+        assert singles[-1]["schema"] == "geoprobe.evaluation"
+    capsys.readouterr()
+    both = tmp_path / "both.json"
+    assert main(["evaluate", *common, "--data", str(f["test"]), "--data", str(second), "--eval-batch-size", "3",
+                 "--out", str(both)]) == 0
+    printed = capsys.readouterr().out
+    assert f"on {f['test']}" in printed and f"on {second}" in printed and "on all 2 sets" in printed
+    d = json.loads(both.read_text())
+    assert d["schema"] == "geoprobe.evaluation-sets" and d["schema_version"] == 1
+    assert [s["data"] for s in d["sets"]] == [str(f["test"]), str(second)]
+    for got, alone in zip(d["sets"], singles):
+        for key in ("n", "accuracy", "n_unparsed", "predictions", "task", "metrics"):
+            assert got[key] == alone[key], key
+    assert d["overall"]["n"] == 11 == sum(s["n"] for s in d["sets"])
+    assert d["overall"]["n_correct"] == sum(p["correct"] for s in d["sets"] for p in s["predictions"])
+    assert workflows.read_evaluation(both) == d["sets"]
+    assert workflows.read_evaluation(tmp_path / "one0.json") == [singles[0]]
+
+
+def test_cli_evaluate_bad_input(cli_files, tmp_path, capsys):
+    """Refused in one line before the model is loaded (the model path does not exist)."""
+    f = cli_files
+    missing = str(tmp_path / "no-model")
+    unknown = tmp_path / "colours.json"
+    unknown.write_text(json.dumps([{"instruction": "Name the colour of the sky.", "output": "", "answer": "blue"}]))
+    out = tmp_path / "e.json"
+    assert main(["evaluate", missing, "--data", str(f["test"]), "--data", str(unknown), "--out", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert f"--data {unknown}" in line and "cannot tell how to score" in line
+    for flag in ("--eval-batch-size", "--batch-size"):
+        assert main(["evaluate", missing, "--data", str(f["test"]), flag, "0", "--out", str(out)]) == 2
+        assert "--eval-batch-size" in _one_line_error(capsys)
+    assert main(["evaluate", missing, "--data", str(f["test"]), "--data", str(f["test"]), "--out", str(out)]) == 2
+    assert "given twice" in _one_line_error(capsys)
+    assert main(["run", missing, "--data", str(f["train"]), "--eval", str(f["test"]), "--eval-batch-size", "0",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--eval-batch-size must be ≥ 1" in _one_line_error(capsys)
+    assert main(["run", missing, "--data", str(f["train"]), "--eval", str(unknown), "--out", str(tmp_path / "r")]) == 2
+    assert f"--eval {unknown}" in _one_line_error(capsys)
+    assert not out.exists() and not (tmp_path / "r").exists()

@@ -1,6 +1,8 @@
 """Evaluation by generation: batched greedy decoding (:mod:`.generate`), answer extraction and
 scoring (:mod:`.extract`), GLUE metrics (:mod:`.metrics`); and of a sequence classifier by the argmax
 of its head's logits (:mod:`.classify`). Both return an :class:`EvalResult` (``protocol`` says which).
+:func:`evaluate` scores one test set by generation, :func:`evaluate_sets` several in one generation
+call (one progress bar, one result per set, a :class:`SetsResult`).
 
 The protocol is that of LLM-Adapters (Hu et al., EMNLP 2023, arXiv:2304.01933; its ``evaluate.py``
 and ``commonsense_evaluate.py``), which HypLoRA, GeLoRA and HydraLoRA report against: the model
@@ -30,51 +32,55 @@ from ..data import GLUE_LABEL_WORDS, Example, format_prompt
 from .extract import (COMMONSENSE_LABELS, DEFAULT_NEW_TOKENS, LETTER_TASKS, NUMBER_TASKS, NUMBER_TOLERANCE,
                       extract_choice, extract_commonsense, extract_label, extract_number, extract_prediction,
                       is_correct, norm_label, response_text, task_family)
-from .generate import generate_answers
-from .result import EvalResult
+from .generate import auto_batch_size, generate_answers, kv_cache_bytes_per_token
+from .result import EvalResult, SetsResult
 from .classify import PROTOCOL_CLASSIFICATION, PROTOCOL_GENERATION, classify
 from .metrics import accuracy, f1_binary, matthews_corrcoef, task_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate", "classify", "task_metrics", "PROTOCOL_GENERATION", "PROTOCOL_CLASSIFICATION",
-           "generate_answers", "response_text", "extract_number", "extract_choice",
+__all__ = ["EvalResult", "SetsResult", "evaluate", "evaluate_sets", "check_examples", "classify", "task_metrics",
+           "PROTOCOL_GENERATION", "PROTOCOL_CLASSIFICATION", "generate_answers",
+           "auto_batch_size", "kv_cache_bytes_per_token", "response_text", "extract_number", "extract_choice",
            "extract_label", "extract_commonsense", "extract_prediction", "task_family", "is_correct",
            "accuracy", "f1_binary", "matthews_corrcoef", "NUMBER_TASKS", "LETTER_TASKS",
            "COMMONSENSE_LABELS", "NUMBER_TOLERANCE"]
 
 
-def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: Optional[str] = None,
-             batch_size: int = 8, max_new_tokens: Optional[int] = None, template: str = "alpaca",
-             device: Any = None, tol: float = NUMBER_TOLERANCE) -> EvalResult:
-    """Generate an answer for each example (greedy, :func:`generate_answers`), read it with the
-    task's rule and score it against ``Example.label``.
+def check_examples(examples: Sequence[Example], task: Optional[str] = None,
+                   where: str = "") -> tuple[list[str], list[str]]:
+    """The task and the answer family (``number``, ``letter``, ``label``) of every example, checked
+    before anything is generated.
 
-    ``task`` overrides every example's task. ``max_new_tokens`` defaults to 256 for math and AQuA
-    (chain-of-thought answers) and 32 for label tasks (LLM-Adapters' commonsense setting).
+    Raises:
+        DataFormatError: no examples, an example without a gold label, or a task whose answers no
+            rule can read (``where`` names the set in the message).
     """
-    t0 = time.perf_counter()
-    examples = list(examples)
+    prefix = f"{where}: " if where else ""
     if not examples:
-        raise DataFormatError("evaluate needs at least one example")
+        raise DataFormatError(f"{prefix}evaluation needs at least one example")
     tasks = [task or ex.task for ex in examples]
-    for i, ex in enumerate(examples):
+    families = []
+    for i, (t, ex) in enumerate(zip(tasks, examples)):
         if ex.label is None:
-            raise DataFormatError(f"example {i} ({tasks[i]}) has no gold label (an unlabelled test split?); "
+            raise DataFormatError(f"{prefix}example {i} ({t}) has no gold label (an unlabelled test split?); "
                                   "evaluate on a labelled split")
-    families = [task_family(t, ex.label, ex.choices) for t, ex in zip(tasks, examples)]
-    if max_new_tokens is None:
-        max_new_tokens = max(DEFAULT_NEW_TOKENS[f] for f in families)
-    prompts = [format_prompt(ex, template) for ex in examples]
-    generated = generate_answers(model, tokenizer, prompts, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, device=device)
+        try:
+            families.append(task_family(t, ex.label, ex.choices))
+        except DataFormatError as exc:
+            raise DataFormatError(f"{prefix}example {i}: {exc}") from None
+    return tasks, families
+
+
+def _score(examples: Sequence[Example], tasks: Sequence[str], generated: Sequence[str], *, tol: float,
+           seconds: float) -> EvalResult:
+    """Read every answer with its task's rule and score the set against the gold labels."""
     predictions = []
     for i, (ex, t, text) in enumerate(zip(examples, tasks, generated)):
         pred = extract_prediction(text, t, ex.choices, ex.label)
         predictions.append({"prompt_id": i, "generated": text, "extracted": pred, "gold": ex.label,
                             "correct": is_correct(pred, ex.label, t, tol=tol), "task": t})
-    correct = [p["correct"] for p in predictions]
-    acc = float(np.mean(correct))
+    acc = float(np.mean([p["correct"] for p in predictions]))
     metrics: dict[str, float] = {"accuracy": acc}
     names = sorted(set(tasks))
     if len(names) == 1 and names[0] in GLUE_LABEL_WORDS:
@@ -85,11 +91,84 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: O
         for name in names:
             metrics[f"accuracy/{name}"] = float(np.mean([p["correct"] for p in predictions if p["task"] == name]))
     n_unparsed = sum(p["extracted"] is None for p in predictions)
-    seconds = time.perf_counter() - t0
-    log.info("evaluated %d examples of %s: accuracy %.4f (%d unreadable) in %.1f s",
-             len(examples), ",".join(names), acc, n_unparsed, seconds)
     return EvalResult(task=names[0] if len(names) == 1 else "mixed", n=len(examples), accuracy=acc,
                       predictions=predictions, seconds=seconds, metrics=metrics, n_unparsed=n_unparsed)
+
+
+def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: Optional[str] = None,
+             batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, template: str = "alpaca",
+             device: Any = None, tol: float = NUMBER_TOLERANCE, static_cache: bool = False,
+             progress: bool = False) -> EvalResult:
+    """Generate an answer for each example (greedy, :func:`generate_answers`), read it with the
+    task's rule and score it against ``Example.label``.
+
+    ``task`` overrides every example's task. ``max_new_tokens`` defaults to 256 for math and AQuA
+    (chain-of-thought answers) and 32 for label tasks (LLM-Adapters' commonsense setting).
+    ``batch_size`` ``None`` fits the batch to the device (:func:`auto_batch_size`).
+    """
+    t0 = time.perf_counter()
+    examples = list(examples)
+    tasks, families = check_examples(examples, task)
+    if max_new_tokens is None:
+        max_new_tokens = max(DEFAULT_NEW_TOKENS[f] for f in families)
+    prompts = [format_prompt(ex, template) for ex in examples]
+    generated = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 device=device, static_cache=static_cache, progress=progress)
+    res = _score(examples, tasks, generated, tol=tol, seconds=time.perf_counter() - t0)
+    log.info("evaluated %d examples of %s: accuracy %.4f (%d unreadable) in %.1f s",
+             res.n, res.task, res.accuracy, res.n_unparsed, res.seconds)
+    return res
+
+
+def evaluate_sets(model: Any, tokenizer: Any, sets: Sequence[tuple[str, Sequence[Example]]], *,
+                  batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None, template: str = "alpaca",
+                  device: Any = None, tol: float = NUMBER_TOLERANCE, static_cache: bool = False,
+                  progress: bool = False) -> SetsResult:
+    """Evaluate several named test sets in one generation call: every set is checked before
+    anything is generated, all prompts are sorted and batched together (one progress bar), and
+    each set is scored on its own, as :func:`evaluate` would score it.
+
+    ``max_new_tokens`` ``None`` gives each set its own default (256 for math and AQuA, 32 for
+    labels); the sets are then generated in groups of equal length, still under one bar.
+
+    Raises:
+        DataFormatError: no sets, two sets of one name, or a set :func:`check_examples` refuses.
+    """
+    t0 = time.perf_counter()
+    if not sets:
+        raise DataFormatError("evaluate_sets needs at least one test set")
+    names = [name for name, _ in sets]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataFormatError(f"test set {twice[0]!r} is given twice; give each set once")
+    checked = []
+    for name, examples in sets:
+        examples = list(examples)
+        tasks, families = check_examples(examples, where=name)
+        budget = max_new_tokens or max(DEFAULT_NEW_TOKENS[f] for f in families)
+        checked.append((examples, tasks, budget))
+    generated: list[list[str]] = [[] for _ in sets]
+    total = sum(len(ex) for ex, _, _ in checked)
+    from geoprobe.runtime import progress as progress_bar
+
+    with progress_bar(total, "evaluating", enabled=progress, unit="answer") as bar:
+        for budget in sorted({b for _, _, b in checked}):
+            members = [k for k, (_, _, b) in enumerate(checked) if b == budget]
+            prompts = [format_prompt(ex, template) for k in members for ex in checked[k][0]]
+            texts = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=budget,
+                                     device=device, static_cache=static_cache, bar=bar)
+            for k in members:
+                generated[k], texts = texts[:len(checked[k][0])], texts[len(checked[k][0]):]
+    seconds = time.perf_counter() - t0
+    results = [_score(ex, tasks, generated[k], tol=tol, seconds=seconds * len(ex) / total)
+               for k, (ex, tasks, _) in enumerate(checked)]
+    n_correct = sum(sum(bool(p["correct"]) for p in r.predictions) for r in results)
+    out = SetsResult(names=names, results=results, n=total, n_correct=n_correct, accuracy=n_correct / total,
+                     n_unparsed=sum(r.n_unparsed for r in results), seconds=seconds)
+    for name, r in zip(names, results):
+        log.info("%s: accuracy %.4f (%d examples, %d unreadable)", name, r.accuracy, r.n, r.n_unparsed)
+    log.info("evaluated %d sets, %d examples: accuracy %.4f in %.1f s", len(names), total, out.accuracy, seconds)
+    return out
 
 
 def _glue_classes(predictions: list[dict[str, Any]], words: Sequence[str]) -> tuple[list[int], list[int]]:

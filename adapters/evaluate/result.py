@@ -1,4 +1,5 @@
-"""The record of one evaluation run, written as the evaluation JSON (schema ``geoprobe.evaluation``)."""
+"""The record of one evaluation run, written as the evaluation JSON (schema ``geoprobe.evaluation``), and
+of several test sets evaluated in one call."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +7,7 @@ from typing import Any
 
 from geoprobe.profile import Record
 
-__all__ = ["EvalResult"]
+__all__ = ["EvalResult", "SetsResult"]
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,23 @@ class EvalResult(Record):
     metrics: dict[str, float] = field(default_factory=dict)
     n_unparsed: int = 0
     protocol: str = "generation"
+
+
+@dataclass(frozen=True)
+class SetsResult(Record):
+    """Scores of several test sets evaluated in one call (:func:`evaluate_sets`).
+
+    ``names`` label the sets (the file each came from, for the command line) and ``results`` hold one
+    :class:`EvalResult` per set, in the same order, each exactly what :func:`evaluate` gives for that
+    set alone (its ``seconds`` are its share of the generation time, by example count). ``n``,
+    ``n_correct``, ``accuracy`` and ``n_unparsed`` are over all examples pooled; ``seconds`` is the
+    wall time of the whole call.
+    """
+
+    names: list[str]
+    results: list[EvalResult]
+    n: int
+    n_correct: int
+    accuracy: float
+    n_unparsed: int
+    seconds: float

@@ -197,7 +197,7 @@ def _peak_memory(device: Any) -> tuple[Optional[int], str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "cpu_peak_rss_of_process"
 
 
-def _evaluate(lm: Any, model: Any, evals: Sequence[EvalSet], *, batch_size: int,
+def _evaluate(lm: Any, model: Any, evals: Sequence[EvalSet], *, batch_size: Optional[int],
               max_new_tokens: Optional[int]) -> tuple[dict[str, Any], dict[str, Any]]:
     from ..workflows import evaluate_model
 
@@ -344,8 +344,8 @@ def _stored_run(out: Path, name: str, settings: dict[str, Any]) -> Optional[dict
 def compare(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, out: str | Path, arms: Sequence[Arm],
             seeds: int, train_settings: Any, r: int = 32, alpha: Optional[float] = None,
             target_modules: Optional[Sequence[str]] = None, dropout: float = 0.05, n_heads: Optional[int] = None,
-            curvature: Optional[float] = None, eval_batch_size: int = 8, max_new_tokens: Optional[int] = None,
-            plan_seed: int = 0, data_name: str = "", progress: bool = True, device: Optional[str] = None,
+            curvature: Optional[float] = None, eval_batch_size: Optional[int] = None,
+            max_new_tokens: Optional[int] = None, plan_seed: int = 0, data_name: str = "", progress: bool = True, device: Optional[str] = None,
             command: str = "", echo: Callable[[str], None] = print) -> ComparisonResult:
     """Compare ``arms`` on ``lm`` (a loaded causal LM) fine-tuned on ``train`` with seeds 0 … ``seeds``−1
     and evaluated on ``evals``, everything under ``out`` (module docstring). Every check — arms, seeds,
