@@ -147,7 +147,7 @@ def test_summary_recomputed_from_runs():
 def test_report_escapes_every_model_provided_string():
     hostile = "<script>alert(1)</script>"
     runs = {f"lora-seed{k}": _run("lora", k, {hostile: 0.3 + k / 100}) for k in range(2)}
-    s = summarize(runs, ["lora"], 2, settings={"evals": {hostile: {}}, "model": hostile, "data": hostile})
+    s = summarize(runs, ["lora"], 2, settings={"evals": {hostile: {}}, "model": hostile, "paths": {"data": hostile}})
     s["plans"] = {"auto": {"method": "gelora", "reasons": {"method": hostile}}}
     s["budgets"] = {"lora": {"method": "lora", "parameters": 1, "ratio": 1.0, "rule": hostile}}
     page = render_comparison_html(s, command=f"geoprobe compare {hostile}")

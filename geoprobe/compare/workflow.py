@@ -6,7 +6,8 @@ Layout of OUT:
 * ``comparison.json``: the settings every run shares (model and its fingerprint, the digests of the
   training and evaluation data, training settings less the seed, r, α, targets, dropout, heads,
   curvature, generation length, plan seed). A rerun with other settings is refused, naming the
-  differences; adding methods or seeds is allowed (each run has its own file).
+  differences; adding methods or seeds is allowed (each run has its own file), and so is reading the
+  same data from other paths (another machine).
 * ``plans/<arm>.json``: the plans of ``auto`` and the GeLoRA arms, made once per comparison from a quick
   probe of the training prompts with ``plan_seed`` (so the seeds vary initialisation, dropout and data
   order, not the plan).
@@ -113,8 +114,10 @@ def _digest(examples: Sequence[Any]) -> str:
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The settings that differ, one phrase each; where the files were read (``paths``) is not compared:
+    the data's digests are, so a comparison moves between machines."""
     out = []
-    for key in sorted(set(stored) | set(current)):
+    for key in sorted((set(stored) | set(current)) - {"paths"}):
         a, b = stored.get(key, "(absent)"), current.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_differences(a, b, f"{prefix}{key}."))
@@ -147,8 +150,9 @@ def _settings(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], train_set
     ts = {k: v for k, v in train_settings.to_dict().items() if k not in NOT_COMPARED and k != "seed"}
     return json.loads(json.dumps({
         "model": lm.name, "model_fingerprint": base_fingerprint(lm.model)["embedding_sha256"],
-        "data": data_name, "data_sha256": _digest(train), "n_train": len(train),
-        "evals": {ev.name: {"path": ev.path, "n": len(ev.examples), "sha256": _digest(ev.examples)} for ev in evals},
+        "paths": {"data": data_name, "evals": {ev.name: ev.path for ev in evals}},
+        "data_sha256": _digest(train), "n_train": len(train),
+        "evals": {ev.name: {"n": len(ev.examples), "sha256": _digest(ev.examples)} for ev in evals},
         "train": ts, "r": r, "alpha": alpha, "alpha_over_r": alpha / r, "target_modules": list(targets),
         "dropout": dropout, "n_heads": n_heads, "curvature": curvature, "max_new_tokens": max_new_tokens,
         "plan_seed": plan_seed, "budget_tolerance": TOLERANCE,
@@ -267,7 +271,7 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
         trained = _train(lm, arm, seed, budget, plan, train, out / WORK / name, train_settings,
                          targets=settings["target_modules"], dropout=settings["dropout"],
                          curvature=settings["curvature"], progress=options["progress"],
-                         data_name=settings["data"])
+                         data_name=settings["paths"]["data"])
         try:
             res = trained.result
             peft_trainable, _ = trained.model.get_nb_trainable_parameters()
@@ -499,7 +503,7 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
     first = next(iter(runs.values()), {})
     return {
         "schema": SUMMARY_SCHEMA, "schema_version": SCHEMA_VERSION, "model": settings.get("model"),
-        "data": settings.get("data"), "evals": evals, "methods": list(arm_names), "seeds": list(range(seeds)),
+        "data": settings.get("paths", {}).get("data"), "evals": evals, "methods": list(arm_names), "seeds": list(range(seeds)),
         "reference": reference, "level": stats.LEVEL, "floor": stats.FLOOR, "settings": settings,
         "budget": {"r": settings.get("r"), "tolerance": TOLERANCE,
                    "lora_parameters": next((r["lora_parameters"] for r in runs.values() if r.get("lora_parameters")),
