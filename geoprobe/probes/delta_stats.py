@@ -34,7 +34,7 @@ from ..profile import DeltaStat, NullComparison
 from .nulls import (NULL_KINDS, NULL_NAMES, NULL_QUESTIONS, NullError, PopulationGaussian,
                     ResamplePool, check_kinds, own_gaussian)
 from .uncertainty import (adjust_p_values, check_level, check_n_boot, correction_text,
-                          paired_bootstrap)
+                          paired_bootstrap, seed_record)
 
 DEFAULT_N_BOOT = 2000
 MAX_NULL_REPEATS = 1000
@@ -220,7 +220,7 @@ def delta_vs_null(points: Any, *, population: Any = None, resample: Any = None,
                      ci_high=mean_ci.ci_a[1] if mean_ci else None, nulls=comps, verdict=verdict,
                      verdict_reason=reason, level=level, n_boot=n_boot, null_repeats=repeats,
                      correction=correction_text("none", 1), diameter=float(np.mean(diams)),
-                     backend=r.backend, dtype="float64", seed=_seed_record(seed),
+                     backend=r.backend, dtype="float64", seed=seed_record(seed),
                      seconds=time.perf_counter() - t0)
 
 
@@ -228,10 +228,6 @@ def _seed_int(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputDataError(f"seed must be a non-negative integer or a numpy SeedSequence, got {seed!r}")
     return int(seed)
-
-
-def _seed_record(seed: Any) -> Optional[int]:
-    return int(seed) if isinstance(seed, (int, np.integer)) else None
 
 
 def _sets_from(points: Any, groups: Optional[Sequence[Any]], n_sets: int, set_size: Optional[int],

@@ -51,13 +51,13 @@ import numpy as np
 from scipy.special import gammaln
 
 from ..errors import InputDataError
+from .uncertainty import MAX_BOOT, check_level, check_n_boot, percentile_interval
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MAX_BOOT", "Groups", "check_bootstrap", "group_codes", "twonn_replicates",
            "gride_replicates", "interval", "default_seed"]
 
-MAX_BOOT = 100_000
 """Largest ``n_boot``: memory does not grow with it (chunks of 32 MiB), time does linearly."""
 _DRAW_ENTRIES = 1 << 22    # group counts drawn at once (depends on the number of groups only)
 _WEIGHT_ENTRIES = 1 << 22  # replicate × point weights held at once
@@ -108,19 +108,16 @@ def group_codes(groups: Any, n: int) -> Groups:
 
 
 def check_bootstrap(n_boot: Any, seed: Any, level: Any) -> None:
-    """Refuse an ``n_boot`` that is not 0 or 2 … :data:`MAX_BOOT`, a seed that is not None, an
+    """Refuse an ``n_boot`` that is not 0 or 2 … :data:`MAX_BOOT` (the replicates run in chunks of
+    32 MiB whatever ``n_boot``, so time, not memory, is the limit), a seed that is not None, an
     integer ≥ 0 or a ``numpy.random.SeedSequence``, and a level outside (0, 1)."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0 \
-            or n_boot == 1 or n_boot > MAX_BOOT:
-        raise InputDataError(f"n_boot must be 0 (no bootstrap) or an integer from 2 to {MAX_BOOT:,}, "
-                             f"got {n_boot!r}; the replicates run in chunks of 32 MiB whatever "
-                             "n_boot, so memory is not the limit, time is (linear in n_boot × points)")
+    if not (isinstance(n_boot, (int, np.integer)) and not isinstance(n_boot, bool) and n_boot == 0):
+        check_n_boot(n_boot)
     ok_int = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0
     if not (seed is None or ok_int or isinstance(seed, np.random.SeedSequence)):
         raise InputDataError(f"seed must be None, an integer ≥ 0 or a numpy.random.SeedSequence, "
                              f"got {seed!r}")
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
-        raise InputDataError(f"level must be a number in (0, 1), e.g. 0.95, got {level!r}")
+    check_level(level)
 
 
 def _check_groups_usable(groups: Groups) -> None:
@@ -283,8 +280,8 @@ def interval(reps: np.ndarray, level: float, what: str) -> tuple[float, float, f
     if good.size < 2:
         raise InputDataError(f"{what}: fewer than 2 bootstrap replicates are defined; give more "
                              "points per group or more groups")
-    lo, hi = np.quantile(good, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
-    return float(np.std(good, ddof=1)), float(lo), float(hi)
+    lo, hi = percentile_interval(good, level)
+    return float(np.std(good, ddof=1)), lo, hi
 
 
 def default_seed(seed: Any) -> Any:

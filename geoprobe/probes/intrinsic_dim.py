@@ -99,6 +99,7 @@ from ..backends.knn_certified import (Selection, as_float64_points, check_select
 from ..profile import IDResult, IDScale
 from .id_bootstrap import (Groups, check_bootstrap, default_seed, gride_replicates, group_codes,
                            interval, twonn_replicates)
+from .uncertainty import seed_record
 from .duplicates import (check_tol, dedup_with_distances, deduplicate, duplicate_keys,
                          exact_first_occurrences, row_hashes, usable_ranks)
 
@@ -512,7 +513,7 @@ def _estimate(prep: _Prepared, opts: _Options, backend: str, seconds: float,
                     n_points=n, n_duplicates_removed=prep.n_removed, linear_fit_dimension=None,
                     scales=results, backend=backend, seconds=time.perf_counter() - t0, ci_level=level,
                     n_boot=opts.n_boot, n_groups=n_groups, dim=int(prep.points.shape[1]),
-                    seed=_seed_record(opts.seed) if boot is not None else None)
+                    seed=seed_record(opts.seed) if boot is not None else None)
     n1, reason = shared_gride_scale([base])
     return at_scale(base, n1, reason)
 
@@ -537,12 +538,7 @@ def _twonn(prep: _Prepared, opts: _Options, boot: Optional[Groups], backend: str
                     ci_level=opts.level if boot is not None else None, n_boot=opts.n_boot,
                     n_groups=boot.n_groups if boot is not None else 0, replicates=kept,
                     dim=int(prep.points.shape[1]),
-                    seed=_seed_record(opts.seed) if boot is not None else None)
-
-
-def _seed_record(seed: Any) -> Optional[int]:
-    """The seed as stored in a result: an int seed, else None (a SeedSequence or fresh entropy)."""
-    return int(seed) if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) else None
+                    seed=seed_record(opts.seed) if boot is not None else None)
 
 
 def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[int] = None,

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import GeoprobeError
+from ..errors import InputDataError
 
 CORRECTIONS = ("holm", "bh", "none")
 MAX_BOOT = 100_000
@@ -42,8 +42,8 @@ MAX_BOOT = 100_000
 more than 10⁵ resamples do not change a 95 % percentile interval at the precision reported."""
 
 
-class BootstrapOptionError(GeoprobeError, ValueError):
-    """A bootstrap size, level or correction outside its allowed range."""
+class BootstrapOptionError(InputDataError):
+    """A bootstrap size, level or correction outside its allowed range (also a ValueError)."""
 
 
 def check_n_boot(n_boot: object, what: str = "n_boot") -> int:
@@ -65,6 +65,13 @@ def check_level(level: object) -> float:
         raise BootstrapOptionError(f"level must be a number strictly between 0 and 1 (e.g. 0.95), "
                                    f"got {level!r}")
     return float(level)
+
+
+def seed_record(seed: object) -> Optional[int]:
+    """The seed as a result stores it: an integer seed, else None (a ``SeedSequence`` or fresh
+    entropy, which have no short record)."""
+    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+    return int(seed) if ok else None
 
 
 def resample_indices(n_units: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
