@@ -286,3 +286,49 @@ def test_gpu_layers_bootstrap_equals_per_layer_gpu_calls(estimator):
     got = intrinsic_dimension_layers(cuda, groups=groups, **kw)
     assert [_bare(r) for r in got] == [_bare(r) for r in ref]
     assert all(r.backend == "cuda" and r.n_boot == 100 for r in got)
+
+
+# --------------------------------------------------------------------------- torch path (GPU)
+BOOT_DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else [])
+
+
+def _ratios(rng: np.random.Generator, n: int, k: int, scales=(1, 2, 4, 8)) -> dict[int, np.ndarray]:
+    """Exact GRIDE ratios μ = r_2n1/r_n1 of points on the flat k-torus (brute-force distances)."""
+    x = torus(rng, n, k)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    r = np.sort(d, axis=1)[:, 1:]
+    return {n1: r[:, 2 * n1 - 1] / r[:, n1 - 1] for n1 in scales}
+
+
+@pytest.mark.parametrize("device", BOOT_DEVICES)
+def test_torch_replicates_equal_numpy(device):
+    """The torch path (float64, same host draws) gives the numpy path's replicates to rounding."""
+    rng = np.random.default_rng(21)
+    mus = _ratios(rng, 500, 3)
+    groups = rng.integers(0, 37, 500)
+    ref = twonn_bootstrap(mus[1], groups, n_boot=300, seed=9)
+    got = twonn_bootstrap(mus[1], groups, n_boot=300, seed=9, device=torch.device(device))
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=0)
+    gref = gride_bootstrap(mus, groups, n_boot=200, seed=4)
+    ggot = gride_bootstrap(mus, groups, n_boot=200, seed=4, device=torch.device(device))
+    assert sorted(ggot) == sorted(gref)
+    for n1 in gref:
+        np.testing.assert_allclose(ggot[n1], gref[n1], rtol=1e-9, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
+@pytest.mark.parametrize("estimator", ["twonn", "gride"])
+def test_gpu_estimate_bootstraps_on_the_gpu_and_matches_the_host(estimator, monkeypatch):
+    """A CUDA estimate runs its replicates on the GPU, and its interval equals the CPU estimate's."""
+    rng = np.random.default_rng(22)
+    x = torus(rng, 800, 3) @ rng.standard_normal((6, 32))
+    groups = np.arange(800) % 50
+    seen = []
+    real = ib._run
+    monkeypatch.setattr(ib, "_run", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("dev")) or real(*a, **k))
+    gpu = intrinsic_dimension(torch.from_numpy(x).cuda(), groups=groups, estimator=estimator, n_boot=200, seed=3)
+    assert seen and all(d is not None and d.type == "cuda" for d in seen)
+    cpu = intrinsic_dimension(x, groups=groups, estimator=estimator, n_boot=200, seed=3)
+    for a, b in ((gpu.ci_low, cpu.ci_low), (gpu.ci_high, cpu.ci_high), (gpu.error, cpu.error)):
+        assert a == pytest.approx(b, rel=1e-8)

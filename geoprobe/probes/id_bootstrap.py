@@ -41,13 +41,19 @@ The draws depend only on the seed and the number of groups, so two point sets wi
 and seed (the layers of one model) get the same documents in every replicate: their replicate
 estimates are paired. Memory stays bounded whatever ``n_boot``: the draws are made in chunks of at
 most 2²² group counts and the point weights in chunks of at most 2²² entries (32 MiB of float64).
+
+Where the replicates run. With ``device`` a CUDA device (the device the neighbour search ran on), the
+group counts are still drawn on the host by the same generator, so the draws do not depend on the
+device, and the weights and the estimators run in float64 on that device (torch). The CPU keeps the
+numpy path. The two agree to rounding (the tests compare them on the CPU through the torch path too).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
+import torch
 from scipy.special import gammaln
 
 from ..errors import InputDataError
@@ -130,32 +136,55 @@ def _check_groups_usable(groups: Groups) -> None:
                              "groups (or n_boot=0)")
 
 
-def _weights(groups: Groups, n_boot: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """(b, N) float64 multiplicities of the points in consecutive replicates, n_boot rows in all.
-    Replicate r draws G group indices uniformly with replacement; a point weighs the number of times
-    its group was drawn. The draws depend on (rng, G, n_boot) only."""
+Device = Optional[Union[str, torch.device]]
+
+
+def _torch_device(device: Device) -> Optional[torch.device]:
+    """The torch device the replicates run on, or None for the numpy path (None or a CPU device
+    given as a string keeps numpy; ``torch.device('cpu')`` selects the torch path on the CPU)."""
+    if device is None or (isinstance(device, str) and torch.device(device).type == "cpu"):
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputDataError(f"device {str(dev)!r} was requested for the bootstrap but CUDA is not "
+                             "available; pass device=None")
+    return dev
+
+
+def _weights(groups: Groups, n_boot: int, rng: np.random.Generator, dev: Optional[torch.device] = None
+             ) -> Iterator[Any]:
+    """(b, N) float64 multiplicities of the points in consecutive replicates, n_boot rows in all
+    (numpy arrays, or torch tensors on ``dev``). Replicate r draws G group indices uniformly with
+    replacement; a point weighs the number of times its group was drawn. The draws depend on
+    (rng, G, n_boot) only, never on the device."""
     g, n = groups.n_groups, groups.codes.size
     per_draw = max(1, _DRAW_ENTRIES // g)
     per_weight = max(1, _WEIGHT_ENTRIES // max(1, n))
+    codes = torch.from_numpy(groups.codes).to(dev) if dev is not None else groups.codes
     done = 0
     while done < n_boot:
         b = min(per_draw, n_boot - done)
         draws = rng.integers(0, g, size=(b, g))
         counts = np.bincount((draws + g * np.arange(b)[:, None]).ravel(), minlength=b * g)
         counts = counts.reshape(b, g).astype(np.float64)
+        if dev is not None:
+            counts = torch.from_numpy(counts).to(dev)
         for s in range(0, b, per_weight):
-            yield counts[s:s + per_weight][:, groups.codes]
+            yield counts[s:s + per_weight][:, codes]
         done += b
 
 
-def _run(groups: Groups, n_boot: int, seed: Any, stat: Callable[[np.ndarray], np.ndarray]
-         ) -> np.ndarray:
+def _run(groups: Groups, n_boot: int, seed: Any, stat: Callable[[Any], Any],
+         dev: Optional[torch.device] = None) -> np.ndarray:
     check_bootstrap(n_boot, seed, 0.5)
     if n_boot == 0:
         raise InputDataError("n_boot must be at least 2 for a bootstrap")
     _check_groups_usable(groups)
     rng = np.random.default_rng(seed)
-    return np.concatenate([stat(w) for w in _weights(groups, n_boot, rng)], axis=0)
+    parts = [stat(w) for w in _weights(groups, n_boot, rng, dev)]
+    if dev is not None:
+        return torch.cat(parts, dim=0).cpu().numpy()
+    return np.concatenate(parts, axis=0)
 
 
 # --------------------------------------------------------------------------- TwoNN
@@ -183,15 +212,43 @@ def _twonn_stats(x_sorted: np.ndarray, discard_fraction: float) -> Callable[[np.
     return stat
 
 
+def _twonn_stats_torch(x_sorted: torch.Tensor, discard_fraction: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`_twonn_stats` in torch (float64, on the device of ``x_sorted``); the same formulas."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=x_sorted.device)
+
+    def stat(w: torch.Tensor) -> torch.Tensor:
+        m = w.sum(dim=1)
+        total = w @ x_sorted
+        mle = torch.where((m >= 3) & (total > 0), (m - 1.0) / total, nan)
+        keep = torch.minimum(torch.floor(m * (1.0 - discard_fraction)), m - 1.0)[:, None]
+        c = torch.cumsum(w, dim=1)
+        hi = torch.minimum(c, keep)
+        lo = torch.minimum(c - w, keep)
+        mm = m[:, None]
+        ysum = (hi - lo) * torch.log(mm) + torch.lgamma(torch.clamp(mm - hi, min=1.0)) \
+            - torch.lgamma(torch.clamp(mm - lo, min=1.0))
+        sxy = (ysum * x_sorted).sum(dim=1)
+        sxx = ((hi - lo) * x_sorted ** 2).sum(dim=1)
+        lin = torch.where((keep[:, 0] >= 2) & (sxx > 0), sxy / sxx, nan)
+        return torch.stack([lin, mle], dim=1)
+
+    return stat
+
+
 def twonn_replicates(x: np.ndarray, grp: Groups, n_boot: int, seed: Any,
-                     discard_fraction: float) -> np.ndarray:
+                     discard_fraction: float, device: Device = None) -> np.ndarray:
     """(n_boot, 2) replicate (line fit, MLE) of TwoNN from the log-ratios ``x`` = log μ_i (checked
     by the caller: finite, ≥ 0) of points coded ``grp``; NaN where a replicate's estimate is
-    undefined."""
+    undefined. ``device``: where the replicates run (module docstring; None: numpy on the host)."""
     if grp.codes.size != x.size:
         raise InputDataError(f"groups label {grp.codes.size} points but there are {x.size} ratios")
+    dev = _torch_device(device)
     order = np.argsort(x, kind="stable")
     sorted_groups = Groups(grp.codes[order], grp.n_groups)
+    if dev is not None:
+        stat = _twonn_stats_torch(torch.from_numpy(np.ascontiguousarray(x[order], dtype=np.float64)).to(dev),
+                                  discard_fraction)
+        return _run(sorted_groups, n_boot, seed, stat, dev)
     return _run(sorted_groups, n_boot, seed, _twonn_stats(x[order], discard_fraction))
 
 
@@ -244,17 +301,79 @@ def _gride_solve(w: np.ndarray, x: np.ndarray, n1: int, n2: int, start: float) -
     return out
 
 
+def _gride_solve_torch(w: torch.Tensor, x: torch.Tensor, n1: int, n2: int, start: float) -> torch.Tensor:
+    """:func:`_gride_solve` in torch (float64, on the device of ``x``): the same safeguarded Newton
+    iteration; the convergence test reads one flag back per iteration."""
+    a = n2 - n1 - 1
+    m = w.sum(dim=1)
+    sx = w @ x
+    out = torch.full_like(m, float("nan"))
+    ok = (m >= 3) & (sx > 0)
+    if a == 0:
+        out[ok] = (m[ok] - 1.0) / ((n2 - 1) * sx[ok])
+        return out
+    w, m, sx = w[ok], m[ok], sx[ok]
+
+    def score(d: torch.Tensor) -> torch.Tensor:
+        return (m - 1.0) / d - (n2 - 1) * sx + a * (w * (x / -torch.expm1(-d[:, None] * x))).sum(dim=1)
+
+    def info(d: torch.Tensor) -> torch.Tensor:
+        t = (x / (2.0 * torch.sinh(0.5 * d[:, None] * x))) ** 2
+        return (m - 1.0) / d ** 2 + a * (w * t).sum(dim=1)
+
+    lo = torch.full_like(m, float(start))
+    hi = lo.clone()
+    for _ in range(60):
+        up = score(hi) > 0.0
+        if not bool(up.any()):
+            break
+        lo, hi = torch.where(up, hi, lo), torch.where(up, hi * 2.0, hi)
+    for _ in range(60):
+        down = score(lo) < 0.0
+        if not bool(down.any()):
+            break
+        hi, lo = torch.where(down, lo, hi), torch.where(down, lo * 0.5, lo)
+    d = 0.5 * (lo + hi)
+    for _ in range(200):
+        s = score(d)
+        lo = torch.where(s > 0.0, d, lo)
+        hi = torch.where(s < 0.0, d, hi)
+        new = d + s / info(d)
+        bad = ~((lo < new) & (new < hi))
+        new = torch.where(bad, 0.5 * (lo + hi), new)
+        done = (torch.abs(new - d) <= 1e-14 * d) | (hi - lo <= 1e-14 * hi) | (s == 0.0)
+        d = torch.where(s == 0.0, d, new)
+        if bool(done.all()):
+            break
+    out[ok] = d
+    return out
+
+
 def gride_replicates(xs: Mapping[int, np.ndarray], grp: Groups, n_boot: int, seed: Any,
-                     starts: Mapping[int, float]) -> dict[int, np.ndarray]:
+                     starts: Mapping[int, float], device: Device = None) -> dict[int, np.ndarray]:
     """{n1: (n_boot,) replicate GRIDE estimates at (n1, 2·n1)} from each scale's log-ratios
     ``xs[n1]`` (checked by the caller) of the same points, coded ``grp``, the same resampled groups at
-    every scale; ``starts[n1]`` starts the root search (the full-sample estimate)."""
+    every scale; ``starts[n1]`` starts the root search (the full-sample estimate). ``device``: where
+    the replicates run (module docstring; None: numpy on the host)."""
     sizes = {x.size for x in xs.values()} | {grp.codes.size}
     if len(sizes) != 1:
         raise InputDataError("the ratios of every scale and the groups must belong to the same "
                              f"points; got sizes {sorted(sizes)}")
     start = {n1: float(starts[n1]) for n1 in xs}
     scales = sorted(xs)
+
+    dev = _torch_device(device)
+    if dev is not None:
+        used = {n1: torch.from_numpy(np.flatnonzero(xs[n1] > 0.0)).to(dev) for n1 in scales}
+        xt = {n1: torch.from_numpy(np.ascontiguousarray(xs[n1][xs[n1] > 0.0], dtype=np.float64)).to(dev)
+              for n1 in scales}
+
+        def stat_torch(w: torch.Tensor) -> torch.Tensor:
+            return torch.stack([_gride_solve_torch(w[:, used[n1]], xt[n1], n1, 2 * n1, start[n1])
+                                for n1 in scales], dim=1)
+
+        reps = _run(grp, n_boot, seed, stat_torch, dev)
+        return {n1: reps[:, j] for j, n1 in enumerate(scales)}
 
     def stat(w: np.ndarray) -> np.ndarray:
         cols = []

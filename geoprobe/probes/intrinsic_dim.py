@@ -230,7 +230,7 @@ def gride_mle(mu: Any, n1: int, n2: Optional[int] = None) -> tuple[float, float]
 
 
 def twonn_bootstrap(mu: Any, groups: Any = None, *, n_boot: int, seed: Any = None,
-                    discard_fraction: float = 0.1) -> np.ndarray:
+                    discard_fraction: float = 0.1, device: Optional[str | torch.device] = None) -> np.ndarray:
     """Block-bootstrap replicates of the TwoNN estimates from the full sample's ratios μ_i = r2/r1
     (Facco et al. 2017; rule in :mod:`geoprobe.probes.id_bootstrap`): whole groups drawn with
     replacement, each replicate's line fit (:func:`twonn_linear_fit`) and MLE (:func:`twonn_mle`)
@@ -243,6 +243,8 @@ def twonn_bootstrap(mu: Any, groups: Any = None, *, n_boot: int, seed: Any = Non
         n_boot: number of replicates, 2 … 100,000.
         seed: seed of ``numpy.random.default_rng`` (integer ≥ 0, ``SeedSequence`` or None).
         discard_fraction: fraction of the largest ratios left out of the line fit, in [0, 1).
+        device: where the replicates run: None (numpy on the host) or a torch device such as
+            'cuda' (float64 torch; the same draws, equal to rounding).
 
     Returns:
         (n_boot, 2) float64 array: column 0 the line fit, column 1 the MLE of every replicate (NaN
@@ -251,17 +253,17 @@ def twonn_bootstrap(mu: Any, groups: Any = None, *, n_boot: int, seed: Any = Non
     _check_fraction(discard_fraction)
     check_bootstrap(n_boot, seed, 0.95)
     x = _log_ratios(mu, "TwoNN bootstrap")
-    return twonn_replicates(x, group_codes(groups, x.size), n_boot, seed, discard_fraction)
+    return twonn_replicates(x, group_codes(groups, x.size), n_boot, seed, discard_fraction, device=device)
 
 
 def gride_bootstrap(mus: Mapping[int, Any], groups: Any = None, *, n_boot: int,
-                    seed: Any = None) -> dict[int, np.ndarray]:
+                    seed: Any = None, device: Optional[str | torch.device] = None) -> dict[int, np.ndarray]:
     """Block-bootstrap replicates of the GRIDE estimate at every scale (Denti et al. 2022), the same
     drawn groups at every scale; each replicate is :func:`gride_mle` of the drawn points' ratios.
 
     Args:
         mus: for each scale n1 (n2 = 2·n1), the ratios μ_i = r_n2(i)/r_n1(i) of the same N points.
-        groups, n_boot, seed: as for :func:`twonn_bootstrap`.
+        groups, n_boot, seed, device: as for :func:`twonn_bootstrap`.
 
     Returns:
         {n1: (n_boot,) float64 replicate estimates (NaN where undefined)}.
@@ -272,7 +274,7 @@ def gride_bootstrap(mus: Mapping[int, Any], groups: Any = None, *, n_boot: int,
     xs = {int(n1): _log_ratios(mu, f"GRIDE bootstrap (n1={n1})") for n1, mu in mus.items()}
     starts = {int(n1): gride_mle(mu, int(n1), 2 * int(n1))[0] for n1, mu in mus.items()}
     size = next(iter(xs.values())).size
-    return gride_replicates(xs, group_codes(groups, size), n_boot, seed, starts)
+    return gride_replicates(xs, group_codes(groups, size), n_boot, seed, starts, device=device)
 
 
 def gride_scales(n_points: int, n1_max: Optional[int] = None) -> list[int]:
@@ -477,6 +479,12 @@ class _Options:
                     level=self.level)
 
 
+def _boot_device(prep: _Prepared) -> Optional[torch.device]:
+    """Where the bootstrap replicates run: the CUDA device the neighbour search ran on, else the host
+    (numpy)."""
+    return prep.points.device if prep.points.device.type == "cuda" else None
+
+
 def _estimate(prep: _Prepared, opts: _Options, backend: str, seconds: float,
               groups: Optional[Groups]) -> IDResult:
     """The estimate of ``opts.estimator`` from the prepared exact distances, with the block
@@ -499,7 +507,7 @@ def _estimate(prep: _Prepared, opts: _Options, backend: str, seconds: float,
     mus = {n1: prep.r(2 * n1) / prep.r(n1) for n1 in use}
     fits = {n1: gride_mle(mus[n1], n1, 2 * n1) for n1 in use}
     reps = (gride_replicates({n1: np.log(mu) for n1, mu in mus.items()}, boot, opts.n_boot,
-                             opts.seed, {n1: f[0] for n1, f in fits.items()})
+                             opts.seed, {n1: f[0] for n1, f in fits.items()}, device=_boot_device(prep))
             if boot is not None else {})
     results = []
     for n1 in use:
@@ -528,7 +536,8 @@ def _twonn(prep: _Prepared, opts: _Options, boot: Optional[Groups], backend: str
     err, lo, hi = lin / math.sqrt(mu.size - 2), None, None
     kept: list[float] = []
     if boot is not None:
-        reps = twonn_replicates(np.log(mu), boot, opts.n_boot, opts.seed, opts.discard_fraction)
+        reps = twonn_replicates(np.log(mu), boot, opts.n_boot, opts.seed, opts.discard_fraction,
+                                device=_boot_device(prep))
         err, lo, hi = interval(reps[:, 0], opts.level, "TwoNN")
         kept = [float(f"{v:.6g}") for v in reps[:, 0]]
     return IDResult(dimension=lin, error=err, estimator="twonn", n_points=prep.n_points,
