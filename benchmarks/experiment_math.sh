@@ -4,17 +4,17 @@
 # SVAMP, MAWPS, AddSub, SingleEq, MultiArith, AQuA), through `geoprobe compare`. A rerun resumes.
 #
 #   bash benchmarks/experiment_math.sh                        # data from ../shared/data/llm_adapters_math
-#   DATA=carry/data/math MODEL=~/smol.gguf OUT=... bash benchmarks/experiment_math.sh
+#   DATA=carry/data/math MODEL=~/smol.gguf DEST=... bash benchmarks/experiment_math.sh
 #
-# MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, OUT (default reports/experiments/math-smollm2),
+# MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, DEST (default reports/experiments/math-smollm2),
 # METHODS, SEEDS, STEPS and EVAL_LIMIT override the settings below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/llm_adapters_math}
-OUT=${OUT:-reports/experiments/math-smollm2}
+DEST=${DEST:-reports/experiments/math-smollm2}
 evals=()
 for set in gsm8k SVAMP mawps AddSub SingleEq MultiArith AQuA; do evals+=(--eval "$DATA/$set/test.json"); done
 exec "${PYTHON:-python3}" -m geoprobe compare ${MODEL:+"$MODEL"} --data "$DATA/train/math_data.json" "${evals[@]}" \
     --methods "${METHODS:-none,lora,gelora,hyplora,dora}" --seeds "${SEEDS:-3}" --r 16 \
     --max-steps "${STEPS:-200}" --batch-size 16 --max-length 256 --lr 2e-4 \
-    --eval-limit "${EVAL_LIMIT:-120}" --out "$OUT" --quiet
+    --eval-limit "${EVAL_LIMIT:-120}" --out "$DEST" --quiet
