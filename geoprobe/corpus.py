@@ -133,11 +133,18 @@ class Corpus:
             if not files:
                 raise CorpusError(
                     f"folder {p} holds no corpus files ({', '.join('*' + s for s in FOLDER_SUFFIXES)})")
+            if field is not None and not any(f.suffix.lower() in JSON_SUFFIXES for f in files):
+                raise _field_without_records(field, f"folder {p} holds only plain-text files")
             docs: list[str] = []
             for f in files:
                 docs.extend(_read_file(f, field))
             name = p.resolve().name or str(p)
+        elif not p.is_file():
+            raise CorpusError(f"corpus path {p} is not a regular file (a device, pipe or socket); pass a "
+                              "text, .jsonl or .json file, or a folder of them")
         else:
+            if field is not None and p.suffix.lower() not in JSON_SUFFIXES:
+                raise _field_without_records(field, f"{p} is plain text")
             docs = _read_file(p, field)
             name = p.name
         if not docs:
@@ -349,6 +356,12 @@ def _accumulate(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- reading files
+def _field_without_records(field: str, why: str) -> CorpusError:
+    return CorpusError(f"--field {field} selects a field of .jsonl/.json records, but {why}, which has no "
+                       "fields; drop --field or pass a .jsonl/.json file")
+
+
+
 def _folder_files(folder: Path) -> list[Path]:
     out = []
     for f in folder.rglob("*"):
@@ -389,6 +402,8 @@ def split_paragraphs(text: str) -> list[str]:
 def _read_file(path: Path, field: Optional[str]) -> list[str]:
     suffix = path.suffix.lower()
     text = _read_text(path)
+    if suffix not in JSON_SUFFIXES:
+        field = None  # a plain-text file in a folder that holds records too
     if suffix == ".jsonl":
         records = _jsonl_records(text, path)
         where = lambda i: f"line {i}"  # noqa: E731
