@@ -280,7 +280,7 @@ def plan_from_file(path: PathLike, lm: Any, examples: Sequence[Any], *, method: 
     if head.get("schema") == "geoprobe.profile":
         profile = GeometryProfile.load(path)
         if profile.adapter_plan is not None and method in ("auto", profile.adapter_plan.method):
-            return AdapterPlan.from_dict(dict(profile.adapter_plan.data))
+            return AdapterPlan.from_dict(dict(profile.adapter_plan.data), f"the adapter plan in profile {path}")
         plan, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha, target_modules=target_modules,
                                     profile=profile, seed=seed, data_name=data_name, command=command)
         return plan
