@@ -45,7 +45,7 @@ from .records import Record, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
+__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "check_plan_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
            "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
            "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
@@ -64,9 +64,12 @@ on GLUE-style data, generation for a causal LM), ``classification`` or ``generat
 
 
 def resolve_device(name: Optional[str]) -> str:
-    """``name``, or ``cuda`` when a GPU is available and ``cpu`` otherwise."""
+    """``name`` after checking that this machine has it (:func:`geoprobe.models.check_device`), or
+    ``cuda`` when a GPU is available and ``cpu`` otherwise."""
     if name:
-        return name
+        from .models import check_device
+
+        return check_device(name)
     try:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -287,14 +290,36 @@ def plan_from_file(path: PathLike, lm: Any, examples: Sequence[Any], *, method: 
     return AdapterPlan.load(path)
 
 
+def check_plan_file(path: PathLike, method: str = "auto") -> Any:
+    """Read the ``--plan`` file now, before any model is loaded: an adapter plan (checked field by
+    field, and against ``--adapter`` ``method``) or a profile to plan from. Returns the
+    :class:`adapters.plan.AdapterPlan` or the :class:`GeometryProfile`.
+
+    Raises:
+        PlanError: a missing or malformed plan, or one for another method than ``method``.
+        ProfileError: a malformed profile.
+    """
+    from adapters.plan import AdapterPlan
+
+    head = read_json(path, "plan", error=PlanError, missing=f"--plan {path} does not exist")
+    if head.get("schema") == "geoprobe.profile":
+        return GeometryProfile.load(path)
+    plan = AdapterPlan.load(path)
+    if method != "auto" and plan.method != method:
+        raise PlanError(f"--plan {path} plans {plan.method}, not --adapter {method}; "
+                        "use --adapter auto to follow the plan")
+    return plan
+
+
 def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: str = "lora",
                     plan: Optional[PathLike] = None, resume: bool = False, r: int = 32,
                     alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
                     seed: int = 0, data_name: str = "training prompts", progress: bool = False,
                     device: Optional[str] = None, command: str = "") -> Any:
     """The method name, or the AdapterPlan for auto / GeLoRA methods (from ``plan``, from
-    OUT/plan.json when resuming, or from a quick probe of the training prompts); a plan is kept in
-    OUT/plan.json."""
+    OUT/plan.json when resuming, or from a quick probe of the training prompts). The fine-tune keeps
+    the plan in OUT/plan.json once it has built an adapter from it, so a plan the model rejects is
+    never kept."""
     from adapters.plan import AdapterPlan
 
     out = Path(out)
@@ -312,7 +337,6 @@ def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: 
         chosen, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha,
                                       target_modules=target_modules, seed=seed, data_name=data_name,
                                       progress=progress, device=resolve_device(device), command=command)
-    chosen.save(out / PLAN_FILE)
     return chosen
 
 
@@ -511,15 +535,13 @@ class RunResult(Record):
 
 def _plan_run(lm: Any, examples: Sequence[Any], out: Path, *, method: str, resume: bool,
               planning: dict[str, Any]) -> tuple[Any, GeometryProfile]:
-    """The plan and profile of a run: kept from OUT when resuming, else planned and written there."""
+    """The plan and profile of a run: kept from OUT when resuming, else planned (written to OUT once
+    the fine-tune has built an adapter from the plan)."""
     from adapters.plan import AdapterPlan
 
     if resume and (out / PLAN_FILE).is_file() and (out / PROFILE_FILE).is_file():
         return AdapterPlan.load(out / PLAN_FILE), GeometryProfile.load(out / PROFILE_FILE)
-    plan, profile = plan_for_training(lm, examples, method=method, **planning)
-    plan.save(out / PLAN_FILE)
-    profile.save(out / PROFILE_FILE)
-    return plan, profile
+    return plan_for_training(lm, examples, method=method, **planning)
 
 
 def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name: str) -> FinetuneResult:
@@ -559,7 +581,7 @@ def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike
     if on_plan is not None:
         on_plan(plan)
     trained = finetune_model(lm, examples, plan, out=out, settings=settings, resume=resume, progress=progress,
-                             data_name=data_name,
+                             data_name=data_name, on_ready=lambda: profile.save(out / PROFILE_FILE),
                              **build_options(planned=True, dropout=dropout, target_modules=target_modules,
                                              n_heads=n_heads, curvature=curvature))
     if on_trained is not None:
