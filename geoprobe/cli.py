@@ -19,6 +19,7 @@ import re
 import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -709,7 +710,11 @@ def _run(argv: list[str]) -> int:
         return 2
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
                 "evaluate": cmd_evaluate, "run": cmd_run, "compare": cmd_compare, "native": cmd_native}
-    return handlers[args.command](args, recorded_command(argv))
+    with warnings.catch_warnings():
+        if not args.verbose:  # libraries' notices about their own future versions are not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+        return handlers[args.command](args, recorded_command(argv))
 
 
 def _interrupted() -> int:

@@ -99,8 +99,8 @@ def check_out(out: Union[str, os.PathLike], resume: bool) -> Optional[Path]:
             problems.append(str(exc))
     if problems:
         where = f"checkpoint {latest}" if latest is not None else f"{out}"
-        advice = (f"delete {latest} to resume from the checkpoint before it, or start afresh in another --out"
-                  if latest is not None else "delete the broken file, or start afresh in another --out")
+        advice = (f"Delete {latest} to resume from the checkpoint before it, or start afresh in another --out"
+                  if latest is not None else "Delete the broken file, or start afresh in another --out")
         raise AdapterError(f"--resume: {where} cannot be resumed: " + "; ".join(problems) + f". {advice}")
     return latest
 
@@ -152,10 +152,10 @@ def checkpoint_problems(folder: Path) -> list[str]:
         if problem:
             problems.append(problem)
     except AdapterError as exc:
-        problems.append(_relative(str(exc), folder))
+        problems.append(_relative(str(exc), folder).removeprefix(f"{STATE}: "))
     for name in _STATES:
         try:
-            load_pickle(folder / name, name, error=AdapterError)
+            load_pickle(folder / name, "", error=AdapterError)
         except GeoprobeError as exc:
             problems.append(_relative(str(exc), folder))
     problems.extend(_relative(p, folder) for p in adapter_problems(folder / ADAPTER))

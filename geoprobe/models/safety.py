@@ -109,7 +109,7 @@ def unsafe_pickle_error(what: str, name: str, exc: BaseException) -> UnsafeModel
     loaded safely, and the loader will not execute it."""
     detail = _refusal_detail(exc)
     return UnsafeModelError(
-        f"{what}: {name} could not be loaded safely{f' ({detail})' if detail else ''}: it holds more than "
+        f"{what + ': ' if what else ''}{name} could not be loaded safely{f' ({detail})' if detail else ''}: it holds more than "
         "tensors, and geoprobe's loader refuses to execute code from a pickle file, --allow-pickle or "
         "not. Use safetensors weights, or a checkpoint from a source you trust")
 
@@ -122,14 +122,27 @@ def load_pickle(path: Union[str, Path], what: str, *, error: type[GeoprobeError]
     import torch
 
     path = Path(path)
+    where = f"{what}: " if what else ""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, weights_only=True, map_location="cpu", **kwargs)
     except FileNotFoundError:
-        raise error(f"{what}: {path.name} is missing") from None
+        raise error(f"{where}{path.name} is missing") from None
     except Exception as exc:
-        if is_refused_pickle(exc):
+        if is_refused_pickle(exc) and _looks_like_torch_file(path):
             raise unsafe_pickle_error(what, path.name, exc) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise error(f"{what}: {path.name} cannot be read (corrupt or truncated: {first[:200]})") from None
+        if is_refused_pickle(exc):
+            first = "not a torch file"
+        raise error(f"{where}{path.name} cannot be read (corrupt or truncated: {first[:200]})") from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as torch's files do: a zip archive, or a pickle of protocol 2 or later."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
