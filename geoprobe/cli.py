@@ -593,7 +593,7 @@ def _eval_sets(paths: Sequence[str], limit: Optional[int]) -> list:
         if name in names:
             raise GeoprobeError(f"--eval {path} is given twice")
         names.add(name)
-        sets.append(EvalSet(name=name, path=str(path), examples=examples))
+        sets.append(EvalSet(name=name, path=display_path(path), examples=examples))
     return sets
 
 

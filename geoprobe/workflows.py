@@ -380,14 +380,17 @@ def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, o
 
 
 def check_adapter_folder(folder: PathLike) -> Path:
-    """``folder`` if it holds a saved adapter; a clear error otherwise (pointing at an ``adapter/``
-    subfolder when the run folder was given)."""
-    from adapters.io import SIDECAR
+    """``folder`` if it holds a saved adapter whose files all read (config, weights, sidecar); a clear
+    error otherwise (pointing at an ``adapter/`` subfolder when the run folder was given)."""
+    from adapters.io import SIDECAR, adapter_problems
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""
         raise GeoprobeError(f"--adapter {folder} is not an adapter folder{hint}")
+    problems = adapter_problems(folder)
+    if problems:
+        raise AdapterError(f"--adapter {folder} cannot be used: " + "; ".join(problems))
     return folder
 
 
