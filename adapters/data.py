@@ -373,6 +373,8 @@ def _read_glue(file: Path, task: str, limit: Optional[int]) -> list[Example]:
         raise DataFormatError(f"{file} is not UTF-8 text") from None
     except OSError as exc:
         raise DataFormatError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except csv.Error as exc:  # a field beyond the csv module's size limit, a NUL byte
+        raise DataFormatError(f"{file} is not a readable TSV file ({exc})") from None
     if not rows:
         raise DataFormatError(f"{file} is empty")
     header = [c.strip() for c in rows[0]]

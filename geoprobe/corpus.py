@@ -432,9 +432,15 @@ def _jsonl_records(text: str, path: Path) -> list[tuple[int, Any]]:
             raise CorpusError(
                 f"{path}: invalid JSON on line {lineno} ({exc.msg} at column {exc.colno}); "
                 "each line of a .jsonl file must hold one JSON value") from None
+        except (RecursionError, ValueError) as exc:  # nesting too deep, an integer too long
+            raise CorpusError(f"{path}: unreadable JSON on line {lineno} ({_json_limit(exc)})") from None
     if not records:
         raise CorpusError(f"corpus file {path} is empty")
     return records
+
+
+def _json_limit(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
 
 
 def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -445,6 +451,8 @@ def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
     except json.JSONDecodeError as exc:
         raise CorpusError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:
+        raise CorpusError(f"{path}: unreadable JSON ({_json_limit(exc)})") from None
     if isinstance(data, list):
         return list(enumerate(data))
     return [(0, data)]

@@ -137,11 +137,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "nofield.jsonl").write_text('{"prompt": "x", "reply": "y"}\n')
     (root / "empty.jsonl").write_text("")
     (root / "nan.json").write_text('[{"question": "q", "answer": NaN}]')
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "long.tsv").write_text("sentence\tlabel\n" + "a" * 200_000 + "\t1\n")
     (root / "sets").mkdir()
     for name in ("train.jsonl", "test.jsonl"):
         shutil.copy(f["train"], root / "sets" / name)
     for name in ("empty.txt", "binary.txt", "latin1.txt", "plain.txt", "texts", "broken.jsonl", "nofield.jsonl",
-                 "empty.jsonl", "nan.json", "sets"):
+                 "empty.jsonl", "nan.json", "sets", "deep.json", "long.tsv"):
         f[name] = root / name
 
     # models and adapters
@@ -316,6 +318,7 @@ NO_MODEL_CASES = [
          r"--field question .* holds only plain-text files"),
     Case("corpus-field-without-corpus", f"probe {M} --field question", r"--field needs --corpus"),
     Case("corpus-broken-jsonl", f"probe {M} --corpus {{broken.jsonl}}", r"invalid JSON on line 2"),
+    Case("corpus-too-deep", f"probe {M} --corpus {{deep.json}}", r"unreadable JSON \(nested too deeply\)"),
     Case("corpus-missing-field", f"probe {M} --corpus {{nofield.jsonl}} --field question",
          r"has no field 'question' .*fields there: prompt, reply"),
     # data files
@@ -325,6 +328,7 @@ NO_MODEL_CASES = [
     Case("data-empty", f"finetune {M} --data {{empty.jsonl}}", r"empty"),
     Case("data-nan", f"finetune {M} --data {{nan.json}}", r"not valid JSON \(NaN is not a number JSON allows"),
     Case("data-folder-of-sets", f"finetune {M} --data {{sets}}", r"is a folder holding test\.jsonl, train\.jsonl"),
+    Case("data-tsv-field-limit", f"finetune {M} --data {{long.tsv}}", r"is not a readable TSV file \(field larger"),
     Case("data-twice", f"evaluate {M} --data {D} --data {D}", r"is given twice"),
     # profiles given to report
     Case("profile-missing", "report --profile nowhere.json", r"profile nowhere\.json does not exist"),
@@ -337,6 +341,7 @@ NO_MODEL_CASES = [
          r"count_values: expected a list, got a string"),
     Case("profile-bool-for-int", "report --profile {boolint.json}", r"n_layers: expected an integer, got True"),
     Case("profile-unpaired-counts", "report --profile {pairs.json}", r"count_values has \d+ entries but"),
+    Case("profile-too-deep", "report --profile {deep.json}", r"is not valid JSON \(the JSON is nested too deeply\)"),
     Case("profile-array", "report --profile {array.json}", r"does not hold a JSON object"),
     Case("profile-layer-order", "report --profile {layers.json}", r"layers must be numbered 0, 1, 2"),
     # plans
@@ -404,7 +409,7 @@ def test_refused_before_any_model_loads(case, files, tmp_path, monkeypatch, caps
 def test_the_table_is_wide_enough():
     """At least 60 distinct bad inputs and faults in all (this table plus the API, model and signal
     tables below)."""
-    total = len(NO_MODEL_CASES) + len(API_CASES) + len(MODEL_CASES) + 2
+    total = len(NO_MODEL_CASES) + len(API_CASES) + len(MODEL_CASES) + 3 + 2 + 2
     assert total >= 60 and len({c.id for c in NO_MODEL_CASES}) == len(NO_MODEL_CASES)
 
 
@@ -416,6 +421,31 @@ def test_argument_errors_are_argparse_usage(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and "invalid" in err
+
+
+@pytest.mark.parametrize("raised,code,message", [
+    (RuntimeError("boom in a library\nsecond line"), 1,
+     r"^geoprobe: error: unexpected RuntimeError: boom in a library \(a bug in geoprobe or a library it uses; "
+     r"rerun with -v to see the traceback\)$"),
+    (MemoryError(), 3, r"^geoprobe: error: out of memory; try smaller sizes \(--max-tokens"),
+    (OutputError("cannot write x: the disk is full"), 2, r"^geoprobe: error: cannot write x: the disk is full$"),
+])
+def test_the_error_boundary(raised, code, message, files, tmp_path, monkeypatch, capsys):
+    """Whatever escapes a command: a GeoprobeError exits 2, an unexpected exception 1 with the hint to
+    rerun with -v (which then shows the traceback), running out of memory 3; one line each."""
+    import geoprobe.cli as cli
+
+    def fail(args, command):
+        raise raised
+    monkeypatch.setattr(cli, "cmd_report", fail)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "--profile", str(files["profile"])]) == code
+    assert re.search(message, error_line(capsys.readouterr().err))
+    if code == 1:
+        assert main(["report", "--profile", str(files["profile"]), "-v"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "rerun with -v" not in err
+    assert snapshot(tmp_path) == {}
 
 
 # --------------------------------------------------------------------------- the library calls
