@@ -521,7 +521,8 @@ def cmd_evaluate(args, command: str) -> int:
 
     _check_limit(args.limit, "--limit")
     _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size (--batch-size)")
-    _check_limit(args.max_length, "--max-length")
+    if args.max_length < 2:
+        raise GeoprobeError(f"--max-length must be ≥ 2 tokens, got {args.max_length}")
     _check_limit(args.max_new_tokens, "--max-new-tokens")
     if args.adapter:
         workflows.check_adapter_folder(args.adapter)
@@ -728,33 +729,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output is renamed into place after it, even where a library caught the interrupt); anything
     unexpected is one line that says so, with its traceback under ``-v``, and exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        with runtime.interrupt_guard():
+    with runtime.interrupt_guard():
+        try:
             code = _run(argv)
             if runtime.interrupted():  # a library swallowed the KeyboardInterrupt
                 raise KeyboardInterrupt
             return code
-    except KeyboardInterrupt:
-        return _interrupted()
-    except GeoprobeError as exc:
-        if runtime.interrupted():
+        except KeyboardInterrupt:
             return _interrupted()
-        print(f"geoprobe: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except MemoryError:
-        print("geoprobe: error: out of memory; try smaller sizes (--max-tokens, --layer-positions, --batch-size, "
-              "--limit) or a smaller model", file=sys.stderr)
-        return 3
-    except Exception as exc:
-        if runtime.interrupted():
-            return _interrupted()
-        if _verbosity(argv):
-            traceback.print_exc()
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        hint = "" if _verbosity(argv) else "; rerun with -v to see the traceback"
-        print(f"geoprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in "
-              f"geoprobe or a library it uses{hint})", file=sys.stderr)
-        return 1
+        except GeoprobeError as exc:
+            if runtime.interrupted():
+                return _interrupted()
+            print(f"geoprobe: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except MemoryError:
+            print("geoprobe: error: out of memory; try smaller sizes (--max-tokens, --layer-positions, "
+                  "--batch-size, --limit) or a smaller model", file=sys.stderr)
+            return 3
+        except Exception as exc:
+            if runtime.interrupted():
+                return _interrupted()
+            return _unexpected(exc, argv)
+
+
+def _unexpected(exc: Exception, argv: Sequence[str]) -> int:
+    """One line for an exception no check foresaw (its traceback first under ``-v``); exit 1."""
+    verbose = _verbosity(argv)
+    if verbose:
+        traceback.print_exc()
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    hint = "" if verbose else "; rerun with -v to see the traceback"
+    print(f"geoprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in geoprobe "
+          f"or a library it uses{hint})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

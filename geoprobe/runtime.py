@@ -125,8 +125,9 @@ def check_interrupt() -> None:
 @contextlib.contextmanager
 def interrupt_guard() -> Iterator[None]:
     """Within the block, Ctrl-C both raises KeyboardInterrupt (Python's default) and is remembered
-    (:func:`interrupted`), so that code catching the exception cannot make it vanish. Only the main
-    thread can install the handler; elsewhere the block runs with the handler it has."""
+    (:func:`interrupted`), so that code catching the exception cannot make it vanish; the memory is
+    cleared when the block ends. Only the main thread can install the handler; elsewhere the block
+    runs with the handler it has."""
     _INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -141,6 +142,7 @@ def interrupt_guard() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
 
 
 # --------------------------------------------------------------------------- optional packages

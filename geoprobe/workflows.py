@@ -41,7 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import AdapterError, DataFormatError, GeoprobeError, PlanError
 from .profile import FinetuneResult, GeometryProfile
-from .records import Record, read_json, write_json
+from .records import Record, display_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -549,7 +549,7 @@ def _plan_run(lm: Any, examples: Sequence[Any], out: Path, *, method: str, resum
 
 def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name: str) -> FinetuneResult:
     """Write OUT/eval.json and the fine-tune results with their evaluation metrics."""
-    write_json(out / EVAL_FILE, evaluation_record(res, model=lm.name, adapter=str(trained.adapter_dir),
+    write_json(out / EVAL_FILE, evaluation_record(res, model=lm.name, adapter=display_path(trained.adapter_dir),
                                                   data=eval_name))
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))

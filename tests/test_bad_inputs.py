@@ -289,7 +289,7 @@ NO_MODEL_CASES = [
     Case("finetune-limit", f"{FT} --limit 0", r"--limit must be ≥ 1, got 0"),
     Case("evaluate-new-tokens", f"{EV} --max-new-tokens 0", r"--max-new-tokens must be ≥ 1"),
     Case("evaluate-batch", f"{EV} --batch-size 0", r"--eval-batch-size \(--batch-size\) must be ≥ 1"),
-    Case("evaluate-max-length", f"{EV} --max-length 0", r"--max-length must be ≥ 1"),
+    Case("evaluate-max-length", f"{EV} --max-length 0", r"--max-length must be ≥ 2 tokens, got 0"),
     Case("run-eval-limit", f"{RUN} --eval-limit 0 --out r", r"--eval-limit must be ≥ 1"),
     Case("compare-seeds", f"{CMP} --seeds 0", r"--seeds must be at least 1"),
     Case("compare-plan-seed", f"{CMP} --plan-seed -2", r"--plan-seed must be an integer from 0"),
