@@ -270,14 +270,15 @@ def display_path(path: str | os.PathLike) -> str:
     """``path`` as a record should hold it: relative to the working directory when it lies under it
     (so outputs carry no machine's absolute paths), else as given."""
     text = os.fspath(path)
-    p = Path(text)
-    if not p.is_absolute():
+    if not os.path.isabs(text):
         return text
     try:
-        return Path(os.path.relpath(p, Path.cwd())).as_posix() if p.resolve().is_relative_to(
-            Path.cwd().resolve()) else text
-    except (OSError, ValueError):
+        rel = os.path.relpath(os.path.normpath(text), os.getcwd())
+    except (OSError, ValueError):  # no working directory, another drive
         return text
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return text
+    return Path(rel).as_posix()
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -422,9 +423,9 @@ def read_json(path: str | os.PathLike, what: str, *, error: type[GeoprobeError] 
     range are refused (:func:`parse_json`).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise error(f"{what}: {path} is not a regular file (a device, pipe or socket)")
     try:
-        if path.exists() and not path.is_dir() and not path.is_file():
-            raise error(f"{what}: {path} is not a regular file")
         data = parse_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(missing or f"{what}: {path} is missing") from None
