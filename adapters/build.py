@@ -44,6 +44,8 @@ __all__ = [
     "BERT_TARGETS",
     "Settings",
     "build",
+    "check_options",
+    "OPTION_FLAGS",
     "default_targets",
     "linear_module_names",
 ]
@@ -143,7 +145,8 @@ def resolve_targets(model: Any, target_modules: Union[None, str, Sequence[str]])
         return list(default_targets(model))
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise AdapterError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+        raise AdapterError(f"{_label('target_modules')} must be a non-empty list of module names, got "
+                           f"{target_modules!r}")
     names = linear_module_names(model)
     missing = [t for t in targets if not any(_matches(n, t) for n in names)]
     if missing:
@@ -152,19 +155,61 @@ def resolve_targets(model: Any, target_modules: Union[None, str, Sequence[str]])
 
 
 # --------------------------------------------------------------------------- settings
+OPTION_FLAGS = {"r": "--r", "alpha": "--alpha", "dropout": "--dropout", "n_heads": "--n-heads",
+                "curvature": "--curvature", "target_modules": "--target-modules"}
+"""The command-line flag of each build option that has one; messages name the flag first."""
+
+
+def _label(name: str) -> str:
+    """``--flag (name)`` for an option with a flag, else the option's name."""
+    if name not in OPTION_FLAGS:
+        return name
+    return f"{OPTION_FLAGS[name]} ({'rank r' if name == 'r' else name})"
+
+
 def _check_number(name: str, value: Any, *, low: float, low_ok: bool = False, high: Optional[float] = None,
                   high_ok: bool = False) -> float:
+    if isinstance(value, bool):
+        raise AdapterError(f"{_label(name)} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise AdapterError(f"{name} must be a number, got {value!r}") from None
+        raise AdapterError(f"{_label(name)} must be a number, got {value!r}") from None
     ok = math.isfinite(v) and (v >= low if low_ok else v > low)
     if high is not None:
         ok = ok and (v <= high if high_ok else v < high)
     if not ok:
         rng = f"{'[' if low_ok else '('}{low:g}, {'∞' if high is None else f'{high:g}'}{']' if high_ok else ')'}"
-        raise AdapterError(f"{name} = {value!r} is outside {rng}")
+        raise AdapterError(f"{_label(name)} = {value!r} is outside {rng}")
     return v
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise AdapterError(f"{_label(name)} must be an integer ≥ {low}, got {value!r}")
+    return value
+
+
+def check_options(method: str, *, r: Any = 32, alpha: Any = None, dropout: Any = 0.05, n_heads: Any = None,
+                  curvature: Any = None) -> None:
+    """Check the build options' values, and that each applies to ``method`` (any method for
+    ``auto``, whose plan is not made yet), before a model is loaded; :func:`build` checks them again
+    with the model. Raises AdapterError naming the flag."""
+    _check_int("r", r)
+    if alpha is not None:
+        _check_number("alpha", alpha, low=0.0)
+    _check_number("dropout", dropout, low=0.0, low_ok=True, high=1.0)
+    if n_heads is not None:
+        _check_int("n_heads", n_heads)
+    if curvature is not None:
+        _check_number("curvature", curvature, low=1e-6)
+    if method != registry.AUTO:
+        chosen = registry.get(method)
+        for name, part in _PART_OPTIONS:
+            value = {"n_heads": n_heads, "curvature": curvature}.get(name)
+            if value is not None and not chosen.includes(part):
+                raise AdapterError(f"{_label(name)} applies to {part} methods only, not to {chosen.name!r}; "
+                                   "drop it")
 
 
 def _gelora_ranks_for(model: Any, targets: Sequence[str], layer_ranks: Any, from_plan: bool) -> list[int]:
@@ -281,15 +326,13 @@ def _request(plan_or_method: Union[str, AdapterPlan], options: dict[str, Any]) -
                            f"{', '.join(METHODS)} or an AdapterPlan") from None
     for name, part in _PART_OPTIONS:
         if options.get(name) is not None and not method.includes(part):
-            raise AdapterError(f"{name} applies to {part} methods only, not to {method.name!r}; drop it")
+            raise AdapterError(f"{_label(name)} applies to {part} methods only, not to {method.name!r}; drop it")
     return method, None
 
 
 def _settings(model: Any, method: Method, plan: Optional[AdapterPlan], o: dict[str, Any]) -> Settings:
     """Check the options and resolve the defaults (α = 2r, targets from the module names, K = 1, N = 4)."""
-    r = o["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(f"rank r must be a positive integer, got {r!r}")
+    r = _check_int("r", o["r"])
     alpha = 2.0 * r if o["alpha"] is None else _check_number("alpha", o["alpha"], low=0.0)
     dropout = _check_number("dropout", o["dropout"], low=0.0, low_ok=True, high=1.0)
     targets = resolve_targets(model, o["target_modules"])
@@ -304,9 +347,7 @@ def _settings(model: Any, method: Method, plan: Optional[AdapterPlan], o: dict[s
         extra.update(curvature=_check_number("curvature", k0, low=1e-6), official=bool(o["official"]),
                      curvature_pattern=dict(o["curvature_pattern"] or {}))
     if method.includes("hydralora"):
-        heads = DEFAULT_HEADS if o["n_heads"] is None else o["n_heads"]
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise AdapterError(f"n_heads must be a positive integer, got {heads!r}")
+        heads = _check_int("n_heads", DEFAULT_HEADS if o["n_heads"] is None else o["n_heads"])
         extra.update(n_heads=heads, top_k=o["top_k"], balance=bool(o["balance"]))
     return Settings(**{**s.__dict__, **extra})
 

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from geoprobe.errors import DataFormatError
+from geoprobe.records import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,11 @@ def _resolve_file(path: Path, split: Optional[str]) -> Path:
                 return path / f"{split}{ext}"
         present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise DataFormatError(f"{path} has no {split}.jsonl / {split}.json / {split}.tsv (it holds {present})")
-    if not path.is_file():
+    if not path.exists():
         raise DataFormatError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataFormatError(f"data file {path} is not a regular file (a device, pipe or socket); pass a "
+                              ".jsonl, .json or .tsv file")
     if split is not None and path.stem != split:
         raise DataFormatError(f"split={split!r} was given with the file {path}; pass the folder instead, "
                               "or drop split")
@@ -235,10 +239,13 @@ def _read_records(file: Path) -> list[Any]:
         raise DataFormatError(f"{file} is empty")
     if file.suffix != ".jsonl":
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except json.JSONDecodeError as exc:
             if file.suffix == ".json":
                 raise DataFormatError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except ValueError as exc:
+            if file.suffix == ".json":
+                raise DataFormatError(f"{file} is not valid JSON ({exc})") from None
         else:
             if isinstance(data, list):
                 return data
@@ -248,9 +255,11 @@ def _read_records(file: Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(parse_json(line))
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{file} line {lineno} is not valid JSON ({exc.msg})") from None
+        except ValueError as exc:
+            raise DataFormatError(f"{file} line {lineno} is not valid JSON ({exc})") from None
     return records
 
 
@@ -364,6 +373,8 @@ def _read_glue(file: Path, task: str, limit: Optional[int]) -> list[Example]:
         raise DataFormatError(f"{file} is not UTF-8 text") from None
     except OSError as exc:
         raise DataFormatError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except csv.Error as exc:  # a field beyond the csv module's size limit, a NUL byte
+        raise DataFormatError(f"{file} is not a readable TSV file ({exc})") from None
     if not rows:
         raise DataFormatError(f"{file} is empty")
     header = [c.strip() for c in rows[0]]

@@ -20,22 +20,20 @@ import dataclasses
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from geoprobe import runtime
-from geoprobe.errors import AdapterError, OutputError
-from geoprobe.records import Record, read_json, replace_folder, write_json
+from geoprobe.errors import AdapterError
+from geoprobe.records import Record, atomic_folder, read_json, write_json
 
 from . import registry
 from .registry import Method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SIDECAR", "AdapterSpec", "adapter_spec", "attach", "save", "write_adapter", "load",
+__all__ = ["SIDECAR", "AdapterSpec", "adapter_spec", "attach", "save", "write_adapter", "load", "adapter_problems",
            "check_adapter_state", "base_fingerprint", "fingerprint_mismatch", "config_from_saved", "saved_method"]
 
 SIDECAR = "geoprobe_adapter.json"
@@ -184,19 +182,8 @@ def save(peft_model: Any, path: Union[str, os.PathLike]) -> Path:
     """
     spec = adapter_spec(peft_model)
     target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"cannot save the adapter to {target}: it is a file; give a folder name")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    try:
+    with atomic_folder(target, what="the adapter folder") as tmp:
         write_adapter(peft_model, tmp)
-        replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %s adapter to %s", spec.method, target)
     return target
 
@@ -230,6 +217,24 @@ def _weight_keys(folder: Path) -> list[str]:
             return list(fh.keys())
     except Exception as exc:  # safetensors raises its own error type
         raise AdapterError(f"{file} is corrupt or truncated: {exc}") from None
+
+
+def adapter_problems(folder: Union[str, os.PathLike]) -> list[str]:
+    """What is wrong with the files of a saved adapter folder, one sentence per broken file (empty when
+    ``adapter_config.json``, ``adapter_model.safetensors`` and the sidecar, if present, all read): cheap,
+    no model needed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder.name}/ is missing"]
+    problems = []
+    for check in (lambda: read_json(folder / "adapter_config.json", "adapter config", error=AdapterError),
+                  lambda: _weight_keys(folder),
+                  lambda: _read_sidecar(folder) if (folder / SIDECAR).exists() else None):
+        try:
+            check()
+        except AdapterError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _layer_kind(keys: Sequence[str]) -> Optional[str]:

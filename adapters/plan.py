@@ -49,7 +49,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from geoprobe.errors import AdapterError, PlanError
-from geoprobe.records import write_json
+from geoprobe.records import read_json, write_json
 from geoprobe.profile import AdapterPlanRecord, GeometryProfile
 
 from . import registry
@@ -58,6 +58,65 @@ from .registry import AUTO, Method
 KHRULKOV_BALL_DELTA_REL = 0.144
 K_MIN, K_MAX = 0.05, 20.0
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+PLAN_SCHEMA = "geoprobe.adapter_plan"
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any, positive: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > 0 if positive else True)
+
+
+def _is_list(v: Any, item: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(item(x) for x in v)
+
+
+_PLAN_FIELDS: dict[str, tuple[Any, str]] = {
+    "method": (lambda v: isinstance(v, str), "a method name"),
+    "r": (lambda v: _is_int(v, 1), "an integer ≥ 1"),
+    "alpha": (lambda v: _is_number(v, positive=True), "a positive number"),
+    "target_modules": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                       and all(isinstance(t, str) and t.strip() for t in v),
+                       "a non-empty list of module names such as [\"q_proj\", \"v_proj\"]"),
+    "curvature": (lambda v: v is None or _is_number(v, positive=True), "a positive number or null"),
+    "layer_ranks": (lambda v: v is None or (_is_list(v, lambda x: _is_int(x, 0)) and len(v) > 0),
+                    "null or a non-empty list of integers ≥ 0, one per block"),
+    "rank_rule": (lambda v: v is None or isinstance(v, str), "null or a rule name"),
+    "rank_ranges": (lambda v: v is None or _is_list(v, lambda x: _is_list(x, lambda y: _is_int(y, 0))
+                                                    and len(x) == 2),
+                    "null or a list of [low, high] integer pairs"),
+    "id_curve": (lambda v: v is None or _is_list(v, _is_number), "null or a list of finite numbers"),
+    "n_heads": (lambda v: v is None or _is_int(v, 1), "null or an integer ≥ 1"),
+    "silhouettes": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(x)
+                                                          for k, x in v.items()),
+                    "an object of finite numbers"),
+    "reasons": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                                      for k, x in v.items()),
+                "an object of sentences"),
+    "model": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_plan_fields(d: dict[str, Any], where: str = "adapter plan") -> None:
+    """Check the type and range of every field of a plan read from a file (finite numbers, integer
+    ranks, a list where a list is expected: a string for ``target_modules`` would be split into
+    letters); the first problem is a PlanError naming ``where`` and the field."""
+    for name, value in d.items():
+        ok, want = _PLAN_FIELDS.get(name, (lambda v: True, ""))
+        if ok(value):
+            continue
+        got = json.dumps(value, default=str)
+        got = got if len(got) <= 60 else got[:59] + "…"
+        raise PlanError(f"{where}: {name} must be {want}, got {got}")
+    if d.get("layer_ranks") is not None and d.get("rank_ranges") is not None \
+            and len(d["rank_ranges"]) != len(d["layer_ranks"]):
+        raise PlanError(f"{where}: rank_ranges has {len(d['rank_ranges'])} entries for "
+                        f"{len(d['layer_ranks'])} layer_ranks; they must pair up")
 
 
 @dataclass(frozen=True)
@@ -87,30 +146,30 @@ class AdapterPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterPlan":
+    def from_dict(cls, d: dict[str, Any], where: str = "adapter plan") -> "AdapterPlan":
+        """The plan a JSON object describes, every field checked (:func:`check_plan_fields`): a
+        PlanError names ``where``, the field and what was expected."""
+        if not isinstance(d, dict):
+            raise PlanError(f"{where} is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names - {"schema"}
         if "method" not in d or unknown:
-            raise PlanError(f"not an adapter plan (missing 'method' or unknown fields {sorted(unknown)})")
+            raise PlanError(f"{where} is not an adapter plan (missing 'method' or unknown fields {sorted(unknown)})")
+        if "schema" in d and d["schema"] != PLAN_SCHEMA:
+            raise PlanError(f"{where} is not an adapter plan (schema {d['schema']!r}, expected {PLAN_SCHEMA!r})")
         d = {k: v for k, v in d.items() if k in names}
+        check_plan_fields(d, where)
         if "target_modules" in d:
             d["target_modules"] = tuple(d["target_modules"])
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, {"schema": "geoprobe.adapter_plan", **self.to_dict()})
+        return write_json(path, {"schema": PLAN_SCHEMA, **self.to_dict()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AdapterPlan":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise PlanError(f"cannot read plan {path}: {exc}") from None
-        if not isinstance(d, dict):
-            raise PlanError(f"plan {path} is not a JSON object")
-        return cls.from_dict(d)
+        d = read_json(path, "adapter plan", error=PlanError, missing=f"plan file {path} does not exist")
+        return cls.from_dict(d, f"plan {path}")
 
     def to_record(self) -> AdapterPlanRecord:
         return AdapterPlanRecord(method=self.method, data=self.to_dict())

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import re
 import shlex
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 from adapters import registry
 
+from . import runtime
 from .errors import GeoprobeError
+from .records import check_writable, display_path
 
 
 def _slug(name: str) -> str:
@@ -60,11 +64,16 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+VERBOSE_HELP = "more log lines (-vv: debug); an unexpected error shows its traceback"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geoprobe", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    sub = parser.add_subparsers(dest="command")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", parser_class=_subparser(common))
 
     p = sub.add_parser("probe", help="measure a model's geometry and write a profile JSON")
     p.add_argument("model", nargs="?", default=None,
@@ -142,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 ADAPTER_CHOICES = (*registry.names(), registry.AUTO)  # every registered method, then the planner's choice
 
 
+def _subparser(common: argparse.ArgumentParser) -> type:
+    """The parser class of the subcommands: each takes ``-v`` too (``geoprobe probe … -v``)."""
+
+    class Subparser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("parents", [common])
+            super().__init__(*args, **kwargs)
+
+    return Subparser
+
+
 def _compare_choices() -> tuple[str, ...]:
     from .compare import choices
 
@@ -201,6 +221,7 @@ def _add_eval_args(p: argparse.ArgumentParser, *batch_flags: str) -> None:
 
 
 def _resolve_device(name: Optional[str]) -> str:
+    """The device --device names, checked against this machine before anything is loaded or cached."""
     from .workflows import resolve_device
 
     return resolve_device(name)
@@ -227,13 +248,11 @@ def probe_settings(args):
                          correction=args.correction)
 
 
-def _measure(spec: Optional[str], args, command: str, settings=None):
+def _measure(spec: Optional[str], args, command: str, settings, device: str, corpus):
+    """Load the model ``spec`` and probe it on ``corpus`` (both checked by the caller first)."""
     from .models import load_model
     from .pipeline import probe
 
-    settings = settings or probe_settings(args)
-    device = _resolve_device(args.device)
-    corpus = _load_corpus(args)
     lm = load_model(spec, device=device, allow_pickle=args.allow_pickle,
                     trust_remote_code=args.trust_remote_code)
     return probe(lm, corpus, settings=settings, progress=not args.quiet, device=device,
@@ -269,10 +288,13 @@ def summary_table(profile) -> str:
 
 
 def cmd_probe(args, command: str) -> int:
+    """Every flag, the device, the output and the corpus are checked before the model loads."""
+    settings = probe_settings(args)
     out = Path(args.out) if args.out else Path("profiles") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}.json"
-    if out.exists() and out.is_dir():
-        raise GeoprobeError(f"--out {out} is a folder; give a file name")
-    profile = _measure(args.model, args, command, probe_settings(args))
+    device = _resolve_device(args.device)
+    check_writable(out, what="--out")
+    corpus = _load_corpus(args)
+    profile = _measure(args.model, args, command, settings, device, corpus)
     profile.save(out)
     print(summary_table(profile))
     print(f"profile written to {out}")
@@ -280,6 +302,8 @@ def cmd_probe(args, command: str) -> int:
 
 
 def cmd_report(args, command: str) -> int:
+    """Profiles, flags, the outputs (report and --save-profiles), the device and the corpus are
+    checked before any model loads."""
     from .profile import GeometryProfile
     from .report import default_report_path, render_report
 
@@ -288,9 +312,15 @@ def cmd_report(args, command: str) -> int:
     specs = list(args.models) or ([None] if not profiles else [])
     out = Path(args.out) if args.out else None
     if out is not None:
-        _check_writable(out)
+        check_writable(out, what="--out")
+    else:
+        check_writable(Path("reports"), what="the report folder", folder=True)
+    if args.save_profiles:
+        check_writable(Path(args.save_profiles), what="--save-profiles", folder=True)
+    device = _resolve_device(args.device) if specs else None
+    corpus = _load_corpus(args) if specs else None
     for spec in specs:
-        prof = _measure(spec, args, command, settings)
+        prof = _measure(spec, args, command, settings, device, corpus)
         if args.save_profiles:
             prof.save(Path(args.save_profiles) / f"{_slug(prof.model.name)}.json")
         profiles.append(prof)
@@ -300,18 +330,6 @@ def cmd_report(args, command: str) -> int:
         print(summary_table(prof))
     print(f"report written to {path}")
     return 0
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before the (long) measurement when the report could not be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    probe_dir = parent
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if path.is_dir():
-        raise GeoprobeError(f"--out {path} is a folder; give a file name")
-    if not os.access(probe_dir, os.W_OK):
-        raise GeoprobeError(f"cannot write {path}: {probe_dir} is not writable")
 
 
 # --------------------------------------------------------------------------- adapter commands
@@ -342,6 +360,16 @@ def _load_for_data(args, examples, what: str):
 def _check_limit(value: Optional[int], flag: str) -> None:
     if value is not None and value < 1:
         raise GeoprobeError(f"{flag} must be ≥ 1, got {value}")
+
+
+def _check_seed(value: int, flag: str) -> None:
+    if not 0 <= value < 2 ** 64:
+        raise GeoprobeError(f"{flag} must be an integer from 0 to 2^64 − 1, got {value}")
+
+
+def _shown(path: Optional[str]) -> Optional[str]:
+    """A path as the records hold it (:func:`geoprobe.records.display_path`), None kept."""
+    return display_path(path) if path is not None else None
 
 
 def _train_settings(args):
@@ -388,23 +416,43 @@ def _print_run(run) -> None:
     print(f"results written to {run.results_path}")
 
 
-def cmd_finetune(args, command: str) -> int:
-    from adapters.data import load_examples
+def _check_training(args, out: Path) -> object:
+    """The checks of a fine-tune (``finetune``, ``run``) before any model loads: the limits, the
+    training and build options, the device, --out (an earlier run, a checkpoint that --resume cannot
+    use, a folder that cannot be written). Returns the TrainSettings."""
+    from adapters.build import check_options
 
     from . import workflows
 
     _check_limit(args.limit, "--limit")
     settings = _train_settings(args)
+    check_options(args.adapter, r=args.r, alpha=args.alpha, dropout=args.dropout, n_heads=args.n_heads,
+                  curvature=args.curvature)
+    _targets(args)
+    _resolve_device(args.device)
+    workflows.check_out(out, args.resume)
+    check_writable(out, what="--out", folder=True)
+    return settings
+
+
+def cmd_finetune(args, command: str) -> int:
+    from adapters.data import load_examples
+
+    from . import workflows
+
     out = _default_out(args)
-    workflows.check_out(out, args.resume)  # before the (slow) model load
+    settings = _check_training(args, out)
+    if args.plan:
+        workflows.check_plan_file(args.plan, args.adapter)
+    data = display_path(args.data)
     examples = load_examples(args.data, limit=args.limit)
     lm = _load_for_data(args, examples, "fine-tuning")  # checked before planning, which may probe the model
     adapter = workflows.resolve_adapter(lm, examples, out, method=args.adapter, plan=args.plan,
                                         resume=args.resume, r=args.r, alpha=args.alpha,
-                                        target_modules=_targets(args), seed=args.seed, data_name=str(args.data),
+                                        target_modules=_targets(args), seed=args.seed, data_name=data,
                                         progress=not args.quiet, device=args.device, command=command)
     run = workflows.finetune_model(lm, examples, adapter, out=out, settings=settings, resume=args.resume,
-                                   progress=not args.quiet, data_name=str(args.data),
+                                   progress=not args.quiet, data_name=data,
                                    **_build_kwargs(args, planned=not isinstance(adapter, str)))
     _print_run(run)
     return 0
@@ -445,7 +493,7 @@ def _load_test_sets(paths: Sequence[str], limit: Optional[int], flag: str) -> li
         seen.add(path)
         examples = load_examples(path, limit=limit)
         check_examples(examples, where=f"{flag} {path}")
-        sets.append((str(path), examples))
+        sets.append((display_path(path), examples))
     return sets
 
 
@@ -473,26 +521,29 @@ def cmd_evaluate(args, command: str) -> int:
 
     _check_limit(args.limit, "--limit")
     _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size (--batch-size)")
+    if args.max_length < 2:
+        raise GeoprobeError(f"--max-length must be ≥ 2 tokens, got {args.max_length}")
+    _check_limit(args.max_new_tokens, "--max-new-tokens")
     if args.adapter:
         workflows.check_adapter_folder(args.adapter)
     out = _evaluation_out(args)
-    if out.is_dir():
-        raise GeoprobeError(f"--out {out} is a folder; give a file name")
-    _check_limit(args.max_length, "--max-length")
+    check_writable(out, what="--out" if args.out else "the evaluation JSON")
+    _resolve_device(args.device)
     sets = _load_test_sets(args.data, args.limit, "--data")
     lm = _load_for_evaluation(args, sets)
     if len(sets) == 1:
         res = workflows.evaluate_model(lm, sets[0][1], adapter=args.adapter, batch_size=args.eval_batch_size,
                                        max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                                        progress=not args.quiet)
-        write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=args.adapter, data=sets[0][0]))
+        write_json(out, workflows.evaluation_record(res, model=lm.name, adapter=_shown(args.adapter),
+                                                    data=sets[0][0]))
         _print_eval(sum(bool(p["correct"]) for p in res.predictions), res.n, res.accuracy, res.n_unparsed,
                     sets[0][0], res.metrics)
     else:
         res = workflows.evaluate_model_sets(lm, sets, adapter=args.adapter, batch_size=args.eval_batch_size,
                                             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                                             progress=not args.quiet)
-        write_json(out, workflows.evaluation_sets_record(res, model=lm.name, adapter=args.adapter))
+        write_json(out, workflows.evaluation_sets_record(res, model=lm.name, adapter=_shown(args.adapter)))
         for name, r in zip(res.names, res.results):
             _print_eval(sum(bool(p["correct"]) for p in r.predictions), r.n, r.accuracy, r.n_unparsed, name,
                         r.metrics)
@@ -506,12 +557,11 @@ def cmd_run(args, command: str) -> int:
 
     from . import workflows
 
-    _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
     _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size")
-    settings = _train_settings(args)
+    _check_limit(args.max_new_tokens, "--max-new-tokens")
     out = _default_out(args)
-    workflows.check_out(out, args.resume)  # before the (slow) model load and probe
+    settings = _check_training(args, out)  # before the (slow) model load and probe
     examples = load_examples(args.data, limit=args.limit)
     tests = _load_test_sets([args.eval], args.eval_limit, "--eval")[0][1]
     lm = _load_lm(args)
@@ -519,8 +569,8 @@ def cmd_run(args, command: str) -> int:
         lm, examples, tests, out=out, method=args.adapter, settings=settings, resume=args.resume, r=args.r,
         alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout, n_heads=args.n_heads,
         curvature=args.curvature, eval_batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens,
-        data_name=str(args.data), eval_name=str(args.eval), progress=not args.quiet, device=args.device,
-        command=command,
+        data_name=display_path(args.data), eval_name=display_path(args.eval), progress=not args.quiet,
+        device=args.device, command=command,
         on_plan=lambda plan: print(f"plan: {plan.method} — {plan.reasons.get('method', 'as requested')}"),
         on_trained=_print_run)
     _print_eval(done.n_correct, done.n_eval, done.accuracy, done.n_unreadable, str(args.eval))
@@ -544,7 +594,7 @@ def _eval_sets(paths: Sequence[str], limit: Optional[int]) -> list:
         if name in names:
             raise GeoprobeError(f"--eval {path} is given twice")
         names.add(name)
-        sets.append(EvalSet(name=name, path=str(path), examples=examples))
+        sets.append(EvalSet(name=name, path=display_path(path), examples=examples))
     return sets
 
 
@@ -559,6 +609,7 @@ def _print_methods() -> None:
 
 def cmd_compare(args, command: str) -> int:
     """Check every flag and data file, load the model, and run :func:`geoprobe.compare.compare`."""
+    from adapters.build import check_options
     from adapters.data import load_examples
 
     from .compare import check_eval_sets, compare, parse_methods
@@ -576,9 +627,16 @@ def cmd_compare(args, command: str) -> int:
     _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
     _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size")
+    _check_limit(args.max_new_tokens, "--max-new-tokens")
+    _check_seed(args.plan_seed, "--plan-seed")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ComparisonError(f"--out {args.out} is a file; give a folder")
     settings = _train_settings(args)
+    check_options(registry.AUTO, r=args.r, alpha=args.alpha, dropout=args.dropout, n_heads=args.n_heads,
+                  curvature=args.curvature)
+    _targets(args)
+    _resolve_device(args.device)
+    check_writable(Path(args.out), what="--out", folder=True)
     examples = load_examples(args.data, limit=args.limit)
     evals = _eval_sets(args.eval, args.eval_limit)
     check_eval_sets(evals)
@@ -586,7 +644,7 @@ def cmd_compare(args, command: str) -> int:
     done = compare(lm, examples, evals, out=args.out, arms=arms, seeds=args.seeds, train_settings=settings,
                    r=args.r, alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout,
                    n_heads=args.n_heads, curvature=args.curvature, eval_batch_size=args.eval_batch_size,
-                   max_new_tokens=args.max_new_tokens, plan_seed=args.plan_seed, data_name=str(args.data),
+                   max_new_tokens=args.max_new_tokens, plan_seed=args.plan_seed, data_name=display_path(args.data),
                    progress=not args.quiet, device=args.device, command=command,
                    echo=lambda line: print(line, flush=True))
     print(done.table)
@@ -610,8 +668,36 @@ def cmd_native(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def recorded_command(argv: Sequence[str]) -> str:
+    """The command line as profiles and reports record it: ``geoprobe`` and the arguments, each path
+    under the working directory made relative (:func:`geoprobe.records.display_path`), so outputs
+    carry no machine's absolute paths."""
+    shown = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--"):
+            shown.append(f"{flag}={display_path(value)}" if value.startswith("/") else arg)
+        else:
+            shown.append(display_path(arg) if arg.startswith("/") else arg)
+    return "geoprobe " + shlex.join(shown)
+
+
+def _verbosity(argv: Sequence[str]) -> int:
+    """How many ``-v`` the command line holds (read before parsing, so that an error in the parser's
+    own setup is reported as asked)."""
+    count = 0
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg == "--verbose":
+            count += 1
+        elif re.fullmatch(r"-v+", arg):
+            count += len(arg) - 1
+    return count
+
+
+def _run(argv: list[str]) -> int:
+    runtime.check_switches()  # before the modules that read them are imported
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -623,21 +709,59 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = "geoprobe " + shlex.join(argv)
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
                 "evaluate": cmd_evaluate, "run": cmd_run, "compare": cmd_compare, "native": cmd_native}
-    try:
-        return handlers[args.command](args, command)
-    except GeoprobeError as exc:
-        print(f"geoprobe: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("geoprobe: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("geoprobe: error: out of memory; try a smaller --max-tokens or a smaller model",
-              file=sys.stderr)
-        return 3
+    with warnings.catch_warnings():
+        if not args.verbose:  # libraries' notices about their own future versions are not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+        return handlers[args.command](args, recorded_command(argv))
+
+
+def _interrupted() -> int:
+    print("geoprobe: interrupted", file=sys.stderr)
+    return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; the one error boundary of the application. A
+    :class:`~geoprobe.errors.GeoprobeError` is printed as one line and exits 2; Ctrl-C exits 130 (and no
+    output is renamed into place after it, even where a library caught the interrupt); anything
+    unexpected is one line that says so, with its traceback under ``-v``, and exits 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with runtime.interrupt_guard():
+        try:
+            code = _run(argv)
+            if runtime.interrupted():  # a library swallowed the KeyboardInterrupt
+                raise KeyboardInterrupt
+            return code
+        except KeyboardInterrupt:
+            return _interrupted()
+        except GeoprobeError as exc:
+            if runtime.interrupted():
+                return _interrupted()
+            print(f"geoprobe: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except MemoryError:
+            print("geoprobe: error: out of memory; try smaller sizes (--max-tokens, --layer-positions, "
+                  "--batch-size, --limit) or a smaller model", file=sys.stderr)
+            return 3
+        except Exception as exc:
+            if runtime.interrupted():
+                return _interrupted()
+            return _unexpected(exc, argv)
+
+
+def _unexpected(exc: Exception, argv: Sequence[str]) -> int:
+    """One line for an exception no check foresaw (its traceback first under ``-v``); exit 1."""
+    verbose = _verbosity(argv)
+    if verbose:
+        traceback.print_exc()
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    hint = "" if verbose else "; rerun with -v to see the traceback"
+    print(f"geoprobe: error: unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in geoprobe "
+          f"or a library it uses{hint})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

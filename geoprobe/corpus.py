@@ -133,11 +133,18 @@ class Corpus:
             if not files:
                 raise CorpusError(
                     f"folder {p} holds no corpus files ({', '.join('*' + s for s in FOLDER_SUFFIXES)})")
+            if field is not None and not any(f.suffix.lower() in JSON_SUFFIXES for f in files):
+                raise _field_without_records(field, f"folder {p} holds only plain-text files")
             docs: list[str] = []
             for f in files:
                 docs.extend(_read_file(f, field))
             name = p.resolve().name or str(p)
+        elif not p.is_file():
+            raise CorpusError(f"corpus path {p} is not a regular file (a device, pipe or socket); pass a "
+                              "text, .jsonl or .json file, or a folder of them")
         else:
+            if field is not None and p.suffix.lower() not in JSON_SUFFIXES:
+                raise _field_without_records(field, f"{p} is plain text")
             docs = _read_file(p, field)
             name = p.name
         if not docs:
@@ -349,6 +356,12 @@ def _accumulate(total: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- reading files
+def _field_without_records(field: str, why: str) -> CorpusError:
+    return CorpusError(f"--field {field} selects a field of .jsonl/.json records, but {why}, which has no "
+                       "fields; drop --field or pass a .jsonl/.json file")
+
+
+
 def _folder_files(folder: Path) -> list[Path]:
     out = []
     for f in folder.rglob("*"):
@@ -389,6 +402,8 @@ def split_paragraphs(text: str) -> list[str]:
 def _read_file(path: Path, field: Optional[str]) -> list[str]:
     suffix = path.suffix.lower()
     text = _read_text(path)
+    if suffix not in JSON_SUFFIXES:
+        field = None  # a plain-text file in a folder that holds records too
     if suffix == ".jsonl":
         records = _jsonl_records(text, path)
         where = lambda i: f"line {i}"  # noqa: E731
@@ -417,9 +432,15 @@ def _jsonl_records(text: str, path: Path) -> list[tuple[int, Any]]:
             raise CorpusError(
                 f"{path}: invalid JSON on line {lineno} ({exc.msg} at column {exc.colno}); "
                 "each line of a .jsonl file must hold one JSON value") from None
+        except (RecursionError, ValueError) as exc:  # nesting too deep, an integer too long
+            raise CorpusError(f"{path}: unreadable JSON on line {lineno} ({_json_limit(exc)})") from None
     if not records:
         raise CorpusError(f"corpus file {path} is empty")
     return records
+
+
+def _json_limit(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
 
 
 def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -430,6 +451,8 @@ def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
     except json.JSONDecodeError as exc:
         raise CorpusError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    except (RecursionError, ValueError) as exc:
+        raise CorpusError(f"{path}: unreadable JSON ({_json_limit(exc)})") from None
     if isinstance(data, list):
         return list(enumerate(data))
     return [(0, data)]

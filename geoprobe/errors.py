@@ -43,8 +43,12 @@ class ProfileError(GeoprobeError):
     """A profile JSON is malformed or from an incompatible schema version."""
 
 
-class OutputError(GeoprobeError):
-    """An output path cannot be written."""
+class OutputError(GeoprobeError, OSError):
+    """An output path cannot be written: the disk is full or read-only, permission is denied, a folder
+    stands where a file should be written, or a file where a folder is needed. The message names the
+    path and what to do.
+
+    Also an :class:`OSError`, so code written against plain file writes (``except OSError``) catches it."""
 
 
 class PlanError(GeoprobeError):

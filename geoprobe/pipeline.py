@@ -94,8 +94,8 @@ def check_settings(s: "ProbeSettings") -> None:
     from .probes.hyperbolicity import MODES
     from .probes.uncertainty import CORRECTIONS, MAX_BOOT
 
-    if isinstance(s.seed, bool) or not isinstance(s.seed, (int, np.integer)) or not 0 <= s.seed < 2 ** 63:
-        raise ProbeOptionError(f"--seed must be an integer in [0, 2^63), got {s.seed!r}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, (int, np.integer)) or not 0 <= s.seed < 2 ** 64:
+        raise ProbeOptionError(f"--seed must be an integer from 0 to 2^64 − 1, got {s.seed!r}")
     if s.max_tokens is not None:
         _int_at_least("max_tokens", s.max_tokens, 1, flag="--max-tokens")
     _int_at_least("n_prompts", s.n_prompts, 2, flag="--n-prompts")

@@ -90,6 +90,12 @@ class PowerLawResult(Record):
         """γ's standard error (the same as ``error``)."""
         return self.error
 
+    def check(self) -> Optional[str]:
+        if len(self.count_values) != len(self.count_multiplicities):
+            return (f"count_values has {len(self.count_values)} entries but count_multiplicities "
+                    f"{len(self.count_multiplicities)}; they must pair up")
+        return None
+
 
 @dataclass(frozen=True)
 class NormBin(Record):
@@ -133,6 +139,12 @@ class Density2D(Record):
     x_edges: list[float]
     y_edges: list[float]
     counts: list[list[int]]
+
+    def check(self) -> Optional[str]:
+        nx, ny = len(self.x_edges) - 1, len(self.y_edges) - 1
+        if len(self.counts) != max(nx, 0) or any(len(row) != ny for row in self.counts):
+            return f"counts must be a {max(nx, 0)} × {max(ny, 0)} table (one cell per pair of bins)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -330,6 +342,15 @@ class DeltaStat(Record):
         """The comparison with null ``kind`` ("own", "population", "resample"), or None."""
         return next((c for c in self.nulls if c.null == kind), None)
 
+    def check(self) -> Optional[str]:
+        if self.values and len(self.values) != self.n_sets:
+            return f"n_sets is {self.n_sets} but values holds {len(self.values)}"
+        for c in self.nulls:
+            if self.values and c.values and len(c.values) != len(self.values):
+                return (f"the {c.null!r} null holds {len(c.values)} values for {len(self.values)} sets; "
+                        "they must pair up")
+        return None
+
 
 @dataclass(frozen=True)
 class LayerGeometry(Record):
@@ -470,6 +491,12 @@ class GeometryProfile(Record):
 
     def with_updates(self, **changes: Any) -> "GeometryProfile":
         return dataclasses.replace(self, **changes)
+
+    def check(self) -> Optional[str]:
+        indices = [layer.layer for layer in self.layers]
+        if indices != list(range(len(indices))):
+            return f"layers must be numbered 0, 1, 2, … in order, got {indices[:8]}"
+        return None
 
     def __repr__(self) -> str:
         return "\n".join(summary_lines(self))

@@ -3,18 +3,22 @@
 error messages."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
+import signal
 import sys
+import threading
 from importlib import metadata
 from types import ModuleType
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterator, Mapping, TypeVar
 
 from .errors import GeoprobeError, MissingDependencyError
 
-__all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "optional_module", "progress",
-           "NullBar", "cuda_free_bytes"]
+__all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "NATIVE_SPELLINGS", "SWITCHES",
+           "check_switches", "optional_module", "progress", "NullBar", "cuda_free_bytes", "interrupt_guard",
+           "interrupted", "check_interrupt"]
 
 T = TypeVar("T")
 
@@ -71,6 +75,74 @@ def env_switch(name: str, values: Mapping[str, T], default: T) -> T:
     accepted = ", ".join(sorted(values))
     raise GeoprobeError(f"environment variable {name}={os.environ[name]!r} is not understood: use one of "
                         f"{accepted}")
+
+
+NATIVE_SPELLINGS: Mapping[str, str] = {
+    **dict.fromkeys(("0", "off", "false", "no"), "off"), **dict.fromkeys(("all", "cpu"), "all"),
+    **dict.fromkeys(("auto", "1", "on", "true", "yes", "cuda"), "auto")}
+"""Accepted values of ``GEOPROBE_NATIVE`` (lower case) and the mode each selects."""
+
+SWITCHES: Mapping[str, Any] = {
+    "GEOPROBE_NATIVE": NATIVE_SPELLINGS,
+    "GEOPROBE_PRIVATE_APIS": bool,
+    "GEOPROBE_DELTA_TRITON": bool,
+    "GEOPROBE_DELTA_GLUON": bool,
+}
+"""Every documented ``GEOPROBE_*`` switch: ``bool`` for a yes/no flag (:func:`env_flag`), else the
+spellings of a many-valued switch (:func:`env_switch`). ``GEOPROBE_CACHE`` names a folder and is no
+switch."""
+
+
+def check_switches() -> None:
+    """Refuse, naming the variable and its accepted values, any value of a :data:`SWITCHES` variable
+    that is not documented; called before any work, since the modules that read a switch are imported
+    only where they are needed."""
+    for name, values in SWITCHES.items():
+        if values is bool:
+            env_flag(name)
+        else:
+            env_switch(name, values, None)
+
+
+# --------------------------------------------------------------------------- interruption
+_INTERRUPTED = threading.Event()
+
+
+def interrupted() -> bool:
+    """True after Ctrl-C (SIGINT) arrived inside :func:`interrupt_guard`, even where a library caught
+    the KeyboardInterrupt it raised."""
+    return _INTERRUPTED.is_set()
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt when Ctrl-C has been pressed inside :func:`interrupt_guard`: every
+    atomic write calls it before renaming into place, so no output appears after an interrupt that a
+    library swallowed."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[None]:
+    """Within the block, Ctrl-C both raises KeyboardInterrupt (Python's default) and is remembered
+    (:func:`interrupted`), so that code catching the exception cannot make it vanish; the memory is
+    cleared when the block ends. Only the main thread can install the handler; elsewhere the block
+    runs with the handler it has."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
 
 
 # --------------------------------------------------------------------------- optional packages

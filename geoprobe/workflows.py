@@ -41,11 +41,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from .errors import AdapterError, DataFormatError, GeoprobeError, PlanError
 from .profile import FinetuneResult, GeometryProfile
-from .records import Record, read_json, write_json
+from .records import Record, display_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "resolve_adapter", "needs_plan",
+__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "check_plan_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
            "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
            "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
@@ -64,9 +64,12 @@ on GLUE-style data, generation for a causal LM), ``classification`` or ``generat
 
 
 def resolve_device(name: Optional[str]) -> str:
-    """``name``, or ``cuda`` when a GPU is available and ``cpu`` otherwise."""
+    """``name`` after checking that this machine has it (:func:`geoprobe.models.check_device`), or
+    ``cuda`` when a GPU is available and ``cpu`` otherwise."""
     if name:
-        return name
+        from .models import check_device
+
+        return check_device(name)
     try:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -280,11 +283,32 @@ def plan_from_file(path: PathLike, lm: Any, examples: Sequence[Any], *, method: 
     if head.get("schema") == "geoprobe.profile":
         profile = GeometryProfile.load(path)
         if profile.adapter_plan is not None and method in ("auto", profile.adapter_plan.method):
-            return AdapterPlan.from_dict(dict(profile.adapter_plan.data))
+            return AdapterPlan.from_dict(dict(profile.adapter_plan.data), f"the adapter plan in profile {path}")
         plan, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha, target_modules=target_modules,
                                     profile=profile, seed=seed, data_name=data_name, command=command)
         return plan
     return AdapterPlan.load(path)
+
+
+def check_plan_file(path: PathLike, method: str = "auto") -> Any:
+    """Read the ``--plan`` file now, before any model is loaded: an adapter plan (checked field by
+    field, and against ``--adapter`` ``method``) or a profile to plan from. Returns the
+    :class:`adapters.plan.AdapterPlan` or the :class:`GeometryProfile`.
+
+    Raises:
+        PlanError: a missing or malformed plan, or one for another method than ``method``.
+        ProfileError: a malformed profile.
+    """
+    from adapters.plan import AdapterPlan
+
+    head = read_json(path, "plan", error=PlanError, missing=f"--plan {path} does not exist")
+    if head.get("schema") == "geoprobe.profile":
+        return GeometryProfile.load(path)
+    plan = AdapterPlan.load(path)
+    if method != "auto" and plan.method != method:
+        raise PlanError(f"--plan {path} plans {plan.method}, not --adapter {method}; "
+                        "use --adapter auto to follow the plan")
+    return plan
 
 
 def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: str = "lora",
@@ -293,8 +317,9 @@ def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: 
                     seed: int = 0, data_name: str = "training prompts", progress: bool = False,
                     device: Optional[str] = None, command: str = "") -> Any:
     """The method name, or the AdapterPlan for auto / GeLoRA methods (from ``plan``, from
-    OUT/plan.json when resuming, or from a quick probe of the training prompts); a plan is kept in
-    OUT/plan.json."""
+    OUT/plan.json when resuming, or from a quick probe of the training prompts). The fine-tune keeps
+    the plan in OUT/plan.json once it has built an adapter from it, so a plan the model rejects is
+    never kept."""
     from adapters.plan import AdapterPlan
 
     out = Path(out)
@@ -312,7 +337,6 @@ def resolve_adapter(lm: Any, examples: Sequence[Any], out: PathLike, *, method: 
         chosen, _ = plan_for_training(lm, examples, method=method, r=r, alpha=alpha,
                                       target_modules=target_modules, seed=seed, data_name=data_name,
                                       progress=progress, device=resolve_device(device), command=command)
-    chosen.save(out / PLAN_FILE)
     return chosen
 
 
@@ -356,14 +380,17 @@ def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, o
 
 
 def check_adapter_folder(folder: PathLike) -> Path:
-    """``folder`` if it holds a saved adapter; a clear error otherwise (pointing at an ``adapter/``
-    subfolder when the run folder was given)."""
-    from adapters.io import SIDECAR
+    """``folder`` if it holds a saved adapter whose files all read (config, weights, sidecar); a clear
+    error otherwise (pointing at an ``adapter/`` subfolder when the run folder was given)."""
+    from adapters.io import SIDECAR, adapter_problems
 
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         hint = " (its adapter/ subfolder?)" if (folder / "adapter" / SIDECAR).is_file() else ""
         raise GeoprobeError(f"--adapter {folder} is not an adapter folder{hint}")
+    problems = adapter_problems(folder)
+    if problems:
+        raise AdapterError(f"--adapter {folder} cannot be used: " + "; ".join(problems))
     return folder
 
 
@@ -511,20 +538,18 @@ class RunResult(Record):
 
 def _plan_run(lm: Any, examples: Sequence[Any], out: Path, *, method: str, resume: bool,
               planning: dict[str, Any]) -> tuple[Any, GeometryProfile]:
-    """The plan and profile of a run: kept from OUT when resuming, else planned and written there."""
+    """The plan and profile of a run: kept from OUT when resuming, else planned (written to OUT once
+    the fine-tune has built an adapter from the plan)."""
     from adapters.plan import AdapterPlan
 
     if resume and (out / PLAN_FILE).is_file() and (out / PROFILE_FILE).is_file():
         return AdapterPlan.load(out / PLAN_FILE), GeometryProfile.load(out / PROFILE_FILE)
-    plan, profile = plan_for_training(lm, examples, method=method, **planning)
-    plan.save(out / PLAN_FILE)
-    profile.save(out / PROFILE_FILE)
-    return plan, profile
+    return plan_for_training(lm, examples, method=method, **planning)
 
 
 def _record_evaluation(trained: Any, res: Any, *, lm: Any, out: Path, eval_name: str) -> FinetuneResult:
     """Write OUT/eval.json and the fine-tune results with their evaluation metrics."""
-    write_json(out / EVAL_FILE, evaluation_record(res, model=lm.name, adapter=str(trained.adapter_dir),
+    write_json(out / EVAL_FILE, evaluation_record(res, model=lm.name, adapter=display_path(trained.adapter_dir),
                                                   data=eval_name))
     metrics = {k: float(v) for k, v in res.metrics.items()}
     metrics.update(n_eval=float(res.n), n_unreadable=float(res.n_unparsed))
@@ -559,7 +584,7 @@ def run(lm: Any, examples: Sequence[Any], tests: Sequence[Any], *, out: PathLike
     if on_plan is not None:
         on_plan(plan)
     trained = finetune_model(lm, examples, plan, out=out, settings=settings, resume=resume, progress=progress,
-                             data_name=data_name,
+                             data_name=data_name, on_ready=lambda: profile.save(out / PROFILE_FILE),
                              **build_options(planned=True, dropout=dropout, target_modules=target_modules,
                                              n_heads=n_heads, curvature=curvature))
     if on_trained is not None:

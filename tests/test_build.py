@@ -131,7 +131,7 @@ def test_bad_method_and_options_refused():
         build_module.build(tiny_llama(), "auto")
     with pytest.raises(AdapterError, match="unknown adapter method"):
         build_module.build(tiny_llama(), "qlora")
-    with pytest.raises(AdapterError, match="curvature applies to hyplora"):
+    with pytest.raises(AdapterError, match=r"--curvature \(curvature\) applies to hyplora"):
         build_module.build(tiny_llama(), "lora", curvature=2.0)
     with pytest.raises(AdapterError, match="layer_ranks"):
         build_module.build(tiny_llama(), "gelora")  # ranks are needed

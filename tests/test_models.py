@@ -558,7 +558,10 @@ def test_truncated_gguf(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         gm.load_embeddings(cut)
     models_dir = tmp_path / "cache" / "models"
-    assert not [p for p in models_dir.iterdir() if p.is_dir()], "no cache folder for a bad file"
+    # no cache folder and no remembered hash for a file that did not load
+    assert not models_dir.exists() or not [p for p in models_dir.iterdir() if p.is_dir()]
+    index = models_dir / "hashes.json"
+    assert not index.exists() or str(cut.resolve()) not in json.loads(index.read_text())
 
 
 @pytest.mark.slow

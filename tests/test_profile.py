@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from geoprobe.errors import ProfileError
+from geoprobe.errors import OutputError, ProfileError
 from geoprobe.profile import (SCHEMA_VERSION, CorpusInfo, DeltaStat, Density2D, GeometryProfile,
                               IDResult, IDScale, LayerGeometry, ModelInfo, NormBin, NullComparison,
                               NormFrequencyResult, PowerLawResult, SinkReport, WordGroup, WordNorm)
@@ -125,7 +125,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(files.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"cannot write .*p\.json: the disk is full"):
         make_profile().save(target)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]

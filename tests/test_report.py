@@ -366,7 +366,7 @@ def test_unwritable_paths_raise_output_error_and_leave_nothing(tmp_path, smol, m
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("geoprobe.records.os.replace", refuse)
-    with pytest.raises(OutputError, match="Permission denied"):
+    with pytest.raises(OutputError, match="(?i)permission denied; choose a folder you can write to"):
         render_report([smol], old)
     assert old.read_text() == "old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder", "keep.html"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -17,21 +18,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from geoprobe.errors import AdapterError, OutputError
-from geoprobe.records import read_json, replace_folder, write_json
+from geoprobe.errors import AdapterError, GeoprobeError, OutputError
+from geoprobe.records import atomic_folder, read_json, write_json
 
-from ..io import check_adapter_state, write_adapter
+from ..io import adapter_problems, check_adapter_state, write_adapter
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINTS", "ADAPTER", "RESULTS", "STATE", "list_checkpoints", "latest_checkpoint",
-           "clean_partial", "check_out", "read_state", "write_checkpoint", "load_checkpoint",
-           "describe_diff"]
+           "clean_partial", "check_out", "checkpoint_problems", "state_problem", "read_state",
+           "write_checkpoint", "load_checkpoint", "describe_diff"]
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 RESULTS = "results.json"
 STATE = "trainer_state.json"
+PLAN = "plan.json"
+_STATES = ("optimizer.pt", "scheduler.pt", "rng.pt")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -64,7 +67,15 @@ def clean_partial(root: Path) -> None:
 
 def check_out(out: Union[str, os.PathLike], resume: bool) -> Optional[Path]:
     """The checkpoint to resume from (None for a fresh start) after checking that ``out`` may be used:
-    without ``resume`` it must not hold an earlier run. Removes temporary folders of a killed run."""
+    without ``resume`` it must not hold an earlier run; with it, the newest checkpoint must be whole
+    (:func:`checkpoint_problems`), and so must OUT/plan.json where there is one. Removes temporary
+    folders of a killed run.
+
+    Raises:
+        OutputError: ``out`` is a file.
+        AdapterError: an earlier run without ``resume``; a checkpoint (or plan) that cannot be resumed,
+            one sentence per broken file.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a folder")
@@ -73,16 +84,98 @@ def check_out(out: Union[str, os.PathLike], resume: bool) -> Optional[Path]:
     if not resume and (latest is not None or (out / ADAPTER).exists() or (out / RESULTS).exists()):
         raise AdapterError(f"{out} already holds a fine-tune run (checkpoints, adapter or results); pass "
                            "--resume to continue it, or choose another --out")
-    if resume and latest is None:
+    if not resume:
+        return None
+    if latest is None:
         log.warning("no checkpoint under %s: starting from the beginning", out / CHECKPOINTS)
-    return latest if resume else None
+    problems = checkpoint_problems(latest) if latest is not None else []
+    plan = out / PLAN
+    if plan.exists():
+        from ..plan import AdapterPlan
+
+        try:
+            AdapterPlan.load(plan)
+        except GeoprobeError as exc:
+            problems.append(str(exc))
+    if problems:
+        where = f"checkpoint {latest}" if latest is not None else f"{out}"
+        advice = (f"Delete {latest} to resume from the checkpoint before it, or start afresh in another --out"
+                  if latest is not None else "Delete the broken file, or start afresh in another --out")
+        raise AdapterError(f"--resume: {where} cannot be resumed: " + "; ".join(problems) + f". {advice}")
+    return latest
+
+
+_STATE_FIELDS = {
+    "step": lambda v: _count(v, 1), "micro_step": lambda v: _count(v, 0), "total_steps": lambda v: _count(v, 1),
+    "tokens_seen": lambda v: _count(v, 0), "seconds": lambda v: _finite(v) and v >= 0,
+    "loss_steps": lambda v: isinstance(v, list) and all(_count(x, 1) for x in v),
+    "loss_values": lambda v: isinstance(v, list) and all(_finite(x) for x in v),
+    "run": lambda v: isinstance(v, dict),
+}
+
+
+def _count(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def state_problem(state: dict[str, Any]) -> Optional[str]:
+    """What is wrong with the content of a ``trainer_state.json`` (None when every field is there with
+    its type and the loss history pairs up)."""
+    missing = [k for k in _STATE_FIELDS if k not in state]
+    if missing:
+        return f"{STATE} lacks {', '.join(missing)}"
+    bad = [k for k, ok in _STATE_FIELDS.items() if not ok(state[k])]
+    if bad:
+        return f"{STATE} has unusable {', '.join(bad)}"
+    if len(state["loss_steps"]) != len(state["loss_values"]):
+        return f"{STATE} holds {len(state['loss_steps'])} loss steps but {len(state['loss_values'])} values"
+    if state["step"] > state["total_steps"]:
+        return f"{STATE} is at step {state['step']} of {state['total_steps']}"
+    return None
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """Every broken file of checkpoint ``folder``, one sentence each (empty when it can be resumed):
+    ``trainer_state.json`` (valid JSON with every field), the optimizer, scheduler and RNG states
+    (readable by torch's restricted loader) and the adapter's files. Reads the states but builds
+    nothing, so it runs before the model is loaded."""
+    from geoprobe.models.safety import load_pickle
+
+    problems = []
+    try:
+        state = read_json(folder / STATE, STATE, error=AdapterError)
+        problem = state_problem(state)
+        if problem:
+            problems.append(problem)
+    except AdapterError as exc:
+        problems.append(_relative(str(exc), folder).removeprefix(f"{STATE}: "))
+    for name in _STATES:
+        try:
+            load_pickle(folder / name, "", error=AdapterError)
+        except GeoprobeError as exc:
+            problems.append(_relative(str(exc), folder))
+    problems.extend(_relative(p, folder) for p in adapter_problems(folder / ADAPTER))
+    return problems
+
+
+def _relative(message: str, folder: Path) -> str:
+    """``message`` with the checkpoint folder's path left out of the file names it quotes."""
+    return message.replace(f"{folder}{os.sep}", "")
 
 
 def read_state(folder: Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of checkpoint ``folder``; a missing or corrupt file is an
     AdapterError naming it."""
-    return read_json(folder / STATE, f"checkpoint state (delete {folder} to resume from the one before)",
-                     error=AdapterError)
+    state = read_json(folder / STATE, f"checkpoint state (delete {folder} to resume from the one before)",
+                      error=AdapterError)
+    problem = state_problem(state)
+    if problem:
+        raise AdapterError(f"checkpoint {folder}: {problem}; delete it to resume from the one before")
+    return state
 
 
 def _rng_state() -> dict[str, Any]:
@@ -102,14 +195,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _temporary_folder(root: Path, step: int) -> Path:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".step-{step}.", suffix=".tmp", dir=root))
-    except OSError as exc:
-        raise OutputError(f"cannot write checkpoints under {root}: {exc.strerror or exc}") from None
-
-
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (renamed away before any file is deleted)."""
     for _, old in list_checkpoints(root.parent)[:-keep]:
@@ -120,42 +205,46 @@ def _prune(root: Path, keep: int) -> None:
 
 def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer: Any, scheduler: Any,
                      state: dict[str, Any], keep: int) -> Path:
-    """Write ``root/step-<step>`` atomically and keep the newest ``keep`` checkpoints."""
-    import torch
-
-    tmp = _temporary_folder(root, step)
+    """Write ``root/step-<step>`` atomically (:func:`geoprobe.records.atomic_folder`: a refused write is
+    one OutputError and leaves neither a partial checkpoint nor an empty ``root``) and keep the newest
+    ``keep`` checkpoints."""
     target = root / f"step-{step}"
-    try:
+    with atomic_folder(target, what="the checkpoint") as tmp:
         write_adapter(peft_model, tmp / ADAPTER)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save_torch(_rng_state(), tmp / "rng.pt")
         write_json(tmp / STATE, state)  # last: a folder with trainer_state.json is complete
-        replace_folder(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(root, keep)
     log.info("checkpoint %s written", target)
     return target
 
 
+def _save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a refused write is an OSError with its error number
+    (torch's own file writer reports a full disk as an unexplained RuntimeError)."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def load_checkpoint(folder: Path, peft_model: Any, optimizer: Any, scheduler: Any) -> None:
     """Restore the adapter weights, the optimizer and scheduler states and the RNG states from
     checkpoint ``folder``."""
-    import torch
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from geoprobe.models.safety import load_pickle
+
     weights = folder / ADAPTER / "adapter_model.safetensors"
+    what = f"checkpoint {folder} (delete it to resume from the one before)"
     try:
         tensors = load_file(str(weights))
-        opt_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-        sched_state = torch.load(folder / "scheduler.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise AdapterError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); delete it to "
-                           "resume from the one before") from None
+        raise AdapterError(f"{what}: {weights.name} cannot be read ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    opt_state, sched_state, rng = (load_pickle(folder / name, what, error=AdapterError) for name in _STATES)
     check_adapter_state(peft_model, list(tensors), folder / ADAPTER)
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in tensors.items()})

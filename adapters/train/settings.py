@@ -8,10 +8,18 @@ from typing import Optional
 from geoprobe.errors import AdapterError
 from geoprobe.profile import Record
 
-__all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED"]
+__all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED", "FLAGS", "MAX_SEED"]
 
 NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every")
 """Settings a resumed run may change: they steer bookkeeping, not the trained weights."""
+
+FLAGS = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+         "max_steps": "--max-steps", "max_length": "--max-length", "warmup_ratio": "--warmup-ratio",
+         "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack"}
+"""The command-line flag of each setting that has one; messages name the flag the user typed."""
+
+MAX_SEED = 2 ** 64 - 1
+"""The largest seed: torch's generators take 64-bit seeds."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class TrainSettings(Record):
         self._positive_int("max_length", 2)
         if self.max_steps is not None:
             self._positive_int("max_steps")
-        if not (0.0 <= self.warmup_ratio < 1.0):
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):
             raise self._bad("warmup_ratio", "in [0, 1)")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise self._bad("weight_decay", "≥ 0")
@@ -60,11 +68,14 @@ class TrainSettings(Record):
             raise self._bad("max_grad_norm", "a positive number or None")
         if not (math.isfinite(self.balance_coef) and self.balance_coef >= 0):
             raise self._bad("balance_coef", "≥ 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise self._bad("seed", "a non-negative integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise self._bad("seed", "an integer from 0 to 2^64 − 1")
 
     def _bad(self, name: str, want: str) -> AdapterError:
-        return AdapterError(f"training setting {name} = {getattr(self, name)!r}; it must be {want}")
+        value = getattr(self, name)
+        if name in FLAGS:
+            return AdapterError(f"{FLAGS[name]} {value!r}: it must be {want} (training setting {name})")
+        return AdapterError(f"training setting {name} = {value!r}; it must be {want}")
 
     def _positive_int(self, name: str, minimum: int = 1) -> None:
         v = getattr(self, name)

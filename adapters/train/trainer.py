@@ -154,7 +154,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Build the adapter (seeded), the optimizer and the schedule; restore the newest checkpoint
-        when resuming. On failure the adapters are removed again."""
+        when resuming; write OUT/plan.json when the adapter came from a plan. On failure the adapters
+        are removed again and nothing is written."""
         import torch
 
         torch.manual_seed(self.settings.seed)
@@ -165,6 +166,8 @@ class Trainer:
             if self.start_ckpt is not None:
                 self._restore(self.start_ckpt)
             self._setup_step()
+            if isinstance(self.adapter, AdapterPlan):  # kept only once the plan has built an adapter
+                self.adapter.save(self.out / ckpt.PLAN)
         except BaseException:
             self.abort()
             raise
@@ -384,8 +387,10 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
              adapter: Union[str, AdapterPlan] = "lora", *, out: Union[str, Path],
              settings: Optional[TrainSettings] = None, resume: bool = False, progress: bool = True,
              model_name: Optional[str] = None, data_name: str = "",
-             on_step: Optional[Callable[[int, float], None]] = None, **build_kwargs: Any) -> FinetuneRun:
-    """Fine-tune adapters on ``examples`` and write OUT/adapter, OUT/results.json, OUT/checkpoints.
+             on_step: Optional[Callable[[int, float], None]] = None,
+             on_ready: Optional[Callable[[], None]] = None, **build_kwargs: Any) -> FinetuneRun:
+    """Fine-tune adapters on ``examples`` and write OUT/adapter, OUT/results.json, OUT/checkpoints
+    (and OUT/plan.json when ``adapter`` is a plan, once it has built an adapter).
 
     Args:
         model: a causal LM, or a sequence-classification model (an encoder with a classification head,
@@ -399,6 +404,8 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
         resume: continue from the newest checkpoint in ``out`` (same settings and data required).
         on_step: called after every optimizer step (and its checkpoint) with (step, loss); reading
             each step's loss makes the host wait for the GPU once per step.
+        on_ready: called once the adapter is built (and the checkpoint restored), before the first
+            step: the moment to write what belongs to a run that has started.
         build_kwargs: passed to :func:`adapters.build` (r, alpha, target_modules, curvature, n_heads,
             layer_ranks, dropout, top_k).
 
@@ -418,6 +425,8 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
                       build_kwargs=build_kwargs)
     trainer.setup()
     try:
+        if on_ready is not None:
+            on_ready()
         trainer.start(progress)
         try:
             while not trainer.done:

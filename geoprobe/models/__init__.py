@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import gguf as _gguf
 from .causal import is_causal_lm
-from .common import (DtypeLike, LoadedModel, head_module_names, is_sequence_classifier, special_token_ids,
-                     torch_dtype)
+from .common import (DtypeLike, LoadedModel, check_device, head_module_names, is_sequence_classifier,
+                     special_token_ids, torch_dtype)
 from .embeddings import EMBEDDING_SUFFIXES, find_embedding_key
 from .folder import folder_embeddings, folder_tokenizer, load_folder
 from .gguf import CACHE_FORMAT, cache_root, file_sha256, gguf_cache_dir, load_gguf
@@ -63,6 +63,7 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
     Raises :class:`ModelNotFoundError`, :class:`ModelLoadError`, :class:`UnsafeModelError` or
     :class:`MissingDependencyError`, each with a message that says what to do.
     """
+    device = check_device(device)  # before any cache is read or written
     kind, target = resolve_spec(spec)
     dtype = torch_dtype(dtype)
     t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def load_tokenizer(spec: Spec = None, *, trust_remote_code: bool = False,
                          revision=revision)
 
 
-__all__ = ["LoadedModel", "load_model", "load_embeddings", "load_tokenizer", "is_causal_lm",
+__all__ = ["LoadedModel", "load_model", "check_device", "load_embeddings", "load_tokenizer", "is_causal_lm",
            "is_sequence_classifier", "head_module_names",
            "default_gguf_path", "resolve_spec", "looks_like_path", "file_sha256", "gguf_cache_dir",
            "cache_root", "find_embedding_key", "special_token_ids", "hub_offline",

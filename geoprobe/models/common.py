@@ -5,7 +5,9 @@ that leaves tensors random is refused) and the finishing step that builds the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 from ..errors import GeoprobeError, ModelLoadError, UnsafeModelError
 from ..profile import ModelInfo
 from .causal import is_causal_lm
-from .safety import remote_code_message
+from .safety import is_pickle_weight, is_refused_pickle, remote_code_message, unsafe_pickle_error
 
 if TYPE_CHECKING:
     import torch
@@ -105,23 +107,40 @@ def _first_line(exc: BaseException) -> str:
 
 
 def from_pretrained(cls: Any, where: Union[str, Path], what: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` with its errors turned into ModelLoadError/UnsafeModelError."""
+    """``cls.from_pretrained`` with its errors turned into ModelLoadError/UnsafeModelError (pickle
+    weights that torch's restricted unpickler refuses: :func:`~geoprobe.models.safety.unsafe_pickle_error`)."""
     try:
-        return cls.from_pretrained(where, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return cls.from_pretrained(where, **kwargs)
     except GeoprobeError:
         raise
-    except ValueError as exc:
-        text = str(exc)
+    except Exception as exc:
+        if is_refused_pickle(exc):
+            raise unsafe_pickle_error(what, _pickle_name(where), exc) from None
+        _raise_load_error(exc, what)
+
+
+def _pickle_name(where: Union[str, Path]) -> str:
+    """The pickle weight file(s) of a local folder, for messages (``the pickle weights`` elsewhere)."""
+    folder = Path(where)
+    names = sorted(p.name for p in folder.glob("*") if is_pickle_weight(p.name)) if folder.is_dir() else []
+    return ", ".join(names[:3]) or "the pickle weights"
+
+
+def _raise_load_error(exc: Exception, what: str) -> None:
+    """Raise the geoprobe error for ``from_pretrained``'s failure ``exc``: UnsafeModelError where the
+    checkpoint needs its own code, else ModelLoadError with the first line of the reason."""
+    text = str(exc)
+    if isinstance(exc, ValueError):
         if "trust_remote_code" in text:
-            raise UnsafeModelError(
-                remote_code_message(what, "needs custom code from the checkpoint")) from None
-        raise ModelLoadError(f"cannot load {what}: {text.splitlines()[0] if text else exc!r}") from None
-    except (OSError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as exc:
-        raise ModelLoadError(f"cannot load {what}: {type(exc).__name__}: {_first_line(exc)}") from None
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ModelLoadError(
-            f"cannot load {what}: the weights are corrupt or truncated ({type(exc).__name__}: "
-            f"{_first_line(exc)})") from None
+            raise UnsafeModelError(remote_code_message(what, "needs custom code from the checkpoint")) from None
+        raise ModelLoadError(f"cannot load {what}: {text.splitlines()[0] if text else repr(exc)}") from None
+    if isinstance(exc, (OSError, RuntimeError, KeyError, TypeError, AttributeError, ImportError)):
+        raise ModelLoadError(f"cannot load {what}: {type(exc).__name__}: {_first_line(exc)[:300]}") from None
+    # safetensors raises its own SafetensorError
+    raise ModelLoadError(f"cannot load {what}: the weights are corrupt or truncated ({type(exc).__name__}: "
+                         f"{_first_line(exc)[:300]})") from None
 
 
 def head_module_names(model: Any) -> list[str]:
@@ -238,6 +257,53 @@ def tokenizer_from(where: Union[str, Path], what: str, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
     return from_pretrained(AutoTokenizer, where, f"the tokenizer of {what}", **kwargs)
+
+
+def check_device(device: Any) -> str:
+    """``device`` as a string after checking that this machine has it (cheap: nothing is loaded).
+
+    Raises:
+        ModelLoadError: a name torch does not know, CUDA (or another accelerator) absent, or a GPU
+            index beyond the GPUs present; the message names ``--device`` and what to use instead.
+    """
+    import torch
+
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"--device {text}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ModelLoadError(f"--device {text}: CUDA is not available here ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"--device {text}: this machine has {count} GPU{'s' if count != 1 else ''} "
+                                 f"(cuda:0 … cuda:{count - 1}); choose one of them")
+        return text
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else getattr(torch.backends, "mps", None)
+    available = getattr(backend, "is_available", None)
+    if dev.type in ("meta",) or not callable(available) or not available():
+        raise ModelLoadError(f"--device {text}: {dev.type} is not available here; use cpu or cuda")
+    return text
+
+
+def to_device(lm: LoadedModel, device: str) -> LoadedModel:
+    """``lm`` with its model moved to ``device`` (a clear error when it cannot be)."""
+    try:
+        model = lm.model.to(_torch_device(device))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ModelLoadError(f"cannot move the model to device {device!r}: {_first_line(exc)[:300]}") from None
+    return dataclasses.replace(lm, model=model)
+
+
+def _torch_device(device: str) -> Any:
+    import torch
+
+    return torch.device(device)
 
 
 def finish(model: Any, tokenizer: Any, *, name: str, source: str, device: str, dtype: Any,

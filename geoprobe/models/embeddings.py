@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..errors import ModelLoadError
 from ..records import read_json
-from .safety import PICKLE_INDEX, is_pickle_weight, unreadable_safetensors
+from .safety import PICKLE_INDEX, is_pickle_weight, load_pickle, unreadable_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -139,11 +139,7 @@ def pickle_embedding(folder: Path, config: dict, what: str) -> "torch.Tensor":
 
     def state(fname: str) -> dict:
         if fname not in loaded:
-            try:
-                loaded[fname] = torch.load(folder / fname, map_location="cpu", mmap=True,
-                                           weights_only=True)
-            except Exception as exc:
-                raise ModelLoadError(f"{what}: cannot read {fname}: {exc}") from None
+            loaded[fname] = load_pickle(folder / fname, what, mmap=True)
         return loaded[fname]
 
     if weight_map is None:

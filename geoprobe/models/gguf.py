@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..errors import GeoprobeError, MissingDependencyError, ModelLoadError
 from ..records import read_json, replace_folder, write_json
-from .common import LoadedModel, finish, tokenizer_from
+from .common import LoadedModel, finish, to_device, tokenizer_from
 from .folder import folder_embeddings, load_folder
 
 if TYPE_CHECKING:
@@ -51,17 +51,14 @@ def _hash_index_path() -> Path:
     return cache_root() / "models" / "hashes.json"
 
 
-def file_sha256(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 20) -> str:
+def file_sha256(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 20, remember: bool = True) -> str:
     """SHA-256 of a file, read in ``chunk_size`` pieces. The digest is remembered in
-    ``<cache>/models/hashes.json`` keyed by (real path, size, mtime_ns) and reused while those match."""
+    ``<cache>/models/hashes.json`` keyed by (real path, size, mtime_ns) and reused while those match;
+    ``remember=False`` reuses a remembered digest but adds none (for a file not yet known to load:
+    :func:`remember_sha256` records it once it has)."""
     p = Path(path)
     st = p.stat()
-    key = str(p.resolve())
-    index_path = _hash_index_path()
-    index: dict[str, Any] = {}
-    with contextlib.suppress(GeoprobeError):
-        index = read_json(index_path, "hash index")
-    entry = index.get(key)
+    entry = _hash_index().get(str(p.resolve()))
     if isinstance(entry, dict) and entry.get("size") == st.st_size \
             and entry.get("mtime_ns") == st.st_mtime_ns and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
@@ -70,12 +67,31 @@ def file_sha256(path: Union[str, os.PathLike], *, chunk_size: int = 1 << 20) -> 
         while chunk := f.read(chunk_size):
             h.update(chunk)
     digest = h.hexdigest()
-    index[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    if remember:
+        remember_sha256(p, digest)
+    return digest
+
+
+def _hash_index() -> dict[str, Any]:
+    with contextlib.suppress(GeoprobeError):
+        return read_json(_hash_index_path(), "hash index")
+    return {}
+
+
+def remember_sha256(path: Union[str, os.PathLike], digest: str) -> None:
+    """Record ``digest`` as the SHA-256 of ``path`` in the hash index (a failure to write the index
+    only costs a re-hash next time)."""
+    p = Path(path)
+    st = p.stat()
+    index = _hash_index()
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    if index.get(str(p.resolve())) == entry:
+        return
+    index[str(p.resolve())] = entry
     try:
-        write_json(index_path, index)
+        write_json(_hash_index_path(), index)
     except GeoprobeError as exc:
         logger.info("cannot remember the hash of %s: %s", p, exc)
-    return digest
 
 
 def gguf_cache_dir(path: Union[str, os.PathLike]) -> Path:
@@ -100,11 +116,14 @@ def _cache_valid(folder: Path, sha: str) -> bool:
 def cached_copy(path: Path) -> Optional[Path]:
     """The cache folder of ``path`` if a valid copy exists (no conversion)."""
     try:
-        sha = file_sha256(path)
+        sha = file_sha256(path, remember=False)
     except OSError:
         return None
     folder = cache_root() / "models" / sha[:16]
-    return folder if _cache_valid(folder, sha) else None
+    if not _cache_valid(folder, sha):
+        return None
+    remember_sha256(path, sha)
+    return folder
 
 
 # --------------------------------------------------------------------------- the file
@@ -140,23 +159,27 @@ def _gguf_error(path: Path, exc: BaseException) -> ModelLoadError:
 # --------------------------------------------------------------------------- the whole model
 def load_gguf(path: Path, *, device: str, dtype: Any, name: str, source: str) -> LoadedModel:
     """The model of a GGUF file: its cached safetensors copy when valid, else dequantised (and the
-    copy written for next time)."""
+    copy written for next time). The copy is read on the CPU and then moved to ``device``, so a failure
+    to move it (a device without the memory) never discards a good copy; the file's hash is remembered
+    only once the file has loaded."""
     require("gguf", "accelerate")
     path = Path(path)
     check_magic(path)
-    sha = file_sha256(path)
+    sha = file_sha256(path, remember=False)
     folder = cache_root() / "models" / sha[:16]
     if _cache_valid(folder, sha):
         t0 = time.perf_counter()
         try:
-            lm = load_folder(folder, device=device, dtype=dtype, allow_pickle=False,
+            lm = load_folder(folder, device="cpu", dtype=dtype, allow_pickle=False,
                              trust_remote_code=False, name=name, source=source)
-            logger.info("read %s from the cache %s in %.2f s", path.name, folder,
-                        time.perf_counter() - t0)
-            return lm
         except GeoprobeError as exc:
             logger.warning("cached copy %s is unusable (%s); converting %s again", folder, exc, path)
+        else:
+            logger.info("read %s from the cache %s in %.2f s", path.name, folder, time.perf_counter() - t0)
+            remember_sha256(path, sha)
+            return to_device(lm, device)
     model, tokenizer = _convert_gguf(path)
+    remember_sha256(path, sha)
     _write_gguf_cache(model, tokenizer, folder, path, sha)
     return finish(model, tokenizer, name=name, source=source, device=device, dtype=dtype,
                   causal=True)

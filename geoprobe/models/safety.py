@@ -4,10 +4,12 @@ code shipped with a checkpoint is refused unless trusted, and every safetensors 
 before the weights are read, so a truncated or corrupt file fails with a clear message."""
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, Union
 
-from ..errors import ModelLoadError, UnsafeModelError
+from ..errors import GeoprobeError, ModelLoadError, UnsafeModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -76,3 +78,71 @@ def check_safetensors(files: Sequence[Path], what: str) -> None:
     """Open each file's header (cheap); the first unreadable one raises :class:`ModelLoadError`."""
     for f in files:
         safetensors_keys(f, what)
+
+
+_TORCH_ADVICE = re.compile(r"weights_only|add_safe_globals|safe_globals|file an issue|Check the documentation",
+                           re.IGNORECASE)
+
+
+def is_refused_pickle(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch's restricted unpickler (``weights_only=True``) refusing a file."""
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc)
+
+
+def _refusal_detail(exc: BaseException) -> str:
+    """What the restricted unpickler met, in its own words, without torch's advice on how to load the
+    file anyway (which would execute it)."""
+    lines = str(exc).splitlines()
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:]
+    for line in lines:
+        line = line.strip()
+        if line and not _TORCH_ADVICE.search(line):
+            return line.split(". ", 1)[0].rstrip(".")[:160]
+    return ""
+
+
+def unsafe_pickle_error(what: str, name: str, exc: BaseException) -> UnsafeModelError:
+    """The one message for pickle weights the restricted unpickler refused: the file could not be
+    loaded safely, and the loader will not execute it."""
+    detail = _refusal_detail(exc)
+    return UnsafeModelError(
+        f"{what + ': ' if what else ''}{name} could not be loaded safely{f' ({detail})' if detail else ''}: it holds more than "
+        "tensors, and geoprobe's loader refuses to execute code from a pickle file, --allow-pickle or "
+        "not. Use safetensors weights, or a checkpoint from a source you trust")
+
+
+def load_pickle(path: Union[str, Path], what: str, *, error: type[GeoprobeError] = ModelLoadError,
+                **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, map_location="cpu", **kwargs)`` with geoprobe errors: a
+    file the restricted unpickler refuses is an :class:`UnsafeModelError` saying so; any other failure
+    (missing, truncated, not a torch file) is ``error`` naming ``what`` and the file."""
+    import torch
+
+    path = Path(path)
+    where = f"{what}: " if what else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, weights_only=True, map_location="cpu", **kwargs)
+    except FileNotFoundError:
+        raise error(f"{where}{path.name} is missing") from None
+    except Exception as exc:
+        if is_refused_pickle(exc) and _looks_like_torch_file(path):
+            raise unsafe_pickle_error(what, path.name, exc) from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if is_refused_pickle(exc):
+            first = "not a torch file"
+        raise error(f"{where}{path.name} cannot be read (corrupt or truncated: {first[:200]})") from None
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as torch's files do: a zip archive, or a pickle of protocol 2 or later."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from geoprobe.runtime import env_switch
+from geoprobe.runtime import NATIVE_SPELLINGS, env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ _HEADERS = ("dtype_codes.h", "hyplora_scalars.h", "hyplora_tokens.h", "hydra_gat
 _MODES = ("auto", "all", "off")
 
 
-_SPELLINGS = {**dict.fromkeys(("0", "off", "false", "no"), "off"), **dict.fromkeys(("all", "cpu"), "all"),
-              **dict.fromkeys(("auto", "1", "on", "true", "yes", "cuda"), "auto")}
+_SPELLINGS = NATIVE_SPELLINGS
 """Accepted values of GEOPROBE_NATIVE (lower case) and the mode each selects; any other value is refused."""
 
 
