@@ -15,6 +15,7 @@ from ..records import read_json
 from ..runtime import env_true
 from .common import LoadedModel, finish, from_pretrained, load_weights, tokenizer_from
 from .embeddings import pickle_embedding, safetensors_embedding
+from .precision import checkpoint_dtype, resolve_dtype
 from .safety import (PICKLE_INDEX, SAFETENSORS_INDEX, is_pickle_weight, refuse_pickle,
                      refuse_remote_code, safetensors_keys)
 
@@ -141,7 +142,8 @@ def _load_hub_files(repo: str, *, device: str, dtype: Any, trust_remote_code: bo
               trust_remote_code=trust_remote_code)
     config = from_pretrained(AutoConfig, repo, what, **kw)
     refuse_remote_code(what, getattr(config, "auto_map", None), trust_remote_code)
-    model, causal = load_weights(config, repo, what, dtype=dtype, use_safetensors=use_safetensors,
+    dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
+    model, causal = load_weights(config, repo, what, dtype=dtype, use_safetensors=use_safetensors, device=device,
                                  num_labels=num_labels, **kw)
     tokenizer = tokenizer_from(repo, what, **kw)
     return finish(model, tokenizer, name=repo, source="hub", device=device, dtype=dtype,
