@@ -37,7 +37,6 @@ layer's tensors while they are read.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -60,8 +59,6 @@ STREAMED_MODEL_TYPES = {
     "bert": "encoder", "roberta": "encoder",
 }
 """The config ``model_type`` values streaming covers, and whether each is a decoder or an encoder."""
-
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def covered_text() -> str:
@@ -342,14 +339,3 @@ def _checkpoint_keys(model: Any, checkpoint: Checkpoint, what: str) -> dict[str,
             f"mis-shaped tensors, e.g. {', '.join(bad)}); the model would be partly random. Check that "
             "config.json belongs to these weights.")
     return keys
-
-
-def layer_groups(checkpoint: Checkpoint, n_layers: int) -> dict[Optional[int], list[str]]:
-    """Checkpoint tensor names grouped by the layer index in their name (``….layers.7.…`` → 7; None
-    for the tensors of no layer). Used for the size of one streamed layer before anything is built."""
-    groups: dict[Optional[int], list[str]] = {}
-    for name in checkpoint.tensors:
-        m = _LAYER_INDEX.search("." + name)
-        i = int(m.group(1)) if m and int(m.group(1)) < n_layers else None
-        groups.setdefault(i, []).append(name)
-    return groups
