@@ -99,14 +99,13 @@ def read_header(path: Path, what: str) -> dict[str, TensorInfo]:
 def missing_numbered_shards(names: Iterable[str]) -> list[str]:
     """The shard files a numbered series (``stem-0000k-of-0000n.safetensors``) lacks, given the names
     present."""
-    series: dict[tuple[str, str, int], set[int]] = {}
+    series: dict[tuple[str, int, int], set[int]] = {}
     for name in names:
         m = _SHARD.match(name)
         if m:
-            series.setdefault((m["stem"], m["k"], int(m["n"])), set()).add(int(m["k"]))
+            series.setdefault((m["stem"], len(m["k"]), int(m["n"])), set()).add(int(m["k"]))
     missing = []
-    for (stem, k, n), have in series.items():
-        width = len(k)
+    for (stem, width, n), have in series.items():
         missing += [f"{stem}-{i:0{width}d}-of-{n:0{width}d}.safetensors" for i in range(1, n + 1)
                     if i not in have]
     return sorted(missing)
