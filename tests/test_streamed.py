@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,11 +255,28 @@ def test_parse_memory_refuses(text):
 
 
 # --------------------------------------------------------------------------- bad input
+@dataclasses.dataclass
+class _Done:
+    returncode: int
+    stderr: str
+
+
 def _cli(*args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "geoprobe", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    """``geoprobe ARGS`` run in this process (the command line's own entry point), its stderr caught."""
+    import contextlib
+    import io
+
+    from geoprobe import cli
+
+    err = io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = cli.main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+    return _Done(rc, err.getvalue())
 
 
 def _one_line_error(proc, *phrases):
