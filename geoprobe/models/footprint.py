@@ -17,8 +17,8 @@ input-embedding table:
   batch's activations;
 * host: the interpreter and libraries (:data:`BASE_HOST_BYTES`, more with CUDA), the float32
   embedding table the probes read (V·H·4; for a streamed model the larger of that and the table in the
-  compute dtype, which the capture holds after the probes have dropped theirs), one layer as read
-  from disk when streamed (and in the compute dtype when the device is the CPU), the whole model when
+  compute dtype, which the capture holds after the probes have dropped theirs), two layers as read
+  from disk when streamed (the next is read while one runs) (and in the compute dtype when the device is the CPU), the whole model when
   the device is the CPU, and the sampled states (N + 1)·positions·H·4 (at most the in-memory budget
   of :mod:`geoprobe.hidden`, beyond which they go to a memory-mapped file) with the float64 copies of
   one layer the geometry probes make;
@@ -232,7 +232,7 @@ def estimate(fp: Footprint, *, mode: str, device: Any, dtype: Any, tokens: int, 
         read = fp.file_bytes
     elif mode == "streamed":
         device_bytes = layer + fp.device_rest_parameters * s
-        host += max(table32, V * H * s) + fp.layer_file_bytes + states + (0 if cuda else device_bytes)
+        host += max(table32, V * H * s) + 2 * fp.layer_file_bytes + states + (0 if cuda else device_bytes)
         read = fp.file_bytes
     else:
         raise ValueError(f"unknown mode {mode!r}")

@@ -272,11 +272,13 @@ def hub_download(repo: str, revision: Optional[str], cache_dir: Any) -> Path:
 def hub_tensors(repo: str, revision: Optional[str], cache_dir: Any) -> Optional[tuple[dict, dict]]:
     """(tensor name → :class:`~geoprobe.models.shards.TensorInfo`, raw config) of ``repo`` from the
     hub's safetensors metadata (the headers, fetched by range requests, no weights), or None when the
-    hub cannot tell (offline, unreachable, no safetensors)."""
+    hub cannot tell (offline mode, no safetensors); a repository the hub does not have (or cannot be
+    reached for) raises :class:`ModelNotFoundError` (:func:`hub_files`)."""
     from .shards import TensorInfo
 
     if hub_offline():
         return None
+    hub_files(repo, revision)  # a missing, gated or unreachable repository fails here, fast and clearly
     try:
         from huggingface_hub import get_safetensors_metadata, hf_hub_download
 

@@ -287,7 +287,7 @@ class _Budgets:
         layer = "" if self.cuda else f"one layer with the sample's activations {gib(e.layer_bytes)}, "
         raise MemoryBudgetError(
             f"--max-memory {gib(self.max_host or 0)} cannot hold a streamed run of {name}: it needs about "
-            f"{gib(e.host_bytes)} of host memory ({layer}one layer read from disk {gib(fp.layer_file_bytes)}, "
+            f"{gib(e.host_bytes)} of host memory ({layer}two layers as read from disk {gib(2 * fp.layer_file_bytes)}, "
             f"the input-embedding table {gib(fp.embedding_parameters * 4)} as float32, the sampled "
             f"states and the libraries); give at least {ceil_gib(e.host_bytes)}")
 

@@ -18,9 +18,10 @@ batch's states:
    and position ids — and the last stand-in stops the pass. The model itself decides every argument,
    as ``LlamaModel.forward`` does when it calls ``decoder_layer(hidden_states, attention_mask=…,
    position_embeddings=…, position_ids=…)``.
-3. Layer i: its tensors are read from the shards (``safe_open`` … ``get_tensor``, only that layer's),
-   cast to the compute dtype on the device and assigned into layer i's module; every batch goes
-   through it with the arguments recorded for layer i; the weights are dropped again.
+3. Layer i: its tensors are read from the shards (``safe_open`` … ``get_tensor``, only that layer's;
+   layer i + 1's are read by a second thread meanwhile), cast to the compute dtype on the device and
+   assigned into layer i's module; every batch goes through it with the arguments recorded for layer
+   i; the weights are dropped again.
 4. Tail: the model's ``forward`` runs once more with stand-ins that hand back the last layer's output,
    so whatever the model applies after its layers (the final RMSNorm of a decoder, whose output
    transformers returns as the last hidden state) is applied by the model's own code.
@@ -31,12 +32,13 @@ states equal ``output_hidden_states`` of the whole model. Other types are refuse
 (:func:`check_streamable`): their forward may do between layers what a stand-in would not see.
 
 Memory: on the device, the largest layer plus the sample's activations (all batches, one layer's worth)
-and the small non-layer parameters; on the host, the input-embedding table during the capture and one
-layer's tensors while they are read.
+and the small non-layer parameters; on the host, the input-embedding table during the capture and two
+layers' tensors as read (the one going to the device and the next).
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
@@ -197,18 +199,26 @@ class StreamedModel:
 
         with torch.inference_mode():
             records = [self._capture(ids, mask) for ids, mask in self._with_table(batches)]
-        states = [h for h, _ in records]
+        states, calls = [h for h, _ in records], [c for _, c in records]
+        del records
         yield 0, states
-        for i in range(self.n_layers):
-            layer = self._load_layer(i)
-            with torch.inference_mode():
-                states = [self._run(layer, h, calls[i]) for h, (_, calls) in zip(states, records)]
-                if i == self.n_layers - 1:
-                    states = [self._tail(ids, h) for (ids, _), h in zip(batches, states)]
-            _meta_parameters(layer)
-            if progress is not None:
-                progress.update(1)
-            yield i + 1, states
+        # layer i + 1 is read from disk (a second thread) while layer i runs: two layers on the host at most
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoprobe-shards") as reader:
+            pending = reader.submit(self._read_layer, 0)
+            for i in range(self.n_layers):
+                tensors = pending.result()
+                if i + 1 < self.n_layers:
+                    pending = reader.submit(self._read_layer, i + 1)
+                layer = self._load_layer(i, tensors)
+                del tensors
+                with torch.inference_mode():
+                    states = [self._run(layer, h, batch_calls[i]) for h, batch_calls in zip(states, calls)]
+                    if i == self.n_layers - 1:
+                        states = [self._tail(ids, h) for (ids, _), h in zip(batches, states)]
+                _meta_parameters(layer)
+                if progress is not None:
+                    progress.update(1)
+                yield i + 1, states
 
     def _with_table(self, batches: Sequence[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
         """``batches``, with the input-embedding table on the host while they are captured."""
@@ -262,13 +272,20 @@ class StreamedModel:
         parent, _, attr = self._layers_name.rpartition(".")
         setattr(self._shell.get_submodule(parent) if parent else self._shell, attr, modules)
 
-    def _load_layer(self, i: int) -> Any:
-        """Layer ``i`` with its weights read from the shards onto the device (step 3)."""
-        layer = self._layers[i]
+    def _read_layer(self, i: int) -> dict[str, "torch.Tensor"]:
+        """Layer ``i``'s tensors as stored (host memory, the checkpoint's dtype), by local name."""
         prefix = f"{self._layers_name}.{i}."
-        local = [n for n, _ in layer.named_parameters()]
-        read = self.checkpoint.read([self._keys[prefix + n] for n in local], device=self.device, dtype=self.dtype)
-        layer.load_state_dict({n: read[self._keys[prefix + n]] for n in local}, strict=False, assign=True)
+        local = [n for n, _ in self._layers[i].named_parameters()]
+        read = self.checkpoint.read([self._keys[prefix + n] for n in local])
+        return {n: read[self._keys[prefix + n]] for n in local}
+
+    def _load_layer(self, i: int, tensors: dict[str, "torch.Tensor"]) -> Any:
+        """Layer ``i`` with ``tensors`` (:meth:`_read_layer`) cast to the compute dtype on the device
+        (step 3)."""
+        layer = self._layers[i]
+        on_device = {n: t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+                     for n, t in tensors.items()}
+        layer.load_state_dict(on_device, strict=False, assign=True)
         for m in layer.modules():
             for key, b in list(m._buffers.items()):
                 if b is not None and b.device != self.device:
