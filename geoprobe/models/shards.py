@@ -88,7 +88,11 @@ def read_header(path: Path, what: str) -> dict[str, TensorInfo]:
             dtype, shape, (lo, hi) = str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
             raise unreadable_safetensors(what, path.name, ValueError(f"bad entry for {name}: {exc}")) from None
-        out[name] = TensorInfo(name=name, file=path.name, shape=shape, dtype=dtype)
+        info = TensorInfo(name=name, file=path.name, shape=shape, dtype=dtype)
+        if dtype in DTYPE_BYTES and int(hi) - int(lo) != info.nbytes:
+            raise unreadable_safetensors(what, path.name, ValueError(
+                f"{name} holds {int(hi) - int(lo):,} bytes, its shape {list(shape)} in {dtype} needs {info.nbytes:,}"))
+        out[name] = info
         end = max(end, int(hi))
     if 8 + length + end > size:
         raise unreadable_safetensors(what, path.name, ValueError(
