@@ -176,8 +176,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub — runs code from the model repository")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_dtype_arg(p, "default: float32 to fine-tune (the trainer keeps float32 weights under bfloat16 autocast); "
-                      "to evaluate, the checkpoint's bfloat16/float16 on a GPU and float32 on the CPU")
+    _add_dtype_arg(p, "default: float32, as adapters are trained and evaluated: the trainer keeps float32 "
+                      "weights under bfloat16 autocast")
 
 
 def _add_head_arg(p: argparse.ArgumentParser) -> None:
@@ -370,14 +370,13 @@ def _load_lm(args):
 
 def _load_for_data(args, examples, what: str):
     """The model loaded for ``examples`` as --head asks (a classification head for an encoder on GLUE
-    data), the pairing checked before anything is trained; in float32 to fine-tune unless --dtype says
-    otherwise, in the device's default dtype to evaluate."""
+    data), the pairing checked before anything is trained; in float32 (the dtype adapters are trained
+    in) unless --dtype says otherwise."""
     from . import workflows
 
     _quiet(args)
-    dtype = args.dtype or ("float32" if what == "fine-tuning" else None)
     return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=args.device,
-                                   dtype=dtype, allow_pickle=args.allow_pickle,
+                                   dtype=args.dtype or "float32", allow_pickle=args.allow_pickle,
                                    trust_remote_code=args.trust_remote_code)
 
 
