@@ -446,3 +446,29 @@ def test_embeddings_only_default_gguf_describes_the_model_as_loading_it_does():
                                      name=whole.info.name, source="default")
     assert dataclasses.replace(only.info, architecture=whole.info.architecture) == whole.info
     torch.testing.assert_close(only.input_embeddings(), whole.input_embeddings(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command,given,expected", [
+    ("finetune", [], "float32"), ("finetune", ["--dtype", "bfloat16"], "bfloat16"),
+    ("evaluate", [], "float32"), ("evaluate", ["--dtype", "float16"], "float16")])
+def test_adapter_commands_take_dtype(monkeypatch, tmp_path, folders, command, given, expected):
+    from finetune_helpers import DATA
+
+    from geoprobe import cli, workflows
+
+    data = DATA / "gsm8k" / "test.jsonl"
+    if not data.is_file():
+        pytest.skip(f"GSM8K not found under {DATA}")
+    seen = {}
+
+    class Stop(GeoprobeError):
+        pass
+
+    def load_for_data(spec, examples, **kw):
+        seen.update(kw)
+        raise Stop("stopped before the load")
+
+    monkeypatch.setattr(workflows, "load_for_data", load_for_data)
+    rc = cli.main([command, str(folders("llama")), "--data", str(data), "--limit", "2", "--quiet",
+                   "--out", str(tmp_path / ("run" if command == "finetune" else "eval.json")), *given])
+    assert rc == Stop.exit_code and seen["dtype"] == expected
