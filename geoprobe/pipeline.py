@@ -154,8 +154,15 @@ class _Progress:
 
 def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: bool = True,
           device: Optional[str] = None, command: str = "", layers: bool = True) -> GeometryProfile:
-    """Measure ``lm`` (a :class:`geoprobe.models.LoadedModel`) on ``corpus`` (a
-    :class:`geoprobe.corpus.Corpus`) and return the :class:`GeometryProfile`."""
+    """Measure ``lm`` on ``corpus`` (a :class:`geoprobe.corpus.Corpus`) and return the
+    :class:`GeometryProfile`.
+
+    ``lm`` is a :class:`geoprobe.models.LoadedModel`, a :class:`~geoprobe.models.StreamedModel`
+    (hidden states read one layer at a time from the shards) or, with ``layers=False``, an
+    :class:`~geoprobe.models.EmbeddingModel` (the input-embedding table alone); :func:`geoprobe.plan_load`
+    and :func:`geoprobe.load_planned` choose and open one. The profile records the model's compute
+    dtype (``model.dtype``) and how the hidden states were read (``settings["hidden_states"]``:
+    "model", "streamed" or "none")."""
     s = settings or ProbeSettings()
     if layers and not getattr(lm, "has_hidden_states", True):
         raise InputDataError(f"{lm.name} was opened for its input embeddings only and has no hidden states; "
