@@ -472,3 +472,23 @@ def test_adapter_commands_take_dtype(monkeypatch, tmp_path, folders, command, gi
     rc = cli.main([command, str(folders("llama")), "--data", str(data), "--limit", "2", "--quiet",
                    "--out", str(tmp_path / ("run" if command == "finetune" else "eval.json")), *given])
     assert rc == Stop.exit_code and seen["dtype"] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "bert"])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_streamed_on_cuda_matches_the_whole_model_on_cuda(folders, corpus, model_type, dtype, tol):
+    folder = folders(model_type)
+    plan = gm.plan_load(folder, device="cuda", dtype=dtype, stream=True)
+    assert plan.estimate.gpu_bytes > 0 and plan.dtype == dtype
+    streamed = gm.load_planned(plan)
+    whole = gm.load_model(folder, device="cuda", dtype=dtype)
+    assert str(whole.device).startswith("cuda") and whole.info.dtype == dtype
+    kw = dict(max_positions=150, max_length=48, batch_size=4, seed=3)
+    torch.cuda.reset_peak_memory_stats()
+    b = hidden_states(streamed, corpus, **kw)
+    a = hidden_states(whole, corpus, **kw)
+    for i in range(a.n_layers):
+        np.testing.assert_allclose(b.layer(i), a.layer(i), rtol=tol, atol=tol, err_msg=f"layer {i}")
+    assert all(p.device.type == "meta" for layer in streamed._layers for p in layer.parameters())
