@@ -4,6 +4,9 @@ Public API (DESIGN.md)::
 
     import geoprobe as gp
     lm = gp.load_model(spec)            # hub id, folder, .gguf; no argument = embedded default
+    plan = gp.plan_load(spec, device="cuda")   # whole, streamed or embeddings only, with an estimate
+    lm = gp.load_planned(plan)          # a LoadedModel, StreamedModel or EmbeddingModel for gp.probe
+    E = gp.load_embeddings(spec)        # the input-embedding table alone (one tensor of one shard)
     corpus = gp.Corpus.default()        # or gp.Corpus.from_path(path, field=...)
     gp.fit_power_law(counts); gp.norm_frequency(norms, counts)
     gp.delta(x); gp.intrinsic_dimension(x)
@@ -27,6 +30,8 @@ _LAZY = {
     "load_model": "geoprobe.models",
     "load_embeddings": "geoprobe.models",
     "LoadedModel": "geoprobe.models",
+    "plan_load": "geoprobe.models",
+    "load_planned": "geoprobe.models",
     "Corpus": "geoprobe.corpus",
     "TokenCounts": "geoprobe.corpus",
     "fit_power_law": "geoprobe.probes.frequency",

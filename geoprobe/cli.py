@@ -62,6 +62,24 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--correction", default="holm", choices=("holm", "bh", "none"),
                    help="correction of the per-layer δ tests: Holm (default), Benjamini–Hochberg, none")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_dtype_arg(p, "default: the checkpoint's bfloat16/float16 on a GPU, float32 on the CPU")
+    p.add_argument("--stream", action="store_true",
+                   help="read hidden states one layer at a time from the safetensors shards (chosen by itself "
+                        "when the model does not fit the device)")
+    p.add_argument("--embeddings-only", action="store_true",
+                   help="read only the input-embedding tensor: frequency, norms and token-embedding δ, no hidden "
+                        "states (runs on a CPU in the memory of that one tensor)")
+    p.add_argument("--max-gpu-memory", metavar="SIZE",
+                   help="GPU memory the run may use, e.g. 24GiB (a bare number is GiB); refused before the load "
+                        "when it cannot be met")
+    p.add_argument("--max-memory", metavar="SIZE", help="host memory the run may use, e.g. 32GiB")
+
+
+def _add_dtype_arg(p: argparse.ArgumentParser, default: str) -> None:
+    from .models.precision import DTYPE_CHOICES
+
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
+                   help=f"dtype the model computes in; auto = the checkpoint's ({default})")
 
 
 VERBOSE_HELP = "more log lines (-vv: debug); an unexpected error shows its traceback"
@@ -80,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     _add_measure_args(p)
     p.add_argument("--out", help="profile JSON path (default: profiles/<model>.json)")
-    p.add_argument("--no-layers", action="store_true", help="skip hidden-state probes")
+    p.add_argument("--no-layers", dest="embeddings_only", action="store_true",
+                   help="the same as --embeddings-only")
 
     r = sub.add_parser("report", help="write a self-contained HTML report")
     r.add_argument("models", nargs="*", help="models to probe (default: the embedded model)")
@@ -177,6 +196,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the hub — runs code from the model repository")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_dtype_arg(p, "default: float32, as adapters are trained and evaluated: the trainer keeps float32 "
+                      "weights under bfloat16 autocast")
 
 
 def _add_head_arg(p: argparse.ArgumentParser) -> None:
@@ -248,15 +269,31 @@ def probe_settings(args):
                          correction=args.correction)
 
 
-def _measure(spec: Optional[str], args, command: str, settings, device: str, corpus):
-    """Load the model ``spec`` and probe it on ``corpus`` (both checked by the caller first)."""
-    from .models import load_model
+def _plan(spec: Optional[str], args, settings):
+    """How ``spec`` will be opened, decided from its headers before anything is loaded, with the
+    estimate printed (stderr); budgets that cannot be met are refused here."""
+    from .models import plan_load
+    from .models.footprint import parse_memory
+
+    plan = plan_load(spec, device=_resolve_device(args.device), dtype=args.dtype,
+                     stream=True if args.stream else None, embeddings_only=args.embeddings_only,
+                     max_gpu_memory=parse_memory(args.max_gpu_memory, "--max-gpu-memory"),
+                     max_memory=parse_memory(args.max_memory, "--max-memory"),
+                     positions=settings.layer_positions, documents=settings.layer_sets,
+                     max_length=settings.max_length, batch_size=settings.batch_size)
+    for line in plan.lines():
+        print(f"geoprobe: {line}", file=sys.stderr, flush=True)
+    return plan
+
+
+def _measure(plan, args, command: str, settings, corpus):
+    """Open what ``plan`` says and probe it on ``corpus``."""
+    from .models import load_planned
     from .pipeline import probe
 
-    lm = load_model(spec, device=device, allow_pickle=args.allow_pickle,
-                    trust_remote_code=args.trust_remote_code)
-    return probe(lm, corpus, settings=settings, progress=not args.quiet, device=device,
-                 command=command, layers=not getattr(args, "no_layers", False))
+    lm = load_planned(plan, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    return probe(lm, corpus, settings=settings, progress=not args.quiet, device=plan.device,
+                 command=command, layers=plan.mode != "embeddings")
 
 
 def delta_summary(d) -> str:
@@ -291,10 +328,10 @@ def cmd_probe(args, command: str) -> int:
     """Every flag, the device, the output and the corpus are checked before the model loads."""
     settings = probe_settings(args)
     out = Path(args.out) if args.out else Path("profiles") / f"{_slug(args.model or 'SmolLM2-135M-Instruct')}.json"
-    device = _resolve_device(args.device)
     check_writable(out, what="--out")
     corpus = _load_corpus(args)
-    profile = _measure(args.model, args, command, settings, device, corpus)
+    plan = _plan(args.model, args, settings)
+    profile = _measure(plan, args, command, settings, corpus)
     profile.save(out)
     print(summary_table(profile))
     print(f"profile written to {out}")
@@ -317,10 +354,10 @@ def cmd_report(args, command: str) -> int:
         check_writable(Path("reports"), what="the report folder", folder=True)
     if args.save_profiles:
         check_writable(Path(args.save_profiles), what="--save-profiles", folder=True)
-    device = _resolve_device(args.device) if specs else None
-    corpus = _load_corpus(args) if specs else None
-    for spec in specs:
-        prof = _measure(spec, args, command, settings, device, corpus)
+    plans = [_plan(spec, args, settings) for spec in specs]  # every refusal before the first load
+    corpus = _load_corpus(args) if plans else None
+    for plan in plans:
+        prof = _measure(plan, args, command, settings, corpus)
         if args.save_profiles:
             prof.save(Path(args.save_profiles) / f"{_slug(prof.model.name)}.json")
         profiles.append(prof)
@@ -343,18 +380,20 @@ def _load_lm(args):
     from .models import load_model
 
     _quiet(args)
-    return load_model(args.model, device=_resolve_device(args.device), allow_pickle=args.allow_pickle,
-                      trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=_resolve_device(args.device), dtype=args.dtype or "float32",
+                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
 
 
 def _load_for_data(args, examples, what: str):
     """The model loaded for ``examples`` as --head asks (a classification head for an encoder on GLUE
-    data), the pairing checked before anything is trained."""
+    data), the pairing checked before anything is trained; in float32 (the dtype adapters are trained
+    in) unless --dtype says otherwise."""
     from . import workflows
 
     _quiet(args)
     return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=args.device,
-                                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                                   dtype=args.dtype or "float32", allow_pickle=args.allow_pickle,
+                                   trust_remote_code=args.trust_remote_code)
 
 
 def _check_limit(value: Optional[int], flag: str) -> None:

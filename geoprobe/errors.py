@@ -66,3 +66,17 @@ class DataFormatError(GeoprobeError):
 class ComparisonError(GeoprobeError):
     """A comparison cannot run as asked: an unknown method, no seeds, a parameter budget that cannot be
     matched, or an output folder that holds a comparison with other settings."""
+
+
+class DeviceError(GeoprobeError):
+    """The device cannot do what was asked: no such device, or a dtype it cannot compute in."""
+
+
+class MemoryBudgetError(DeviceError):
+    """A memory budget (``--max-gpu-memory``, ``--max-memory``) or the free memory cannot hold the run
+    asked for; the message gives the numbers."""
+
+
+class StreamingError(ModelLoadError):
+    """Layer-by-layer streaming was asked of a checkpoint it does not cover (an architecture outside
+    the covered ones, GGUF or pickle weights)."""

@@ -7,7 +7,9 @@ pooled prompt embeddings.
 Layer 0 is the embedding output and layer i the output of block i, as Hugging Face's
 ``output_hidden_states`` returns them. ``progress`` is a tqdm-like bar (``update``, ``total``).
 Special positions (BOS/CLS/SEP/padding) are dropped. The states are gathered batch by batch into one
-float32 array per layer; when all layers of the sample would not fit in ``memory_budget`` bytes they
+float32 array per layer (a streamed model, :mod:`geoprobe.models.streamed`, gives them layer by layer
+instead: every batch through one layer before the next layer is read; the sample and its rows are the
+same); only the kept rows are cast to float32, the model computes in its own dtype; when all layers of the sample would not fit in ``memory_budget`` bytes they
 are streamed into a memory-mapped file instead, so the resident set stays bounded by one batch plus
 the layer being analysed.
 
@@ -102,7 +104,8 @@ def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = D
                   progress: bool = False, min_documents: int = 1) -> HiddenStates:
     """Hidden states of every layer at up to ``max_positions`` seeded non-special positions of
     ``corpus`` (a :class:`geoprobe.corpus.Corpus`), read from ``lm`` (a
-    :class:`geoprobe.models.LoadedModel`) — the sample ``gp.probe`` measures per layer.
+    :class:`geoprobe.models.LoadedModel`, or a :class:`geoprobe.models.streamed.StreamedModel`, which
+    reads one layer at a time from the shards) — the sample ``gp.probe`` measures per layer.
 
     ``hs.layer(i)`` is layer i's (positions × hidden) float32 array (0 = embedding output, i = output
     of block i); ``hs.doc_index``, ``hs.position`` and ``hs.token_id`` say where each row came from.
@@ -114,8 +117,9 @@ def hidden_states(lm: "LoadedModel", corpus: "Corpus", *, max_positions: int = D
     ``numpy.random.SeedSequence``.
     """
     bar = progress_bar(len(corpus), "hidden states", enabled=progress)
+    source = lm if getattr(lm, "streamed", False) else lm.model
     try:
-        return collect_hidden_states(lm.model, lm.tokenizer, list(corpus.documents),
+        return collect_hidden_states(source, lm.tokenizer, list(corpus.documents),
                                      max_positions=max_positions, max_length=max_length,
                                      batch_size=batch_size, seed=seed,
                                      device=str(device or lm.device), memory_budget=memory_budget,
@@ -151,47 +155,83 @@ def collect_hidden_states(model, tokenizer, texts: Sequence[str], *, max_positio
     and number at least ``min_documents`` (each truncated to ``max_length`` tokens); when they hold
     more positions, a seeded subset of them is kept.
     """
-    import torch
-
     rng = np.random.default_rng(seed)
     special = _special_ids(tokenizer)
     chosen, chosen_docs = _choose_documents(tokenizer, texts, rng.permutation(len(texts)), special,
                                             max_positions, max_length, min_documents)
     keep_set, n = _sample_positions(chosen, special, rng, max_positions)
-    if progress is not None and hasattr(progress, "total"):
-        progress.total = len(keep_set)  # a tqdm bar: its total is known only now
+    streamed = bool(getattr(model, "streamed", False))
     n_layers = int(getattr(model.config, "num_hidden_layers", 0)) + 1
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = n_layers - 1 if streamed else len(keep_set)  # a tqdm bar: known only now
     store, mm_path, tmpdir = _allocate(n_layers, n, int(getattr(model.config, "hidden_size")),
                                        memory_budget)
-    doc_index = np.empty(n, dtype=np.int64)
-    position = np.empty(n, dtype=np.int64)
-    token_id = np.empty(n, dtype=np.int64)
     docs_with_rows = sorted(keep_set, key=lambda k: len(chosen[k]))  # similar lengths batch together
     seqs = [chosen[k] for k in docs_with_rows]
-    row = 0
-    with torch.inference_mode():
-        for start, hs, _ in _forward_batches(model, seqs, batch_size=batch_size,
-                                             pad_id=_pad_id(tokenizer), device=device):
-            if len(hs) != n_layers:
-                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_layers}")
-            batch_docs = docs_with_rows[start:start + batch_size]
-            sel_b = [i for i, k in enumerate(batch_docs) for _ in keep_set[k]]
-            sel_p = [p for k in batch_docs for p in keep_set[k]]
-            rows = slice(row, row + len(sel_b))
-            doc_index[rows] = [chosen_docs[batch_docs[i]] for i in sel_b]
-            position[rows] = sel_p
-            token_id[rows] = [seqs[start + i][p] for i, p in zip(sel_b, sel_p)]
-            sb = torch.tensor(sel_b, device=hs[0].device)
-            sp = torch.tensor(sel_p, device=hs[0].device)
-            for layer, h in enumerate(hs):
-                store[layer, rows] = h[sb, sp].float().cpu().numpy()
-            row += len(sel_b)
-            if progress is not None:
-                progress.update(len(batch_docs))
+    picks = _picks(docs_with_rows, keep_set, batch_size)
+    rows = [p for batch in picks for p in batch]
+    doc_index = np.asarray([chosen_docs[docs_with_rows[i]] for i, _ in rows], dtype=np.int64)
+    position = np.asarray([p for _, p in rows], dtype=np.int64)
+    token_id = np.asarray([seqs[i][p] for i, p in rows], dtype=np.int64)
+    gather = _gather_streamed if streamed else _gather_whole
+    gather(model, store, seqs, picks, batch_size=batch_size, pad_id=_pad_id(tokenizer), device=device,
+           progress=progress)
     if isinstance(store, np.memmap):
         store.flush()
     return HiddenStates(layers=[store[i] for i in range(n_layers)], doc_index=doc_index,
                         position=position, token_id=token_id, memmap_path=mm_path, _tmpdir=tmpdir)
+
+
+def _picks(docs_with_rows: list[int], keep_set: dict[int, list[int]],
+           batch_size: int) -> list[list[tuple[int, int]]]:
+    """Per batch of ``batch_size`` sequences, the kept (sequence index, position) pairs in row order."""
+    out = []
+    for start in range(0, len(docs_with_rows), batch_size):
+        out.append([(start + j, p) for j, k in enumerate(docs_with_rows[start:start + batch_size])
+                    for p in keep_set[k]])
+    return out
+
+
+def _rows_of(h: "torch.Tensor", batch: list[tuple[int, int]], start: int) -> np.ndarray:
+    """The kept rows of one batch's (batch × width × hidden) states, as float32 on the host (the cast
+    comes after the selection: the model's own dtype until then)."""
+    import torch
+
+    sb = torch.tensor([i - start for i, _ in batch], device=h.device)
+    sp = torch.tensor([p for _, p in batch], device=h.device)
+    return h[sb, sp].float().cpu().numpy()
+
+
+def _gather_whole(model, store: np.ndarray, seqs: list[list[int]], picks: list, *, batch_size: int,
+                  pad_id: int, device, progress) -> None:
+    """Every layer's kept rows from forward passes of the whole model, batch by batch."""
+    import torch
+
+    n_layers = store.shape[0]
+    row = 0
+    with torch.inference_mode():
+        for (start, hs, _), batch in zip(_forward_batches(model, seqs, batch_size=batch_size,
+                                                          pad_id=pad_id, device=device), picks):
+            if len(hs) != n_layers:
+                raise RuntimeError(f"model returned {len(hs)} hidden states, expected {n_layers}")
+            for layer, h in enumerate(hs):
+                store[layer, row:row + len(batch)] = _rows_of(h, batch, start)
+            row += len(batch)
+            if progress is not None:
+                progress.update(min(batch_size, len(seqs) - start))
+
+
+def _gather_streamed(model, store: np.ndarray, seqs: list[list[int]], picks: list, *, batch_size: int,
+                     pad_id: int, device, progress) -> None:
+    """Every layer's kept rows from a :class:`~geoprobe.models.streamed.StreamedModel`, layer by layer
+    (all batches through one layer before the next is read)."""
+    batches = [_pad_batch(seqs[b:b + batch_size], pad_id)
+               for b in range(0, len(seqs), batch_size)]
+    for layer, states in model.layer_states(batches, progress=progress):
+        row = 0
+        for b, (h, batch) in enumerate(zip(states, picks)):
+            store[layer, row:row + len(batch)] = _rows_of(h, batch, b * batch_size)
+            row += len(batch)
 
 
 def _choose_documents(tokenizer, texts: Sequence[str], order: np.ndarray, special: set[int],
@@ -260,21 +300,27 @@ def _forward_batches(model, seqs: Sequence[Sequence[int]], *, batch_size: int, p
     (positions keep their index) with an attention mask; yields the index of the batch's first
     sequence, the batch's hidden states (one (batch × width × hidden) tensor per layer) and its
     (batch × width) mask, 1 at real tokens. The caller holds ``torch.inference_mode()``."""
-    import torch
-
     model.eval()
     body = _backbone(model)
     for b in range(0, len(seqs), batch_size):
-        batch = seqs[b:b + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+        ids, mask = _pad_batch(seqs[b:b + batch_size], pad_id)
         out = body(input_ids=ids.to(device), attention_mask=mask.to(device),
                    output_hidden_states=True)
         yield b, out.hidden_states, mask
+
+
+def _pad_batch(batch: Sequence[Sequence[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(ids, mask) of ``batch`` right-padded with ``pad_id`` to its longest sequence (positions keep
+    their index), the mask 1 at real tokens."""
+    import torch
+
+    width = max(len(s) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, s in enumerate(batch):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
 
 
 def prompt_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: int = 1000,

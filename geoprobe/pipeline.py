@@ -154,9 +154,19 @@ class _Progress:
 
 def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: bool = True,
           device: Optional[str] = None, command: str = "", layers: bool = True) -> GeometryProfile:
-    """Measure ``lm`` (a :class:`geoprobe.models.LoadedModel`) on ``corpus`` (a
-    :class:`geoprobe.corpus.Corpus`) and return the :class:`GeometryProfile`."""
+    """Measure ``lm`` on ``corpus`` (a :class:`geoprobe.corpus.Corpus`) and return the
+    :class:`GeometryProfile`.
+
+    ``lm`` is a :class:`geoprobe.models.LoadedModel`, a :class:`~geoprobe.models.StreamedModel`
+    (hidden states read one layer at a time from the shards) or, with ``layers=False``, an
+    :class:`~geoprobe.models.EmbeddingModel` (the input-embedding table alone); :func:`geoprobe.plan_load`
+    and :func:`geoprobe.load_planned` choose and open one. The profile records the model's compute
+    dtype (``model.dtype``) and how the hidden states were read (``settings["hidden_states"]``:
+    "model", "streamed" or "none")."""
     s = settings or ProbeSettings()
+    if layers and not getattr(lm, "has_hidden_states", True):
+        raise InputDataError(f"{lm.name} was opened for its input embeddings only and has no hidden states; "
+                             "probe it with layers=False (--embeddings-only), or load the model")
     prog = _Progress(progress)
     timings: dict[str, float] = {}
     device = device or str(getattr(lm, "device", "cpu"))
@@ -172,8 +182,8 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
 
     counts, frequency = _frequency(corpus, tok, s, progress, timings)
     t0 = time.perf_counter()
-    emb = lm.input_embeddings().double().numpy()
-    norms = norm_frequency(np.linalg.norm(emb, axis=1), counts.counts, tokenizer=tok)
+    emb = lm.input_embeddings().float().numpy()  # float32; rows enter float64 arithmetic a set at a time
+    norms = norm_frequency(row_norms(emb), counts.counts, tokenizer=tok)
     timings["norms"] = time.perf_counter() - t0
     streams = seed_streams(s.seed)
     t0 = time.perf_counter()
@@ -185,6 +195,7 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     t0 = time.perf_counter()
     delta_tokens = _delta_tokens(emb, counts.counts, population, s, streams)
     timings["delta_tokens"] = time.perf_counter() - t0
+    del emb, population  # the table is not needed by the layers; a streamed model reads its own
     layer_results: list[LayerGeometry] = []
     sinks = None
     if layers:
@@ -196,9 +207,26 @@ def probe(lm, corpus, *, settings: Optional[ProbeSettings] = None, progress: boo
     return GeometryProfile(
         model=lm.info, corpus=corpus_info, frequency=frequency, norms=norms,
         delta_prompts=delta_prompts, delta_tokens=delta_tokens, layers=layer_results, sinks=sinks,
-        settings=s.to_dict() | {"device": device}, seed=s.seed, versions=versions(),
+        settings=s.to_dict() | {"device": device, "hidden_states": hidden_mode(lm, layers)}, seed=s.seed, versions=versions(),
         timings={k: round(v, 4) for k, v in timings.items()}, command=command,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def hidden_mode(lm, layers: bool) -> str:
+    """How the profile's hidden states were read: "model" (the whole model on the device), "streamed"
+    (one layer at a time from the shards) or "none"."""
+    if not layers:
+        return "none"
+    return "streamed" if getattr(lm, "streamed", False) else "model"
+
+
+def row_norms(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """‖x_i‖₂ of every row, accumulated in float64 a block of ``chunk`` rows at a time (the matrix
+    itself is never upcast whole)."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for start in range(0, x.shape[0], chunk):
+        out[start:start + chunk] = np.linalg.norm(np.asarray(x[start:start + chunk], dtype=np.float64), axis=1)
+    return out
 
 
 def _frequency(corpus, tok, s: ProbeSettings, progress: bool, timings: dict[str, float]):
@@ -233,7 +261,7 @@ def _prompt_sets(corpus, tok, emb: np.ndarray, s: ProbeSettings,
         enc = tok(texts, add_special_tokens=True, truncation=True, max_length=s.prompt_tokens,
                   return_attention_mask=False)["input_ids"]
         for ids in enc:
-            x = emb[np.asarray(ids, dtype=np.int64)]
+            x = emb[np.asarray(ids, dtype=np.int64)].astype(np.float64)
             if np.unique(x, axis=0).shape[0] >= 4:
                 prompt_sets.append(x)
             if len(prompt_sets) >= s.n_prompts:
@@ -278,7 +306,7 @@ def _delta_tokens(emb: np.ndarray, counts: np.ndarray, population: PopulationGau
     if m < 4:
         return None
     rngs = [np.random.default_rng(c) for c in streams["token_choice"].spawn(s.token_repeats)]
-    token_sets = [emb[np.sort(r.choice(seen, size=m, replace=False))] for r in rngs]
+    token_sets = [emb[np.sort(r.choice(seen, size=m, replace=False))].astype(np.float64) for r in rngs]
     if m >= emb.shape[0]:
         logger.warning("the token sample covers the whole vocabulary: no population or resampling null")
         nulls: tuple[str, ...] = ("own",)

@@ -1,6 +1,6 @@
 """What every job needs from its surroundings, written once: the versions a result records, the
 ``GEOPROBE_*`` environment switches, optional packages, progress bars and the GPU memory free for
-error messages."""
+error messages, and the host memory available."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +17,8 @@ from typing import Any, Iterator, Mapping, TypeVar
 from .errors import GeoprobeError, MissingDependencyError
 
 __all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "NATIVE_SPELLINGS", "SWITCHES",
-           "check_switches", "optional_module", "progress", "NullBar", "cuda_free_bytes", "interrupt_guard",
-           "interrupted", "check_interrupt"]
+           "check_switches", "optional_module", "progress", "NullBar", "cuda_free_bytes", "host_available_bytes",
+           "interrupt_guard", "interrupted", "check_interrupt"]
 
 T = TypeVar("T")
 
@@ -201,3 +201,20 @@ def cuda_free_bytes(device: Any) -> int:
     device = torch.device(device)
     free, _ = torch.cuda.mem_get_info(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def host_available_bytes() -> "int | None":
+    """Bytes of host memory a new allocation can take without swapping: ``MemAvailable`` of
+    /proc/meminfo (Linux), else psutil's ``available``; None when neither can tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)

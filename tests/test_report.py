@@ -286,12 +286,15 @@ def test_missing_parts_are_left_out_with_a_note(smol):
     doc = render_html([empty])
     page = Page(doc)
     assert page.errors == []
-    assert [k for k, _ in page.h2] == CORE
+    # no hidden states at all: the sections about them are absent, and the summary says why
+    assert [k for k, _ in page.h2] == [k for k in CORE if k != "intrinsic-dimension"]
     assert "<svg" not in doc
     text = " ".join(page.text)
     for phrase in ("No token-frequency fit", "No norm measurement", "not measured in this profile",
-                   "No per-layer δ", "No intrinsic dimension", "No hidden states were measured"):
+                   "No hidden states were read for this profile"):
         assert phrase in text, phrase
+    for absent in ("Per layer: hidden states", "Attention sinks left out", "Intrinsic dimension over layers"):
+        assert absent not in text, absent
     # a profile with some parts: only the missing ones are noted, alongside a full one
     partial = smol.with_updates(norms=dataclasses.replace(smol.norms, density=None),
                                 delta_tokens=None, adapter_plan=None, finetune=[])

@@ -9,6 +9,14 @@ Entry points:
   norm/frequency analysis uses, arXiv 2410.04010 §4.1) without building the model.
 * :func:`load_tokenizer` reads only the tokenizer.
 * :func:`is_causal_lm` says whether a config, model or loaded model is a causal language model.
+* :func:`plan_load` decides, from headers and configs alone and with an estimate of memory and time,
+  whether a model is probed whole, streamed one layer at a time (:class:`StreamedModel`, for models
+  too large for the device) or by its input embeddings alone (:class:`EmbeddingModel`);
+  :func:`load_planned` opens what the plan says (:mod:`~geoprobe.models.placement`).
+
+Dtypes (:mod:`~geoprobe.models.precision`): on a GPU a model is computed in its checkpoint's dtype
+(bfloat16/float16), on the CPU in float32, unless a dtype is asked for; a dtype the device cannot
+compute in is refused before the load.
 
 How a spec is resolved is in :mod:`geoprobe.models.spec`. Each source has its module: ``folder``
 (config.json + safetensors), ``hub`` (local Hugging Face cache first, one short listing call
@@ -27,6 +35,10 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import gguf as _gguf
 from .causal import is_causal_lm
+from .embedding_model import EmbeddingModel
+from .placement import LoadPlan, load_planned, plan_load
+from .precision import DTYPE_CHOICES, check_compute_dtype, resolve_dtype
+from .streamed import STREAMED_MODEL_TYPES, StreamedModel
 from .common import (DtypeLike, LoadedModel, check_device, head_module_names, is_sequence_classifier,
                      special_token_ids, torch_dtype)
 from .embeddings import EMBEDDING_SUFFIXES, find_embedding_key
@@ -50,9 +62,11 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
     """Load a model and its fast tokenizer for probing (and for fine-tuning).
 
     ``spec``: ``None`` (embedded default), a hub id, a local folder or a ``.gguf`` file (see
-    :mod:`geoprobe.models.spec` for how a spec is resolved). ``dtype``: ``None`` loads float32 (the
-    probes compute in float32/float64 on the CPU); also "bfloat16", "float16", "auto" or a
-    ``torch.dtype``. ``allow_pickle``: permit ``.bin``/``.pt`` weights (unpickling can run arbitrary
+    :mod:`geoprobe.models.spec` for how a spec is resolved). ``dtype``: ``None`` is the device's
+    default (:func:`~geoprobe.models.precision.resolve_dtype`: the checkpoint's bfloat16/float16/float32
+    on a CUDA device, float32 on the CPU); "auto" is the checkpoint's dtype anywhere; also "float32",
+    "bfloat16", "float16", "float64" or a ``torch.dtype``. A dtype the device cannot compute in raises
+    :class:`~geoprobe.errors.DeviceError`. ``allow_pickle``: permit ``.bin``/``.pt`` weights (unpickling can run arbitrary
     code). ``trust_remote_code``: permit model code shipped with the checkpoint. ``cache_dir`` and
     ``revision`` apply to hub downloads only. ``num_labels``: an encoder (BERT, MiniLM) is built with
     a sequence-classification head of that many classes (``AutoModelForSequenceClassification``; the
@@ -119,6 +133,8 @@ def load_tokenizer(spec: Spec = None, *, trust_remote_code: bool = False,
 
 
 __all__ = ["LoadedModel", "load_model", "check_device", "load_embeddings", "load_tokenizer", "is_causal_lm",
+           "plan_load", "load_planned", "LoadPlan", "StreamedModel", "EmbeddingModel", "STREAMED_MODEL_TYPES",
+           "DTYPE_CHOICES", "resolve_dtype", "check_compute_dtype",
            "is_sequence_classifier", "head_module_names",
            "default_gguf_path", "resolve_spec", "looks_like_path", "file_sha256", "gguf_cache_dir",
            "cache_root", "find_embedding_key", "special_token_ids", "hub_offline",

@@ -69,7 +69,8 @@ def special_token_ids(tokenizer: Any) -> list[int]:
 
 
 def torch_dtype(dtype: DtypeLike) -> Any:
-    """The torch dtype named by ``dtype`` (``None`` → float32; "auto" passes through)."""
+    """The torch dtype named by ``dtype`` (``None`` → float32; "auto" passes through; the device's
+    default is :func:`geoprobe.models.precision.resolve_dtype`)."""
     import torch
 
     if dtype is None:
@@ -211,15 +212,21 @@ def _model_class(config: Any, num_labels: Optional[int]) -> tuple[Any, bool]:
 
 def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
                  use_safetensors: Optional[bool], trust_remote_code: bool,
-                 num_labels: Optional[int] = None, **hub_kwargs: Any) -> tuple[Any, bool]:
+                 num_labels: Optional[int] = None, device: Optional[str] = None,
+                 **hub_kwargs: Any) -> tuple[Any, bool]:
     """(model, causal): ``AutoModelForCausalLM`` when :func:`is_causal_lm` says so of ``config``;
     otherwise ``AutoModelForSequenceClassification`` with ``num_labels`` classes when ``num_labels`` is
     given (an encoder with a classification head), else ``AutoModel``. A checkpoint with missing or
     mis-shaped tensors (the model would be partly random) raises :class:`ModelLoadError`; the one
     exception is a classification head the checkpoint lacks (or holds for another number of classes),
-    which is freshly initialised (:func:`_init_head`, seeded), as it is meant to be trained."""
+    which is freshly initialised (:func:`_init_head`, seeded), as it is meant to be trained.
+
+    On a CUDA ``device`` the weights go from the files straight to the GPU (``device_map``), so the
+    host never holds the whole model."""
     cls, causal = _model_class(config, num_labels)
     head_kwargs = {"ignore_mismatched_sizes": True} if cls.__name__ == "AutoModelForSequenceClassification" else {}
+    if device is not None and str(device).startswith("cuda"):
+        head_kwargs["device_map"] = {"": str(device)}
     model, info = from_pretrained(
         cls, where, what, config=config, dtype=dtype, use_safetensors=use_safetensors,
         trust_remote_code=trust_remote_code, output_loading_info=True, **head_kwargs, **hub_kwargs)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..errors import ModelLoadError
+from ..errors import GeoprobeError, ModelLoadError
 from ..records import read_json
 from .safety import PICKLE_INDEX, is_pickle_weight, load_pickle, unreadable_safetensors
 
@@ -105,6 +105,8 @@ def safetensors_embedding(files: dict[str, str], what: str, config: dict,
             if fname not in handles:
                 try:
                     handles[fname] = stack.enter_context(safe_open(str(fetch(fname)), framework="pt"))
+                except GeoprobeError:
+                    raise
                 except Exception as exc:
                     raise unreadable_safetensors(what, fname, exc) from None
             return handles[fname]

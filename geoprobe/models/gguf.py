@@ -26,6 +26,7 @@ from ..errors import GeoprobeError, MissingDependencyError, ModelLoadError
 from ..records import read_json, replace_folder, write_json
 from .common import LoadedModel, finish, to_device, tokenizer_from
 from .folder import folder_embeddings, load_folder
+from .precision import resolve_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -165,6 +166,7 @@ def load_gguf(path: Path, *, device: str, dtype: Any, name: str, source: str) ->
     require("gguf", "accelerate")
     path = Path(path)
     check_magic(path)
+    dtype = resolve_dtype(dtype, device, "float32")  # dequantised to float32
     sha = file_sha256(path, remember=False)
     folder = cache_root() / "models" / sha[:16]
     if _cache_valid(folder, sha):

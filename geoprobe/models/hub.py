@@ -15,6 +15,7 @@ from ..records import read_json
 from ..runtime import env_true
 from .common import LoadedModel, finish, from_pretrained, load_weights, tokenizer_from
 from .embeddings import pickle_embedding, safetensors_embedding
+from .precision import checkpoint_dtype, resolve_dtype
 from .safety import (PICKLE_INDEX, SAFETENSORS_INDEX, is_pickle_weight, refuse_pickle,
                      refuse_remote_code, safetensors_keys)
 
@@ -141,7 +142,8 @@ def _load_hub_files(repo: str, *, device: str, dtype: Any, trust_remote_code: bo
               trust_remote_code=trust_remote_code)
     config = from_pretrained(AutoConfig, repo, what, **kw)
     refuse_remote_code(what, getattr(config, "auto_map", None), trust_remote_code)
-    model, causal = load_weights(config, repo, what, dtype=dtype, use_safetensors=use_safetensors,
+    dtype = resolve_dtype(dtype, device, checkpoint_dtype(config))
+    model, causal = load_weights(config, repo, what, dtype=dtype, use_safetensors=use_safetensors, device=device,
                                  num_labels=num_labels, **kw)
     tokenizer = tokenizer_from(repo, what, **kw)
     return finish(model, tokenizer, name=repo, source="hub", device=device, dtype=dtype,
@@ -239,3 +241,53 @@ def _safetensors_embedding(files: _HubFiles, what: str, config: dict) -> Optiona
         return None
     names = {k: "model.safetensors" for k in safetensors_keys(single, what)}
     return safetensors_embedding(names, what, config, files.fetch)
+
+
+# --------------------------------------------------------------------------- streaming from the hub
+SNAPSHOT_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
+"""The files a streamed run needs from a hub repository: config, index, safetensors shards, tokenizer."""
+
+
+def hub_local_folder(repo: str, revision: Optional[str], cache_dir: Any) -> Optional[Path]:
+    """The snapshot folder of ``repo`` in the local Hugging Face cache when its config is there
+    (whether every shard is there is checked by whoever reads it), else None."""
+    config = hub_cached_config(repo, revision, cache_dir)
+    return config.parent if config is not None else None
+
+
+def hub_download(repo: str, revision: Optional[str], cache_dir: Any) -> Path:
+    """Download what streaming reads of ``repo`` (:data:`SNAPSHOT_PATTERNS`; never pickle weights) and
+    return the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    hub_files(repo, revision)  # a clear error, fast, when the hub cannot provide the repository
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=list(SNAPSHOT_PATTERNS)))
+    except Exception as exc:
+        raise ModelNotFoundError(f"{_what(repo)}: cannot download its safetensors shards: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def hub_tensors(repo: str, revision: Optional[str], cache_dir: Any) -> Optional[tuple[dict, dict]]:
+    """(tensor name → :class:`~geoprobe.models.shards.TensorInfo`, raw config) of ``repo`` from the
+    hub's safetensors metadata (the headers, fetched by range requests, no weights), or None when the
+    hub cannot tell (offline mode, no safetensors); a repository the hub does not have (or cannot be
+    reached for) raises :class:`ModelNotFoundError` (:func:`hub_files`)."""
+    from .shards import TensorInfo
+
+    if hub_offline():
+        return None
+    hub_files(repo, revision)  # a missing, gated or unreachable repository fails here, fast and clearly
+    try:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        meta = get_safetensors_metadata(repo, revision=revision)
+        config = read_json(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache_dir),
+                           _what(repo), error=ModelLoadError)
+    except Exception as exc:  # the estimate is then skipped, the load itself says what is wrong
+        logger.info("sizes of %s unknown before the download: %s", repo, exc)
+        return None
+    tensors = {name: TensorInfo(name=name, file=fname, shape=tuple(int(s) for s in t.shape), dtype=str(t.dtype))
+               for fname, fm in meta.files_metadata.items() for name, t in fm.tensors.items()}
+    return tensors, config

@@ -109,16 +109,17 @@ class PopulationGaussian:
             max_rows: int = MAX_POPULATION_ROWS) -> "PopulationGaussian":
         """The Gaussian of ``points`` (N × d, N ≥ 2); more than ``max_rows`` rows are subsampled
         with ``rng`` (seeded) before the covariance is estimated."""
-        X = np.asarray(points, dtype=np.float64)
+        X = np.asarray(points)
         if X.ndim != 2 or X.shape[0] < 2:
             raise NullError(f"the population null needs a population of at least 2 points, got "
                             f"shape {X.shape}")
-        if not np.isfinite(X).all():
+        if not all(np.isfinite(X[i:i + 8192]).all() for i in range(0, X.shape[0], 8192)):
             raise InputDataError("the population holds NaN or inf values; repair or drop those rows")
         n_pop = X.shape[0]
-        if n_pop > max_rows:
+        if n_pop > max_rows:  # subsampled before the float64 copy: a 128k × 4096 table is never upcast whole
             gen = rng if rng is not None else np.random.default_rng(0)
             X = X[np.sort(gen.choice(n_pop, size=max_rows, replace=False))]
+        X = np.asarray(X, dtype=np.float64)
         mu = X.mean(axis=0)
         cov = moment_matched_covariance(X - mu)
         try:

@@ -347,6 +347,8 @@ def _summary_tiles(m: _Model) -> Markup:
             tiles.append(_tile(name, interval(stat.mean, stat.ci_low, stat.ci_high),
                                say.how_tested(stat, unit), say.delta_sentence(stat, subject),
                                _badge(stat)))
+    if not p.layers:
+        return join([el("div", tiles, class_="tiles"), _note(EMBEDDINGS_ONLY)])
     id_text = say.id_sentence(p.layers, p.model.hidden_size)
     scale = _gride_scale(p.layers)
     tiles.append(_tile("Intrinsic dimension over layers", _id_range_text(p.layers, "twonn"),
@@ -354,6 +356,15 @@ def _summary_tiles(m: _Model) -> Markup:
                        f"{_id_range_text(p.layers, 'gride')}",
                        id_text or "No layer was measured."))
     return el("div", tiles, class_="tiles")
+
+
+EMBEDDINGS_ONLY = ("No hidden states were read for this profile (input embeddings only, as with "
+                   "--embeddings-only): per-layer δ, intrinsic dimension and attention sinks are not part of it.")
+
+
+def _with_layers(models: list[_Model]) -> bool:
+    """Whether any profile holds per-layer results (the hidden-state sections are left out otherwise)."""
+    return any(m.profile.layers for m in models)
 
 
 _HEADLINES = (
@@ -378,12 +389,17 @@ _HEADLINES = (
 )
 
 
+_LAYER_HEADLINES = frozenset({"TwoNN ID range over layers", "GRIDE ID range over layers", "Sink positions excluded"})
+
+
 def _summary(models: list[_Model]) -> Markup:
     if len(models) == 1:
         m = models[0]
         return join([_model_line(m.profile), _summary_tiles(m)])
     header = [""] + [_model_name(m) for m in models]
-    rows = [[name] + [fn(m.profile) for m in models] for name, fn in _HEADLINES]
+    layered = _with_layers(models)
+    rows = [[name] + [fn(m.profile) for m in models] for name, fn in _HEADLINES
+            if layered or name not in _LAYER_HEADLINES]
     compare = el("div", el("table", el("thead", el("tr", [el("th", h, scope="col") for h in header])),
                            el("tbody", [el("tr", el("th", r[0], scope="row"),
                                            [el("td", c) for c in r[1:]]) for r in rows]),
@@ -397,7 +413,8 @@ def _summary(models: list[_Model]) -> Markup:
                  if p.delta_prompts else "No per-prompt δ.",
                  say.delta_sentence(p.delta_tokens, "samples of distinct corpus tokens' embeddings")
                  if p.delta_tokens else "No token-sample δ.",
-                 say.id_sentence(p.layers, p.model.hidden_size) or "No layer was measured."]
+                 (say.id_sentence(p.layers, p.model.hidden_size) or "No layer was measured.")
+                 if p.layers else EMBEDDINGS_ONLY]
         readings.append(el("div", el("h4", _model_name(m)), _model_line(p),
                            el("ul", [el("li", t) for t in items], class_="readings"),
                            class_="model-block"))
@@ -550,6 +567,8 @@ def _hyperbolicity(models: list[_Model], figs: _Figures) -> Markup:
     for key, heading, subject, unit in _DELTA_SUBJECTS:
         parts.append(el("h3", heading))
         parts.extend(_delta_embeddings(models, figs, key, subject, unit))
+    if not _with_layers(models):
+        return join(parts)
     parts.append(el("h3", "Per layer: hidden states"))
     parts.extend(_delta_layers(models, figs))
     parts.append(el("h3", "Attention sinks left out"))
@@ -715,7 +734,9 @@ def _sinks(m: _Model, figs: _Figures) -> Markup:
 
 
 # --------------------------------------------------------------------------- intrinsic dimension
-def _intrinsic(models: list[_Model], figs: _Figures) -> Markup:
+def _intrinsic(models: list[_Model], figs: _Figures) -> Optional[Markup]:
+    if not _with_layers(models):
+        return None
     multi = len(models) > 1
     parts: list[Any] = [el("p", "Intrinsic dimension of each layer's hidden states (attention-sink "
                                 "positions and duplicate rows removed). TwoNN uses the ratio of the "
