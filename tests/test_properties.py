@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import cdist
 from scipy.stats import special_ortho_group
@@ -40,6 +40,7 @@ import geoprobe as gp
 from geoprobe.profile import SCHEMA_VERSION, GeometryProfile
 from geoprobe.records import Record
 from geoprobe.report.markup import esc
+from profile_factory import HOSTILE_FRAGMENTS, visible_text
 
 MANY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -294,21 +295,6 @@ def test_plan_json_round_trips_exactly(data, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- HTML escaping
-def visible(text: str) -> str:
-    """What the page must show for ``text``: C0 controls other than tab, LF and CR as their U+24xx
-    control pictures, DEL and the C1 controls as U+FFFD (HTML does not allow them as text)."""
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if o < 0x20 and ch not in "\t\n\r":
-            out.append(chr(0x2400 + o))
-        elif 0x7F <= o <= 0x9F:
-            out.append("\ufffd")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
 class _Page(html.parser.HTMLParser):
     """Start tags (name, attribute names in order, and whether inside an ``svg``), attribute values
     and text of a page, as the standard-library parser reads them (character references resolved)."""
@@ -357,10 +343,7 @@ def parse(page: str) -> _Page:
 
 
 UNICODE = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
-FRAGMENTS = ("<script>window.pwned=1</script>", '"><img src=x onerror=window.pwned=2>', "</td>",
-             "<!--", "-->", "<![CDATA[", "]]>", "&amp;", "&lt;", "&#60;", "'", '"', "`", "\x00",
-             "\x1b[31m", "\x85", "\u202e", "$x^2$", "javascript:alert(1)", "</title>", "<svg onload=x>")
-HOSTILE_TEXT = st.lists(st.sampled_from(FRAGMENTS) | UNICODE, min_size=1, max_size=4).map("".join)
+HOSTILE_TEXT = st.lists(st.sampled_from(HOSTILE_FRAGMENTS) | UNICODE, min_size=1, max_size=4).map("".join)
 
 
 @settings(max_examples=200, deadline=None)
@@ -373,8 +356,8 @@ def test_escaped_text_parses_back_to_itself(text):
     assert not set(e) & set("<>\"'")
     page = parse(f'<td title="{e}">{e}</td>')
     assert page.tags == [("td", ("title",), False)]
-    assert page.values == [visible(text)]
-    assert "".join(page.text) == visible(text)
+    assert page.values == [visible_text(text)]
+    assert "".join(page.text) == visible_text(text)
     assert page.other == []
 
 
@@ -400,6 +383,8 @@ def _outside_svg(page: _Page) -> list[tuple[str, tuple[str, ...]]]:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(name=HOSTILE_TEXT, corpus=HOSTILE_TEXT, command=HOSTILE_TEXT,
        tokens=st.lists(HOSTILE_TEXT, min_size=3, max_size=3))
+@example(name=HOSTILE_FRAGMENTS[1], corpus=HOSTILE_FRAGMENTS[0], command="</title><!--",
+         tokens=list(HOSTILE_FRAGMENTS[:3]))
 def test_report_structure_ignores_the_text_it_shows(plain_report_structure, name, corpus, command,
                                                    tokens):
     """A report of a model whose name, corpus, command and token strings are arbitrary text has
@@ -417,4 +402,4 @@ def test_report_structure_ignores_the_text_it_shows(plain_report_structure, name
                    for tag, attrs, _ in page.tags)
     shown = "".join(page.text)
     for s in (name, corpus, *tokens):
-        assert visible(s) in shown
+        assert visible_text(s) in shown
