@@ -49,7 +49,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from geoprobe.errors import AdapterError, PlanError
-from geoprobe.records import write_json
+from geoprobe.records import json_problem, write_json
 from geoprobe.profile import AdapterPlanRecord, GeometryProfile
 
 from . import registry
@@ -94,7 +94,10 @@ class AdapterPlan:
             raise PlanError(f"not an adapter plan (missing 'method' or unknown fields {sorted(unknown)})")
         d = {k: v for k, v in d.items() if k in names}
         if "target_modules" in d:
-            d["target_modules"] = tuple(d["target_modules"])
+            targets = d["target_modules"]
+            if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+                raise PlanError(f"an adapter plan's target_modules must be a list of module names, got {targets!r}")
+            d["target_modules"] = tuple(targets)
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -106,8 +109,10 @@ class AdapterPlan:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanError(f"plan file {path} does not exist") from None
-        except (OSError, ValueError) as exc:
-            raise PlanError(f"cannot read plan {path}: {exc}") from None
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {path}: {exc.strerror or exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise PlanError(f"plan {path} is not usable JSON ({json_problem(exc)})") from None
         if not isinstance(d, dict):
             raise PlanError(f"plan {path} is not a JSON object")
         return cls.from_dict(d)
