@@ -594,3 +594,101 @@ def test_fuzz_gguf_readers(tmp_path, monkeypatch):
     c.run(make, read, lambda case, where: (keep_file(case, where),
                                            shutil.copy2(index, where / "hashes.json") if index.exists() else None))
     c.check()
+
+
+# --------------------------------------------------------------------------- the inputs fuzzing found
+def _profile_reader(path):
+    from geoprobe.profile import GeometryProfile
+
+    return GeometryProfile.load(path)
+
+
+def _plan_reader(path):
+    from adapters.plan import AdapterPlan
+
+    return AdapterPlan.load(path)
+
+
+def _data_reader(path):
+    from adapters.data import load_examples
+
+    return load_examples(path)
+
+
+def _corpus_reader(field):
+    from geoprobe.corpus import Corpus
+
+    return lambda path: Corpus.from_path(path, field=field)
+
+
+FOUND = [  # (reader, file name, content, GeoprobeError subclass, words of the message)
+    (_profile_reader, "p.json", b'{"schema": "geoprobe.profile", "seed": ' + b"9" * 5000 + b"}", "ProfileError",
+     "more than 4,300 digits"),
+    (_profile_reader, "p.json", b"[" * 100_000, "ProfileError", "nested too deeply"),
+    (_plan_reader, "plan.json", b'{"method": ["lora"]}', "PlanError", "unknown adapter method"),
+    (_plan_reader, "plan.json", b'{"method": "lora", "target_modules": 5}', "PlanError", "list of module names"),
+    (_plan_reader, "plan.json", b'{"method": "lora", "target_modules": "q_proj"}', "PlanError",
+     "list of module names"),
+    (_plan_reader, "plan.json", b'{"a": ' * 100_000, "PlanError", "nested too deeply"),
+    (_data_reader, "gsm8k.json", b"[" * 100_000, "DataFormatError", "nested too deeply"),
+    (_data_reader, "gsm8k.jsonl", b'{"question": "q", "answer": ' + b"1" * 5000 + b"}", "DataFormatError",
+     "line 1"),
+    (_data_reader, "sst2.tsv", b"sentence\tlabel\n" + b"a" * 200_000 + b"\t1\n", "DataFormatError",
+     "tab-separated"),
+    (_corpus_reader(None), "c.jsonl", b'{"text": ' * 50_000, "CorpusError", "nested too deeply"),
+    (_corpus_reader(None), "c.json", b"[" + b"7" * 5000 + b"]", "CorpusError", "digits"),
+    (_corpus_reader("messages.\u00b2"), "c.jsonl", b'{"messages": [{"content": "hi"}]}', "CorpusError",
+     "no field"),
+    (_corpus_reader("messages.--1"), "c.jsonl", b'{"messages": [{"content": "hi"}]}', "CorpusError",
+     "no field"),
+]
+
+
+@pytest.mark.parametrize("reader, name, content, error, words", FOUND,
+                         ids=[f"{e}-{n}-{i}" for i, (_, n, _, e, _) in enumerate(FOUND)])
+def test_found_inputs_are_refused(tmp_path, reader, name, content, error, words):
+    """Each input that once got past a reader as another exception now gets its GeoprobeError."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(GeoprobeError, match=words) as info:
+        reader(path)
+    assert type(info.value).__name__ == error
+
+
+@pytest.mark.parametrize("file, change, words", [
+    ("geoprobe_adapter.json", {"fingerprint": "x"}, '"fingerprint" must be an object'),
+    ("geoprobe_adapter.json", {"plan": ["a"]}, '"plan" must be an object'),
+    ("adapter_config.json", {"rank_pattern": [1]}, "wrong type"),
+    ("adapter_config.json", {"r": {"a": 1}}, "wrong type"),
+    ("adapter_config.json", {"modules_to_save": 2.5}, "wrong type"),
+])
+def test_found_adapter_folders_are_refused(tmp_path, adapter_folders, file, change, words):
+    from adapters import io
+    from geoprobe.errors import AdapterError
+
+    base, folders = adapter_folders
+    folder = shutil.copytree(folders["hyplora"], tmp_path / "adapter")
+    raw = json.loads((folder / file).read_text(encoding="utf-8"))
+    (folder / file).write_text(json.dumps(raw | change), encoding="utf-8")
+    with pytest.raises(AdapterError, match=words):
+        io.load(copy.deepcopy(base), folder)
+
+
+def test_gguf_counts_past_the_end_are_refused_quickly(tmp_path, monkeypatch):
+    """A metadata value retyped from string to array (its bytes then read as an item count of about
+    8·10¹⁸) once kept the gguf reader looping for hours; the header check refuses it at once."""
+    pytest.importorskip("gguf")
+    from geoprobe.errors import ModelLoadError
+    from geoprobe.models import load_embeddings, load_tokenizer
+
+    monkeypatch.setenv("GEOPROBE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    data = bytearray(path.read_bytes())
+    key = data.index(b"general.architecture") + len(b"general.architecture")
+    assert struct.unpack_from("<I", data, key)[0] == 8  # a string
+    struct.pack_into("<I", data, key, 9)  # now an array
+    path.write_bytes(bytes(data))
+    for read in (load_embeddings, load_tokenizer):
+        with time_limit(10), pytest.raises(ModelLoadError, match="truncated or corrupt"):
+            read(path)
