@@ -362,6 +362,10 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     raw_cfg = read_json(folder / "adapter_config.json", "adapter config", error=AdapterError)
+    if raw_cfg.get("megatron_config"):  # PEFT would import the module that megatron_core names
+        raise AdapterError(f"{folder / 'adapter_config.json'} sets megatron_config, which makes PEFT import the "
+                           "module named by megatron_core; geoprobe's adapters never use Megatron-LM and do not "
+                           "import modules named by a file — remove it or re-save the adapter")
     keys = _weight_keys(folder)
     kind = _layer_kind(keys)
     sidecar = _read_sidecar(folder) if (folder / SIDECAR).is_file() else {}
@@ -387,7 +391,7 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
         raise AdapterError(f"{folder / 'adapter_config.json'} holds a value of the wrong type for "
                            f"{method.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                            "re-save the adapter") from None
-    except ImportError as exc:  # e.g. megatron_config set: PEFT imports Megatron-LM (its allow-listed names only)
+    except ImportError as exc:
         raise AdapterError(f"{folder / 'adapter_config.json'} asks for a package that is not installed ({exc}); "
                            "geoprobe's adapters do not use it — re-save the adapter") from None
     attach(peft_model, spec)

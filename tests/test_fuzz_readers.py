@@ -661,6 +661,7 @@ def test_found_inputs_are_refused(tmp_path, reader, name, content, error, words)
     ("adapter_config.json", {"rank_pattern": [1]}, "wrong type"),
     ("adapter_config.json", {"r": {"a": 1}}, "wrong type"),
     ("adapter_config.json", {"modules_to_save": 2.5}, "wrong type"),
+    ("adapter_config.json", {"megatron_config": {"a": 1}, "megatron_core": "megatron.core"}, "megatron_config"),
 ])
 def test_found_adapter_folders_are_refused(tmp_path, adapter_folders, file, change, words):
     from adapters import io
