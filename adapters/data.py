@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from geoprobe.errors import DataFormatError
-from geoprobe.records import parse_json
+from geoprobe.records import json_problem, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,9 @@ def _read_records(file: Path) -> list[Any]:
         except json.JSONDecodeError as exc:
             if file.suffix == ".json":
                 raise DataFormatError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if file.suffix == ".json":
-                raise DataFormatError(f"{file} is not valid JSON ({exc})") from None
+                raise DataFormatError(f"{file} is not usable JSON ({json_problem(exc)})") from None
         else:
             if isinstance(data, list):
                 return data
@@ -258,8 +258,8 @@ def _read_records(file: Path) -> list[Any]:
             records.append(parse_json(line))
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{file} line {lineno} is not valid JSON ({exc.msg})") from None
-        except ValueError as exc:
-            raise DataFormatError(f"{file} line {lineno} is not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise DataFormatError(f"{file} line {lineno} is not usable JSON ({json_problem(exc)})") from None
     return records
 
 
@@ -371,6 +371,8 @@ def _read_glue(file: Path, task: str, limit: Optional[int]) -> list[Example]:
             rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
     except UnicodeDecodeError:
         raise DataFormatError(f"{file} is not UTF-8 text") from None
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit() characters
+        raise DataFormatError(f"{file} is not a readable tab-separated file ({exc})") from None
     except OSError as exc:
         raise DataFormatError(f"cannot read {file}: {exc.strerror or exc}") from None
     except csv.Error as exc:  # a field beyond the csv module's size limit, a NUL byte

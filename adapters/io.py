@@ -260,6 +260,11 @@ def _read_sidecar(folder: Path) -> dict[str, Any]:
         registry.get(str(raw.get("method")))
     except AdapterError:
         raise AdapterError(f"{folder / SIDECAR} names an unknown method {raw.get('method')!r}") from None
+    for key, kind in (("fingerprint", dict), ("plan", dict), ("versions", dict), ("base_model", str)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            want = "an object" if kind is dict else "a string"
+            raise AdapterError(f"{folder / SIDECAR}: \"{key}\" must be {want} or null, got {raw[key]!r:.80}; "
+                               "the sidecar was altered — re-save the adapter")
     return raw
 
 
@@ -267,8 +272,11 @@ def _legacy_fields(method: Method, sidecar: Mapping[str, Any]) -> dict[str, Any]
     """Config fields that sidecars of version 1 held instead of the config (HypLoRA's options)."""
     if not method.includes("hyplora") or sidecar.get("schema_version") != 1:
         return {}
-    return {"hyplora_curvature": float(sidecar.get("curvature") or 1.0),
-            "hyplora_curvature_pattern": dict(sidecar.get("curvature_pattern") or {}),
+    curvature, pattern = sidecar.get("curvature") or 1.0, sidecar.get("curvature_pattern") or {}
+    if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not isinstance(pattern, dict):
+        raise AdapterError(f"the {SIDECAR} of version 1 holds a curvature {curvature!r:.40} or curvature_pattern "
+                           f"{pattern!r:.40} that is not a number and an object; re-save the adapter")
+    return {"hyplora_curvature": float(curvature), "hyplora_curvature_pattern": dict(pattern),
             "hyplora_official": bool(sidecar.get("official", False))}
 
 
@@ -359,6 +367,10 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     raw_cfg = read_json(folder / "adapter_config.json", "adapter config", error=AdapterError)
+    if raw_cfg.get("megatron_config"):  # PEFT would import the module that megatron_core names
+        raise AdapterError(f"{folder / 'adapter_config.json'} sets megatron_config, which makes PEFT import the "
+                           "module named by megatron_core; geoprobe's adapters never use Megatron-LM and do not "
+                           "import modules named by a file — remove it or re-save the adapter")
     keys = _weight_keys(folder)
     kind = _layer_kind(keys)
     sidecar = _read_sidecar(folder) if (folder / SIDECAR).is_file() else {}
@@ -369,18 +381,25 @@ def load(model: Any, path: Union[str, os.PathLike], *, adapter_name: str = "defa
     if expect is not None and not method.includes(expect):
         raise AdapterError(f"{folder} holds a {method.name} adapter, not {expect}")
     config = config_from_saved(method, raw_cfg, _legacy_fields(method, sidecar), str(folder / "adapter_config.json"))
-    try:
+    try:  # PEFT reads the config's values here: a value of the wrong type fails inside it
         peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
                                                is_trainable=is_trainable, config=config)
+        check_adapter_state(peft_model, keys, folder, adapter_name)
+        n_train = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        spec = spec_for(method.name, config, plan=sidecar.get("plan"),
+                        base_model=str(sidecar.get("base_model") or raw_cfg.get("base_model_name_or_path") or ""),
+                        fingerprint=sidecar.get("fingerprint"), trainable_parameters=n_train)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise AdapterError(f"cannot load the adapter {folder} onto this model: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    check_adapter_state(peft_model, keys, folder, adapter_name)
-    n_train = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    attach(peft_model, spec_for(method.name, config, plan=sidecar.get("plan"),
-                                base_model=str(sidecar.get("base_model") or raw_cfg.get("base_model_name_or_path")
-                                               or ""),
-                                fingerprint=sidecar.get("fingerprint"), trainable_parameters=n_train))
+    except (TypeError, AttributeError, IndexError) as exc:
+        raise AdapterError(f"{folder / 'adapter_config.json'} holds a value of the wrong type for "
+                           f"{method.name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           "re-save the adapter") from None
+    except ImportError as exc:
+        raise AdapterError(f"{folder / 'adapter_config.json'} asks for a package that is not installed ({exc}); "
+                           "geoprobe's adapters do not use it — re-save the adapter") from None
+    attach(peft_model, spec)
     log.info("loaded %s adapter from %s", method.name, folder)
     return peft_model
 

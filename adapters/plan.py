@@ -160,7 +160,10 @@ class AdapterPlan:
         d = {k: v for k, v in d.items() if k in names}
         check_plan_fields(d, where)
         if "target_modules" in d:
-            d["target_modules"] = tuple(d["target_modules"])
+            targets = d["target_modules"]
+            if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+                raise PlanError(f"an adapter plan's target_modules must be a list of module names, got {targets!r}")
+            d["target_modules"] = tuple(targets)
         return cls(**d)
 
     def save(self, path: str | os.PathLike) -> Path:

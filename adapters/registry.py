@@ -135,7 +135,9 @@ def get(name: str) -> Method:
     Raises:
         AdapterError: no such method (``auto`` included: it names the planner's choice).
     """
-    key = name.strip().lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise AdapterError(f"an adapter method is named by a string, got {name!r}; use one of {', '.join(names())}")
+    key = name.strip().lower()
     method = _BY_NAME.get(key)
     if method is None:
         hint = " ('auto' is the planner's choice: plan first)" if key == AUTO else ""

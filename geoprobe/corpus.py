@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import CorpusError
 from .profile import CorpusInfo
+from .records import json_problem
 from .runtime import FALSE_WORDS, progress as progress_bar
 
 logger = logging.getLogger(__name__)
@@ -432,15 +433,11 @@ def _jsonl_records(text: str, path: Path) -> list[tuple[int, Any]]:
             raise CorpusError(
                 f"{path}: invalid JSON on line {lineno} ({exc.msg} at column {exc.colno}); "
                 "each line of a .jsonl file must hold one JSON value") from None
-        except (RecursionError, ValueError) as exc:  # nesting too deep, an integer too long
-            raise CorpusError(f"{path}: unreadable JSON on line {lineno} ({_json_limit(exc)})") from None
+        except (ValueError, RecursionError) as exc:
+            raise CorpusError(f"{path}: unusable JSON on line {lineno} ({json_problem(exc)})") from None
     if not records:
         raise CorpusError(f"corpus file {path} is empty")
     return records
-
-
-def _json_limit(exc: BaseException) -> str:
-    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
 
 
 def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -451,8 +448,8 @@ def _json_records(text: str, path: Path) -> list[tuple[int, Any]]:
     except json.JSONDecodeError as exc:
         raise CorpusError(
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
-    except (RecursionError, ValueError) as exc:
-        raise CorpusError(f"{path}: unreadable JSON ({_json_limit(exc)})") from None
+    except (ValueError, RecursionError) as exc:
+        raise CorpusError(f"{path}: unusable JSON ({json_problem(exc)})") from None
     if isinstance(data, list):
         return list(enumerate(data))
     return [(0, data)]
@@ -498,7 +495,7 @@ def _walk(value: Any, parts: list[str], field: str, path: Path, where: str, reco
                 f"{_fields_of(value)}")
         return _walk(value[head], rest, field, path, where, record)
     if isinstance(value, list):
-        if head.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", head):
             idx = int(head)
             if not -len(value) <= idx < len(value):
                 raise CorpusError(

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import types
 import typing
@@ -21,7 +22,8 @@ from . import runtime
 from .errors import GeoprobeError, OutputError, ProfileError
 
 __all__ = ["Record", "atomic_path", "atomic_folder", "replace_folder", "write_text", "write_bytes", "write_json",
-           "read_json", "parse_json", "check_schema", "check_writable", "output_error", "error_code", "display_path"]
+           "read_json", "parse_json", "json_problem", "check_schema", "check_writable", "output_error", "error_code",
+           "display_path"]
 
 
 # --------------------------------------------------------------------------- frozen records
@@ -378,8 +380,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Serialise ``obj`` to JSON (indented, NaN written as null) and write it atomically."""
-    return write_text(path, json.dumps(_finite(obj), indent=1, ensure_ascii=False) + "\n")
+    """Serialise ``obj`` to JSON (indented, NaN written as null) and write it atomically. Text is
+    written as UTF-8, or as ``\\u`` escapes throughout when it holds a lone surrogate (a file name
+    that was not UTF-8, a string read from such an escape), which UTF-8 cannot encode."""
+    text = json.dumps(_finite(obj), indent=1, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(_finite(obj), indent=1, ensure_ascii=True)
+    return write_text(path, text + "\n")
 
 
 def _finite(obj: Any) -> Any:
@@ -437,11 +446,26 @@ def read_json(path: str | os.PathLike, what: str, *, error: type[GeoprobeError] 
         raise error(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise error(f"{what}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except ValueError as exc:
-        raise error(f"{what}: {path} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what}: {path} is not usable JSON ({json_problem(exc)})") from None
     if not isinstance(data, dict):
         raise error(f"{what}: {path} does not hold a JSON object")
     return data
+
+
+def json_problem(exc: BaseException) -> str:
+    """A short reason why ``json.loads`` failed, also for texts that follow the grammar but that Python
+    cannot hold: nesting deeper than the interpreter's recursion limit, or an integer with more digits
+    than ``int`` converts (``sys.get_int_max_str_digits()``, 4,300 by default)."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text: undecodable byte at offset {exc.start}"
+    if "digits" in str(exc):
+        return f"an integer with more than {sys.get_int_max_str_digits():,} digits"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def check_schema(data: dict[str, Any], what: str, *, schema: str, version: int,

@@ -25,6 +25,28 @@ from geoprobe.profile import (NULL_KINDS, NULL_QUESTIONS, AdapterPlanRecord, Cor
 
 HOSTILE = ('<script>window.pwned=1</script>', '"><img src=x onerror=window.pwned=2>')
 
+HOSTILE_FRAGMENTS = (*HOSTILE, "</td>", "<!--", "-->", "<![CDATA[", "]]>", "&amp;", "&lt;", "&#60;", "'",
+                     '"', "`", "\x00", "\x1b[31m", "\x85", "\u202e", "$x^2$", "javascript:alert(1)",
+                     "</title>", "<svg onload=window.pwned=3>", "<iframe src=x>", "{{7*7}}")
+"""Pieces of hostile names and tokens: markup, comments, character references, quotes, control
+characters, a right-to-left override, mathtext, a script URL, template syntax."""
+
+
+def visible_text(text: str) -> str:
+    """What a report must show for ``text``: C0 controls other than tab, LF and CR as their U+24xx
+    control pictures, DEL and the C1 controls as U+FFFD (HTML does not allow them as text); everything
+    else as it is."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 and ch not in "\t\n\r":
+            out.append(chr(0x2400 + o))
+        elif 0x7F <= o <= 0x9F:
+            out.append("\ufffd")
+        else:
+            out.append(ch)
+    return "".join(out)
+
 PAPER_GROUPS = (
     ("function words", ("to", "in", "have", "that", "and", "is", "for"), 0.353),
     ("question words", ("how", "much", "many", "time", "cost"), 0.456),

@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from profile_factory import HOSTILE, make_profile  # noqa: E402
+from profile_factory import HOSTILE, HOSTILE_FRAGMENTS, make_profile, visible_text  # noqa: E402
 
 from geoprobe.report import render_report  # noqa: E402
 
@@ -198,3 +199,35 @@ def test_checks_catch_an_external_resource(driver, tmp_path, hostile_page, strip
     assert blocked == (not strip_csp)
     with pytest.raises(AssertionError, match=f"network request to {re.escape(url)}"):
         _check_page(driver, path)
+
+
+HOSTILE_NAMES = st.lists(st.sampled_from(HOSTILE_FRAGMENTS)
+                         | st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
+                         min_size=1, max_size=4).map("".join)
+
+
+@settings(max_examples=4, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(names=st.lists(HOSTILE_NAMES, min_size=6, max_size=6))
+@example(names=[HOSTILE[1], HOSTILE[0], "</title><!--", "a\x00b\r\nc\x85", "<svg onload=window.pwned=3>",
+                "&lt;b&gt;"])
+@pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
+def test_sampled_hostile_names_render_as_text(driver, tmp_path_factory, names):
+    """A sample of generated names (markup, comments, references, controls and arbitrary Unicode,
+    mixed) as model name, corpus, command and tokens: in the browser the page runs nothing, loads
+    nothing, adds no element, and its text holds every string (controls as their visible forms,
+    line ends as the HTML parser normalises them)."""
+    model, corpus, command, *tokens = names
+    profile = make_profile(model, n_layers=3, corpus=corpus, command=command, token_strings=tokens,
+                           adapter_plan=True, finetune=True)
+    path = render_report([profile], tmp_path_factory.mktemp("sampled") / "page.html", command=command)
+    console, urls = _open(driver, path)
+    assert driver.execute_script("return typeof window.pwned") == "undefined"
+    assert not [e for e in console if e.get("level") == "SEVERE"], console
+    assert all(u == path.resolve().as_uri() or u.startswith("data:") for u in urls), urls
+    assert driver.execute_script(
+        "return document.querySelectorAll('script, iframe, img, [onerror], [onload]').length") == 0
+    text = driver.execute_script("return document.body.textContent")
+    for s in names:
+        shown = visible_text(s).replace("\r\n", "\n").replace("\r", "\n")
+        assert shown in text, s

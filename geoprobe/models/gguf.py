@@ -15,8 +15,10 @@ import contextlib
 import hashlib
 import importlib.util
 import logging
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -137,16 +139,111 @@ def require(*modules: str) -> None:
 
 
 def check_magic(path: Path) -> None:
-    """Refuse a file that does not start with the GGUF magic bytes."""
+    """Refuse a file that does not start with the GGUF magic bytes, or whose header is damaged
+    (:func:`check_header`)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
+            if head == b"GGUF":
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    check_header(data, path)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
     if head != b"GGUF":
         raise ModelLoadError(
             f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); the file is "
             "corrupt or not a model")
+
+
+# GGUF value types (the GGUF specification, ggml/docs/gguf.md): scalar sizes, string, array
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_NESTING = 8
+
+
+def check_header(data: Any, path: Path) -> None:
+    """Walk the header of the GGUF bytes ``data`` (version 2 or 3): every metadata key and value and
+    every tensor entry, refusing a length, count, value type or tensor extent that the file cannot
+    hold. The gguf library's reader trusts these fields and reads array items one by one, so a
+    damaged count (2⁴⁰ items) keeps it busy for hours instead of failing; this walk is bounded by the
+    file's size (a count is checked against the bytes left before any item is read)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    size = len(data)
+
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{path} is not a readable GGUF file: {what} (at byte {pos:,} of {size:,}); "
+                              "it is truncated or corrupt. Download or reinstall it.")
+
+    def take(fmt: str) -> int:
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise bad("the header ends early")
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += n
+        return value
+
+    def skip(n: int, what: str) -> None:
+        nonlocal pos
+        if n > size - pos:
+            raise bad(f"{what} of {n:,} bytes runs past the end of the file")
+        pos += n
+
+    def value(vtype: int, depth: int = 0) -> None:
+        if vtype in _SCALAR_BYTES:
+            skip(_SCALAR_BYTES[vtype], "a value")
+        elif vtype == _STRING:
+            skip(take("<Q"), "a string")
+        elif vtype == _ARRAY and depth < _MAX_NESTING:
+            itype, count = take("<I"), take("<Q")
+            if itype in _SCALAR_BYTES:
+                skip(count * _SCALAR_BYTES[itype], f"an array of {count:,} values")
+                return
+            if count > (size - pos) // 8:  # every string or array item takes at least 8 bytes
+                raise bad(f"an array of {count:,} items does not fit in the file")
+            for _ in range(count):
+                value(itype, depth + 1)
+        else:
+            raise bad(f"unknown metadata value type {vtype}")
+
+    pos = 4
+    version = take("<I")
+    if version not in (2, 3):
+        raise bad(f"GGUF version {version} (geoprobe reads versions 2 and 3)")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    if n_kv > (size - pos) // 13 or n_tensors > (size - pos) // 24:  # smallest entry sizes
+        raise bad(f"{n_kv:,} metadata entries and {n_tensors:,} tensors do not fit in the file")
+    alignment = 32
+    for _ in range(n_kv):
+        key_len = take("<Q")
+        start = pos
+        skip(key_len, "a metadata key")
+        vtype = take("<I")
+        if bytes(data[start:pos - 4]) == b"general.alignment" and vtype == _UINT32:
+            alignment = take("<I")
+            if alignment == 0 or alignment & (alignment - 1):
+                raise bad(f"general.alignment {alignment} is not a power of two")
+        else:
+            value(vtype)
+    extents = []
+    for _ in range(n_tensors):
+        skip(take("<Q"), "a tensor name")
+        n_dims = take("<I")
+        if n_dims > 8:
+            raise bad(f"a tensor with {n_dims:,} dimensions")
+        n_elems = 1
+        for _ in range(n_dims):
+            n_elems *= take("<Q")
+        ttype, offset = take("<I"), take("<Q")
+        if ttype not in {int(t) for t in GGML_QUANT_SIZES}:
+            raise bad(f"unknown tensor type {ttype}")
+        block, type_size = GGML_QUANT_SIZES[ttype]
+        extents.append((offset, n_elems * type_size // block))
+    start = -(-pos // alignment) * alignment
+    for offset, n_bytes in extents:
+        if start + offset + n_bytes > size:
+            raise bad(f"a tensor of {n_bytes:,} bytes at offset {start + offset:,} runs past the end of the file")
 
 
 def _gguf_error(path: Path, exc: BaseException) -> ModelLoadError:
