@@ -559,7 +559,10 @@ def test_fuzz_gguf_readers(tmp_path, monkeypatch):
     write_tiny_gguf(seed_path)
     seed = seed_path.read_bytes()
     spots, data_start = gguf_fields(seed_path)
-    load_embeddings(seed_path)  # the seed reads, and the cache's hash index exists
+    load_embeddings(seed_path)  # the seed reads
+    from geoprobe.models.gguf import file_sha256
+
+    file_sha256(seed_path)  # and the cache's hash index exists
     index = tmp_path / "cache" / "models" / "hashes.json"
     index_seed = index.read_bytes()
 
@@ -625,7 +628,7 @@ FOUND = [  # (reader, file name, content, GeoprobeError subclass, words of the m
     (_profile_reader, "p.json", b'{"schema": "geoprobe.profile", "seed": ' + b"9" * 5000 + b"}", "ProfileError",
      "more than 4,300 digits"),
     (_profile_reader, "p.json", b"[" * 100_000, "ProfileError", "nested too deeply"),
-    (_plan_reader, "plan.json", b'{"method": ["lora"]}', "PlanError", "unknown adapter method"),
+    (_plan_reader, "plan.json", b'{"method": ["lora"]}', "PlanError", "method must be a method name"),
     (_plan_reader, "plan.json", b'{"method": "lora", "target_modules": 5}', "PlanError", "list of module names"),
     (_plan_reader, "plan.json", b'{"method": "lora", "target_modules": "q_proj"}', "PlanError",
      "list of module names"),

@@ -248,12 +248,28 @@ def record_strategy(cls: type, overrides: dict[str, st.SearchStrategy] | None = 
     """``cls`` built from a strategy per field (``overrides`` by field name where a value is fixed)."""
     overrides = overrides or {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: overrides.get(f.name) or strategy_for(hints[f.name])
+    fields = {f.name: overrides[f.name] if f.name in overrides else strategy_for(hints[f.name])
               for f in dataclasses.fields(cls) if f.init}
-    return st.builds(cls, **fields)
+    built = st.builds(cls, **fields)
+    if callable(getattr(cls, "check", None)):  # records with cross-field rules: only consistent ones
+        built = built.filter(lambda rec: rec.check() is None)
+    return built
 
 
-PROFILES = record_strategy(GeometryProfile, {"schema_version": st.just(SCHEMA_VERSION)})
+def _numbered(layers: list) -> list:
+    """Layers numbered 0, 1, 2, … as a profile requires."""
+    return [dataclasses.replace(layer, layer=i) for i, layer in enumerate(layers)]
+
+
+def _profile_strategy() -> st.SearchStrategy:
+    from geoprobe.profile import LayerGeometry
+
+    return record_strategy(GeometryProfile, {
+        "schema_version": st.just(SCHEMA_VERSION),
+        "layers": st.lists(record_strategy(LayerGeometry), max_size=2).map(_numbered)})
+
+
+PROFILES = _profile_strategy()
 
 
 @SLOW
@@ -274,7 +290,19 @@ def _plans():
     from adapters import registry
     from adapters.plan import AdapterPlan
 
-    return record_strategy(AdapterPlan, {"method": st.sampled_from(registry.names())})
+    name = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8).filter(str.strip)
+    positive = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False)
+    nonneg = st.integers(min_value=0, max_value=4096)
+    return record_strategy(AdapterPlan, {
+        "method": st.sampled_from(registry.names()),
+        "r": st.integers(min_value=1, max_value=4096),
+        "alpha": positive,
+        "target_modules": st.lists(name, min_size=1, max_size=3).map(tuple),
+        "curvature": st.none() | positive,
+        "layer_ranks": st.none() | st.lists(nonneg, min_size=1, max_size=4),
+        "rank_ranges": st.none(),
+        "n_heads": st.none() | st.integers(min_value=1, max_value=64),
+    })
 
 
 @FAST
