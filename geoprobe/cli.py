@@ -536,8 +536,9 @@ def cmd_run(args, command: str) -> int:
 
 
 def _train_sets(paths: Sequence[str], limit: Optional[int]) -> tuple[list, dict[str, int], str]:
-    """The ``--data`` sets (each cut to ``limit``) concatenated in the order given, their sizes by path
-    and the name the comparison records."""
+    """The ``--data`` sets (each cut to ``limit``) concatenated in the order given, their sizes by
+    ``folder/file`` (not the whole path, which the comparison does not compare: it moves between
+    machines) and the name the comparison records."""
     from adapters.data import load_examples
 
     if len(set(paths)) != len(paths):
@@ -547,7 +548,10 @@ def _train_sets(paths: Sequence[str], limit: Optional[int]) -> tuple[list, dict[
     for path in paths:
         part = load_examples(path, limit=limit)
         examples.extend(part)
-        sizes[str(path)] = len(part)
+        key = f"{Path(path).parent.name}/{Path(path).name}"
+        if key in sizes:
+            raise GeoprobeError(f"--data {path}: another --data is also {key}; give the sets distinct folder/file names")
+        sizes[key] = len(part)
     return examples, sizes, " + ".join(str(p) for p in paths)
 
 

@@ -256,7 +256,7 @@ def test_several_training_sets_are_their_union_in_the_order_given(tmp_path):
 
     a, b = _gsm_file(tmp_path / "a" / "train.jsonl", 5), _gsm_file(tmp_path / "b" / "train.jsonl", 3)
     examples, sizes, name = _train_sets([str(b), str(a)], limit=4)
-    assert sizes == {str(b): 3, str(a): 4} and name == f"{b} + {a}"
+    assert sizes == {"b/train.jsonl": 3, "a/train.jsonl": 4} and name == f"{b} + {a}"
     assert [ex.prompt for ex in examples] == [f"b {i}+1?" for i in range(3)] + [f"a {i}+1?" for i in range(4)]
     with pytest.raises(Exception, match="given twice"):
         _train_sets([str(a), str(a)], limit=None)

@@ -658,10 +658,10 @@ def format_table(summary: dict[str, Any]) -> str:
     auto = summary.get("auto")
     if auto:
         why = auto.get("heads_reason") or "no reason recorded"
-        heads = (f" with {auto['n_heads']} HydraLoRA heads ({why})" if "hydralora" in auto["chosen"]
-                 else f"; no HydraLoRA heads (the clustering of the training prompts: {why})"
+        heads = (f" HydraLoRA heads: {auto['n_heads']} ({why})." if "hydralora" in auto["chosen"]
+                 else f" No HydraLoRA heads (the clustering of the training prompts: {why})."
                  if auto.get("heads_reason") else "")
-        lines.append(f"auto chose {auto['chosen']}: {auto.get('reason', '')}{heads}")
+        lines.append(f"auto chose {auto['chosen']}: {auto.get('reason', '')}.{heads}")
     for method, agg in (summary.get("after") or {}).get("by_method", {}).items():
         n_runs, n_layers = len(agg["runs"]), len(agg["layers"])
         moved = {k: sum(row[k]["moved"] for row in agg["layers"]) for k in ("twonn", "delta")}
