@@ -48,6 +48,8 @@ __all__ = [
     "OPTION_FLAGS",
     "default_targets",
     "linear_module_names",
+    "unload",
+    "head_parameter_count",
 ]
 
 METHODS = registry.names()
@@ -403,3 +405,30 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
     log.info("built %s adapters on %d target names (%s): %d trainable parameters", method.name,
              len(settings.targets), ", ".join(settings.targets), n_train)
     return peft_model
+
+
+def unload(peft_model: Any) -> Any:
+    """Remove the adapters of ``peft_model`` (built by :func:`build`) and return the base model as it was
+    before: PEFT's ``unload()`` leaves the trained copy of every ``modules_to_save`` module (a sequence
+    classifier's head) in place of the original, so the next adapter built on the same base model would
+    start from a trained head; here the original module, which training never touched, is put back."""
+    from peft.utils import ModulesToSaveWrapper
+
+    originals = [(name, module.original_module) for name, module in peft_model.get_base_model().named_modules()
+                 if isinstance(module, ModulesToSaveWrapper)]
+    base = peft_model.unload()
+    for name, original in originals:
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, original)
+    return base
+
+
+def head_parameter_count(model: Any) -> int:
+    """Parameters of the task head that :func:`build` trains in full beside the adapters (PEFT
+    ``modules_to_save``: a sequence classifier's head, e.g. BERT's ``classifier``, d·C + C for C classes
+    on hidden size d); 0 for a causal LM or a bare model. ``model`` is the base model or the PeftModel built
+    on it (whose head holds the original and its trained copy: one of them is counted)."""
+    _, head = _task(model)
+    base = base_of(model)
+    modules = [getattr(base, name) for name in head or ()]
+    return sum(p.numel() for m in modules for p in getattr(m, "original_module", m).parameters())

@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/summary.json and OUT/report.html. A rerun skips finished runs and resumes "
                                    "an interrupted one.")
     _add_model_args(c)
-    c.add_argument("--data", help="training data (required)")
+    c.add_argument("--data", action="append", default=[], metavar="TRAIN",
+                   help="training data (required); repeat to train on the union of several sets, visited in "
+                        "each seed's own fixed order")
     c.add_argument("--eval", action="append", default=[], metavar="TEST",
                    help="test data with gold answers (repeatable)")
     c.add_argument("--methods", default="none,lora,dora,gelora",
@@ -156,10 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                         + " ('--methods list' describes each)")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per method (default 3)")
     c.add_argument("--plan-seed", type=int, default=0, help="seed of the quick probe that plans auto and GeLoRA")
+    _add_head_arg(c)
     _add_train_args(c, seed=False)
     c.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N examples of each set")
     _add_eval_args(c)
     c.add_argument("--out", help="output folder, required (rerun with the same folder to resume)")
+    c.add_argument("--probe-after", action="store_true",
+                   help="then probe every fine-tuned model beside the base model on the training prompts and "
+                        "report how each adapter moved per-prompt δ_rel and the per-layer intrinsic dimension "
+                        "(OUT/after.json; finished probes are kept)")
 
     n = sub.add_parser("native", help="build the adapter layers' C++ nodes now (otherwise built at first use)")
     n.add_argument("--cpu", action="store_true",
@@ -229,7 +236,7 @@ def _add_train_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--balance", type=float, default=0.0,
                    help="weight of HydraLoRA's load-balancing loss (0 = off)")
     p.add_argument("--no-pack", action="store_true", help="one example per sequence (padded)")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N examples")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N examples (of each --data set)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, *batch_flags: str) -> None:
@@ -617,6 +624,26 @@ def cmd_run(args, command: str) -> int:
     return 0
 
 
+def _train_sets(paths: Sequence[str], limit: Optional[int]) -> tuple[list, dict[str, int], str]:
+    """The ``--data`` sets (each cut to ``limit``) concatenated in the order given, their sizes by
+    ``folder/file`` (not the whole path, which the comparison does not compare: it moves between
+    machines) and the name the comparison records."""
+    from adapters.data import load_examples
+
+    if len(set(paths)) != len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise GeoprobeError(f"--data {twice} is given twice; give each training set once")
+    examples, sizes = [], {}
+    for path in paths:
+        part = load_examples(path, limit=limit)
+        examples.extend(part)
+        key = f"{Path(path).parent.name}/{Path(path).name}"
+        if key in sizes:
+            raise GeoprobeError(f"--data {path}: another --data is also {key}; give the sets distinct folder/file names")
+        sizes[key] = len(part)
+    return examples, sizes, " + ".join(display_path(p) for p in paths)
+
+
 def _eval_sets(paths: Sequence[str], limit: Optional[int]) -> list:
     """The ``--eval`` sets, each named by its task (or file stem), made unique with the folder name."""
     from adapters.data import load_examples
@@ -647,9 +674,9 @@ def _print_methods() -> None:
 
 
 def cmd_compare(args, command: str) -> int:
-    """Check every flag and data file, load the model, and run :func:`geoprobe.compare.compare`."""
+    """Check every flag and data file, load the model for the data (an encoder on GLUE data gets a
+    classification head), and run :func:`geoprobe.compare.compare`."""
     from adapters.build import check_options
-    from adapters.data import load_examples
 
     from .compare import check_eval_sets, compare, parse_methods
     from .errors import ComparisonError
@@ -676,15 +703,16 @@ def cmd_compare(args, command: str) -> int:
     _targets(args)
     _resolve_device(args.device)
     check_writable(Path(args.out), what="--out", folder=True)
-    examples = load_examples(args.data, limit=args.limit)
+    examples, sizes, data_name = _train_sets(args.data, args.limit)
     evals = _eval_sets(args.eval, args.eval_limit)
     check_eval_sets(evals)
-    lm = _load_lm(args)
+    lm = _load_for_data(args, examples, "a comparison")
     done = compare(lm, examples, evals, out=args.out, arms=arms, seeds=args.seeds, train_settings=settings,
                    r=args.r, alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout,
                    n_heads=args.n_heads, curvature=args.curvature, eval_batch_size=args.eval_batch_size,
-                   max_new_tokens=args.max_new_tokens, plan_seed=args.plan_seed, data_name=display_path(args.data),
-                   progress=not args.quiet, device=args.device, command=command,
+                   max_new_tokens=args.max_new_tokens, plan_seed=args.plan_seed, data_name=data_name,
+                   train_sets=sizes, head=args.head, probe_after=args.probe_after, progress=not args.quiet,
+                   device=args.device, command=command,
                    echo=lambda line: print(line, flush=True))
     print(done.table)
     print(f"summary written to {done.summary_path}")

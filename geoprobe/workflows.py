@@ -45,7 +45,7 @@ from .records import Record, display_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "plan_for_training", "plan_from_file", "check_plan_file", "resolve_adapter", "needs_plan",
+__all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "quick_probe_settings", "planning_texts", "plan_for_training", "plan_from_file", "check_plan_file", "resolve_adapter", "needs_plan",
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
            "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
            "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
@@ -234,7 +234,7 @@ def plan_for_training(lm: Any, examples: Sequence[Any], *, method: str = "auto",
     from .hidden import prompt_embeddings
     from .pipeline import probe
 
-    prompts = [_planning_text(ex, encoder=bool(lm.info.is_encoder)) for ex in examples]
+    prompts = planning_texts(lm, examples)
     if not prompts:
         raise DataFormatError("no training examples to plan from")
     if profile is None:
@@ -255,6 +255,12 @@ def plan_for_training(lm: Any, examples: Sequence[Any], *, method: str = "auto",
                          target_modules=tuple(targets), params_per_rank=costs, seed=seed)
     log.info("adapter plan: %s (%s)", plan.method, plan.reasons.get("method", ""))
     return plan, profile
+
+
+def planning_texts(lm: Any, examples: Sequence[Any]) -> list[str]:
+    """The texts a planning probe of ``lm`` reads, one per example (:func:`_planning_text`); the
+    before-and-after probe of a comparison reads the same."""
+    return [_planning_text(ex, encoder=bool(lm.info.is_encoder)) for ex in examples]
 
 
 def _planning_text(ex: Any, *, encoder: bool) -> str:

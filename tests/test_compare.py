@@ -199,3 +199,77 @@ def test_cli_lists_methods(capsys):
     assert main(["compare", "--methods", "list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in choices()) and "use_dora" in listed
+
+
+# --------------------------------------------------------------------------- the task's metric
+def _scored(method, seed, mcc, acc):
+    rec = _run(method, seed, {})
+    rec["eval"] = {"cola": {"metric": "mcc", "score": mcc, "accuracy": acc, "metrics": {"mcc": mcc, "accuracy": acc}}}
+    return rec
+
+
+def test_summary_table_and_report_use_the_sets_metric():
+    rng = np.random.default_rng(5)
+    lora_mcc, lora_acc = rng.uniform(0.1, 0.3, 3), rng.uniform(0.6, 0.7, 3)
+    gel_mcc, gel_acc = lora_mcc + rng.normal(0.05, 0.02, 3), rng.uniform(0.6, 0.7, 3)
+    runs = {f"lora-seed{k}": _scored("lora", k, lora_mcc[k], lora_acc[k]) for k in range(3)}
+    runs.update({f"gelora-seed{k}": _scored("gelora", k, gel_mcc[k], gel_acc[k]) for k in range(3)})
+    s = summarize(runs, ["lora", "gelora"], 3, settings={"evals": {"cola": {}}, "r": 8})
+    assert s["metrics"]["cola"] == {"name": "mcc", "label": "MCC", "percent": False}
+    cell = s["table"]["cola"]["gelora"]
+    assert cell["mean"] == pytest.approx(gel_mcc.mean()) and cell["accuracy"]["mean"] == pytest.approx(gel_acc.mean())
+    ci = sps.ttest_rel(gel_mcc, lora_mcc).confidence_interval(0.95)
+    assert (cell["difference"]["low"], cell["difference"]["high"]) == pytest.approx((ci.low, ci.high))
+    from geoprobe.compare import format_table
+
+    text = format_table(s)
+    assert "MCC" in text and "accuracy %" not in text and f"{gel_mcc.mean():.3f}" in text
+    assert f"{(gel_mcc - lora_mcc).mean():+.3f}" in text
+    page = render_comparison_html(s)
+    assert "MCC vs LoRA (same seed)</th>" in page and ">accuracy</th>" in page
+
+
+def test_separation_floor_speaks_the_metric():
+    chance = separation({"lora": 0.01, "gelora": 0.02}, {}, metric="mcc")
+    assert not chance["separates"] and "mean MCC is below 0.05 (highest 0.020; chance scores 0)" in chance["reason"]
+    f1 = separation({"lora": 0.01, "gelora": 0.02}, {}, metric="f1")
+    assert "mean F1 is below 5 % (highest 2.0 %)" in f1["reason"]
+
+
+def test_records_without_a_metric_count_accuracy():
+    runs = {f"lora-seed{k}": _run("lora", k, {"gsm8k": 0.2 + k / 10}) for k in range(2)}
+    s = summarize(runs, ["lora"], 2, settings={"evals": {"gsm8k": {}}})
+    assert s["metrics"]["gsm8k"]["name"] == "accuracy" and s["table"]["gsm8k"]["lora"]["mean"] == pytest.approx(0.25)
+    assert "accuracy" not in s["table"]["gsm8k"]["lora"]  # no second column beside accuracy itself
+
+
+# --------------------------------------------------------------------------- several training sets, heads
+def _gsm_file(path, n):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"question": f"{path.parent.name} {i}+1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def test_several_training_sets_are_their_union_in_the_order_given(tmp_path):
+    from geoprobe.cli import _train_sets
+
+    a, b = _gsm_file(tmp_path / "a" / "train.jsonl", 5), _gsm_file(tmp_path / "b" / "train.jsonl", 3)
+    examples, sizes, name = _train_sets([str(b), str(a)], limit=4)
+    assert sizes == {"b/train.jsonl": 3, "a/train.jsonl": 4} and name == f"{b} + {a}"
+    assert [ex.prompt for ex in examples] == [f"b {i}+1?" for i in range(3)] + [f"a {i}+1?" for i in range(4)]
+    with pytest.raises(Exception, match="given twice"):
+        _train_sets([str(a), str(a)], limit=None)
+
+
+def test_cli_refusals_of_heads_and_training_sets_before_loading(tmp_path, capsys):
+    gsm = _gsm_file(tmp_path / "gsm8k" / "train.jsonl", 3)
+    out = tmp_path / "cmp"
+    base = ["compare", str(tmp_path / "no-such-model"), "--eval", str(gsm), "--out", str(out)]
+    for extra, message in (
+            (["--data", str(gsm), "--head", "classification"], "needs generation: its answers are written out"),
+            (["--data", str(gsm), "--data", str(gsm)], f"--data {gsm} is given twice")):
+        rc = main(base + extra)
+        err = capsys.readouterr().err
+        assert rc != 0 and message in err and err.count("\n") == 1 and "Traceback" not in err
+        assert not out.exists()

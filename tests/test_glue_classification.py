@@ -303,3 +303,56 @@ def test_cli_refuses_bad_input_before_loading_or_training(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- unloading and comparisons
+def test_unload_puts_the_untrained_head_back(tmp_path, tokenizer):
+    """PEFT's unload() leaves the trained head copy in the model; adapters.build.unload restores the original,
+    so a second adapter trains from the same head as the first."""
+    from adapters.build import head_parameter_count, unload
+
+    model = tiny_classifier(seed=0)
+    original = model.classifier
+    head0 = original.weight.detach().clone()
+    assert head_parameter_count(model) == 32 * 2 + 2
+    settings = TrainSettings(lr=1e-2, max_steps=3, batch_size=8, max_length=32, warmup_ratio=0.0, seed=0)
+    run = finetune(model, tokenizer, sst2_examples(16), "lora", out=tmp_path / "a", settings=settings,
+                   progress=False, r=4)
+    n_trainable, _ = run.model.get_nb_trainable_parameters()
+    lora_only = sum(p.numel() for n, p in run.model.named_parameters() if "lora_" in n)
+    assert n_trainable - lora_only == head_parameter_count(model)  # the rest of PEFT's count is the head
+    trained = run.model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    assert not torch.equal(trained, head0)
+    base = unload(run.model)
+    assert base is model and model.classifier is original and torch.equal(model.classifier.weight, head0)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+    # the contrast: PEFT's own unload keeps the trained copy
+    again = adapters.build(model, "lora", r=4)
+    with torch.no_grad():
+        again.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    again.unload()
+    assert not torch.equal(model.classifier.weight, head0)
+
+
+def test_comparison_protocol_and_its_refusals(tokenizer):
+    from geoprobe.compare import EvalSet, check_protocol
+
+    lm = _loaded(tiny_classifier(), tokenizer)
+    train, test = sst2_examples(8), sst2_examples(4, seed=1)
+    assert check_protocol(lm, train, [EvalSet("sst2", "test.tsv", test)]) == "classification"
+    gsm = [Example(prompt="2+2?", answer="The answer is 4.", label="4", task="gsm8k")]
+    with pytest.raises(AdapterError, match="--eval gsm.jsonl: gsm8k needs generation.*encoder.*cannot generate"):
+        check_protocol(lm, train, [EvalSet("gsm8k", "gsm.jsonl", gsm)])
+    with pytest.raises(AdapterError, match="a comparison: gsm8k needs generation"):
+        check_protocol(lm, gsm, [EvalSet("sst2", "test.tsv", test)])
+    cola = [Example(prompt=t, answer="", label="acceptable", task="cola", choices=("unacceptable", "acceptable"),
+                    texts=(t,)) for t in ("it rains", "rains it the")]
+    with pytest.raises(DataFormatError, match="--eval dev.tsv has the labels unacceptable, acceptable but the "
+                                              "classification head is trained on negative, positive"):
+        check_protocol(lm, train, [EvalSet("cola", "dev.tsv", cola)])
+    causal = finish(tiny_models.tiny_llama(), tiny_models.bpe_tokenizer(), name="tiny-llama", source="folder",
+                    device="cpu", dtype=None, causal=True)
+    assert check_protocol(causal, train, [EvalSet("gsm8k", "gsm.jsonl", gsm)]) == "generation"
+    with pytest.raises(AdapterError, match="classification heads are trained on encoders"):
+        check_protocol(causal, train, [EvalSet("sst2", "test.tsv", test)], head="classification")

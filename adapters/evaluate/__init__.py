@@ -35,11 +35,11 @@ from .extract import (COMMONSENSE_LABELS, DEFAULT_NEW_TOKENS, LETTER_TASKS, NUMB
 from .generate import auto_batch_size, generate_answers, kv_cache_bytes_per_token
 from .result import EvalResult, SetsResult
 from .classify import PROTOCOL_CLASSIFICATION, PROTOCOL_GENERATION, classify
-from .metrics import accuracy, f1_binary, matthews_corrcoef, task_metrics
+from .metrics import accuracy, f1_binary, headline_metric, matthews_corrcoef, task_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "SetsResult", "evaluate", "evaluate_sets", "check_examples", "classify", "task_metrics",
+__all__ = ["EvalResult", "SetsResult", "evaluate", "evaluate_sets", "check_examples", "classify", "task_metrics", "headline_metric",
            "PROTOCOL_GENERATION", "PROTOCOL_CLASSIFICATION", "generate_answers",
            "auto_batch_size", "kv_cache_bytes_per_token", "response_text", "extract_number", "extract_choice",
            "extract_label", "extract_commonsense", "extract_prediction", "task_family", "is_correct",

@@ -16,7 +16,8 @@ import numpy as np
 
 from geoprobe.errors import DataFormatError
 
-__all__ = ["accuracy", "f1_binary", "matthews_corrcoef", "task_metrics", "POSITIVE_CLASS"]
+__all__ = ["accuracy", "f1_binary", "matthews_corrcoef", "task_metrics", "headline_metric", "HEADLINE_METRICS",
+           "POSITIVE_CLASS"]
 
 POSITIVE_CLASS = 1
 """GLUE's positive class id for F1 (MRPC: ``equivalent``, the second label word)."""
@@ -59,6 +60,17 @@ def task_metrics(task: str, y_true: Sequence[int], y_pred: Sequence[int]) -> dic
     if task == "cola":
         out["mcc"] = matthews_corrcoef(y_true, y_pred)
     return out
+
+
+HEADLINE_METRICS = {"mrpc": "f1", "cola": "mcc"}
+"""The one metric a table reports per GLUE task where it is not accuracy (GLUE, Wang et al. 2019):
+F1 of the ``equivalent`` class for MRPC, Matthews' correlation for CoLA."""
+
+
+def headline_metric(task: str) -> str:
+    """The key of :func:`task_metrics` a results table reports for ``task``: ``f1`` for MRPC, ``mcc``
+    for CoLA, ``accuracy`` for every other task."""
+    return HEADLINE_METRICS.get(task, "accuracy")
 
 
 def _pair(y_true: Sequence[Any], y_pred: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ from geoprobe.profile import FinetuneResult
 from geoprobe.records import write_json
 
 from .. import registry
-from ..build import build
+from ..build import build, unload
 from ..io import adapter_spec, save
 from ..data import Example, collate, collate_classification
 from ..plan import AdapterPlan
@@ -379,7 +379,7 @@ class Trainer:
         """Remove the adapters again, so that the caller's model is as it came in (the newest
         checkpoint keeps the progress)."""
         if self.peft_model is not None:
-            self.peft_model.unload()
+            unload(self.peft_model)  # a classifier's head as it came in, too
         self.model.train(self.was_training)
 
 

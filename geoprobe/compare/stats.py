@@ -14,7 +14,12 @@ Verdict: "better than LoRA" when the interval lies above 0, "worse than LoRA" wh
 
 Separation rule for an evaluation set: it cannot separate the methods when every arm's mean accuracy is
 below :data:`FLOOR` (5 %: a handful of questions decide such numbers, and a small model's few correct
-answers are mostly luck), or when no arm's interval against LoRA excludes 0.
+answers are mostly luck), or when no arm's interval against LoRA excludes 0. The same floor applies to
+the set's headline metric where that is not accuracy (:data:`METRICS`): F1 below 5 % (the positive class
+hardly ever predicted), Matthews' correlation below 0.05 (no better than chance, which scores 0).
+
+Metrics (:data:`METRICS`): accuracy and F1 are fractions shown in percent, their differences in
+percentage points; Matthews' correlation (in [−1, 1]) is shown as it is, its differences likewise.
 """
 from __future__ import annotations
 
@@ -23,13 +28,34 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["LEVEL", "FLOOR", "BETTER", "WORSE", "NOISE", "NO_INTERVAL", "mean_std", "paired_difference",
-           "verdict", "separation"]
+__all__ = ["LEVEL", "FLOOR", "BETTER", "WORSE", "NOISE", "NO_INTERVAL", "METRICS", "mean_std",
+           "paired_difference", "verdict", "separation", "metric_info", "metric_text"]
 
 LEVEL = 0.95
 FLOOR = 0.05
 BETTER, WORSE, NOISE, NO_INTERVAL = ("better than LoRA", "worse than LoRA", "within seed noise",
                                      "no interval (fewer than 2 paired seeds)")
+
+
+METRICS: dict[str, dict[str, Any]] = {
+    "accuracy": {"name": "accuracy", "label": "accuracy", "percent": True},
+    "f1": {"name": "f1", "label": "F1", "percent": True},
+    "mcc": {"name": "mcc", "label": "MCC", "percent": False},
+}
+"""How each headline metric is named and shown: ``percent`` metrics (fractions) in %, differences in pp."""
+
+
+def metric_info(metric: str) -> dict[str, Any]:
+    """``{"name", "label", "percent"}`` of ``metric`` (:data:`METRICS`; an unknown name is shown as it is)."""
+    return dict(METRICS.get(metric, {"name": metric, "label": metric, "percent": False}))
+
+
+def metric_text(value: Optional[float], metric: str) -> str:
+    """``value`` as the table shows it: ``61.2 %`` for a percent metric, ``0.412`` otherwise."""
+    if value is None:
+        return "—"
+    info = metric_info(metric)
+    return f"{info['label']} {100 * value:.1f} %" if info["percent"] else f"{info['label']} {value:.3f}"
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -74,12 +100,18 @@ def verdict(low: Optional[float], high: Optional[float]) -> str:
 
 
 def separation(means: dict[str, Optional[float]], differences: dict[str, dict[str, Any]],
-               floor: float = FLOOR) -> dict[str, Any]:
-    """Whether an evaluation set separates the methods (module docstring): ``{"separates", "reason"}``."""
+               floor: float = FLOOR, metric: str = "accuracy") -> dict[str, Any]:
+    """Whether an evaluation set separates the methods (module docstring): ``{"separates", "reason"}``;
+    ``means`` and ``differences`` are in ``metric``."""
     known = {k: v for k, v in means.items() if v is not None}
     if known and all(v < floor for v in known.values()):
-        return {"separates": False, "reason": f"every method's mean accuracy is below {100 * floor:g} % "
-                                              f"(highest {100 * max(known.values()):.1f} %): too low to separate methods"}
+        info, top = metric_info(metric), max(known.values())
+        if info["percent"]:
+            where = f"below {100 * floor:g} % (highest {100 * top:.1f} %)"
+        else:
+            where = f"below {floor:g} (highest {top:.3f}; chance scores 0)"
+        return {"separates": False, "reason": f"every method's mean {info['label']} is {where}: too low to "
+                                              "separate methods"}
     decided = [k for k, d in differences.items() if d.get("verdict") in (BETTER, WORSE)]
     if not decided:
         with_interval = [k for k, d in differences.items() if d.get("low") is not None]

@@ -16,9 +16,31 @@ Layout of OUT:
 * ``work/<run>/``: the fine-tune folder of a run in progress, with its checkpoints; an interrupted run
   resumes from its newest checkpoint. Removed once the run's JSON is written.
 * ``adapters/<run>/``: the trained adapter of every run (for probing the fine-tuned models later).
-* ``predictions/<run>.json``: every generated answer, per evaluation set.
+* ``predictions/<run>.json``: every generated answer (a classifier's predicted class and logits), per
+  evaluation set.
 * ``summary.json`` and ``report.html``: the table, the paired differences and the costs (:mod:`.stats`,
   :mod:`geoprobe.report.comparison`).
+* ``probes/`` and ``after.json`` (``probe_after``): every fine-tuned model probed beside the base model and
+  how each adapter moved per-prompt δ_rel and the per-layer intrinsic dimension (:mod:`.after`); the
+  summary and the report include them.
+
+Two protocols (:func:`geoprobe.workflows.check_head`): a causal LM generates its answers; an encoder on
+GLUE-style data is loaded with a sequence-classification head (:func:`geoprobe.workflows.load_for_data`)
+and answers by the argmax of the head's logits (PEFT ``SEQ_CLS``). The head is trained in full in every
+arm, beside the adapters; it has the same d·C + C parameters in each (hidden size d, C classes), starts
+from the same seeded initialisation in every run (:func:`adapters.build.unload` puts the untrained head
+back after each run) and is not counted in the budget, which compares the adapters alone: a run's
+``adapter_parameters`` = ``trainable_parameters`` − ``head_parameters``, and ``budget_ratio`` is
+``adapter_parameters`` over the LoRA budget.
+
+Each evaluation set is scored by its task's headline metric (:func:`adapters.evaluate.headline_metric`):
+accuracy, F1 of the positive class for MRPC, Matthews' correlation for CoLA; the table, the paired
+differences and the verdicts are in that metric (:data:`.stats.METRICS` names and scales it).
+
+Several training sets (``train_sets``, the CLI's repeated ``--data``) are trained on as their union: the
+examples concatenated in the order given, then visited in the trainer's per-seed permutation
+(:mod:`adapters.train.order`), so every seed interleaves the sets in its own fixed order and every arm
+sees the same order for the same seed.
 """
 from __future__ import annotations
 
@@ -38,6 +60,7 @@ from .. import runtime
 from ..errors import ComparisonError, DataFormatError
 from ..records import read_json, replace_folder, write_json
 from . import stats
+from .after import AFTER_FILE, PROBES
 from .arms import NONE, TOLERANCE, Arm, Budget, match_budget, target_modules_of
 
 log = logging.getLogger(__name__)
@@ -106,6 +129,35 @@ def check_eval_sets(evals: Sequence[EvalSet]) -> None:
                     from None
 
 
+def check_protocol(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, head: str = "auto") -> str:
+    """The protocol of the comparison (``generation`` or ``classification``,
+    :func:`geoprobe.workflows.check_head`) after checking that ``lm`` can be trained on ``train`` and
+    evaluated on every set of ``evals`` that way: a classification head learns one label set, so every
+    evaluation set must have the training data's labels.
+
+    Raises:
+        AdapterError: an encoder asked to generate (training or evaluation data that needs generation,
+            or ``head="generation"``); a causal LM asked for a classification head; an encoder loaded
+            without a head.
+        DataFormatError: ``head="classification"`` on data that needs generation; an evaluation set
+            whose labels differ from the training data's.
+    """
+    from ..workflows import check_head, classification_labels
+
+    protocol = check_head(lm, train, head=head, what="a comparison")
+    for ev in evals:
+        check_head(lm, ev.examples, head=protocol, what=f"--eval {ev.path}")
+    if protocol == "classification":
+        labels = classification_labels(train)
+        for ev in evals:
+            other = classification_labels(ev.examples)
+            if other != labels:
+                raise DataFormatError(f"--eval {ev.path} has the labels {', '.join(other or ())} but the "
+                                      f"classification head is trained on {', '.join(labels or ())} (--data); "
+                                      "evaluate a classifier on the task it is trained for")
+    return protocol
+
+
 def _digest(examples: Sequence[Any]) -> str:
     h = hashlib.sha256()
     for ex in examples:
@@ -143,11 +195,13 @@ def _check_out(out: Path, settings: dict[str, Any]) -> None:
 
 def _settings(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], train_settings: Any, *, r: int,
               alpha: float, targets: Sequence[str], dropout: float, n_heads: Optional[int],
-              curvature: Optional[float], max_new_tokens: Optional[int], plan_seed: int, data_name: str) -> dict:
+              curvature: Optional[float], max_new_tokens: Optional[int], plan_seed: int, data_name: str,
+              train_sets: Optional[dict[str, int]] = None) -> dict:
     from adapters.io import base_fingerprint
     from adapters.train.settings import NOT_COMPARED
 
     ts = {k: v for k, v in train_settings.to_dict().items() if k not in NOT_COMPARED and k != "seed"}
+    union = {"train_sets": dict(train_sets)} if train_sets and len(train_sets) > 1 else {}
     return json.loads(json.dumps({
         "model": lm.name, "model_fingerprint": base_fingerprint(lm.model)["embedding_sha256"],
         "paths": {"data": data_name, "evals": {ev.name: ev.path for ev in evals}},
@@ -155,7 +209,7 @@ def _settings(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], train_set
         "evals": {ev.name: {"n": len(ev.examples), "sha256": _digest(ev.examples)} for ev in evals},
         "train": ts, "r": r, "alpha": alpha, "alpha_over_r": alpha / r, "target_modules": list(targets),
         "dropout": dropout, "n_heads": n_heads, "curvature": curvature, "max_new_tokens": max_new_tokens,
-        "plan_seed": plan_seed, "budget_tolerance": TOLERANCE,
+        "plan_seed": plan_seed, "budget_tolerance": TOLERANCE, **union,
     }, default=str))
 
 
@@ -202,15 +256,22 @@ def _peak_memory(device: Any) -> tuple[Optional[int], str]:
 
 
 def _evaluate(lm: Any, model: Any, evals: Sequence[EvalSet], *, batch_size: Optional[int],
-              max_new_tokens: Optional[int]) -> tuple[dict[str, Any], dict[str, Any]]:
+              max_new_tokens: Optional[int], max_length: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every set's scores (``metric``: its headline metric, ``score``: its value) and predictions."""
+    from adapters.evaluate import headline_metric
+
     from ..workflows import evaluate_model
 
     scores, predictions = {}, {}
     for ev in evals:
         res = evaluate_model(lm, ev.examples, model=model, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             what="a comparison")
+                             max_length=max_length, what="a comparison")
         correct = [bool(p["correct"]) for p in res.predictions]
-        scores[ev.name] = {"accuracy": float(res.accuracy), "n": res.n, "n_correct": sum(correct),
+        metric = headline_metric(res.task)
+        metric = metric if metric in res.metrics else "accuracy"
+        scores[ev.name] = {"metric": metric, "score": float(res.metrics.get(metric, res.accuracy)),
+                           "protocol": res.protocol, "accuracy": float(res.accuracy), "n": res.n,
+                           "n_correct": sum(correct),
                            "n_unreadable": res.n_unparsed, "seconds": round(res.seconds, 3),
                            "metrics": {k: float(v) for k, v in res.metrics.items()},
                            "correct": [int(c) for c in correct]}
@@ -259,6 +320,7 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
              options: dict[str, Any]) -> dict[str, Any]:
     """Train (unless ``none``) and evaluate one run, write its JSON; returns the record."""
     import torch
+    from adapters.build import unload
 
     name = run_name(arm, seed)
     device = next(lm.model.parameters()).device
@@ -266,7 +328,11 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     record: dict[str, Any] = {"schema": RUN_SCHEMA, "schema_version": SCHEMA_VERSION, "run": name,
-                              "method": arm.name, "seed": seed, "settings": settings}
+                              "method": arm.name, "seed": seed, "protocol": options["protocol"],
+                              "settings": settings}
+    evaluation = {"batch_size": options["eval_batch_size"], "max_new_tokens": settings["max_new_tokens"],
+                  "max_length": options["max_length"]}
+    head = options["head_parameters"]
     if arm.trains:
         trained = _train(lm, arm, seed, budget, plan, train, out / WORK / name, train_settings,
                          targets=settings["target_modules"], dropout=settings["dropout"],
@@ -275,14 +341,15 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
         try:
             res = trained.result
             peft_trainable, _ = trained.model.get_nb_trainable_parameters()
-            scores, predictions = _evaluate(lm, trained.model, evals, batch_size=options["eval_batch_size"],
-                                            max_new_tokens=settings["max_new_tokens"])
+            scores, predictions = _evaluate(lm, trained.model, evals, **evaluation)
         finally:
-            trained.model.unload()
+            unload(trained.model)  # the untrained head back in place for the next run
+        adapter = int(res.trainable_parameters) - head
         record.update(
             built_method=res.method, trainable_parameters=int(res.trainable_parameters),
-            peft_trainable_parameters=int(peft_trainable), lora_parameters=budget.lora_parameters,
-            budget_ratio=res.trainable_parameters / budget.lora_parameters, budget=budget.to_dict(),
+            peft_trainable_parameters=int(peft_trainable), head_parameters=head, adapter_parameters=adapter,
+            lora_parameters=budget.lora_parameters, budget_ratio=adapter / budget.lora_parameters,
+            budget=budget.to_dict(),
             plan=plan.to_dict() if plan is not None else None,
             train={**_loss_summary(res.loss_values), "loss_steps": res.loss_steps, "loss_values": res.loss_values},
             train_seconds=res.seconds, tokens_per_second=res.tokens_per_second,
@@ -292,11 +359,11 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
             record["auto"] = {"chosen": plan.method, "reason": plan.reasons.get("method", ""),
                               "n_heads": plan.n_heads, "heads_reason": plan.reasons.get("heads")}
     else:
-        record.update(built_method=None, trainable_parameters=0, peft_trainable_parameters=0, lora_parameters=None,
+        record.update(built_method=None, trainable_parameters=0, peft_trainable_parameters=0, head_parameters=0,
+                      adapter_parameters=0, lora_parameters=None,
                       budget_ratio=None, budget=None, plan=None, train=None, train_seconds=0.0,
                       tokens_per_second=None, resumed_from_step=None, adapter_dir=None)
-        scores, predictions = _evaluate(lm, lm.model, evals, batch_size=options["eval_batch_size"],
-                                        max_new_tokens=settings["max_new_tokens"])
+        scores, predictions = _evaluate(lm, lm.model, evals, **evaluation)
     peak, kind = _peak_memory(device)
     eval_seconds = sum(s["seconds"] for s in scores.values())
     record.update(eval=scores, eval_seconds=eval_seconds, wall_seconds=record["train_seconds"] + eval_seconds,
@@ -304,6 +371,7 @@ def _one_run(lm: Any, arm: Arm, seed: Optional[int], budget: Optional[Budget], p
                   device=str(device), device_name=_device_name(device), versions=runtime.versions(),
                   finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(out / PREDICTIONS / f"{name}.json", {"run": name, "predictions": predictions})
+    (out / PROBES / f"{name}.json").unlink(missing_ok=True)  # a profile of an earlier run of this name
     write_json(out / RUNS / f"{name}.json", record)
     _tidy(out, name)
     return record
@@ -349,23 +417,30 @@ def compare(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, out: str
             seeds: int, train_settings: Any, r: int = 32, alpha: Optional[float] = None,
             target_modules: Optional[Sequence[str]] = None, dropout: float = 0.05, n_heads: Optional[int] = None,
             curvature: Optional[float] = None, eval_batch_size: Optional[int] = None,
-            max_new_tokens: Optional[int] = None, plan_seed: int = 0, data_name: str = "", progress: bool = True, device: Optional[str] = None,
-            command: str = "", echo: Callable[[str], None] = print) -> ComparisonResult:
-    """Compare ``arms`` on ``lm`` (a loaded causal LM) fine-tuned on ``train`` with seeds 0 … ``seeds``−1
-    and evaluated on ``evals``, everything under ``out`` (module docstring). Every check — arms, seeds,
-    evaluation sets, the output folder, the budgets — comes before the first training step; finished
-    runs are skipped, an interrupted one resumes from its checkpoint. ``echo`` gets one line per run
-    started, finished or skipped.
+            max_new_tokens: Optional[int] = None, plan_seed: int = 0, data_name: str = "",
+            train_sets: Optional[dict[str, int]] = None, head: str = "auto", probe_after: bool = False,
+            progress: bool = True, device: Optional[str] = None, command: str = "",
+            echo: Callable[[str], None] = print) -> ComparisonResult:
+    """Compare ``arms`` on ``lm`` fine-tuned on ``train`` with seeds 0 … ``seeds``−1 and evaluated on
+    ``evals``, everything under ``out`` (module docstring). ``lm`` is a causal LM, which generates its
+    answers, or an encoder with a classification head for GLUE-style data (loaded by
+    :func:`geoprobe.workflows.load_for_data`; ``head`` as its ``--head``). ``train_sets`` (name → number of
+    examples, in the order ``train`` concatenates them) records a union of several training sets. Every
+    check — arms, seeds, the model against the data, evaluation sets, the output folder, the budgets —
+    comes before the first training step; finished runs are skipped, an interrupted one resumes from its
+    checkpoint. ``echo`` gets one line per run started, finished or skipped. ``probe_after`` then probes
+    every fine-tuned model beside the base model on the training prompts (:func:`.after.probe_after`, with
+    the planner's quick probe settings and ``plan_seed``).
 
     Raises:
         ComparisonError: no arms, ``seeds`` < 1, a budget that cannot be matched, an output folder with
             another comparison.
-        DataFormatError: an evaluation set without gold answers or of an unknown answer format.
-        AdapterError: a model that does not generate (an encoder).
+        DataFormatError: an evaluation set without gold answers, of an unknown answer format, or (for a
+            classifier) with other labels than the training data.
+        AdapterError: an encoder asked to generate, a causal LM asked for a classification head
+            (:func:`check_protocol`).
     """
-    from adapters.build import resolve_targets
-
-    from ..workflows import require_causal_lm
+    from adapters.build import head_parameter_count, resolve_targets
 
     started = time.perf_counter()
     out = Path(out)
@@ -376,13 +451,13 @@ def compare(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, out: str
     if train_settings.balance_coef > 0:
         raise ComparisonError("--balance applies to HydraLoRA only, and a comparison trains every method alike; "
                               "leave it at 0")
-    require_causal_lm(lm, "a comparison")
     check_eval_sets(evals)
+    protocol = check_protocol(lm, train, evals, head=head)
     alpha = float(alpha if alpha is not None else 2 * r)
     targets = resolve_targets(lm.model, target_modules)
     settings = _settings(lm, train, evals, train_settings, r=r, alpha=alpha, targets=targets, dropout=dropout,
                          n_heads=n_heads, curvature=curvature, max_new_tokens=max_new_tokens, plan_seed=plan_seed,
-                         data_name=data_name)
+                         data_name=data_name, train_sets=train_sets)
     _check_out(out, settings)
     modules = target_modules_of(lm.model, targets)
     budgets: dict[str, Budget] = {}
@@ -404,7 +479,8 @@ def compare(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, out: str
 
     todo = [(a, None) for a in arms if not a.trains] + [(a, k) for k in range(seeds) for a in arms if a.trains]
     trained, skipped = [], []
-    options = {"progress": progress, "eval_batch_size": eval_batch_size}
+    options = {"progress": progress, "eval_batch_size": eval_batch_size, "protocol": protocol,
+               "max_length": train_settings.max_length, "head_parameters": head_parameter_count(lm.model)}
     for i, (arm, seed) in enumerate(todo, 1):
         name = run_name(arm, seed)
         if _stored_run(out, name, settings) is not None:
@@ -416,17 +492,24 @@ def compare(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], *, out: str
         rec = _one_run(lm, arm, seed, budgets.get(arm.name), plans.get(arm.name), out, settings, train, evals,
                        train_settings, options=options)
         trained.append(name)
-        accs = ", ".join(f"{k} {100 * v['accuracy']:.1f} %" for k, v in rec["eval"].items())
+        accs = ", ".join(f"{k} {stats.metric_text(v['score'], v['metric'])}" for k, v in rec["eval"].items())
         echo(f"[{i}/{len(todo)}] {name}: finished in {rec['this_stretch_seconds']:.1f} s — {accs} "
              f"({len(todo) - i} remaining)")
-        _write_summary(out, arms, seeds, budgets, plans, settings, command, started)
-    summary = _write_summary(out, arms, seeds, budgets, plans, settings, command, started)
+        _write_summary(out, arms, seeds, budgets, plans, settings, command, started, options)
+    if probe_after:
+        from ..workflows import planning_texts, quick_probe_settings
+        from .after import probe_after as probe_fine_tuned
+
+        texts = planning_texts(lm, train)
+        probe_fine_tuned(lm, out, texts, settings=quick_probe_settings(len(texts), plan_seed), seed=plan_seed,
+                         progress=progress, device=device, command=command, echo=echo)
+    summary = _write_summary(out, arms, seeds, budgets, plans, settings, command, started, options)
     return ComparisonResult(out=out, summary_path=out / SUMMARY_FILE, report_path=out / REPORT_FILE,
                             trained=trained, skipped=skipped, summary=summary, table=format_table(summary))
 
 
 def _write_summary(out: Path, arms: Sequence[Arm], seeds: int, budgets: dict[str, Budget], plans: dict[str, Any],
-                   settings: dict[str, Any], command: str, started: float) -> dict[str, Any]:
+                   settings: dict[str, Any], command: str, started: float, options: dict[str, Any]) -> dict[str, Any]:
     from ..report.comparison import render_comparison
 
     runs = {}
@@ -439,9 +522,18 @@ def _write_summary(out: Path, arms: Sequence[Arm], seeds: int, budgets: dict[str
     summary["budgets"] = {k: v.to_dict() for k, v in budgets.items()}
     if budgets:
         summary["budget"]["lora_parameters"] = next(iter(budgets.values())).lora_parameters
+    summary["protocol"] = options["protocol"]
+    summary["budget"]["head_parameters"] = options["head_parameters"]
+    if options["head_parameters"]:
+        summary["budget"]["head_rule"] = (
+            f"the classification head ({options['head_parameters']:,} parameters) is trained in full in every "
+            "arm, the same size and the same initialisation in each; it is not counted in the budget, which "
+            "compares the adapters alone")
     summary["plans"] = {k: p.to_dict() for k, p in plans.items()}
     summary["command"] = command
     summary["total"]["this_invocation_seconds"] = time.perf_counter() - started
+    if (out / AFTER_FILE).is_file():
+        summary["after"] = read_json(out / AFTER_FILE, "before-and-after probe", error=ComparisonError)
     write_json(out / SUMMARY_FILE, summary)
     render_comparison(summary, out / REPORT_FILE, command=command)
     return summary
@@ -450,21 +542,32 @@ def _write_summary(out: Path, arms: Sequence[Arm], seeds: int, budgets: dict[str
 def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: int, *,
               settings: dict[str, Any], reference: str = "lora") -> dict[str, Any]:
     """The summary of the run records ``runs`` (run name → record): per evaluation set and arm the
-    accuracies by seed with mean ± std, the paired difference against ``reference`` (LoRA) with its
-    t interval and verdict, whether the set separates the methods, and the cost of every run."""
+    set's headline metric (``metrics``: accuracy, MRPC's F1, CoLA's MCC) by seed with mean ± std (and the
+    accuracy's mean ± std beside a metric that is not accuracy), the paired difference against
+    ``reference`` (LoRA) with its t interval and verdict, whether the set separates the methods, and the
+    cost of every run. Records without a ``metric`` (written before it was recorded) count accuracy."""
     evals = list(settings.get("evals", {}))
     table: dict[str, dict[str, Any]] = {}
     separation = {}
+    metrics = {}
     for ev in evals:
+        scored = [r["eval"][ev] for r in runs.values() if ev in r.get("eval", {})]
+        metric = next((e["metric"] for e in scored if e.get("metric")), "accuracy")
+        metrics[ev] = stats.metric_info(metric)
         rows: dict[str, Any] = {}
         for arm in arm_names:
-            values = {}
+            values, accuracy = {}, {}
             for k in range(seeds):
                 rec = runs.get(NONE if arm == NONE else f"{arm}-seed{k}")
                 if rec is not None and ev in rec.get("eval", {}):
-                    values[k] = rec["eval"][ev]["accuracy"]
-            rows[arm] = {"values": {str(k): v for k, v in values.items()}, **stats.mean_std(
-                list(values.values())[:1] if arm == NONE else list(values.values()))}
+                    e = rec["eval"][ev]
+                    values[k] = e.get("score", e["accuracy"]) if metric != "accuracy" else e["accuracy"]
+                    accuracy[k] = e["accuracy"]
+            take = (lambda v: list(v.values())[:1]) if arm == NONE else (lambda v: list(v.values()))
+            rows[arm] = {"values": {str(k): v for k, v in values.items()}, **stats.mean_std(take(values))}
+            if metric != "accuracy":
+                rows[arm]["accuracy"] = {"values": {str(k): v for k, v in accuracy.items()},
+                                         **stats.mean_std(take(accuracy))}
         if reference in arm_names:
             ref = {int(k): v for k, v in rows[reference]["values"].items()}
             for arm in arm_names:
@@ -477,10 +580,13 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
                 rows[arm]["difference"]["seeds"] = paired
         table[ev] = rows
         separation[ev] = stats.separation({a: rows[a]["mean"] for a in arm_names},
-                                          {a: rows[a]["difference"] for a in arm_names if "difference" in rows[a]})
+                                          {a: rows[a]["difference"] for a in arm_names if "difference" in rows[a]},
+                                          metric=metric)
     cost = [{"run": name, "method": rec["method"], "seed": rec["seed"], "device": rec.get("device"),
              "device_name": rec.get("device_name"),
-             "trainable_parameters": rec.get("trainable_parameters"), "budget_ratio": rec.get("budget_ratio"),
+             "trainable_parameters": rec.get("trainable_parameters"),
+             "adapter_parameters": rec.get("adapter_parameters", rec.get("trainable_parameters")),
+             "head_parameters": rec.get("head_parameters", 0), "budget_ratio": rec.get("budget_ratio"),
              "train_seconds": rec.get("train_seconds"), "eval_seconds": rec.get("eval_seconds"),
              "wall_seconds": rec.get("wall_seconds"), "tokens_per_second": rec.get("tokens_per_second"),
              "peak_memory_bytes": rec.get("peak_memory_bytes"), "peak_memory_kind": rec.get("peak_memory_kind")}
@@ -512,9 +618,10 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
                               "fewer than 2 paired seeds.",
                   "verdict": f"'{stats.BETTER}' / '{stats.WORSE}' only when the interval excludes 0, else "
                              f"'{stats.NOISE}'.",
-                  "separation": f"a set cannot separate the methods when every mean accuracy is below "
-                                f"{100 * stats.FLOOR:g} % or when no interval against LoRA excludes 0."},
-        "table": table, "separation": separation, "runs": cost, "auto": auto, "notes": notes,
+                  "separation": f"a set cannot separate the methods when every mean of its metric is below "
+                                f"{stats.FLOOR:g} (accuracy and F1: {100 * stats.FLOOR:g} %; MCC: {stats.FLOOR:g}) "
+                                "or when no interval against LoRA excludes 0."},
+        "metrics": metrics, "table": table, "separation": separation, "runs": cost, "auto": auto, "notes": notes,
         "total": {"device_seconds": sum(c["wall_seconds"] or 0.0 for c in cost), "runs_done": len(runs),
                   "runs_total": n_total},
         "complete": len(runs) == n_total, "versions": first.get("versions", runtime.versions()),
@@ -522,27 +629,50 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The summary as a plain-text table: per evaluation set, each method's accuracy (mean ± std, %), its
-    paired difference against LoRA with the interval (percentage points) and the verdict; then the
-    separation reading."""
+    """The summary as a plain-text table: per evaluation set, each method's headline metric (mean ± std;
+    accuracy and F1 in %, MCC as it is), its paired difference against LoRA with the interval
+    (percentage points, or MCC units) and the verdict; then the separation reading, what ``auto`` chose
+    and the notes."""
     lines = []
     for ev, rows in summary["table"].items():
+        info = summary.get("metrics", {}).get(ev) or stats.metric_info("accuracy")
+        k, dec = (100, 1) if info["percent"] else (1, 3)
+        unit, dunit = (" %", "pp") if info["percent"] else ("", info["label"])
         lines.append(f"{ev}:")
-        lines.append(f"  {'method':<20} {'seeds':>5}  {'accuracy %':>14}  {'vs LoRA, pp [95 % CI]':>26}  verdict")
+        lines.append(f"  {'method':<20} {'seeds':>5}  {info['label'] + unit:>16}  "
+                     f"{'vs LoRA, ' + dunit + ' [95 % CI]':>30}  verdict")
         for arm, cell in rows.items():
-            acc = "—" if cell["mean"] is None else (f"{100 * cell['mean']:.1f}" + (
-                f" ± {100 * cell['std']:.1f}" if cell["std"] is not None else ""))
+            acc = "—" if cell["mean"] is None else (f"{k * cell['mean']:.{dec}f}" + (
+                f" ± {k * cell['std']:.{dec}f}" if cell["std"] is not None else ""))
             d = cell.get("difference")
             if d is None or d.get("mean") is None:
                 diff, verdict = "—", ("reference" if arm == summary["reference"] else "—")
             else:
-                diff = f"{100 * d['mean']:+.1f}" + (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-                                                     if d["low"] is not None else "")
+                diff = f"{k * d['mean']:+.{dec}f}" + (f" [{k * d['low']:+.{dec}f}, {k * d['high']:+.{dec}f}]"
+                                                       if d["low"] is not None else "")
                 verdict = d["verdict"]
-            lines.append(f"  {arm:<20} {cell['n']:>5}  {acc:>14}  {diff:>26}  {verdict}")
+            lines.append(f"  {arm:<20} {cell['n']:>5}  {acc:>16}  {diff:>30}  {verdict}")
         sep = summary["separation"][ev]
         lines.append(f"  {'separates the methods' if sep['separates'] else 'cannot separate the methods'}: "
                      f"{sep['reason']}")
+    auto = summary.get("auto")
+    if auto:
+        why = auto.get("heads_reason") or "no reason recorded"
+        heads = (f" HydraLoRA heads: {auto['n_heads']} ({why})." if "hydralora" in auto["chosen"]
+                 else f" No HydraLoRA heads (the clustering of the training prompts: {why})."
+                 if auto.get("heads_reason") else "")
+        lines.append(f"auto chose {auto['chosen']}: {auto.get('reason', '')}.{heads}")
+    for method, agg in (summary.get("after") or {}).get("by_method", {}).items():
+        n_runs, n_layers = len(agg["runs"]), len(agg["layers"])
+        moved = {k: sum(row[k]["moved"] for row in agg["layers"]) for k in ("twonn", "delta")}
+        top = max(agg["layers"], key=lambda row: abs(row["twonn"]["mean"] or 0.0), default=None)
+        big = (f"; largest mean ID change {top['twonn']['mean']:+.2f} at layer {top['layer']}"
+               if top and top["twonn"]["mean"] is not None else "")
+        lines.append(f"after fine-tuning, {method} ({n_runs} run(s) × {n_layers} layers): intrinsic dimension moved "
+                     f"in {moved['twonn']}, per-prompt δ_rel in {moved['delta']} run-layers (interval excluding 0)"
+                     f"{big}")
+    if summary.get("budget", {}).get("head_rule"):
+        lines.append(f"Budget: {summary['budget']['head_rule']}.")
     total = summary["total"]
     lines.append(f"runs: {total['runs_done']} of {total['runs_total']} done; device time "
                  f"{total['device_seconds']:.1f} s")

@@ -210,6 +210,25 @@ def _model_class(config: Any, num_labels: Optional[int]) -> tuple[Any, bool]:
     return AutoModel, False
 
 
+_LOAD_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """Hold back transformers' warnings while weights load: its load report (missing, unexpected and
+    mis-shaped tensors, checked below: a fresh classification head is logged in one line, anything else
+    missing is refused) and its tensor-parallel plan check (no model is sharded here)."""
+    loggers = [logging.getLogger(name) for name in _LOAD_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
                  use_safetensors: Optional[bool], trust_remote_code: bool,
                  num_labels: Optional[int] = None, device: Optional[str] = None,
@@ -227,9 +246,10 @@ def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
     head_kwargs = {"ignore_mismatched_sizes": True} if cls.__name__ == "AutoModelForSequenceClassification" else {}
     if device is not None and str(device).startswith("cuda"):
         head_kwargs["device_map"] = {"": str(device)}
-    model, info = from_pretrained(
-        cls, where, what, config=config, dtype=dtype, use_safetensors=use_safetensors,
-        trust_remote_code=trust_remote_code, output_loading_info=True, **head_kwargs, **hub_kwargs)
+    with _quiet_load_report():
+        model, info = from_pretrained(
+            cls, where, what, config=config, dtype=dtype, use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code, output_loading_info=True, **head_kwargs, **hub_kwargs)
     head = tuple(head_module_names(model)) if head_kwargs else ()
 
     def key_of(entry: Any) -> str:

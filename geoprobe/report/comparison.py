@@ -1,8 +1,9 @@
 """The HTML report of a ``geoprobe compare`` run, rendered from its summary JSON alone (the contract:
-``OUT/summary.json``, see :mod:`geoprobe.compare`). One self-contained page: the accuracy table per
-evaluation set (mean ± std over seeds, the paired difference against LoRA with its interval and the
-verdict), whether each set separates the methods, the parameter budgets, the cost of every run, and the
-settings. Every string from the summary (model, data and method names, plan reasons, commands) is escaped
+``OUT/summary.json``, see :mod:`geoprobe.compare`). One self-contained page: the results table per
+evaluation set in its headline metric (accuracy; F1 for MRPC, Matthews' correlation for CoLA, as the
+summary's ``metrics`` name them: mean ± std over seeds, the paired difference against LoRA with its
+interval and the verdict), whether each set separates the methods, what ``auto`` chose, the parameter
+budgets, the cost of every run, and the settings. Every string from the summary (model, data and method names, plan reasons, commands) is escaped
 by :mod:`.markup`."""
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from .markup import DASH, Markup, el, esc, interval, join, kv_table, num, pm, ra
 
 __all__ = ["render_comparison_html", "render_comparison"]
 
-_SECTIONS = (("results", "Accuracy against LoRA"), ("budgets", "Equal parameter budgets"),
+_SECTIONS = (("results", "Results against LoRA"), ("after", "Before and after fine-tuning"),
+             ("budgets", "Equal parameter budgets"),
              ("plans", "Plans"), ("cost", "Time and memory per run"), ("settings", "Settings"))
 
 
@@ -30,38 +32,105 @@ def _pct(x: Any) -> str:
     return DASH if x is None else f"{100 * x:.1f} %"
 
 
-def _pm_pct(cell: Mapping[str, Any]) -> str:
-    mean, std = cell.get("mean"), cell.get("std")
+_ACCURACY = {"name": "accuracy", "label": "accuracy", "percent": True}
+
+
+def _pm_metric(cell: Optional[Mapping[str, Any]], percent: bool) -> str:
+    mean, std = (cell or {}).get("mean"), (cell or {}).get("std")
     if mean is None:
         return DASH
-    return pm(100 * mean, None if std is None else 100 * std, 2) + " %"
+    if percent:
+        return pm(100 * mean, None if std is None else 100 * std, 2) + " %"
+    return pm(mean, std, 2)
 
 
-def _diff(d: Optional[Mapping[str, Any]]) -> str:
+def _diff(d: Optional[Mapping[str, Any]], percent: bool = True) -> str:
     if not d or d.get("mean") is None:
         return DASH
-    scale = lambda v: None if v is None else 100 * v  # noqa: E731 - percentage points
-    return interval(scale(d["mean"]), scale(d.get("low")), scale(d.get("high")), signed=True) + " pp"
+    k = 100 if percent else 1
+    scale = lambda v: None if v is None else k * v  # noqa: E731 - percentage points for a percent metric
+    return interval(scale(d["mean"]), scale(d.get("low")), scale(d.get("high")), signed=True) + (
+        " pp" if percent else "")
 
 
 def _results(summary: Mapping[str, Any]) -> Markup:
-    parts = [el("p", f"Accuracy in percent: mean ± standard deviation over seeds; difference against LoRA "
-                     f"in percentage points, paired by seed, with its {100 * summary.get('level', 0.95):g} % "
+    parts = [el("p", "Each evaluation set in its metric (accuracy; F1 for MRPC, Matthews' correlation for CoLA): "
+                     "mean ± standard deviation over seeds; difference against LoRA paired by seed (percentage "
+                     f"points for accuracy and F1), with its {100 * summary.get('level', 0.95):g} % "
                      "Student-t interval. ", esc(summary.get("rules", {}).get("interval", "")))]
     for name, rows in summary.get("table", {}).items():
         sep = summary.get("separation", {}).get(name, {})
+        info = summary.get("metrics", {}).get(name) or _ACCURACY
+        percent, second = bool(info.get("percent")), info.get("name") != "accuracy"
         body = []
         for arm, cell in rows.items():
             d = cell.get("difference")
-            body.append([arm, str(cell.get("n", 0)), _pm_pct(cell), _diff(d),
-                         (d or {}).get("verdict", "reference" if arm == summary.get("reference") else DASH)])
+            row = [arm, str(cell.get("n", 0)), _pm_metric(cell, percent)]
+            if second:
+                row.append(_pm_metric(cell.get("accuracy"), True))
+            body.append(row + [_diff(d, percent),
+                               (d or {}).get("verdict", "reference" if arm == summary.get("reference") else DASH)])
+        label = str(info.get("label", "accuracy"))
+        head = ["method", "seeds", label] + (["accuracy"] if second else []) + [f"{label} vs LoRA (same seed)",
+                                                                              "verdict"]
         parts.append(el("h3", name))
-        parts.append(table(["method", "seeds", "accuracy", "vs LoRA (same seed)", "verdict"], body,
-                           numeric={1, 2, 3}))
+        parts.append(table(head, body, numeric=set(range(1, len(head) - 1))))
         parts.append(el("p", el("strong", "Separates the methods: " if sep.get("separates")
                                 else "Cannot separate the methods: "), esc(sep.get("reason", ""))))
+    auto = summary.get("auto")
+    if auto:
+        items = [("auto built", auto.get("chosen")), ("why", auto.get("reason")),
+                 ("HydraLoRA heads", auto.get("n_heads") if "hydralora" in str(auto.get("chosen")) else "none"),
+                 ("heads: why", auto.get("heads_reason"))]
+        parts.append(kv_table([(k, DASH if v is None else str(v)) for k, v in items], caption="What auto chose"))
     for note in summary.get("notes", []):
         parts.append(el("p", note, class_="note"))
+    return join(parts)
+
+
+def _signed(x: Any, digits: int = 3) -> str:
+    return DASH if x is None else f"{x:+.{digits}f}".replace("-", "\u2212")
+
+
+def _mean_sd(cell: Mapping[str, Any]) -> str:
+    if cell.get("mean") is None:
+        return DASH
+    sd = cell.get("std")
+    return _signed(cell["mean"]) + ("" if sd is None else f" ± {sd:.3f}")
+
+
+def _shift_text(c: Optional[Mapping[str, Any]]) -> str:
+    if not c:
+        return DASH
+    return interval(c["difference"], c.get("low"), c.get("high"), signed=True, sig=3) + (" *" if c.get("moved") else "")
+
+
+def _after(summary: Mapping[str, Any]) -> Optional[Markup]:
+    after = summary.get("after")
+    if not after:
+        return None
+    rules = after.get("rules", {})
+    parts = [el("p", "Each fine-tuned model probed on the training prompts with the base model's settings and seed, "
+                     "against the base model. ", esc(rules.get("delta", "")), "; ", esc(rules.get("twonn", "")), "; ",
+                     esc(rules.get("moved", "")), " (marked *). ", esc(rules.get("embeddings", "")), ".")]
+    for method, agg in after.get("by_method", {}).items():
+        rows = []
+        for row in agg.get("layers", []):
+            t, d = row["twonn"], row["delta"]
+            rows.append([str(row["layer"]), num(t.get("before"), 3), _mean_sd(t), f"{t['moved']} of {t['n']}",
+                         num(d.get("before"), 3), _mean_sd(d), f"{d['moved']} of {d['n']}"])
+        parts.append(el("h3", method))
+        parts.append(table(["layer", "ID before", "ID change (mean ± sd over seeds)", "runs moved", "δ_rel before",
+                            "δ_rel change", "runs moved"], rows, numeric={0, 1, 2, 4, 5}))
+    for run, shift in after.get("runs", {}).items():
+        rows = [[str(x["layer"]), _shift_text(x.get("twonn")), _shift_text(x.get("delta"))]
+                for x in shift.get("layers", [])]
+        emb = shift.get("delta_prompts")
+        how = after.get("how", {}).get(run, "")
+        parts.append(el("details", el("summary", f"{run}: {how}"),
+                        table(["layer", "ID change [interval]", "per-prompt δ_rel change [interval]"], rows,
+                              numeric={0, 1, 2}),
+                        el("p", "Input-embedding δ_rel change: ", _shift_text(emb), ".")))
     return join(parts)
 
 
@@ -69,8 +138,9 @@ def _budgets(summary: Mapping[str, Any]) -> Markup:
     b = summary.get("budget", {})
     rows = [[arm, v.get("method", ""), num(v.get("parameters")), f"{v.get('ratio', float('nan')):.4f}", v.get("rule", "")]
             for arm, v in summary.get("budgets", {}).items()]
+    head = f" Besides the adapters, {b['head_rule']}." if b.get("head_rule") else ""
     return join([el("p", f"Budget: a LoRA of rank {b.get('r')} on the targets, {num(b.get('lora_parameters'))} "
-                         f"trainable parameters; every method within ±{100 * b.get('tolerance', 0.05):g} %."),
+                         f"trainable parameters; every method within ±{100 * b.get('tolerance', 0.05):g} %.{head}"),
                  table(["method", "built as", "parameters", "ratio to LoRA", "how"], rows, numeric={2, 3})])
 
 
@@ -114,7 +184,8 @@ def _settings(summary: Mapping[str, Any], command: Optional[str]) -> Markup:
 
 def render_comparison_html(summary: Mapping[str, Any], *, command: Optional[str] = None) -> str:
     """The report page of a comparison summary (a dict as written to ``OUT/summary.json``)."""
-    builders = {"results": lambda: _results(summary), "budgets": lambda: _budgets(summary),
+    builders = {"results": lambda: _results(summary), "after": lambda: _after(summary),
+                "budgets": lambda: _budgets(summary),
                 "plans": lambda: _plans(summary), "cost": lambda: _cost(summary),
                 "settings": lambda: _settings(summary, command or summary.get("command"))}
     sections = []
