@@ -5,6 +5,10 @@ sidecar), the optimizer and scheduler states, the torch RNG states (dropout) and
 A checkpoint is written to a temporary folder and renamed into place; ``trainer_state.json`` is
 written last, so a folder that has it is complete. Only the newest ``keep`` checkpoints are kept;
 old ones are renamed away before their files are deleted.
+
+A run of several processes (:mod:`.parallel`) writes the same files from its main process: the adapter
+and the optimizer state whole, in the one-process format, and in ``rng.pt`` the RNG states of every
+process under ``"ranks"`` beside those of process 0 at the top level (what a one-process run writes).
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ from ..io import check_adapter_state, write_adapter
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINTS", "ADAPTER", "RESULTS", "STATE", "list_checkpoints", "latest_checkpoint",
-           "clean_partial", "check_out", "read_state", "write_checkpoint", "load_checkpoint",
-           "describe_diff"]
+           "clean_partial", "check_out", "read_state", "write_checkpoint", "load_adapter_weights",
+           "read_training_state", "rng_state", "set_rng_state", "describe_diff"]
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -85,7 +89,8 @@ def read_state(folder: Path) -> dict[str, Any]:
                      error=AdapterError)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and every visible GPU)."""
     import torch
 
     state = {"torch": torch.get_rng_state()}
@@ -94,7 +99,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states written by :func:`rng_state`."""
     import torch
 
     torch.set_rng_state(state["torch"])
@@ -118,18 +124,21 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer: Any, scheduler: Any,
-                     state: dict[str, Any], keep: int) -> Path:
-    """Write ``root/step-<step>`` atomically and keep the newest ``keep`` checkpoints."""
+def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer_state: dict[str, Any],
+                     scheduler_state: dict[str, Any], rng: dict[str, Any], state: dict[str, Any], keep: int, *,
+                     adapter_state: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``root/step-<step>`` atomically and keep the newest ``keep`` checkpoints: the adapter of
+    ``peft_model`` (``adapter_state``: its trainable tensors whole, when the model's own are shards),
+    the optimizer and scheduler states, the RNG states ``rng`` and ``trainer_state.json`` (``state``)."""
     import torch
 
     tmp = _temporary_folder(root, step)
     target = root / f"step-{step}"
     try:
-        write_adapter(peft_model, tmp / ADAPTER)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        write_adapter(peft_model, tmp / ADAPTER, state_dict=adapter_state)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
         write_json(tmp / STATE, state)  # last: a folder with trainer_state.json is complete
         replace_folder(tmp, target)
     except BaseException:
@@ -140,28 +149,35 @@ def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer: Any, sch
     return target
 
 
-def load_checkpoint(folder: Path, peft_model: Any, optimizer: Any, scheduler: Any) -> None:
-    """Restore the adapter weights, the optimizer and scheduler states and the RNG states from
-    checkpoint ``folder``."""
-    import torch
+def _unreadable(folder: Path, exc: Exception) -> AdapterError:
+    return AdapterError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); delete it to "
+                        "resume from the one before")
+
+
+def load_adapter_weights(folder: Path, peft_model: Any) -> None:
+    """Restore the adapter weights of checkpoint ``folder`` into ``peft_model`` (whole parameters: before
+    any FSDP sharding)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = folder / ADAPTER / "adapter_model.safetensors"
     try:
-        tensors = load_file(str(weights))
-        opt_state = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-        sched_state = torch.load(folder / "scheduler.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
+        tensors = load_file(str(folder / ADAPTER / "adapter_model.safetensors"))
     except Exception as exc:
-        raise AdapterError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); delete it to "
-                           "resume from the one before") from None
+        raise _unreadable(folder, exc) from None
     check_adapter_state(peft_model, list(tensors), folder / ADAPTER)
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in tensors.items()})
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(sched_state)
-    _set_rng_state(rng)
+
+
+def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The optimizer state, the scheduler state and the RNG states of checkpoint ``folder`` (on the CPU)."""
+    import torch
+
+    try:
+        return tuple(torch.load(folder / name, weights_only=True, map_location="cpu")  # type: ignore[return-value]
+                     for name in ("optimizer.pt", "scheduler.pt", "rng.pt"))
+    except Exception as exc:
+        raise _unreadable(folder, exc) from None
 
 
 def describe_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
