@@ -403,8 +403,8 @@ def cmd_finetune(args, command: str) -> int:
 
     from . import workflows
 
-    launched = workflows.launched_processes()
-    if launched > 1 and args.num_processes not in (None, launched):
+    launched = workflows.launched_processes()  # None: started alone, not by accelerate launch / torchrun
+    if launched is not None and args.num_processes not in (None, launched):
         raise DeviceError(f"--num-processes {args.num_processes}, but this run was started with {launched} "
                             "processes; drop --num-processes under accelerate launch or torchrun")
     _check_limit(args.limit, "--limit")
@@ -412,7 +412,7 @@ def cmd_finetune(args, command: str) -> int:
     out = _default_out(args)
     workflows.check_out(out, args.resume)  # before the (slow) model load
     examples = load_examples(args.data, limit=args.limit)
-    if launched == 1 and args.num_processes is not None and args.num_processes != 1:
+    if launched is None and args.num_processes is not None and args.num_processes != 1:
         from .models.spec import resolve_spec
 
         resolve_spec(args.model)  # a missing model folder: one message here, not one per process
@@ -422,7 +422,7 @@ def cmd_finetune(args, command: str) -> int:
             raise GeoprobeError(f"the {args.num_processes} fine-tune processes stopped with exit code {code} "
                                 "(their messages are above)")
         return 0
-    group = workflows.join_processes(args.parallel, device=args.device) if launched > 1 else None
+    group = workflows.join_processes(args.parallel, device=args.device) if launched is not None else None
     main_process = group is None or group.is_main
     lm = (_load_for_data(args, examples, "fine-tuning") if group is None  # checked before planning (a probe)
           else _load_for_data(args, examples, "fine-tuning", device=workflows.process_device(group)))

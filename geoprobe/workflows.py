@@ -358,9 +358,9 @@ def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, o
 
 
 # --------------------------------------------------------------------------- several processes
-def launched_processes() -> int:
-    """How many processes the run this process belongs to has (1 when it was started alone; more
-    under ``accelerate launch`` or ``torchrun``)."""
+def launched_processes() -> Optional[int]:
+    """How many processes the run this process belongs to has under ``accelerate launch`` or
+    ``torchrun``; None when it was started alone."""
     from adapters.train.parallel import launched_processes as count
 
     return count()
@@ -400,7 +400,7 @@ def join_processes(parallel: str = "ddp", *, device: Optional[str] = None) -> An
     from adapters.train.launch import check_processes
     from adapters.train.parallel import join
 
-    check_processes(launched_processes(), device)
+    check_processes(launched_processes() or 1, device)
     return join(parallel, cpu=(device or "").strip().lower() == "cpu")
 
 

@@ -67,13 +67,14 @@ STRATEGIES = ("ddp", "fsdp")
 """How the processes share the model: replicated (DDP) or sharded (FSDP2)."""
 
 
-def launched_processes() -> int:
+def launched_processes() -> Optional[int]:
     """The number of processes of the run this process belongs to (``WORLD_SIZE``, set by
-    ``accelerate launch`` and ``torchrun``); 1 when it was started alone."""
+    ``accelerate launch`` and ``torchrun``, also for a single process); None when it was started
+    alone."""
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+        return max(1, int(os.environ["WORLD_SIZE"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def check_strategy(strategy: str) -> str:
