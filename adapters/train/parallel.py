@@ -57,6 +57,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from geoprobe.backends.spread import share
 from geoprobe.errors import DeviceError
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,6 @@ def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise DeviceError(f"--parallel {strategy!r} is not one of {', '.join(STRATEGIES)}")
     return strategy
-
-
-def share(n: int, parts: int, part: int) -> slice:
-    """Rows of ``part`` when ``n`` rows are cut into ``parts`` contiguous runs: ⌈n/parts⌉ rows for the
-    first n mod parts runs, ⌊n/parts⌋ for the others (some runs are empty when n < parts)."""
-    base, extra = divmod(n, parts)
-    start = part * base + min(part, extra)
-    return slice(start, start + base + (1 if part < extra else 0))
 
 
 class Group:
