@@ -148,6 +148,32 @@ def test_devices_the_machine_lacks_are_refused(monkeypatch):
         gp.intrinsic_dimension(x, device="cpu", devices=["cuda:1", "cpu"])
 
 
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine: pytest -m gpu)")
+def test_cuda_device_lists_give_the_one_gpu_numbers():
+    """Two threads on GPUs (the same one twice where only one exists), and a GPU with the CPU: the exact δ
+    and TwoNN of one GPU."""
+    two = ["cuda:0", "cuda:1"] if torch.cuda.device_count() > 1 else ["cuda:0", "cuda:0"]
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(400, 64, generator=g, dtype=torch.float64).cuda()
+    one = gp.delta(pts, mode="exact")
+    for devices in (two, ["cuda:0", "cpu"]):
+        got = gp.delta(pts, mode="exact", devices=devices)
+        assert got.delta == one.delta and got.diameter == one.diameter
+    x = torch.randn(20000, 48, generator=g).cuda()
+    x[7] = x[3]
+    want = gp.intrinsic_dimension(x, n_boot=30, seed=1).to_dict()
+    have = gp.intrinsic_dimension(x, n_boot=30, seed=1, devices=two).to_dict()
+    for d in (want, have):
+        d.pop("seconds"), d.pop("backend")
+    assert have == want and want["n_duplicates_removed"] == 1
+    d1, near1 = distances_at_ranks(as_float64_points(x, "cuda:0"), [1, 2, 9], tau=1e-9, chunk=4096)
+    d2, near2 = distances_at_ranks_spread(as_float64_points(x, "cuda:0"), [1, 2, 9], DeviceSpread(
+        [torch.device(d) for d in two]), tau=1e-9, chunk=4096)
+    assert torch.equal(d1, d2) and torch.equal(near1, near2)
+
+
 # --------------------------------------------------------------------------- two processes
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_one_process_numbers(tmp_path):

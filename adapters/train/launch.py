@@ -80,13 +80,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_command(argv: Sequence[str], n: int, *, module: str = "geoprobe",
+def launch_command(argv: Sequence[str], n: int, *, module: str = "geoprobe", script: Optional[str] = None,
                    port: Optional[int] = None) -> list[str]:
-    """The command that starts ``n`` processes of ``python -m <module> <argv>`` through Accelerate's
-    launcher on this machine (torchrun underneath; ``--multi_gpu`` selects it, on the CPU as on GPUs)."""
+    """The command that starts ``n`` processes of ``python -m <module> <argv>`` (or ``python <script>
+    <argv>``) through Accelerate's launcher on this machine (torchrun underneath; ``--multi_gpu`` selects
+    it, on the CPU as on GPUs)."""
+    target = [script] if script is not None else ["-m", module]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--quiet",
-            "--main_process_port", str(port if port is not None else _free_port()), "-m", module, *argv]
+            "--main_process_port", str(port if port is not None else _free_port()), *target, *argv]
 
 
 def launch_environment(base: Optional[dict[str, str]] = None) -> dict[str, str]:
