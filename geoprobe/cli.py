@@ -653,6 +653,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     command = "geoprobe " + shlex.join(argv)
+    if args.command != "finetune" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        print(f"geoprobe: error: `geoprobe {args.command}` runs in one process; of the commands only "
+              "`geoprobe finetune` runs on several (--num-processes, accelerate launch, torchrun)", file=sys.stderr)
+        return 2
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
                 "evaluate": cmd_evaluate, "run": cmd_run, "compare": cmd_compare, "native": cmd_native}
     try:

@@ -325,3 +325,6 @@ def test_cli_refuses_too_many_processes_before_loading_anything(tmp_path, capsys
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(base + ["--num-processes", "3"]) == 2
     assert "started with 2 processes" in _one_line_error(capsys)
+    assert main(["probe", str(tmp_path / "model"), "--out", str(tmp_path / "p.json")]) == 2
+    assert "`geoprobe probe` runs in one process" in _one_line_error(capsys)
+    assert not (tmp_path / "p.json").exists()

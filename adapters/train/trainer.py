@@ -268,7 +268,7 @@ class Trainer:
         """Switch to training mode, start the clock and the progress bar."""
         self.peft_model.train()
         self._t0 = time.perf_counter()
-        self._bar = runtime.progress(self.total, "fine-tune", enabled=progress, unit="step",
+        self._bar = runtime.progress(self.total, "fine-tune", enabled=progress and self.group.is_main, unit="step",
                                      initial=self.step_count)
 
     def _target_counts(self) -> list[int]:
