@@ -400,7 +400,11 @@ def join_processes(parallel: str = "ddp", *, device: Optional[str] = None) -> An
     from adapters.train.launch import check_processes
     from adapters.train.parallel import join
 
-    check_processes(launched_processes() or 1, device)
+    try:  # the processes on this machine (LOCAL_WORLD_SIZE; all of them on one machine)
+        n = int(os.environ.get("LOCAL_WORLD_SIZE") or launched_processes() or 1)
+    except ValueError:
+        n = launched_processes() or 1
+    check_processes(n, device, what=f"this run's {n} processes on this machine (accelerate launch / torchrun)")
     return join(parallel, cpu=(device or "").strip().lower() == "cpu")
 
 

@@ -41,10 +41,10 @@ def _visible(env_name: str = "CUDA_VISIBLE_DEVICES") -> str:
     return f" ({env_name}={value})" if value is not None else ""
 
 
-def check_processes(n: object, device: Optional[str] = None) -> str:
+def check_processes(n: object, device: Optional[str] = None, *, what: Optional[str] = None) -> str:
     """The device kind the ``n`` processes run on (``"cuda"`` or ``"cpu"``) after checking that the
     machine has them: at most one process per visible GPU, or per CPU core for a CPU run (``device``
-    ``"cpu"``, or no GPU).
+    ``"cpu"``, or no GPU). ``what`` names the request in the messages (default ``--num-processes N``).
 
     Raises:
         DeviceError: ``n`` is not a positive integer, exceeds the GPUs (or cores), or ``device`` names one
@@ -52,6 +52,7 @@ def check_processes(n: object, device: Optional[str] = None) -> str:
     """
     import torch
 
+    what = what or f"--num-processes {n}"
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DeviceError(f"--num-processes must be a positive integer, got {n!r}")
     name = (device or "").strip().lower()
@@ -64,12 +65,12 @@ def check_processes(n: object, device: Optional[str] = None) -> str:
     if name == "cpu" or (not name and gpus == 0):
         cores = _cpu_cores()
         if n > cores:
-            raise DeviceError(f"--num-processes {n} asks for {n} processes on the CPU but this machine has {cores} "
+            raise DeviceError(f"{what} asks for {n} processes on the CPU but this machine has {cores} "
                               f"core{'s' if cores != 1 else ''}; use at most {cores}")
         return "cpu"
     if n > gpus:
         have = f"{gpus} GPU{'s are' if gpus != 1 else ' is'} visible{_visible()}" if gpus else "no GPU is visible"
-        raise DeviceError(f"--num-processes {n} asks for {n} GPUs (one per process) but {have}; use at most "
+        raise DeviceError(f"{what} asks for {n} GPUs (one per process) but {have}; use at most "
                           f"{max(gpus, 1)}{'' if gpus else ', or pass --device cpu'}")
     return "cuda"
 

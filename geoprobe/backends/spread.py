@@ -105,17 +105,20 @@ class GroupSpread(Spread):
         self.rank = dist.get_rank(group)
         self.home = torch.device(device)
         self.devices = [self.home]
+        # NCCL moves CUDA tensors only: results travel through this process's GPU, and come back home
+        nccl = str(dist.get_backend(group)).lower() == "nccl"
+        self.wire = torch.device("cuda", torch.cuda.current_device()) if nccl else self.home
 
     def owns(self, part: int) -> bool:
         return part == self.rank
 
     def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """``t`` (at least 1-D; any first-dimension size) of every process, in rank order."""
-        t = t.to(self.home).contiguous()
+        t = t.to(self.wire).contiguous()
         as_bool = t.dtype == torch.bool
         if as_bool:
             t = t.to(torch.uint8)
-        size = torch.tensor([t.shape[0]], dtype=torch.long, device=self.home)
+        size = torch.tensor([t.shape[0]], dtype=torch.long, device=self.wire)
         sizes = [torch.zeros_like(size) for _ in range(self.parts)]
         self.dist.all_gather(sizes, size, group=self.group)
         lengths = [int(s) for s in sizes]
@@ -123,7 +126,7 @@ class GroupSpread(Spread):
         padded[:t.shape[0]] = t
         out = [torch.empty_like(padded) for _ in range(self.parts)]
         self.dist.all_gather(out, padded, group=self.group)
-        got = [o[:n] for o, n in zip(out, lengths)]
+        got = [o[:n].to(self.home) for o, n in zip(out, lengths)]
         return [g.bool() for g in got] if as_bool else got
 
     def map(self, fn: Part) -> list[tuple[torch.Tensor, ...]]:
@@ -133,10 +136,11 @@ class GroupSpread(Spread):
 
     def check_same(self, x: torch.Tensor, what: str) -> None:
         """Refuse inputs that differ between the processes (each must pass the same points)."""
-        x64 = x.detach().to(self.home, torch.float64)
-        weights = torch.arange(1, x64.numel() + 1, dtype=torch.float64, device=self.home).reshape(x64.shape)
-        mine = torch.stack([torch.tensor(float(x64.numel()), dtype=torch.float64, device=self.home),
-                            x64.sum(), (x64 * weights).sum()])
+        x64 = x.detach().to(self.home, torch.float64).reshape(x.shape[0], -1)
+        rows, cols = x64.sum(dim=1), x64.sum(dim=0)  # order-sensitive sums, O(rows + columns) memory
+        mine = torch.stack([torch.tensor(float(x64.numel()), dtype=torch.float64, device=self.home), rows.sum(),
+                            (rows * torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=self.home)).sum(),
+                            (cols * torch.arange(1, cols.numel() + 1, dtype=torch.float64, device=self.home)).sum()])
         seen = self._gather(mine[None, :])
         if any(not torch.equal(s, seen[0]) for s in seen[1:]):
             raise DeviceError(f"the {self.parts} processes of the group passed different {what}; every "
