@@ -148,6 +148,8 @@ def worker(args: argparse.Namespace) -> None:
             "peak_memory_gib_per_process": [p / 2 ** 30 for p in peaks],
             "loss_values": run.result.loss_values, "n_sequences": len(trainer.seqs),
             "processes": 1 if group is None else group.world, "device": str(dev)}))
+    if group is not None:
+        group.close()
 
 
 def run_training(args: argparse.Namespace, root: Path, device: str) -> dict:

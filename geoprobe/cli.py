@@ -434,6 +434,8 @@ def cmd_finetune(args, command: str) -> int:
     run = workflows.finetune_model(lm, examples, adapter, out=out, settings=settings, resume=args.resume,
                                    progress=not args.quiet and main_process, data_name=str(args.data),
                                    group=group, **_build_kwargs(args, planned=not isinstance(adapter, str)))
+    if group is not None:
+        group.close()
     if main_process:
         _print_run(run)
     return 0

@@ -90,6 +90,7 @@ def main(cases_path: str, out_root: str) -> None:
         run_case(case, base, root / case["name"], examples, counts)
     if base.is_main:
         (root / "worker.json").write_text(json.dumps({"native_calls": counts}))
+    base.close()
 
 
 if __name__ == "__main__":

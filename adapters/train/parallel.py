@@ -160,6 +160,13 @@ class Group:
         if self.distributed:
             self.accelerator.wait_for_everyone()
 
+    def close(self) -> None:
+        """End the run's communication: wait for every process, then destroy the process group (an exit
+        with the group alive can abort a process whose peers have already gone)."""
+        if self.accelerator is not None:
+            self.barrier()
+            self.accelerator.end_training()
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every process, in rank order (pickled; for small objects only)."""
         if not self.distributed:
