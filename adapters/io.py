@@ -170,11 +170,13 @@ def _write_sidecar(folder: Path, spec: AdapterSpec) -> None:
     write_json(folder / SIDECAR, {"schema": SIDECAR_SCHEMA, "schema_version": SIDECAR_VERSION, **body})
 
 
-def save(peft_model: Any, path: Union[str, os.PathLike]) -> Path:
+def save(peft_model: Any, path: Union[str, os.PathLike], *, state_dict: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the adapter (PEFT's files + ``geoprobe_adapter.json``) to the folder ``path`` atomically.
 
     The files go to a temporary folder beside ``path`` that is renamed into place; an existing
-    adapter folder at ``path`` is replaced only once the new one is complete.
+    adapter folder at ``path`` is replaced only once the new one is complete. ``state_dict``: the
+    adapter's tensors whole, keyed by parameter name, for a model whose own parameters are shards
+    (FSDP); PEFT picks the adapter's tensors from it as from the model's state dict.
 
     Raises:
         AdapterError: the model was not built by :func:`adapters.build`/:func:`load`.
@@ -183,20 +185,23 @@ def save(peft_model: Any, path: Union[str, os.PathLike]) -> Path:
     spec = adapter_spec(peft_model)
     target = Path(path)
     with atomic_folder(target, what="the adapter folder") as tmp:
-        write_adapter(peft_model, tmp)
+        write_adapter(peft_model, tmp, state_dict=state_dict)
     log.info("saved %s adapter to %s", spec.method, target)
     return target
 
 
-def write_adapter(peft_model: Any, folder: Union[str, os.PathLike]) -> Path:
+def write_adapter(peft_model: Any, folder: Union[str, os.PathLike], *,
+                  state_dict: Optional[Mapping[str, Any]] = None) -> Path:
     """Write PEFT's files and the sidecar of the ``default`` adapter into ``folder`` (not atomic by
-    itself: :func:`save` and the training checkpoints call it on a temporary folder)."""
+    itself: :func:`save` and the training checkpoints call it on a temporary folder); ``state_dict`` as
+    in :func:`save`."""
     spec = adapter_spec(peft_model)
     if "default" not in getattr(peft_model, "peft_config", {}):
         raise AdapterError("only the adapter named 'default' can be saved with its sidecar; this model holds "
                            f"{sorted(peft_model.peft_config)}")
     folder = Path(folder)
-    peft_model.save_pretrained(str(folder), selected_adapters=["default"])
+    extra = {} if state_dict is None else {"state_dict": dict(state_dict)}
+    peft_model.save_pretrained(str(folder), selected_adapters=["default"], **extra)
     _write_sidecar(folder, spec)
     return folder
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import sys
@@ -26,7 +27,7 @@ from typing import Optional, Sequence
 from adapters import registry
 
 from . import runtime
-from .errors import GeoprobeError
+from .errors import DeviceError, GeoprobeError
 from .records import check_writable, display_path
 
 
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(f)
     f.add_argument("--out", help="output folder (default: runs/<model>-<adapter>)")
     f.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    f.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="train on N processes started by Accelerate's launcher: one per GPU, or N CPU processes "
+                        "with --device cpu. The step is the same as in one process (--batch-size sequences per "
+                        "micro-batch, shared among the processes); also runs under `accelerate launch` / torchrun")
+    f.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="with several processes: ddp (default) keeps the whole model on every GPU; fsdp shards "
+                        "it over them, for models that do not fit one GPU")
 
     e = sub.add_parser("evaluate", help="accuracy of a model (with an adapter) on one or more test sets")
     _add_model_args(e)
@@ -391,14 +399,14 @@ def _load_lm(args):
                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
 
 
-def _load_for_data(args, examples, what: str):
+def _load_for_data(args, examples, what: str, device: Optional[str] = None):
     """The model loaded for ``examples`` as --head asks (a classification head for an encoder on GLUE
-    data), the pairing checked before anything is trained; in float32 (the dtype adapters are trained
-    in) unless --dtype says otherwise."""
+    data), the pairing checked before anything is trained; on ``device`` (default: --device), in
+    float32 (the dtype adapters are trained in) unless --dtype says otherwise."""
     from . import workflows
 
     _quiet(args)
-    return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=args.device,
+    return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=device or args.device,
                                    dtype=args.dtype or "float32", allow_pickle=args.allow_pickle,
                                    trust_remote_code=args.trust_remote_code)
 
@@ -482,25 +490,49 @@ def _check_training(args, out: Path) -> object:
 
 
 def cmd_finetune(args, command: str) -> int:
+    """Fine-tune in this process; or, with --num-processes N > 1, check the flags and the data and
+    start N processes through Accelerate's launcher, each running this command; or, as one of those
+    processes (or under ``accelerate launch`` / torchrun), train its share of the run."""
     from adapters.data import load_examples
 
     from . import workflows
 
+    launched = workflows.launched_processes()  # None: started alone, not by accelerate launch / torchrun
+    if launched is not None and args.num_processes not in (None, launched):
+        raise DeviceError(f"--num-processes {args.num_processes}, but this run was started with {launched} "
+                          "processes; drop --num-processes under accelerate launch or torchrun")
     out = _default_out(args)
     settings = _check_training(args, out)
     if args.plan:
         workflows.check_plan_file(args.plan, args.adapter)
     data = display_path(args.data)
     examples = load_examples(args.data, limit=args.limit)
-    lm = _load_for_data(args, examples, "fine-tuning")  # checked before planning, which may probe the model
-    adapter = workflows.resolve_adapter(lm, examples, out, method=args.adapter, plan=args.plan,
-                                        resume=args.resume, r=args.r, alpha=args.alpha,
-                                        target_modules=_targets(args), seed=args.seed, data_name=data,
-                                        progress=not args.quiet, device=args.device, command=command)
+    if launched is None and args.num_processes is not None and args.num_processes != 1:
+        from .models.spec import resolve_spec
+
+        resolve_spec(args.model)  # a missing model folder: one message here, not one per process
+        code = workflows.start_processes(shlex.split(command)[1:], args.num_processes, device=args.device,
+                                         parallel=args.parallel)
+        if code:
+            raise GeoprobeError(f"the {args.num_processes} fine-tune processes stopped with exit code {code} "
+                                "(their messages are above)")
+        return 0
+    group = workflows.join_processes(args.parallel, device=args.device) if launched is not None else None
+    main_process = group is None or group.is_main
+    lm = (_load_for_data(args, examples, "fine-tuning") if group is None  # checked before planning (a probe)
+          else _load_for_data(args, examples, "fine-tuning", device=workflows.process_device(group)))
+    planning = dict(method=args.adapter, plan=args.plan, resume=args.resume, r=args.r, alpha=args.alpha,
+                    target_modules=_targets(args), seed=args.seed, data_name=data,
+                    progress=not args.quiet and main_process, device=args.device, command=command)
+    adapter = (workflows.resolve_adapter(lm, examples, out, **planning) if group is None
+               else workflows.resolve_adapter_together(group, lm, examples, out, **planning))
     run = workflows.finetune_model(lm, examples, adapter, out=out, settings=settings, resume=args.resume,
-                                   progress=not args.quiet, data_name=data,
-                                   **_build_kwargs(args, planned=not isinstance(adapter, str)))
-    _print_run(run)
+                                   progress=not args.quiet and main_process, data_name=data,
+                                   group=group, **_build_kwargs(args, planned=not isinstance(adapter, str)))
+    if group is not None:
+        group.close()
+    if main_process:
+        _print_run(run)
     return 0
 
 
@@ -775,6 +807,10 @@ def _run(argv: list[str]) -> int:
         return 0
     if args.command is None:
         parser.print_help()
+        return 2
+    if args.command != "finetune" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        print(f"geoprobe: error: `geoprobe {args.command}` runs in one process; of the commands only "
+              "`geoprobe finetune` runs on several (--num-processes, accelerate launch, torchrun)", file=sys.stderr)
         return 2
     handlers = {"probe": cmd_probe, "report": cmd_report, "finetune": cmd_finetune,
                 "evaluate": cmd_evaluate, "run": cmd_run, "compare": cmd_compare, "native": cmd_native}

@@ -49,7 +49,8 @@ __all__ = ["HEADS", "classification_labels", "check_head", "load_for_data", "qui
            "build_options", "require_causal_lm", "check_out", "check_adapter_folder", "finetune_model",
            "evaluate_model", "evaluate_model_sets", "evaluation_record", "evaluation_sets_record",
            "read_evaluation", "RunResult", "run", "resolve_device", "native_device",
-           "NativeBuild", "build_native"]
+           "NativeBuild", "build_native", "launched_processes", "start_processes", "join_processes",
+           "process_device", "resolve_adapter_together"]
 
 PLAN_FILE = "plan.json"
 PROFILE_FILE = "profile.json"
@@ -366,13 +367,14 @@ def build_options(*, planned: bool, dropout: float = 0.05, target_modules: Optio
 # --------------------------------------------------------------------------- fine-tune and evaluate
 def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, out: PathLike,
                    settings: Any = None, resume: bool = False, progress: bool = True, data_name: str = "",
-                   **build_kwargs: Any) -> Any:
+                   group: Any = None, **build_kwargs: Any) -> Any:
     """Fine-tune adapters on a loaded model (:func:`adapters.finetune` on ``lm.model`` and
     ``lm.tokenizer``, named after ``lm``); returns the :class:`adapters.train.FinetuneRun`.
 
     A causal LM is trained on the answers; an encoder with a classification head (from
     :func:`load_for_data`) on the class ids, its head trained beside the adapters (PEFT ``SEQ_CLS``,
-    ``modules_to_save``) and saved with them in OUT/adapter."""
+    ``modules_to_save``) and saved with them in OUT/adapter. ``group``: this process's place in a run
+    of several processes (:func:`join_processes`), None for one process."""
     from adapters.train import finetune
 
     from .models import is_sequence_classifier
@@ -382,7 +384,71 @@ def finetune_model(lm: Any, examples: Sequence[Any], adapter: Any = "lora", *, o
     else:
         require_causal_lm(lm, "fine-tuning")
     return finetune(lm.model, lm.tokenizer, examples, adapter, out=out, settings=settings, resume=resume,
-                    progress=progress, model_name=lm.name, data_name=data_name, **build_kwargs)
+                    progress=progress, model_name=lm.name, data_name=data_name, group=group, **build_kwargs)
+
+
+# --------------------------------------------------------------------------- several processes
+def launched_processes() -> Optional[int]:
+    """How many processes the run this process belongs to has under ``accelerate launch`` or
+    ``torchrun``; None when it was started alone."""
+    from adapters.train.parallel import launched_processes as count
+
+    return count()
+
+
+def start_processes(argv: Sequence[str], num_processes: int, *, device: Optional[str] = None,
+                    parallel: str = "ddp") -> int:
+    """Run ``geoprobe <argv>`` on ``num_processes`` processes started by Accelerate's launcher
+    (:mod:`adapters.train.launch`), after checking that the machine has that many GPUs (or CPU cores
+    for ``device="cpu"``) and that ``parallel`` is a known strategy; the launcher's exit code.
+
+    Raises:
+        DeviceError: more processes than GPUs or cores, a single ``cuda:N`` device, an unknown strategy.
+    """
+    from adapters.train.launch import check_processes, launch
+    from adapters.train.parallel import check_strategy
+
+    check_strategy(parallel)
+    check_processes(num_processes, device)
+    return launch(list(argv), num_processes)
+
+
+def process_device(group: Any) -> str:
+    """Where a process of a launched run loads the model: its own device for DDP, the CPU for FSDP
+    (the shards move to the device as they are cut)."""
+    return "cpu" if group.sharded else str(group.device)
+
+
+def join_processes(parallel: str = "ddp", *, device: Optional[str] = None) -> Any:
+    """This process's :class:`adapters.train.parallel.Group` in a run started by ``accelerate launch`` or
+    ``torchrun`` (``device="cpu"`` keeps every process on the CPU).
+
+    Raises:
+        DeviceError: more processes on this machine than GPUs, one ``cuda:N`` device for several
+            processes, an unknown strategy.
+    """
+    from adapters.train.launch import check_processes
+    from adapters.train.parallel import join
+
+    try:  # the processes on this machine (LOCAL_WORLD_SIZE; all of them on one machine)
+        n = int(os.environ.get("LOCAL_WORLD_SIZE") or launched_processes() or 1)
+    except ValueError:
+        n = launched_processes() or 1
+    check_processes(n, device, what=f"this run's {n} processes on this machine (accelerate launch / torchrun)")
+    return join(parallel, cpu=(device or "").strip().lower() == "cpu")
+
+
+def resolve_adapter_together(group: Any, lm: Any, examples: Sequence[Any], out: PathLike, **kwargs: Any) -> Any:
+    """:func:`resolve_adapter` for the processes of one run: the main process plans (and writes
+    OUT/plan.json), the others read that plan, so that every process trains the same adapter."""
+    from adapters.plan import AdapterPlan
+
+    chosen = resolve_adapter(lm, examples, out, **kwargs) if group.is_main else None
+    group.barrier()
+    if group.is_main:
+        return chosen
+    planned = kwargs.get("plan") is not None or needs_plan(kwargs.get("method", "lora"))
+    return AdapterPlan.load(Path(out) / PLAN_FILE) if planned else kwargs.get("method", "lora")
 
 
 def check_adapter_folder(folder: PathLike) -> Path:

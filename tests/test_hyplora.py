@@ -690,6 +690,35 @@ def test_curvature_and_scale_are_vectors_of_one_and_older_scalar_states_load():
         assert torch.equal(fresh(ids).logits, want)
 
 
+def test_a_saved_folder_with_scalar_curvature_and_scale_loads_with_the_same_outputs(tmp_path):
+    """An adapter folder written when K and s were 0-dim tensors (its safetensors file holds them as
+    scalars) loads through adapters.load into today's shape-(1,) parameters, with the same outputs."""
+    import adapters
+    from safetensors.torch import load_file, save_file
+
+    trained = adapters.build(tiny_llama(0), "hyplora", r=4, target_modules=TARGETS)
+    with torch.no_grad():
+        for layer in _layers(trained):
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+            layer.lora_hyp_k["default"].add_(0.3)
+            layer.lora_hyp_s["default"].sub_(0.2)
+    ids = _ids(4)
+    with torch.no_grad():
+        want = trained.eval()(ids).logits
+    folder = adapters.save(trained, tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    curvature_keys = [k for k in tensors if ".lora_hyp_" in k]
+    assert curvature_keys and all(tensors[k].shape == (1,) for k in curvature_keys)
+    save_file({k: (v.reshape(()) if k in curvature_keys else v) for k, v in tensors.items()}, str(weights))
+    assert all(load_file(str(weights))[k].dim() == 0 for k in curvature_keys)
+    loaded = adapters.load(tiny_llama(0), folder)
+    for layer in _layers(loaded):
+        assert layer.lora_hyp_k["default"].shape == (1,) and layer.lora_hyp_s["default"].shape == (1,)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+
+
 def test_adapter_dtype_follows_peft_autocast_setting():
     """PEFT keeps adapter weights in the base dtype when autocast_adapter_dtype=False, and upcasts them to
     float32 otherwise: K and s follow the same rule as lora_A/lora_B."""

@@ -29,6 +29,11 @@ is the micro-batch count alone. Every ``save_every`` steps (and at the last step
 the step, the micro-batch count and the loss history. ``resume=True`` rebuilds the adapter with the
 same seed, restores all of that from the newest checkpoint and continues; on the CPU the result
 equals an uninterrupted run bit for bit.
+
+Several processes (:mod:`.parallel`, :mod:`.launch`): ``accelerate launch`` or torchrun starts them
+(``geoprobe finetune --num-processes N`` through Accelerate's launcher); each computes its run of every
+micro-batch of the same global step (DDP, or FSDP2 for models that do not fit one GPU), and the main
+process writes the checkpoints in the one-process format.
 """
 from __future__ import annotations
 

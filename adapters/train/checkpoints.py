@@ -5,6 +5,10 @@ sidecar), the optimizer and scheduler states, the torch RNG states (dropout) and
 A checkpoint is written to a temporary folder and renamed into place; ``trainer_state.json`` is
 written last, so a folder that has it is complete. Only the newest ``keep`` checkpoints are kept;
 old ones are renamed away before their files are deleted.
+
+A run of several processes (:mod:`.parallel`) writes the same files from its main process: the adapter
+and the optimizer state whole, in the one-process format, and in ``rng.pt`` the RNG states of every
+process under ``"ranks"`` beside those of process 0 at the top level (what a one-process run writes).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINTS", "ADAPTER", "RESULTS", "STATE", "list_checkpoints", "latest_checkpoint",
            "clean_partial", "check_out", "checkpoint_problems", "state_problem", "read_state",
-           "write_checkpoint", "load_checkpoint", "describe_diff"]
+           "write_checkpoint", "load_adapter_weights", "read_training_state", "rng_state", "set_rng_state",
+           "describe_diff"]
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -178,7 +183,8 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and every visible GPU)."""
     import torch
 
     state = {"torch": torch.get_rng_state()}
@@ -187,7 +193,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states written by :func:`rng_state`."""
     import torch
 
     torch.set_rng_state(state["torch"])
@@ -203,17 +210,20 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer: Any, scheduler: Any,
-                     state: dict[str, Any], keep: int) -> Path:
+def write_checkpoint(root: Path, step: int, peft_model: Any, optimizer_state: dict[str, Any],
+                     scheduler_state: dict[str, Any], rng: dict[str, Any], state: dict[str, Any], keep: int, *,
+                     adapter_state: Optional[dict[str, Any]] = None) -> Path:
     """Write ``root/step-<step>`` atomically (:func:`geoprobe.records.atomic_folder`: a refused write is
     one OutputError and leaves neither a partial checkpoint nor an empty ``root``) and keep the newest
-    ``keep`` checkpoints."""
+    ``keep`` checkpoints: the adapter of ``peft_model`` (``adapter_state``: its trainable tensors whole,
+    when the model's own are shards), the optimizer and scheduler states, the RNG states ``rng`` and
+    ``trainer_state.json`` (``state``)."""
     target = root / f"step-{step}"
     with atomic_folder(target, what="the checkpoint") as tmp:
-        write_adapter(peft_model, tmp / ADAPTER)
-        _save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
-        _save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
-        _save_torch(_rng_state(), tmp / "rng.pt")
+        write_adapter(peft_model, tmp / ADAPTER, state_dict=adapter_state)
+        _save_torch(optimizer_state, tmp / "optimizer.pt")
+        _save_torch(scheduler_state, tmp / "scheduler.pt")
+        _save_torch(rng, tmp / "rng.pt")
         write_json(tmp / STATE, state)  # last: a folder with trainer_state.json is complete
     _prune(root, keep)
     log.info("checkpoint %s written", target)
@@ -229,28 +239,34 @@ def _save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, fh)
 
 
-def load_checkpoint(folder: Path, peft_model: Any, optimizer: Any, scheduler: Any) -> None:
-    """Restore the adapter weights, the optimizer and scheduler states and the RNG states from
-    checkpoint ``folder``."""
+def _what(folder: Path) -> str:
+    return f"checkpoint {folder} (delete it to resume from the one before)"
+
+
+def load_adapter_weights(folder: Path, peft_model: Any) -> None:
+    """Restore the adapter weights of checkpoint ``folder`` into ``peft_model`` (whole parameters: before
+    any FSDP sharding)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from geoprobe.models.safety import load_pickle
-
     weights = folder / ADAPTER / "adapter_model.safetensors"
-    what = f"checkpoint {folder} (delete it to resume from the one before)"
     try:
         tensors = load_file(str(weights))
     except Exception as exc:
-        raise AdapterError(f"{what}: {weights.name} cannot be read ({type(exc).__name__}: "
+        raise AdapterError(f"{_what(folder)}: {weights.name} cannot be read ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    opt_state, sched_state, rng = (load_pickle(folder / name, what, error=AdapterError) for name in _STATES)
     check_adapter_state(peft_model, list(tensors), folder / ADAPTER)
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in tensors.items()})
-    optimizer.load_state_dict(opt_state)
-    scheduler.load_state_dict(sched_state)
-    _set_rng_state(rng)
+
+
+def read_training_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The optimizer state, the scheduler state and the RNG states of checkpoint ``folder`` (on the CPU,
+    read without executing code: :func:`geoprobe.models.safety.load_pickle`)."""
+    from geoprobe.models.safety import load_pickle
+
+    return tuple(load_pickle(folder / name, _what(folder), error=AdapterError)  # type: ignore[return-value]
+                 for name in _STATES)
 
 
 def describe_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:

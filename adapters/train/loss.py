@@ -38,7 +38,7 @@ def answer_targets(labels: Any) -> tuple[Any, Any]:
     return rows * width + cols, labels[rows, cols + 1]
 
 
-def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any) -> Any:
+def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any, *, head: Any = None) -> Any:
     """Σ_k −log p(target_k | position index_k) for the model called on ``inputs`` (no labels).
 
     ``index`` / ``target`` come from :func:`answer_targets` (on the model's device). The output layer
@@ -47,14 +47,16 @@ def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any)
     same rows of logits as ``logits.flatten(0, 1)[index]``, without computing the rest. When the
     model's output layer is not called on the full (B, T, H) hidden states (the hook does not apply),
     the full logits are computed and the rows gathered. No host synchronisation. The sum is taken in
-    float32 for half-precision logits (float64 logits stay float64).
+    float32 for half-precision logits (float64 logits stay float64). ``head``: the output layer, for a
+    ``model`` that does not expose it (a DDP wrapper); by default ``model.get_output_embeddings()``.
     """
     import torch
     import torch.nn.functional as F
 
     ids = inputs.get("input_ids")
     shape = tuple(ids.shape) if ids is not None else tuple(inputs["inputs_embeds"].shape[:2])
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
     fed: list[bool] = []
 
     def pick(module: Any, args: tuple) -> Optional[tuple]:

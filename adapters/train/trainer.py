@@ -8,6 +8,10 @@ PyTorch's fused kernel on CUDA and as the multi-tensor (foreach) implementation 
 HydraLoRA's load balancing on, coef · Σ_layers L_aux / G is added to the objective
 (Switch-Transformer loss, see :mod:`adapters.hydralora`).
 
+Several processes (:mod:`.parallel`): each computes its run of every micro-batch of the same global
+step, with the objective scaled so that the averaged gradient is the one-process gradient; the main
+process writes the checkpoints, the adapter and the results.
+
 The loop never waits on the GPU within a step: the answer positions and the token count are computed
 on the host from the collated labels, batches go to the GPU through pinned memory without blocking,
 and the per-step losses stay on the device until they are read every ``log_every`` steps, at a
@@ -39,10 +43,11 @@ from geoprobe.records import write_json
 from .. import registry
 from ..build import build, unload
 from ..io import adapter_spec, save
-from ..data import Example, collate, collate_classification
+from ..data import IGNORE_INDEX, Example, collate, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
 from . import loss as loss_fns
+from . import parallel
 from .order import Order, classification_sequences, data_digest, training_sequences
 from .settings import NOT_COMPARED, TrainSettings, lr_factor
 
@@ -119,7 +124,7 @@ class Trainer:
                  adapter: Union[str, AdapterPlan], *, out: Union[str, Path], settings: TrainSettings,
                  resume: bool = False, model_name: Optional[str] = None, data_name: str = "",
                  on_step: Optional[Callable[[int, float], None]] = None,
-                 build_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 build_kwargs: Optional[dict[str, Any]] = None, group: Optional[parallel.Group] = None) -> None:
         s = self.settings = settings
         self.model, self.adapter, self.out = model, adapter, Path(out)
         self.model_name, self.data_name, self.on_step = model_name, data_name, on_step
@@ -132,6 +137,7 @@ class Trainer:
         else:
             self.seqs, self.dropped = training_sequences(examples, tokenizer, max_length=s.max_length,
                                                          template=s.template, packed=s.pack)
+        self.counts = self._target_counts()
         self.order = Order(len(self.seqs), s.batch_size, s.seed)
         self.total = s.max_steps or max(1, math.ceil(s.epochs * self.order.per_epoch / s.grad_accum))
         self.warmup = math.ceil(s.warmup_ratio * self.total) if s.warmup_ratio > 0 else 0
@@ -140,9 +146,11 @@ class Trainer:
             if method == registry.AUTO or not registry.get(method).includes("hydralora"):
                 raise AdapterError(f"balance_coef applies to HydraLoRA only, not to {method!r}; set it to 0")
             self.build_kwargs["balance"] = True
-        self.device = next(model.parameters()).device
+        self.group = group or parallel.single(next(model.parameters()).device)
+        self.device = self.group.device if group is not None else next(model.parameters()).device
         self.was_training = model.training
         self.peft_model: Any = None
+        self.wrapped: Any = None  # what the forward passes go through (the DDP wrapper, or the model)
         self.step_count, self.micro, self.tokens_seen, self.seconds_before = 0, 0, 0, 0.0
         self.loss_steps: list[int] = []
         self.loss_values: list[float] = []
@@ -161,10 +169,15 @@ class Trainer:
         torch.manual_seed(self.settings.seed)
         self.peft_model = build(self.model, self.adapter, base_name=self.model_name, **self.build_kwargs)
         try:
-            self._setup_optimizer()
+            self.spec = adapter_spec(self.peft_model)
             self.run_id = self._run_id()
-            if self.start_ckpt is not None:
-                self._restore(self.start_ckpt)
+            self.group.check_same(self.run_id, "the settings, the adapter and the training data")
+            state = self._restore_weights(self.start_ckpt) if self.start_ckpt is not None else None
+            self.wrapped = self.group.wrap(self.peft_model)
+            self.group.seed_dropout(self.settings.seed)
+            self._setup_optimizer()
+            if state is not None:
+                self._restore(self.start_ckpt, state)
             self._setup_step()
             if isinstance(self.adapter, AdapterPlan):  # kept only once the plan has built an adapter
                 self.adapter.save(self.out / ckpt.PLAN)
@@ -175,8 +188,8 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         import torch
 
-        self.spec = adapter_spec(self.peft_model)
-        self.params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.named = [(n, p) for n, p in self.peft_model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
         if not self.params:
             raise AdapterError("the adapter has no trainable parameters")
         self.optimizer, self.optimizer_name = _adamw(self.params, self.settings, self.device)
@@ -201,14 +214,29 @@ class Trainer:
         skip = ("base_model_name_or_path", "revision", "inference_mode")
         return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items() if k not in skip}
 
-    def _restore(self, folder: Path) -> None:
+    def _restore_weights(self, folder: Path) -> dict[str, Any]:
+        """Check that checkpoint ``folder`` belongs to this run and load its adapter weights (before any
+        sharding); its ``trainer_state.json``."""
         state = ckpt.read_state(folder)
         saved_id = state.get("run")
         if saved_id != self.run_id:
             diff = ckpt.describe_diff(saved_id or {}, self.run_id)
             raise AdapterError(f"checkpoint {folder} belongs to a run with other settings or data ({diff}); "
                                "resume with the original settings, or choose another --out")
-        ckpt.load_checkpoint(folder, self.peft_model, self.optimizer, self.scheduler)
+        ckpt.load_adapter_weights(folder, self.peft_model)
+        return state
+
+    def _restore(self, folder: Path, state: dict[str, Any]) -> None:
+        """Restore the optimizer, the schedule, the RNG states and the counters of checkpoint ``folder``."""
+        optimizer_state, scheduler_state, rng = ckpt.read_training_state(folder)
+        self.group.load_optimizer_state(self.optimizer, self.params, optimizer_state)
+        self.scheduler.load_state_dict(scheduler_state)
+        ranks = rng.get("ranks") or [rng]
+        if len(ranks) == self.group.world:
+            ckpt.set_rng_state(ranks[self.group.rank])
+        else:
+            log.info("checkpoint %s was written by %d processes, this run has %d: the dropout generators "
+                     "start afresh", folder, len(ranks), self.group.world)
         self.step_count, self.micro = int(state["step"]), int(state["micro_step"])
         self.tokens_seen, self.seconds_before = int(state["tokens_seen"]), float(state["seconds"])
         self.loss_steps, self.loss_values = list(state["loss_steps"]), list(state["loss_values"])
@@ -228,7 +256,7 @@ class Trainer:
         self.acc_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
         self.extra = {"objective": self.objective, "n_examples": self.n_examples, "n_dropped_too_long": self.dropped,
                       "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
-                      "device": str(self.device),
+                      "device": str(self.device), **self.group.describe(),
                       "compute_dtype": "bfloat16 autocast" if cuda else "float32",
                       "optimizer": self.optimizer_name,
                       "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"]}
@@ -243,46 +271,69 @@ class Trainer:
         """Switch to training mode, start the clock and the progress bar."""
         self.peft_model.train()
         self._t0 = time.perf_counter()
-        self._bar = runtime.progress(self.total, "fine-tune", enabled=progress, unit="step",
+        self._bar = runtime.progress(self.total, "fine-tune", enabled=progress and self.group.is_main, unit="step",
                                      initial=self.step_count)
 
-    def _micro_batches(self, picks: list[list[int]]) -> tuple[list[tuple[Any, Any, Any]], int]:
-        """Collated micro-batches on the device (inputs, answer index, answer tokens) and the number
-        of answer tokens; counted and indexed on the host, copied without waiting. For a classifier:
-        (inputs, None, class ids) and the number of examples."""
-        work, n_tok = [], 0
+    def _target_counts(self) -> list[int]:
+        """Per sequence, the targets the loss sums over: answer tokens (labels[t + 1] ≠ −100, the
+        positions :func:`~adapters.train.loss.answer_targets` picks) or 1 for a classified example."""
         if self.objective == CLASSIFICATION:
-            for idx in picks:
-                b = collate_classification([self.seqs[i] for i in idx], self.pad)
-                n_tok += len(idx)
-                work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"}, None,
-                             self.to_device(b["labels"])))
-            return work, n_tok
+            return [1] * len(self.seqs)
+        return [sum(1 for t in seq["labels"][1:] if t != IGNORE_INDEX) for seq in self.seqs]
+
+    def _my_rows(self, idx: list[int]) -> tuple[list[int], float]:
+        """This process's sequences of a micro-batch and their weight: its run of ``idx``
+        (:meth:`parallel.Group.rows`), or, when that run is empty, the first sequence with weight 0 (so
+        that every process takes part in every collective)."""
+        mine = idx[self.group.rows(len(idx))]
+        return (mine, 1.0) if mine else (idx[:1], 0.0)
+
+    def _micro_batches(self, picks: list[list[int]]) -> tuple[list[tuple[Any, Any, Any, float]], int]:
+        """Collated micro-batches on the device (inputs, answer index, answer tokens, weight) and the
+        number of answer tokens of the whole step (every process's share); counted and indexed on the
+        host, copied without waiting. For a classifier: (inputs, None, class ids, weight) and the
+        number of examples. In one process every weight is 1 and the micro-batches are whole."""
+        work = []
+        n_tok = sum(self.counts[i] for idx in picks for i in idx)
         for idx in picks:
-            b = collate([self.seqs[i] for i in idx], self.pad)
+            rows, weight = self._my_rows(idx)
+            if self.objective == CLASSIFICATION:
+                b = collate_classification([self.seqs[i] for i in rows], self.pad)
+                work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"}, None,
+                             self.to_device(b["labels"]), weight))
+                continue
+            b = collate([self.seqs[i] for i in rows], self.pad)
             index, target = loss_fns.answer_targets(b["labels"])
-            n_tok += int(index.numel())
             work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"},
-                         self.to_device(index), self.to_device(target)))
+                         self.to_device(index), self.to_device(target), weight))
         if n_tok == 0:
             raise DataFormatError(f"step {self.step_count + 1} has no answer tokens to train on")
         return work, n_tok
 
-    def _accumulate(self, work: list[tuple[Any, Any, Any]], n_tok: int) -> Any:
-        """Forward and backward over the micro-batches; the summed answer loss, on the device."""
+    def _accumulate(self, work: list[tuple[Any, Any, Any, float]], n_tok: int) -> Any:
+        """Forward and backward over the micro-batches; the summed answer loss of this process's
+        sequences, on the device. With P processes the objective is P · (its loss sum) / N, so that
+        the gradient the processes average is the one-process gradient (:mod:`.parallel`)."""
         s, loss_sum = self.settings, None
-        for inputs, index, target in work:
-            with self.autocast:
+        world = self.group.world
+        head = self.peft_model.get_output_embeddings() if self.objective == CAUSAL else None
+        for k, (inputs, index, target, weight) in enumerate(work):
+            with self.group.no_sync(self.wrapped, sync=k == len(work) - 1), self.autocast:
                 if index is None:
-                    part = loss_fns.class_loss_sum(self.peft_model, inputs, target)
+                    part = loss_fns.class_loss_sum(self.wrapped, inputs, target)
                 else:
-                    part = loss_fns.answer_loss_sum(self.peft_model, inputs, index, target)
-                objective = part / n_tok
+                    part = loss_fns.answer_loss_sum(self.wrapped, inputs, index, target, head=head)
+                objective = part / n_tok if world == 1 else part * (weight * world / n_tok)
                 if self.aux_loss is not None:
-                    objective = objective + s.balance_coef * self.aux_loss(self.peft_model) / s.grad_accum
-            objective.backward()
-            part = part.detach().to(self.acc_dtype)
-            loss_sum = part if loss_sum is None else loss_sum + part
+                    objective = objective + s.balance_coef * weight * self.aux_loss(self.peft_model) / s.grad_accum
+                objective.backward()
+            if weight:
+                part = part.detach().to(self.acc_dtype)
+                loss_sum = part if loss_sum is None else loss_sum + part
+        if loss_sum is None:  # this process had no sequence of its own in the whole step
+            import torch
+
+            loss_sum = torch.zeros((), dtype=self.acc_dtype, device=self.device)
         return loss_sum
 
     def step(self) -> None:
@@ -317,7 +368,7 @@ class Trainer:
 
         if not self._pending:
             return
-        sums = torch.stack([p[2] for p in self._pending]).tolist()
+        sums = self.group.sum_(torch.stack([p[2] for p in self._pending])).tolist()
         done = list(self._pending)
         self._pending.clear()
         for (k, n, _), total_k in zip(done, sums):
@@ -332,17 +383,26 @@ class Trainer:
         """Training seconds, those before a resumption included."""
         return self.seconds_before + time.perf_counter() - self._t0
 
-    def checkpoint(self) -> Path:
-        """Write ``OUT/checkpoints/step-N`` and the results so far."""
+    def checkpoint(self) -> Optional[Path]:
+        """Write ``OUT/checkpoints/step-N`` and the results so far (the main process writes, every
+        process takes part in gathering the state); the folder, None in the other processes."""
         elapsed = self.elapsed()
-        folder = ckpt.write_checkpoint(self.out / ckpt.CHECKPOINTS, self.step_count, self.peft_model,
-                                       self.optimizer, self.scheduler, {
-                                           "step": self.step_count, "micro_step": self.micro,
-                                           "total_steps": self.total, "tokens_seen": self.tokens_seen,
-                                           "seconds": elapsed, "loss_steps": self.loss_steps,
-                                           "loss_values": self.loss_values, "run": self.run_id},
-                                       self.settings.keep_checkpoints)
-        write_json(self.out / ckpt.RESULTS, self.result(elapsed).to_dict())
+        g = self.group
+        adapter_state = g.adapter_state(self.named)
+        optimizer_state = g.optimizer_state(self.optimizer, self.params)
+        rngs = g.gather_objects(ckpt.rng_state())
+        folder = None
+        if g.is_main:
+            rng = dict(rngs[0], ranks=rngs) if g.distributed else rngs[0]
+            folder = ckpt.write_checkpoint(self.out / ckpt.CHECKPOINTS, self.step_count, self.peft_model,
+                                           optimizer_state, self.scheduler.state_dict(), rng, {
+                                               "step": self.step_count, "micro_step": self.micro,
+                                               "total_steps": self.total, "tokens_seen": self.tokens_seen,
+                                               "seconds": elapsed, "loss_steps": self.loss_steps,
+                                               "loss_values": self.loss_values, "run": self.run_id},
+                                           self.settings.keep_checkpoints, adapter_state=adapter_state)
+            write_json(self.out / ckpt.RESULTS, self.result(elapsed).to_dict())
+        g.barrier()
         return folder
 
     # ------------------------------------------------------------------ results
@@ -363,12 +423,17 @@ class Trainer:
         self._bar.close()
 
     def finish(self) -> FinetuneRun:
-        """Switch to evaluation mode and write OUT/adapter and OUT/results.json."""
+        """Switch to evaluation mode and write OUT/adapter and OUT/results.json (the main process
+        writes; every process returns the same record)."""
         self.peft_model.eval()
         elapsed = self.elapsed()
-        adapter_dir = save(self.peft_model, self.out / ckpt.ADAPTER)
+        adapter_state = self.group.adapter_state(self.named)
+        adapter_dir, results_path = self.out / ckpt.ADAPTER, self.out / ckpt.RESULTS
         result = self.result(elapsed)
-        results_path = write_json(self.out / ckpt.RESULTS, result.to_dict())
+        if self.group.is_main:
+            save(self.peft_model, adapter_dir, state_dict=adapter_state)
+            write_json(results_path, result.to_dict())
+        self.group.barrier()
         values = self.loss_values
         log.info("fine-tuned %s for %d steps: loss %.4f → %.4f; adapter in %s", self.spec.method, self.total,
                  values[0] if values else float("nan"), values[-1] if values else float("nan"), adapter_dir)
@@ -377,8 +442,9 @@ class Trainer:
 
     def abort(self) -> None:
         """Remove the adapters again, so that the caller's model is as it came in (the newest
-        checkpoint keeps the progress)."""
-        if self.peft_model is not None:
+        checkpoint keeps the progress). A model wrapped for several processes stays as it is: its
+        process ends with the run."""
+        if self.peft_model is not None and self.group.accelerator is None:
             unload(self.peft_model)  # a classifier's head as it came in, too
         self.model.train(self.was_training)
 
@@ -388,7 +454,8 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
              settings: Optional[TrainSettings] = None, resume: bool = False, progress: bool = True,
              model_name: Optional[str] = None, data_name: str = "",
              on_step: Optional[Callable[[int, float], None]] = None,
-             on_ready: Optional[Callable[[], None]] = None, **build_kwargs: Any) -> FinetuneRun:
+             on_ready: Optional[Callable[[], None]] = None, group: Optional[parallel.Group] = None,
+             **build_kwargs: Any) -> FinetuneRun:
     """Fine-tune adapters on ``examples`` and write OUT/adapter, OUT/results.json, OUT/checkpoints
     (and OUT/plan.json when ``adapter`` is a plan, once it has built an adapter).
 
@@ -406,6 +473,9 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
             each step's loss makes the host wait for the GPU once per step.
         on_ready: called once the adapter is built (and the checkpoint restored), before the first
             step: the moment to write what belongs to a run that has started.
+        group: this process's place in a run of several processes (:func:`adapters.train.parallel.join`,
+            under ``accelerate launch`` or ``torchrun``): every process calls :func:`finetune` with the
+            same arguments and ``model`` on its device (on the CPU for FSDP); None for one process.
         build_kwargs: passed to :func:`adapters.build` (r, alpha, target_modules, curvature, n_heads,
             layer_ranks, dropout, top_k).
 
@@ -422,7 +492,7 @@ def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
     """
     trainer = Trainer(model, tokenizer, examples, adapter, out=out, settings=settings or TrainSettings(),
                       resume=resume, model_name=model_name, data_name=data_name, on_step=on_step,
-                      build_kwargs=build_kwargs)
+                      build_kwargs=build_kwargs, group=group)
     trainer.setup()
     try:
         if on_ready is not None:

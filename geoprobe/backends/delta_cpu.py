@@ -260,9 +260,19 @@ def delta_fixed(dist: np.ndarray, base_point: int, best0: float = 0.0) -> float:
 
 def delta_exact(dist: np.ndarray, first: int = 0) -> float:
     """Four-point δ = max over every base point w of δ_w; each base starts from the best so far."""
+    n = dist.shape[0]
+    return delta_bases(dist, [first] + [v for v in range(n) if v != first])
+
+
+def delta_bases(dist: np.ndarray, bases: "list[int] | np.ndarray") -> float:
+    """max(0, max over w in ``bases`` of δ_w) (0 for no base): the exact δ restricted to some base
+    points, the share of one device or process when the base points are spread over several."""
     dist = np.ascontiguousarray(dist, dtype=np.float64)
     n = dist.shape[0]
-    bases = np.array([first] + [v for v in range(n) if v != first], dtype=np.int64)
+    bases = np.asarray(bases, dtype=np.int64)
+    if bases.size == 0:
+        return 0.0
+    first = int(bases[0])
     if n <= SERIAL_MAX_N // 2:
         return float(delta_serial(dist, bases, 0.0, SWITCH, REFRESH))
     # the first base alone gives a lower bound that prunes every later one

@@ -118,7 +118,15 @@ def delta_exact_torch(dist: torch.Tensor, *, first: int = 0, block: Optional[int
                       search_float32: bool = True) -> float:
     """Four-point δ = max over every base point w of δ_w; each base starts from the best so far."""
     n = dist.shape[0]
+    return delta_bases_torch(dist, [first] + [v for v in range(n) if v != first], block=block,
+                             search_float32=search_float32)
+
+
+def delta_bases_torch(dist: torch.Tensor, bases: "list[int]", *, block: Optional[int] = None,
+                      search_float32: bool = True) -> float:
+    """max(0, max over w in ``bases`` of δ_w), each base starting from the best so far: the exact δ
+    restricted to some base points (one device's share when they are spread over several)."""
     best = 0.0
-    for w in [first] + [v for v in range(n) if v != first]:
-        best = delta_fixed_torch(dist, w, best0=best, block=block, search_float32=search_float32)
+    for w in bases:
+        best = delta_fixed_torch(dist, int(w), best0=best, block=block, search_float32=search_float32)
     return best

@@ -90,13 +90,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..errors import InputDataError
 from .arrays import real_float64
+from .spread import share
 
 logger = logging.getLogger(__name__)
 
@@ -233,14 +234,97 @@ def distances_at_ranks(x64: torch.Tensor, ranks: list[int], *, tau: Optional[flo
     if sel is None:  # small input or identical points: exact lists for every row
         dist, idx = knn_float64(x64, k, chunk=chunk, selection_dtype=selection_dtype)
         return dist[:, ranks_t - 1], (None if tau is None else _near_from_lists(x64, dist, idx, tau))
+    return _ranks_with_fallback(x64, sel, ranks, tau)
+
+
+def distances_at_ranks_spread(x64: torch.Tensor, ranks: list[int], spread: Any, *, tau: Optional[float] = None,
+                              chunk: Optional[int] = None, selection_dtype: Selection = None
+                              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`distances_at_ranks` with its work spread over the parts of ``spread`` (a
+    :class:`geoprobe.backends.spread.Spread`: several devices, or the processes of a group), the same
+    answer on its home device.
+
+    1. The strips of the candidate products (:func:`_symmetric_candidates`) are dealt to the parts,
+       balanced by their cost (b·(N − s) products for the strip [s, s + b)); each part forms the lists
+       of the pairs its strips cover, and :func:`merge_candidates` joins them: the lists one device
+       would have formed (the same products, in the selection precision the home device uses).
+    2. The query rows are cut into contiguous runs, one per part; each part places its rows' ranks
+       from their candidates and recomputes what the bound cannot certify, exactly as one device does.
+
+    Every distance returned is a direct float64 distance of one pair and every decision is made per
+    row, so the result does not depend on the split. Small inputs (every point a candidate) and
+    identical points are computed on the home device alone.
+    """
+    n, dim = x64.shape
+    k = int(max(ranks))
+    m = _n_candidates(n, k)
+    home = spread.home
+    xh = x64.to(home)
+    if m == n - 1 or float(_scaled_points(xh)[2]) == 0.0:
+        return distances_at_ranks(xh, ranks, tau=tau, chunk=chunk, selection_dtype=selection_dtype)
+    kind = _resolve_kind(selection_dtype, home, dim)
+    chunk = chunk or _chunk_rows(n, None, home)
+    owned = _deal_strips(n, chunk, spread.parts)
+    copies: dict[torch.device, torch.Tensor] = {home: xh, x64.device: x64}
+
+    def local(dev: torch.device) -> torch.Tensor:
+        if dev not in copies:
+            copies[dev] = x64.to(dev)
+        return copies[dev]
+
+    def lists(part: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        scaled, _, _ = _scaled_points(local(dev))
+        return _symmetric_candidates(_Gram(scaled, kind), m, chunk, owned[part])
+
+    def rows_of(part: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x = local(dev)
+        span = share(n, spread.parts, part)
+        rows = torch.arange(span.start, span.stop, device=dev)
+        if rows.numel() == 0:
+            return torch.empty((0, len(ranks)), dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.bool, device=dev)
+        scaled, snorm, radius = _scaled_points(x)
+        sel = _Selection(cand[span].to(dev), approx[span].to(dev), scaled, snorm, float(radius), kind, chunk, rows=rows)
+        out, near = _ranks_with_fallback(x, sel, ranks, tau)
+        return out, (near if near is not None else torch.zeros(rows.numel(), dtype=torch.bool, device=dev))
+
+    # the precision is set once for every thread (a part must not restore it under another's products)
+    any_cuda = torch.device("cuda") if any(d.type == "cuda" for d in spread.devices) else home
+    with _matmul_precision(any_cuda, tf32=kind == "3xtf32"):
+        cand, approx = merge_candidates(spread.map(lists), m)
+    with _matmul_precision(any_cuda, tf32=False):
+        parts = spread.map(rows_of)
+    out = torch.cat([p[0] for p in parts])
+    near = torch.cat([p[1] for p in parts]) if tau is not None else None
+    return out, near
+
+
+def _deal_strips(n: int, chunk: int, parts: int) -> list[list[int]]:
+    """The strip starts of each part: the strips [s, s + b) by decreasing cost b·(N − s), each to the
+    part with the least cost so far (longest-processing-time-first)."""
+    starts = sorted(range(0, n, chunk), key=lambda s: -(min(n, s + chunk) - s) * (n - s))
+    load = [0] * parts
+    owned: list[list[int]] = [[] for _ in range(parts)]
+    for s in starts:
+        j = min(range(parts), key=lambda p: (load[p], p))
+        owned[j].append(s)
+        load[j] += (min(n, s + chunk) - s) * (n - s)
+    return [sorted(o) for o in owned]
+
+
+def _ranks_with_fallback(x64: torch.Tensor, sel: "_Selection", ranks: list[int], tau: Optional[float]
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The distances at ``ranks`` (and the near mask) of the selection's rows: from the candidates
+    where the bound certifies them, from exact lists (:func:`_rows_exact`) elsewhere."""
+    ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=x64.device)
     out, near, ok = _ranks_from_selection(x64, sel, ranks, tau)
     redo = torch.nonzero(~ok).flatten()
     if redo.numel():
-        logger.debug("kNN ranks: %d of %d rows need the exact lists", redo.numel(), n)
-        dist, idx = _rows_exact(x64, sel, redo, k)
+        logger.debug("kNN ranks: %d of %d rows need the exact lists", redo.numel(), sel.rows.numel())
+        rows = sel.rows[redo]
+        dist, idx = _rows_exact(x64, sel, rows, int(max(ranks)))
         out[redo] = dist[:, ranks_t - 1]
         if near is not None:
-            near[redo] = _near_from_lists(x64, dist, idx, tau, redo)
+            near[redo] = _near_from_lists(x64, dist, idx, tau, rows)
     return out, near
 
 
@@ -249,10 +333,10 @@ def _ranks_from_selection(x64: torch.Tensor, sel: "_Selection", ranks: list[int]
                           ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     n, m = sel.cand.shape
     dev = x64.device
-    rows = torch.arange(n, device=dev)
+    rows = sel.rows
     ranks_t = torch.as_tensor(ranks, dtype=torch.long, device=dev)
     approx, cand = sel.approx, sel.cand
-    err = sel.c * (sel.snorm[:, None] + sel.snorm[cand]) ** 2 + sel.tiny
+    err = sel.c * (sel.qnorm[:, None] + sel.snorm[cand]) ** 2 + sel.tiny
     lo, hi = approx - err, approx + err
     lower = torch.sort(lo, dim=1).values[:, ranks_t - 1]  # (N, R): L_r
     upper = torch.sort(hi, dim=1).values[:, ranks_t - 1]  # (N, R): U_r
@@ -268,7 +352,7 @@ def _ranks_from_selection(x64: torch.Tensor, sel: "_Selection", ranks: list[int]
 
     exact = torch.full((n, m), math.inf, dtype=torch.float64, device=dev)
     pr, pc = torch.nonzero(need, as_tuple=True)
-    exact[pr, pc] = _pair_distances(x64, pr, cand[pr, pc])
+    exact[pr, pc] = _pair_distances(x64, rows[pr], cand[pr, pc])
     out = torch.empty((n, len(ranks)), dtype=torch.float64, device=dev)
     for j, r in enumerate(ranks):
         below = (hi < lower[:, j, None]).sum(dim=1)
@@ -279,7 +363,7 @@ def _ranks_from_selection(x64: torch.Tensor, sel: "_Selection", ranks: list[int]
     if tau is not None:
         near = ((exact <= tau) & (cand < rows[:, None])).any(dim=1)
         for i in torch.nonzero(unsure & ~near).flatten().tolist():
-            near[i] = _earlier_within(x64, i, tau)
+            near[i] = _earlier_within(x64, int(rows[i]), tau)
     return out, near, ok
 
 
@@ -464,14 +548,19 @@ class _Gram:
 
 
 class _Selection:
-    """Candidates of every row from the expanded products, sorted by expanded value, with what the
-    error bound needs. ``approx`` is in scaled units (data centred and divided by ``radius``)."""
+    """Candidates of the rows ``rows`` (default: every row) from the expanded products, sorted by
+    expanded value, with what the error bound needs. ``approx`` is in scaled units (data centred and
+    divided by ``radius``); ``cand`` and ``approx`` hold one line per row of ``rows``, ``scaled`` and
+    ``snorm`` every point."""
 
     def __init__(self, cand: torch.Tensor, approx: torch.Tensor, scaled: torch.Tensor,
-                 snorm: torch.Tensor, radius: float, kind: str, chunk: int):
+                 snorm: torch.Tensor, radius: float, kind: str, chunk: int,
+                 rows: Optional[torch.Tensor] = None):
         self.cand, self.approx, self.scaled, self.snorm = cand, approx, scaled, snorm
         self.radius, self.kind, self.chunk = radius, kind, chunk
         self.c, self.tiny = _bound_constants(scaled.shape[1], kind)
+        self.rows = torch.arange(cand.shape[0], device=cand.device) if rows is None else rows
+        self.qnorm = snorm if rows is None else snorm[rows]  # the norms of the rows the lists belong to
 
     @property
     def m(self) -> int:
@@ -481,14 +570,14 @@ class _Selection:
                    rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Rows whose k-th exact distance ``dk`` (input units) is not provably below every point with
         an expanded value ≥ ``threshold`` (module docstring)."""
-        sn = self.snorm if rows is None else self.snorm[rows]
+        sn = self.qnorm if rows is None else self.qnorm[rows]
         d = dk / self.radius
         return ~(d * d <= threshold - self.c * (2.0 * sn + d) ** 2 - self.tiny)
 
     def certified(self, v: torch.Tensor) -> torch.Tensor:
         """Rows whose non-candidates provably lie at squared scaled distance ≥ ``v``."""
         a = self.approx[:, -1]
-        return a - self.c * (2.0 * self.snorm + torch.sqrt(v)) ** 2 - self.tiny >= v
+        return a - self.c * (2.0 * self.qnorm + torch.sqrt(v)) ** 2 - self.tiny >= v
 
 
 def _scaled_points(x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -517,20 +606,29 @@ def _select(x64: torch.Tensor, m: int, chunk: Optional[int],
     return _Selection(cand, approx, scaled, snorm, radius, kind, chunk)
 
 
-def _symmetric_candidates(gram: _Gram, m: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_candidates(gram: _Gram, m: int, chunk: int, starts: Optional[Sequence[int]] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the m smallest expanded squared distances per row and those values (float64), both
-    sorted by value, using each product block for both its rows and its columns."""
+    sorted by value, using each product block for both its rows and its columns.
+
+    The strips [s, s + chunk) × [s, N) are formed for s in ``starts`` (default: every multiple of
+    ``chunk``); a strip covers every pair whose smaller index lies in it, so the strips of all starts
+    cover each pair once. With a subset of the starts the lists hold the m smallest values among the
+    pairs those strips cover (:func:`merge_candidates` joins the lists of disjoint subsets)."""
     n = gram.n
     sq = gram.sq
     dev = sq.device
     best_v = torch.full((n, m), math.inf, dtype=gram.dtype, device=dev)  # from earlier strips
     best_i = torch.zeros((n, m), dtype=torch.long, device=dev)
-    out_i = torch.empty((n, m), dtype=torch.long, device=dev)
-    out_v = torch.empty((n, m), dtype=torch.float64, device=dev)
+    out_i = torch.zeros((n, m), dtype=torch.long, device=dev)
+    out_v = torch.full((n, m), math.inf, dtype=torch.float64, device=dev)
     buf = torch.empty(min(chunk, n) * n, dtype=gram.dtype, device=dev)
-    for s in range(0, n, chunk):
+    done = 0  # rows below this are final in out_v / out_i
+    for s in (range(0, n, chunk) if starts is None else sorted(starts)):
         e = min(n, s + chunk)
         b = e - s
+        if done < s:  # rows no strip of this subset owns: the column-side lists so far are final
+            _finish(best_v, best_i, out_v, out_i, done, s)
         d2 = buf[:b * (n - s)].view(b, n - s)
         gram.product(slice(s, e), slice(s, None), out=d2)
         d2.mul_(-2.0).add_(sq[s:e, None]).add_(sq[None, s:])
@@ -540,10 +638,30 @@ def _symmetric_candidates(gram: _Gram, m: int, chunk: int) -> tuple[torch.Tensor
         v, order = torch.sort(v, dim=1)
         out_i[s:e] = torch.gather(i, 1, order)
         out_v[s:e] = v
+        done = e
         if e < n:  # columns beyond the diagonal block: candidates of the later rows
             cv, ci = torch.topk(d2[:, b:], min(m, b), dim=0, largest=False, sorted=False)
             best_v[e:], best_i[e:] = _merge(best_v[e:], best_i[e:], cv.T, ci.T + s, m)
+    if done < n:
+        _finish(best_v, best_i, out_v, out_i, done, n)
     return out_i, out_v
+
+
+def _finish(best_v: torch.Tensor, best_i: torch.Tensor, out_v: torch.Tensor, out_i: torch.Tensor,
+            a: int, b: int) -> None:
+    """Rows [a, b): their lists so far, sorted, into ``out_v`` / ``out_i``."""
+    v, order = torch.sort(best_v[a:b], dim=1)
+    out_i[a:b] = torch.gather(best_i[a:b], 1, order)
+    out_v[a:b] = v
+
+
+def merge_candidates(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of the m smallest values per row over candidate lists of disjoint sets of
+    pairs (:func:`_symmetric_candidates` on disjoint start subsets), sorted by value."""
+    i = torch.cat([p[0] for p in parts], dim=1)
+    v = torch.cat([p[1] for p in parts], dim=1)
+    v, pos = torch.topk(v, m, dim=1, largest=False, sorted=True)
+    return torch.gather(i, 1, pos), v
 
 
 def _merge(best_v: torch.Tensor, best_i: torch.Tensor, new_v: torch.Tensor, new_i: torch.Tensor,

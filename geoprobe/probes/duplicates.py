@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..backends.knn_certified import (Selection, as_float64_points, distances_at_ranks,
-                                      first_earlier_within)
+                                      distances_at_ranks_spread, first_earlier_within)
 from ..errors import InputDataError
 
 logger = logging.getLogger(__name__)
@@ -107,12 +107,16 @@ def usable_ranks(ranks: list[int], n: int) -> list[int]:
 
 
 def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int], list[int]],
-           min_points: int, selection: Selection = None
+           min_points: int, selection: Selection = None, spread: Any = None
            ) -> tuple[torch.Tensor, list[int], Optional[torch.Tensor], torch.Tensor]:
     """Rows kept by the duplicate rule of :func:`deduplicate`, the usable ranks, the kept rows'
     exact distances at those ranks (None when fewer than two rows are kept) and the kept rows'
-    indices in ``x64`` (increasing, an int64 tensor on the rows' device)."""
+    indices in ``x64`` (increasing, an int64 tensor on the rows' device). ``spread``: the neighbour
+    searches run on its parts (:func:`~geoprobe.backends.knn_certified.distances_at_ranks_spread`),
+    with the same result."""
     n = x64.shape[0]
+    at_ranks = distances_at_ranks if spread is None else functools.partial(distances_at_ranks_spread,
+                                                                          spread=spread)
     first = exact_first_occurrences(x64)
     n_unique = first.numel()
     if n_unique < min_points:
@@ -124,7 +128,7 @@ def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int
         return xu, [], None, first
     tau = tol * data_scale(xu)
     ranks = usable_ranks(ranks_for(n_unique), n_unique)
-    dist, near = distances_at_ranks(xu, ranks, tau=tau, selection_dtype=selection)
+    dist, near = at_ranks(xu, ranks, tau=tau, selection_dtype=selection)
     assert near is not None
     if bool(near.any()):
         xu = xu[~near]
@@ -135,7 +139,7 @@ def dedup_with_distances(x64: torch.Tensor, tol: float, ranks_for: Callable[[int
         dist = None
         if xu.shape[0] >= 2:
             ranks = usable_ranks(ranks_for(xu.shape[0]), xu.shape[0])
-            dist, _ = distances_at_ranks(xu, ranks, selection_dtype=selection)
+            dist, _ = at_ranks(xu, ranks, selection_dtype=selection)
     if n > xu.shape[0]:
         logger.info("removed %d duplicate points of %d (%d exact, %d within %.3g)", n - xu.shape[0],
                     n, n - n_unique, n_unique - xu.shape[0], tau)

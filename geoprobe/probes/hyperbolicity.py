@@ -18,6 +18,9 @@ Backends (all return the float64 value of the plain formula, checked against :fu
   the best value so far (``geoprobe.backends.delta_cpu``); no n×n×n array is ever formed.
 * CUDA torch tensors: blocked torch operations, float32 search and float64 recomputation of the rows
   that can hold the maximum (``geoprobe.backends.delta_torch``).
+* Several devices or processes (``devices=``, ``process_group=``, :mod:`geoprobe.backends.spread`): exact
+  mode's base points are dealt to them; each takes the maximum over its own with the backend of its
+  device, and the largest is δ — the same float64 number as on one device.
 
 Distances between points are Euclidean, in float64. Random Gaussian points with no hierarchy already
 give small δ_rel (distance concentration), so every δ_rel needs a matched null:
@@ -29,7 +32,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -213,25 +216,38 @@ def _fixed_blocked_numpy(dist: np.ndarray, w: int, block: Optional[int] = None,
     return best
 
 
-def _cpu_delta(dist: np.ndarray, mode: str, base_point: int, block: Optional[int]) -> tuple[float, str]:
+def _cpu_bases(dist: np.ndarray, bases: list[int], block: Optional[int]) -> tuple[float, str]:
+    """max(0, max over w in ``bases`` of δ_w) on the CPU and the backend's name (the compiled kernel,
+    or blocked numpy where numba is missing)."""
     try:
         from ..backends import delta_cpu
     except ImportError as exc:  # numba missing or broken: the same value, slower
         logger.warning("numba is unavailable (%s); δ runs in blocked numpy (install numba for speed)",
                        exc)
-        if mode == "fixed":
-            return _fixed_blocked_numpy(dist, base_point, block), "numpy-blocked"
         best = 0.0
-        for w in [base_point] + [v for v in range(dist.shape[0]) if v != base_point]:
+        for w in bases:
             best = _fixed_blocked_numpy(dist, w, block, best)
         return best, "numpy-blocked"
+    if len(bases) == 1:
+        return delta_cpu.delta_fixed(dist, bases[0]), "numba-cpu"
+    return delta_cpu.delta_bases(dist, bases), "numba-cpu"
+
+
+def _bases(n: int, mode: str, base_point: int) -> list[int]:
+    """The base points δ is maximised over: ``base_point`` alone (fixed mode), or every point with
+    ``base_point`` first (exact mode)."""
     if mode == "fixed":
-        return delta_cpu.delta_fixed(dist, base_point), "numba-cpu"
-    return delta_cpu.delta_exact(dist, base_point), "numba-cpu"
+        return [base_point]
+    return [base_point] + [v for v in range(n) if v != base_point]
 
 
-def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[int]
-                ) -> tuple[float, float, str]:
+def _cpu_delta(dist: np.ndarray, mode: str, base_point: int, block: Optional[int]) -> tuple[float, str]:
+    return _cpu_bases(dist, _bases(dist.shape[0], mode, base_point), block)
+
+
+def _cuda_distances(x, distances: bool):
+    """The float64 distance matrix of CUDA points (or the checked matrix itself) on their GPU, after
+    checking that δ fits in the free memory."""
     import torch
 
     from ..backends import delta_torch
@@ -249,18 +265,71 @@ def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[
         raise InputDataError(cuda_memory_message(n, free))
     try:
         if distances:
-            D = torch.from_numpy(_validated_distances(t.cpu().numpy())).to(t.device)
-        else:
-            D = delta_torch.euclidean_distances_torch(t, refine=REFINE)
-        diam = float(D.max())
-        _require_spread(diam, D.shape[0])
-        if mode == "fixed":
-            d = delta_torch.delta_fixed_torch(D, base_point, block=block)
-        else:
-            d = delta_torch.delta_exact_torch(D, first=base_point, block=block)
+            return torch.from_numpy(_validated_distances(t.cpu().numpy())).to(t.device)
+        return delta_torch.euclidean_distances_torch(t, refine=REFINE)
     except torch.cuda.OutOfMemoryError:
         raise InputDataError(cuda_memory_message(n, cuda_free_bytes(t.device))) from None
-    return d, diam, "torch-cuda"
+
+
+def _cuda_bases(D, bases: list[int], block: Optional[int]) -> float:
+    """max(0, max over w in ``bases`` of δ_w) for a float64 distance matrix on a GPU."""
+    import torch
+
+    from ..backends import delta_torch
+    from ..runtime import cuda_free_bytes
+
+    try:
+        if len(bases) == 1:
+            return delta_torch.delta_fixed_torch(D, bases[0], block=block)
+        return delta_torch.delta_bases_torch(D, bases, block=block)
+    except torch.cuda.OutOfMemoryError:
+        raise InputDataError(cuda_memory_message(D.shape[0], cuda_free_bytes(D.device))) from None
+
+
+def _cuda_delta(x, distances: bool, mode: str, base_point: int, block: Optional[int]
+                ) -> tuple[float, float, str]:
+    D = _cuda_distances(x, distances)
+    diam = float(D.max())
+    _require_spread(diam, D.shape[0])
+    return _cuda_bases(D, _bases(D.shape[0], mode, base_point), block), diam, "torch-cuda"
+
+
+def _spread_delta(x: Any, distances: bool, base_point: int, block: Optional[int], spread: Any
+                  ) -> tuple[float, float, str]:
+    """Exact δ with the base points dealt to the parts of ``spread`` (part j takes every P-th base
+    point, starting at the j-th of ``base_point``, then 0, 1, …): the distance matrix as one device
+    would form it on the home device, each part's maximum on its device, the largest of them. Every
+    δ_w is the float64 value of the plain formula, so the maximum equals one device's."""
+    import torch
+
+    home = spread.home
+    if home.type == "cuda":
+        D = _cuda_distances(torch.as_tensor(x).to(home), distances)
+        Dn = None
+    else:
+        arr = _as_float64_array(x, "distance matrix" if distances else "points")
+        if not distances:
+            _check_points(arr)
+        Dn = _validated_distances(arr) if distances else _euclidean(arr)
+        D = torch.from_numpy(Dn)
+    diam = float(D.max())
+    _require_spread(diam, D.shape[0])
+    bases = _bases(D.shape[0], "exact", base_point)
+    names: dict[int, str] = {}
+
+    def part(j: int, dev: Any) -> tuple[Any, ...]:
+        mine = bases[j::spread.parts]
+        if not mine:
+            value = 0.0
+        elif dev.type == "cuda":
+            value, names[j] = _cuda_bases(D.to(dev), mine, block), "torch-cuda"
+        else:
+            value, names[j] = _cpu_bases(Dn if Dn is not None else D.cpu().numpy(), mine, block)
+        return (torch.tensor([value], dtype=torch.float64, device=dev),)
+
+    values = spread.map(part)
+    backend = "+".join(sorted(set(names.values()))) or ("torch-cuda" if home.type == "cuda" else "numba-cpu")
+    return max(float(v[0][0]) for v in values), diam, f"{backend} ({spread.describe()})"
 
 
 CUDA_BYTES_PER_PAIR = 48
@@ -282,7 +351,8 @@ def cuda_memory_message(n: int, free_bytes: int) -> str:
 
 # --------------------------------------------------------------------------- public API
 def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: int = 0,
-          block: Optional[int] = None) -> DeltaResult:
+          block: Optional[int] = None, devices: Optional[Sequence[Any]] = None,
+          process_group: Any = None) -> DeltaResult:
     """Gromov δ-hyperbolicity of points or of a distance matrix.
 
     Args:
@@ -295,20 +365,33 @@ def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: i
         base_point: index of the base point w (the first base tried in exact mode).
         block: rows of the (max,min) product formed at once by the torch and numpy paths (default:
             sized from memory); the compiled CPU kernel works row by row and does not use it.
+        devices: several devices (``["cuda:0", "cuda:1"]``) to share exact mode's base points, one
+            thread each (:mod:`geoprobe.backends.spread`); the distance matrix is formed on the first.
+        process_group: ``True`` (the default group) or a ``torch.distributed`` group whose processes
+            share exact mode's base points, each on the device of its ``x`` (every process passes the
+            same points and gets the same result). Fixed mode, one base point, runs where ``x`` is.
 
     Returns:
         :class:`DeltaResult` with δ, the diameter, δ_rel = 2δ/diam, and the backend used. CUDA tensors
-        run on their GPU; everything else on the CPU. The value is float64 on every backend.
+        run on their GPU; everything else on the CPU. The value is float64 on every backend, and the
+        same with ``devices`` or ``process_group`` as on the first device alone.
 
     Raises:
         InputDataError: NaN/inf, fewer than 4 points, all points identical, or a malformed matrix.
         DeltaOptionError: an unknown ``mode``, a ``base_point`` out of range, or a bad ``block``.
+        DeviceError: a device this machine does not have, both ``devices`` and ``process_group``, or
+            points that differ between the processes of the group.
     """
     t0 = time.perf_counter()
     if mode not in MODES:
         raise DeltaOptionError(f"mode must be one of {MODES}, got {mode!r}")
     torch = _torch_tensor(x)
-    if torch is not None and x.is_cuda:
+    spread = _spread(x, devices, process_group)
+    if spread is not None and mode == "exact":
+        n = _check_shape(tuple(np.shape(x) if torch is None else x.shape), distances)
+        w = _check_options(mode, base_point, block, n)
+        value, diam, backend = _spread_delta(x, distances, w, block, spread)
+    elif torch is not None and x.is_cuda:
         n = _check_shape(tuple(x.shape), distances)
         w = _check_options(mode, base_point, block, n)
         value, diam, backend = _cuda_delta(x, distances, mode, w, block)
@@ -330,6 +413,21 @@ def delta(x: Any, *, distances: bool = False, mode: str = "fixed", base_point: i
                        n_points=n, mode=mode, base_point=w if mode == "fixed" else None,
                        backend=backend, dtype="float64", seconds=seconds,
                        dim=0 if distances else int(x.shape[1]))
+
+
+def _spread(x: Any, devices: Optional[Sequence[Any]], process_group: Any) -> Any:
+    """The spread ``devices`` / ``process_group`` ask for (None for neither); the group's processes are
+    checked to hold the same points."""
+    from ..backends.spread import GroupSpread, spread_for
+
+    torch = _torch_tensor(x)
+    device = x.device if torch is not None else None
+    spread = spread_for(devices, process_group, device)
+    if isinstance(spread, GroupSpread):
+        import torch as torch_
+
+        spread.check_same(torch_.as_tensor(np.asarray(x) if torch is None else x), "points")
+    return spread
 
 
 def gaussian_null(x: Any, n_repeats: int = 1, seed: int = 0, *,

@@ -94,8 +94,8 @@ import numpy as np
 import torch
 
 from ..errors import InputDataError
-from ..backends.knn_certified import (Selection, as_float64_points, check_selection,
-                                      distances_at_ranks, distances_at_ranks_queued, knn_distances)
+from ..backends.knn_certified import (Selection, as_float64_points, check_selection, distances_at_ranks,
+                                      distances_at_ranks_queued, distances_at_ranks_spread, knn_distances)
 from ..profile import IDResult, IDScale
 from .id_bootstrap import (Groups, check_bootstrap, default_seed, gride_replicates, group_codes,
                            interval, twonn_replicates)
@@ -386,13 +386,16 @@ class _Prepared:
 
 
 def _prepare(x64: torch.Tensor, ranks_for: Callable[[int], list[int]],
-             tol: Optional[float], selection: Selection = None) -> _Prepared:
+             tol: Optional[float], selection: Selection = None, spread: Any = None) -> _Prepared:
     n = x64.shape[0]
     if tol is None:
         if n < 3:
             raise InputDataError(f"need at least 3 points, got {n}")
         ranks = usable_ranks(ranks_for(n), n)
-        dist, _ = distances_at_ranks(x64, ranks, selection_dtype=selection)
+        if spread is None:
+            dist, _ = distances_at_ranks(x64, ranks, selection_dtype=selection)
+        else:
+            dist, _ = distances_at_ranks_spread(x64, ranks, spread, selection_dtype=selection)
         zero = int((dist[:, 0] == 0.0).sum())
         if zero:
             raise InputDataError(f"{zero} points have an exact duplicate; pass dedup_tol (e.g. 1e-6) "
@@ -400,7 +403,7 @@ def _prepare(x64: torch.Tensor, ranks_for: Callable[[int], list[int]],
         return _Prepared(x64, ranks, dist.cpu().numpy(), n, np.arange(n))
     check_tol(tol)
     xu, ranks, dist, kept = dedup_with_distances(x64, tol, ranks_for, min_points=3,
-                                                 selection=selection)
+                                                 selection=selection, spread=spread)
     assert dist is not None
     return _Prepared(xu, ranks, dist.cpu().numpy(), n, kept.cpu().numpy())
 
@@ -554,7 +557,8 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
                         scales: Optional[Sequence[int]] = None, dedup_tol: Optional[float] = 1e-6,
                         discard_fraction: float = 0.1, selection_dtype: Selection = None,
                         device: Optional[str | torch.device] = None, groups: Any = None,
-                        n_boot: int = 0, seed: Any = None, level: float = 0.95) -> IDResult:
+                        n_boot: int = 0, seed: Any = None, level: float = 0.95,
+                        devices: Optional[Sequence[Any]] = None, process_group: Any = None) -> IDResult:
     """Intrinsic dimension of the points ``x`` (N × D) by TwoNN or GRIDE (module docstring).
 
     Args:
@@ -575,6 +579,13 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
         seed: seed of the bootstrap's ``numpy.random.default_rng`` (integer, ``SeedSequence`` or
             None for fresh entropy).
         level: confidence level of the bootstrap percentile interval.
+        devices: several devices (``["cuda:0", "cuda:1"]``) that share the neighbour search, one
+            thread each: the candidate products' strips, then the query rows
+            (:func:`~geoprobe.backends.knn_certified.distances_at_ranks_spread`); the points are copied
+            to each, the estimate is formed on the first. ``device``, if given, must be the first.
+        process_group: ``True`` (the default group) or a ``torch.distributed`` group whose processes
+            share the neighbour search in the same way, each on the device of its ``x`` (or ``device``);
+            every process passes the same points and gets the same result.
 
     Returns:
         :class:`IDResult`. TwoNN: ``dimension`` and ``linear_fit_dimension`` the paper's line fit,
@@ -588,19 +599,42 @@ def intrinsic_dimension(x: Any, *, estimator: str = "twonn", n1_max: Optional[in
     Raises:
         InputDataError: NaN/inf, not 2-D, fewer than 3 distinct points, all points identical,
             groups of the wrong shape, fewer than 2 groups with a bootstrap, or invalid options.
+        DeviceError: a device this machine does not have, both ``devices`` and ``process_group``, a
+            ``device`` other than the first of ``devices``, or points that differ between the processes.
+
+    The result is the same with ``devices`` or ``process_group`` as on one device (the first, or
+    each process's own): every neighbour distance is a direct float64 distance of one pair.
     """
     t0 = time.perf_counter()
     opts = _Options(estimator, n1_max, scales, dedup_tol, discard_fraction, selection_dtype,
                     n_boot, seed, level)
+    spread = _spread(x, device, devices, process_group)
     try:
-        x64 = as_float64_points(x, device)
+        x64 = as_float64_points(x, device if spread is None else spread.home)
         n = int(x64.shape[0])
         grp = group_codes(groups, n) if groups is not None else None
         opts.check_fits(n)
-        prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype)
+        if hasattr(spread, "check_same"):
+            spread.check_same(x64, "points")
+        prep = _prepare(x64, opts.ranks_for, dedup_tol, selection_dtype, spread)
     except torch.OutOfMemoryError:
         raise InputDataError(gpu_memory_message(tuple(getattr(x, "shape", ())), device, x)) from None
-    return _estimate(prep, opts, x64.device.type, time.perf_counter() - t0, grp)
+    backend = x64.device.type if spread is None else f"{x64.device.type} ({spread.describe()})"
+    return _estimate(prep, opts, backend, time.perf_counter() - t0, grp)
+
+
+def _spread(x: Any, device: Optional[str | torch.device], devices: Optional[Sequence[Any]],
+            process_group: Any) -> Any:
+    """The spread of the neighbour search (:mod:`geoprobe.backends.spread`), None for one device."""
+    from ..backends.spread import spread_for
+    from ..errors import DeviceError
+
+    home = torch.device(device) if device is not None else (x.device if isinstance(x, torch.Tensor) else None)
+    spread = spread_for(devices, process_group, home)
+    if spread is not None and devices is not None and device is not None and torch.device(device) != spread.home:
+        raise DeviceError(f"device={device!r} is not the first of devices={list(devices)!r}; the points are "
+                          "gathered on the first device (leave device out)")
+    return spread
 
 
 GPU_BYTES_PER_ENTRY = 40
