@@ -499,11 +499,11 @@ def api_first_checkpoint_fails(tmp_path, monkeypatch):
     """The first checkpoint cannot be written: no checkpoints/ folder (empty or not) is left."""
     from adapters.train import checkpoints
 
-    def full(model, folder):
+    def full(model, folder, **kwargs):
         Path(folder).mkdir(parents=True)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(checkpoints, "write_adapter", full)
-    checkpoints.write_checkpoint(tmp_path / "run" / "checkpoints", 1, None, None, None, {}, keep=2)
+    checkpoints.write_checkpoint(tmp_path / "run" / "checkpoints", 1, None, {}, {}, {}, {}, keep=2)
 
 
 def api_read_only(tmp_path, monkeypatch):

@@ -181,7 +181,7 @@ def _stored(path: Path, settings: dict[str, Any], corpus_sha256: str) -> Any:
     if not path.is_file():
         return None
     stored = GeometryProfile.load(path)
-    same = {k: v for k, v in stored.settings.items() if k != "device"} == settings
+    same = all(k in stored.settings and stored.settings[k] == v for k, v in settings.items() if k != "device")
     if same and stored.corpus.sha256 == corpus_sha256:
         return stored
     log.info("%s was measured with other settings or prompts; measuring again", path)
