@@ -209,6 +209,9 @@ class IDScale(Record):
     ci_low: Optional[float] = None
     ci_high: Optional[float] = None
 
+    def check(self) -> Optional[str]:
+        return _error_problem(f"GRIDE (n1={self.n1})", self.error)
+
 
 @dataclass(frozen=True)
 class IDResult(Record):
@@ -246,6 +249,20 @@ class IDResult(Record):
     dim: int = 0
     dtype: str = "float64"
     seed: Optional[int] = None
+
+    def check(self) -> Optional[str]:
+        return _error_problem(self.estimator, self.error)
+
+
+VERDICTS = ("below", "within", "above")
+"""The verdicts a δ comparison can reach (METHODS.md §3b)."""
+
+
+def _error_problem(what: str, error: Optional[float]) -> Optional[str]:
+    """A standard error read from a file is a number ≥ 0 (NaN: not computed)."""
+    if error is not None and error == error and error < 0:
+        return f"{what} error is {error}; a standard error is never negative"
+    return None
 
 
 # --------------------------------------------------------------------------- profile parts
@@ -297,6 +314,13 @@ class NullComparison(Record):
     p_adjusted: Optional[float] = None
     verdict: str = "within"
 
+    def check(self) -> Optional[str]:
+        if self.null not in NULL_KINDS:
+            return f"null is {self.null!r}; expected one of {', '.join(NULL_KINDS)}"
+        if self.verdict not in VERDICTS:
+            return f"verdict is {self.verdict!r}; expected one of {', '.join(VERDICTS)}"
+        return None
+
 
 @dataclass(frozen=True)
 class DeltaStat(Record):
@@ -343,6 +367,8 @@ class DeltaStat(Record):
         return next((c for c in self.nulls if c.null == kind), None)
 
     def check(self) -> Optional[str]:
+        if self.verdict not in VERDICTS:
+            return f"verdict is {self.verdict!r}; expected one of {', '.join(VERDICTS)}"
         if self.values and len(self.values) != self.n_sets:
             return f"n_sets is {self.n_sets} but values holds {len(self.values)}"
         for c in self.nulls:

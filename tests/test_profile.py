@@ -129,3 +129,27 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
         make_profile().save(target)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+# --------------------------------------------------------------------------- values the report relies on
+@pytest.mark.parametrize("where,value,words", [
+    (("delta_prompts", "verdict"), "sideways", "verdict is 'sideways'"),
+    (("delta_prompts", "nulls", 0, "verdict"), "maybe", "verdict is 'maybe'"),
+    (("delta_prompts", "nulls", 0, "null"), "uniform", "null is 'uniform'"),
+    (("layers", 1, "twonn", "error"), -0.5, "never negative"),
+])
+def test_a_profile_with_values_the_report_cannot_show_is_refused_on_reading(tmp_path, where, value, words):
+    """A verdict or null name outside the known ones, or a negative standard error, is refused when the
+    profile is read (the report would otherwise fail on it, or draw a negative error bar)."""
+    from profile_factory import make_profile
+
+    path = make_profile(seed=3, n_layers=4).save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    node = data
+    for key in where[:-1]:
+        node = node[key]
+    assert where[-1] in node  # the field exists where the case says
+    node[where[-1]] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=words):
+        GeometryProfile.load(path)

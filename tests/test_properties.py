@@ -37,7 +37,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import special_ortho_group
 
 import geoprobe as gp
-from geoprobe.profile import SCHEMA_VERSION, GeometryProfile
+from geoprobe.profile import NULL_KINDS, SCHEMA_VERSION, VERDICTS, GeometryProfile
 from geoprobe.records import Record
 from geoprobe.report.markup import esc
 from profile_factory import HOSTILE_FRAGMENTS, visible_text
@@ -244,11 +244,19 @@ def strategy_for(tp: Any, overrides: dict[str, st.SearchStrategy] | None = None)
     return {float: FLOATS, int: INTS, str: TEXT, bool: st.booleans(), Any: JSON}[tp]
 
 
+# fields whose values a record's check() restricts: drawn from what it accepts
+_BY_NAME: dict[str, st.SearchStrategy] = {
+    "verdict": st.sampled_from(VERDICTS), "null": st.sampled_from(NULL_KINDS),
+    "error": st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)}
+
+
 def record_strategy(cls: type, overrides: dict[str, st.SearchStrategy] | None = None) -> st.SearchStrategy:
     """``cls`` built from a strategy per field (``overrides`` by field name where a value is fixed)."""
     overrides = overrides or {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: overrides[f.name] if f.name in overrides else strategy_for(hints[f.name])
+    fields = {f.name: overrides[f.name] if f.name in overrides
+              else _BY_NAME[f.name] if f.name in _BY_NAME and hints[f.name] in (str, float)
+              else strategy_for(hints[f.name])
               for f in dataclasses.fields(cls) if f.init}
     built = st.builds(cls, **fields)
     if callable(getattr(cls, "check", None)):  # records with cross-field rules: only consistent ones

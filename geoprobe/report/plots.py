@@ -511,7 +511,8 @@ def delta_per_layer_figure(series: Sequence[Series]) -> Optional["Figure"]:
         ax.plot(x, mean, "o-", color=s.colour, markersize=3.5, linewidth=1.4, label=label(s.label))
         ok = np.isfinite(mean) & np.isfinite(lo) & np.isfinite(hi)
         if ok.any():
-            ax.errorbar(x[ok], mean[ok], yerr=[mean[ok] - lo[ok], hi[ok] - mean[ok]], fmt="none",
+            ax.errorbar(x[ok], mean[ok], yerr=[np.maximum(mean[ok] - lo[ok], 0.0), np.maximum(hi[ok] - mean[ok], 0.0)],
+                        fmt="none",
                         ecolor=s.colour, elinewidth=1.1, capsize=2)
         for kind in [k for k in NULL_KINDS if any(lg.delta.null(k) for lg in layers)]:
             kinds += [kind] if kind not in kinds else []
@@ -692,7 +693,7 @@ def gride_scales_figure(layers) -> Optional["Figure"]:
     for i, lg in enumerate(chosen):
         sc = [s for s in lg.gride.scales if _ok(s.dimension) and s.n1 > 0]
         ax.errorbar([s.n1 for s in sc], [s.dimension for s in sc],
-                    yerr=np.nan_to_num(_arr(s.error for s in sc)), fmt="o-",
+                    yerr=np.maximum(np.nan_to_num(_arr(s.error for s in sc)), 0.0), fmt="o-",
                     color=cmap(0.1 + 0.8 * i / max(len(chosen) - 1, 1)), markersize=3.5,
                     capsize=2, linewidth=1.3, label=f"layer {lg.layer}")
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
