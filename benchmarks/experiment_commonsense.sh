@@ -7,16 +7,16 @@
 # how many HydraLoRA heads and why (summary.json "auto", plans/auto.json, the report). A rerun resumes.
 #
 #   bash benchmarks/experiment_commonsense.sh              # data from ../shared/data/llm_adapters_commonsense
-#   DATA=carry/data/commonsense MODEL=~/smol.gguf OUT=... bash benchmarks/experiment_commonsense.sh
+#   DATA=carry/data/commonsense MODEL=~/smol.gguf DEST=... bash benchmarks/experiment_commonsense.sh
 #
-# MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, OUT (default
+# MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, DEST (default
 # reports/experiments/commonsense-smollm2), METHODS, SEEDS, STEPS, LIMIT (training rows per set) and
 # EVAL_LIMIT override the settings below. PROBE_AFTER=1 then probes every fine-tuned model beside the base
 # model (--probe-after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/llm_adapters_commonsense}
-OUT=${OUT:-reports/experiments/commonsense-smollm2}
+DEST=${DEST:-reports/experiments/commonsense-smollm2}
 train=()
 for set in ARC-Challenge ARC-Easy boolq openbookqa; do train+=(--data "$DATA/$set/train.json"); done
 evals=()
@@ -27,4 +27,4 @@ limit=(); [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 exec "${PYTHON:-python3}" -m geoprobe compare ${MODEL:+"$MODEL"} "${train[@]}" "${limit[@]}" "${evals[@]}" \
     --methods "${METHODS:-none,lora,gelora,hyplora,hydralora,auto}" --seeds "${SEEDS:-3}" --r 16 \
     --max-steps "${STEPS:-300}" --batch-size 16 --max-length 256 --lr 2e-4 \
-    --eval-limit "${EVAL_LIMIT:-200}" --out "$OUT" --quiet $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)
+    --eval-limit "${EVAL_LIMIT:-200}" --out "$DEST" --quiet $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)

