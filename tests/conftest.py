@@ -2,8 +2,18 @@
 (importable from any test module: pytest puts `tests/` on the path, see pyproject.toml)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw the same examples on every CI run (a failure there is then reproducible, never
+# flaky); elsewhere they explore new examples each run. GEOPROBE_HYPOTHESIS=explore/ci overrides.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("explore", print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("GEOPROBE_HYPOTHESIS")
+                                 or ("ci" if os.environ.get("CI", "").lower() in ("1", "true") else "explore"))
 
 import tiny_models
 

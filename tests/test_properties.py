@@ -381,6 +381,7 @@ def parse(page: str) -> _Page:
 
 UNICODE = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
 HOSTILE_TEXT = st.lists(st.sampled_from(HOSTILE_FRAGMENTS) | UNICODE, min_size=1, max_size=4).map("".join)
+SHOWN_TEXT = HOSTILE_TEXT.filter(bool)  # an empty command or name is left out of the page, not shown
 
 
 @settings(max_examples=200, deadline=None)
@@ -418,8 +419,8 @@ def _outside_svg(page: _Page) -> list[tuple[str, tuple[str, ...]]]:
 @pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 @settings(max_examples=6, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(name=HOSTILE_TEXT, corpus=HOSTILE_TEXT, command=HOSTILE_TEXT,
-       tokens=st.lists(HOSTILE_TEXT, min_size=3, max_size=3))
+@given(name=SHOWN_TEXT, corpus=SHOWN_TEXT, command=SHOWN_TEXT,
+       tokens=st.lists(SHOWN_TEXT, min_size=3, max_size=3))
 @example(name=HOSTILE_FRAGMENTS[1], corpus=HOSTILE_FRAGMENTS[0], command="</title><!--",
          tokens=list(HOSTILE_FRAGMENTS[:3]))
 def test_report_structure_ignores_the_text_it_shows(plain_report_structure, name, corpus, command,
