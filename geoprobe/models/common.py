@@ -264,11 +264,7 @@ def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
     missing = sorted(k for k in (key_of(k) for k in info.get("missing_keys") or []) if not in_head(k))
     mismatched = sorted(key_of(m) for m in info.get("mismatched_keys") or [] if not in_head(key_of(m)))
     if missing or mismatched:
-        bad = (missing + mismatched)[:5]
-        raise ModelLoadError(
-            f"{what}: the checkpoint does not match its config ({len(missing)} missing, "
-            f"{len(mismatched)} mis-shaped tensors, e.g. {', '.join(bad)}); the model would be "
-            "partly random. Check that config.json belongs to these weights.")
+        raise checkpoint_mismatch(what, missing, mismatched)
     if fresh:
         _init_head(model, fresh)
         logger.info("%s: classification head %s with %d classes, freshly initialised (seed %d)",
@@ -277,6 +273,16 @@ def load_weights(config: Any, where: Union[str, Path], what: str, *, dtype: Any,
     if unexpected:
         logger.info("%s: %d checkpoint tensors not used by %s", what, len(unexpected), cls.__name__)
     return model, causal
+
+
+def checkpoint_mismatch(what: str, missing: Sequence[str], mismatched: Sequence[str]) -> ModelLoadError:
+    """The error for weights that do not fill the model their config builds: how many tensors are
+    missing and how many have another shape, with the first five named."""
+    bad = (list(missing) + list(mismatched))[:5]
+    return ModelLoadError(
+        f"{what}: the checkpoint does not match its config ({len(missing)} missing, {len(mismatched)} "
+        f"mis-shaped tensors, e.g. {', '.join(bad)}); the model would be partly random. Check that "
+        "config.json belongs to these weights.")
 
 
 def tokenizer_from(where: Union[str, Path], what: str, **kwargs: Any) -> Any:

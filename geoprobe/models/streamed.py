@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 from ..errors import ModelLoadError, StreamingError
 from ..profile import ModelInfo
 from ..records import read_json
-from .common import config_value, from_pretrained, tokenizer_from
+from .common import checkpoint_mismatch, config_value, from_pretrained, tokenizer_from
 from .safety import refuse_remote_code
 from .shards import Checkpoint
 
@@ -350,9 +350,5 @@ def _checkpoint_keys(model: Any, checkpoint: Checkpoint, what: str) -> dict[str,
         else:
             keys[name] = key
     if missing or mismatched:
-        bad = (missing + mismatched)[:5]
-        raise ModelLoadError(
-            f"{what}: the checkpoint does not match its config ({len(missing)} missing, {len(mismatched)} "
-            f"mis-shaped tensors, e.g. {', '.join(bad)}); the model would be partly random. Check that "
-            "config.json belongs to these weights.")
+        raise checkpoint_mismatch(what, missing, mismatched)
     return keys
