@@ -345,9 +345,14 @@ def test_liger_fused_ce_matches_cross_entropy(bias, dtype):
     w = (torch.randn(v, h, device="cuda", generator=g) / h ** 0.5).to(dtype).requires_grad_(True)
     b = (torch.randn(v, device="cuda", generator=g) / 10).to(dtype).requires_grad_(True) if bias else None
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(w, x, y, b)
-    leaves = [x, w] + ([b] if bias else [])
-    got = torch.autograd.grad(loss * 0.5, leaves)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 products in float32
+    try:
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(w, x, y, b)
+        leaves = [x, w] + ([b] if bias else [])
+        got = torch.autograd.grad(loss * 0.5, leaves)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True) if bias else None
     ref = F.cross_entropy(F.linear(x64, w64, b64), y, reduction="sum")

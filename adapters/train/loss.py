@@ -54,8 +54,10 @@ def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any,
     ``fused``: a fused linear cross-entropy ``fused(W, rows, target, b)`` = Σ_k −log softmax(rows_k Wᵀ +
     b)_{target_k} (:func:`adapters.train.fast.fused_cross_entropy`, for a plain linear ``head``). Then the
     hook keeps the answer rows and hands the output layer none (its logits are a 0 × V tensor), and the
-    loss is ``fused(head.weight, rows, target, head.bias)``: the logits are never held whole. When the
-    hook does not apply, the plain path below is taken. Without ``fused`` the plain path is the reference.
+    loss is ``fused(head.weight, rows, target, head.bias)``: the logits are never held whole (Liger's
+    kernel counts the targets on the host, one synchronisation per call). When the hook does not apply,
+    or there is no answer row, the plain path below is taken. Without ``fused`` the plain path is the
+    reference, unchanged.
     """
     import torch
     import torch.nn.functional as F
