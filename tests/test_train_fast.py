@@ -196,6 +196,24 @@ def test_apply_patches_the_instance_only_and_reverts(stand_in):
     assert {k: v for k, v in vars(modeling_llama).items()} == globals_before
 
 
+def test_failed_patching_leaves_nothing_patched(stand_in):
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_llama()
+    globals_before = dict(vars(modeling_llama))
+    real = stand_in.apply_llama
+
+    def half_then_fail(**kwargs):
+        real(**kwargs)
+        raise AttributeError("no attribute 'layers'")
+
+    sys.modules["liger_kernel.transformers.monkey_patch"].MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": half_then_fail}
+    rec, handle = fast.apply(model, fast.decide(model, device=CUDA))
+    assert handle is None and not rec.applied and "could not patch" in rec.reason and "'layers'" in rec.reason
+    assert dict(vars(modeling_llama)) == globals_before
+    assert not any("forward" in vars(m) or hasattr(m, "casting_mode") for m in model.modules())
+
+
 # --------------------------------------------------------------------------- the fused loss
 def _batch(model, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

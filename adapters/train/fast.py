@@ -219,7 +219,15 @@ def apply(model: Any, decision: FastKernels) -> tuple[FastKernels, Optional[Appl
     globals_before = dict(vars(module))
     before = {id(m): dict(vars(m)) for m in model.modules()}
     params = inspect.signature(fn).parameters
-    fn(model=model, **{k: v for k, v in _WANTED.items() if k in params})
+    try:
+        fn(model=model, **{k: v for k, v in _WANTED.items() if k in params})
+    except Exception as exc:  # a module layout Liger did not expect: nothing stays patched, the run goes on
+        Applied(_instance_changes(model, before), module,
+                {k: globals_before.get(k, _MISSING) for k, v in vars(module).items()
+                 if globals_before.get(k, _MISSING) is not v}).revert()
+        return dataclasses.replace(_off(f"{PACKAGE} could not patch this {decision.model_type} model: "
+                                        f"{type(exc).__name__}: {exc}"), version=decision.version,
+                                   model_type=decision.model_type), None
     changed: dict[str, Any] = {}
     for name, value in list(vars(module).items()):
         old = globals_before.get(name, _MISSING)
