@@ -20,7 +20,7 @@ the same sum-then-divide rule, with examples in place of answer tokens.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..data import IGNORE_INDEX
 
@@ -38,7 +38,8 @@ def answer_targets(labels: Any) -> tuple[Any, Any]:
     return rows * width + cols, labels[rows, cols + 1]
 
 
-def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any, *, head: Any = None) -> Any:
+def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any, *, head: Any = None,
+                    fused: Optional[Callable[..., Any]] = None) -> Any:
     """Σ_k −log p(target_k | position index_k) for the model called on ``inputs`` (no labels).
 
     ``index`` / ``target`` come from :func:`answer_targets` (on the model's device). The output layer
@@ -49,6 +50,14 @@ def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any,
     the full logits are computed and the rows gathered. No host synchronisation. The sum is taken in
     float32 for half-precision logits (float64 logits stay float64). ``head``: the output layer, for a
     ``model`` that does not expose it (a DDP wrapper); by default ``model.get_output_embeddings()``.
+
+    ``fused``: a fused linear cross-entropy ``fused(W, rows, target, b)`` = Σ_k −log softmax(rows_k Wᵀ +
+    b)_{target_k} (:func:`adapters.train.fast.fused_cross_entropy`, for a plain linear ``head``). Then the
+    hook keeps the answer rows and hands the output layer none (its logits are a 0 × V tensor), and the
+    loss is ``fused(head.weight, rows, target, head.bias)``: the logits are never held whole (Liger's
+    kernel counts the targets on the host, one synchronisation per call). When the hook does not apply,
+    or there is no answer row, the plain path below is taken. Without ``fused`` the plain path is the
+    reference, unchanged.
     """
     import torch
     import torch.nn.functional as F
@@ -57,14 +66,17 @@ def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any,
     shape = tuple(ids.shape) if ids is not None else tuple(inputs["inputs_embeds"].shape[:2])
     if head is None and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
-    fed: list[bool] = []
+    fed: list[Any] = []
+    if fused is not None and index.numel() == 0:
+        fused = None  # no answer rows: the plain loss is an empty sum
 
     def pick(module: Any, args: tuple) -> Optional[tuple]:
         if fed or not args or not torch.is_tensor(args[0]) or args[0].dim() != 3 or tuple(args[0].shape[:2]) != shape:
             return None
-        fed.append(True)
         hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), *args[1:])
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        fed.append(rows)
+        return (rows[:0] if fused is not None else rows, *args[1:])
 
     handle = head.register_forward_pre_hook(pick) if isinstance(head, torch.nn.Module) else None
     try:
@@ -72,6 +84,8 @@ def answer_loss_sum(model: Any, inputs: dict[str, Any], index: Any, target: Any,
     finally:
         if handle is not None:
             handle.remove()
+    if fused is not None and fed and logits.dim() == 2 and logits.shape[0] == 0:
+        return fused(head.weight, fed[0], target, head.bias)
     if fed and logits.dim() == 2 and logits.shape[0] == index.numel():
         sel = logits
     else:

@@ -10,12 +10,14 @@ from geoprobe.profile import Record
 
 __all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED", "FLAGS", "MAX_SEED"]
 
-NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every")
-"""Settings a resumed run may change: they steer bookkeeping, not the trained weights."""
+NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels")
+"""Settings a resumed run may change: they steer bookkeeping or which kernels compute the same step,
+not the trained weights' definition (the fast kernels agree with the plain path to rounding)."""
 
 FLAGS = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
          "max_steps": "--max-steps", "max_length": "--max-length", "warmup_ratio": "--warmup-ratio",
-         "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack"}
+         "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack",
+         "fast_kernels": "--no-fast-kernels"}
 """The command-line flag of each setting that has one; messages name the flag the user typed."""
 
 MAX_SEED = 2 ** 64 - 1
@@ -31,6 +33,8 @@ class TrainSettings(Record):
     HydraLoRA's load-balancing loss with that weight. ``log_every``: the losses stay on the device and
     are read every ``log_every`` steps (and at every checkpoint and the last step); every step's loss
     is recorded all the same, so it changes when a non-finite loss is noticed, not the results.
+    ``fast_kernels``: use Liger-Kernel's fused kernels where they apply (a CUDA model, liger-kernel
+    installed; :mod:`adapters.train.fast`); False (``--no-fast-kernels``) keeps the plain path everywhere.
     """
 
     lr: float = 3e-4
@@ -49,6 +53,7 @@ class TrainSettings(Record):
     template: str = "alpaca"
     balance_coef: float = 0.0
     log_every: int = 10
+    fast_kernels: bool = True
 
     def __post_init__(self) -> None:
         if not _positive_number(self.lr):
@@ -68,6 +73,9 @@ class TrainSettings(Record):
             raise self._bad("max_grad_norm", "a positive number or None")
         if not (math.isfinite(self.balance_coef) and self.balance_coef >= 0):
             raise self._bad("balance_coef", "≥ 0")
+        if not isinstance(self.fast_kernels, bool):
+            raise AdapterError(f"training setting fast_kernels = {self.fast_kernels!r}; it must be True or False "
+                               f"(the command line's {FLAGS['fast_kernels']} sets it to False)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise self._bad("seed", "an integer from 0 to 2^64 − 1")
 

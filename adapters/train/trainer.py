@@ -6,7 +6,10 @@ lr·f(s) for the s-th step (:func:`~adapters.train.settings.lr_factor`: linear w
 bf16 autocast on CUDA, float32 on the CPU; gradient clipping at ``max_grad_norm``. AdamW runs as
 PyTorch's fused kernel on CUDA and as the multi-tensor (foreach) implementation on the CPU. With
 HydraLoRA's load balancing on, coef · Σ_layers L_aux / G is added to the objective
-(Switch-Transformer loss, see :mod:`adapters.hydralora`).
+(Switch-Transformer loss, see :mod:`adapters.hydralora`). On CUDA with liger-kernel installed, Liger's
+fused kernels (RMSNorm, SwiGLU, RoPE) and its fused linear cross-entropy serve the steps
+(:mod:`.fast`, recorded as ``fast_kernels`` in the results' settings); ``fast_kernels=False``
+(``--no-fast-kernels``) keeps the plain path.
 
 Several processes (:mod:`.parallel`): each computes its run of every micro-batch of the same global
 step, with the objective scaled so that the averaged gradient is the one-process gradient; the main
@@ -26,6 +29,7 @@ in full beside the adapters (``modules_to_save``) and saved with them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +50,7 @@ from ..io import adapter_spec, save
 from ..data import IGNORE_INDEX, Example, collate, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
+from . import fast
 from . import loss as loss_fns
 from . import parallel
 from .order import Order, classification_sequences, data_digest, training_sequences
@@ -150,6 +155,9 @@ class Trainer:
         self.device = self.group.device if group is not None else next(model.parameters()).device
         self.was_training = model.training
         self.peft_model: Any = None
+        self.fast: Optional[fast.FastKernels] = None
+        self._fast_patch: Optional[fast.Applied] = None
+        self.fused: Optional[Callable[..., Any]] = None
         self.wrapped: Any = None  # what the forward passes go through (the DDP wrapper, or the model)
         self.step_count, self.micro, self.tokens_seen, self.seconds_before = 0, 0, 0, 0.0
         self.loss_steps: list[int] = []
@@ -161,13 +169,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        """Build the adapter (seeded), the optimizer and the schedule; restore the newest checkpoint
-        when resuming; write OUT/plan.json when the adapter came from a plan. On failure the adapters
-        are removed again and nothing is written."""
+        """Apply the fast kernels where they apply (:mod:`.fast`, before the adapters are built, so the
+        patched modules call the adapter layers), build the adapter (seeded), the optimizer and the
+        schedule; restore the newest checkpoint when resuming; write OUT/plan.json when the adapter came
+        from a plan. On failure the adapters and the kernels are removed again and nothing is written."""
         import torch
 
         torch.manual_seed(self.settings.seed)
-        self.peft_model = build(self.model, self.adapter, base_name=self.model_name, **self.build_kwargs)
+        decision = fast.decide(self.model, enabled=self.settings.fast_kernels, device=self.device,
+                               sharded=self.group.sharded)
+        self.fast, self._fast_patch = fast.apply(self.model, decision)
+        try:
+            self.peft_model = build(self.model, self.adapter, base_name=self.model_name, **self.build_kwargs)
+        except BaseException:
+            self._revert_fast()
+            raise
         try:
             self.spec = adapter_spec(self.peft_model)
             self.run_id = self._run_id()
@@ -254,12 +270,31 @@ class Trainer:
             self.aux_loss = hydra_aux_loss
         self.to_device = _mover(self.device)
         self.acc_dtype = torch.float64 if self.device.type in ("cpu", "cuda") else torch.float32
+        self._setup_fused_loss()
         self.extra = {"objective": self.objective, "n_examples": self.n_examples, "n_dropped_too_long": self.dropped,
                       "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
                       "device": str(self.device), **self.group.describe(),
                       "compute_dtype": "bfloat16 autocast" if cuda else "float32",
                       "optimizer": self.optimizer_name,
-                      "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"]}
+                      "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"],
+                      "fast_kernels": self.fast.to_dict()}
+
+    def _setup_fused_loss(self) -> None:
+        """The fused linear cross-entropy of a causal LM's answer loss where it applies
+        (:func:`.fast.fused_cross_entropy`), and the one log line saying what the fast path does."""
+        self.fused = None
+        if self.objective == CAUSAL:
+            self.fast, self.fused = fast.fused_cross_entropy(self.fast, self.peft_model.get_output_embeddings())
+        elif self.fast.applied:
+            self.fast = dataclasses.replace(self.fast, fused_loss_reason="a classifier's loss takes its head's logits")
+        if self.group.is_main:
+            log.info("%s", fast.describe(self.fast))
+
+    def _revert_fast(self) -> None:
+        """Take the fast kernels off the model again (the caller's model leaves as it came, plus adapters)."""
+        if self._fast_patch is not None:
+            self._fast_patch.revert()
+            self._fast_patch = None
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -322,7 +357,8 @@ class Trainer:
                 if index is None:
                     part = loss_fns.class_loss_sum(self.wrapped, inputs, target)
                 else:
-                    part = loss_fns.answer_loss_sum(self.wrapped, inputs, index, target, head=head)
+                    part = loss_fns.answer_loss_sum(self.wrapped, inputs, index, target, head=head,
+                                                    fused=self.fused)
                 objective = part / n_tok if world == 1 else part * (weight * world / n_tok)
                 if self.aux_loss is not None:
                     objective = objective + s.balance_coef * weight * self.aux_loss(self.peft_model) / s.grad_accum
@@ -434,6 +470,7 @@ class Trainer:
             save(self.peft_model, adapter_dir, state_dict=adapter_state)
             write_json(results_path, result.to_dict())
         self.group.barrier()
+        self._revert_fast()
         values = self.loss_values
         log.info("fine-tuned %s for %d steps: loss %.4f → %.4f; adapter in %s", self.spec.method, self.total,
                  values[0] if values else float("nan"), values[-1] if values else float("nan"), adapter_dir)
@@ -446,6 +483,7 @@ class Trainer:
         process ends with the run."""
         if self.peft_model is not None and self.group.accelerator is None:
             unload(self.peft_model)  # a classifier's head as it came in, too
+        self._revert_fast()
         self.model.train(self.was_training)
 
 
