@@ -212,7 +212,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow model code from the hub — runs code from the model repository")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_dtype_arg(p, "default: float32, as adapters are trained and evaluated: the trainer keeps float32 "
-                      "weights under bfloat16 autocast")
+                      "weights under bfloat16 autocast; bfloat16 with --quantize")
+    p.add_argument("--quantize", default=None, metavar="4bit",
+                   help="4bit: a QLoRA base, every linear layer but the heads in bitsandbytes NF4 (double "
+                        "quantization, bfloat16 compute); every adapter method trains on it. Needs a CUDA GPU "
+                        "and pip install bitsandbytes")
 
 
 def _add_head_arg(p: argparse.ArgumentParser) -> None:
@@ -397,22 +401,32 @@ def _quiet(args) -> None:
 
 def _load_lm(args):
     from .models import load_model
+    from .workflows import training_dtype
 
     _quiet(args)
-    return load_model(args.model, device=_resolve_device(args.device), dtype=args.dtype or "float32",
-                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=_resolve_device(args.device), dtype=training_dtype(args.dtype, args.quantize),
+                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                      quantize=args.quantize)
 
 
 def _load_for_data(args, examples, what: str, device: Optional[str] = None):
     """The model loaded for ``examples`` as --head asks (a classification head for an encoder on GLUE
     data), the pairing checked before anything is trained; on ``device`` (default: --device), in
-    float32 (the dtype adapters are trained in) unless --dtype says otherwise."""
+    float32 (the dtype adapters are trained in; bfloat16 with --quantize) unless --dtype says otherwise."""
     from . import workflows
 
     _quiet(args)
     return workflows.load_for_data(args.model, examples, head=args.head, what=what, device=device or args.device,
-                                   dtype=args.dtype or "float32", allow_pickle=args.allow_pickle,
-                                   trust_remote_code=args.trust_remote_code)
+                                   dtype=workflows.training_dtype(args.dtype, args.quantize),
+                                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                                   quantize=args.quantize)
+
+
+def _check_quantize(args) -> None:
+    """--quantize checked before any data or model is read: a known value, bitsandbytes, a CUDA device."""
+    from . import workflows
+
+    workflows.check_quantization(args.quantize, args.device)
 
 
 def _check_limit(value: Optional[int], flag: str) -> None:
@@ -488,6 +502,7 @@ def _check_training(args, out: Path) -> object:
                   curvature=args.curvature)
     _targets(args)
     _resolve_device(args.device)
+    _check_quantize(args)
     workflows.check_out(out, args.resume)
     check_writable(out, what="--out", folder=True)
     return settings
@@ -507,6 +522,10 @@ def cmd_finetune(args, command: str) -> int:
                           "processes; drop --num-processes under accelerate launch or torchrun")
     out = _default_out(args)
     settings = _check_training(args, out)
+    if args.quantize and args.parallel == "fsdp" and (launched or args.num_processes or 1) > 1:
+        raise DeviceError(f"--quantize {args.quantize} with --parallel fsdp: FSDP shards full-precision "
+                          "parameters and cannot shard 4-bit weights; use --parallel ddp (each GPU holds the "
+                          "4-bit model) or one process")
     if args.plan:
         workflows.check_plan_file(args.plan, args.adapter)
     data = display_path(args.data)
@@ -611,6 +630,7 @@ def cmd_evaluate(args, command: str) -> int:
     out = _evaluation_out(args)
     check_writable(out, what="--out" if args.out else "the evaluation JSON")
     _resolve_device(args.device)
+    _check_quantize(args)
     sets = _load_test_sets(args.data, args.limit, "--data")
     lm = _load_for_evaluation(args, sets)
     if len(sets) == 1:
@@ -738,6 +758,7 @@ def cmd_compare(args, command: str) -> int:
                   curvature=args.curvature)
     _targets(args)
     _resolve_device(args.device)
+    _check_quantize(args)
     check_writable(Path(args.out), what="--out", folder=True)
     examples, sizes, data_name = _train_sets(args.data, args.limit)
     evals = _eval_sets(args.eval, args.eval_limit)

@@ -23,7 +23,7 @@ __all__ = ["PACKAGES", "versions", "env_flag", "env_true", "env_switch", "NATIVE
 T = TypeVar("T")
 
 PACKAGES = ("geoprobe", "torch", "transformers", "peft", "accelerate", "numpy", "scipy", "powerlaw",
-            "scikit-dimension", "scikit-learn", "safetensors", "gguf", "triton")
+            "scikit-dimension", "scikit-learn", "safetensors", "gguf", "triton", "bitsandbytes")
 """The packages whose versions every profile and fine-tune result records (those installed)."""
 
 TRUE_WORDS = frozenset({"1", "on", "yes", "true"})

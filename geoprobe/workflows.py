@@ -78,6 +78,26 @@ def resolve_device(name: Optional[str]) -> str:
         return "cpu"
 
 
+def check_quantization(quantize: Optional[str], device: Optional[str] = None) -> Optional[str]:
+    """``--quantize`` checked before any load (:func:`geoprobe.models.quantize.check_quantization`: a known
+    value, bitsandbytes installed, a CUDA device; ``device`` None is :func:`resolve_device`'s choice);
+    the normalised value, or None for a full-precision base."""
+    from .models.quantize import check_quantization as check
+
+    return check(quantize, resolve_device(device)) if quantize is not None else None
+
+
+def training_dtype(dtype: Any, quantize: Optional[str]) -> Any:
+    """The dtype a model is loaded in for training or evaluation: ``dtype`` when given; else float32 (the
+    trainer keeps float32 adapter weights under bfloat16 autocast), or bfloat16 for what stays unquantized
+    of a 4-bit base (QLoRA's choice: the embeddings and heads in half the memory)."""
+    from .models.quantize import DEFAULT_DTYPE
+
+    if dtype is not None:
+        return dtype
+    return DEFAULT_DTYPE if quantize is not None else "float32"
+
+
 def require_causal_lm(lm: Any, what: str) -> None:
     """Refuse an encoder: ``what`` (fine-tuning, evaluation, a run) generates answers."""
     from .models import is_causal_lm
@@ -159,13 +179,14 @@ def check_head(lm: Any, examples: Sequence[Any], *, head: str = "auto", what: st
 
 def load_for_data(spec: Any, examples: Sequence[Any], *, head: str = "auto", what: str = "fine-tuning",
                   device: Optional[str] = None, dtype: Any = None, allow_pickle: bool = False,
-                  trust_remote_code: bool = False) -> Any:
+                  trust_remote_code: bool = False, quantize: Optional[str] = None) -> Any:
     """Load the model ``spec`` (as :func:`geoprobe.load_model`) for training or evaluating on
     ``examples`` and check the pairing (:func:`check_head`) before anything is trained.
 
     An encoder gets a sequence-classification head with one class per label of the data when the data
     is GLUE-style (``AutoModelForSequenceClassification``; the head freshly initialised, trained beside
-    the adapters); a causal LM is loaded as it is and generates. Returns the
+    the adapters); a causal LM is loaded as it is and generates. ``quantize="4bit"`` loads a QLoRA base
+    (:func:`check_quantization`; every adapter method trains on it). Returns the
     :class:`~geoprobe.models.LoadedModel`.
     """
     from adapters.data import class_labels
@@ -177,7 +198,8 @@ def load_for_data(spec: Any, examples: Sequence[Any], *, head: str = "auto", wha
         class_labels(examples, what="--data")  # data that needs generation: refused before the load
     labels = classification_labels(examples) if head != "generation" else None
     lm = load_model(spec, device=resolve_device(device), dtype=dtype, allow_pickle=allow_pickle,
-                    trust_remote_code=trust_remote_code, num_labels=len(labels) if labels else None)
+                    trust_remote_code=trust_remote_code, num_labels=len(labels) if labels else None,
+                    quantize=quantize)
     check_head(lm, examples, head=head, what=what)
     return lm
 

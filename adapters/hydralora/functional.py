@@ -5,6 +5,9 @@ NeurIPS 2024, arXiv 2404.19245)::
 
     h = W x + (α/r) · Σ_i g_i(x) · B_i A x,      g(x) = softmax(W_router x)   (per token, N heads)
 
+On a 4-bit base (QLoRA) W is the dequantized NF4 weight, W x = dequantize_4bit(W_nf4) x, computed by the
+bitsandbytes layer; the update term is unchanged.
+
 Everything here is a function of tensors; the layer (:mod:`adapters.hydralora.layer`) and the one-node path
 (:mod:`adapters.hydralora.kernels`) import from here, never the reverse.
 """

@@ -37,6 +37,12 @@ gates are frozen to constants (:func:`~adapters.hydralora.routing.freeze_routing
 ΔW = (α/r) · Σ_i g_i B_i A. Merging with live routing raises :class:`AdapterError`. Frozen gates are adapter
 state: a buffer ``lora_hydra_gates.<adapter>`` that PEFT saves with the weights and restores on load.
 
+A 4-bit base (QLoRA: a bitsandbytes ``Linear4bit``, :func:`~adapters.kernels.frozen_linear.is_4bit_linear`)
+never takes the one-node path: ``base_layer(x) = x · dequantize_4bit(W)ᵀ`` is computed by the bitsandbytes module
+and the routed update of :func:`~adapters.hydralora.functional.outer_bottleneck` is added to it (the module path),
+so the formula is the same with W the dequantized NF4 weight. Merging into NF4 codes is refused (it would round
+ΔW to the 4-bit grid); merge on the full-precision base.
+
 PEFT integration (METHODS.md §8). :class:`HydraLoraLinear` subclasses ``peft.tuners.lora.Linear`` and is
 registered by :class:`~adapters.hydralora.config.HydraLoraConfig`. Its extra tensors are named ``lora_hydra_*``
 and listed in ``adapter_layer_names``/``other_param_names``, so PEFT's trainability, disable/enable/delete,
@@ -58,7 +64,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from geoprobe.errors import AdapterError
-from ..kernels.frozen_linear import frozen_plain_linear
+from ..kernels.frozen_linear import frozen_plain_linear, is_4bit_linear
 from .functional import balance_loss, frozen_delta_weight, outer_bottleneck, router_gates
 from .kernels import hydra_linear
 
@@ -318,6 +324,10 @@ class HydraLoraLinear(LoraLinear):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add ΔW of frozen-routing adapters to W; refuses (weights unchanged) if any named adapter routes live."""
         names = check_adapters_to_merge(self, adapter_names)
+        if is_4bit_linear(self.get_base_layer()) and any(a in self.lora_hydra_B for a in names):
+            raise AdapterError(
+                "cannot merge HydraLoRA into a 4-bit base: its NF4 codes would round ΔW away; load the base "
+                "without --quantize (in bfloat16 or float32) and merge the saved adapter there")
         live = [a for a in names if a in self.lora_hydra_B and a not in self.lora_hydra_gates]
         if live:
             raise AdapterError(

@@ -10,6 +10,9 @@ For an input row x (d_in), curvature K > 0 (hyperboloid of radius √K, curvatur
     y0  = sqrt(‖y‖² + K)                              time part that puts (y0, y) on the hyperboloid
     Δ   = √K arccosh(y0/√K) y/‖y‖ = √K asinh(‖y‖/√K) y/‖y‖     logmap0 back to the tangent space
 
+The layer's output is h = W x + (α/r)·Δ(x); on a 4-bit base (QLoRA) W is the dequantized NF4 weight,
+W x = dequantize_4bit(W_nf4) x computed by the bitsandbytes layer, and Δ is unchanged.
+
 Δ has exactly the direction of B A x; only its per-token length is changed (log-compressed). Because
 x_s is a per-token multiple of x, everything runs in the rank-r bottleneck (METHODS §10):
 

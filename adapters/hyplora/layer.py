@@ -4,9 +4,15 @@
 :class:`HypLoraLinear` subclasses ``peft.tuners.lora.Linear``; :class:`~adapters.hyplora.config.HypLoraConfig`
 registers it for every targeted ``nn.Linear`` (and :class:`UnsupportedTarget` for every other module type).
 Its options are read off the config (:func:`adapters.hyplora.options.options_of`). The update is
-nonlinear in x, so it cannot be merged into W: every merge entry point refuses with
+nonlinear in x, so it cannot be merged into W (nor into a 4-bit base): every merge entry point refuses with
 :class:`~geoprobe.errors.AdapterError` and leaves the weights unchanged. In official mode (the
 reference formula) the gradient of the raw curvature is clipped to ±0.01, as the reference does.
+
+On a 4-bit base (QLoRA: a bitsandbytes ``Linear4bit``, which PEFT dispatches here as an ``nn.Linear``
+subclass) the base product stays outside HypLoRA's node: ``base_layer(x) = x · dequantize_4bit(W)ᵀ`` is
+computed by the bitsandbytes module and :func:`~adapters.hyplora.kernels.hyplora_linear_fused` adds
+(α/r)·Δ(x) to it; the one-node path that forms W x itself serves only a frozen plain ``nn.Linear``
+(:func:`~adapters.kernels.frozen_linear.frozen_plain_linear`, False for a 4-bit base).
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from geoprobe import runtime
 from geoprobe.errors import AdapterError, DataFormatError
 from geoprobe.models import is_causal_lm, is_sequence_classifier
+from geoprobe.models.quantize import quantization_of
 from geoprobe.profile import FinetuneResult
 from geoprobe.records import write_json
 
@@ -221,6 +222,9 @@ class Trainer:
             "data_sha256": data_digest(self.seqs),
             "total_steps": self.total,
         }
+        quantized = quantization_of(self.model)
+        if quantized is not None:  # a 4-bit base trains other adapters than its full-precision original
+            run_id["quantization"] = {k: v for k, v in quantized.to_dict().items() if k != "version"}
         return json.loads(json.dumps(run_id, default=str))  # compared with the JSON copy in the checkpoint
 
     def _method_settings(self) -> dict[str, Any]:
@@ -275,6 +279,7 @@ class Trainer:
                       "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
                       "device": str(self.device), **self.group.describe(),
                       "compute_dtype": "bfloat16 autocast" if cuda else "float32",
+                      "quantization": _quantization_record(self.model),
                       "optimizer": self.optimizer_name,
                       "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"],
                       "fast_kernels": self.fast.to_dict()}
@@ -485,6 +490,12 @@ class Trainer:
             unload(self.peft_model)  # a classifier's head as it came in, too
         self._revert_fast()
         self.model.train(self.was_training)
+
+
+def _quantization_record(model: Any) -> Optional[dict[str, Any]]:
+    """How the base model was quantized (:func:`geoprobe.models.quantize.quantize_model`), or None."""
+    quantized = quantization_of(model)
+    return None if quantized is None else quantized.to_dict()
 
 
 def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],

@@ -3,9 +3,9 @@ each run stored the moment it finishes, and the summary, table and report rebuil
 
 Layout of OUT:
 
-* ``comparison.json``: the settings every run shares (model and its fingerprint, the digests of the
-  training and evaluation data, training settings less the seed, r, α, targets, dropout, heads,
-  curvature, generation length, plan seed). A rerun with other settings is refused, naming the
+* ``comparison.json``: the settings every run shares (model and its fingerprint, its 4-bit quantization
+  if any, the digests of the training and evaluation data, training settings less the seed, r, α,
+  targets, dropout, heads, curvature, generation length, plan seed). A rerun with other settings is refused, naming the
   differences; adding methods or seeds is allowed (each run has its own file), and so is reading the
   same data from other paths (another machine).
 * ``plans/<arm>.json``: the plans of ``auto`` and the GeLoRA arms, made once per comparison from a quick
@@ -200,8 +200,13 @@ def _settings(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], train_set
     from adapters.io import base_fingerprint
     from adapters.train.settings import NOT_COMPARED
 
+    from ..models.quantize import quantization_of
+
     ts = {k: v for k, v in train_settings.to_dict().items() if k not in NOT_COMPARED and k != "seed"}
     union = {"train_sets": dict(train_sets)} if train_sets and len(train_sets) > 1 else {}
+    quantized = quantization_of(lm.model)  # a 4-bit base is another base: recorded only when there is one
+    if quantized is not None:
+        union["quantization"] = {k: v for k, v in quantized.to_dict().items() if k != "version"}
     return json.loads(json.dumps({
         "model": lm.name, "model_fingerprint": base_fingerprint(lm.model)["embedding_sha256"],
         "paths": {"data": data_name, "evals": {ev.name: ev.path for ev in evals}},

@@ -14,6 +14,8 @@ Entry points:
   too large for the device) or by its input embeddings alone (:class:`EmbeddingModel`);
   :func:`load_planned` opens what the plan says (:mod:`~geoprobe.models.placement`).
 
+4-bit bases for fine-tuning (QLoRA, ``quantize="4bit"``): :mod:`~geoprobe.models.quantize`.
+
 Dtypes (:mod:`~geoprobe.models.precision`): on a GPU a model is computed in its checkpoint's dtype
 (bfloat16/float16), on the CPU in float32, unless a dtype is asked for; a dtype the device cannot
 compute in is refused before the load.
@@ -38,6 +40,8 @@ from .causal import is_causal_lm
 from .embedding_model import EmbeddingModel
 from .placement import LoadPlan, load_planned, plan_load
 from .precision import DTYPE_CHOICES, check_compute_dtype, resolve_dtype
+from .quantize import DEFAULT_DTYPE as QUANTIZED_DEFAULT_DTYPE
+from .quantize import QUANTIZE_CHOICES, Quantization, check_quantization, quantization_of, quantize_model
 from .streamed import STREAMED_MODEL_TYPES, StreamedModel
 from .common import (DtypeLike, LoadedModel, check_device, head_module_names, is_sequence_classifier,
                      special_token_ids, torch_dtype)
@@ -58,7 +62,8 @@ logger = logging.getLogger(__name__)
 def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = None,
                allow_pickle: bool = False, trust_remote_code: bool = False,
                cache_dir: Optional[Union[str, os.PathLike]] = None,
-               revision: Optional[str] = None, num_labels: Optional[int] = None) -> LoadedModel:
+               revision: Optional[str] = None, num_labels: Optional[int] = None,
+               quantize: Optional[str] = None) -> LoadedModel:
     """Load a model and its fast tokenizer for probing (and for fine-tuning).
 
     ``spec``: ``None`` (embedded default), a hub id, a local folder or a ``.gguf`` file (see
@@ -72,29 +77,47 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
     a sequence-classification head of that many classes (``AutoModelForSequenceClassification``; the
     head is freshly initialised when the checkpoint has none, every other tensor must be present);
     causal LMs (GGUF files and the default included) are loaded as causal LMs whatever it says, as
-    they answer classification tasks by generating the label word.
+    they answer classification tasks by generating the label word. ``quantize``: "4bit" makes a QLoRA
+    base (:mod:`~geoprobe.models.quantize`): the model is read into host memory in ``dtype`` (default
+    bfloat16) and every linear layer but the heads is quantized to NF4 as it moves to ``device``, which
+    must be a CUDA GPU; the record of it is :func:`~geoprobe.models.quantize.quantization_of` the model.
 
-    Raises :class:`ModelNotFoundError`, :class:`ModelLoadError`, :class:`UnsafeModelError` or
-    :class:`MissingDependencyError`, each with a message that says what to do.
+    Raises :class:`ModelNotFoundError`, :class:`ModelLoadError`, :class:`UnsafeModelError`,
+    :class:`MissingDependencyError` or :class:`~geoprobe.errors.DeviceError`, each with a message that
+    says what to do.
     """
     device = check_device(device)  # before any cache is read or written
+    quantize = check_quantization(quantize, device)
     kind, target = resolve_spec(spec)
+    if quantize is not None and dtype is None:
+        dtype = QUANTIZED_DEFAULT_DTYPE
     dtype = torch_dtype(dtype)
+    if quantize is not None and dtype != "auto":
+        check_compute_dtype(device, dtype)  # the device computes in it, though the load runs on the host
     t0 = time.perf_counter()
-    if kind in ("default", "gguf"):
-        name = DEFAULT_NAME if kind == "default" else Path(target).stem
-        lm = load_gguf(Path(target), device=device, dtype=dtype, name=name, source=kind)
-    elif kind == "folder":
-        lm = load_folder(Path(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, name=folder_name(Path(target)),
-                         source="folder", num_labels=num_labels)
-    else:
-        lm = load_hub(str(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
+    lm = _load_source(kind, target, device="cpu" if quantize else device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, cache_dir=cache_dir, revision=revision,
                       num_labels=num_labels)
+    if quantize is not None:
+        quantize_model(lm.model, device=device)
     logger.info("loaded %s (%s, %s, %d parameters) in %.1f s", lm.name, lm.source,
                 lm.info.architecture, lm.info.n_parameters, time.perf_counter() - t0)
     return lm
+
+
+def _load_source(kind: str, target: Any, *, device: str, dtype: Any, allow_pickle: bool, trust_remote_code: bool,
+                 cache_dir: Any, revision: Optional[str], num_labels: Optional[int]) -> LoadedModel:
+    """The model of a resolved spec, from the loader of its source."""
+    if kind in ("default", "gguf"):
+        name = DEFAULT_NAME if kind == "default" else Path(target).stem
+        return load_gguf(Path(target), device=device, dtype=dtype, name=name, source=kind)
+    if kind == "folder":
+        return load_folder(Path(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, name=folder_name(Path(target)),
+                           source="folder", num_labels=num_labels)
+    return load_hub(str(target), device=device, dtype=dtype, allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code, cache_dir=cache_dir, revision=revision,
+                    num_labels=num_labels)
 
 
 def load_embeddings(spec: Spec = None, *, allow_pickle: bool = False,
@@ -135,6 +158,7 @@ def load_tokenizer(spec: Spec = None, *, trust_remote_code: bool = False,
 __all__ = ["LoadedModel", "load_model", "check_device", "load_embeddings", "load_tokenizer", "is_causal_lm",
            "plan_load", "load_planned", "LoadPlan", "StreamedModel", "EmbeddingModel", "STREAMED_MODEL_TYPES",
            "DTYPE_CHOICES", "resolve_dtype", "check_compute_dtype",
+           "QUANTIZE_CHOICES", "Quantization", "check_quantization", "quantization_of", "quantize_model",
            "is_sequence_classifier", "head_module_names",
            "default_gguf_path", "resolve_spec", "looks_like_path", "file_sha256", "gguf_cache_dir",
            "cache_root", "find_embedding_key", "special_token_ids", "hub_offline",
