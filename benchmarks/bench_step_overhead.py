@@ -12,8 +12,9 @@ Three parts, each timed on this machine's CPU (one torch thread), medians over i
 2. the phases of ``Trainer.step`` (data, zero_grad, forward with the answer loss, backward, gradient
    clipping, AdamW, the schedule) per adapter method, ms per step, at ``--model-batch`` rows (2 by default:
    at 16 rows the CPU's attention over 16 × 256 tokens is real work, not host overhead); with the number
-   of ATen operations the forward dispatches and the autograd nodes the backward runs — the kernel
-   launches a GPU would receive, independent of this machine;
+   of ATen operations the forward dispatches, those of them that would launch a kernel on a GPU (not
+   views, not allocations), and the autograd nodes the backward runs — independent of this machine — and those forward operations by the
+   innermost module that dispatched them (adapter layers, norms, attention, MLP, the model's own code);
 3. one adapted projection (q_proj of layer 0) called alone, forward + backward on 16 tokens: µs per call
    for each method beside the frozen ``nn.Linear`` it wraps, and the ATen operations of its forward.
 
@@ -49,16 +50,59 @@ VOCAB, HIDDEN, LAYERS = 512, 8, 30
 BATCH, MAX_LENGTH = 16, 256
 
 
+NO_KERNEL = {"_unsafe_view", "empty", "empty_like", "empty_strided", "lift_fresh"}
+"""Operations that are not views (``OpOverload.is_view``) yet launch no kernel: reshapes of contiguous
+tensors and allocations."""
+
+
+def launches(func: Any) -> bool:
+    """Whether ATen operation ``func`` would be a kernel on a GPU (not a view, not an allocation)."""
+    return not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL
+
+
 class CountOps(TorchDispatchMode):
-    """Counts the ATen operations dispatched inside the ``with`` block."""
+    """Counts the ATen operations dispatched inside the ``with`` block: all of them (``n``) and those
+    that launch a kernel (``kernels``, see :func:`launches`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.n = 0
+        self.n = self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
+        self.kernels += launches(func)
         return func(*args, **(kwargs or {}))
+
+
+class OpsByModule(TorchDispatchMode):
+    """Counts the kernel-launching ATen operations (:func:`launches`) dispatched inside the ``with`` block by the innermost module running
+    them (package and class name; ``(outside)`` for those outside every module of ``model``)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self.stack: list[str] = []
+        self.handles = []
+        for m in model.modules():
+            self.handles.append(m.register_forward_pre_hook(self._enter))
+            self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, module: Any, args: Any) -> None:
+        cls = type(module)  # the package too: PEFT's LoRA layer and torch's are both called Linear
+        self.stack.append(f"{cls.__module__.split('.')[0]}.{cls.__name__}")
+
+    def _leave(self, module: Any, args: Any, out: Any) -> None:
+        self.stack.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if launches(func):
+            key = self.stack[-1] if self.stack else "(outside)"
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def autograd_nodes(root: Any) -> int:
@@ -178,8 +222,15 @@ def step_phases(trainer: Trainer, steps: int) -> dict:
     inputs, index, target, _ = work[0]
     with counter:
         part = loss_fns.answer_loss_sum(trainer.wrapped, inputs, index, target, head=head)
+    by_module = OpsByModule(trainer.peft_model)
+    try:
+        with by_module:
+            loss_fns.answer_loss_sum(trainer.wrapped, inputs, index, target, head=head)
+    finally:
+        by_module.remove()
     ms = {k: statistics.median(v) for k, v in phases.items()}
     return {"ms": ms, "total_ms": sum(ms.values()), "forward_aten_ops": counter.n,
+            "forward_kernel_ops": counter.kernels, "forward_kernel_ops_by_innermost_module": dict(sorted(by_module.counts.items(), key=lambda kv: -kv[1])),
             "backward_autograd_nodes": autograd_nodes(part), "trainable_tensors": len(trainer.params)}
 
 
@@ -198,7 +249,7 @@ def layer_call(trainer: Trainer, rounds: int) -> dict:
     pairs = [(median_ms(fwd_bwd(layer), 1, 200), median_ms(fwd_bwd(base), 1, 200)) for _ in range(rounds)]
     return {"adapted_us": statistics.median(p[0] for p in pairs) * 1e3,
             "frozen_linear_us": statistics.median(p[1] for p in pairs) * 1e3,
-            "forward_aten_ops": counter.n, "layer": type(layer).__name__}
+            "forward_aten_ops": counter.n, "forward_kernel_ops": counter.kernels, "layer": type(layer).__name__}
 
 
 def main() -> None:
@@ -227,8 +278,10 @@ def main() -> None:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in row["ms"].items())
         lc = row["layer_call"]
         print(f"{method:<10} step {row['total_ms']:7.1f} ms ({phases}); forward {row['forward_aten_ops']} ATen ops, "
-              f"backward {row['backward_autograd_nodes']} nodes; q_proj fwd+bwd {lc['adapted_us']:.0f} µs "
-              f"(frozen Linear {lc['frozen_linear_us']:.0f} µs, {lc['forward_aten_ops']} ops forward)")
+              f"{row['forward_kernel_ops']} of them kernels, backward {row['backward_autograd_nodes']} nodes; q_proj fwd+bwd {lc['adapted_us']:.0f} µs "
+              f"(frozen Linear {lc['frozen_linear_us']:.0f} µs, {lc['forward_aten_ops']} ops, {lc['forward_kernel_ops']} kernels forward)")
+        print(f"{'':<10} forward kernels by innermost module: "
+              + ", ".join(f"{k} {v}" for k, v in row["forward_kernel_ops_by_innermost_module"].items()))
     append_run(results_path("step_overhead"), {
         "benchmark": "host cost of a fine-tuning step with negligible model arithmetic (30-layer Llama, hidden 8)",
         "settings": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "data_batch": BATCH,
