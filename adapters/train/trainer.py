@@ -15,8 +15,9 @@ process writes the checkpoints, the adapter and the results.
 The loop never waits on the GPU within a step: the answer positions and the token count are computed
 on the host from the collated labels, a micro-batch is cut from sequences tensorised once
 (:class:`~adapters.train.batches.SequenceBank`) and goes to the GPU in one pinned, non-blocking copy
-(:func:`~adapters.train.batches.move_together`), and the per-step losses stay on the device until they are read every ``log_every`` steps, at a
-checkpoint, at the end, or every step when ``on_step`` is given.
+(:func:`~adapters.train.batches.move_together`), and the per-step losses stay on the device until
+they are read every ``log_every`` steps, at a checkpoint, at the end, or every step when ``on_step``
+is given.
 
 Two objectives, chosen by the model: a causal LM is trained on its answers (packed, answer-masked
 sequences, :func:`~adapters.train.loss.answer_loss_sum`); a sequence-classification model (an encoder
