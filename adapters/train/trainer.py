@@ -16,9 +16,11 @@ step, with the objective scaled so that the averaged gradient is the one-process
 process writes the checkpoints, the adapter and the results.
 
 The loop never waits on the GPU within a step: the answer positions and the token count are computed
-on the host from the collated labels, batches go to the GPU through pinned memory without blocking,
-and the per-step losses stay on the device until they are read every ``log_every`` steps, at a
-checkpoint, at the end, or every step when ``on_step`` is given.
+on the host from the collated labels, a micro-batch is cut from sequences tensorised once
+(:class:`~adapters.train.batches.SequenceBank`) and goes to the GPU in one pinned, non-blocking copy
+(:func:`~adapters.train.batches.move_together`), and the per-step losses stay on the device until
+they are read every ``log_every`` steps, at a checkpoint, at the end, or every step when ``on_step``
+is given.
 
 Two objectives, chosen by the model: a causal LM is trained on its answers (packed, answer-masked
 sequences, :func:`~adapters.train.loss.answer_loss_sum`); a sequence-classification model (an encoder
@@ -48,12 +50,13 @@ from geoprobe.records import write_json
 from .. import registry
 from ..build import build, unload
 from ..io import adapter_spec, save
-from ..data import IGNORE_INDEX, Example, collate, collate_classification
+from ..data import IGNORE_INDEX, Example, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
 from . import fast
 from . import loss as loss_fns
 from . import parallel
+from .batches import SequenceBank, move_together
 from .order import Order, classification_sequences, data_digest, training_sequences
 from .settings import NOT_COMPARED, TrainSettings, lr_factor
 
@@ -144,6 +147,7 @@ class Trainer:
             self.seqs, self.dropped = training_sequences(examples, tokenizer, max_length=s.max_length,
                                                          template=s.template, packed=s.pack)
         self.counts = self._target_counts()
+        self.bank = SequenceBank(self.seqs, self.pad) if self.objective == CAUSAL else None
         self.order = Order(len(self.seqs), s.batch_size, s.seed)
         self.total = s.max_steps or max(1, math.ceil(s.epochs * self.order.per_epoch / s.grad_accum))
         self.warmup = math.ceil(s.warmup_ratio * self.total) if s.warmup_ratio > 0 else 0
@@ -331,8 +335,9 @@ class Trainer:
     def _micro_batches(self, picks: list[list[int]]) -> tuple[list[tuple[Any, Any, Any, float]], int]:
         """Collated micro-batches on the device (inputs, answer index, answer tokens, weight) and the
         number of answer tokens of the whole step (every process's share); counted and indexed on the
-        host, copied without waiting. For a classifier: (inputs, None, class ids, weight) and the
-        number of examples. In one process every weight is 1 and the micro-batches are whole."""
+        host (rows of :attr:`bank`), copied in one transfer without waiting. For a classifier: (inputs,
+        None, class ids, weight) and the number of examples. In one process every weight is 1 and the
+        micro-batches are whole."""
         work = []
         n_tok = sum(self.counts[i] for idx in picks for i in idx)
         for idx in picks:
@@ -342,10 +347,10 @@ class Trainer:
                 work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"}, None,
                              self.to_device(b["labels"]), weight))
                 continue
-            b = collate([self.seqs[i] for i in rows], self.pad)
-            index, target = loss_fns.answer_targets(b["labels"])
-            work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"},
-                         self.to_device(index), self.to_device(target), weight))
+            b = self.bank.collate(rows)
+            index, target = loss_fns.answer_targets(b.pop("labels"))
+            *moved, index, target = move_together([*b.values(), index, target], self.device)
+            work.append((dict(zip(b, moved)), index, target, weight))
         if n_tok == 0:
             raise DataFormatError(f"step {self.step_count + 1} has no answer tokens to train on")
         return work, n_tok
