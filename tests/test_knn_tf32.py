@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from geoprobe.errors import InputDataError
-from geoprobe.probes.intrinsic_dim import intrinsic_dimension, twonn_mle
+from geoprobe.probes.intrinsic_dim import intrinsic_dimension, twonn_linear_fit, twonn_mle
 from geoprobe.backends import knn_certified as knn
 from geoprobe.backends.knn_certified import distances_at_ranks, knn_distances, tf32_split, tf32_truncate
 
@@ -356,6 +356,8 @@ def test_gpu_intrinsic_dimension_exact_against_brute_force():
     assert (res.dimension, res.error, res.linear_fit_dimension) == \
         (res32.dimension, res32.error, res32.linear_fit_dimension), seed
     d = torch.sort(_gpu_brute(t), dim=1).values[:, :2].cpu().numpy()
-    assert res.dimension == twonn_mle(d[:, 1] / d[:, 0])[0], seed
+    mu = d[:, 1] / d[:, 0]
+    assert res.mle_dimension == twonn_mle(mu)[0], seed
+    assert res.dimension == res.linear_fit_dimension == pytest.approx(twonn_linear_fit(mu), rel=1e-12), seed
     cpu = intrinsic_dimension(x)
     assert res.dimension == pytest.approx(cpu.dimension, rel=1e-12)

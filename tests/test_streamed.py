@@ -477,8 +477,12 @@ def test_adapter_commands_take_dtype(monkeypatch, tmp_path, folders, command, gi
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "bert"])
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
 def test_streamed_on_cuda_matches_the_whole_model_on_cuda(folders, corpus, model_type, dtype, tol):
+    """Float32: every coordinate to 1e-4. bfloat16: each layer's states to a relative Frobenius error of
+    2e-2 (a few units of bf16's 2⁻⁸ rounding): one rounding step that differs between the two
+    kernels' orders of summation moves single coordinates near zero by more than any elementwise
+    tolerance a few layers on, while a wrong cast or a missing scale moves the whole layer by O(1)."""
     folder = folders(model_type)
     plan = gm.plan_load(folder, device="cuda", dtype=dtype, stream=True)
     assert plan.estimate.gpu_bytes > 0 and plan.dtype == dtype
@@ -490,5 +494,9 @@ def test_streamed_on_cuda_matches_the_whole_model_on_cuda(folders, corpus, model
     b = hidden_states(streamed, corpus, **kw)
     a = hidden_states(whole, corpus, **kw)
     for i in range(a.n_layers):
-        np.testing.assert_allclose(b.layer(i), a.layer(i), rtol=tol, atol=tol, err_msg=f"layer {i}")
+        if dtype == "float32":
+            np.testing.assert_allclose(b.layer(i), a.layer(i), rtol=tol, atol=tol, err_msg=f"layer {i}")
+        else:
+            got, want = np.asarray(b.layer(i), dtype=np.float64), np.asarray(a.layer(i), dtype=np.float64)
+            assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want), f"layer {i}"
     assert all(p.device.type == "meta" for layer in streamed._layers for p in layer.parameters())
