@@ -7,6 +7,7 @@ CUDA and liger-kernel): Liger's fused linear cross-entropy against F.cross_entro
 of each method with Liger against the plain path."""
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
@@ -413,3 +414,17 @@ def test_liger_step_matches_the_plain_step(method, extra, examples, tmp_path):
         scale = float(want.norm())
         if scale > 0:
             assert float((grads[True][name] - want).norm()) / scale < 3e-2, name
+
+
+def test_liger_optional_backend_warnings_are_dropped_and_others_kept(caplog):
+    """Liger's per-kernel warnings about optional backends it could not import (the text its registry
+    logs) are dropped once the filter is on; any other warning of that logger still shows."""
+    fast.quiet_optional_backends()
+    fast.quiet_optional_backends()  # installed once
+    logger = logging.getLogger(fast.LIGER_BACKEND_LOGGER)
+    assert sum(isinstance(f, fast._QuietOptionalBackends) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=fast.LIGER_BACKEND_LOGGER):
+        logger.warning("Backend impl '%s' for op '%s' could not be imported: %s: %s",
+                       "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError", "no CuTe DSL")
+        logger.warning("no implementation of op %s for device %s", "rope", "cuda")
+    assert [r.getMessage() for r in caplog.records] == ["no implementation of op rope for device cuda"]

@@ -109,8 +109,31 @@ def _too_old(version: Optional[str]) -> bool:
     return len(parts) == 2 and parts < MIN_VERSION
 
 
+LIGER_BACKEND_LOGGER = "liger_kernel.backends.registry"
+"""The logger through which Liger reports, at each kernel's first call, every optional backend of that
+kernel it could not import (CuTe DSL, Ascend): one warning per backend and kernel, while the Triton
+kernel it then runs is there."""
+
+
+class _QuietOptionalBackends(logging.Filter):
+    """Drops Liger's "Backend impl … could not be imported" warnings (optional backends that need
+    packages or hardware the run does not use); every other record of that logger passes. The run's own
+    one log line (:func:`describe`) says what serves it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Backend impl ")
+
+
+def quiet_optional_backends() -> None:
+    """Install :class:`_QuietOptionalBackends` on Liger's backend logger, once."""
+    logger = logging.getLogger(LIGER_BACKEND_LOGGER)
+    if not any(isinstance(f, _QuietOptionalBackends) for f in logger.filters):
+        logger.addFilter(_QuietOptionalBackends())
+
+
 def _apply_functions() -> dict[str, Callable[..., None]]:
     """Liger's table model_type → apply function (importing Liger, and with it Triton)."""
+    quiet_optional_backends()
     return importlib.import_module("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
