@@ -53,7 +53,7 @@ from adapters import build  # noqa: E402
 from adapters.train import fast  # noqa: E402
 from adapters.train.loss import answer_loss_sum, answer_targets  # noqa: E402
 from benchmarks.bench_hydralora_model import lora_params, matching_rank, target_shapes  # noqa: E402
-from benchmarks.model_step import build_model, summary_rows, time_interleaved  # noqa: E402
+from benchmarks.model_step import build_model, chosen_methods, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -115,10 +115,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers.models.llama import modeling_llama
 
-    chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {STOCK}
-    unknown = chosen - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    chosen = chosen_methods(args.methods, METHODS, STOCK)
     seqs = [int(s) for s in args.seqs.split(",") if s.strip()]
     if args.small:
         args.layers, seqs, args.repeats, args.steps = min(args.layers, 2), [max(8, s // 32) for s in seqs], 2, 1
@@ -159,7 +156,7 @@ def main() -> None:
     params = {m: [p for p in model.parameters() if p.requires_grad] for m, model in models.items()}
     counts = {m: sum(p.numel() for p in ps) for m, ps in params.items()}
     build_s = time.perf_counter() - t0
-    print(f"trainable parameters: " + ", ".join(f"{m} {c:,}" for m, c in counts.items())
+    print("trainable parameters: " + ", ".join(f"{m} {c:,}" for m, c in counts.items())
           + f" (LoRA formula {lora_params(shapes, args.r):,}; hydralora r_h={r_h})", flush=True)
     if liger is None:
         print(f"{STOCK_LIGER} skipped: {liger_why}", flush=True)

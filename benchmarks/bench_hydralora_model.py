@@ -65,7 +65,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hydralora import HydraLoraLinear, hydralora_config  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
-from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
+from benchmarks.model_step import build_model, chosen_methods, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -158,11 +158,7 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft lora"}
-    unknown = chosen - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    methods = [m for m in METHODS if m in chosen]
+    methods = chosen_methods(args.methods, METHODS, "peft lora")
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

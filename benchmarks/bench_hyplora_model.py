@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
 from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
-from benchmarks.model_step import build_model, profile_steps, summary_rows, time_interleaved  # noqa: E402
+from benchmarks.model_step import build_model, chosen_methods, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -139,11 +139,7 @@ def main() -> None:
         return float(out.loss.detach())
 
     known = ["peft lora", "hyplora fused", "hyplora fused python node", "hyplora fused via dispatch", "hyplora unfused", "hyplora reference-style"]
-    chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft lora"}
-    unknown = chosen - set(known)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {known}")
-    methods = [m for m in known if m in chosen]
+    methods = chosen_methods(args.methods, known, "peft lora")
     trainable = {}
     losses = {}
     for name in methods:  # warm-up (compilation, cuBLAS handles) and the loss of each method

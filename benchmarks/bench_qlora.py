@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 import adapters  # noqa: E402
 from adapters.kernels.frozen_linear import is_4bit_linear  # noqa: E402
 from benchmarks.bench_hydralora_model import hydra_params, lora_params, matching_rank  # noqa: E402
-from benchmarks.model_step import build_model, summary_rows, time_interleaved  # noqa: E402
+from benchmarks.model_step import build_model, chosen_methods, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.models.quantize import linear_4bit, require_bitsandbytes  # noqa: E402
 
@@ -133,11 +133,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     bnb = require_bitsandbytes("bench_qlora.py")
-    chosen = {m.strip() for m in args.methods.split(",") if m.strip()} | {"peft qlora"}
-    unknown = chosen - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    methods = [m for m in METHODS if m in chosen]
+    methods = chosen_methods(args.methods, METHODS, "peft qlora")
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"

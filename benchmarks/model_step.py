@@ -1,5 +1,6 @@
 """Shared parts of the model-level adapter benchmarks (bench_hyplora_model.py, bench_hydralora_model.py).
 
+* :func:`chosen_methods` — the methods a ``--methods`` list names, the reference always among them;
 * :func:`build_model` — a LlamaForCausalLM with Llama-3-8B's shapes (hidden 4096, FFN 14336, 32 heads,
   8 KV heads, vocabulary 128256) or a tiny stand-in, random bf16 weights, frozen, gradient checkpointing;
 * :func:`time_interleaved` — every method a few consecutive steps per round, the order rotated from round
@@ -15,11 +16,21 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 Prepare = Callable[[str], Callable[[], Any]]
+
+
+def chosen_methods(spec: str, known: Sequence[str], reference: str) -> list[str]:
+    """The methods named in the comma-separated ``spec``, with the ``reference`` always among them, in
+    the order of ``known``; an unknown name stops the script with the list of choices."""
+    chosen = {m.strip() for m in spec.split(",") if m.strip()} | {reference}
+    unknown = chosen - set(known)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(known)}")
+    return [m for m in known if m in chosen]
 
 
 def build_model(layers: int, device: torch.device, small: bool):
