@@ -63,18 +63,15 @@ class DataFormatError(GeoprobeError):
     """A training or evaluation data file lacks the expected fields."""
 
 
-class DeviceError(GeoprobeError):
-    """More processes or devices are asked for than this machine has, a device name it does not know,
-    or a way of spreading work over processes that does not apply."""
-
-
 class ComparisonError(GeoprobeError):
     """A comparison cannot run as asked: an unknown method, no seeds, a parameter budget that cannot be
     matched, or an output folder that holds a comparison with other settings."""
 
 
 class DeviceError(GeoprobeError):
-    """The device cannot do what was asked: no such device, or a dtype it cannot compute in."""
+    """The device cannot do what was asked: no such device (a name this machine does not know), a dtype
+    it cannot compute in, more processes or devices than this machine has, or a way of spreading work
+    over processes that does not apply."""
 
 
 class MemoryBudgetError(DeviceError):

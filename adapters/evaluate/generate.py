@@ -174,7 +174,6 @@ def _static_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, width: 
                   max_new_tokens: int, eos_ids: Sequence[int], device: Any) -> list[list[int]]:
     """One batch through ``model.generate`` with a static KV cache (compiled by ``transformers`` on
     CUDA), padded to ``width`` prompt tokens and ``batch_size`` rows so every batch has one shape."""
-    import torch
     from transformers import GenerationConfig
 
     filled = list(prompts) + [prompts[-1]] * (batch_size - len(prompts))
