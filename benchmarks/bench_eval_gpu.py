@@ -13,7 +13,10 @@ The issue's targets, on one H200: ≥ 5× faster than the plain loop and ≤ 60 
 GPU (the data must travel in a git-ignored folder such as ``carry/``)::
 
     mkdir -p carry && cp ../shared/data/gsm8k/test.jsonl carry/
-    python benchmarks/bench_eval_gpu.py --data carry/test.jsonl --static-cache
+    python benchmarks/bench_eval_gpu.py --data carry/test.jsonl --static-cache --plain-seconds 90
+
+(``--plain-seconds`` bounds the plain loop, which takes minutes for the whole set: both loops are then
+compared on the questions it reached, and ours also runs on all 1,319.)
 
 A quick check that it runs: ``--device cpu --limit 16 --no-save``. CPU figure (what BENCHMARKS.md
 reports for the 2-core machine)::
@@ -45,21 +48,28 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def plain_generate(model: Any, tokenizer: Any, prompts: list[str], *, batch_size: int,
-                   max_new_tokens: int) -> list[str]:
+                   max_new_tokens: int, seconds: Optional[float] = None, echo: bool = False) -> list[str]:
     """The plain loop: prompts in input order, ``batch_size`` at a time, left-padded, through
-    ``model.generate(do_sample=False)``; the new text of each, special tokens dropped."""
+    ``model.generate(do_sample=False)``; the new text of each, special tokens dropped. With
+    ``seconds``, no batch starts once that much time has passed (at least one runs), so the answers
+    cover the first prompts only; ``echo`` prints the count and the time after every batch."""
     from transformers import GenerationConfig
 
     eos = model.generation_config.eos_token_id
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
     out: list[str] = []
+    t0 = time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
+            if out and seconds is not None and time.perf_counter() - t0 >= seconds:
+                break
             enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
             enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             seqs = model.generate(**enc, generation_config=config)
             out += tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if echo:
+                print(f"  plain: {len(out)} answers in {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
 
@@ -86,6 +96,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="the first N questions (default: all 1,319)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--plain-batch", type=int, default=8, help="batch of the plain loop (default 8)")
+    p.add_argument("--plain-seconds", type=float, default=None,
+                   help="stop the plain loop after the batch that passes this many seconds (its questions "
+                        "are then the ones both loops are compared on)")
     p.add_argument("--plain-limit", type=int, default=None,
                    help="run the plain loop on the first N questions only; ours is then timed on those N "
                         "(the speed-up and the identity check) and on all of them (default: all)")
@@ -94,7 +107,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--label", default=None, help="run label in the results file (default: the device type)")
     p.add_argument("--no-save", action="store_true", help="print only; append nothing to the results file")
     args = p.parse_args(argv)
-    for flag in ("limit", "max_new_tokens", "plain_batch", "batch_size", "plain_limit"):
+    for flag in ("limit", "max_new_tokens", "plain_batch", "batch_size", "plain_limit", "plain_seconds"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             p.error(f"--{flag.replace('_', '-')} must be ≥ 1")
@@ -130,7 +143,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     n_plain = min(args.plain_limit or len(prompts), len(prompts))
     plain, t_plain = timed(lambda: plain_generate(model, tok, prompts[:n_plain], batch_size=args.plain_batch,
-                                                  max_new_tokens=args.max_new_tokens), device)
+                                                  max_new_tokens=args.max_new_tokens, seconds=args.plain_seconds,
+                                                  echo=True), device)
+    n_plain = len(plain)
     print(f"plain model.generate on {n_plain} questions: {t_plain:.1f} s", flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                      "model.generate at a fixed batch",
         "device": str(device), "model": lm.name, "dtype": str(next(model.parameters()).dtype),
         "data": Path(args.data).name,
-        "settings": {"n_questions": len(prompts), "n_plain": n_plain, "max_new_tokens": args.max_new_tokens,
+        "settings": {"n_questions": len(prompts), "n_plain": n_plain, "plain_time_box_seconds": args.plain_seconds, "max_new_tokens": args.max_new_tokens,
                      "plain_batch": args.plain_batch, "our_batch": chosen, "longest_prompt_tokens": longest},
         "plain_seconds": round(t_plain, 3), "ours_same_seconds": round(t_same, 3),
         "ours_seconds": round(t_ours, 3), "speedup": round(t_plain / t_same, 2),
