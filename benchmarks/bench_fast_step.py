@@ -27,7 +27,9 @@ parameter and buffer). Liger's RoPE replaces a function of transformers' Llama m
 model calls, so the stock method runs with the original function put back. Peak memory is
 ``torch.cuda.max_memory_allocated`` during a step; the activation peak is that minus the memory
 allocated before the step. Each row gives the median seconds per step and its ratio to ``peft lora``
-and to ``peft lora + liger``.
+and to ``peft lora + liger``. ``--profile K`` adds one profiled step per method (CUDA): its GPU kernel
+time, its kernel launches and the K kernels of most GPU time, to see where one method's step differs
+from another's.
 
 Run (GPU, liger-kernel installed): python benchmarks/bench_fast_step.py
   → appends a run to benchmarks/results/fast_step.json
@@ -53,7 +55,7 @@ from adapters import build  # noqa: E402
 from adapters.train import fast  # noqa: E402
 from adapters.train.loss import answer_loss_sum, answer_targets  # noqa: E402
 from benchmarks.bench_hydralora_model import lora_params, matching_rank, target_shapes  # noqa: E402
-from benchmarks.model_step import build_model, chosen_methods, summary_rows, time_interleaved  # noqa: E402
+from benchmarks.model_step import build_model, chosen_methods, profile_steps, summary_rows, time_interleaved  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -108,6 +110,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="steps per method and round (each timed)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated subset of {METHODS} ({STOCK} is always timed: the reference)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="also profile one step per method (CUDA): GPU kernel time, launches and the K "
+                         "kernels of most time, into the results")
     ap.add_argument("--small", action="store_true", help="tiny shapes and 2 layers (checks the script on a CPU)")
     ap.add_argument("--out", default=str(results_path("fast_step")))
     args = ap.parse_args()
@@ -177,6 +182,7 @@ def main() -> None:
         for name in methods:  # warm-up: compilation, autotuning, the allocator
             prepare(name)()
         times, peaks = time_interleaved(methods, prepare, args.repeats, dev, steps=args.steps)
+        profiled = profile_steps(methods, prepare, dev, width=18, top=args.profile) if args.profile and cuda else {}
         modeling_llama.apply_rotary_pos_emb = original_rope
         rows = summary_rows(methods, times, peaks, STOCK)
         liger_median = next((r["median_s_per_step"] for r in rows if r["method"] == STOCK_LIGER), None)
@@ -186,6 +192,8 @@ def main() -> None:
                 row["relative_to_peft_lora_liger"] = row["median_s_per_step"] / liger_median
             if row["method"] in records:
                 row["fast_kernels"] = records[row["method"]].to_dict()
+            if row["method"] in profiled:
+                row["profile"] = profiled[row["method"]]
         tables.append({"tokens": [args.batch, seq], "rows": rows})
         print(f"\n{args.batch} x {seq} tokens", flush=True)
         print(f"{'method':<18} {'s/step':>9} {'÷ peft':>7} {'÷ liger':>8} {'peak GiB':>9} {'act. GiB':>9}")

@@ -88,8 +88,10 @@ def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: to
     return times, peaks
 
 
-def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width: int = 27) -> dict[str, dict]:
-    """{method: {"gpu_kernel_ms", "gpu_kernels"}} from one profiled step each (CUDA only)."""
+def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width: int = 27,
+                  top: int = 0) -> dict[str, dict]:
+    """{method: {"gpu_kernel_ms", "gpu_kernels"}} from one profiled step each (CUDA only); with ``top`` > 0
+    also "top_kernels": the ``top`` kernels of most GPU time, each [name, ms, launches]."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -102,6 +104,9 @@ def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         out[name] = {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
                      "gpu_kernels": sum(e.count for e in kernels)}
+        if top > 0:
+            ranked = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+            out[name]["top_kernels"] = [[e.key, e.self_device_time_total / 1e3, e.count] for e in ranked]
         print(f"{name:<{width}} profiled step: GPU kernel time {out[name]['gpu_kernel_ms']:.1f} ms, "
               f"{out[name]['gpu_kernels']} kernels", flush=True)
     return out
