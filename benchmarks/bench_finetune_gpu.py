@@ -194,7 +194,14 @@ def _row(name: str, cfg: Config, clock: StepClock, real: list[int], padded: list
 
 
 # --------------------------------------------------------------------------- the rows
-def run_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Config, cuda: bool) -> dict:
+def train_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Any, cuda: bool, *, seed: int,
+               liger: bool = False) -> dict[str, Any]:
+    """The peer: ``transformers.Trainer`` + PEFT LoRA (r, α = 2r, dropout and targets of ``cfg``) on the
+    answer-masked ``rows``, batches of ``cfg.batch`` padded to the longest (a multiple of 8), linear
+    decay from ``cfg.lr``, bf16 on CUDA, Liger-Kernel through ``use_liger_kernel`` when ``liger``; the
+    model's adapters are removed again afterwards. Returns the step clock, the real and padded tokens
+    of every batch, the loss of every ``cfg.log_every`` steps, the trainable parameters and the
+    optimizer's name."""
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -215,7 +222,7 @@ def run_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Config, cuda: bool)
     _reset_memory(cuda)
     use_cache = lm.model.config.use_cache
     lm.model.config.use_cache = False
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = get_peft_model(lm.model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, lora_dropout=cfg.dropout,
                                                 task_type="CAUSAL_LM", target_modules=TARGETS))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -226,7 +233,8 @@ def run_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Config, cuda: bool)
                 learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, logging_steps=cfg.log_every, save_strategy="no", report_to=[],
                 bf16=cuda, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
-                remove_unused_columns=False, label_names=["labels"], seed=cfg.seed)
+                remove_unused_columns=False, label_names=["labels"], seed=seed, data_seed=seed,
+                use_liger_kernel=liger)
             trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collator)
             with StepClock(cfg.warmup, cfg.steps, cuda) as clock:
                 trainer.train()
@@ -238,12 +246,18 @@ def run_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Config, cuda: bool)
     finally:
         model.unload()
         lm.model.config.use_cache = use_cache
-    losses = [float(h["loss"]) for h in log]
     if [h["step"] for h in log] != list(range(cfg.log_every, cfg.steps + 1, cfg.log_every)):
         raise RuntimeError(f"the Trainer logged at steps {[h['step'] for h in log]}")
-    return _row(PEER, cfg, clock, real[:cfg.steps], padded[:cfg.steps], losses, cuda, batch_rows=cfg.batch,
-                row_length="longest in batch, multiple of 8", trainable_parameters=trainable,
-                optimizer=f"{optimizer}{' fused' if fused else ''}")
+    return {"clock": clock, "real": real[:cfg.steps], "padded": padded[:cfg.steps],
+            "losses": [float(h["loss"]) for h in log], "trainable": trainable,
+            "optimizer": f"{optimizer}{' fused' if fused else ''}"}
+
+
+def run_peer(lm: Any, rows: list[dict[str, list[int]]], cfg: Config, cuda: bool) -> dict:
+    peer = train_peer(lm, rows, cfg, cuda, seed=cfg.seed)
+    return _row(PEER, cfg, peer["clock"], peer["real"], peer["padded"], peer["losses"], cuda, batch_rows=cfg.batch,
+                row_length="longest in batch, multiple of 8", trainable_parameters=peer["trainable"],
+                optimizer=peer["optimizer"])
 
 
 def run_ours(lm: Any, rows: list[dict[str, list[int]]], examples: list, cfg: Config, method: str, packed: bool,

@@ -58,8 +58,8 @@ import torch  # noqa: E402
 
 from adapters.data import pack  # noqa: E402
 from adapters.train import TrainSettings, data_digest, finetune  # noqa: E402
-from benchmarks.bench_finetune_gpu import (StepClock, _reset_memory, _versions, choose_examples,  # noqa: E402
-                                           packed_layout, tokens_per_step)
+from benchmarks.bench_finetune_gpu import (StepClock, _reset_memory, _row, _versions, choose_examples,  # noqa: E402
+                                           packed_layout, tokens_per_step, train_peer)
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 from geoprobe.records import write_json  # noqa: E402
 
@@ -118,59 +118,14 @@ def load(spec: Optional[str], small: bool, device: str) -> Any:
     return SimpleNamespace(model=LlamaForCausalLM(cfg).to(device).eval(), tokenizer=tok, name="tiny-llama")
 
 
-def _result(cfg: Config, clock: StepClock, real: list[int], losses: list[float], cuda: bool, **extra: Any) -> dict:
-    """Tokens per second over the steady steps and the final loss (mean of the last ``window`` steps,
-    ``losses`` being the means of consecutive ``log_every``-step intervals)."""
-    seconds, gaps = clock.steady()
-    steady_real = sum(real[cfg.warmup:cfg.steps])
-    return {"seconds_per_step": seconds / (cfg.steps - cfg.warmup),
-            "median_unsynchronised_step_gap_s": statistics.median(gaps),
-            "tokens_per_second": steady_real / seconds, "real_tokens_per_step": steady_real / (cfg.steps - cfg.warmup),
-            "final_loss": statistics.fmean(losses[-(cfg.window // cfg.log_every):]),
-            "loss_by_log_interval": losses,
-            "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None, **extra}
+def run_peer(lm: Any, rows: list[dict], cfg: Config, seed: int, cuda: bool, row: str, liger: bool) -> dict:
+    peer = train_peer(lm, rows, cfg, cuda, seed=seed, liger=liger)
+    return _row(row, cfg, peer["clock"], peer["real"], peer["padded"], peer["losses"], cuda, batch_rows=cfg.batch,
+                row_length="longest in batch, multiple of 8", optimizer=peer["optimizer"])
 
 
-def run_peer(lm: Any, rows: list[dict], cfg: Config, seed: int, cuda: bool, liger: bool) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-    tok = lm.tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    collator = DataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=8, label_pad_token_id=-100,
-                                      return_tensors="pt")
-    real: list[int] = []
-
-    def counting_collator(features: list[dict]) -> dict:
-        batch = collator(features)
-        real.append(int(batch["attention_mask"].sum()))
-        return batch
-
-    _reset_memory(cuda)
-    lm.model.config.use_cache = False
-    torch.manual_seed(seed)
-    model = get_peft_model(lm.model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, lora_dropout=cfg.dropout,
-                                                task_type="CAUSAL_LM", target_modules=TARGETS))
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=cfg.batch, max_steps=cfg.steps, learning_rate=cfg.lr,
-            lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            logging_steps=cfg.log_every, save_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
-            disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, label_names=["labels"],
-            seed=seed, data_seed=seed, use_liger_kernel=liger)
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=counting_collator)
-        with StepClock(cfg.warmup, cfg.steps, cuda) as clock:
-            trainer.train()
-        log = [h for h in trainer.state.log_history if "loss" in h]
-    if [h["step"] for h in log] != list(range(cfg.log_every, cfg.steps + 1, cfg.log_every)):
-        raise RuntimeError(f"the Trainer logged at steps {[h['step'] for h in log]}")
-    return _result(cfg, clock, real[:cfg.steps], [float(h["loss"]) for h in log], cuda, batch_rows=cfg.batch,
-                   row_length="longest in batch, multiple of 8")
-
-
-def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, method: str, packed: bool,
-             cuda: bool) -> dict:
+def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, row: str, method: str,
+             packed: bool, cuda: bool) -> dict:
     if packed:
         length, per_step, _ = packed_layout(rows, cfg.steps, cfg.max_length)
         seqs = pack(rows, length)
@@ -188,9 +143,9 @@ def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, 
     res = run.result
     if res.settings["data_sha256"] != data_digest(seqs) or res.settings["n_dropped_too_long"]:
         raise RuntimeError(f"ours {method}: the loop trained on other sequences than the ones counted here")
-    real, _ = tokens_per_step(seqs, per_step, seed, cfg.steps)
+    real, padded = tokens_per_step(seqs, per_step, seed, cfg.steps)
     losses = [statistics.fmean(res.loss_values[i:i + cfg.log_every]) for i in range(0, cfg.steps, cfg.log_every)]
-    return _result(cfg, clock, real, losses, cuda, batch_rows=per_step, row_length=length,
+    return _row(row, cfg, clock, real, padded, losses, cuda, batch_rows=per_step, row_length=length,
                    optimizer=res.settings["optimizer"], per_step_losses=res.loss_values)
 
 
@@ -201,9 +156,10 @@ def run_row(row: str, seed: int, args: argparse.Namespace, cfg: Config) -> dict:
     lm = load(args.model, args.small, device)
     examples, rows = choose_examples(args.data, lm.tokenizer, cfg)
     if row in ("peer", "peer-liger"):
-        out = run_peer(lm, rows, cfg, seed, cuda, liger=row == "peer-liger")
+        out = run_peer(lm, rows, cfg, seed, cuda, row, liger=row == "peer-liger")
     else:
-        out = run_ours(lm, rows, examples, cfg, seed, row.removesuffix("-padded"), not row.endswith("-padded"), cuda)
+        out = run_ours(lm, rows, examples, cfg, seed, row, row.removesuffix("-padded"), not row.endswith("-padded"),
+                       cuda)
     return {"row": row, "name": NAMES[row], "seed": seed, "model": lm.name,
             "device": torch.cuda.get_device_name() if cuda else "cpu", **out}
 
