@@ -574,6 +574,21 @@ def pack(tokenized: Iterable[dict[str, list[int]]], max_length: int) -> list[dic
 
 
 # --------------------------------------------------------------------------- batching
+def check_batch(batch: Sequence[dict[str, list[int]]]) -> bool:
+    """Whether the sequences of ``batch`` are packed (carry ``position_ids``), after checking what a batch
+    needs: at least one sequence, all packed or none, as many labels as input ids in each. Raises
+    :class:`DataFormatError` otherwise."""
+    if not batch:
+        raise DataFormatError("cannot collate an empty batch")
+    packed = ["position_ids" in b for b in batch]
+    if any(packed) and not all(packed):
+        raise DataFormatError("a batch mixes packed items (with position_ids) and unpacked ones")
+    for r, b in enumerate(batch):
+        if len(b["labels"]) != len(b["input_ids"]):
+            raise DataFormatError(f"batch item {r}: {len(b['input_ids'])} input_ids but {len(b['labels'])} labels")
+    return packed[0]
+
+
 def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
     """Right-pad a batch into tensors: ``input_ids`` (pad ``pad_id``), ``labels`` (pad ``-100``).
 
@@ -585,11 +600,7 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any
     """
     import torch
 
-    if not batch:
-        raise DataFormatError("cannot collate an empty batch")
-    packed = ["position_ids" in b for b in batch]
-    if any(packed) and not all(packed):
-        raise DataFormatError("a batch mixes packed items (with position_ids) and unpacked ones")
+    packed = check_batch(batch)
     width = max(len(b["input_ids"]) for b in batch)
     n = len(batch)
     input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
@@ -598,16 +609,14 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any
     pos = torch.zeros((n, width), dtype=torch.long)
     for r, b in enumerate(batch):
         k = len(b["input_ids"])
-        if len(b["labels"]) != k:
-            raise DataFormatError(f"batch item {r}: {k} input_ids but {len(b['labels'])} labels")
         input_ids[r, :k] = torch.as_tensor(b["input_ids"], dtype=torch.long)
         labels[r, :k] = torch.as_tensor(b["labels"], dtype=torch.long)
         mask[r, :k] = 1
-        if packed[0]:
+        if packed:
             pos[r, :k] = torch.as_tensor(b["position_ids"], dtype=torch.long)
             pos[r, k:] = torch.arange(width - k)
     out: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
-    if packed[0]:
+    if packed:
         out["position_ids"] = pos
     else:
         out["attention_mask"] = mask

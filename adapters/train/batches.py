@@ -27,29 +27,21 @@ import numpy as np
 
 from geoprobe.errors import DataFormatError
 
-from ..data import IGNORE_INDEX
+from ..data import IGNORE_INDEX, check_batch
 
 __all__ = ["SequenceBank", "move_together"]
 
 
 class SequenceBank:
     """Answer-masked sequences as padded int32 tables; :meth:`collate` makes a micro-batch (see the
-    module docstring). Raises :class:`DataFormatError` for what :func:`adapters.data.collate` refuses:
-    no sequences, packed and unpacked ones mixed, ids and labels of different lengths."""
+    module docstring). Raises :class:`DataFormatError` for what :func:`adapters.data.collate` refuses
+    (:func:`adapters.data.check_batch`)."""
 
     def __init__(self, seqs: Sequence[dict[str, list[int]]], pad_id: int) -> None:
         import torch
 
-        if not seqs:
-            raise DataFormatError("cannot collate an empty batch")
-        packed = ["position_ids" in s for s in seqs]
-        if any(packed) and not all(packed):
-            raise DataFormatError("a batch mixes packed items (with position_ids) and unpacked ones")
-        self.packed = packed[0]
+        self.packed = check_batch(seqs)
         lengths = np.array([len(s["input_ids"]) for s in seqs], dtype=np.int64)
-        for r, s in enumerate(seqs):
-            if len(s["labels"]) != lengths[r]:
-                raise DataFormatError(f"batch item {r}: {lengths[r]} input_ids but {len(s['labels'])} labels")
         n, width = len(seqs), int(lengths.max())
         cols = np.arange(width, dtype=np.int64)
         filled = cols[None, :] < lengths[:, None]  # row-major: the tokens of row 0, then of row 1, …

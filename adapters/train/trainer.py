@@ -159,6 +159,7 @@ class Trainer:
         self.group = group or parallel.single(next(model.parameters()).device)
         self.device = self.group.device if group is not None else next(model.parameters()).device
         self.was_training = model.training
+        self.quantized = quantization_of(model)  # how the base was quantized (--quantize), or None
         self.peft_model: Any = None
         self.fast: Optional[fast.FastKernels] = None
         self._fast_patch: Optional[fast.Applied] = None
@@ -226,9 +227,8 @@ class Trainer:
             "data_sha256": data_digest(self.seqs),
             "total_steps": self.total,
         }
-        quantized = quantization_of(self.model)
-        if quantized is not None:  # a 4-bit base trains other adapters than its full-precision original
-            run_id["quantization"] = {k: v for k, v in quantized.to_dict().items() if k != "version"}
+        if self.quantized is not None:  # a 4-bit base trains other adapters than its full-precision original
+            run_id["quantization"] = {k: v for k, v in self.quantized.to_dict().items() if k != "version"}
         return json.loads(json.dumps(run_id, default=str))  # compared with the JSON copy in the checkpoint
 
     def _method_settings(self) -> dict[str, Any]:
@@ -283,7 +283,7 @@ class Trainer:
                       "n_sequences": len(self.seqs), "total_steps": self.total, "warmup_steps": self.warmup,
                       "device": str(self.device), **self.group.describe(),
                       "compute_dtype": "bfloat16 autocast" if cuda else "float32",
-                      "quantization": _quantization_record(self.model),
+                      "quantization": None if self.quantized is None else self.quantized.to_dict(),
                       "optimizer": self.optimizer_name,
                       "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"],
                       "fast_kernels": self.fast.to_dict()}
@@ -495,12 +495,6 @@ class Trainer:
             unload(self.peft_model)  # a classifier's head as it came in, too
         self._revert_fast()
         self.model.train(self.was_training)
-
-
-def _quantization_record(model: Any) -> Optional[dict[str, Any]]:
-    """How the base model was quantized (:func:`geoprobe.models.quantize.quantize_model`), or None."""
-    quantized = quantization_of(model)
-    return None if quantized is None else quantized.to_dict()
 
 
 def finetune(model: Any, tokenizer: Any, examples: Sequence[Example],
