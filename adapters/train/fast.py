@@ -242,21 +242,20 @@ def apply(model: Any, decision: FastKernels) -> tuple[FastKernels, Optional[Appl
     globals_before = dict(vars(module))
     before = {id(m): dict(vars(m)) for m in model.modules()}
     params = inspect.signature(fn).parameters
+    failure: Optional[Exception] = None
     try:
         fn(model=model, **{k: v for k, v in _WANTED.items() if k in params})
     except Exception as exc:  # a module layout Liger did not expect: nothing stays patched, the run goes on
-        Applied(_instance_changes(model, before), module,
-                {k: globals_before.get(k, _MISSING) for k, v in vars(module).items()
-                 if globals_before.get(k, _MISSING) is not v}).revert()
+        failure = exc
+    changed = {name: globals_before.get(name, _MISSING) for name, value in vars(module).items()
+               if globals_before.get(name, _MISSING) is not value}  # name → its value before, or _MISSING
+    if failure is not None:
+        Applied(_instance_changes(model, before), module, changed).revert()
         return dataclasses.replace(_off(f"{PACKAGE} could not patch this {decision.model_type} model: "
-                                        f"{type(exc).__name__}: {exc}"), version=decision.version,
+                                        f"{type(failure).__name__}: {failure}"), version=decision.version,
                                    model_type=decision.model_type), None
-    changed: dict[str, Any] = {}
-    for name, value in list(vars(module).items()):
-        old = globals_before.get(name, _MISSING)
-        if value is old:
-            continue
-        changed[name] = old
+    for name, old in changed.items():
+        value = vars(module)[name]
         if inspect.isclass(value) or old is _MISSING or not callable(old):
             if old is _MISSING:
                 delattr(module, name)
