@@ -273,3 +273,30 @@ def test_cli_refusals_of_heads_and_training_sets_before_loading(tmp_path, capsys
         err = capsys.readouterr().err
         assert rc != 0 and message in err and err.count("\n") == 1 and "Traceback" not in err
         assert not out.exists()
+
+
+def test_comparison_evaluates_every_set_in_one_call_as_each_alone(tmp_path):
+    """`compare` answers all its evaluation sets in one generation call; each set's score and
+    predictions equal those of `evaluate` on that set alone (a tiny random Llama, float32, greedy)."""
+    import tiny_models
+    from adapters.data import Example
+    from adapters.evaluate import evaluate
+    from geoprobe.compare.workflow import _evaluate
+    from geoprobe.models import load_model
+
+    tok = tiny_models.bpe_tokenizer()
+    folder = tiny_models.save_sharded(tiny_llama(seed=3, vocab=len(tok)), tmp_path / "m", tokenizer=tok)
+    lm = load_model(str(folder), device="cpu")
+    prompts = ["What is 2 + 2?", "x = 3\nprint(x)", "The function returns a new list of the items.", "ok ok",
+               " ".join(["the module imports the name"] * 6)]
+    evals = [EvalSet(name, f"{name}.json", [Example(prompt=p, answer="", label=str(i), task="gsm8k")
+                                           for i, p in enumerate(ps)])
+             for name, ps in (("first", prompts[:3]), ("second", prompts[2:]))]
+    scores, predictions = _evaluate(lm, lm.model, evals, batch_size=3, max_new_tokens=6, max_length=64)
+    assert list(scores) == ["first", "second"]
+    for ev in evals:
+        alone = evaluate(lm.model, lm.tokenizer, ev.examples, batch_size=2, max_new_tokens=6)
+        assert predictions[ev.name] == alone.predictions
+        got = scores[ev.name]
+        assert (got["n"], got["accuracy"], got["n_unreadable"]) == (alone.n, alone.accuracy, alone.n_unparsed)
+        assert got["correct"] == [int(bool(p["correct"])) for p in alone.predictions]

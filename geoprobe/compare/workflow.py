@@ -5,7 +5,8 @@ Layout of OUT:
 
 * ``comparison.json``: the settings every run shares (model and its fingerprint, its 4-bit quantization
   if any, the digests of the training and evaluation data, training settings less the seed, r, α,
-  targets, dropout, heads, curvature, generation length, plan seed). A rerun with other settings is refused, naming the
+  targets, dropout, heads, curvature, generation length, plan seed, how the evaluation sets are batched).
+  A rerun with other settings is refused, naming the
   differences; adding methods or seeds is allowed (each run has its own file), and so is reading the
   same data from other paths (another machine).
 * ``plans/<arm>.json``: the plans of ``auto`` and the GeLoRA arms, made once per comparison from a quick
@@ -69,6 +70,9 @@ __all__ = ["SETTINGS_FILE", "SUMMARY_FILE", "REPORT_FILE", "RUN_SCHEMA", "SUMMAR
            "ComparisonResult", "compare", "check_eval_sets", "summarize", "format_table", "run_name"]
 
 SETTINGS_FILE = "comparison.json"
+EVAL_BATCHING = "all sets in one generation call"
+"""How a causal LM's evaluation sets are batched (:func:`_evaluate`); a comparison folder whose runs were
+evaluated otherwise does not resume under this version."""
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 RUNS, PLANS, WORK, ADAPTERS, PREDICTIONS = "runs", "plans", "work", "adapters", "predictions"
@@ -214,7 +218,7 @@ def _settings(lm: Any, train: Sequence[Any], evals: Sequence[EvalSet], train_set
         "evals": {ev.name: {"n": len(ev.examples), "sha256": _digest(ev.examples)} for ev in evals},
         "train": ts, "r": r, "alpha": alpha, "alpha_over_r": alpha / r, "target_modules": list(targets),
         "dropout": dropout, "n_heads": n_heads, "curvature": curvature, "max_new_tokens": max_new_tokens,
-        "plan_seed": plan_seed, "budget_tolerance": TOLERANCE, **union,
+        "plan_seed": plan_seed, "budget_tolerance": TOLERANCE, "eval_batching": EVAL_BATCHING, **union,
     }, default=str))
 
 
@@ -262,25 +266,30 @@ def _peak_memory(device: Any) -> tuple[Optional[int], str]:
 
 def _evaluate(lm: Any, model: Any, evals: Sequence[EvalSet], *, batch_size: Optional[int],
               max_new_tokens: Optional[int], max_length: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every set's scores (``metric``: its headline metric, ``score``: its value) and predictions."""
+    """Every set's scores (``metric``: its headline metric, ``score``: its value) and predictions.
+
+    A causal LM answers every set in one generation call (:func:`..workflows.evaluate_model_sets`:
+    all prompts length-sorted and batched together, each set scored on its own), so the decoding
+    steps are paid once, not once per set; a set's ``seconds`` is its share of that call by example
+    count. A classifier scores each set in turn."""
     from adapters.evaluate import headline_metric
 
-    from ..workflows import evaluate_model
+    from ..workflows import evaluate_model_sets
 
+    res = evaluate_model_sets(lm, [(ev.name, ev.examples) for ev in evals], model=model, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, max_length=max_length, what="a comparison")
     scores, predictions = {}, {}
-    for ev in evals:
-        res = evaluate_model(lm, ev.examples, model=model, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             max_length=max_length, what="a comparison")
-        correct = [bool(p["correct"]) for p in res.predictions]
-        metric = headline_metric(res.task)
-        metric = metric if metric in res.metrics else "accuracy"
-        scores[ev.name] = {"metric": metric, "score": float(res.metrics.get(metric, res.accuracy)),
-                           "protocol": res.protocol, "accuracy": float(res.accuracy), "n": res.n,
+    for ev, one in zip(evals, res.results):
+        correct = [bool(p["correct"]) for p in one.predictions]
+        metric = headline_metric(one.task)
+        metric = metric if metric in one.metrics else "accuracy"
+        scores[ev.name] = {"metric": metric, "score": float(one.metrics.get(metric, one.accuracy)),
+                           "protocol": one.protocol, "accuracy": float(one.accuracy), "n": one.n,
                            "n_correct": sum(correct),
-                           "n_unreadable": res.n_unparsed, "seconds": round(res.seconds, 3),
-                           "metrics": {k: float(v) for k, v in res.metrics.items()},
+                           "n_unreadable": one.n_unparsed, "seconds": round(one.seconds, 3),
+                           "metrics": {k: float(v) for k, v in one.metrics.items()},
                            "correct": [int(c) for c in correct]}
-        predictions[ev.name] = res.predictions
+        predictions[ev.name] = one.predictions
     return scores, predictions
 
 
