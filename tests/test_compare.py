@@ -144,6 +144,65 @@ def test_summary_recomputed_from_runs():
     assert any("t(0.975, 2) = 4.30" in n for n in s["notes"])
 
 
+def test_question_interval_is_scipys_percentile_bootstrap_of_the_per_question_difference():
+    """The mean is the mean paired accuracy difference (closed form); the interval agrees with
+    scipy.stats.bootstrap's percentile interval of the per-question differences (an independent
+    resampler: equal up to Monte Carlo error)."""
+    from geoprobe.compare.stats import question_difference
+
+    rng = np.random.default_rng(11)
+    n_q = 1500
+    lora = (rng.random((3, n_q)) < 0.30).astype(int)
+    arm = (rng.random((3, n_q)) < 0.36).astype(int)
+    got = question_difference(arm, lora, n_boot=4000, seed=5)
+    assert got["mean"] == pytest.approx(float(np.mean(arm.mean(axis=1) - lora.mean(axis=1))))
+    d = (arm - lora).mean(axis=0)
+    ref = sps.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", confidence_level=0.95,
+                        random_state=np.random.default_rng(99)).confidence_interval
+    width = ref.high - ref.low
+    assert got["low"] == pytest.approx(ref.low, abs=0.05 * width)
+    assert got["high"] == pytest.approx(ref.high, abs=0.05 * width)
+    assert got["n_questions"] == n_q
+    with pytest.raises(ValueError):
+        question_difference(arm[:, :10], lora[:, :11])
+
+
+def test_seed_interval_alone_does_not_make_a_verdict_when_the_questions_do_not_support_it():
+    """Three seeds that agree exactly give a seed interval of zero width; on 20 questions a 1-question
+    gain is still within the noise of the test set, and the verdict says so; on 4,000 questions with a
+    large gain both intervals agree and the verdict stands."""
+    from geoprobe.compare.stats import BETTER, TEST_NOISE
+    from geoprobe.compare.workflow import format_table
+
+    def runs_for(n_q, gain, jitter):
+        rng = np.random.default_rng(2)
+        base = (rng.random(n_q) < 0.3).astype(int)
+        out = {}
+        for k in range(3):
+            lora = base.copy()
+            flip = rng.integers(0, n_q, jitter)  # seeds disagree on a few questions
+            lora[flip] = 1 - lora[flip]
+            dora = lora.copy()
+            wrong = np.flatnonzero(dora == 0)[:gain]
+            dora[wrong] = 1
+            for name, c in (("lora", lora), ("dora", dora)):
+                r = _run(name, k, {"gsm8k": float(c.mean())})
+                r["eval"]["gsm8k"]["correct"] = c.tolist()
+                out[f"{name}-seed{k}"] = r
+        return out
+
+    small = summarize(runs_for(20, 1, 0), ["lora", "dora"], 3, settings={"evals": {"gsm8k": {}}})
+    d = small["table"]["gsm8k"]["dora"]["difference"]
+    assert d["low"] == d["high"] == pytest.approx(0.05)  # the seeds agree exactly
+    assert d["questions"]["low"] <= 0 and d["verdict"] == TEST_NOISE
+    assert not small["separation"]["gsm8k"]["separates"]
+    assert "noise of the test set" in small["separation"]["gsm8k"]["reason"]
+    large = summarize(runs_for(4000, 400, 40), ["lora", "dora"], 3, settings={"evals": {"gsm8k": {}}})
+    d = large["table"]["gsm8k"]["dora"]["difference"]
+    assert d["questions"]["low"] > 0 and d["low"] > 0 and d["verdict"] == BETTER
+    assert "q[" in format_table(large)
+
+
 def test_report_escapes_every_model_provided_string():
     hostile = "<script>alert(1)</script>"
     runs = {f"lora-seed{k}": _run("lora", k, {hostile: 0.3 + k / 100}) for k in range(2)}

@@ -284,3 +284,13 @@ def test_probe_after_reports_how_each_adapter_moved_the_geometry(comparison, tmp
     assert main(args) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.count("probed earlier") == 4
     assert {p.name: p.stat().st_mtime_ns for p in (copy / "probes").glob("*.json")} == stamps
+    # a copy without its adapters (the JSON committed, the weights left behind) keeps its after.json whole
+    shutil.rmtree(copy / "adapters")
+    assert main(args) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.count("probed earlier") == 4
+    assert json.loads((copy / "after.json").read_text())["runs"] == after["runs"]
+    for run in after["runs"]:  # without the profiles too, the shifts stay those after.json measured
+        (copy / "probes" / f"{run}.json").unlink()
+    assert main(args) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.count("kept from after.json") == 4
+    assert json.loads((copy / "after.json").read_text())["runs"] == after["runs"]

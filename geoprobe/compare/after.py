@@ -188,13 +188,30 @@ def _stored(path: Path, settings: dict[str, Any], corpus_sha256: str) -> Any:
     return None
 
 
+def _earlier_shifts(out: Path, wanted: dict[str, Any], corpus_sha256: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The per-run shifts (and how each run was probed) of an OUT/after.json measured with ``wanted`` on
+    the same prompts; empty when there is none or it was measured otherwise."""
+    path = out / AFTER_FILE
+    if not path.is_file():
+        return {}, {}
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}, {}
+    same = (isinstance(stored, dict) and stored.get("corpus", {}).get("sha256") == corpus_sha256
+            and all(stored.get("settings", {}).get(k) == v for k, v in wanted.items() if k != "device"))
+    return (dict(stored.get("runs") or {}), dict(stored.get("how") or {})) if same else ({}, {})
+
+
 def probe_after(lm: Any, out: str | Path, texts: Sequence[str], *, settings: Any, seed: int = 0,
                 progress: bool = False, device: Optional[str] = None, command: str = "",
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Probe the base model and every trained run of the comparison in ``out`` on ``texts`` (module
     docstring) with the :class:`~geoprobe.pipeline.ProbeSettings` ``settings``; write OUT/probes/*.json
     and OUT/after.json and return the latter's content. Runs whose profile is already in OUT/probes are
-    not probed again."""
+    not probed again, and need their adapter no more; a run with neither adapter nor profile keeps its
+    shift from an OUT/after.json measured with the same settings on the same prompts (a folder copied
+    without its adapters and profiles keeps its after.json whole)."""
     from ..corpus import Corpus
     from ..pipeline import probe
 
@@ -211,13 +228,18 @@ def probe_after(lm: Any, out: str | Path, texts: Sequence[str], *, settings: Any
     records = {p.stem: read_json(p, "run") for p in sorted((out / "runs").glob("*.json"))}
     trained = {name: rec for name, rec in records.items() if rec.get("adapter_dir")}
     shifts, how, methods = {}, {}, {}
+    earlier, earlier_how = _earlier_shifts(out, wanted, corpus.sha256)
     for i, (name, rec) in enumerate(trained.items(), 1):
         folder = out / rec["adapter_dir"]
-        if not folder.is_dir():
-            echo(f"[after {i}/{len(trained)}] {name}: no adapter in {folder}; skipped")
-            continue
         path = out / PROBES / f"{name}.json"
         profile = _stored(path, wanted, corpus.sha256)
+        if profile is None and not folder.is_dir():  # a stored profile serves without the adapter it came from
+            if name in earlier:  # neither adapter nor profile, but after.json measured it with these settings
+                shifts[name], how[name], methods[name] = earlier[name], earlier_how.get(name, ""), rec["method"]
+                echo(f"[after {i}/{len(trained)}] {name}: no adapter or profile here; kept from {AFTER_FILE}")
+            else:
+                echo(f"[after {i}/{len(trained)}] {name}: no adapter in {folder} and no stored profile; skipped")
+            continue
         measured = profile is None
         how[name] = how_probed(rec["built_method"])
         if measured:

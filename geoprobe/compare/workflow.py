@@ -553,6 +553,21 @@ def _write_summary(out: Path, arms: Sequence[Arm], seeds: int, budgets: dict[str
     return summary
 
 
+def _question_difference(runs: dict[str, dict[str, Any]], arm: str, reference: str, ev: str,
+                         seeds: Sequence[int]) -> Optional[dict[str, Any]]:
+    """:func:`.stats.question_difference` of ``arm`` against ``reference`` on set ``ev`` over ``seeds``
+    from the runs' per-question correctness; None where a run lacks it."""
+    mine, ref = [], []
+    for k in seeds:
+        a = runs.get(NONE if arm == NONE else f"{arm}-seed{k}", {}).get("eval", {}).get(ev, {}).get("correct")
+        b = runs.get(f"{reference}-seed{k}", {}).get("eval", {}).get(ev, {}).get("correct")
+        if a is None or b is None or len(a) != len(b) or not a:
+            return None
+        mine.append(a)
+        ref.append(b)
+    return stats.question_difference(mine, ref)
+
+
 def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: int, *,
               settings: dict[str, Any], reference: str = "lora") -> dict[str, Any]:
     """The summary of the run records ``runs`` (run name → record): per evaluation set and arm the
@@ -589,9 +604,14 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
                     continue
                 mine = {int(k): v for k, v in rows[arm]["values"].items()}
                 paired = sorted(set(ref) & set(mine))
-                rows[arm]["difference"] = stats.paired_difference([mine[k] for k in paired],
-                                                                  [ref[k] for k in paired])
-                rows[arm]["difference"]["seeds"] = paired
+                diff = stats.paired_difference([mine[k] for k in paired], [ref[k] for k in paired])
+                diff["seeds"] = paired
+                if metric == "accuracy" and paired:
+                    questions = _question_difference(runs, arm, reference, ev, paired)
+                    if questions is not None:
+                        diff["questions"] = questions
+                        diff["verdict"] = stats.combined_verdict(diff)
+                rows[arm]["difference"] = diff
         table[ev] = rows
         separation[ev] = stats.separation({a: rows[a]["mean"] for a in arm_names},
                                           {a: rows[a]["difference"] for a in arm_names if "difference" in rows[a]},
@@ -630,8 +650,13 @@ def summarize(runs: dict[str, dict[str, Any]], arm_names: Sequence[str], seeds: 
                                            None)},
         "rules": {"interval": "Student-t interval of the mean paired per-seed difference (ddof = 1); none with "
                               "fewer than 2 paired seeds.",
-                  "verdict": f"'{stats.BETTER}' / '{stats.WORSE}' only when the interval excludes 0, else "
-                             f"'{stats.NOISE}'.",
+                  "question_interval": "for accuracy: percentile bootstrap over the test questions of the "
+                                       "per-question difference averaged over the paired seeds "
+                                       f"({stats.N_BOOT} resamples): the noise of the test set's sample of "
+                                       "questions, which the seed interval does not cover.",
+                  "verdict": f"'{stats.BETTER}' / '{stats.WORSE}' only when the seed interval excludes 0 and, "
+                             f"for accuracy, the question interval lies on the same side; '{stats.TEST_NOISE}' "
+                             f"when only the seed interval does; else '{stats.NOISE}'.",
                   "separation": f"a set cannot separate the methods when every mean of its metric is below "
                                 f"{stats.FLOOR:g} (accuracy and F1: {100 * stats.FLOOR:g} %; MCC: {stats.FLOOR:g}) "
                                 "or when no interval against LoRA excludes 0."},
@@ -654,7 +679,7 @@ def format_table(summary: dict[str, Any]) -> str:
         unit, dunit = (" %", "pp") if info["percent"] else ("", info["label"])
         lines.append(f"{ev}:")
         lines.append(f"  {'method':<20} {'seeds':>5}  {info['label'] + unit:>16}  "
-                     f"{'vs LoRA, ' + dunit + ' [95 % CI]':>30}  verdict")
+                     f"{'vs LoRA, ' + dunit + ' [seeds 95 % CI] q[questions]':>48}  verdict")
         for arm, cell in rows.items():
             acc = "—" if cell["mean"] is None else (f"{k * cell['mean']:.{dec}f}" + (
                 f" ± {k * cell['std']:.{dec}f}" if cell["std"] is not None else ""))
@@ -664,8 +689,11 @@ def format_table(summary: dict[str, Any]) -> str:
             else:
                 diff = f"{k * d['mean']:+.{dec}f}" + (f" [{k * d['low']:+.{dec}f}, {k * d['high']:+.{dec}f}]"
                                                        if d["low"] is not None else "")
+                q = d.get("questions")
+                if q:
+                    diff += f" q[{k * q['low']:+.{dec}f}, {k * q['high']:+.{dec}f}]"
                 verdict = d["verdict"]
-            lines.append(f"  {arm:<20} {cell['n']:>5}  {acc:>16}  {diff:>30}  {verdict}")
+            lines.append(f"  {arm:<20} {cell['n']:>5}  {acc:>16}  {diff:>48}  {verdict}")
         sep = summary["separation"][ev]
         lines.append(f"  {'separates the methods' if sep['separates'] else 'cannot separate the methods'}: "
                      f"{sep['reason']}")

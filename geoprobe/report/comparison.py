@@ -57,7 +57,9 @@ def _results(summary: Mapping[str, Any]) -> Markup:
     parts = [el("p", "Each evaluation set in its metric (accuracy; F1 for MRPC, Matthews' correlation for CoLA): "
                      "mean ± standard deviation over seeds; difference against LoRA paired by seed (percentage "
                      f"points for accuracy and F1), with its {100 * summary.get('level', 0.95):g} % "
-                     "Student-t interval. ", esc(summary.get("rules", {}).get("interval", "")))]
+                     "Student-t interval. ", esc(summary.get("rules", {}).get("interval", "")), " ",
+                     esc(summary.get("rules", {}).get("question_interval", "")), " ",
+                     esc(summary.get("rules", {}).get("verdict", "")))]
     for name, rows in summary.get("table", {}).items():
         sep = summary.get("separation", {}).get(name, {})
         info = summary.get("metrics", {}).get(name) or _ACCURACY
@@ -68,11 +70,12 @@ def _results(summary: Mapping[str, Any]) -> Markup:
             row = [arm, str(cell.get("n", 0)), _pm_metric(cell, percent)]
             if second:
                 row.append(_pm_metric(cell.get("accuracy"), True))
-            body.append(row + [_diff(d, percent),
+            q = (d or {}).get("questions")
+            body.append(row + [_diff(d, percent), _diff(q, percent) if q else DASH,
                                (d or {}).get("verdict", "reference" if arm == summary.get("reference") else DASH)])
         label = str(info.get("label", "accuracy"))
-        head = ["method", "seeds", label] + (["accuracy"] if second else []) + [f"{label} vs LoRA (same seed)",
-                                                                              "verdict"]
+        head = ["method", "seeds", label] + (["accuracy"] if second else []) + [
+            f"{label} vs LoRA (same seed)", f"{label} vs LoRA over test questions", "verdict"]
         parts.append(el("h3", name))
         parts.append(table(head, body, numeric=set(range(1, len(head) - 1))))
         parts.append(el("p", el("strong", "Separates the methods: " if sep.get("separates")
