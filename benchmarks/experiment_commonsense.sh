@@ -11,7 +11,8 @@
 #
 # MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, DEST (default
 # reports/experiments/commonsense-smollm2), METHODS, SEEDS, STEPS, LIMIT (training rows per set) and
-# EVAL_LIMIT override the settings below. PROBE_AFTER=1 then probes every fine-tuned model beside the base
+# EVAL_LIMIT override the settings below; JOBS=N runs the methods in N processes side by side on one GPU
+# (`geoprobe compare --jobs`). PROBE_AFTER=1 then probes every fine-tuned model beside the base
 # model (--probe-after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,5 @@ limit=(); [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 exec "${PYTHON:-python3}" -m geoprobe compare ${MODEL:+"$MODEL"} "${train[@]}" "${limit[@]}" "${evals[@]}" \
     --methods "${METHODS:-none,lora,gelora,hyplora,hydralora,auto}" --seeds "${SEEDS:-3}" --r 16 \
     --max-steps "${STEPS:-300}" --batch-size 16 --max-length 256 --lr 2e-4 \
-    --eval-limit "${EVAL_LIMIT:-200}" --out "$DEST" --quiet $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)
+    --eval-limit "${EVAL_LIMIT:-200}" --out "$DEST" --quiet --jobs "${JOBS:-1}" \
+    $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)

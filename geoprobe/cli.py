@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N examples of each set")
     _add_eval_args(c)
     c.add_argument("--out", help="output folder, required (rerun with the same folder to resume)")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="run the methods in N processes side by side (default 1): a small model leaves a GPU "
+                        "mostly idle, so N processes finish N runs in about the time of one; merged into --out")
     c.add_argument("--probe-after", action="store_true",
                    help="then probe every fine-tuned model beside the base model on the training prompts and "
                         "report how each adapter moved per-prompt δ_rel and the per-layer intrinsic dimension "
@@ -746,6 +749,8 @@ def cmd_compare(args, command: str) -> int:
     arms = parse_methods(args.methods)
     if args.seeds < 1:
         raise ComparisonError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise ComparisonError(f"--jobs must be at least 1, got {args.jobs}")
     _check_limit(args.limit, "--limit")
     _check_limit(args.eval_limit, "--eval-limit")
     _check_eval_batch_size(args.eval_batch_size, "--eval-batch-size")
@@ -763,6 +768,12 @@ def cmd_compare(args, command: str) -> int:
     examples, sizes, data_name = _train_sets(args.data, args.limit)
     evals = _eval_sets(args.eval, args.eval_limit)
     check_eval_sets(evals)
+    if args.jobs > 1:
+        from .compare.parallel import run_jobs, unfinished
+
+        counts = unfinished(Path(args.out), [a.name for a in arms], args.seeds)
+        if sum(counts.values()):
+            run_jobs(args.compare_argv, counts, args.jobs, Path(args.out), echo=lambda line: print(line, flush=True))
     lm = _load_for_data(args, examples, "a comparison")
     done = compare(lm, examples, evals, out=args.out, arms=arms, seeds=args.seeds, train_settings=settings,
                    r=args.r, alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout,
@@ -843,6 +854,8 @@ def _run(argv: list[str]) -> int:
         if not args.verbose:  # libraries' notices about their own future versions are not the user's business
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+        if args.command == "compare":  # --jobs hands the same flags to its worker processes
+            args.compare_argv = argv[argv.index("compare") + 1:]
         return handlers[args.command](args, recorded_command(argv))
 
 

@@ -243,6 +243,7 @@ def test_output_folder_with_other_settings_is_refused(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--methods", "lora,qlora"], "unknown method(s) qlora; choose from none, lora, dora"),
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--eval-limit", "0"], "--eval-limit must be ≥ 1"),
 ])
 def test_cli_bad_input_one_line_nothing_written(tmp_path, capsys, args, message):
@@ -359,3 +360,49 @@ def test_comparison_evaluates_every_set_in_one_call_as_each_alone(tmp_path):
         got = scores[ev.name]
         assert (got["n"], got["accuracy"], got["n_unreadable"]) == (alone.n, alone.accuracy, alone.n_unparsed)
         assert got["correct"] == [int(bool(p["correct"])) for p in alone.predictions]
+
+
+# --------------------------------------------------------------------------- --jobs
+def test_deal_gives_every_method_once_and_balances_the_runs():
+    """Every method with unfinished runs lands in exactly one group, finished methods in none; the
+    groups' run counts are as even as whole methods allow (checked against every assignment by brute
+    force on small cases: the largest group is within one method's count of the best possible)."""
+    import itertools
+
+    from geoprobe.compare.parallel import deal
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        names = [f"m{i}" for i in range(int(rng.integers(1, 7)))]
+        counts = {n: int(rng.integers(0, 4)) for n in names}
+        jobs = int(rng.integers(1, 5))
+        groups = deal(counts, jobs)
+        dealt = [m for g in groups for m in g]
+        assert sorted(dealt) == sorted(n for n in names if counts[n]) and len(groups) <= jobs
+        assert all(g == sorted(g, key=names.index) for g in groups)
+        todo = [n for n in names if counts[n]]
+        if todo:
+            best = min(max(sum(counts[m] for m, k in zip(todo, pick) if k == j) for j in range(jobs))
+                       for pick in itertools.product(range(jobs), repeat=len(todo)))
+            worst = max(sum(counts[m] for m in g) for g in groups)
+            assert worst <= best + max(counts.values())  # greedy largest-first: never a whole method off
+    assert deal({"none": 1, "lora": 3, "dora": 3, "gelora": 3, "hyplora": 3}, 4) == \
+        [["none", "lora"], ["dora"], ["gelora"], ["hyplora"]]
+    with pytest.raises(ValueError):
+        deal({"lora": 1}, 0)
+
+
+def test_worker_arguments_keep_the_flags_and_replace_methods_out_and_jobs(tmp_path):
+    from geoprobe.compare.parallel import arm_of, unfinished, worker_argv
+
+    argv = ["m.gguf", "--data", "a.json", "--methods", "lora,dora", "--jobs=3", "--out", "o", "--probe-after",
+            "--seeds", "2", "--quiet", "--r", "8"]
+    got = worker_argv(argv, ["dora"], tmp_path / "p")
+    assert got == ["compare", "m.gguf", "--data", "a.json", "--seeds", "2", "--r", "8", "--methods", "dora",
+                   "--out", str(tmp_path / "p"), "--quiet"]
+    assert [arm_of(n) for n in ("lora-seed2", "none", "hyplora-official-seed0", "auto-seedx")] == \
+        ["lora", "none", "hyplora-official", "auto-seedx"]
+    (tmp_path / "runs").mkdir()
+    for n in ("none", "lora-seed0", "lora-seed2"):
+        (tmp_path / "runs" / f"{n}.json").write_text("{}")
+    assert unfinished(tmp_path, ["none", "lora", "dora"], 3) == {"none": 0, "lora": 1, "dora": 3}

@@ -96,8 +96,13 @@ def test_compare_end_to_end(comparison, capsys):
     if np.std(dora - lora) > 0:
         ci = sps.ttest_rel(dora, lora).confidence_interval(0.95)
         assert (d["low"], d["high"]) == pytest.approx((ci.low, ci.high))
-        assert d["verdict"] == ("better than LoRA" if ci.low > 0 else "worse than LoRA" if ci.high < 0
-                                else "within seed noise")
+        seeds = "better than LoRA" if ci.low > 0 else "worse than LoRA" if ci.high < 0 else "within seed noise"
+        q = d["questions"]
+        agrees = (q["low"] > 0) if ci.low > 0 else (q["high"] < 0) if ci.high < 0 else True
+        assert d["verdict"] == (seeds if agrees else "within test-set noise")
+    # the interval over the test questions: its mean is the mean paired accuracy difference
+    assert d["questions"]["n_questions"] == 4 and d["questions"]["mean"] == pytest.approx((dora - lora).mean())
+    assert d["questions"]["low"] <= d["questions"]["mean"] <= d["questions"]["high"]
     assert summary["table"][ev_name]["none"]["mean"] == acc["none"]
     assert summary["total"]["runs_done"] == summary["total"]["runs_total"] == 5 and summary["complete"]
     assert summary["total"]["device_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in runs.values()))

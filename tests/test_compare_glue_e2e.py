@@ -184,6 +184,36 @@ def test_glue_rerun_skips_finished_runs_and_resumes_a_killed_one(comparison, tmp
     assert rec["eval"]["mrpc"]["score"] == straight["eval"]["mrpc"]["score"]
 
 
+def test_jobs_run_the_methods_side_by_side_as_one_process_would(comparison, tmp_path, capsys):
+    """`--jobs 2` deals the methods to two worker processes and merges them: the same runs as the
+    one-process comparison (losses to float tolerance: the workers run with other thread counts; the
+    same predictions), its records and logs in place, the summary noting the shared device, and a rerun
+    that starts no worker."""
+    model, out, args = comparison
+    if not (out / "summary.json").is_file():
+        pytest.skip("needs the comparison of test_glue_compare_end_to_end")
+    par = tmp_path / "par"
+    jargs = [a if a != str(out) else str(par) for a in args] + ["--jobs", "2"]
+    assert main(jargs) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.count(f"started ({SEEDS} run(s))") == 2 and printed.count("finished earlier, skipped") == 4
+    seq, got = _runs(out), _runs(par)
+    assert set(got) == set(seq)
+    for name, rec in seq.items():
+        assert got[name]["train"]["loss_values"] == pytest.approx(rec["train"]["loss_values"], rel=1e-3)
+        assert got[name]["trainable_parameters"] == rec["trainable_parameters"]
+        for ev, scores in rec["eval"].items():
+            assert got[name]["eval"][ev]["correct"] == scores["correct"], name
+    jobs = json.loads((par / "jobs.json").read_text())
+    assert jobs["jobs"] == 2 and [w["exit"] for w in jobs["workers"]] == [0, 0]
+    assert sorted(m for w in jobs["workers"] for m in w["methods"]) == sorted(METHODS)
+    assert (par / "logs" / "job0.log").is_file() and not Path(str(par) + ".jobs").exists()
+    summary = json.loads((par / "summary.json").read_text())
+    assert any("side by side" in n for n in summary["notes"]) and summary["complete"]
+    assert main(jargs) == 0, capsys.readouterr().err
+    assert "started" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--eval", str(SHARED / "gsm8k" / "test.jsonl")], "cannot generate"),
     (["--eval", str(SHARED / "glue" / "CoLA" / "dev.tsv")], "has the labels unacceptable, acceptable but the "

@@ -70,6 +70,7 @@ __all__ = ["SETTINGS_FILE", "SUMMARY_FILE", "REPORT_FILE", "RUN_SCHEMA", "SUMMAR
            "ComparisonResult", "compare", "check_eval_sets", "summarize", "format_table", "run_name"]
 
 SETTINGS_FILE = "comparison.json"
+from .parallel import JOBS_FILE  # noqa: E402 - the record of a --jobs pass
 EVAL_BATCHING = "all sets in one generation call"
 """How a causal LM's evaluation sets are batched (:func:`_evaluate`); a comparison folder whose runs were
 evaluated otherwise does not resume under this version."""
@@ -548,6 +549,12 @@ def _write_summary(out: Path, arms: Sequence[Arm], seeds: int, budgets: dict[str
     summary["total"]["this_invocation_seconds"] = time.perf_counter() - started
     if (out / AFTER_FILE).is_file():
         summary["after"] = read_json(out / AFTER_FILE, "before-and-after probe", error=ComparisonError)
+    if (out / JOBS_FILE).is_file():
+        jobs = read_json(out / JOBS_FILE, "jobs record", error=ComparisonError)
+        summary["jobs"] = jobs
+        summary["notes"].append(
+            f"Runs ran in up to {jobs.get('jobs')} processes side by side (--jobs, {JOBS_FILE}): their seconds, "
+            "throughputs and peak memories are those of a shared device, not of one run alone.")
     write_json(out / SUMMARY_FILE, summary)
     render_comparison(summary, out / REPORT_FILE, command=command)
     return summary
