@@ -18,6 +18,8 @@ Rows:
 * ``lora``, ``hyplora`` — ``adapters.train.finetune`` (what ``geoprobe finetune`` runs) with packed
   sequences of ``max_length`` tokens, as many rows a step as make the one epoch exactly ``steps`` steps,
   so a step carries the same examples on average as a peer step;
+* ``lora-compiled`` — ``lora`` with the transformer blocks compiled (``--compile``,
+  :mod:`adapters.train.compiled`); the compile happens in the warm-up steps, outside the timing;
 * ``lora-padded`` — ours unpacked, ``batch`` examples a step padded to the longest (like for like).
 
 Per row and seed: tokens per second over the steps after ``warmup`` (a global optimizer-step hook stamps
@@ -65,9 +67,10 @@ from geoprobe.records import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ROWS = ("peer", "peer-liger", "lora", "hyplora", "lora-padded")
+ROWS = ("peer", "peer-liger", "lora", "lora-compiled", "hyplora", "lora-padded")
 NAMES = {"peer": "transformers.Trainer + PEFT LoRA", "peer-liger": "transformers.Trainer + PEFT LoRA + Liger",
          "lora": "geoprobe finetune lora (packed)", "hyplora": "geoprobe finetune hyplora (packed)",
+         "lora-compiled": "geoprobe finetune lora --compile (packed, compiled blocks)",
          "lora-padded": "geoprobe finetune lora, padded batches"}
 
 
@@ -125,7 +128,7 @@ def run_peer(lm: Any, rows: list[dict], cfg: Config, seed: int, cuda: bool, row:
 
 
 def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, row: str, method: str,
-             packed: bool, cuda: bool) -> dict:
+             packed: bool, cuda: bool, compiled: bool = False) -> dict:
     if packed:
         length, per_step, _ = packed_layout(rows, cfg.steps, cfg.max_length)
         seqs = pack(rows, length)
@@ -133,7 +136,7 @@ def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, 
         length, per_step, seqs = cfg.max_length, cfg.batch, rows
     settings = TrainSettings(lr=cfg.lr, max_steps=cfg.steps, batch_size=per_step, max_length=length,
                              save_every=cfg.steps, pack=packed, warmup_ratio=0.0, weight_decay=0.0,
-                             max_grad_norm=1.0, seed=seed, log_every=cfg.log_every)
+                             max_grad_norm=1.0, seed=seed, log_every=cfg.log_every, compile=compiled)
     _reset_memory(cuda)
     with tempfile.TemporaryDirectory() as out:
         with StepClock(cfg.warmup, cfg.steps, cuda) as clock:
@@ -158,8 +161,9 @@ def run_row(row: str, seed: int, args: argparse.Namespace, cfg: Config) -> dict:
     if row in ("peer", "peer-liger"):
         out = run_peer(lm, rows, cfg, seed, cuda, row, liger=row == "peer-liger")
     else:
-        out = run_ours(lm, rows, examples, cfg, seed, row, row.removesuffix("-padded"), not row.endswith("-padded"),
-                       cuda)
+        method = row.removesuffix("-padded").removesuffix("-compiled")
+        out = run_ours(lm, rows, examples, cfg, seed, row, method, not row.endswith("-padded"), cuda,
+                       compiled=row.endswith("-compiled"))
     return {"row": row, "name": NAMES[row], "seed": seed, "model": lm.name,
             "device": torch.cuda.get_device_name() if cuda else "cpu", **out}
 

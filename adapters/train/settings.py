@@ -10,14 +10,15 @@ from geoprobe.profile import Record
 
 __all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED", "FLAGS", "MAX_SEED"]
 
-NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels")
+NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels", "compile")
 """Settings a resumed run may change: they steer bookkeeping or which kernels compute the same step,
-not the trained weights' definition (the fast kernels agree with the plain path to rounding)."""
+not the trained weights' definition (the fast kernels and the compiled blocks agree with the plain path
+to rounding)."""
 
 FLAGS = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
          "max_steps": "--max-steps", "max_length": "--max-length", "warmup_ratio": "--warmup-ratio",
          "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack",
-         "fast_kernels": "--no-fast-kernels"}
+         "fast_kernels": "--no-fast-kernels", "compile": "--compile"}
 """The command-line flag of each setting that has one; messages name the flag the user typed."""
 
 MAX_SEED = 2 ** 64 - 1
@@ -35,6 +36,8 @@ class TrainSettings(Record):
     is recorded all the same, so it changes when a non-finite loss is noticed, not the results.
     ``fast_kernels``: use Liger-Kernel's fused kernels where they apply (a CUDA model, liger-kernel
     installed; :mod:`adapters.train.fast`); False (``--no-fast-kernels``) keeps the plain path everywhere.
+    ``compile``: compile the transformer blocks with ``torch.compile`` (``--compile``;
+    :mod:`adapters.train.compiled`), for launch-bound steps of small models.
     """
 
     lr: float = 3e-4
@@ -54,6 +57,7 @@ class TrainSettings(Record):
     balance_coef: float = 0.0
     log_every: int = 10
     fast_kernels: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not _positive_number(self.lr):
@@ -76,6 +80,9 @@ class TrainSettings(Record):
         if not isinstance(self.fast_kernels, bool):
             raise AdapterError(f"training setting fast_kernels = {self.fast_kernels!r}; it must be True or False "
                                f"(the command line's {FLAGS['fast_kernels']} sets it to False)")
+        if not isinstance(self.compile, bool):
+            raise AdapterError(f"training setting compile = {self.compile!r}; it must be True or False "
+                               f"(the command line's {FLAGS['compile']} sets it to True)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise self._bad("seed", "an integer from 0 to 2^64 − 1")
 

@@ -53,7 +53,7 @@ from ..io import adapter_spec, save
 from ..data import IGNORE_INDEX, Example, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
-from . import fast
+from . import compiled, fast
 from . import loss as loss_fns
 from . import parallel
 from .batches import SequenceBank, move_together
@@ -163,6 +163,9 @@ class Trainer:
         self.peft_model: Any = None
         self.fast: Optional[fast.FastKernels] = None
         self._fast_patch: Optional[fast.Applied] = None
+        self.compiled: Optional[compiled.CompiledBlocks] = None
+        self._compiled: Optional[compiled.Compiled] = None
+        self._first_compiled_step = False
         self.fused: Optional[Callable[..., Any]] = None
         self.wrapped: Any = None  # what the forward passes go through (the DDP wrapper, or the model)
         self.step_count, self.micro, self.tokens_seen, self.seconds_before = 0, 0, 0, 0.0
@@ -195,6 +198,9 @@ class Trainer:
             self.run_id = self._run_id()
             self.group.check_same(self.run_id, "the settings, the adapter and the training data")
             state = self._restore_weights(self.start_ckpt) if self.start_ckpt is not None else None
+            self.compiled, self._compiled = compiled.compile_blocks(self.peft_model, enabled=self.settings.compile,
+                                                                    sharded=self.group.sharded)
+            self._first_compiled_step = self._compiled is not None
             self.wrapped = self.group.wrap(self.peft_model)
             self.group.seed_dropout(self.settings.seed)
             self._setup_optimizer()
@@ -286,7 +292,7 @@ class Trainer:
                       "quantization": None if self.quantized is None else self.quantized.to_dict(),
                       "optimizer": self.optimizer_name,
                       "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"],
-                      "fast_kernels": self.fast.to_dict()}
+                      "fast_kernels": self.fast.to_dict(), "compiled_blocks": self.compiled.to_dict()}
 
     def _setup_fused_loss(self) -> None:
         """The fused linear cross-entropy of a causal LM's answer loss where it applies
@@ -300,10 +306,32 @@ class Trainer:
             log.info("%s", fast.describe(self.fast))
 
     def _revert_fast(self) -> None:
-        """Take the fast kernels off the model again (the caller's model leaves as it came, plus adapters)."""
+        """Take the fast kernels and the compiled blocks off the model again (the caller's model leaves as
+        it came, plus adapters)."""
+        if self._compiled is not None:
+            self._compiled.revert()
+            self._compiled = None
         if self._fast_patch is not None:
             self._fast_patch.revert()
             self._fast_patch = None
+
+    def _accumulate_first_compiled(self, work: list[tuple[Any, Any, Any, float]], n_tok: int) -> Any:
+        """The first step with compiled blocks: when compiling fails, one log line, the blocks eager
+        again and the step redone eagerly (gradients cleared first)."""
+        self._first_compiled_step = False
+        try:
+            return self._accumulate(work, n_tok)
+        except Exception as exc:  # the compiler's errors have no common public base class
+            why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("compiled blocks failed at the first step (%s: %s); the plain path is taken",
+                        type(exc).__name__, why)
+            if self._compiled is not None:
+                self._compiled.revert()
+                self._compiled = None
+            self.compiled = compiled.CompiledBlocks(applied=False, reason=f"failed at the first step: {why}")
+            self.extra["compiled_blocks"] = self.compiled.to_dict()
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._accumulate(work, n_tok)
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -390,7 +418,8 @@ class Trainer:
         picks = [self.order.indices(self.micro + k) for k in range(s.grad_accum)]
         work, n_tok = self._micro_batches(picks)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = self._accumulate(work, n_tok)
+        loss_sum = (self._accumulate_first_compiled(work, n_tok) if self._first_compiled_step
+                    else self._accumulate(work, n_tok))
         self.tokens_seen += sum(len(self.seqs[i]["input_ids"]) for idx in picks for i in idx)
         if s.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm)

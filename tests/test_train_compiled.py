@@ -1,0 +1,161 @@
+"""Compiled transformer blocks (adapters.train.compiled, ``--compile``) on the CPU: a fine-tune with
+compiled blocks equals the eager fine-tune to rounding (the oracle: the same run without ``--compile``),
+the caller's model leaves as it came, a first compiled step that fails is redone eagerly with one log
+line, and the setting is checked and reaches the trainer from every training command."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.data import load_examples
+from adapters.train import TrainSettings, finetune
+from adapters.train.compiled import compile_blocks, find_blocks
+from geoprobe.cli import main
+from geoprobe.errors import AdapterError
+
+from finetune_helpers import write_problems
+from tiny_models import bpe_tokenizer, tiny_bert, tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    return load_examples(write_problems(tmp_path_factory.mktemp("data") / "train.jsonl", 12))
+
+
+def _settings(compile_: bool) -> TrainSettings:
+    return TrainSettings(lr=5e-3, max_steps=3, batch_size=2, max_length=96, seed=2, compile=compile_)
+
+
+def _trained(run) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+def test_blocks_are_the_decoder_or_encoder_layers():
+    llama, bert = tiny_llama(), tiny_bert()
+    assert find_blocks(llama) is llama.model.layers
+    assert find_blocks(bert) is bert.encoder.layer
+    record, handle = compile_blocks(llama, enabled=False)
+    assert not record.applied and "--compile" in record.reason and handle is None
+    record, handle = compile_blocks(llama, enabled=True, sharded=True)
+    assert not record.applied and "FSDP" in record.reason and handle is None
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_the_eager_adapter(examples, tmp_path, monkeypatch):
+    """LoRA fine-tuned 3 steps with compiled blocks: the same losses and adapter as eager, to float32
+    rounding; the record says what was compiled; the caller's model leaves with its blocks eager."""
+    import adapters.train.compiled as compiled
+
+    real, calls = compiled.compile_blocks, [0]
+
+    def counted(model, *, enabled, sharded=False):  # count the calls that go through the compiled forward
+        record, handle = real(model, enabled=enabled, sharded=sharded)
+        for block in (handle.blocks if handle is not None else []):
+            inner = block._compiled_call_impl
+
+            def call(*args, _inner=inner, **kwargs):
+                calls[0] += 1
+                return _inner(*args, **kwargs)
+            block._compiled_call_impl = call
+        return record, handle
+
+    monkeypatch.setattr(compiled, "compile_blocks", counted)
+    tok = bpe_tokenizer()
+    eager = finetune(tiny_llama(), tok, examples, "lora", out=tmp_path / "eager", settings=_settings(False),
+                     progress=False, r=4, dropout=0.0)
+    assert calls[0] == 0
+    model = tiny_llama()
+    fast = finetune(model, tok, examples, "lora", out=tmp_path / "compiled", settings=_settings(True),
+                    progress=False, r=4, dropout=0.0)
+    assert fast.result.loss_values == pytest.approx(eager.result.loss_values, rel=1e-5)
+    a, b = _trained(eager), _trained(fast)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert calls[0] == 3 * len(model.model.layers)  # every block of every step went through the compiled call
+    rec = fast.result.settings["compiled_blocks"]
+    assert rec == {"applied": True, "reason": "", "block_class": "LlamaDecoderLayer",
+                   "n_blocks": len(model.model.layers)}
+    assert eager.result.settings["compiled_blocks"]["applied"] is False
+    assert all(block._compiled_call_impl is None for block in model.model.layers)
+
+
+def test_a_failing_first_compiled_step_is_redone_eagerly(examples, tmp_path, monkeypatch, caplog):
+    """A compiled forward that raises at the first step: one warning, the blocks eager again, and the
+    run equal bit for bit to the eager run (the step redone from cleared gradients)."""
+    import adapters.train.compiled as compiled
+
+    real = compiled.compile_blocks
+
+    def broken(model, *, enabled, sharded=False):
+        record, handle = real(model, enabled=enabled, sharded=sharded)
+        if handle is not None:
+            def fails(*args, **kwargs):
+                raise RuntimeError("the compiler cannot take this operation")
+            for block in handle.blocks:
+                block._compiled_call_impl = fails
+        return record, handle
+
+    monkeypatch.setattr(compiled, "compile_blocks", broken)
+    tok = bpe_tokenizer()
+    eager = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "eager", settings=_settings(False),
+                     progress=False, r=4)
+    with caplog.at_level("WARNING", logger="adapters.train.trainer"):
+        fell = finetune(tiny_llama(), tok, examples, "hyplora", out=tmp_path / "fell", settings=_settings(True),
+                        progress=False, r=4)
+    assert fell.result.loss_values == eager.result.loss_values
+    a, b = _trained(eager), _trained(fell)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rec = fell.result.settings["compiled_blocks"]
+    assert not rec["applied"] and "cannot take this operation" in rec["reason"]
+    warned = [r.getMessage() for r in caplog.records if "compiled blocks failed" in r.getMessage()]
+    assert len(warned) == 1 and "plain path" in warned[0]
+
+
+def test_setting_is_a_bool_and_not_part_of_the_run_identity():
+    from adapters.train.settings import NOT_COMPARED
+
+    assert TrainSettings().compile is False and "compile" in NOT_COMPARED
+    with pytest.raises(AdapterError, match="compile = 'yes'.*--compile"):
+        TrainSettings(compile="yes")
+
+
+@pytest.mark.parametrize("command", ["finetune", "run", "compare"])
+def test_flag_reaches_the_settings(command, monkeypatch):
+    import geoprobe.cli as cli
+
+    seen = []
+    real = cli._train_settings
+
+    def stop_after(args):
+        seen.append(real(args))
+        raise SystemExit(7)
+
+    monkeypatch.setattr(cli, "_train_settings", stop_after)
+    base = {"finetune": ["finetune", "--data", "x.jsonl"], "run": ["run", "--data", "x", "--eval", "y"],
+            "compare": ["compare", "--data", "x", "--eval", "y", "--out", "o"]}[command]
+    for extra, want in (([], False), (["--compile"], True)):
+        with pytest.raises(SystemExit):
+            main([*base, *extra])
+        assert seen.pop().compile is want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["lora", "hyplora"])
+def test_compiled_blocks_on_cuda_train_the_eager_adapter(examples, tmp_path, method):
+    """On CUDA (bfloat16 autocast, the Triton and native adapter nodes where they serve), compiled blocks
+    give the eager run's losses and adapter to bfloat16 rounding, or fall back to it with the reason."""
+    tok = bpe_tokenizer()
+    runs = {}
+    for on in (False, True):
+        runs[on] = finetune(tiny_llama().cuda(), tok, examples, method, out=tmp_path / str(on),
+                            settings=_settings(on), progress=False, r=4, dropout=0.0)
+    assert runs[True].result.loss_values == pytest.approx(runs[False].result.loss_values, rel=2e-2)
+    a, b = _trained(runs[False]), _trained(runs[True])
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), rtol=5e-2, atol=5e-3)
+    rec = runs[True].result.settings["compiled_blocks"]
+    assert rec["applied"] or rec["reason"].startswith("failed at the first step")
