@@ -1,7 +1,7 @@
 """Compiled transformer blocks (adapters.train.compiled, ``--compile``) on the CPU: a fine-tune with
 compiled blocks equals the eager fine-tune to rounding (the oracle: the same run without ``--compile``),
 the caller's model leaves as it came, a first compiled step that fails is redone eagerly with one log
-line, and the setting is checked and reaches the trainer from every training command."""
+line, and the setting is checked (the flag reaching every training command: test_train_fast.py)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,6 @@ import torch
 from adapters.data import load_examples
 from adapters.train import TrainSettings, finetune
 from adapters.train.compiled import compile_blocks, find_blocks
-from geoprobe.cli import main
 from geoprobe.errors import AdapterError
 
 from finetune_helpers import write_problems
@@ -120,26 +119,6 @@ def test_setting_is_a_bool_and_not_part_of_the_run_identity():
     assert TrainSettings().compile is False and "compile" in NOT_COMPARED
     with pytest.raises(AdapterError, match="compile = 'yes'.*--compile"):
         TrainSettings(compile="yes")
-
-
-@pytest.mark.parametrize("command", ["finetune", "run", "compare"])
-def test_flag_reaches_the_settings(command, monkeypatch):
-    import geoprobe.cli as cli
-
-    seen = []
-    real = cli._train_settings
-
-    def stop_after(args):
-        seen.append(real(args))
-        raise SystemExit(7)
-
-    monkeypatch.setattr(cli, "_train_settings", stop_after)
-    base = {"finetune": ["finetune", "--data", "x.jsonl"], "run": ["run", "--data", "x", "--eval", "y"],
-            "compare": ["compare", "--data", "x", "--eval", "y", "--out", "o"]}[command]
-    for extra, want in (([], False), (["--compile"], True)):
-        with pytest.raises(SystemExit):
-            main([*base, *extra])
-        assert seen.pop().compile is want
 
 
 @pytest.mark.gpu

@@ -289,7 +289,8 @@ def test_setting_is_a_bool_and_not_part_of_the_run_identity():
 
 
 @pytest.mark.parametrize("command", ["finetune", "run", "compare"])
-def test_flag_reaches_the_settings(command, monkeypatch):
+def test_flags_reach_the_settings(command, monkeypatch):
+    """--no-fast-kernels and --compile reach the TrainSettings of every training command."""
     import geoprobe.cli as cli
 
     seen = []
@@ -302,10 +303,11 @@ def test_flag_reaches_the_settings(command, monkeypatch):
     monkeypatch.setattr(cli, "_train_settings", stop_after)
     base = {"finetune": ["finetune", "--data", "x.jsonl"], "run": ["run", "--data", "x", "--eval", "y"],
             "compare": ["compare", "--data", "x", "--eval", "y", "--out", "o"]}[command]
-    for extra, want in (([], True), (["--no-fast-kernels"], False)):
+    for extra, field, want in (([], "fast_kernels", True), (["--no-fast-kernels"], "fast_kernels", False),
+                               ([], "compile", False), (["--compile"], "compile", True)):
         with pytest.raises(SystemExit):
             main([*base, *extra])
-        assert seen.pop().fast_kernels is want
+        assert getattr(seen.pop(), field) is want
 
 
 def test_flag_is_refused_where_nothing_trains(capsys):
