@@ -777,7 +777,8 @@ def cmd_compare(args, command: str) -> int:
 
         counts = unfinished(Path(args.out), [a.name for a in arms], args.seeds)
         if sum(counts.values()):
-            run_jobs(args.compare_argv, counts, args.jobs, Path(args.out), echo=lambda line: print(line, flush=True))
+            run_jobs(args.argv[args.argv.index("compare") + 1:], counts, args.jobs, Path(args.out),
+                     echo=lambda line: print(line, flush=True))
     lm = _load_for_data(args, examples, "a comparison")
     done = compare(lm, examples, evals, out=args.out, arms=arms, seeds=args.seeds, train_settings=settings,
                    r=args.r, alpha=args.alpha, target_modules=_targets(args), dropout=args.dropout,
@@ -858,8 +859,7 @@ def _run(argv: list[str]) -> int:
         if not args.verbose:  # libraries' notices about their own future versions are not the user's business
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
-        if args.command == "compare":  # --jobs hands the same flags to its worker processes
-            args.compare_argv = argv[argv.index("compare") + 1:]
+        args.argv = argv  # the command line as typed (compare --jobs hands it to its worker processes)
         return handlers[args.command](args, recorded_command(argv))
 
 

@@ -212,6 +212,14 @@ def test_jobs_run_the_methods_side_by_side_as_one_process_would(comparison, tmp_
     assert any("side by side" in n for n in summary["notes"]) and summary["complete"]
     assert main(jargs) == 0, capsys.readouterr().err
     assert "started" not in capsys.readouterr().out
+    # one run lost: one worker redoes it alone; the runs OUT kept reach it as records and are skipped there
+    (par / "runs" / "gelora-seed1.json").unlink()
+    assert main(jargs) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "gelora: started (1 run(s))" in printed and printed.count(": started") == 1
+    redone = _runs(par)["gelora-seed1"]
+    assert redone["train"]["loss_values"] == pytest.approx(seq["gelora-seed1"]["train"]["loss_values"], rel=1e-3)
+    assert set(_runs(par)) == set(seq)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -292,7 +292,7 @@ class Trainer:
                       "quantization": None if self.quantized is None else self.quantized.to_dict(),
                       "optimizer": self.optimizer_name,
                       "adapter": self.spec.to_dict(), "data_sha256": self.run_id["data_sha256"],
-                      "fast_kernels": self.fast.to_dict(), "compiled_blocks": self.compiled.to_dict()}
+                      "fast_kernels": self.fast.to_dict()}
 
     def _setup_fused_loss(self) -> None:
         """The fused linear cross-entropy of a causal LM's answer loss where it applies
@@ -329,7 +329,6 @@ class Trainer:
                 self._compiled.revert()
                 self._compiled = None
             self.compiled = compiled.CompiledBlocks(applied=False, reason=f"failed at the first step: {why}")
-            self.extra["compiled_blocks"] = self.compiled.to_dict()
             self.optimizer.zero_grad(set_to_none=True)
             return self._accumulate(work, n_tok)
 
@@ -487,7 +486,8 @@ class Trainer:
         s, spec = self.settings, self.spec
         return FinetuneResult(
             method=spec.method, model=self.model_name or spec.base_model, data=self.data_name,
-            settings=s.to_dict() | self.extra | {"resumed_from_step": self.resumed_from}, seed=s.seed,
+            settings=s.to_dict() | self.extra | {"compiled_blocks": self.compiled.to_dict(),
+                                                 "resumed_from_step": self.resumed_from}, seed=s.seed,
             loss_steps=list(self.loss_steps), loss_values=list(self.loss_values),
             trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
             tokens_per_second=(self.tokens_seen / seconds) if seconds > 0 and self.tokens_seen else None,

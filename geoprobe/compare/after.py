@@ -174,6 +174,11 @@ def tuned_model(lm: Any, adapter_dir: Path, method: str) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------- the workflow
+def _same_settings(stored: Any, wanted: dict[str, Any]) -> bool:
+    """Whether probe settings ``stored`` hold every setting of ``wanted`` with its value (the device aside)."""
+    return isinstance(stored, dict) and all(k in stored and stored[k] == v for k, v in wanted.items() if k != "device")
+
+
 def _stored(path: Path, settings: dict[str, Any], corpus_sha256: str) -> Any:
     """The profile stored at ``path`` when it was measured with ``settings`` on the same corpus, else None."""
     from ..profile import GeometryProfile
@@ -181,8 +186,7 @@ def _stored(path: Path, settings: dict[str, Any], corpus_sha256: str) -> Any:
     if not path.is_file():
         return None
     stored = GeometryProfile.load(path)
-    same = all(k in stored.settings and stored.settings[k] == v for k, v in settings.items() if k != "device")
-    if same and stored.corpus.sha256 == corpus_sha256:
+    if _same_settings(stored.settings, settings) and stored.corpus.sha256 == corpus_sha256:
         return stored
     log.info("%s was measured with other settings or prompts; measuring again", path)
     return None
@@ -199,7 +203,7 @@ def _earlier_shifts(out: Path, wanted: dict[str, Any], corpus_sha256: str) -> tu
     except (OSError, ValueError):
         return {}, {}
     same = (isinstance(stored, dict) and stored.get("corpus", {}).get("sha256") == corpus_sha256
-            and all(stored.get("settings", {}).get(k) == v for k, v in wanted.items() if k != "device"))
+            and _same_settings(stored.get("settings"), wanted))
     return (dict(stored.get("runs") or {}), dict(stored.get("how") or {})) if same else ({}, {})
 
 

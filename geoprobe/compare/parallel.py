@@ -66,11 +66,12 @@ def unfinished(out: Path, arm_names: Sequence[str], seeds: int, none: str = "non
     return {a: sum(not (runs / f"{n}.json").is_file() for n in ns) for a, ns in names.items()}
 
 
-def merge(src: Path, dest: Path, names: Optional[set[str]] = None) -> list[str]:
+def merge(src: Path, dest: Path, names: Optional[set[str]] = None, *, records_only: bool = False) -> list[str]:
     """Copy the finished runs of comparison folder ``src`` (those of the methods ``names``, or all), with
-    their predictions and adapters, and its settings and plans into ``dest`` (nothing already there is
-    replaced but the runs copied); returns the run names copied. A run's own record is copied last, so
-    a run counts as finished in ``dest`` only once its adapter is there."""
+    their predictions and adapters unless ``records_only``, and its settings and plans into ``dest``
+    (nothing already there is replaced but the runs copied); returns the run names copied. A run's own
+    record is copied last, so a run counts as finished in ``dest`` only once its adapter is there.
+    ``records_only`` serves a worker, which needs a finished run's record to skip it and nothing else."""
     dest.mkdir(parents=True, exist_ok=True)
     if not (src / "comparison.json").is_file():
         return []
@@ -80,7 +81,7 @@ def merge(src: Path, dest: Path, names: Optional[set[str]] = None) -> list[str]:
     for run in sorted((src / "runs").glob("*.json")) if (src / "runs").is_dir() else []:
         if names is not None and arm_of(run.stem) not in names:
             continue
-        for sub, item in (("predictions", f"{run.stem}.json"), ("adapters", run.stem)):
+        for sub, item in () if records_only else (("predictions", f"{run.stem}.json"), ("adapters", run.stem)):
             there = src / sub / item
             if there.is_dir():
                 shutil.copytree(there, dest / sub / item, dirs_exist_ok=True)
@@ -130,7 +131,7 @@ def run_jobs(argv: Sequence[str], counts: dict[str, int], jobs: int, out: Path, 
         part = root / str(k)
         if part.exists():
             shutil.rmtree(part)
-        merge(out, part, set(group))  # what OUT has finished of these methods is skipped by the worker
+        merge(out, part, set(group), records_only=True)  # what OUT has finished of these is skipped there
         log = open(root / f"{k}.log", "w", encoding="utf-8")
         cmd = [sys.executable, "-m", "geoprobe", *worker_argv(argv, group, part)]
         workers.append((k, group, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
@@ -141,20 +142,20 @@ def run_jobs(argv: Sequence[str], counts: dict[str, int], jobs: int, out: Path, 
         log.close()
         seconds = time.perf_counter() - t0
         lines = (root / f"{k}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        last = lines[-1] if lines else "no output"
         if rc:
             echo(f"[job {k + 1}/{len(groups)}] {', '.join(group)}: failed (exit {rc}) after {seconds:.0f} s: "
-                 f"{lines[-1] if lines else 'no output'}; its unfinished runs follow here")
+                 f"{last}; its unfinished runs follow here")
         else:
             echo(f"[job {k + 1}/{len(groups)}] {', '.join(group)}: finished after {seconds:.0f} s")
-        results.append({"job": k, "methods": group, "exit": rc, "seconds": round(seconds, 1)})
+        results.append({"job": k, "methods": group, "exit": rc, "seconds": round(seconds, 1), "last_line": last})
     wall = time.perf_counter() - t0
     for k, group, _, _ in workers:
         merge(root / str(k), out)
     if not (out / "comparison.json").is_file():  # no worker got as far as its settings: say why, keep the logs
         first = next(r for r in results if r["exit"])
-        lines = (root / f"{first['job']}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
         raise ComparisonError(f"--jobs: every worker failed before its first run; job {first['job'] + 1} said: "
-                              f"{lines[-1] if lines else 'nothing'} (logs in {root})")
+                              f"{first['last_line']} (logs in {root})")
     (out / "logs").mkdir(exist_ok=True)
     for k, _, _, _ in workers:
         shutil.copy2(root / f"{k}.log", out / "logs" / f"job{k}.log")

@@ -62,6 +62,7 @@ from ..errors import ComparisonError, DataFormatError
 from ..records import read_json, replace_folder, write_json
 from . import stats
 from .after import AFTER_FILE, PROBES
+from .parallel import JOBS_FILE
 from .arms import NONE, TOLERANCE, Arm, Budget, match_budget, target_modules_of
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ __all__ = ["SETTINGS_FILE", "SUMMARY_FILE", "REPORT_FILE", "RUN_SCHEMA", "SUMMAR
            "ComparisonResult", "compare", "check_eval_sets", "summarize", "format_table", "run_name"]
 
 SETTINGS_FILE = "comparison.json"
-from .parallel import JOBS_FILE  # noqa: E402 - the record of a --jobs pass
 EVAL_BATCHING = "all sets in one generation call"
 """How a causal LM's evaluation sets are batched (:func:`_evaluate`); a comparison folder whose runs were
 evaluated otherwise does not resume under this version."""
