@@ -4,14 +4,16 @@ CASES.json OUT``.
 
 For every case of CASES.json ({name, method, strategy, native, build, settings, stop}) it fine-tunes a
 tiny Llama on the problems in OUT/train.jsonl three times with the adapters.train API on
-the processes' group (gloo, CPU): straight through into OUT/<name>/straight; interrupted after step
+the processes' group (gloo on the CPU; NCCL on GPUs when GEOPROBE_TEST_DEVICE=cuda, as the one-GPU check
+of tests/test_train_parallel.py starts it through torchrun): straight through into OUT/<name>/straight; interrupted after step
 ``stop`` into OUT/<name>/resumed (the main process then copies that folder to OUT/<name>/handover, for
 the test to resume in one process) and resumed there on the same processes. The main process writes
-OUT/worker.json: for each case, how many forwards of the native HypLoRA / HydraLoRA node gave a
-result in this process (native cases only)."""
+OUT/worker.json: for each case, how many forwards of the native HypLoRA / HydraLoRA node or of HypLoRA's
+fused Triton node gave a result in this process."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -51,27 +53,33 @@ def run_case(case: dict, base: Group, out: Path, examples, counts: dict) -> None
     settings = TrainSettings(**case["settings"])
     previous = native.set_native_mode("all" if case["native"] else "off")
     counter = [0]
-    # a result from hyplora_layer_native, or the extension handed to hydra_linear, is a native forward
-    saved = [(hyp_layer, "hyplora_layer_native", _counting(hyp_layer, "hyplora_layer_native", counter)),
-             (hydra_linear, "native_module", _counting(hydra_linear, "native_module", counter))]
+    # a result from hyplora_layer_native, the extension handed to hydra_linear, or a call of the fused
+    # Triton node (CUDA only) is a fast forward
+    saved = [(hyp_layer, name, _counting(hyp_layer, name, counter))
+             for name in ("hyplora_layer_native", "hyplora_linear_fused")]
+    saved.append((hydra_linear, "native_module", _counting(hydra_linear, "native_module", counter)))
+
+    def model():  # on the process's device for DDP; FSDP shards it onto the device itself
+        return tiny_llama() if case["strategy"] == "fsdp" else tiny_llama().to(group.device)
+
     try:
         kwargs = dict(settings=settings, progress=False, r=4, group=group, **case["build"])
         tok = bpe_tokenizer()
-        finetune(tiny_llama(), tok, examples, case["method"], out=out / "straight", **kwargs)
+        finetune(model(), tok, examples, case["method"], out=out / "straight", **kwargs)
 
         def stop(step: int, loss: float) -> None:
             if step == case["stop"]:
                 raise Interrupt
 
         try:
-            finetune(tiny_llama(), tok, examples, case["method"], out=out / "resumed", on_step=stop, **kwargs)
+            finetune(model(), tok, examples, case["method"], out=out / "resumed", on_step=stop, **kwargs)
         except Interrupt:
             pass
         group.barrier()
         if group.is_main:
             shutil.copytree(out / "resumed", out / "handover")
         group.barrier()
-        finetune(tiny_llama(), tok, examples, case["method"], out=out / "resumed", resume=True, **kwargs)
+        finetune(model(), tok, examples, case["method"], out=out / "resumed", resume=True, **kwargs)
     finally:
         for module, name, inner in saved:
             setattr(module, name, inner)
@@ -83,7 +91,7 @@ def main(cases_path: str, out_root: str) -> None:
     torch.set_num_threads(1)
     cases = json.loads(Path(cases_path).read_text())
     root = Path(out_root)
-    base = join("ddp", cpu=True)
+    base = join("ddp", cpu=os.environ.get("GEOPROBE_TEST_DEVICE", "cpu") == "cpu")
     examples = load_examples(root / "train.jsonl")
     counts: dict[str, int] = {}
     for case in cases:

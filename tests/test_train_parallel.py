@@ -7,12 +7,17 @@ process), a run interrupted after step 3 and resumed on the two processes equals
 one bit for bit, and its two-process checkpoint resumes in one process. `geoprobe finetune
 --num-processes 2` does the same from the command line; asking for more processes than the machine
 has gives one line and exit code 2 before anything is loaded.
+
+On a GPU (marked gpu), torchrun starts one NCCL process that trains the FSDP2 cases with the CUDA
+native and fused Triton adapter nodes on sharded parameters; its losses and adapter equal the
+one-process run on the same GPU.
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,8 @@ import adapters
 from adapters.data import load_examples
 from adapters.kernels import native
 from adapters.train import TrainSettings, finetune
-from adapters.train.launch import MULTICAST_OFF, check_processes, launch_command, launch_environment
+from adapters.train.launch import (MULTICAST_OFF, _free_port, check_processes, launch_command,
+                                   launch_environment)
 from adapters.train.order import Order, training_sequences
 from adapters.train.parallel import Group, share, single
 from geoprobe.cli import main
@@ -88,11 +94,11 @@ def launched(tmp_path_factory):
             "ran": {c["name"] for c in cases}}
 
 
-def _reference(case: dict, examples, out: Path):
+def _reference(case: dict, examples, out: Path, device: str = "cpu"):
     """The same fine-tune in this process: the oracle."""
     previous = native.set_native_mode("all" if case["native"] else "off")
     try:
-        return finetune(tiny_llama(), bpe_tokenizer(), examples, case["method"], out=out,
+        return finetune(tiny_llama().to(device), bpe_tokenizer(), examples, case["method"], out=out,
                         settings=TrainSettings(**case["settings"]), progress=False, r=4, **case["build"])
     finally:
         native.set_native_mode(previous)
@@ -205,6 +211,52 @@ def test_cli_num_processes_trains_the_one_process_adapter(tmp_path, monkeypatch)
     record = _results(tmp_path / "two")
     assert record["settings"]["processes"] == 2 and record["settings"]["parallel"] == "fsdp"
     np.testing.assert_allclose(record["loss_values"], _results(tmp_path / "one")["loss_values"], rtol=1e-5)
+
+
+GPU_CASES = ["hyplora-fsdp", "hyplora-fsdp-native", "hydralora-fsdp-native", "gelora-fsdp", "dora-fsdp"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_gpu_process_under_fsdp_trains_the_one_process_adapter_with_the_fast_nodes(tmp_path):
+    """torchrun starts one process on the GPU (NCCL, a mesh of one): FSDP2 shards every parameter into a
+    DTensor and gathers it for each layer's forward, where HypLoRA's fused Triton node or the native CUDA
+    HypLoRA / HydraLoRA node runs (counted). Losses and adapter equal a one-process run on the same GPU up
+    to the rounding of bfloat16 autocast, and resuming after step 3 gives the uninterrupted run."""
+    _check_one_launched_process(tmp_path, "cuda")
+
+
+def _check_one_launched_process(tmp_path: Path, device: str) -> None:
+    root = tmp_path / "launched"
+    root.mkdir()
+    write_problems(root / "train.jsonl", N_PROBLEMS)
+    cases = [BY_NAME[name] for name in GPU_CASES]
+    (root / "cases.json").write_text(json.dumps(cases))
+    env = _env()
+    env["GEOPROBE_TEST_DEVICE"] = device
+    if device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+           str(_free_port()), "--module", "parallel_worker", str(root / "cases.json"), str(root)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = json.loads((root / "worker.json").read_text())["native_calls"]
+    examples = load_examples(root / "train.jsonl")
+    for case in cases:
+        name = case["name"]
+        ref = _reference(case, examples, tmp_path / f"one-{name}", device=device)
+        got, want = _tensors(root / name / "straight"), _tensors(tmp_path / f"one-{name}")
+        assert got.keys() == want.keys(), name
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=2e-3, atol=2e-4, msg=f"{name}: {key}")
+        record = _results(root / name / "straight")
+        assert record["settings"]["parallel"] == "fsdp", name
+        np.testing.assert_allclose(record["loss_values"], ref.result.loss_values, rtol=2e-3, err_msg=name)
+        resumed = _results(root / name / "resumed")
+        assert resumed["settings"]["resumed_from_step"] == STOP, name
+        np.testing.assert_allclose(resumed["loss_values"], record["loss_values"], rtol=2e-3, err_msg=name)
+        if case["method"] in ("hyplora", "hydralora") and (device == "cuda" or case["native"]):
+            assert calls[name] > 0, f"{name}: no fast adapter node ran"
 
 
 # --------------------------------------------------------------------------- without launching
