@@ -60,7 +60,7 @@ DEFAULT_HEADS = 4
 DEFAULT_CURVATURE = 1.0
 _BLOCK_PART = re.compile(r"^\d+$")
 _PART_OPTIONS = (("curvature", "hyplora"), ("n_heads", "hydralora"), ("layer_ranks", "gelora"),
-                 ("top_k", "hydralora"))
+                 ("top_k", "hydralora"), ("scale_matched", "hyplora"))
 
 
 # --------------------------------------------------------------------------- model inspection
@@ -248,6 +248,7 @@ class Settings:
     curvature: Optional[float] = None
     curvature_pattern: dict[str, float] = field(default_factory=dict)
     official: bool = False
+    scale_matched: bool = False
     n_heads: Optional[int] = None
     top_k: Optional[int] = None
     balance: bool = False
@@ -291,6 +292,9 @@ def make_config(s: Settings, model: Any):
     if s.method.includes("hyplora"):
         from .hyplora import register_hyplora
 
+        if s.scale_matched:
+            cfg.alpha_pattern = _matched_alphas(model, s)
+
         return register_hyplora(cfg, curvature=s.curvature, curvature_pattern=s.curvature_pattern,
                                 official=s.official)
     if s.method.includes("hydralora"):
@@ -302,6 +306,23 @@ def make_config(s: Settings, model: Any):
             exclude_modules=sorted(cfg.exclude_modules) if cfg.exclude_modules else None,
             lora_dropout=s.dropout, task_type=s.task_type, modules_to_save=s.modules_to_save)
     return cfg
+
+
+def _matched_alphas(model: Any, s: Settings) -> dict[str, float]:
+    """HypLoRA's scale-matched α per target (:func:`adapters.hyplora.functional.matched_alpha`): one
+    entry per target name where its layers share d_in, else one per module (its full name)."""
+    from .gelora import target_layers
+    from .hyplora.functional import matched_alpha
+
+    layers = [(name, d_in) for mods in target_layers(base_of(model), s.targets).values() for name, d_in, _ in mods]
+    pattern: dict[str, float] = {}
+    for target in s.targets:
+        mine = [(name, d_in) for name, d_in in layers if name == target or name.endswith("." + target)]
+        if len({d_in for _, d_in in mine}) == 1:
+            pattern[target] = matched_alpha(s.alpha, mine[0][1])
+        else:
+            pattern.update({name: matched_alpha(s.alpha, d_in) for name, d_in in mine})
+    return pattern
 
 
 def _request(plan_or_method: Union[str, AdapterPlan], options: dict[str, Any]) -> tuple[Method, Optional[AdapterPlan]]:
@@ -347,7 +368,10 @@ def _settings(model: Any, method: Method, plan: Optional[AdapterPlan], o: dict[s
     if method.includes("hyplora"):
         k0 = DEFAULT_CURVATURE if o["curvature"] is None else o["curvature"]
         extra.update(curvature=_check_number("curvature", k0, low=1e-6), official=bool(o["official"]),
-                     curvature_pattern=dict(o["curvature_pattern"] or {}))
+                     curvature_pattern=dict(o["curvature_pattern"] or {}), scale_matched=bool(o["scale_matched"]))
+        if o["scale_matched"] and method.parts != ("hyplora",):
+            raise AdapterError(f"scale-matched α applies to plain hyplora only, not to {method.name!r} (its "
+                               "per-block α already comes from the plan)")
     if method.includes("hydralora"):
         heads = _check_int("n_heads", DEFAULT_HEADS if o["n_heads"] is None else o["n_heads"])
         extra.update(n_heads=heads, top_k=o["top_k"], balance=bool(o["balance"]))
@@ -359,7 +383,7 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
           n_heads: Optional[int] = None, layer_ranks: Union[None, Sequence[int], Mapping[int, int]] = None,
           dropout: float = 0.05, top_k: Optional[int] = None, balance: bool = False,
           official: bool = False, curvature_pattern: Optional[Mapping[str, float]] = None,
-          base_name: Optional[str] = None):
+          scale_matched: bool = False, base_name: Optional[str] = None):
     """Wrap ``model`` (any causal LM or encoder; it is modified in place, as ``get_peft_model`` does)
     in a PEFT model with the adapters of ``plan_or_method``.
 
@@ -375,6 +399,9 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
         layer_ranks: GeLoRA's one rank per block (0 leaves a block out); GeLoRA methods only.
         dropout: LoRA dropout on the adapter's input.
         official, curvature_pattern: HypLoRA's reference-code formula and per-module initial K.
+        scale_matched: HypLoRA with α·√d_in per layer (``alpha_pattern``), so that its small updates
+            equal LoRA's for the same A and B (:func:`adapters.hyplora.functional.matched_alpha`);
+            plain ``hyplora`` only.
         base_name: name of the base model recorded in the sidecar (default: its ``name_or_path``).
 
     Raises:
@@ -388,7 +415,7 @@ def build(model: Any, plan_or_method: Union[str, AdapterPlan], *, r: int = 32, a
                            "peft_model.unload() first)")
     options = dict(r=r, alpha=alpha, target_modules=target_modules, curvature=curvature, n_heads=n_heads,
                    layer_ranks=layer_ranks, dropout=dropout, top_k=top_k, balance=balance, official=official,
-                   curvature_pattern=curvature_pattern)
+                   curvature_pattern=curvature_pattern, scale_matched=True if scale_matched else None)
     method, plan = _request(plan_or_method, options)
     settings = _settings(model, method, plan, options)
     config = make_config(settings, model)

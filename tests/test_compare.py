@@ -14,7 +14,7 @@ from scipy import stats as sps
 import adapters
 from adapters.build import LLAMA_TARGETS
 from geoprobe.cli import main
-from geoprobe.compare import (NONE, OFFICIAL, TOLERANCE, arms, choices, match_budget, paired_difference,
+from geoprobe.compare import (MATCHED, NONE, OFFICIAL, TOLERANCE, arms, choices, match_budget, paired_difference,
                               parameter_count, parse_methods, separation, summarize, verdict)
 from geoprobe.compare.arms import target_modules_of
 from geoprobe.compare.stats import BETTER, NO_INTERVAL, NOISE, WORSE
@@ -68,6 +68,8 @@ def test_method_names_come_from_the_registry():
     assert set(registry.names()) <= set(names) and OFFICIAL in names
     official = {a.name: a for a in arms()}[OFFICIAL]
     assert official.method == "hyplora" and official.official
+    matched = {a.name: a for a in arms()}[MATCHED]
+    assert matched.method == "hyplora" and matched.scale_matched and not matched.official
     assert [a.name for a in parse_methods(" LoRA, dora ,none")] == ["lora", "dora", NONE]
     with pytest.raises(ComparisonError, match="unknown method.*qlora.*choose from none, lora"):
         parse_methods("lora,qlora")
@@ -90,7 +92,8 @@ def _peft_count(method: str, budget, **kw) -> int:
     return trainable
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "hyplora", OFFICIAL, "hydralora", "gelora", "hydralora+gelora"])
+@pytest.mark.parametrize("name", ["lora", "dora", "hyplora", OFFICIAL, MATCHED, "hydralora", "gelora",
+                                  "hydralora+gelora"])
 def test_budgets_match_peft_counts_within_five_percent(name):
     arm = {a.name: a for a in arms()}[name]
     mods = target_modules_of(tiny_llama(0), LLAMA_TARGETS)
@@ -99,7 +102,8 @@ def test_budgets_match_peft_counts_within_five_percent(name):
     b = match_budget(arm, arm.method, mods, r=16, alpha=32.0, layer_ranks=ranks, n_heads=heads)
     lora = _peft_count("lora", match_budget(parse_methods("lora")[0], "lora", mods, r=16, alpha=32.0))
     assert b.lora_parameters == lora
-    assert b.parameters == _peft_count(arm.method, b, official=arm.official)
+    assert b.parameters == _peft_count(arm.method, b, official=arm.official, scale_matched=arm.scale_matched)
+    assert ("scale-matched" in b.rule) == arm.scale_matched
     assert abs(b.parameters / lora - 1) <= TOLERANCE and b.ratio == pytest.approx(b.parameters / lora)
     if b.layer_ranks is None:
         assert b.alpha / b.r == pytest.approx(2.0)  # α/r kept when the rank changes

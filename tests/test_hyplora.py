@@ -731,3 +731,50 @@ def test_adapter_dtype_follows_peft_autocast_setting():
             assert layer.lora_hyp_k["default"].dtype == dtype and layer.lora_hyp_s["default"].dtype == dtype
         with torch.no_grad():
             assert torch.isfinite(pm(_ids()).logits.float()).all()
+
+
+def test_scale_matched_hyplora_takes_lora_steps_for_small_updates_and_keeps_them_when_saved(tmp_path):
+    """adapters.build(..., scale_matched=True): α·√d_in per layer (adapters.hyplora.functional.matched_alpha).
+    With the same A and B, and ‖x‖/s small, its update equals PEFT LoRA's (α/r)·B A x up to the maps'
+    second-order terms (sinhc(n) − 1 ≈ n²/6); plain HypLoRA's is √d_in times smaller. Saved and loaded
+    through adapters.save / adapters.load, the outputs are unchanged. Other methods refuse the option."""
+    import adapters
+
+    base = tiny_llama()
+    lora = adapters.build(copy.deepcopy(base), "lora", r=4, dropout=0.0, target_modules=TARGETS)
+    matched = adapters.build(copy.deepcopy(base), "hyplora", r=4, dropout=0.0, target_modules=TARGETS,
+                             scale_matched=True)
+    plain = adapters.build(copy.deepcopy(base), "hyplora", r=4, dropout=0.0, target_modules=TARGETS)
+    g = torch.Generator().manual_seed(21)
+    peft_layers = {n: m for n, m in lora.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B}
+    checked = 0
+    for hyp in (matched, plain):
+        for name, layer in hyp.named_modules():
+            if not isinstance(layer, HypLoraLinear):
+                continue
+            ref = peft_layers[name]
+            with torch.no_grad():
+                ref.lora_B["default"].weight.copy_(torch.randn(ref.lora_B["default"].weight.shape, generator=g) * 1e-2)
+                layer.lora_A["default"].weight.copy_(ref.lora_A["default"].weight)
+                layer.lora_B["default"].weight.copy_(ref.lora_B["default"].weight)
+                s0 = math.sqrt(layer.in_features)
+                x = torch.randn(3, 7, layer.in_features, generator=g, dtype=torch.float32)
+                x = x / x.norm(dim=-1, keepdim=True) * 0.03 * s0  # n = 0.03
+                want = (ref(x) - ref.base_layer(x)).double()
+                got = (layer(x) - layer.base_layer(x)).double()
+            factor = 1.0 if hyp is matched else 1.0 / s0
+            assert layer.scaling["default"] == pytest.approx(2.0 * (s0 if hyp is matched else 1.0))
+            torch.testing.assert_close(got, want * factor, rtol=2e-3, atol=1e-9)
+            checked += 1
+    assert checked == 2 * 2 * len(TARGETS)
+    ids = _ids(seed=8)
+    with torch.no_grad():
+        out = matched(ids).logits
+    adapters.save(matched, tmp_path / "matched")
+    loaded = adapters.load(tiny_llama(), tmp_path / "matched")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, out, rtol=0, atol=0)
+    with pytest.raises(AdapterError, match="scale_matched applies to hyplora methods only"):
+        adapters.build(copy.deepcopy(base), "lora", r=4, scale_matched=True)
+    with pytest.raises(AdapterError, match="plain hyplora only"):
+        adapters.build(copy.deepcopy(base), "hyplora+gelora", r=4, layer_ranks=[2, 3], scale_matched=True)

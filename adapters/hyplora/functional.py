@@ -48,6 +48,8 @@ __all__ = [
     "REF_K_GRAD_CLIP",
     "positive",
     "inverse_positive",
+    "initial_scale",
+    "matched_alpha",
     "prepare",
     "bottleneck",
     "fused_cutoff",
@@ -78,6 +80,24 @@ Scalar = Union[float, torch.Tensor]
 def positive(raw: torch.Tensor) -> torch.Tensor:
     """softplus(raw) + 1e-6: the reference's curvature parametrisation, also used for the scale s."""
     return F.softplus(raw) + POSITIVE_FLOOR
+
+
+def initial_scale(d_in: int) -> float:
+    """s₀ = √d_in: the initial scale s of the exponential map's argument x/s (the reference code's init)."""
+    return math.sqrt(d_in)
+
+
+def matched_alpha(alpha: float, d_in: int) -> float:
+    """α·s₀ = α·√d_in: the α at which HypLoRA's update of a layer with d_in inputs equals LoRA's
+    (α/r)·B A x to first order, for the same A and B.
+
+    Where ‖x‖/s ≪ √K, x_s = sinhc(‖x‖/(s√K))·x/s ≈ x/s and the logarithmic map is ≈ the identity, so
+    (α/r)·Δ(x) ≈ (α/(r·s₀))·B A x: at LoRA's α HypLoRA's update is 1/√d_in of LoRA's, and under Adam, whose
+    steps do not depend on that factor, it moves the model that much less per step (measured on
+    SmolLM2's activations by ``benchmarks/hyplora_input_scale.py``: 1/24 to 1/39). Multiplying α by s₀
+    matches the two steps in function space; the maps then act only where ‖B A x‖/s₀ reaches √K. This
+    scale matching is ours, not the HypLoRA paper's (arXiv 2410.04010 uses α = 128 against LoRA's 64)."""
+    return float(alpha) * initial_scale(d_in)
 
 
 def inverse_positive(value: float) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -30,7 +29,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from geoprobe.errors import AdapterError
 
-from .functional import REF_K_GRAD_CLIP, bottleneck, inverse_positive, positive
+from .functional import REF_K_GRAD_CLIP, bottleneck, initial_scale, inverse_positive, positive
 from .kernels import hyplora_bottleneck_fused, hyplora_layer_native, hyplora_linear_fused, linear_fast_path
 from .options import check_lora_settings, options_of
 
@@ -133,12 +132,12 @@ class HypLoraLinear(LoraLinear):
         self.lora_hyp_k[adapter_name] = nn.Parameter(
             torch.tensor([inverse_positive(curvature)], dtype=like.dtype, device=like.device))
         self.lora_hyp_s[adapter_name] = nn.Parameter(
-            torch.tensor([inverse_positive(math.sqrt(self.in_features))], dtype=like.dtype, device=like.device))
+            torch.tensor([inverse_positive(initial_scale(self.in_features))], dtype=like.dtype, device=like.device))
         self.hyp_official[adapter_name] = options.official
         self.lora_variant[adapter_name] = _HypLoraVariant()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         logger.debug("HypLoRA adapter %r on %s: r=%d, K0=%.4g, s0=%.4g, official=%s", adapter_name,
-                     kwargs.get("target_name", "?"), r, curvature, math.sqrt(self.in_features), options.official)
+                     kwargs.get("target_name", "?"), r, curvature, initial_scale(self.in_features), options.official)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -10,11 +10,11 @@
 With :mod:`geoprobe.workflows` and :mod:`geoprobe.cli`, this package is the part of ``geoprobe`` that
 imports ``adapters``, inside its functions.
 """
-from .arms import NONE, OFFICIAL, TOLERANCE, Arm, Budget, arms, choices, match_budget, parameter_count, parse_methods
+from .arms import MATCHED, NONE, OFFICIAL, TOLERANCE, Arm, Budget, arms, choices, match_budget, parameter_count, parse_methods
 from .stats import paired_difference, separation, verdict
 from .workflow import (ComparisonResult, EvalSet, check_eval_sets, check_protocol, compare, format_table, run_name,
                        summarize)
 
-__all__ = ["NONE", "OFFICIAL", "TOLERANCE", "Arm", "Budget", "arms", "choices", "parse_methods", "match_budget",
+__all__ = ["MATCHED", "NONE", "OFFICIAL", "TOLERANCE", "Arm", "Budget", "arms", "choices", "parse_methods", "match_budget",
            "parameter_count", "paired_difference", "verdict", "separation", "EvalSet", "ComparisonResult",
            "compare", "check_eval_sets", "check_protocol", "summarize", "format_table", "run_name"]

@@ -2,7 +2,9 @@
 
 An arm is what ``--methods`` names: ``none`` (the base model, not trained), every method of
 :mod:`adapters.registry`, ``hyplora-official`` (HypLoRA with the reference code's formula,
-``HypLoraConfig.hyplora_official``) and ``auto`` (the planner's choice).
+``HypLoraConfig.hyplora_official``), ``hyplora-matched`` (HypLoRA with α·√d_in per layer, whose small
+updates equal LoRA's for the same A and B: :func:`adapters.hyplora.functional.matched_alpha`; the one arm
+whose α/r differs from the others', on purpose) and ``auto`` (the planner's choice).
 
 Budgets. A plain LoRA of rank r on the targets sets the budget B = Σ_modules r·(d_in + d_out). Every
 arm's trainable parameters are counted from the shapes of the adapted layers:
@@ -29,13 +31,15 @@ import numpy as np
 from ..errors import ComparisonError
 from ..records import Record
 
-__all__ = ["NONE", "OFFICIAL", "TOLERANCE", "Arm", "Budget", "arms", "choices", "parse_methods",
+__all__ = ["NONE", "OFFICIAL", "MATCHED", "TOLERANCE", "Arm", "Budget", "arms", "choices", "parse_methods",
            "target_modules_of", "parameter_count", "match_budget"]
 
 NONE = "none"
 """The base model evaluated without training (seed-independent: run once)."""
 OFFICIAL = "hyplora-official"
 """HypLoRA with the reference code's formula (``hyplora_official=True``)."""
+MATCHED = "hyplora-matched"
+"""HypLoRA with the scale-matched α·√d_in per layer (``adapters.build(..., scale_matched=True)``)."""
 TOLERANCE = 0.05
 """Every arm's trainable parameters lie within ±5 % of the LoRA budget."""
 
@@ -43,12 +47,14 @@ TOLERANCE = 0.05
 @dataclass(frozen=True)
 class Arm:
     """One ``--methods`` entry: ``name`` as typed, ``method`` the registry method it builds (``auto`` for
-    the planner's choice, None for the untrained base model), ``official`` HypLoRA's reference formula."""
+    the planner's choice, None for the untrained base model), ``official`` HypLoRA's reference formula,
+    ``scale_matched`` HypLoRA's α·√d_in per layer."""
 
     name: str
     method: Optional[str]
     description: str
     official: bool = False
+    scale_matched: bool = False
 
     @property
     def trains(self) -> bool:
@@ -66,7 +72,8 @@ class Arm:
 
 def arms() -> tuple[Arm, ...]:
     """Every arm, in the order help texts list them: none, the registry's methods (with
-    ``hyplora-official`` after ``hyplora`` where HypLoRA's config has the official formula), auto."""
+    ``hyplora-official`` after ``hyplora`` where HypLoRA's config has the official formula, then
+    ``hyplora-matched``), auto."""
     from adapters import registry
 
     out = [Arm(NONE, None, "the base model, evaluated without training (run once)")]
@@ -75,6 +82,9 @@ def arms() -> tuple[Arm, ...]:
         if m.parts == ("hyplora",) and _has_official(m):
             out.append(Arm(OFFICIAL, m.name, "HypLoRA with the reference code's formula (hyplora_official)",
                            official=True))
+        if m.parts == ("hyplora",):
+            out.append(Arm(MATCHED, m.name, "HypLoRA with α·√d_in per layer, so that its small updates equal "
+                                            "LoRA's for the same A and B (scale-matched)", scale_matched=True))
     out.append(Arm(registry.AUTO, registry.AUTO, "the planner's choice from the model's geometry and the "
                                                  "training data (recorded with its reason)"))
     return tuple(out)
@@ -207,6 +217,8 @@ def match_budget(arm: Arm, method: str, modules: Sequence[tuple[int, int, int]],
         before = f"rank {r}" if uniform else "the plan's ranks"
         rule += (f"; {before} would give {first:,} ({100 * (first / lora - 1):+.1f} %), outside ±"
                  f"{100 * tolerance:g} %, so the ranks were scaled to the nearest budget")
+    if arm.scale_matched:
+        rule += "; α·√d_in per layer (scale-matched), the parameters unchanged"
     rho = chosen[0] if uniform else r
     return Budget(arm=arm.name, method=method, r=int(rho), alpha=float(alpha) * rho / r if uniform else float(alpha),
                   parameters=int(count), lora_parameters=int(lora), ratio=float(ratio), rule=rule,

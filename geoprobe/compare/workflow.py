@@ -323,6 +323,8 @@ def _train(lm: Any, arm: Arm, seed: int, budget: Budget, plan: Any, train: Seque
         kw["layer_ranks"] = budget.layer_ranks
     if arm.official:
         kw["official"] = True
+    if arm.scale_matched:
+        kw["scale_matched"] = True
     if curvature is not None and registry.get(budget.method).includes("hyplora"):
         kw["curvature"] = curvature
     return finetune_model(lm, train, plan if plan is not None else budget.method, out=work,
