@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The math table: SmolLM2-135M-Instruct fine-tuned on LLM-Adapters' math_data.json with each adapter method at
 # the parameter budget of a rank-16 LoRA, three seeds, evaluated on the LLM-Adapters math test sets (GSM8K,
-# SVAMP, MAWPS, AddSub, SingleEq, MultiArith, AQuA), through `geoprobe compare`. A rerun resumes.
+# SVAMP, MAWPS, AddSub, SingleEq, MultiArith, AQuA), through `geoprobe compare`, HypLoRA also at the
+# scale-matched α·√d_in (hyplora-matched). A rerun resumes (an arm added to a finished folder runs only its
+# own runs).
 #
 #   bash benchmarks/experiment_math.sh                        # data from ../shared/data/llm_adapters_math
 #   DATA=carry/data/math MODEL=~/smol.gguf DEST=... bash benchmarks/experiment_math.sh
@@ -21,5 +23,5 @@ args=(${MODEL:+"$MODEL"} --data "$DATA/train/math_data.json" "${evals[@]}" --see
       --max-steps "${STEPS:-200}" --batch-size 16 --max-length 256 --lr 2e-4
       --eval-limit "${EVAL_LIMIT:-120}" --out "$DEST" --quiet)
 [ "${PROBE_AFTER:-1}" = 0 ] || args+=(--probe-after)
-exec "${PYTHON:-python3}" -m geoprobe compare "${args[@]}" --methods "${METHODS:-none,lora,gelora,hyplora,dora}" \
+exec "${PYTHON:-python3}" -m geoprobe compare "${args[@]}" --methods "${METHODS:-none,lora,gelora,hyplora,dora,hyplora-matched}" \
     --jobs "${JOBS:-1}"
