@@ -237,6 +237,12 @@ def test_output_folder_with_other_settings_is_refused(tmp_path):
     _check_out(tmp_path, {"r": 32, "train": {"lr": 3e-4}})
     with pytest.raises(ComparisonError, match=r"other settings \(train.lr: 0.0003 stored, 0.001 now\)"):
         _check_out(tmp_path, {"r": 32, "train": {"lr": 1e-3}})
+    # the same weights loaded from a file of another name (another machine) resume; other weights do not
+    (tmp_path / "comparison.json").write_text(json.dumps({"settings": {"model": "smol", "model_fingerprint": "ab"}}))
+    _check_out(tmp_path, {"model": "SmolLM2-135M-Instruct", "model_fingerprint": "ab"})
+    with pytest.raises(ComparisonError, match=r'model: "smol" stored, "SmolLM2-135M-Instruct" now; '
+                                              r'model_fingerprint: "ab" stored, "cd" now'):
+        _check_out(tmp_path, {"model": "SmolLM2-135M-Instruct", "model_fingerprint": "cd"})
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")

@@ -172,9 +172,14 @@ def _digest(examples: Sequence[Any]) -> str:
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """The settings that differ, one phrase each; where the files were read (``paths``) is not compared:
-    the data's digests are, so a comparison moves between machines."""
+    the data's digests are, so a comparison moves between machines. Likewise the model's name (a file
+    or folder name) counts only where the weights' fingerprints are missing or differ."""
     out = []
-    for key in sorted((set(stored) | set(current)) - {"paths"}):
+    skip = {"paths"}
+    if not prefix and stored.get("model_fingerprint") and stored.get("model_fingerprint") == current.get(
+            "model_fingerprint"):
+        skip.add("model")
+    for key in sorted((set(stored) | set(current)) - skip):
         a, b = stored.get(key, "(absent)"), current.get(key, "(absent)")
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend(_differences(a, b, f"{prefix}{key}."))
