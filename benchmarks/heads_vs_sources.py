@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from adapters.data import load_examples  # noqa: E402
 from adapters.plan import choose_heads  # noqa: E402
-from geoprobe.hidden import prompt_embeddings  # noqa: E402
+from geoprobe.hidden import embedding_sample, prompt_embeddings  # noqa: E402
 from geoprobe.models import load_model  # noqa: E402
 from geoprobe.workflows import planning_texts  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = planning_texts(lm, examples)
     t0 = time.perf_counter()
     emb = prompt_embeddings(lm.model, lm.tokenizer, texts, max_examples=args.max_embedded, seed=args.seed)
-    idx = np.random.default_rng(args.seed).permutation(len(texts))[: args.max_embedded]  # the sample's rows
+    idx = embedding_sample(len(texts), args.max_embedded, args.seed)  # the sample's rows
     picked = [sources[i] for i in idx]
     best, silhouettes, reason = choose_heads(emb, seed=args.seed)
     n_sets = len(set(sources))

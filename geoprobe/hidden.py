@@ -323,6 +323,12 @@ def _pad_batch(batch: Sequence[Sequence[int]], pad_id: int) -> tuple["torch.Tens
     return ids, mask
 
 
+def embedding_sample(n: int, max_examples: int, seed: int) -> np.ndarray:
+    """The indices of the texts :func:`prompt_embeddings` embeds, in its order: the first ``max_examples``
+    of a permutation of ``n`` drawn with ``np.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).permutation(n)[:max_examples]
+
+
 def prompt_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: int = 1000,
                       batch_size: int = 16, max_length: int = 128, seed: int = 0) -> np.ndarray:
     """Mean-pooled last hidden state of a seeded sample of ``texts`` (the planner's example
@@ -338,7 +344,7 @@ def prompt_embeddings(model, tokenizer, texts: Sequence[str], *, max_examples: i
     """
     import torch
 
-    idx = np.random.default_rng(seed).permutation(len(texts))[:max_examples]
+    idx = embedding_sample(len(texts), max_examples, seed)
     seqs = _encode(tokenizer, [texts[i] for i in idx], max_length)
     device = next(model.parameters()).device
     out = []
