@@ -15,10 +15,7 @@ mutual information between them (scikit-learn). Writes one JSON record.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from adapters.data import load_examples  # noqa: E402
 from adapters.plan import choose_heads  # noqa: E402
 from geoprobe.hidden import embedding_sample, prompt_embeddings  # noqa: E402
 from geoprobe.models import load_model  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 from geoprobe.workflows import planning_texts  # noqa: E402
 
 
@@ -83,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, out)
+    write_json(out, record)
     print(reason)
     for c in record["clusters"]:
         print(f"k = {c['k']}: ARI {c['adjusted_rand']:.3f}, NMI {c['normalized_mutual_info']:.3f}")

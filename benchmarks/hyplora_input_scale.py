@@ -24,12 +24,9 @@ JSON record (default reports/experiments/math-smollm2/hyplora_input_scale.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from adapters.data import format_prompt, load_examples  # noqa: E402
 from adapters.lorentz import MAX_T, space_expmap0  # noqa: E402
 from geoprobe.models import load_model  # noqa: E402
+from geoprobe.records import write_json  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
@@ -118,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, out)
+    write_json(out, record)
     for kind, rec in kinds.items():
         print(f"{kind:10s} d_in={rec['d_in']:5d}  n median {rec['n']['median']:.3f} "
               f"[{rec['n']['p05']:.3f}, {rec['n']['p95']:.3f}]  rho median {rec['rho']['median']:.4f} "
