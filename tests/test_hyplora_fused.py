@@ -338,6 +338,34 @@ def test_fused_every_output_written():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_backward_under_autocast_equals_backward_outside_it(layer_node):
+    """A caller that runs backward() inside its bfloat16 autocast region (the engine hands that state to
+    every node's backward) gets the gradients of one that runs it outside: the nodes' backward computes
+    in the adapter's float32 either way. Before, the Python node's products came out in bfloat16 there
+    and its last float32 product stopped the step with a dtype error."""
+    layer = _layer(96, 80, 8, base_dtype=torch.bfloat16, seed=5).cuda()
+    x0 = torch.randn(2, 17, 96, device="cuda", dtype=torch.bfloat16,
+                     generator=torch.Generator("cuda").manual_seed(11))
+    grads = {}
+    for inside in (False, True):
+        x = x0.clone().requires_grad_(True)
+        for prm in layer.parameters():
+            prm.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = layer(x).float().square().sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads[inside] = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+    assert len(grads[True]) == 5 and all(g is not None for g in grads[True])
+    for a, b in zip(grads[False], grads[True]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_layer_on_cuda_runs_fused_and_matches_chain(fresh_log, caplog, layer_node):
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     dev = torch.device("cuda")

@@ -348,6 +348,36 @@ def test_cuda_loop_matches_the_cpu_loop(examples, tmp_path):
     assert gpu.result.loss_values == pytest.approx(cpu.result.loss_values, rel=2e-2)
 
 
+def test_backward_runs_outside_autocast(examples, tmp_path, monkeypatch):
+    """The trainer's forward runs under its autocast and its backward outside it, as torch.amp
+    prescribes: a custom node's backward (the fused HypLoRA nodes compute in the adapter's float32)
+    must not see its products cast. The CPU loop has no autocast, so this run gets a bfloat16 one; a
+    hook on every adapter gradient records whether autocast was on when the gradient was formed."""
+    from adapters.train.trainer import Trainer
+
+    original = Trainer._setup_step
+
+    def with_cpu_autocast(self):
+        original(self)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(Trainer, "_setup_step", with_cpu_autocast)
+    model, seen, forward_seen = tiny_llama(), [], []
+
+    def hooks():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: seen.append(torch.is_autocast_enabled("cpu")))
+        model.get_input_embeddings().register_forward_hook(
+            lambda *_: forward_seen.append(torch.is_autocast_enabled("cpu")))
+
+    s = TrainSettings(lr=5e-3, max_steps=2, batch_size=2, grad_accum=2, max_length=160, seed=0)
+    finetune(model, bpe_tokenizer(), examples, "hyplora", out=tmp_path / "run", settings=s, progress=False,
+             r=4, on_ready=hooks)
+    assert forward_seen and all(forward_seen)  # the forward did run under autocast
+    assert seen and not any(seen)
+
+
 def test_grad_accumulation_equals_one_large_batch(examples, tmp_path):
     tok = bpe_tokenizer()
     kw = dict(lr=1e-2, max_steps=3, max_length=160, warmup_ratio=0.0, save_every=10)

@@ -390,15 +390,20 @@ class Trainer:
         world = self.group.world
         head = self.peft_model.get_output_embeddings() if self.objective == CAUSAL else None
         for k, (inputs, index, target, weight) in enumerate(work):
-            with self.group.no_sync(self.wrapped, sync=k == len(work) - 1), self.autocast:
-                if index is None:
-                    part = loss_fns.class_loss_sum(self.wrapped, inputs, target)
-                else:
-                    part = loss_fns.answer_loss_sum(self.wrapped, inputs, index, target, head=head,
-                                                    fused=self.fused)
-                objective = part / n_tok if world == 1 else part * (weight * world / n_tok)
-                if self.aux_loss is not None:
-                    objective = objective + s.balance_coef * weight * self.aux_loss(self.peft_model) / s.grad_accum
+            with self.group.no_sync(self.wrapped, sync=k == len(work) - 1):
+                with self.autocast:
+                    if index is None:
+                        part = loss_fns.class_loss_sum(self.wrapped, inputs, target)
+                    else:
+                        part = loss_fns.answer_loss_sum(self.wrapped, inputs, index, target, head=head,
+                                                        fused=self.fused)
+                    objective = part / n_tok if world == 1 else part * (weight * world / n_tok)
+                    if self.aux_loss is not None:
+                        objective = (objective + s.balance_coef * weight * self.aux_loss(self.peft_model)
+                                     / s.grad_accum)
+                # backward outside autocast, as torch.amp prescribes: each backward op runs in the dtype
+                # its forward chose, and a custom node (the fused HypLoRA nodes compute in the adapter's
+                # float32) is not cast under it
                 objective.backward()
             if weight:
                 part = part.detach().to(self.acc_dtype)

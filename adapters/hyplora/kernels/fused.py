@@ -35,6 +35,7 @@ interpreter; sinh/cosh/asinh/log1p are then formed from exp and log, accurate to
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -254,6 +255,16 @@ def _cut(dtype: torch.dtype) -> float:
     return cut
 
 
+def _autocast_off(t: torch.Tensor):
+    """A context with autocast off for ``t``'s device: the nodes' backward computes in the adapter
+    weights' dtype, as their forward does (which is entered with autocast off), also where the caller
+    runs ``backward()`` under autocast (the engine hands its autocast state to the backward)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.autocast(device_type=dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _FusedDelta(torch.autograd.Function):
     """x (T, d_in) contiguous → scale·B(c·a). Host work is kept to the few ops the update needs (on a
     training step most adapter layers are bound by the host's launch rate, not by the GPU)."""
@@ -281,6 +292,11 @@ class _FusedDelta(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        with _autocast_off(g):
+            return _FusedDelta._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, A, B, a, ca, G, sqq, raw_k, raw_s = ctx.saved_tensors
         dt = x.dtype
         T = x.shape[0]
@@ -334,6 +350,11 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
+        with _autocast_off(g):
+            return _FusedLinear._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         xf, A, B, a, sqq, raw_k, raw_s = ctx.saved_tensors
         need_x, need_res, need_A, need_B, need_k, need_s, _ = ctx.needs_input_grad
         dt = A.dtype
