@@ -16,7 +16,6 @@ computed by the bitsandbytes module and :func:`~adapters.hyplora.kernels.hyplora
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Optional, Sequence
 
@@ -30,7 +29,8 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from geoprobe.errors import AdapterError
 
 from .functional import REF_K_GRAD_CLIP, bottleneck, initial_scale, inverse_positive, positive
-from .kernels import hyplora_bottleneck_fused, hyplora_layer_native, hyplora_linear_fused, linear_fast_path
+from .kernels import (autocast_off, hyplora_bottleneck_fused, hyplora_layer_native, hyplora_linear_fused,
+                      linear_fast_path)
 from .options import check_lora_settings, options_of
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,6 @@ class _ClipGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad.clamp(-ctx.bound, ctx.bound), None
-
-
-def _no_autocast(device_type: str):
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except (RuntimeError, ValueError):
-        return contextlib.nullcontext()
 
 
 def _not_mergeable(names: Sequence[str]) -> AdapterError:
@@ -210,7 +203,7 @@ class HypLoraLinear(LoraLinear):
             return hyplora_bottleneck_fused(
                 x.float(), self.lora_A[adapter_name].weight.float(), self.lora_B[adapter_name].weight.float(),
                 self._raw_k(adapter_name).float(), self._raw_s(adapter_name).float(), self.scaling[adapter_name])
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):
             raw_k = _ClipGrad.apply(self._raw_k(adapter_name).float(), REF_K_GRAD_CLIP)
             return bottleneck(x.float(), self.lora_A[adapter_name].weight.float(),
                                self.lora_B[adapter_name].weight.float(), positive(raw_k),

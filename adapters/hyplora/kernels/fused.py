@@ -144,7 +144,7 @@ def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     Falls back to that reference path (logging the reason once) where the kernels do not apply.
     """
     if torch.is_autocast_enabled(x.device.type):  # the update is computed in float32/float64
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return hyplora_bottleneck_fused(x, A, B, raw_k, raw_s, scale)
     reason = fused_unsupported_reason(x, A, B, raw_k, raw_s)
     if reason is not None:
@@ -201,10 +201,8 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
         if result.stride(-1) != 1:
             result = result.contiguous()
         return module.hyplora_linear(x, result, A, B, raw_k, raw_s, float(scale), _cut(A.dtype))
-    if torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _LINEAR_APPLY(x, result, A, B, raw_k, raw_s, float(scale))
-    return _LINEAR_APPLY(x, result, A, B, raw_k, raw_s, float(scale))
+    with autocast_off(x.device.type):
+        return _LINEAR_APPLY(x, result, A, B, raw_k, raw_s, float(scale))
 
 
 def hyplora_layer_native(x: torch.Tensor, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor,
@@ -255,13 +253,16 @@ def _cut(dtype: torch.dtype) -> float:
     return cut
 
 
-def _autocast_off(t: torch.Tensor):
-    """A context with autocast off for ``t``'s device: the nodes' backward computes in the adapter
-    weights' dtype, as their forward does (which is entered with autocast off), also where the caller
-    runs ``backward()`` under autocast (the engine hands its autocast state to the backward)."""
-    dev = t.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.autocast(device_type=dev, enabled=False)
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type`` (a no-op context where it is off already, or where
+    the device has no autocast). The HypLoRA update is computed in the adapter weights' dtype: the
+    fused nodes' forward and backward (the engine hands the caller's autocast state to the backward,
+    so one run under autocast would cast its products) and the layer's reference path enter it."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast (meta)
+        pass
     return contextlib.nullcontext()
 
 
@@ -292,7 +293,7 @@ class _FusedDelta(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        with _autocast_off(g):
+        with autocast_off(g.device.type):
             return _FusedDelta._backward(ctx, g)
 
     @staticmethod
@@ -350,7 +351,7 @@ class _FusedLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        with _autocast_off(g):
+        with autocast_off(g.device.type):
             return _FusedLinear._backward(ctx, g)
 
     @staticmethod
