@@ -23,7 +23,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config  # noqa: E402
-from adapters.hyplora.layer import _no_autocast  # noqa: E402
 from adapters.hyplora.kernels import fused as hf  # noqa: E402
 from adapters.kernels.native import native_unavailable_reason, set_native_mode  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
@@ -142,7 +141,7 @@ def main() -> None:
                                     BI=1024, BO=1024, CUT=1e-4, LIB=True, num_warps=4)
 
     def guard():
-        with _no_autocast("cuda"):
+        with hf.autocast_off("cuda"):
             pass
 
     res["piece: torch.mm"] = issue_cost(lambda: torch.mm(xf, A.t()), args.n)
