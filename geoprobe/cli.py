@@ -836,12 +836,27 @@ def _verbosity(argv: Sequence[str]) -> int:
     return count
 
 
+NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+"""Library loggers whose warnings say nothing the user can act on. bitsandbytes, imported by PEFT
+wherever it is installed, warns on every start on a CPU with AVX512-bf16 that its optional kernel from
+the Hugging Face hub could not be loaded (the hub refuses it as untrusted code, and bitsandbytes then
+uses its own kernel)."""
+
+
+def quiet_library_notices() -> None:
+    """Raise :data:`NOISY_LOGGERS` to ERROR (``-v`` leaves them as they are)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _run(argv: list[str]) -> int:
     runtime.check_switches()  # before the modules that read them are imported
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="geoprobe: %(levelname)s: %(message)s")
+    if not args.verbose:
+        quiet_library_notices()
     if args.version:
         from . import __version__
         print(f"geoprobe {__version__}")

@@ -264,3 +264,22 @@ def test_gpu_finetune_through_the_loader(method, tmp_path):
     losses = run.result.loss_values
     assert sum(losses[-2:]) / 2 < losses[0] - 0.15, losses
     assert json.loads(run.results_path.read_text())["settings"]["quantization"]["quant_type"] == "nf4"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_cli_quiets_bitsandbytes_hub_kernel_notice_unless_verbose(verbose, capsys):
+    import logging
+
+    from geoprobe import cli
+
+    name = cli.NOISY_LOGGERS[0]
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(logging.NOTSET)  # setLevel, not assignment: it also clears the loggers' level caches
+    try:
+        assert main(["--version"] + (["-v"] if verbose else [])) == 0
+        assert "geoprobe" in capsys.readouterr().out
+        assert logger.isEnabledFor(logging.WARNING) == verbose
+        assert logger.isEnabledFor(logging.ERROR)  # its errors still reach the user
+    finally:
+        logger.setLevel(before)
