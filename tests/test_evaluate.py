@@ -475,7 +475,8 @@ def test_evaluate_glue_metrics_against_sklearn(bpe_tokenizer, tiny_llama, script
     assert [p["generated"] for p in res.predictions] == [replies[format_prompt(e)] for e in examples]
     assert res.n_unparsed == sum(p["generated"] == "I cannot tell." for p in res.predictions)
     assert fake.calls == [{"n": 41, "batch_size": 6, "max_new_tokens": 32, "device": None,
-                           "static_cache": False, "progress": False}]
+                           "static_cache": False, "progress": False,
+                          "stop_ids": [bpe_tokenizer.eos_token_id]}]
     assert res.to_dict()["metrics"] == res.metrics
 
 
@@ -598,3 +599,61 @@ def test_fast_path_equals_plain_generate_on_smollm2():
     assert generate_answers(lm.model, lm.tokenizer, prompts, max_new_tokens=48) == plain
     assert generate_answers(lm.model, lm.tokenizer, prompts, batch_size=5, max_new_tokens=48) == plain
     assert sum(len(a) for a in plain) > 12 * 40  # real answers, not empty strings
+
+
+def _often_emitted(model, tok) -> int:
+    """A token the random model emits within 6 greedy steps for some prompts but not all."""
+    counts: dict[int, int] = {}
+    with torch.no_grad():
+        for p in PROMPTS:
+            seq = list(tok(p)["input_ids"])
+            gen = []
+            for _ in range(6):
+                nxt = int(torch.argmax(model(input_ids=torch.tensor([seq + gen])).logits[0, -1]))
+                gen.append(nxt)
+            for t in set(gen[1:]):
+                counts[t] = counts.get(t, 0) + 1
+    stop = next((t for t, c in sorted(counts.items(), key=lambda kv: -kv[1]) if 1 <= c < len(PROMPTS)), None)
+    if stop is None:
+        pytest.skip("no token stops only some of the random model's generations")
+    return stop
+
+
+def test_evaluation_stops_at_the_token_fine_tuning_ends_answers_with(bpe_tokenizer, tiny_llama, caplog):
+    """A converted checkpoint whose generation config ends on another token than the tokenizer's: fine-
+    tuning ends every answer with tokenizer.eos_token_id, so evaluation stops there as well (one-at-a-time
+    greedy decoding stopping at that token is the oracle), with a warning; plain generation with the
+    config's end token alone runs on past it."""
+    import adapters.evaluate as ev
+
+    tok, model = bpe_tokenizer, tiny_llama
+    stop = _often_emitted(model, tok)
+    never = len(tok) - 1  # an end token the config names that these prompts do not reach
+    saved_cfg, saved_eos = model.generation_config.eos_token_id, tok.eos_token
+    model.generation_config.eos_token_id = never
+    tok.eos_token = tok.convert_ids_to_tokens(stop)
+    ev._REPORTED_ENDS.clear()
+    try:
+        assert tok.eos_token_id == stop
+        with caplog.at_level("WARNING", logger="adapters.evaluate"):
+            assert ev.answer_end_ids(model, tok) == [stop]
+        assert any("end token" in r.getMessage() for r in caplog.records)
+        ends = generate_answers(model, tok, PROMPTS, batch_size=3, max_new_tokens=6, stop_ids=[stop])
+        runs_on = generate_answers(model, tok, PROMPTS, batch_size=3, max_new_tokens=6)
+        ref = [_greedy_reference(model, tok, p, 6, stop) for p in PROMPTS]
+        examples = [Example(prompt=p, answer="x", label="true", task="boolq") for p in PROMPTS]
+        seen = []
+        original = ev.generate_answers
+        ev.generate_answers = lambda *a, **k: (seen.append(k.get("stop_ids")), original(*a, **k))[1]
+        try:
+            res = ev.evaluate(model, tok, examples, max_new_tokens=6, batch_size=3, template="plain")
+        finally:
+            ev.generate_answers = original
+    finally:
+        model.generation_config.eos_token_id = saved_cfg
+        tok.eos_token = saved_eos
+    assert ends == ref
+    assert ends != runs_on  # without it, some generations run past the token
+    assert seen == [[stop]]
+    assert [p["generated"] for p in res.predictions] == [
+        _greedy_reference(model, tok, format_prompt(ex, "plain"), 6, stop) for ex in examples]

@@ -39,7 +39,7 @@ from .metrics import accuracy, f1_binary, headline_metric, matthews_corrcoef, ta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "SetsResult", "evaluate", "evaluate_sets", "check_examples", "classify", "task_metrics", "headline_metric",
+__all__ = ["EvalResult", "SetsResult", "evaluate", "evaluate_sets", "answer_end_ids", "check_examples", "classify", "task_metrics", "headline_metric",
            "PROTOCOL_GENERATION", "PROTOCOL_CLASSIFICATION", "generate_answers",
            "auto_batch_size", "kv_cache_bytes_per_token", "response_text", "extract_number", "extract_choice",
            "extract_label", "extract_commonsense", "extract_prediction", "task_family", "is_correct",
@@ -70,6 +70,30 @@ def check_examples(examples: Sequence[Example], task: Optional[str] = None,
         except DataFormatError as exc:
             raise DataFormatError(f"{prefix}example {i}: {exc}") from None
     return tasks, families
+
+
+def answer_end_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's end token, where the model's generation config does not already end on it.
+
+    Fine-tuning ends every answer with ``tokenizer.eos_token_id``
+    (:func:`adapters.data.tokenize_for_training`), so an evaluated model stops there too. Where a
+    model's generation config names other end tokens (some converted checkpoints), generation would
+    otherwise run past the answer into text the model learned to write after that token, and the
+    answer readers would see it; the mismatch is logged once per pair."""
+    own = getattr(tokenizer, "eos_token_id", None)
+    if own is None:
+        return []
+    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    cfg_ids = [] if cfg is None else [int(e) for e in (cfg if isinstance(cfg, (list, tuple)) else [cfg])]
+    if cfg_ids and int(own) not in cfg_ids and (int(own), tuple(cfg_ids)) not in _REPORTED_ENDS:
+        _REPORTED_ENDS.add((int(own), tuple(cfg_ids)))
+        log.warning("the tokenizer's end token %d (%r) is not among the generation config's %s; answers "
+                    "also end at %d, the token fine-tuning ends them with", int(own),
+                    getattr(tokenizer, "eos_token", None), cfg_ids, int(own))
+    return [int(own)]
+
+
+_REPORTED_ENDS: set[tuple[int, tuple[int, ...]]] = set()
 
 
 def _score(examples: Sequence[Example], tasks: Sequence[str], generated: Sequence[str], *, tol: float,
@@ -113,7 +137,8 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], *, task: O
         max_new_tokens = max(DEFAULT_NEW_TOKENS[f] for f in families)
     prompts = [format_prompt(ex, template) for ex in examples]
     generated = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 device=device, static_cache=static_cache, progress=progress)
+                                 device=device, static_cache=static_cache, progress=progress,
+                                 stop_ids=answer_end_ids(model, tokenizer))
     res = _score(examples, tasks, generated, tol=tol, seconds=time.perf_counter() - t0)
     log.info("evaluated %d examples of %s: accuracy %.4f (%d unreadable) in %.1f s",
              res.n, res.task, res.accuracy, res.n_unparsed, res.seconds)
@@ -156,7 +181,8 @@ def evaluate_sets(model: Any, tokenizer: Any, sets: Sequence[tuple[str, Sequence
             members = [k for k, (_, _, b) in enumerate(checked) if b == budget]
             prompts = [format_prompt(ex, template) for k in members for ex in checked[k][0]]
             texts = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=budget,
-                                     device=device, static_cache=static_cache, bar=bar)
+                                     device=device, static_cache=static_cache, bar=bar,
+                                     stop_ids=answer_end_ids(model, tokenizer))
             for k in members:
                 generated[k], texts = texts[:len(checked[k][0])], texts[len(checked[k][0]):]
     seconds = time.perf_counter() - t0

@@ -104,13 +104,13 @@ def auto_batch_size(model: Any, prompt_tokens: int, max_new_tokens: int, device:
     return max(1, size)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+    """The end tokens of the model's generation config (else the tokenizer's), then ``extra``."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return ids + [int(e) for e in extra if e is not None and int(e) not in ids]
 
 
 def _forward_names(model: Any) -> tuple[str, bool]:
@@ -192,8 +192,12 @@ def _static_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, width: 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: Optional[int] = None,
                      max_new_tokens: int = 256, device: Any = None, static_cache: bool = False,
-                     progress: bool = False, desc: str = "generating", bar: Any = None) -> list[str]:
+                     progress: bool = False, desc: str = "generating", bar: Any = None,
+                     stop_ids: Sequence[int] = ()) -> list[str]:
     """Greedy continuations of ``prompts`` (only the new text, special tokens dropped), in input order.
+
+    A sequence ends at an end token of the model's generation config (as ``model.generate`` ends it)
+    or at any of ``stop_ids``.
 
     ``batch_size`` ``None`` picks one for the device (:func:`auto_batch_size`; the choice is logged).
     ``static_cache`` (CUDA only) generates with a compiled static cache (see the module doc).
@@ -229,7 +233,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batc
                 raise DataFormatError("the tokenizer has neither a pad_token nor an eos_token; set one "
                                       "(tokenizer.pad_token = ...) before generating")
             tokenizer.pad_token = tokenizer.eos_token
-        eos_ids = _eos_ids(model, tokenizer)
+        eos_ids = _eos_ids(model, tokenizer, stop_ids)
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         if batch_size is None:
