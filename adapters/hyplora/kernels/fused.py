@@ -186,15 +186,20 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
     input); result: the base layer's output (..., d_out); A (r, d_in), B (d_out, r) float32 or float64;
     raw_k, raw_s: the layer's one-element raw parameters. Callers check :func:`linear_fast_path` first.
 
-    Where :mod:`adapters.kernels.native` is built for the device this is its C++ node (the same
-    steps, with a CUDA kernel in place of each Triton kernel and a backward that never enters Python);
-    otherwise the Python node below. Forward: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖², q = ‖y‖²
-    (= aᵀBᵀBa), the scalar c of :func:`hyplora_bottleneck_fused` and writes result + c·y. Backward: the
-    kernels of :func:`hyplora_bottleneck_fused` with G = BᵀB. Against PEFT LoRA's
+    Where :mod:`adapters.kernels.native` is built for the device this is its C++ node, whose backward
+    never enters Python: a = x Aᵀ and G = BᵀB, one kernel per token forming ‖x‖², q = aᵀGa, c and c·a,
+    then result + (c·a) Bᵀ as one matrix product onto the result. With a 16-bit result that product, and
+    in backward the products of the 16-bit incoming gradient with B and with c·a, run in the result's
+    dtype with float32 accumulation (as PEFT LoRA's products under autocast), so no tokens × d_out
+    float32 tensor is formed; the per-token work and ∂A, ∂x stay in the adapter dtype. Otherwise the
+    Python node below: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖²,
+    q = ‖y‖² (= aᵀBᵀBa), the scalar c of :func:`hyplora_bottleneck_fused` and writes result + c·y
+    (the update in the adapter dtype). Backward: the kernels of :func:`hyplora_bottleneck_fused` with
+    G = BᵀB. Against PEFT LoRA's
     ``result + lora_B(lora_A(x)) * scaling`` this issues one kernel in place of the scaling and the
     addition, and one autograd node in place of five, so a training step that is bound by the host's
-    launch rate pays little for the hyperbolic maps. The autocast state does not matter: the update is
-    computed in the adapter weights' dtype.
+    launch rate pays little for the hyperbolic maps. The autocast state does not matter: the node's
+    dtypes are those of its inputs and weights as stated above.
     """
     module = native_module(x.device)
     if module is not None and raw_k.dtype is raw_s.dtype and not _internals.transforms_active():

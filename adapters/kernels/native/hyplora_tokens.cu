@@ -1,8 +1,6 @@
 // Per-token scalar work of the HypLoRA layer node (CUDA). See hyplora_tokens.h for the formulas and
 // layers.cpp for the products around these kernels. Only CUDA's own headers are included, so this file
 // compiles in seconds; the dtype dispatch happens here from the codes passed by layers.cpp.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -12,98 +10,55 @@
 
 namespace {
 
-using gp_cuda::block_sum;
 using gp_cuda::warp_sum;
 using gp_hyp::curvature_scale;
 
-__device__ __forceinline__ float load_as(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load_as(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_as(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ float load_as(const __half* p, int64_t i) { return __half2float(p[i]); }
-
-__device__ __forceinline__ void store_as(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_as(float* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
-__device__ __forceinline__ void store_as(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void store_as(double* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_as(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store_as(__nv_bfloat16* p, int64_t i, double v) { p[i] = __double2bfloat16(v); }
-__device__ __forceinline__ void store_as(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store_as(__half* p, int64_t i, double v) { p[i] = __double2half(v); }
-
-// Four consecutive elements as float4 (16-byte loads of float, 8-byte of the 16-bit types).
+// Four consecutive floats in one 16-byte load or store.
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 load4(const __half* p) {
-  const uint2 u = *reinterpret_cast<const uint2*>(p);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
 __device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) {
-  const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
-  uint2 u;
-  u.x = *reinterpret_cast<const unsigned*>(&a);
-  u.y = *reinterpret_cast<const unsigned*>(&b);
-  *reinterpret_cast<uint2*>(p) = u;
-}
-__device__ __forceinline__ void store4(__half* p, float4 v) {
-  const __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
-  uint2 u;
-  u.x = *reinterpret_cast<const unsigned*>(&a);
-  u.y = *reinterpret_cast<const unsigned*>(&b);
-  *reinterpret_cast<uint2*>(p) = u;
-}
 __device__ __forceinline__ float sumsq4(float4 v) { return v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w; }
 
-// Squared norm of one row: VEC reads four floats per load.
-template <typename C, bool VEC>
-__device__ __forceinline__ C row_sumsq(const C* row, int64_t n) {
+// One warp per token (r ≤ 64: lane j holds components j and j + 32), a block's warps on consecutive
+// tokens: ‖x‖² (the warp streams over the token's row of x; VEC: four floats per load), q = aᵀGa with G
+// in shared memory, c, then c·a and the two norms.
+template <typename C, typename R, bool VEC>
+__global__ void forward_kernel(const C* __restrict__ x, const C* __restrict__ a, const C* __restrict__ G,
+                               C* __restrict__ ca, C* __restrict__ sqq, const R* __restrict__ rk,
+                               const R* __restrict__ rs, double scale, double cut, int64_t T, int r, int64_t din,
+                               int64_t sx) {
+  extern __shared__ unsigned char smem[];
+  C* Gs = reinterpret_cast<C*>(smem);  // r × (r + 1), padded against bank conflicts
+  for (int i = threadIdx.x; i < r * r; i += blockDim.x) Gs[(i / r) * (r + 1) + i % r] = G[i];
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  if (t >= T) return;  // the whole warp: every lane of a warp holds the same token
+  const C* xr = x + t * sx;
   C acc = 0;
   if constexpr (VEC) {
-    for (int64_t i = threadIdx.x; i < n / 4; i += blockDim.x) acc += sumsq4(load4(row + 4 * i));
+    for (int64_t i = lane; i < din / 4; i += 32) acc += sumsq4(load4(xr + 4 * i));
   } else {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += row[i] * row[i];
+    for (int64_t i = lane; i < din; i += 32) acc += xr[i] * xr[i];
   }
-  return acc;
-}
-
-// One block per token: ‖x‖², q = ‖y‖², c, then out = result + c·y (in result's dtype; out may be result).
-// VEC: float compute, every row length and stride a multiple of 4 and the rows aligned, so four elements
-// move per load.
-template <typename C, typename R, typename O, bool VEC>
-__global__ void forward_kernel(const C* __restrict__ x, const C* __restrict__ y, const O* res, O* out,
-                               C* __restrict__ sqq, const R* __restrict__ rk, const R* __restrict__ rs,
-                               double scale, double cut, int64_t T, int64_t din, int64_t dout, int64_t sx,
-                               int64_t sy, int64_t sr, int64_t so) {
-  __shared__ C scratch[32];
-  const int64_t row = blockIdx.x;
-  const C* xr = x + row * sx;
-  const C* yr = y + row * sy;
-  const C sq = block_sum(row_sumsq<C, VEC>(xr, din), scratch);
-  const C q = block_sum(row_sumsq<C, VEC>(yr, dout), scratch);
+  const C sq = warp_sum(acc);
+  const int j0 = lane, j1 = lane + 32;
+  const bool in0 = j0 < r, in1 = j1 < r;
+  const C a0 = in0 ? a[t * r + j0] : C(0), a1 = in1 ? a[t * r + j1] : C(0);
+  C h0 = 0, h1 = 0;  // (aᵀG)_j
+  for (int i = 0; i < r; ++i) {
+    const C ai = __shfl_sync(0xffffffffu, i < 32 ? a0 : a1, i & 31);
+    if (in0) h0 += ai * Gs[i * (r + 1) + j0];
+    if (in1) h1 += ai * Gs[i * (r + 1) + j1];
+  }
+  const C q = warp_sum(h0 * a0 + h1 * a1);
   C K, s, dK, ds;
   curvature_scale(rk, rs, &K, &s, &dK, &ds);
-  const C c = gp_hyp::token_scale(sq, q, K, s, static_cast<C>(scale), static_cast<C>(cut));
-  if constexpr (VEC) {
-    for (int64_t i = threadIdx.x; i < dout / 4; i += blockDim.x) {
-      const float4 yv = load4(yr + 4 * i), rv = load4(res + row * sr + 4 * i);
-      store4(out + row * so + 4 * i,
-             make_float4(rv.x + c * yv.x, rv.y + c * yv.y, rv.z + c * yv.z, rv.w + c * yv.w));
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < dout; i += blockDim.x) {
-      store_as(out, row * so + i, static_cast<C>(load_as(res, row * sr + i)) + c * yr[i]);
-    }
-  }
-  if (threadIdx.x == 0) {
-    sqq[row] = sq;
-    sqq[T + row] = q;
+  const C c = gp_hyp::token_scale(sq, q > C(0) ? q : C(0), K, s, static_cast<C>(scale), static_cast<C>(cut));
+  if (in0) ca[t * r + j0] = c * a0;
+  if (in1) ca[t * r + j1] = c * a1;
+  if (lane == 0) {
+    sqq[t] = sq;
+    sqq[T + t] = q;
   }
 }
 
@@ -185,22 +140,22 @@ __global__ void backward_kernel(const C* __restrict__ gca, const C* __restrict__
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-template <typename C, typename R, typename O>
+template <typename C, typename R>
 const char* launch_forward(const HypForwardArgs& p, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(p.T);
-  const bool vec = sizeof(C) == 4 && sizeof(O) <= 4 && p.din % 4 == 0 && p.dout % 4 == 0 && p.sx % 4 == 0 && p.sy % 4 == 0 &&
-                   p.sr % 4 == 0 && p.so % 4 == 0 && aligned(p.x, 16) && aligned(p.y, 16) &&
-                   aligned(p.res, 4 * sizeof(O)) && aligned(p.out, 4 * sizeof(O));
+  const int threads = 256, warps = threads / 32;
+  const unsigned blocks = static_cast<unsigned>((p.T + warps - 1) / warps);
+  const size_t smem = sizeof(C) * static_cast<size_t>(p.r) * (p.r + 1);
+  const bool vec = sizeof(C) == 4 && p.din % 4 == 0 && p.sx % 4 == 0 && aligned(p.x, 16);
   auto launch = [&](auto kernel) {
-    kernel<<<blocks, 256, 0, stream>>>(
-        static_cast<const C*>(p.x), static_cast<const C*>(p.y), static_cast<const O*>(p.res),
-        static_cast<O*>(p.out), static_cast<C*>(p.sqq), static_cast<const R*>(p.rk), static_cast<const R*>(p.rs),
-        p.scale, p.cut, p.T, p.din, p.dout, p.sx, p.sy, p.sr, p.so);
+    kernel<<<blocks, threads, smem, stream>>>(
+        static_cast<const C*>(p.x), static_cast<const C*>(p.a), static_cast<const C*>(p.G),
+        static_cast<C*>(p.ca), static_cast<C*>(p.sqq), static_cast<const R*>(p.rk), static_cast<const R*>(p.rs),
+        p.scale, p.cut, p.T, p.r, p.din, p.sx);
   };
   if (vec) {
-    launch(forward_kernel<C, R, O, sizeof(C) == 4 && sizeof(O) <= 4>);
+    launch(forward_kernel<C, R, sizeof(C) == 4>);
   } else {
-    launch(forward_kernel<C, R, O, false>);
+    launch(forward_kernel<C, R, false>);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -228,26 +183,15 @@ const char* launch_backward(const HypBackwardArgs& p, cudaStream_t stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-template <typename C, typename R>
-const char* forward_by_out(const HypForwardArgs& p, cudaStream_t stream) {
-  switch (p.out_type) {
-    case kFloat32: return launch_forward<C, R, float>(p, stream);
-    case kFloat64: return launch_forward<C, R, double>(p, stream);
-    case kBFloat16: return launch_forward<C, R, __nv_bfloat16>(p, stream);
-    case kFloat16: return launch_forward<C, R, __half>(p, stream);
-    default: return "unsupported result dtype";
-  }
-}
-
 }  // namespace
 
 const char* hyplora_forward_cuda(const HypForwardArgs& p, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (p.compute_type == kFloat32) {
-    return p.raw_type == kFloat32 ? forward_by_out<float, float>(p, st) : forward_by_out<float, double>(p, st);
+    return p.raw_type == kFloat32 ? launch_forward<float, float>(p, st) : launch_forward<float, double>(p, st);
   }
   if (p.compute_type == kFloat64) {
-    return p.raw_type == kFloat32 ? forward_by_out<double, float>(p, st) : forward_by_out<double, double>(p, st);
+    return p.raw_type == kFloat32 ? launch_forward<double, float>(p, st) : launch_forward<double, double>(p, st);
   }
   return "unsupported compute dtype";
 }

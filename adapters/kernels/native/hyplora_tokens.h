@@ -1,28 +1,33 @@
 // Per-token scalar work of the HypLoRA layer node (arXiv 2410.04010 Eq. 6–8, METHODS §10), CUDA and CPU.
 //
-// With a = A x, y = B a, sq = ‖x‖², q = ‖y‖², K = sp(k̃), s = sp(s̃) (sp(v) = softplus(v) + 1e-6):
+// With a = A x, sq = ‖x‖², q = ‖B a‖² = aᵀ G a (G = BᵀB), K = sp(k̃), s = sp(s̃) (sp(v) = softplus(v) + 1e-6):
 //   u = sq/(s²K),  c1 = S(u)/s with S(u) = sinh(min(√u, 12))/√u,  v = c1² q/K,  R(v) = asinh(√v)/√v,
-//   c = scale·c1·R(v),  layer output = result + c·y.
-// Forward: per token sq, q, c and out = result + c·y. Backward, given gca = g B (g = ∂L/∂out): per token
-// ∂L/∂a = c·gca + g_q (G + Gᵀ) a with G = BᵀB, c·a, the rows wa = [g_q·a, g_k·K', g_s·s'] and
+//   c = scale·c1·R(v),  layer output = result + (c·a) Bᵀ.
+// Forward: per token sq, q (from the r × r matrix G, so that B a is never formed per token) and c·a; the
+// product with Bᵀ, added onto the result, is one matrix product in layers.cpp. Backward, given gca = g B
+// (g = ∂L/∂out): per token ∂L/∂a = c·gca + g_q (G + Gᵀ) a, c·a, the rows wa = [g_q·a, g_k·K', g_s·s'] and
 // aext = [a, 1] (so that waᵀ aext holds ∂G = Σ g_q a aᵀ and the raw-parameter gradients), and
 // optionally 2(∂L/∂sq)·x (the start of ∂L/∂x). Series below `cut` as adapters.hyplora._fused_cutoff.
+// q is stored as computed (rounding can make aᵀGa slightly negative where B a ≈ 0); the scalars use
+// max(q, 0), and the backward gives such a token no ∂L/∂q, as the Python nodes do.
 #pragma once
 #include <stdint.h>
 
 #include "dtype_codes.h"
 
 struct HypForwardArgs {
-  int compute_type, raw_type, out_type;
-  const void* x;    // (T, din) compute dtype, row stride sx
-  const void* y;    // (T, dout) compute dtype, row stride sy
-  const void* res;  // (T, dout) out dtype, row stride sr
-  void* out;        // (T, dout) out dtype, row stride so
-  void* sqq;        // (2T) compute dtype: ‖x‖² then ‖y‖²
-  const void* rk;   // raw curvature, one element
-  const void* rs;   // raw scale, one element
+  int compute_type, raw_type;
+  const void* x;  // (T, din) compute dtype, row stride sx
+  const void* a;  // (T, r) contiguous
+  const void* G;  // (r, r) contiguous
+  void* ca;       // (T, r): c·a
+  void* sqq;      // (2T) compute dtype: ‖x‖² then aᵀGa
+  const void* rk;  // raw curvature, one element
+  const void* rs;  // raw scale, one element
   double scale, cut;
-  int64_t T, din, dout, sx, sy, sr, so;
+  int64_t T;
+  int r;
+  int64_t din, sx;
 };
 
 struct HypBackwardArgs {

@@ -1,8 +1,6 @@
 // Per-token scalar work of the HypLoRA layer node on the CPU: the same formulas as hyplora_tokens.cu,
 // one token at a time (tokens split over threads).
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cmath>
 
@@ -13,36 +11,29 @@ namespace {
 
 using gp_hyp::curvature_scale;
 
-// A result element in the compute dtype (16-bit floats through float, as on the GPU).
-template <typename C>
-C widen(float v) { return static_cast<C>(v); }
-template <typename C>
-C widen(double v) { return static_cast<C>(v); }
-template <typename C>
-C widen(c10::BFloat16 v) { return static_cast<C>(static_cast<float>(v)); }
-template <typename C>
-C widen(c10::Half v) { return static_cast<C>(static_cast<float>(v)); }
-
-template <typename C, typename R, typename O>
+template <typename C, typename R>
 void forward_tokens(const HypForwardArgs& p) {
   C K, s, dK, ds;
   curvature_scale(static_cast<const R*>(p.rk), static_cast<const R*>(p.rs), &K, &s, &dK, &ds);
+  const int r = p.r;
   const C* x = static_cast<const C*>(p.x);
-  const C* y = static_cast<const C*>(p.y);
-  const O* res = static_cast<const O*>(p.res);
-  O* out = static_cast<O*>(p.out);
+  const C* a = static_cast<const C*>(p.a);
+  const C* G = static_cast<const C*>(p.G);
+  C* ca = static_cast<C*>(p.ca);
   C* sqq = static_cast<C*>(p.sqq);
   at::parallel_for(0, p.T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const C* xr = x + t * p.sx;
-      const C* yr = y + t * p.sy;
+      const C* at_ = a + t * r;
       C sq = 0, q = 0;
       for (int64_t i = 0; i < p.din; ++i) sq += xr[i] * xr[i];
-      for (int64_t i = 0; i < p.dout; ++i) q += yr[i] * yr[i];
-      const C c = gp_hyp::token_scale(sq, q, K, s, static_cast<C>(p.scale), static_cast<C>(p.cut));
-      for (int64_t i = 0; i < p.dout; ++i) {
-        out[t * p.so + i] = static_cast<O>(widen<C>(res[t * p.sr + i]) + c * yr[i]);
+      for (int j = 0; j < r; ++j) {
+        C h = 0;  // (aᵀG)_j
+        for (int i = 0; i < r; ++i) h += at_[i] * G[i * r + j];
+        q += h * at_[j];
       }
+      const C c = gp_hyp::token_scale(sq, q > C(0) ? q : C(0), K, s, static_cast<C>(p.scale), static_cast<C>(p.cut));
+      for (int j = 0; j < r; ++j) ca[t * r + j] = c * at_[j];
       sqq[t] = sq;
       sqq[p.T + t] = q;
     }
@@ -98,27 +89,15 @@ void backward_tokens(const HypBackwardArgs& p) {
   });
 }
 
-template <typename C, typename R>
-const char* forward_by_out(const HypForwardArgs& p) {
-  switch (p.out_type) {
-    case kFloat32: forward_tokens<C, R, float>(p); return nullptr;
-    case kFloat64: forward_tokens<C, R, double>(p); return nullptr;
-    case kBFloat16: forward_tokens<C, R, c10::BFloat16>(p); return nullptr;
-    case kFloat16: forward_tokens<C, R, c10::Half>(p); return nullptr;
-    default: return "unsupported result dtype";
-  }
-}
-
 }  // namespace
 
 const char* hyplora_forward_cpu(const HypForwardArgs& p) {
-  if (p.compute_type == kFloat32) {
-    return p.raw_type == kFloat32 ? forward_by_out<float, float>(p) : forward_by_out<float, double>(p);
-  }
-  if (p.compute_type == kFloat64) {
-    return p.raw_type == kFloat32 ? forward_by_out<double, float>(p) : forward_by_out<double, double>(p);
-  }
-  return "unsupported compute dtype";
+  if (p.compute_type == kFloat32 && p.raw_type == kFloat32) forward_tokens<float, float>(p);
+  else if (p.compute_type == kFloat32) forward_tokens<float, double>(p);
+  else if (p.compute_type == kFloat64 && p.raw_type == kFloat32) forward_tokens<double, float>(p);
+  else if (p.compute_type == kFloat64) forward_tokens<double, double>(p);
+  else return "unsupported compute dtype";
+  return nullptr;
 }
 
 const char* hyplora_backward_cpu(const HypBackwardArgs& p) {

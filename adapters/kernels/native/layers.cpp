@@ -8,6 +8,10 @@
 // hydra_linear:   x Wᵀ (+ b) + s·(g ⊗ a) Bᵀ and the gates g of HydraLoRA (adapters.hydralora._HydraLinearFn),
 //   the gates' softmax and outer product in hydra_gates.{cu,cpp}.
 #include <torch/extension.h>
+#include <torch/version.h>
+
+#include <atomic>
+#include <utility>
 
 #ifdef GEOPROBE_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -119,36 +123,64 @@ at::Tensor as_grad(const at::Tensor& value, const at::Tensor& like) {
 // --------------------------------------------------------------------------- HypLoRA
 // The adapter's share of the layer, shared by the two nodes below.
 struct HypSaved {
-  at::Tensor xf, a, sqq;  // x in the adapter dtype (T, din), A x, and ‖x‖² then ‖y‖² per token
+  at::Tensor xf, a, sqq;  // x in the adapter dtype (T, din), A x, and ‖x‖² then aᵀGa per token
 };
 
-// a = x Aᵀ, y = a Bᵀ, then out = res + c·y per token (res and out (T, dout) with contiguous rows; out may
-// be res itself).
-HypSaved hyp_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
-                     const at::Tensor& raw_s, const at::Tensor& res, const at::Tensor& out, double scale, double cut) {
+bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// mat1 mat2 with a float32/float64 result from 16-bit operands: cuBLAS accumulates in float32 and writes the
+// result type (aten::mm.dtype, CUDA, torch ≥ 2.8); elsewhere, or where that overload refuses, the operands
+// are widened first (the same products, one copy more).
+at::Tensor mm_into(const at::Tensor& mat1, const at::Tensor& mat2, at::ScalarType result) {
+#if defined(GEOPROBE_CUDA) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+  static std::atomic<bool> refused{false};
+  if (mat1.is_cuda() && result == at::kFloat && !refused.load(std::memory_order_relaxed)) {
+    try {
+      return at::mm(mat1, mat2, result);
+    } catch (const c10::Error&) {
+      refused.store(true, std::memory_order_relaxed);
+    }
+  }
+#endif
+  return at::mm(mat1.to(result), mat2.to(result));
+}
+
+// a = x Aᵀ, G = BᵀB, the per-token kernel (‖x‖², q = aᵀGa, c·a), then out = res + (c·a) Bᵀ in res's dtype:
+// in place when `in_place` (res is the node's own base product), else into a new tensor. With a 16-bit
+// result the product with Bᵀ runs in that dtype (float32 accumulation, as PEFT LoRA's under autocast),
+// so the update never takes a (T, dout) float32 tensor; with a float32/float64 result it runs in the
+// adapter dtype.
+std::pair<HypSaved, at::Tensor> hyp_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                            const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& res,
+                                            bool in_place, double scale, double cut) {
   const auto dt = A.scalar_type();
-  const int64_t din = A.size(1), dout = B.size(0);
+  const int64_t din = A.size(1), r = A.size(0);
   at::Tensor xf = x.reshape({-1, din});
   if (xf.scalar_type() != dt) xf = xf.to(dt);
   xf = xf.contiguous();
   const at::Tensor a = at::mm(xf, A.t());
-  const at::Tensor y = at::mm(a, B.t());
-  TORCH_CHECK(res.stride(1) == 1 && out.stride(1) == 1, "HypLoRA layer: result rows must be contiguous");
+  const at::Tensor G = at::mm(B.t(), B);
   const int64_t T = xf.size(0);
+  at::Tensor ca = at::empty({T, r}, xf.options());
   at::Tensor sqq = at::empty({2 * T}, xf.options());
-  HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(res.scalar_type()),
-                   xf.data_ptr(), y.data_ptr(), res.data_ptr(), out.data_ptr(), sqq.data_ptr(),
-                   raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T, din, dout, xf.stride(0), y.stride(0),
-                   res.stride(0), out.stride(0)};
+  HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), xf.data_ptr(), a.data_ptr(), G.data_ptr(),
+                   ca.data_ptr(), sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T,
+                   static_cast<int>(r), din, xf.stride(0)};
   run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
-  return {xf, a, sqq};
+  const auto ot = res.scalar_type();
+  const at::Tensor cao = ot == dt ? ca : ca.to(ot);
+  const at::Tensor bo = ot == dt ? B : B.to(ot);
+  at::Tensor out = in_place ? res.addmm_(cao, bo.t()) : at::addmm(res, cao, bo.t());
+  return {HypSaved{xf, a, sqq}, out};
 }
 
 struct HypGrads {
   at::Tensor x, A, B, k, s;  // x's in the adapter dtype, (T, din)
 };
 
-// Gradients of the adapter's share given g = ∂L/∂out (any dtype and shape with T rows).
+// Gradients of the adapter's share given g = ∂L/∂out (any dtype and shape with T rows). A 16-bit g on
+// CUDA meets B and c·a in its own dtype with float32 results (mm_into), instead of being copied to float32
+// whole.
 HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool need_x,
                       bool need_A, bool need_B, bool need_k, bool need_s) {
@@ -157,9 +189,9 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
   const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
   TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
   at::Tensor gf = g.reshape({T, -1});
-  if (gf.scalar_type() != dt) gf = gf.to(dt);
-  gf = gf.contiguous();
-  const at::Tensor gca = at::mm(gf, B);
+  const bool narrow_g = gf.is_cuda() && dt == at::kFloat && low_precision(gf.scalar_type());
+  if (!narrow_g && gf.scalar_type() != dt) gf = gf.to(dt);
+  const at::Tensor gca = narrow_g ? mm_into(gf, B.to(gf.scalar_type()), dt).contiguous() : at::mm(gf, B);
   const at::Tensor G = at::mm(B.t(), B);
   const auto opts = a.options();
   at::Tensor da = at::empty({T, r}, opts), ca = at::empty({T, r}, opts);
@@ -176,7 +208,7 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
   if (need_B || need_k || need_s) {
     const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
     if (need_B) {
-      out.B = at::mm(gf.t(), ca);
+      out.B = narrow_g ? mm_into(gf.t(), ca.to(gf.scalar_type()), dt) : at::mm(gf.t(), ca);
       out.B.addmm_(B, M.narrow(0, 0, r).narrow(1, 0, r), 1.0, 2.0);
     }
     if (need_k) out.k = as_grad(M.select(0, r).select(0, r), raw_k);
@@ -201,9 +233,9 @@ struct HypLinear : public OnceDifferentiable<HypLinear> {
                             const at::Tensor& raw_s, double scale, double cut) {
     NoAutocast no_autocast;
     const at::Tensor res = result.reshape({-1, B.size(0)});
-    at::Tensor out = at::empty(res.sizes(), res.options());
-    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, out, scale, cut), A, B, raw_k, raw_s, x, scale, cut);
-    return at::_unsafe_view(out, result.sizes());
+    auto fw = hyp_forward(x, A, B, raw_k, raw_s, res, false, scale, cut);
+    save_hyp(ctx, fw.first, A, B, raw_k, raw_s, x, scale, cut);
+    return at::_unsafe_view(fw.second, result.sizes());
   }
 
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
@@ -235,8 +267,8 @@ struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor res = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, res, scale, cut), A, B, raw_k, raw_s, x, scale, cut,
-             weight);
+    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, true, scale, cut).first, A, B, raw_k, raw_s, x, scale,
+             cut, weight);
     ctx->saved_data["has_bias"] = has_bias;
     auto shape = x.sizes().vec();
     shape.back() = res.size(1);
