@@ -419,7 +419,8 @@ def test_per_layer_verdicts_recomputed_with_holm(measured):
 @pytest.mark.slow
 def test_layer_dimensions_match_brute_force_twonn(measured, lm):
     """Each layer's kept rows (sinks left out by the 8 × median rule), the TwoNN line fit and MLE from
-    brute-force scipy neighbour distances on every fifth layer, the bootstrap intervals over the
+    brute-force scipy neighbour distances on every fifth layer (gp.intrinsic_dimension on the same rows
+    to 1e-9; the notebook's kernel, whose float32 forward pass may round differently, to 1e-4), the bootstrap intervals over the
     sample's documents, GRIDE at n1 = 1 equal to the MLE, and the shared GRIDE scale recomputed from
     the layers' scale curves; gp.probe's per-layer values equal the notebook's."""
     from scipy.spatial.distance import cdist
@@ -449,10 +450,17 @@ def test_layer_dimensions_match_brute_force_twonn(measured, lm):
         r = np.sort(D, axis=1)[:, :2]
         log_mu = np.sort(np.log(r[:, 1] / r[:, 0]))
         n = log_mu.size
-        assert (n - 1) / log_mu.sum() == pytest.approx(rec["twonn_mle"], rel=1e-6), rec["layer"]
         k = min(int(n * 0.9), n - 1)
         x, y = log_mu[:k], -np.log(1.0 - np.arange(1, k + 1) / n)
-        assert float(x @ y / (x @ x)) == pytest.approx(rec["twonn"], rel=1e-6), rec["layer"]
+        mle, line = (n - 1) / log_mu.sum(), float(x @ y / (x @ x))
+        # The estimator against the brute-force oracle on the same rows: exact to rounding.
+        here = gp.intrinsic_dimension(keep, estimator="twonn")
+        assert (here.mle_dimension, here.dimension) == pytest.approx((mle, line), rel=1e-9), rec["layer"]
+        # The notebook's values come from its own kernel's forward pass. float32 matrix products need not
+        # round alike in two processes (BLAS kernels chosen by memory alignment), and one position's
+        # nearest-neighbour ratio then moves the line fit by about 1e-5; the sinks, rows and documents
+        # above still match exactly.
+        assert (rec["twonn_mle"], rec["twonn"]) == pytest.approx((mle, line), rel=1e-4), rec["layer"]
         checked += 1
     assert checked >= 5
     curves = [{int(k): v for k, v in rec["gride_curve"].items()} for rec in s["layers"]]
