@@ -32,7 +32,7 @@ from ..data import GLUE_LABEL_WORDS, Example, format_prompt
 from .extract import (COMMONSENSE_LABELS, DEFAULT_NEW_TOKENS, LETTER_TASKS, NUMBER_TASKS, NUMBER_TOLERANCE,
                       extract_choice, extract_commonsense, extract_label, extract_number, extract_prediction,
                       is_correct, norm_label, response_text, task_family)
-from .generate import auto_batch_size, generate_answers, kv_cache_bytes_per_token
+from .generate import auto_batch_size, end_token_ids, generate_answers, kv_cache_bytes_per_token
 from .result import EvalResult, SetsResult
 from .classify import PROTOCOL_CLASSIFICATION, PROTOCOL_GENERATION, classify
 from .metrics import accuracy, f1_binary, headline_metric, matthews_corrcoef, task_metrics
@@ -83,9 +83,8 @@ def answer_end_ids(model: Any, tokenizer: Any) -> list[int]:
     own = getattr(tokenizer, "eos_token_id", None)
     if own is None:
         return []
-    cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    cfg_ids = [] if cfg is None else [int(e) for e in (cfg if isinstance(cfg, (list, tuple)) else [cfg])]
-    if cfg_ids and int(own) not in cfg_ids and (int(own), tuple(cfg_ids)) not in _REPORTED_ENDS:
+    cfg_ids = end_token_ids(model, tokenizer)
+    if int(own) not in cfg_ids and (int(own), tuple(cfg_ids)) not in _REPORTED_ENDS:
         _REPORTED_ENDS.add((int(own), tuple(cfg_ids)))
         log.warning("the tokenizer's end token %d (%r) is not among the generation config's %s; answers "
                     "also end at %d, the token fine-tuning ends them with", int(own),
@@ -176,13 +175,13 @@ def evaluate_sets(model: Any, tokenizer: Any, sets: Sequence[tuple[str, Sequence
     total = sum(len(ex) for ex, _, _ in checked)
     from geoprobe.runtime import progress as progress_bar
 
+    stop_ids = answer_end_ids(model, tokenizer)
     with progress_bar(total, "evaluating", enabled=progress, unit="answer") as bar:
         for budget in sorted({b for _, _, b in checked}):
             members = [k for k, (_, _, b) in enumerate(checked) if b == budget]
             prompts = [format_prompt(ex, template) for k in members for ex in checked[k][0]]
             texts = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=budget,
-                                     device=device, static_cache=static_cache, bar=bar,
-                                     stop_ids=answer_end_ids(model, tokenizer))
+                                     device=device, static_cache=static_cache, bar=bar, stop_ids=stop_ids)
             for k in members:
                 generated[k], texts = texts[:len(checked[k][0])], texts[len(checked[k][0]):]
     seconds = time.perf_counter() - t0

@@ -104,7 +104,7 @@ def auto_batch_size(model: Any, prompt_tokens: int, max_new_tokens: int, device:
     return max(1, size)
 
 
-def _eos_ids(model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+def end_token_ids(model: Any, tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
     """The end tokens of the model's generation config (else the tokenizer's), then ``extra``."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
@@ -233,7 +233,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, batc
                 raise DataFormatError("the tokenizer has neither a pad_token nor an eos_token; set one "
                                       "(tokenizer.pad_token = ...) before generating")
             tokenizer.pad_token = tokenizer.eos_token
-        eos_ids = _eos_ids(model, tokenizer, stop_ids)
+        eos_ids = end_token_ids(model, tokenizer, stop_ids)
         lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
         order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
         if batch_size is None:
