@@ -843,20 +843,22 @@ the Hugging Face hub could not be loaded (the hub refuses it as untrusted code, 
 uses its own kernel)."""
 
 
-def quiet_library_notices() -> None:
-    """Raise :data:`NOISY_LOGGERS` to ERROR (``-v`` leaves them as they are)."""
+def quiet_library_notices(quiet: bool = True) -> None:
+    """Raise :data:`NOISY_LOGGERS` to ERROR, or (``quiet`` False, under ``-v``) give them back the
+    level of their parents."""
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
 def _run(argv: list[str]) -> int:
     runtime.check_switches()  # before the modules that read them are imported
+    quiet_library_notices()  # before the parser, whose imports reach bitsandbytes where it is installed
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="geoprobe: %(levelname)s: %(message)s")
-    if not args.verbose:
-        quiet_library_notices()
+    if args.verbose:
+        quiet_library_notices(False)
     if args.version:
         from . import __version__
         print(f"geoprobe {__version__}")
