@@ -852,7 +852,7 @@ def quiet_library_notices(quiet: bool = True) -> None:
 
 def _run(argv: list[str]) -> int:
     runtime.check_switches()  # before the modules that read them are imported
-    quiet_library_notices()  # before the parser, whose imports reach bitsandbytes where it is installed
+    quiet_library_notices()  # before any import reaches bitsandbytes (PEFT imports it where it is installed)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),

@@ -59,6 +59,17 @@ def check_profile(path: Path, hidden: int, n_layers_plus_one: int):
 
 
 @pytest.mark.slow
+def test_help_builds_every_parser_without_torch_or_peft():
+    """`geoprobe --help` and each command's help build their parsers from the registries alone: a fresh
+    interpreter that builds the whole parser has imported neither torch, PEFT nor transformers."""
+    code = ("import sys; from geoprobe.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'peft', 'transformers', 'bitsandbytes') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_probe_smollm2_default_corpus(tmp_path, capsys):
     out = tmp_path / "smol.json"
     rc = main(["probe", "--out", str(out), "--quiet", "--n-prompts", "40",

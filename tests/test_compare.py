@@ -4,6 +4,7 @@ records, the report's escaping, and refusals before any training. The end-to-end
 SmolLM2 are in tests/test_compare_e2e.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -68,6 +69,8 @@ def test_method_names_come_from_the_registry():
     assert set(registry.names()) <= set(names) and OFFICIAL in names
     official = {a.name: a for a in arms()}[OFFICIAL]
     assert official.method == "hyplora" and official.official
+    config = registry.get(official.method).config_class  # the arm sets this field of HypLoRA's config
+    assert "hyplora_official" in {f.name for f in dataclasses.fields(config)}
     matched = {a.name: a for a in arms()}[MATCHED]
     assert matched.method == "hyplora" and matched.scale_matched and not matched.official
     assert [a.name for a in parse_methods(" LoRA, dora ,none")] == ["lora", "dora", NONE]

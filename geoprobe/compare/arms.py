@@ -22,7 +22,6 @@ than 5 %, the comparison is refused, naming the arm and the closest budget it ca
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -72,14 +71,14 @@ class Arm:
 
 def arms() -> tuple[Arm, ...]:
     """Every arm, in the order help texts list them: none, the registry's methods (with
-    ``hyplora-official`` after ``hyplora`` where HypLoRA's config has the official formula, then
-    ``hyplora-matched``), auto."""
+    ``hyplora-official`` and ``hyplora-matched`` after ``hyplora``), auto. Reads the registry only, so
+    that help texts cost neither torch nor PEFT."""
     from adapters import registry
 
     out = [Arm(NONE, None, "the base model, evaluated without training (run once)")]
     for m in registry.METHODS:
         out.append(Arm(m.name, m.name, m.description))
-        if m.parts == ("hyplora",) and _has_official(m):
+        if m.parts == ("hyplora",):
             out.append(Arm(OFFICIAL, m.name, "HypLoRA with the reference code's formula (hyplora_official)",
                            official=True))
         if m.parts == ("hyplora",):
@@ -88,10 +87,6 @@ def arms() -> tuple[Arm, ...]:
     out.append(Arm(registry.AUTO, registry.AUTO, "the planner's choice from the model's geometry and the "
                                                  "training data (recorded with its reason)"))
     return tuple(out)
-
-
-def _has_official(method: Any) -> bool:
-    return any(f.name == "hyplora_official" for f in dataclasses.fields(method.config_class))
 
 
 def choices() -> tuple[str, ...]:
