@@ -21,11 +21,7 @@ Run: python benchmarks/bench_hyplora.py [--device cuda]
 """
 from __future__ import annotations
 
-import argparse
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,29 +32,14 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters.hyplora import HypLoraLinear, hyplora_config, hyplora_delta  # noqa: E402
 from adapters.hyplora.kernels import set_fused_enabled  # noqa: E402
+from benchmarks.layer_timing import (grad_step, layer_arguments, layer_result, relative_rows,  # noqa: E402
+                                     time_interleaved)
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
-    ap.add_argument("--d-in", type=int, default=None)
-    ap.add_argument("--d-out", type=int, default=None)
-    ap.add_argument("--tokens", type=int, default=None, help="batch × sequence length")
-    ap.add_argument("--r", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--iters", type=int, default=10, help="forward+backward passes per timing")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-
-    cuda = args.device.startswith("cuda")
-    d_in = args.d_in or (4096 if cuda else 1024)
-    d_out = args.d_out or (14336 if cuda else 2816)
-    tokens = args.tokens or (4 * 512 if cuda else 512)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    dev = torch.device(args.device)
-    r = args.r
+    args, sh = layer_arguments(__doc__.split("\n")[0], r=32)
+    dev, dtype, d_in, d_out, r = sh.device, sh.dtype, sh.d_in, sh.d_out, args.r
     torch.manual_seed(0)
 
     base = nn.Linear(d_in, d_out, bias=False).to(dev, dtype).requires_grad_(False)
@@ -69,10 +50,9 @@ def main() -> None:
         p.data = p.data.float()
     A = hyp.lora_A["default"].weight
     Bw = hyp.lora_B["default"].weight
-    raw_k = hyp.lora_hyp_k["default"].view(())
-    raw_s = hyp.lora_hyp_s["default"].view(())
+    raw_k = hyp.lora_hyp_k["default"]  # shape (1,): the parameters the layer reads
+    raw_s = hyp.lora_hyp_s["default"]
     scaling = hyp.scaling["default"]
-    params = [A, Bw, raw_k, raw_s]
 
     from peft import LoraConfig
     from peft.tuners.lora import Linear as LoraLinear
@@ -84,8 +64,9 @@ def main() -> None:
     for p in lora_params:
         p.data = p.data.float()
 
-    x = torch.randn(tokens, d_in, device=dev, dtype=dtype, requires_grad=True)
-    gout = torch.randn(tokens, d_out, device=dev, dtype=dtype)
+    x = torch.randn(sh.tokens, d_in, device=dev, dtype=dtype, requires_grad=True)
+    gout = torch.randn(sh.tokens, d_out, device=dev, dtype=dtype)
+    params = [x, A, Bw, raw_k, raw_s]
 
     def chain(official: bool):
         def fwd():
@@ -93,13 +74,6 @@ def main() -> None:
                                   official=official)
             return base(x) + (scaling * delta).to(dtype)
         return fwd
-
-    def step(fn, ps):
-        def run():
-            for _ in range(args.iters):
-                out = fn()
-                torch.autograd.grad(out, [x, *ps], gout)
-        return run
 
     def unfused():
         previous = set_fused_enabled(False)
@@ -109,54 +83,26 @@ def main() -> None:
             set_fused_enabled(previous)
 
     methods = {
-        "hyplora bottleneck": step(lambda: hyp(x), params),
-        "hyplora bottleneck unfused": step(unfused, params),
-        "hyplora map chain": step(chain(False), params),
-        "hyplora reference chain": step(chain(True), params),
-        "peft lora": step(lambda: lora(x), lora_params),
+        "hyplora bottleneck": grad_step(lambda: hyp(x), params, gout, args.iters),
+        "hyplora bottleneck unfused": grad_step(unfused, params, gout, args.iters),
+        "hyplora map chain": grad_step(chain(False), params, gout, args.iters),
+        "hyplora reference chain": grad_step(chain(True), params, gout, args.iters),
+        "peft lora": grad_step(lambda: lora(x), [x, *lora_params], gout, args.iters),
     }
     with torch.no_grad():
         diff = (hyp(x).float() - chain(False)().float()).abs().max()
         diff_unfused = (hyp(x).float() - unfused().float()).abs().max()
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    for fn in methods.values():  # warm-up
-        fn()
-    sync()
-    times = {k: [] for k in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append((time.perf_counter() - t0) / args.iters)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ref = med["peft lora"]
-    rows = [{"method": k, "median_s_per_step": med[k], "relative_to_peft_lora": med[k] / ref,
-             "runs_s_per_step": times[k]} for k in methods]
+    times = time_interleaved(methods, repeats=args.repeats, iters=args.iters, cuda=sh.cuda)
+    rows = relative_rows(times, "peft lora", "relative_to_peft_lora")
     for row in rows:
         print(f"{row['method']:<26} {row['median_s_per_step'] * 1e3:9.3f} ms/step  "
               f"{row['relative_to_peft_lora']:.2f}× peft lora r={r}")
-    result = {
-        "benchmark": "hyplora_layer_forward_backward",
-        "shape": {"d_in": d_in, "d_out": d_out, "tokens": tokens, "r": r},
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "iters_per_timing": args.iters,
-        "bottleneck_vs_chain_max_abs_diff": float(diff),
-        "bottleneck_vs_unfused_max_abs_diff": float(diff_unfused),
-        "rows": rows,
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "peft": __import__("peft").__version__},
-    }
+    result = layer_result("hyplora_layer_forward_backward", sh, args, rows,
+                          bottleneck_vs_chain_max_abs_diff=float(diff),
+                          bottleneck_vs_unfused_max_abs_diff=float(diff_unfused))
     out = Path(args.out) if args.out else results_path("hyplora")
-    append_run(out, result, label="cuda" if cuda else "cpu")
+    append_run(out, result, label="cuda" if sh.cuda else "cpu")
     print(f"wrote {out}")
 
 
