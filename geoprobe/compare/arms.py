@@ -81,7 +81,6 @@ def arms() -> tuple[Arm, ...]:
         if m.parts == ("hyplora",):
             out.append(Arm(OFFICIAL, m.name, "HypLoRA with the reference code's formula (hyplora_official)",
                            official=True))
-        if m.parts == ("hyplora",):
             out.append(Arm(MATCHED, m.name, "HypLoRA with α·√d_in per layer, so that its small updates equal "
                                             "LoRA's for the same A and B (scale-matched)", scale_matched=True))
     out.append(Arm(registry.AUTO, registry.AUTO, "the planner's choice from the model's geometry and the "
