@@ -66,7 +66,8 @@ def _compare(got: dict, want: dict, reach: float) -> dict:
     shares = [t["share_outside"] for t in tensors.values()]
     outside, total = sum(t["outside"] for t in tensors.values()), sum(t["elements"] for t in tensors.values())
     return {"share_outside": outside / total, "max_share_outside": max(shares),
-            "criterion": adapter_mismatches(got, want, rtol=RTOL, atol=ATOL, reach=reach) or "passes", "tensors_with_any_outside": sum(s > 0 for s in shares),
+            "criterion": adapter_mismatches(got, want, rtol=RTOL, atol=ATOL, reach=reach) or "passes",
+            "tensors_with_any_outside": sum(s > 0 for s in shares),
             "tensors": len(shares), "max_abs_diff": max(t["max_abs_diff"] for t in tensors.values()),
             "all_within_reach": all(t["within_reach"] for t in tensors.values()), "per_tensor": tensors}
 

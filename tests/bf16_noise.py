@@ -1,9 +1,9 @@
 """bfloat16 rounding on the CPU, as a GPU's bfloat16 GEMMs round, and the criterion that tells that
 rounding from a fault when two fine-tunes that should agree are compared after Adam steps.
 
-Two runs of one fine-tune under bfloat16 autocast can differ only in how a matrix product sums its
-terms: cuBLAS picks its kernel (split-K or not, tile sizes) by shape and by the operands' alignment, and
-FSDP's gathered parameters sit at other addresses than the module's own. Each product still sums in
+Two runs of one fine-tune under bfloat16 autocast may still differ in how a matrix product sums its
+terms: cuBLAS chooses its kernel (split-K or not, tile sizes) by shape and may choose by the operands'
+alignment too, and FSDP's gathered parameters sit at other addresses than the module's own. Each product still sums in
 float32 and rounds once to bfloat16, so the runs' activations and gradients differ by one bfloat16 step
 (2⁻⁸ relative) where a float32 sum lies near a rounding boundary. Adam (Kingma & Ba 2015) divides each
 gradient element by its running RMS, so its first steps are about ±lr whatever the gradient's size: an
