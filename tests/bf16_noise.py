@@ -9,7 +9,7 @@ float32 and rounds once to bfloat16, so the runs' activations and gradients diff
 gradient element by its running RMS, so its first steps are about ±lr whatever the gradient's size: an
 element whose gradient is within rounding of zero can step the other way (LoRA-style B starts at zero,
 so A's first non-zero gradient is small everywhere) and end up to 2·lr a step apart, while elements
-with a clear gradient agree to rounding. `benchmarks/adam_rounding_noise.py` measures both on the CPU.
+with a clear gradient agree to rounding. `benchmarks/bench_adam_rounding_noise.py` measures both on the CPU.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def adapter_mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     most ``total_share`` of all elements (and ``tensor_share`` of any one tensor) lie outside
     ``atol + rtol·|want|`` and none is more than ``reach`` (2·lr·steps, Adam's reach) apart.
 
-    Measured on the CPU (benchmarks/results/adam_rounding_noise.json: HypLoRA r = 4, 6 steps at lr
+    Measured on the CPU (benchmarks/results/adam_rounding_noise.json, run cpu: HypLoRA r = 4, 6 steps at lr
     5e-3): five summation orders put 0.18–0.34 % of all elements and at most 2.7 % of one tensor outside
     rtol 2e-3 / atol 2e-4, while a lost gradient for half of each tensor's rows puts 68 % outside."""
     lines, outside, total = [], 0, 0

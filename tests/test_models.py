@@ -604,3 +604,37 @@ def test_every_public_name_of_the_package_resolves():
     from geoprobe.pipeline import ProbeSettings, probe
 
     assert gp.probe is probe and gp.ProbeSettings is ProbeSettings
+
+
+FIRST_PASS = r"""
+import json, sys, torch
+from pydoc_data.topics import topics
+import geoprobe.models as gm
+torch.set_num_threads(2)
+lm = gm.load_model()
+docs = [topics[k] for k in sorted(topics)][:8]
+enc = lm.tokenizer(docs, return_tensors="pt", padding=True, truncation=True, max_length=128)
+with torch.no_grad():
+    first, second = (lm.model(**enc, output_hidden_states=True).hidden_states for _ in range(2))
+print(json.dumps(max(float((a - b).abs().max()) for a, b in zip(first, second))))
+"""
+
+
+@pytest.mark.slow
+def test_the_first_forward_pass_after_loading_equals_every_later_one():
+    """In fresh processes on two CPU threads, the first forward pass over 8 documents right after
+    `load_model` gives bit for bit the hidden states of the second (without the warm-up pass of
+    `geoprobe.models.common.warm_up`, about one process in three differed, by up to 0.12 in a layer)."""
+    import subprocess
+    import sys
+
+    if not (package_dir(gm.DEFAULT_PACKAGE) / gm.DEFAULT_GGUF).is_file():
+        pytest.skip("the embedded model's GGUF file is missing")
+    repo = str(Path(__file__).resolve().parents[1])
+    gaps = []
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", FIRST_PASS], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": repo})
+        assert done.returncode == 0, done.stderr[-2000:]
+        gaps.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert gaps == [0.0] * 4

@@ -456,9 +456,10 @@ def test_layer_dimensions_match_brute_force_twonn(measured, lm):
         # The estimator against the brute-force oracle on the same rows: exact to rounding.
         here = gp.intrinsic_dimension(keep, estimator="twonn")
         assert (here.mle_dimension, here.dimension) == pytest.approx((mle, line), rel=1e-9), rec["layer"]
-        # The notebook's values come from its own kernel's float32 forward pass, which need not round as
-        # this process's does: on one CI machine the line fit of layer 5 differed by 1.3e-5 relative
-        # while the MLE agreed to 1e-6. The sinks, rows and documents above still match exactly.
+        # The notebook's values come from its own kernel's forward pass. Before load_model's warm-up pass
+        # (geoprobe.models.common.warm_up) a process's first pass could round differently (the line fit
+        # of layer 5 once differed by 1.3e-5 relative); 1e-4 keeps this check about the estimator, and
+        # tests/test_models.py checks the forward passes themselves bit for bit.
         assert (rec["twonn_mle"], rec["twonn"]) == pytest.approx((mle, line), rel=1e-4), rec["layer"]
         checked += 1
     assert checked >= 5

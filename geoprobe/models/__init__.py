@@ -44,7 +44,7 @@ from .quantize import DEFAULT_DTYPE as QUANTIZED_DEFAULT_DTYPE
 from .quantize import QUANTIZE_CHOICES, Quantization, check_quantization, quantization_of, quantize_model
 from .streamed import STREAMED_MODEL_TYPES, StreamedModel
 from .common import (DtypeLike, LoadedModel, check_device, head_module_names, is_sequence_classifier,
-                     special_token_ids, torch_dtype)
+                     special_token_ids, torch_dtype, warm_up)
 from .embeddings import EMBEDDING_SUFFIXES, find_embedding_key
 from .folder import folder_embeddings, folder_tokenizer, load_folder
 from .gguf import CACHE_FORMAT, cache_root, file_sha256, gguf_cache_dir, load_gguf
@@ -86,6 +86,8 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
     :class:`MissingDependencyError` or :class:`~geoprobe.errors.DeviceError`, each with a message that
     says what to do.
     """
+    import torch
+
     device = check_device(device)  # before any cache is read or written
     quantize = check_quantization(quantize, device)
     kind, target = resolve_spec(spec)
@@ -100,6 +102,8 @@ def load_model(spec: Spec = None, *, device: str = "cpu", dtype: DtypeLike = Non
                       num_labels=num_labels)
     if quantize is not None:
         quantize_model(lm.model, device=device)
+    elif torch.device(device).type == "cpu":
+        warm_up(lm)  # the first pass on a multi-threaded CPU may round differently from later ones
     logger.info("loaded %s (%s, %s, %d parameters) in %.1f s", lm.name, lm.source,
                 lm.info.architecture, lm.info.n_parameters, time.perf_counter() - t0)
     return lm

@@ -12,13 +12,12 @@ shard whose gradient is never reduced). For every run it reports the share of ad
 the GPU check's tolerance (rtol 2e-3, atol 2e-4), the largest difference against Adam's reach
 2·lr·steps, and whether `bf16_noise.adapter_mismatches` passes it.
 
-    python benchmarks/adam_rounding_noise.py      # about a minute on 2 cores; writes the JSON below
+    python benchmarks/bench_adam_rounding_noise.py   # about a minute on 2 cores
+      → appends a run (label cpu) to benchmarks/results/adam_rounding_noise.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from adapters.data import load_examples  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
-from geoprobe.records import write_json  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 from bf16_noise import adapter_mismatches, bf16_products, lose_half_the_rows  # noqa: E402
 from finetune_helpers import write_problems  # noqa: E402
@@ -41,7 +40,6 @@ from tiny_models import bpe_tokenizer, tiny_llama  # noqa: E402
 
 SETTINGS = dict(lr=5e-3, max_steps=6, batch_size=3, grad_accum=2, max_length=160, save_every=100, seed=3)
 RTOL, ATOL = 2e-3, 2e-4  # the one-GPU FSDP check's element tolerance
-OUT = REPO / "benchmarks" / "results" / "adam_rounding_noise.json"
 
 
 def _run(examples: list, out: Path, parts: Optional[list[int]], fault: bool = False) -> tuple[dict, list]:
@@ -74,7 +72,8 @@ def _compare(got: dict, want: dict, reach: float) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: benchmarks/results/adam_rounding_noise.json)")
     ap.add_argument("--splits", default="50;25,50,75;10;90;33,66",
                     help="perturbed runs: each ';'-separated item splits the inner dimension at these percents")
     args = ap.parse_args(argv)
@@ -102,13 +101,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"at most {100 * rec['max_share_outside']:6.2f} % of one; max |Δ| {rec['max_abs_diff']:.3g} "
                   f"(reach {reach:g}), loss rel Δ {rec['max_loss_rel_diff']:.2g}; criterion "
                   f"{'passes' if rec['criterion'] == 'passes' else 'fails'}")
-    record = {"schema": "geoprobe.bench.adam_rounding_noise", "settings": SETTINGS, "method": "hyplora", "r": 4,
-              "tolerance": {"rtol": RTOL, "atol": ATOL}, "adam_reach": reach, "reference_losses": ref_loss,
-              "runs": results, "seconds": time.perf_counter() - t0,
-              "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": "cpu"},
-              "command": "python benchmarks/adam_rounding_noise.py"}
-    write_json(args.out, record)
-    print(f"wrote {args.out}")
+    result = {"what": "bfloat16 rounding against a lost gradient, after Adam steps, adapter elements outside "
+                      "the one-GPU FSDP check's tolerance",
+              "settings": {**SETTINGS, "method": "hyplora", "r": 4, "rtol": RTOL, "atol": ATOL, "splits": args.splits},
+              "adam_reach": reach, "reference_losses": ref_loss, "runs_compared": results,
+              "seconds": time.perf_counter() - t0, "device": "cpu", "threads": torch.get_num_threads()}
+    out = append_run(args.out or results_path("adam_rounding_noise"), result, label="cpu")
+    print(f"wrote {out}")
     return 0
 
 
