@@ -20,7 +20,8 @@ change.
 FOLDER holds `summary.json`, `runs/` and the generations (`predictions/` or `predictions.tar.xz`); the
 evaluation sets are read from the paths in the summary's settings (relative to the repository), or from
 --data-root with the same last two path parts, and must match the stored gold labels. --check only
-counts (nothing is written).
+counts (nothing is written). --against FOLDER counts how many re-read answers read as those of a rerun
+whose generation stopped (the check of the cut).
 """
 from __future__ import annotations
 
@@ -87,12 +88,14 @@ def _eval_examples(settings: dict[str, Any], data_root: Optional[Path]) -> dict[
     return sets
 
 
-def reread(folder: Path, data_root: Optional[Path] = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """The run records of ``folder`` re-scored on the cut answers, and counts of what changed."""
+def reread(folder: Path, data_root: Optional[Path] = None
+           ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, list]]]:
+    """The run records of ``folder`` re-scored on the cut answers, counts of what changed, and every
+    run's new readings per set."""
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     examples = _eval_examples(summary["settings"], data_root)
     generations = _generations(folder)
-    runs, counts = {}, {"answers": 0, "cut": 0, "changed_readings": 0, "now_correct": 0, "now_wrong": 0,
+    runs, readings, counts = {}, {}, {"answers": 0, "cut": 0, "changed_readings": 0, "now_correct": 0, "now_wrong": 0,
                         "unreadable_before": 0, "unreadable_after": 0}
     for path in sorted((folder / "runs").glob("*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -104,9 +107,11 @@ def reread(folder: Path, data_root: Optional[Path] = None) -> tuple[dict[str, di
             if len(preds) != len(exs) or any(str(p["gold"]) != str(ex.label) for p, ex in zip(preds, exs)):
                 raise SystemExit(f"{name}: {ev}: the stored answers do not line up with the set's gold labels")
             correct, unreadable = [], 0
+            read = readings.setdefault(name, {}).setdefault(ev, [])
             for p, ex in zip(preds, exs):
                 text = cut_at_chat_turn(p["generated"])
                 pred = extract_prediction(text, p["task"], ex.choices, ex.label)
+                read.append(pred)
                 ok = is_correct(pred, ex.label, p["task"])
                 correct.append(int(ok))
                 unreadable += pred is None
@@ -126,7 +131,28 @@ def reread(folder: Path, data_root: Optional[Path] = None) -> tuple[dict[str, di
         new["reread"] = {"rule": RULE, "from": str(path.relative_to(folder.parent)) if folder.parent in path.parents
                          else str(path)}
         runs[name] = new
-    return runs, counts
+    return runs, counts, readings
+
+
+def agreement(readings: dict[str, dict[str, list]], other: Path) -> dict[str, Any]:
+    """How many of the re-read answers read as the stored answers of ``other`` (a comparison of the same
+    runs whose generation did stop at the end token) read: per run and in all, over the runs and sets
+    both hold."""
+    theirs = _generations(other)
+    per_run, agree, total = {}, 0, 0
+    for name in sorted(set(readings) & set(theirs)):
+        same = n = 0
+        for ev, mine in readings[name].items():
+            stored = theirs[name]["predictions"].get(ev)
+            if stored is None:
+                continue
+            if len(stored) != len(mine):
+                raise SystemExit(f"{other}: {name}: {ev} holds {len(stored)} answers, the re-read run {len(mine)}")
+            same += sum(a == p["extracted"] for a, p in zip(mine, stored))
+            n += len(mine)
+        per_run[name] = {"answers": n, "same_reading": same}
+        agree, total = agree + same, total + n
+    return {"against": str(other), "answers": total, "same_reading": agree, "runs": per_run}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -135,9 +161,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, help="where to write the re-read runs, summary.json and report.html")
     ap.add_argument("--data-root", type=Path, help="folder of the evaluation sets (default: the summary's paths)")
     ap.add_argument("--check", action="store_true", help="only count what the cut changes")
+    ap.add_argument("--against", type=Path, help="a rerun of the same comparison whose generation stopped: "
+                                                 "count how many re-read answers read as its answers")
     args = ap.parse_args(argv)
-    runs, counts = reread(args.folder, args.data_root)
+    runs, counts, readings = reread(args.folder, args.data_root)
     print(json.dumps(counts))
+    against = agreement(readings, args.against) if args.against is not None else None
+    if against is not None:
+        print(json.dumps({k: v for k, v in against.items() if k != "runs"}))
     if args.check:
         return 0
     if args.out is None:
@@ -151,8 +182,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary["notes"].insert(0, f"Re-read from the stored generations of {args.folder.name}/ ({RULE}); "
                                f"{counts['cut']:,} of {counts['answers']:,} answers were cut and "
                                f"{counts['changed_readings']:,} readings changed. The training is that run's.")
-    summary["reread"] = {"rule": RULE, "source": args.folder.name, "counts": counts,
-                         "command": "python benchmarks/reread_generations.py " + " ".join(sys.argv[1:])}
+    summary["reread"] = {"rule": RULE, "source": args.folder.name, "counts": counts, "agreement": against,
+                         "command": "python benchmarks/reread_generations.py "
+                                    + " ".join(map(str, argv if argv is not None else sys.argv[1:]))}
     for name, record in runs.items():
         write_json(args.out / "runs" / f"{name}.json", record)
     write_json(args.out / "summary.json", summary)

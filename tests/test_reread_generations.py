@@ -108,3 +108,26 @@ def test_reread_refuses_answers_that_do_not_line_up_with_the_set(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(SystemExit, match="do not line up"):
         script.main([str(folder), "--check"])
+
+
+def test_against_a_stopped_rerun_counts_the_answers_that_read_alike(tmp_path, capsys):
+    """A rerun folder whose stopped answers are the first labels reads alike on every answer but the one
+    changed here; the count is kept in the summary."""
+    script = _script()
+    folder, truth = _folder(tmp_path)
+    rerun = tmp_path / "rerun" / "predictions"
+    rerun.mkdir(parents=True)
+    total = 0
+    for path in (folder / "predictions").glob("*.json"):
+        record = json.loads(path.read_text())
+        for p in record["predictions"]["arc_challenge"]:
+            p["extracted"] = script.extract_prediction(script.cut_at_chat_turn(p["generated"]), p["task"],
+                                                       ("answer1", "answer2", "answer3", "answer4"), p["gold"])
+            total += 1
+        if path.stem == "lora-seed1":
+            record["predictions"]["arc_challenge"][2]["extracted"] = "answer4"
+        (rerun / path.name).write_text(json.dumps(record))
+    assert script.main([str(folder), "--out", str(tmp_path / "out"), "--against", str(tmp_path / "rerun")]) == 0
+    got = json.loads((tmp_path / "out" / "summary.json").read_text())["reread"]["agreement"]
+    assert (got["answers"], got["same_reading"]) == (total, total - 1) == (30, 29)
+    assert got["runs"]["lora-seed1"] == {"answers": 6, "same_reading": 5}
