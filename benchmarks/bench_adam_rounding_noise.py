@@ -34,7 +34,7 @@ from adapters.data import load_examples  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
 from benchmarks.results_log import append_run, results_path  # noqa: E402
 
-from bf16_noise import adapter_mismatches, bf16_products, lose_half_the_rows  # noqa: E402
+from bf16_noise import adapter_mismatches, bf16_products, gaps, lose_half_the_rows  # noqa: E402
 from finetune_helpers import write_problems  # noqa: E402
 from tiny_models import bpe_tokenizer, tiny_llama  # noqa: E402
 
@@ -54,12 +54,9 @@ def _run(examples: list, out: Path, parts: Optional[list[int]], fault: bool = Fa
 
 def _compare(got: dict, want: dict, reach: float) -> dict:
     tensors = {}
-    for name, b in want.items():
-        a = got[name]
-        diff = (a - b).abs()
-        off = diff > ATOL + RTOL * b.abs()
+    for name, (diff, off) in gaps(got, want, rtol=RTOL, atol=ATOL).items():
         tensors[name.replace("base_model.model.model.", "")] = {
-            "elements": b.numel(), "outside": int(off.sum()), "share_outside": float(off.float().mean()),
+            "elements": off.numel(), "outside": int(off.sum()), "share_outside": float(off.float().mean()),
             "max_abs_diff": float(diff.max()), "within_reach": bool(diff.max() <= reach)}
     shares = [t["share_outside"] for t in tensors.values()]
     outside, total = sum(t["outside"] for t in tensors.values()), sum(t["elements"] for t in tensors.values())

@@ -88,15 +88,15 @@ def _eval_examples(settings: dict[str, Any], data_root: Optional[Path]) -> dict[
     return sets
 
 
-def reread(folder: Path, data_root: Optional[Path] = None
+def reread(folder: Path, settings: dict[str, Any], data_root: Optional[Path] = None
            ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, dict[str, list]]]:
-    """The run records of ``folder`` re-scored on the cut answers, counts of what changed, and every
-    run's new readings per set."""
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    examples = _eval_examples(summary["settings"], data_root)
+    """The run records of ``folder`` (a comparison of these ``settings``) re-scored on the cut answers,
+    counts of what changed, and every run's new readings per set."""
+    examples = _eval_examples(settings, data_root)
     generations = _generations(folder)
-    runs, readings, counts = {}, {}, {"answers": 0, "cut": 0, "changed_readings": 0, "now_correct": 0, "now_wrong": 0,
-                        "unreadable_before": 0, "unreadable_after": 0}
+    runs, readings = {}, {}
+    counts = {"answers": 0, "cut": 0, "changed_readings": 0, "now_correct": 0, "now_wrong": 0,
+              "unreadable_before": 0, "unreadable_after": 0}
     for path in sorted((folder / "runs").glob("*.json")):
         record = json.loads(path.read_text(encoding="utf-8"))
         name = record["run"]
@@ -128,8 +128,7 @@ def reread(folder: Path, data_root: Optional[Path] = None
                 raise SystemExit(f"{name}: {ev}: only accuracy is re-read (the set's headline is {e['metric']})")
             e.update(accuracy=acc, score=acc, n_correct=sum(correct), n_unreadable=unreadable, correct=correct)
             e["metrics"] = {**e.get("metrics", {}), "accuracy": acc}
-        new["reread"] = {"rule": RULE, "from": str(path.relative_to(folder.parent)) if folder.parent in path.parents
-                         else str(path)}
+        new["reread"] = {"rule": RULE, "from": str(path.relative_to(folder.parent))}
         runs[name] = new
     return runs, counts, readings
 
@@ -164,7 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--against", type=Path, help="a rerun of the same comparison whose generation stopped: "
                                                  "count how many re-read answers read as its answers")
     args = ap.parse_args(argv)
-    runs, counts, readings = reread(args.folder, args.data_root)
+    old = json.loads((args.folder / "summary.json").read_text(encoding="utf-8"))
+    runs, counts, readings = reread(args.folder, old["settings"], args.data_root)
     print(json.dumps(counts))
     against = agreement(readings, args.against) if args.against is not None else None
     if against is not None:
@@ -173,7 +173,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if args.out is None:
         ap.error("--out is needed unless --check is given")
-    old = json.loads((args.folder / "summary.json").read_text(encoding="utf-8"))
     summary = summarize(runs, old["methods"], len(old["seeds"]), settings=old["settings"])
     summary["budget"] = {**old.get("budget", {}), **{k: v for k, v in summary["budget"].items() if v is not None}}
     for key in KEPT:

@@ -25,6 +25,16 @@ TOTAL_SHARE = 0.01   # of all adapter elements, outside the element tolerance
 TENSOR_SHARE = 0.10  # of one tensor's elements
 
 
+def gaps(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, rtol: float, atol: float
+         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tensor of ``want``: |got − want| in float64 and where it exceeds ``atol + rtol·|want|``."""
+    out = {}
+    for key, w in want.items():
+        diff = (got[key].double() - w.double()).abs()
+        out[key] = diff, diff > atol + rtol * w.double().abs()
+    return out
+
+
 def adapter_mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], *, rtol: float, atol: float,
                        reach: float, total_share: float = TOTAL_SHARE,
                        tensor_share: float = TENSOR_SHARE) -> list[str]:
@@ -36,10 +46,7 @@ def adapter_mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     5e-3): five summation orders put 0.18–0.34 % of all elements and at most 2.7 % of one tensor outside
     rtol 2e-3 / atol 2e-4, while a lost gradient for half of each tensor's rows puts 68 % outside."""
     lines, outside, total = [], 0, 0
-    for key, w in want.items():
-        a, b = got[key].double(), w.double()
-        diff = (a - b).abs()
-        off = diff > atol + rtol * b.abs()
+    for key, (diff, off) in gaps(got, want, rtol=rtol, atol=atol).items():
         outside, total = outside + int(off.sum()), total + off.numel()
         share = float(off.float().mean())
         if share > tensor_share or float(diff.max()) > reach:

@@ -73,7 +73,7 @@ def check_examples(examples: Sequence[Example], task: Optional[str] = None,
 
 
 def answer_end_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's end token, where the model's generation config does not already end on it.
+    """The tokenizer's end token, to stop on beside the end tokens of the model's generation config.
 
     Fine-tuning ends every answer with ``tokenizer.eos_token_id``
     (:func:`adapters.data.tokenize_for_training`), so an evaluated model stops there too. Where a
