@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -215,7 +214,19 @@ def test_cli_num_processes_trains_the_one_process_adapter(tmp_path, monkeypatch)
     np.testing.assert_allclose(record["loss_values"], _results(tmp_path / "one")["loss_values"], rtol=1e-5)
 
 
-GPU_CASES = ["hyplora-fsdp", "hyplora-fsdp-native", "hydralora-fsdp-native", "gelora-fsdp", "dora-fsdp"]
+GPU_CASES = ["lora-ddp", "hyplora-fsdp", "hyplora-fsdp-native", "hydralora-fsdp-native", "gelora-fsdp", "dora-fsdp"]
+# The GPU's adapter criterion (bf16_noise.adapter_mismatches). Measured on an H100 (benchmarks/results/
+# gpu_tests.txt): FSDP against one process put 1.4–2.0 % of the adapter elements and at most 7 % of one
+# tensor outside rtol 2e-3 / atol 2e-4 (LoRA, DoRA, GeLoRA, HypLoRA), every element within Adam's reach,
+# and the first loss (before any step) 5e-8 apart, while one process launched the same way without FSDP
+# (DDP, a mesh of one) is bit-identical: FSDP's gathered parameters round bfloat16 GEMMs otherwise, and
+# Adam turns near-zero gradients' rounding into ±lr steps. A lost gradient for half of every tensor's rows
+# puts 68 % outside (benchmarks/results/adam_rounding_noise.json).
+GPU_TOTAL_SHARE, GPU_TENSOR_SHARE = 0.05, 0.25
+
+
+def _router(name: str) -> bool:
+    return "lora_hydra_router" in name
 
 
 @pytest.mark.gpu
@@ -223,10 +234,11 @@ GPU_CASES = ["hyplora-fsdp", "hyplora-fsdp-native", "hydralora-fsdp-native", "ge
 def test_one_gpu_process_under_fsdp_trains_the_one_process_adapter_with_the_fast_nodes(tmp_path):
     """torchrun starts one process on the GPU (NCCL, a mesh of one): FSDP2 shards every parameter into a
     DTensor and gathers it for each layer's forward, where HypLoRA's fused Triton node or the native CUDA
-    HypLoRA / HydraLoRA node runs (counted). Losses and adapter equal a one-process run on the same GPU up
-    to the rounding of bfloat16 autocast (for the adapter, `bf16_noise.adapter_mismatches`: the gathered
-    parameters may take other GEMM kernels, and Adam can turn a near-zero gradient's rounding into a step
-    the other way), and resuming after step 3 gives the uninterrupted run."""
+    HypLoRA / HydraLoRA node runs (counted). Without FSDP (DDP) the launched process gives the one-process
+    run bit for bit. Under FSDP the first loss equals the one-process loss to 1e-6, later losses to 2e-3,
+    and the adapter equals it up to the rounding of bfloat16 autocast under Adam (GPU_TOTAL_SHARE,
+    GPU_TENSOR_SHARE, Adam's reach; HydraLoRA's router by the reach alone); resuming after step 3 gives the
+    uninterrupted run."""
     _check_one_launched_process(tmp_path, "cuda")
 
 
@@ -259,21 +271,22 @@ def _check_one_launched_process(tmp_path: Path, device: str) -> None:
         refs[name] = _reference(case, examples, tmp_path / f"one-{name}", device=device)
         got, want = _tensors(root / name / "straight"), _tensors(tmp_path / f"one-{name}")
         assert got.keys() == want.keys(), name
-        floor = None
-        if device == "cuda":  # the rounding floor on this GPU: the same run, linear products split-K
-            with bf16_products([50]):
-                _reference(case, examples, tmp_path / f"split-{name}", device=device)
-            floor = _tensors(tmp_path / f"split-{name}")
-        mismatched += [f"{name}: {line}" for line in adapter_mismatches(got, want, rtol=2e-3, atol=2e-4, reach=reach,
-                                                                        floor=floor)]
-        table.append(_shares_line(name, got, want, floor))
+        if case["strategy"] == "ddp":
+            mismatched += [f"{name}: {k} differs" for k in want if not torch.equal(got[k], want[k])]
+        else:
+            mismatched += [f"{name}: {line}" for line in adapter_mismatches(
+                got, want, rtol=2e-3, atol=2e-4, reach=reach, total_share=GPU_TOTAL_SHARE,
+                tensor_share=GPU_TENSOR_SHARE, reach_only=_router)]
+        table.append(_shares_line(name, got, want, _results(root / name / "straight")["loss_values"],
+                                  refs[name].result.loss_values))
     print("\n".join(table))
     assert not mismatched, "\n".join(mismatched + table)
     for case in cases:
         name = case["name"]
         ref = refs[name]
         record = _results(root / name / "straight")
-        assert record["settings"]["parallel"] == "fsdp", name
+        assert record["settings"]["parallel"] == case["strategy"], name
+        np.testing.assert_allclose(record["loss_values"][0], ref.result.loss_values[0], rtol=1e-6, err_msg=name)
         np.testing.assert_allclose(record["loss_values"], ref.result.loss_values, rtol=2e-3, err_msg=name)
         resumed = _results(root / name / "resumed")
         assert resumed["settings"]["resumed_from_step"] == STOP, name
@@ -282,15 +295,36 @@ def _check_one_launched_process(tmp_path: Path, device: str) -> None:
             assert calls[name] > 0, f"{name}: no fast adapter node ran"
 
 
-def _shares_line(name: str, got: dict, want: dict, floor: Optional[dict]) -> str:
-    """One line of the check's table: the share of elements outside the tolerance, overall and in the
-    worst tensor, for the launched run and for the rounding floor."""
-    def part(label: str, run: dict) -> str:
-        total, per = outside_shares(run, want, rtol=2e-3, atol=2e-4)
-        worst = max(per, key=per.get)
-        return (f"{label} {total:.2%} (worst {per[worst]:.0%} {worst.split('model.layers.')[-1]}, "
-                f"max |Δ| {max(float((run[k].double() - want[k].double()).abs().max()) for k in want):.3g})")
-    return f"{name}: " + part("fsdp", got) + ("; " + part("floor", floor) if floor is not None else "")
+def _shares_line(name: str, got: dict, want: dict, losses: list, ref_losses: list) -> str:
+    """One line of the check's table: the share of adapter elements outside the tolerance (all, routers
+    apart, and the worst tensor), the largest difference, and the relative gap of the first and last loss."""
+    total, per = outside_shares({k: v for k, v in got.items() if not _router(k)},
+                                {k: v for k, v in want.items() if not _router(k)}, rtol=2e-3, atol=2e-4)
+    worst = max(per, key=per.get)
+    routers = [k for k in want if _router(k)]
+    router = f", routers {outside_shares(got, {k: want[k] for k in routers}, rtol=2e-3, atol=2e-4)[0]:.0%}" if routers else ""
+    largest = max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
+    gap = [abs(a - b) / abs(b) for a, b in (zip(losses, ref_losses))]
+    return (f"{name}: {total:.2%} outside{router} (worst {per[worst]:.0%} {worst.split('model.layers.')[-1]}), "
+            f"max |Δ| {largest:.3g}; loss gap first {gap[0]:.1e}, last {gap[-1]:.1e}")
+
+
+def test_the_criterion_counts_shares_by_hand_and_bounds_reach_only_tensors_by_the_reach():
+    """Counted by hand: tensor r (100 elements) misses in 60, tensor w (1000) in 5. r fails its share (60 %
+    > 25 %) and the total does too (65 of 1100 > 5 %); with r bounded by the reach alone the run passes
+    (5 of 1000); one element of r past Adam's reach fails whatever."""
+    want = {"r": torch.zeros(100), "w": torch.ones(1000)}
+    got = {"r": torch.zeros(100), "w": torch.ones(1000)}
+    got["r"][:60], got["w"][:5] = 0.01, 1.01
+    kw = dict(rtol=2e-3, atol=2e-4, reach=0.06, total_share=0.05, tensor_share=0.25)
+    assert adapter_mismatches(got, want, **kw) == [
+        "r: 60 of 100 elements outside rtol 0.002/atol 0.0002 (at most 25%)",
+        "65 of 1100 adapter elements outside rtol 0.002/atol 0.0002 (at most 5%)"]
+    assert adapter_mismatches(got, want, **kw, reach_only=lambda k: k == "r") == []
+    got["r"][0] = 0.07
+    assert adapter_mismatches(got, want, **kw, reach_only=lambda k: k == "r") == [
+        "r: max |Δ| 0.07 beyond Adam's reach 0.06"]
+    assert outside_shares(got, want, rtol=2e-3, atol=2e-4) == (65 / 1100, {"r": 0.6, "w": 0.005})
 
 
 def test_adapter_criterion_passes_bfloat16_summation_order_and_fails_a_lost_gradient(tmp_path):
@@ -318,28 +352,6 @@ def test_adapter_criterion_passes_bfloat16_summation_order_and_fails_a_lost_grad
     assert outside > 0  # the rounding does reach the element tolerance
     assert adapter_mismatches(split, ref, rtol=2e-3, atol=2e-4, reach=reach) == []
     assert adapter_mismatches(lost, ref, rtol=2e-3, atol=2e-4, reach=reach)
-    assert adapter_mismatches(lost, ref, rtol=2e-3, atol=2e-4, reach=reach, floor=split)  # caught above its floor
-
-
-def test_a_measured_floor_allows_three_times_its_own_shares_and_never_more_than_adams_reach():
-    """Counted by hand: tensor r (100 elements) misses in 60, tensor w (1000) in 5. Without a floor r fails
-    (60 % > 10 %) and so does the total (65 of 1100 > 1 %); a floor that misses r in 30 and w in none
-    allows r up to 90 % and the total up to 3 · 30/1100, so the run passes; one element past Adam's
-    reach fails whatever the floor."""
-    want = {"r": torch.zeros(100), "w": torch.ones(1000)}
-    got = {"r": torch.zeros(100), "w": torch.ones(1000)}
-    got["r"][:60], got["w"][:5] = 0.01, 1.01
-    floor = {"r": torch.zeros(100), "w": torch.ones(1000)}
-    floor["r"][:30] = -0.02
-    kw = dict(rtol=2e-3, atol=2e-4, reach=0.06)
-    assert len(adapter_mismatches(got, want, **kw)) == 2
-    assert adapter_mismatches(got, want, **kw, floor=floor) == []
-    got["r"][0] = 0.07
-    assert adapter_mismatches(got, want, **kw, floor=floor) == [
-        "r: 60 of 100 elements outside rtol 0.002/atol 0.0002 (at most 90%), max |Δ| 0.07 (Adam's reach 0.06)"]
-    got["r"][0], got["w"][:90] = 0.01, 1.01  # 150 of 1100 > 3 · 30/1100
-    assert adapter_mismatches(got, want, **kw, floor=floor) == [
-        "150 of 1100 adapter elements outside rtol 0.002/atol 0.0002 (at most 8.2%)"]
 
 
 # --------------------------------------------------------------------------- without launching
