@@ -9,6 +9,7 @@
 //   the gates' softmax and outer product in hydra_gates.{cu,cpp}.
 #include <torch/extension.h>
 #include <torch/version.h>
+#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <utility>
@@ -145,14 +146,19 @@ at::Tensor mm_into(const at::Tensor& mat1, const at::Tensor& mat2, at::ScalarTyp
   return at::mm(mat1.to(result), mat2.to(result));
 }
 
+// Whether the caller runs under autocast on x's device: only then do the adapter's products with a 16-bit
+// operand run in that dtype, as PEFT LoRA's do under autocast. Outside autocast PEFT computes the update in
+// the adapter dtype (x cast to it) and rounds once when adding it to the base output; so does this node.
+bool under_autocast(const at::Tensor& x) { return at::autocast::is_autocast_enabled(x.device().type()); }
+
 // a = x Aᵀ, G = BᵀB, the per-token kernel (‖x‖², q = aᵀGa, c·a), then out = res + (c·a) Bᵀ in res's dtype:
 // in place when `in_place` (res is the node's own base product), else into a new tensor. With a 16-bit
-// result the product with Bᵀ runs in that dtype (float32 accumulation, as PEFT LoRA's under autocast),
-// so the update never takes a (T, dout) float32 tensor; with a float32/float64 result it runs in the
-// adapter dtype.
+// result under autocast (`narrow`) the product with Bᵀ runs in that dtype (float32 accumulation, as PEFT
+// LoRA's under autocast), so the update never takes a (T, dout) float32 tensor; otherwise it runs in the
+// adapter dtype and is added to res in it, rounded once to res's dtype.
 std::pair<HypSaved, at::Tensor> hyp_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                             const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& res,
-                                            bool in_place, double scale, double cut) {
+                                            bool in_place, double scale, double cut, bool narrow) {
   const auto dt = A.scalar_type();
   const int64_t din = A.size(1), r = A.size(0);
   at::Tensor xf = x.reshape({-1, din});
@@ -168,6 +174,10 @@ std::pair<HypSaved, at::Tensor> hyp_forward(const at::Tensor& x, const at::Tenso
                    static_cast<int>(r), din, xf.stride(0)};
   run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
   const auto ot = res.scalar_type();
+  if (ot != dt && !narrow) {
+    const at::Tensor wide = at::addmm(res.to(dt), ca, B.t());
+    return {HypSaved{xf, a, sqq}, in_place ? res.copy_(wide) : wide.to(ot)};
+  }
   const at::Tensor cao = ot == dt ? ca : ca.to(ot);
   const at::Tensor bo = ot == dt ? B : B.to(ot);
   at::Tensor out = in_place ? res.addmm_(cao, bo.t()) : at::addmm(res, cao, bo.t());
@@ -179,17 +189,17 @@ struct HypGrads {
 };
 
 // Gradients of the adapter's share given g = ∂L/∂out (any dtype and shape with T rows). A 16-bit g on
-// CUDA meets B and c·a in its own dtype with float32 results (mm_into), instead of being copied to float32
-// whole.
+// CUDA, when the forward ran under autocast (`narrow`), meets B and c·a in its own dtype with float32
+// results (mm_into), instead of being copied to float32 whole; outside autocast g is widened first.
 HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
-                      const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool need_x,
-                      bool need_A, bool need_B, bool need_k, bool need_s) {
+                      const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool narrow,
+                      bool need_x, bool need_A, bool need_B, bool need_k, bool need_s) {
   const auto dt = A.scalar_type();
   const at::Tensor &xf = sv.xf, &a = sv.a;
   const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
   TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
   at::Tensor gf = g.reshape({T, -1});
-  const bool narrow_g = gf.is_cuda() && dt == at::kFloat && low_precision(gf.scalar_type());
+  const bool narrow_g = narrow && gf.is_cuda() && dt == at::kFloat && low_precision(gf.scalar_type());
   if (!narrow_g && gf.scalar_type() != dt) gf = gf.to(dt);
   const at::Tensor gca = narrow_g ? mm_into(gf, B.to(gf.scalar_type()), dt).contiguous() : at::mm(gf, B);
   const at::Tensor G = at::mm(B.t(), B);
@@ -219,8 +229,9 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
 
 void save_hyp(AutogradContext* ctx, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& x, double scale, double cut,
-              const at::Tensor& weight = at::Tensor()) {
+              bool narrow, const at::Tensor& weight = at::Tensor()) {
   ctx->save_for_backward({sv.xf, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
+  ctx->saved_data["narrow"] = narrow;
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["cut"] = cut;
   ctx->saved_data["x_sizes"] = x.sizes().vec();
@@ -231,10 +242,11 @@ struct HypLinear : public OnceDifferentiable<HypLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& result,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& raw_k,
                             const at::Tensor& raw_s, double scale, double cut) {
+    const bool narrow = under_autocast(x);
     NoAutocast no_autocast;
     const at::Tensor res = result.reshape({-1, B.size(0)});
-    auto fw = hyp_forward(x, A, B, raw_k, raw_s, res, false, scale, cut);
-    save_hyp(ctx, fw.first, A, B, raw_k, raw_s, x, scale, cut);
+    auto fw = hyp_forward(x, A, B, raw_k, raw_s, res, false, scale, cut, narrow);
+    save_hyp(ctx, fw.first, A, B, raw_k, raw_s, x, scale, cut, narrow);
     return at::_unsafe_view(fw.second, result.sizes());
   }
 
@@ -245,7 +257,7 @@ struct HypLinear : public OnceDifferentiable<HypLinear> {
     if (!g.defined()) return out;
     const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
-                                     ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+                                     ctx->saved_data["narrow"].toBool(), ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
                                      ctx->needs_input_grad(4), ctx->needs_input_grad(5));
     if (gr.x.defined()) out[0] = gr.x.view(ctx->saved_data["x_sizes"].toIntVector());  // cast to x's dtype by the engine
     if (ctx->needs_input_grad(1)) out[1] = g;
@@ -263,12 +275,13 @@ struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut) {
+    const bool narrow = under_autocast(x);
     NoAutocast no_autocast;
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor res = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, true, scale, cut).first, A, B, raw_k, raw_s, x, scale,
-             cut, weight);
+    save_hyp(ctx, hyp_forward(x, A, B, raw_k, raw_s, res, true, scale, cut, narrow).first, A, B, raw_k, raw_s, x,
+             scale, cut, narrow, weight);
     ctx->saved_data["has_bias"] = has_bias;
     auto shape = x.sizes().vec();
     shape.back() = res.size(1);
@@ -285,7 +298,7 @@ struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
     const bool need_x = ctx->needs_input_grad(0);
     const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
-                                     need_x, ctx->needs_input_grad(2 + o), ctx->needs_input_grad(3 + o),
+                                     ctx->saved_data["narrow"].toBool(), need_x, ctx->needs_input_grad(2 + o), ctx->needs_input_grad(3 + o),
                                      ctx->needs_input_grad(4 + o), ctx->needs_input_grad(5 + o));
     if (need_x) {
       const at::Tensor& weight = v[7];
