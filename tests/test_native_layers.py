@@ -67,6 +67,24 @@ def test_hyplora_node_bf16_base_float32_adapters_close_to_chain_cpu(autocast):
     assert max(errs[4:]) < 5e-3, errs  # raw K and s: one sum over all tokens (≤ 2.5e-4 in 40 draws)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_split_product_keeps_b_to_sixteen_bits(native_everywhere, device):
+    """HypLoRA's backward under autocast forms g B with g in bfloat16 and B (float32) split into a rounded
+    part and its rounded remainder (layers.cpp g_times_b). Against the float64 product of the same g and B:
+    within 2⁻¹⁴ relative, where B rounded to bfloat16 alone is about 2⁻⁹ off."""
+    module = native.native_module(torch.device(device))
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(300, 384, generator=gen).to(torch.bfloat16).to(device)
+    B = (torch.randn(384, 32, generator=gen) * 0.3).to(device)
+    got = module.g_times_b(g, B)
+    exact = g.double() @ B.double()
+    rounded = g.double() @ B.to(torch.bfloat16).double()
+    assert got.dtype == torch.float32 and got.shape == (300, 32) and got.is_contiguous()
+    rel = float((got.double() - exact).norm() / exact.norm())
+    assert rel < 2.0 ** -14, rel
+    assert float((rounded - exact).norm() / exact.norm()) > 2.0 ** -11  # what the split avoids
+
+
 @pytest.mark.parametrize("base_hooked", [False, True])
 def test_hyplora_whole_layer_and_result_nodes_cpu(base_hooked):
     """A frozen plain nn.Linear base: the node that also forms the base product; a base with a forward hook
