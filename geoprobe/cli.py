@@ -888,8 +888,9 @@ def _interrupted() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; the one error boundary of the application. A
     :class:`~geoprobe.errors.GeoprobeError` is printed as one line and exits 2; Ctrl-C exits 130 (and no
-    output is renamed into place after it, even where a library caught the interrupt); anything
-    unexpected is one line that says so, with its traceback under ``-v``, and exits 1."""
+    output is renamed into place after it, even where a library caught the interrupt); running out of
+    host or GPU memory is one line that says what to shrink and exits 3; anything unexpected is one line
+    that says so, with its traceback under ``-v``, and exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with runtime.interrupt_guard():
         try:
@@ -911,7 +912,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as exc:
             if runtime.interrupted():
                 return _interrupted()
+            if _is_device_out_of_memory(exc):
+                return _device_out_of_memory(exc)
             return _unexpected(exc, argv)
+
+
+def _is_device_out_of_memory(exc: BaseException) -> bool:
+    """torch's accelerator out-of-memory error (``torch.OutOfMemoryError``, a RuntimeError), told by its
+    class so that the command line needs no torch import to tell it."""
+    return any(cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch")
+               for cls in type(exc).__mro__)
+
+
+def _device_out_of_memory(exc: BaseException) -> int:
+    """One line for the GPU running out of memory: what torch said (its first sentence and how much was
+    asked), what to shrink; exit 3 as for the host's memory. Finished runs and checkpoints stay, so the
+    same command resumes."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    asked = first.split(" GPU ")[0].strip()[:200]
+    print(f"geoprobe: error: the GPU ran out of memory ({asked or 'no details'}); try a smaller --batch-size "
+          f"or --max-length, fewer --jobs side by side, or free the GPU from other processes; finished runs "
+          f"and checkpoints are kept, so the same command resumes", file=sys.stderr)
+    return 3
 
 
 def _unexpected(exc: Exception, argv: Sequence[str]) -> int:

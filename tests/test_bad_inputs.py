@@ -428,6 +428,10 @@ def test_argument_errors_are_argparse_usage(capsys):
      r"^geoprobe: error: unexpected RuntimeError: boom in a library \(a bug in geoprobe or a library it uses; "
      r"rerun with -v to see the traceback\)$"),
     (MemoryError(), 3, r"^geoprobe: error: out of memory; try smaller sizes \(--max-tokens"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of "
+                            "79.18 GiB of which 20.25 MiB is free.\nmore"), 3,
+     r"^geoprobe: error: the GPU ran out of memory \(CUDA out of memory\. Tried to allocate 20\.00 MiB\.\); "
+     r"try a smaller --batch-size or --max-length, fewer --jobs side by side"),
     (OutputError("cannot write x: the disk is full"), 2, r"^geoprobe: error: cannot write x: the disk is full$"),
 ])
 def test_the_error_boundary(raised, code, message, files, tmp_path, monkeypatch, capsys):
