@@ -638,3 +638,24 @@ def test_the_first_forward_pass_after_loading_equals_every_later_one():
         assert done.returncode == 0, done.stderr[-2000:]
         gaps.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert gaps == [0.0] * 4
+
+
+def test_a_gguf_tokenizer_takes_its_special_tokens_from_the_file():
+    """The embedded GGUF's tokenizer carries the bos, eos and pad ids its metadata names (read here with
+    the gguf library's own field accessor); a tokenizer whose eos another transformers version mapped
+    elsewhere (to `<|im_start|>`, as one did) is set back, and an aligned one is left alone."""
+    from gguf import GGUFReader
+
+    from geoprobe.models.spec import default_gguf_path
+
+    path = default_gguf_path()
+    fields = GGUFReader(str(path)).fields
+    named = {role: int(fields[key].contents()) for role, key in gm_gguf.SPECIAL_TOKEN_KEYS.items() if key in fields}
+    assert gm_gguf.gguf_special_token_ids(path) == named and "eos" in named
+    tok = gm_gguf.gguf_tokenizer(path)
+    assert {role: getattr(tok, f"{role}_token_id") for role in named} == named
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start != named["eos"]
+    tok.eos_token = "<|im_start|>"
+    assert gm_gguf.align_special_tokens(tok, path) == {"eos": (start, named["eos"])}
+    assert tok.eos_token_id == named["eos"] and gm_gguf.align_special_tokens(tok, path) == {}

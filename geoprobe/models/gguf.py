@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the tokenizer's special tokens aligned with the file's metadata (align_special_tokens)
 CACHE_MARKER = "geoprobe_cache.json"
 
 
@@ -299,6 +299,7 @@ def _convert_gguf(path: Path) -> tuple[Any, Any]:
         raise
     except Exception as exc:
         raise _gguf_error(path, exc) from None
+    align_special_tokens(tokenizer, path)
     # A GGUF-loaded model carries a GGUF quantizer that makes save_pretrained refuse (and Trainer
     # treat it as a quantized model); the weights are already dequantised, so every marker is dropped
     # (METHODS.md §9).
@@ -350,9 +351,52 @@ def gguf_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:
         raise _gguf_error(path, exc) from None
+    align_special_tokens(tokenizer, path)
+    return tokenizer
+
+
+SPECIAL_TOKEN_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                      "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file's metadata names (``tokenizer.ggml.{bos,eos,padding}_token_id``),
+    by role (bos, eos, pad); roles the file does not name are left out."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(path)).fields
+    except Exception as exc:
+        raise _gguf_error(path, exc) from None
+    out = {}
+    for role, key in SPECIAL_TOKEN_KEYS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            out[role] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def align_special_tokens(tokenizer: Any, path: Path) -> dict[str, tuple[Optional[int], int]]:
+    """Set the tokenizer's bos, eos and pad tokens to the ids the GGUF file names, where they differ.
+
+    The file's metadata is the authority for its own tokens, but how transformers maps them onto the
+    converted tokenizer has changed between versions: SmolLM2-135M-Instruct's file names eos 2
+    (``<|im_end|>``), which transformers 5.25 gives, while a GPU machine's transformers 5.17 gave
+    ``<|im_start|>`` (1), so fine-tuning there ended answers with another token. Returns the changes,
+    role → (old id, new id), each logged."""
+    changes: dict[str, tuple[Optional[int], int]] = {}
+    for role, want in gguf_special_token_ids(path).items():
+        have = getattr(tokenizer, f"{role}_token_id", None)
+        if have == want or not 0 <= want < len(tokenizer):
+            continue
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(want))
+        changes[role] = (have, want)
+        logger.info("%s: the tokenizer's %s token set to %d (%r), as the file names it (was %s)", path.name,
+                    role, want, tokenizer.convert_ids_to_tokens(want), have)
+    return changes
 
 
 # --------------------------------------------------------------------------- embeddings only
