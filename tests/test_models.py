@@ -640,6 +640,46 @@ def test_the_first_forward_pass_after_loading_equals_every_later_one():
     assert gaps == [0.0] * 4
 
 
+STREAMED_FIRST_PASS = r"""
+import json, sys, torch
+from pydoc_data.topics import topics
+import geoprobe.models as gm
+torch.set_num_threads(2)
+sm = gm.StreamedModel(sys.argv[1], device="cpu", dtype=torch.float32, name="s", source="s")
+docs = [topics[k] for k in sorted(topics)][:8]
+enc = sm.tokenizer(docs, return_tensors="pt", padding=True, truncation=True, max_length=128)
+batches = [(enc["input_ids"], enc["attention_mask"])]
+first, second = ([s[0].clone() for _, s in sm.layer_states(batches)] for _ in range(2))
+print(json.dumps(max(float((a - b).abs().max()) for a, b in zip(first, second))))
+"""
+
+
+@pytest.mark.slow
+def test_the_first_streamed_pass_equals_the_second():
+    """A streamed model gets no warm-up pass (it loads one layer at a time): in fresh processes on two CPU
+    threads its first pass over the embedded model's cached folder gives bit for bit the states of the
+    second (6 of 6 processes when measured; a first-pass rounding as the whole model's would show here)."""
+    import subprocess
+    import sys
+
+    from geoprobe.models.gguf import cached_copy
+    from geoprobe.models.spec import default_gguf_path
+
+    if not default_gguf_path().is_file():
+        pytest.skip("the embedded model's GGUF file is missing")
+    gm.load_model()  # makes the cached safetensors folder that is streamed
+    folder = cached_copy(default_gguf_path())
+    assert folder is not None
+    repo = str(Path(__file__).resolve().parents[1])
+    gaps = []
+    for _ in range(4):
+        done = subprocess.run([sys.executable, "-c", STREAMED_FIRST_PASS, str(folder)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": repo})
+        assert done.returncode == 0, done.stderr[-2000:]
+        gaps.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert gaps == [0.0] * 4
+
+
 def test_a_gguf_tokenizer_takes_its_special_tokens_from_the_file():
     """The embedded GGUF's tokenizer carries the bos, eos and pad ids its metadata names (read here with
     the gguf library's own field accessor); a tokenizer whose eos another transformers version mapped
