@@ -14,6 +14,7 @@ the GPU check's tolerance (rtol 2e-3, atol 2e-4), the largest difference against
 
     python benchmarks/bench_adam_rounding_noise.py   # about a minute on 2 cores
       → appends a run (label cpu) to benchmarks/results/adam_rounding_noise.json
+    python benchmarks/bench_adam_rounding_noise.py --device cuda   # on a GPU: label cuda
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ SETTINGS = dict(lr=5e-3, max_steps=6, batch_size=3, grad_accum=2, max_length=160
 RTOL, ATOL = 2e-3, 2e-4  # the one-GPU FSDP check's element tolerance
 
 
-def _run(examples: list, out: Path, parts: Optional[list[int]], fault: bool = False) -> tuple[dict, list]:
-    model = tiny_llama()
+def _run(examples: list, out: Path, parts: Optional[list[int]], fault: bool = False,
+         device: str = "cpu") -> tuple[dict, list]:
+    model = tiny_llama().to(device)
     with bf16_products(parts):
         done = finetune(model, bpe_tokenizer(), examples, "hyplora", out=out, settings=TrainSettings(**SETTINGS),
                         progress=False, r=4, dropout=0.0,
@@ -71,6 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None,
                     help="results file (default: benchmarks/results/adam_rounding_noise.json)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the reference runs the GPU's own bfloat16 GEMMs (the trainer's autocast), the "
+                         "perturbed runs the emulated products; the run is labelled with the device")
     ap.add_argument("--splits", default="50;25,50,75;10;90;33,66",
                     help="perturbed runs: each ';'-separated item splits the inner dimension at these percents")
     args = ap.parse_args(argv)
@@ -79,15 +84,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         examples = load_examples(write_problems(tmp_path / "train.jsonl", 22))
-        ref, ref_loss = _run(examples, tmp_path / "ref", None)
-        again, again_loss = _run(examples, tmp_path / "again", None)
+        dev = args.device
+        ref, ref_loss = _run(examples, tmp_path / "ref", None, device=dev)
+        again, again_loss = _run(examples, tmp_path / "again", None, device=dev)
         reach = 2 * SETTINGS["lr"] * SETTINGS["max_steps"]
         runs = {"control (the reference again)": (again, again_loss)}
         for item in args.splits.split(";"):
             parts = [int(p) for p in item.split(",")]
-            runs[f"split-K at {item} %"] = _run(examples, tmp_path / f"split{len(runs)}", parts)
+            runs[f"split-K at {item} %"] = _run(examples, tmp_path / f"split{len(runs)}", parts, device=dev)
         runs["fault: half of each adapter tensor's rows get no gradient"] = _run(examples, tmp_path / "fault", None,
-                                                                                 fault=True)
+                                                                                 fault=True, device=dev)
         results = {}
         for name, (adapter, losses) in runs.items():
             rec = _compare(adapter, ref, reach)
@@ -102,8 +108,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "the one-GPU FSDP check's tolerance",
               "settings": {**SETTINGS, "method": "hyplora", "r": 4, "rtol": RTOL, "atol": ATOL, "splits": args.splits},
               "adam_reach": reach, "reference_losses": ref_loss, "runs_compared": results,
-              "seconds": time.perf_counter() - t0, "device": "cpu", "threads": torch.get_num_threads()}
-    out = append_run(args.out or results_path("adam_rounding_noise"), result, label="cpu")
+              "seconds": time.perf_counter() - t0, "device": dev, "threads": torch.get_num_threads()}
+    out = append_run(args.out or results_path("adam_rounding_noise"), result, label=dev)
     print(f"wrote {out}")
     return 0
 
