@@ -399,6 +399,18 @@ def test_rank_above_limit_falls_back_on_cuda(fresh_log, caplog):
     assert _rel(out, ref) < 1e-12
 
 
+def _float64_chain(layer, x, g):
+    """Output and gradients (x, A, B, raw K, raw s) of base(x) + (α/r)·hyplora_delta in float64, on the
+    layer's own values; ``g`` the incoming gradient, as the layer receives it."""
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
+    leaves = [v.detach().double().clone().requires_grad_(True) for v in [x] + params]
+    w = layer.base_layer.weight.detach().double()
+    ref = leaves[0] @ w.T + layer.scaling["default"] * hyplora_delta(leaves[0], leaves[1], leaves[2],
+                                                                    positive(leaves[3]), positive(leaves[4]))
+    return ref.detach(), torch.autograd.grad(ref, leaves, g.double())
+
+
 def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, seed=None):
     """Relative errors of the layer's output and of the gradients of x, A, B, raw K, raw s against
     base(x) + (α/r)·hyplora_delta in float64 (the lean path must be the one taken)."""
@@ -436,11 +448,7 @@ def _layer_vs_chain(base_dtype, shape, device, *, dropout=0.0, autocast=False, s
     out.backward(g.to(device, out.dtype))
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
               layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
-    leaves = [v.detach().double().clone().requires_grad_(True) for v in [x] + params]
-    w = layer.base_layer.weight.detach().double()
-    ref = leaves[0] @ w.T + 2.0 * hyplora_delta(leaves[0], leaves[1], leaves[2], positive(leaves[3]),
-                                                positive(leaves[4]))
-    grads = torch.autograd.grad(ref, leaves, g.to(device))
+    ref, grads = _float64_chain(layer, x, g.to(device))
     assert all(v.grad is not None and torch.isfinite(v.grad).all() for v in [x] + params)
     return [_rel(out, ref)] + [_rel(v.grad, q) for v, q in zip([x] + params, grads)]
 

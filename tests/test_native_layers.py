@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from adapters.hydralora import HydraLoraLinear
-from adapters.hyplora import hyplora_delta, positive
 from adapters.kernels import native
 from geoprobe.errors import GeoprobeError
 from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the native node; fixtures too)
@@ -29,7 +28,7 @@ from tests.test_hydralora_lean import (  # noqa: F401  (re-run here with the nat
     test_model_with_gradient_checkpointing_lean_equals_module_path,
     test_n1_lean_equals_peft_lora,
 )
-from tests.test_hyplora_fused import _layer, _layer_vs_chain
+from tests.test_hyplora_fused import _float64_chain, _layer, _layer_vs_chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (conftest)
 
@@ -90,8 +89,6 @@ def test_hyplora_whole_layer_and_result_nodes_cpu(base_hooked):
     """A frozen plain nn.Linear base: the node that also forms the base product; a base with a forward hook
     (which a node-internal product would skip): base(x) outside, the update node after it. Both equal the
     float64 chain, and the hook runs exactly once per call."""
-    from adapters.hyplora import hyplora_delta, positive
-
     layer = _layer(40, 28, 8, seed=9).double()
     calls = []
     if base_hooked:
@@ -104,11 +101,8 @@ def test_hyplora_whole_layer_and_result_nodes_cpu(base_hooked):
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_hyp_k["default"],
               layer.lora_hyp_s["default"]]
     got = torch.autograd.grad((y * cot).sum(), [x] + params)
-    leaves = [t.detach().clone().requires_grad_(True) for t in [x] + params]
-    ref = leaves[0] @ layer.base_layer.weight.T + 2.0 * hyplora_delta(
-        leaves[0], leaves[1], leaves[2], positive(leaves[3]), positive(leaves[4]))
+    ref, want = _float64_chain(layer, x, cot)
     assert torch.allclose(y, ref, rtol=1e-12, atol=1e-12)
-    want = torch.autograd.grad((ref * cot).sum(), leaves)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -187,8 +181,6 @@ def test_hydra_private_apis_off_matches_private_path_cpu():
 def test_hyplora_node_partial_gradients_cpu():
     """Frozen A and an input without gradient: the node computes only what is asked, and it equals the
     float64 chain's."""
-    from adapters.hyplora import hyplora_delta, positive
-
     layer = _layer(24, 18, 6, seed=4).double()
     layer.lora_A["default"].weight.requires_grad_(False)
     x = torch.randn(3, 7, 24, dtype=torch.float64)
@@ -197,12 +189,8 @@ def test_hyplora_node_partial_gradients_cpu():
     cot = torch.randn_like(y)
     params = [layer.lora_B["default"].weight, layer.lora_hyp_k["default"], layer.lora_hyp_s["default"]]
     got = torch.autograd.grad((y * cot).sum(), params)
-    A = layer.lora_A["default"].weight
-    leaves = [p.detach().clone().requires_grad_(True) for p in params]
-    ref = x @ layer.base_layer.weight.T + 2.0 * hyplora_delta(x, A, leaves[0], positive(leaves[1]),
-                                                              positive(leaves[2]))
-    want = torch.autograd.grad((ref * cot).sum(), leaves)
-    for a, b in zip(got, want):
+    _, want = _float64_chain(layer, x, cot)
+    for a, b in zip(got, want[2:]):  # B, raw K, raw s
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
@@ -274,19 +262,6 @@ def _layer_run(layer, x, cot):
     return _node(y), y.detach(), grads
 
 
-def _float64_grads(layer, x, cot):
-    """Output and gradients (x, A, B, raw K, raw s) of base(x) + (α/r)·hyplora_delta in float64, on the
-    layer's own values and the incoming gradient as the layer receives it (rounded to the output dtype)."""
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_hyp_k["default"],
-              layer.lora_hyp_s["default"]]
-    leaves = [v.detach().double().clone().requires_grad_(True) for v in [x] + params]
-    w = layer.base_layer.weight.detach().double()
-    scale = layer.scaling["default"]
-    y = leaves[0] @ w.T + scale * hyplora_delta(leaves[0], leaves[1], leaves[2], positive(leaves[3]),
-                                                positive(leaves[4]))
-    return y.detach(), torch.autograd.grad(y, leaves, cot.to(x.dtype).double())
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
@@ -310,7 +285,7 @@ def test_hyplora_cuda_node_equals_python_node(base_dtype):
             name_p, y_p, g_p = _layer_run(layer, x, cot)
         finally:
             native.set_native_mode(previous)
-        y_ref, g_ref = _float64_grads(layer, x, cot)
+        y_ref, g_ref = _float64_chain(layer, x, cot.to(base_dtype))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     assert "CppNode" in name_n and "CppNode" not in name_p

@@ -269,8 +269,9 @@ struct HypLinear : public OnceDifferentiable<HypLinear> {
     if (!g.defined()) return out;
     const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
-                                     ctx->saved_data["narrow"].toBool(), ctx->needs_input_grad(0), ctx->needs_input_grad(2), ctx->needs_input_grad(3),
-                                     ctx->needs_input_grad(4), ctx->needs_input_grad(5));
+                                     ctx->saved_data["narrow"].toBool(), ctx->needs_input_grad(0),
+                                     ctx->needs_input_grad(2), ctx->needs_input_grad(3), ctx->needs_input_grad(4),
+                                     ctx->needs_input_grad(5));
     if (gr.x.defined()) out[0] = gr.x.view(ctx->saved_data["x_sizes"].toIntVector());  // cast to x's dtype by the engine
     if (ctx->needs_input_grad(1)) out[1] = g;
     out[2] = gr.A;
@@ -310,8 +311,9 @@ struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
     const bool need_x = ctx->needs_input_grad(0);
     const HypGrads gr = hyp_backward(g, {v[0], v[3], v[4]}, v[1], v[2], v[5], v[6],
                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["cut"].toDouble(),
-                                     ctx->saved_data["narrow"].toBool(), need_x, ctx->needs_input_grad(2 + o), ctx->needs_input_grad(3 + o),
-                                     ctx->needs_input_grad(4 + o), ctx->needs_input_grad(5 + o));
+                                     ctx->saved_data["narrow"].toBool(), need_x, ctx->needs_input_grad(2 + o),
+                                     ctx->needs_input_grad(3 + o), ctx->needs_input_grad(4 + o),
+                                     ctx->needs_input_grad(5 + o));
     if (need_x) {
       const at::Tensor& weight = v[7];
       at::Tensor dx = at::mm(g.reshape({-1, g.size(-1)}), weight);
