@@ -32,6 +32,7 @@ interval that holds 0 means "within seed noise".
 Run on the GPU machine (about 15 fresh processes of a minute each):
   python benchmarks/bench_small_train.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/data/gsm8k
       → appends a run to benchmarks/results/small_train.json
+  (``--runs-dir DIR`` keeps each finished row and seed in DIR, and a rerun with the same settings resumes)
 Check on the CPU (a tiny random Llama with SmolLM2's tokenizer, a few steps, two seeds, one process):
   python benchmarks/bench_small_train.py --small
 """
@@ -226,6 +227,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="run every row in this process (default for --small) instead of a fresh one each")
     p.add_argument("--fresh", action="store_true", help="a fresh process per row and seed with --small too")
     p.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/small_train.json)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="keep each finished (row, seed) here as ROW-SEED.json and reuse those already there, so an "
+                        "interrupted run resumes where it stopped (the settings must match)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -262,8 +266,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     in_process = args.in_process or (args.small and not args.fresh)
     t0 = time.perf_counter()
     runs: list[dict] = []
+    settings_key = {**asdict(cfg), "model": args.model, "data": str(args.data), "small": args.small,
+                    "device": args.device}
+    if args.runs_dir:
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
     for k, seed in enumerate(seeds):
         for row in rows[k % len(rows):] + rows[:k % len(rows)]:  # the order rotates from seed to seed
+            kept = args.runs_dir / f"{row}-{seed}.json" if args.runs_dir else None
+            if kept is not None and kept.exists():
+                res = json.loads(kept.read_text(encoding="utf-8"))
+                if res.get("settings_key") != settings_key:
+                    raise SystemExit(f"--runs-dir {args.runs_dir}: {kept.name} was run with other settings")
+                runs.append(res)
+                print(f"seed {seed} {row:<12} kept from {kept}")
+                continue
             try:
                 if in_process:
                     res = run_row(row, seed, args, cfg)
@@ -280,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             except Exception as exc:  # a row that fails does not hide the others
                 res = {"row": row, "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
             runs.append(res)
+            if kept is not None and "error" not in res:
+                write_json(kept, {**res, "settings_key": settings_key})
             if "error" in res:
                 print(f"seed {seed} {row:<12} FAILED: {res['error']}")
             else:
