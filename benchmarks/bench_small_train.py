@@ -20,6 +20,8 @@ Rows:
   so a step carries the same examples on average as a peer step;
 * ``lora-compiled`` — ``lora`` with the transformer blocks compiled (``--compile``,
   :mod:`adapters.train.compiled`); the compile happens in the warm-up steps, outside the timing;
+* ``lora-graphs``, ``hyplora-graphs`` — the same with ``--compile-mode reduce-overhead``: each compiled
+  block's forward and backward replayed as a CUDA graph;
 * ``lora-padded`` — ours unpacked, ``batch`` examples a step padded to the longest (like for like).
 
 Per row and seed: tokens per second over the steps after ``warmup`` (a global optimizer-step hook stamps
@@ -68,10 +70,12 @@ from geoprobe.records import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ROWS = ("peer", "peer-liger", "lora", "lora-compiled", "hyplora", "lora-padded")
+ROWS = ("peer", "peer-liger", "lora", "lora-compiled", "lora-graphs", "hyplora", "hyplora-graphs", "lora-padded")
 NAMES = {"peer": "transformers.Trainer + PEFT LoRA", "peer-liger": "transformers.Trainer + PEFT LoRA + Liger",
          "lora": "geoprobe finetune lora (packed)", "hyplora": "geoprobe finetune hyplora (packed)",
          "lora-compiled": "geoprobe finetune lora --compile (packed, compiled blocks)",
+         "lora-graphs": "geoprobe finetune lora --compile-mode reduce-overhead (packed, blocks as CUDA graphs)",
+         "hyplora-graphs": "geoprobe finetune hyplora --compile-mode reduce-overhead (packed, blocks as CUDA graphs)",
          "lora-padded": "geoprobe finetune lora, padded batches"}
 
 
@@ -129,7 +133,7 @@ def run_peer(lm: Any, rows: list[dict], cfg: Config, seed: int, cuda: bool, row:
 
 
 def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, row: str, method: str,
-             packed: bool, cuda: bool, compiled: bool = False) -> dict:
+             packed: bool, cuda: bool, compiled: bool = False, mode: str = "default") -> dict:
     if packed:
         length, per_step, _ = packed_layout(rows, cfg.steps, cfg.max_length)
         seqs = pack(rows, length)
@@ -137,7 +141,8 @@ def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, 
         length, per_step, seqs = cfg.max_length, cfg.batch, rows
     settings = TrainSettings(lr=cfg.lr, max_steps=cfg.steps, batch_size=per_step, max_length=length,
                              save_every=cfg.steps, pack=packed, warmup_ratio=0.0, weight_decay=0.0,
-                             max_grad_norm=1.0, seed=seed, log_every=cfg.log_every, compile=compiled)
+                             max_grad_norm=1.0, seed=seed, log_every=cfg.log_every, compile=compiled,
+                             compile_mode=mode)
     _reset_memory(cuda)
     with tempfile.TemporaryDirectory() as out:
         with StepClock(cfg.warmup, cfg.steps, cuda) as clock:
@@ -150,7 +155,8 @@ def run_ours(lm: Any, rows: list[dict], examples: list, cfg: Config, seed: int, 
     real, padded = tokens_per_step(seqs, per_step, seed, cfg.steps)
     losses = [statistics.fmean(res.loss_values[i:i + cfg.log_every]) for i in range(0, cfg.steps, cfg.log_every)]
     return _row(row, cfg, clock, real, padded, losses, cuda, batch_rows=per_step, row_length=length,
-                   optimizer=res.settings["optimizer"], per_step_losses=res.loss_values)
+                optimizer=res.settings["optimizer"], per_step_losses=res.loss_values) | {
+        "compiled_blocks": res.settings.get("compiled_blocks"), "fast_kernels": res.settings.get("fast_kernels")}
 
 
 def run_row(row: str, seed: int, args: argparse.Namespace, cfg: Config) -> dict:
@@ -162,9 +168,10 @@ def run_row(row: str, seed: int, args: argparse.Namespace, cfg: Config) -> dict:
     if row in ("peer", "peer-liger"):
         out = run_peer(lm, rows, cfg, seed, cuda, row, liger=row == "peer-liger")
     else:
-        method = row.removesuffix("-padded").removesuffix("-compiled")
+        method = row.removesuffix("-padded").removesuffix("-compiled").removesuffix("-graphs")
         out = run_ours(lm, rows, examples, cfg, seed, row, method, not row.endswith("-padded"), cuda,
-                       compiled=row.endswith("-compiled"))
+                       compiled=row.endswith(("-compiled", "-graphs")),
+                       mode="reduce-overhead" if row.endswith("-graphs") else "default")
     return {"row": row, "name": NAMES[row], "seed": seed, "model": lm.name,
             "device": torch.cuda.get_device_name() if cuda else "cpu", **out}
 

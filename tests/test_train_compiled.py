@@ -23,8 +23,9 @@ def examples(tmp_path_factory):
     return load_examples(write_problems(tmp_path_factory.mktemp("data") / "train.jsonl", 12))
 
 
-def _settings(compile_: bool) -> TrainSettings:
-    return TrainSettings(lr=5e-3, max_steps=3, batch_size=2, max_length=96, seed=2, compile=compile_)
+def _settings(compile_: bool, mode: str = "default") -> TrainSettings:
+    return TrainSettings(lr=5e-3, max_steps=3, batch_size=2, max_length=96, seed=2, compile=compile_,
+                         compile_mode=mode)
 
 
 def _trained(run) -> dict[str, torch.Tensor]:
@@ -49,8 +50,8 @@ def test_compiled_blocks_train_the_eager_adapter(examples, tmp_path, monkeypatch
 
     real, calls = compiled.compile_blocks, [0]
 
-    def counted(model, *, enabled, sharded=False):  # count the calls that go through the compiled forward
-        record, handle = real(model, enabled=enabled, sharded=sharded)
+    def counted(model, *, enabled, sharded=False, mode="default"):  # count calls through the compiled forward
+        record, handle = real(model, enabled=enabled, sharded=sharded, mode=mode)
         for block in (handle.blocks if handle is not None else []):
             inner = block._compiled_call_impl
 
@@ -76,7 +77,7 @@ def test_compiled_blocks_train_the_eager_adapter(examples, tmp_path, monkeypatch
     assert calls[0] == 3 * len(model.model.layers)  # every block of every step went through the compiled call
     rec = fast.result.settings["compiled_blocks"]
     assert rec == {"applied": True, "reason": "", "block_class": "LlamaDecoderLayer",
-                   "n_blocks": len(model.model.layers)}
+                   "n_blocks": len(model.model.layers), "mode": "default"}
     assert eager.result.settings["compiled_blocks"]["applied"] is False
     assert all(block._compiled_call_impl is None for block in model.model.layers)
 
@@ -88,8 +89,8 @@ def test_a_failing_first_compiled_step_is_redone_eagerly(examples, tmp_path, mon
 
     real = compiled.compile_blocks
 
-    def broken(model, *, enabled, sharded=False):
-        record, handle = real(model, enabled=enabled, sharded=sharded)
+    def broken(model, *, enabled, sharded=False, mode="default"):
+        record, handle = real(model, enabled=enabled, sharded=sharded, mode=mode)
         if handle is not None:
             def fails(*args, **kwargs):
                 raise RuntimeError("the compiler cannot take this operation")
@@ -121,10 +122,25 @@ def test_setting_is_a_bool_and_not_part_of_the_run_identity():
         TrainSettings(compile="yes")
 
 
+def test_cuda_graphs_need_cuda_and_modes_are_checked():
+    """``reduce-overhead`` on a CPU model compiles in the default mode and says why; an unknown mode is
+    refused by the settings, naming the flag."""
+    from adapters.train.compiled import MODES, compile_blocks
+
+    model = tiny_llama()
+    rec, handle = compile_blocks(model, enabled=True, mode="reduce-overhead")
+    assert rec.applied and rec.mode == "default" and "CUDA graphs need CUDA" in rec.reason
+    handle.revert()
+    assert "reduce-overhead" in MODES and TrainSettings(compile=True, compile_mode="reduce-overhead").compile
+    with pytest.raises(AdapterError, match="--compile-mode 'fast'.*reduce-overhead"):
+        TrainSettings(compile=True, compile_mode="fast")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["lora", "hyplora"])
-def test_compiled_blocks_on_cuda_train_the_eager_adapter(examples, tmp_path, method):
+@pytest.mark.parametrize("method,mode", [("lora", "default"), ("hyplora", "default"), ("lora", "reduce-overhead"),
+                                         ("hyplora", "reduce-overhead")])
+def test_compiled_blocks_on_cuda_train_the_eager_adapter(examples, tmp_path, method, mode):
     """On CUDA (bfloat16 autocast, the Triton and native adapter nodes where they serve), compiled blocks
     give the eager run's losses to bfloat16 rounding and its adapter to that rounding in 99 % of the
     elements (the rest within Adam's reach of 2·lr a step), or fall back to it with the reason."""
@@ -132,10 +148,10 @@ def test_compiled_blocks_on_cuda_train_the_eager_adapter(examples, tmp_path, met
     runs = {}
     for on in (False, True):
         runs[on] = finetune(tiny_llama().cuda(), tok, examples, method, out=tmp_path / str(on),
-                            settings=_settings(on), progress=False, r=4, dropout=0.0)
+                            settings=_settings(on, mode), progress=False, r=4, dropout=0.0)
     assert runs[True].result.loss_values == pytest.approx(runs[False].result.loss_values, rel=2e-2)
     a, b = _trained(runs[False]), _trained(runs[True])
-    s = _settings(True)
+    s = _settings(True, mode)
     for k in a:
         got, want = b[k].float(), a[k].float()
         # bfloat16 rounding moves most elements a little; Adam's first steps are about ±lr each, so an

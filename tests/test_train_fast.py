@@ -197,6 +197,19 @@ def test_apply_patches_the_instance_only_and_reverts(stand_in):
     assert {k: v for k, v in vars(modeling_llama).items()} == globals_before
 
 
+def test_compiled_blocks_patch_no_module_and_keep_the_fused_loss(stand_in):
+    model = tiny_llama()
+    rec = fast.decide(model, device=CUDA, compiled_blocks=True)
+    assert rec.applied and rec.patches == ()
+    rec, handle = fast.apply(model, rec)
+    assert stand_in.calls == []  # Liger's per-architecture function is not called at all
+    assert rec.patched_modules == 0 and not any("forward" in vars(m) for m in model.modules())
+    rec, fused = fast.fused_cross_entropy(rec, model.get_output_embeddings())
+    assert rec.fused_loss and fused is not None
+    assert "no module patched: the blocks are compiled" in fast.describe(rec)
+    handle.revert()
+
+
 def test_failed_patching_leaves_nothing_patched(stand_in):
     from transformers.models.llama import modeling_llama
 
@@ -304,10 +317,12 @@ def test_flags_reach_the_settings(command, monkeypatch):
     base = {"finetune": ["finetune", "--data", "x.jsonl"], "run": ["run", "--data", "x", "--eval", "y"],
             "compare": ["compare", "--data", "x", "--eval", "y", "--out", "o"]}[command]
     for extra, field, want in (([], "fast_kernels", True), (["--no-fast-kernels"], "fast_kernels", False),
-                               ([], "compile", False), (["--compile"], "compile", True)):
+                               ([], "compile", False), (["--compile"], "compile", True),
+                               ([], "compile_mode", "default"), (["--compile-mode", "reduce-overhead"], "compile", True),
+                               (["--compile-mode", "reduce-overhead"], "compile_mode", "reduce-overhead")):
         with pytest.raises(SystemExit):
             main([*base, *extra])
-        assert getattr(seen.pop(), field) is want
+        assert getattr(seen.pop(), field) == want
 
 
 def test_flag_is_refused_where_nothing_trains(capsys):

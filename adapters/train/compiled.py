@@ -30,20 +30,27 @@ from typing import Any, Optional
 
 from geoprobe.profile import Record
 
-__all__ = ["CompiledBlocks", "Compiled", "find_blocks", "compile_blocks"]
+__all__ = ["CompiledBlocks", "Compiled", "MODES", "find_blocks", "compile_blocks"]
 
 log = logging.getLogger(__name__)
+
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes the blocks may be compiled with: ``default`` (Inductor's fused kernels),
+``reduce-overhead`` (the same kernels, each block's forward and backward replayed as a CUDA graph, so the
+host launches one graph per block instead of its kernels; CUDA only), ``max-autotune-no-cudagraphs``
+(Inductor also benchmarks GEMM and Triton configurations at the compile)."""
 
 
 @dataclass(frozen=True)
 class CompiledBlocks(Record):
-    """Whether the run's blocks are compiled: ``applied``, ``reason`` (why not, "" when applied), the
-    ``block_class`` and how many blocks (``n_blocks``)."""
+    """Whether the run's blocks are compiled: ``applied``, ``reason`` (why not, "" when applied; or what
+    changed), the ``block_class``, how many blocks (``n_blocks``) and ``torch.compile``'s ``mode``."""
 
     applied: bool
     reason: str = ""
     block_class: Optional[str] = None
     n_blocks: int = 0
+    mode: str = "default"
 
 
 def find_blocks(model: Any) -> Optional[Any]:
@@ -72,10 +79,12 @@ class Compiled:
             block._compiled_call_impl = None  # what nn.Module.compile set; None restores the plain call
 
 
-def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False) -> tuple[CompiledBlocks, Optional[Compiled]]:
-    """Compile the blocks of ``model`` (:func:`find_blocks`) with ``torch.compile`` when
-    ``enabled``; (the record, a handle to revert) or (the record saying why not, None). The compile
-    itself happens at the first forward."""
+def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
+                   mode: str = "default") -> tuple[CompiledBlocks, Optional[Compiled]]:
+    """Compile the blocks of ``model`` (:func:`find_blocks`) with ``torch.compile`` in ``mode``
+    (:data:`MODES`) when ``enabled``; (the record, a handle to revert) or (the record saying why not,
+    None). The compile itself happens at the first forward. CUDA graphs (``reduce-overhead``) need the
+    model on CUDA; elsewhere the blocks are compiled in the default mode and the record says so."""
     if not enabled:
         return CompiledBlocks(applied=False, reason="off (--compile not given)"), None
     if sharded:
@@ -87,8 +96,15 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False) -> tuple
     blocks = find_blocks(model)
     if blocks is None:
         return CompiledBlocks(applied=False, reason="no list of blocks of one class in the model"), None
-    for block in blocks:
-        block.compile()  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
-    record = CompiledBlocks(applied=True, block_class=type(blocks[0]).__name__, n_blocks=len(blocks))
-    log.info("compiled blocks: %d × %s (torch.compile, at the first step)", record.n_blocks, record.block_class)
+    if mode not in MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
+    reason = ""
+    if mode == "reduce-overhead" and next(blocks.parameters()).device.type != "cuda":
+        mode, reason = "default", "CUDA graphs need CUDA: compiled in the default mode"
+    for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
+        block.compile(**({} if mode == "default" else {"mode": mode}))
+    record = CompiledBlocks(applied=True, reason=reason, block_class=type(blocks[0]).__name__, n_blocks=len(blocks),
+                            mode=mode)
+    log.info("compiled blocks: %d × %s (torch.compile, mode %s, at the first step)%s", record.n_blocks,
+             record.block_class, mode, f"; {reason}" if reason else "")
     return record, Compiled(blocks)

@@ -65,7 +65,8 @@ class FastKernels(Record):
     ("" when applied). ``patches``: the kernels switched on (``rope``, ``rms_norm``, ``swiglu`` …);
     ``patched_modules``: the module instances whose forward Liger rebound. ``fused_loss``: the answer loss
     fuses the output layer with the cross-entropy (:func:`fused_cross_entropy`); ``fused_loss_reason``
-    why not.
+    why not. ``blocks_compiled``: the blocks are compiled (``--compile``), so no module is patched and
+    only the fused loss serves.
     """
 
     applied: bool
@@ -77,6 +78,7 @@ class FastKernels(Record):
     patched_modules: int = 0
     fused_loss: bool = False
     fused_loss_reason: str = ""
+    blocks_compiled: bool = False
 
 
 def describe(record: FastKernels) -> str:
@@ -84,8 +86,9 @@ def describe(record: FastKernels) -> str:
     if not record.applied:
         return f"fast kernels off: {record.reason}"
     loss = "fused linear cross-entropy" if record.fused_loss else f"plain loss ({record.fused_loss_reason})"
-    return (f"fast kernels on: {record.package} {record.version} on {record.model_type} "
-            f"({', '.join(record.patches)}; {record.patched_modules} modules), {loss}")
+    kernels = ("no module patched: the blocks are compiled" if record.blocks_compiled
+               else f"{', '.join(record.patches)}; {record.patched_modules} modules")
+    return f"fast kernels on: {record.package} {record.version} on {record.model_type} ({kernels}), {loss}"
 
 
 def _off(reason: str, **fields: Any) -> FastKernels:
@@ -137,10 +140,17 @@ def _apply_functions() -> dict[str, Callable[..., None]]:
     return importlib.import_module("liger_kernel.transformers.monkey_patch").MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def decide(model: Any, *, enabled: bool = True, device: Any = None, sharded: bool = False) -> FastKernels:
+def decide(model: Any, *, enabled: bool = True, device: Any = None, sharded: bool = False,
+           compiled_blocks: bool = False) -> FastKernels:
     """Whether Liger's kernels apply to ``model`` (nothing is changed): switched on (``enabled``),
     ``device`` (default: the device of the model's first parameter) is CUDA, the parameters are not FSDP
-    shards (``sharded``), liger-kernel ≥ 0.6 imports, and it covers ``model.config.model_type``."""
+    shards (``sharded``), liger-kernel ≥ 0.6 imports, and it covers ``model.config.model_type``.
+
+    With ``compiled_blocks`` no module is patched (every per-architecture patch acts inside the
+    transformer blocks) and only the fused loss, outside the blocks, remains: Inductor generates fused
+    kernels for the norms, the rotary embedding and SwiGLU itself, and Liger's Triton kernels inside a
+    compiled graph fail to compile with torch 2.11 (``'float' object has no attribute 'to'`` in the
+    kernel wrapper, then the eager fallback at every call)."""
     if not enabled:
         return _off("switched off (--no-fast-kernels)")
     if device is None:
@@ -167,10 +177,10 @@ def decide(model: Any, *, enabled: bool = True, device: Any = None, sharded: boo
         return _off(f"{PACKAGE} has no kernels for model type {model_type!r}", version=version,
                     model_type=model_type)
     params = inspect.signature(table[model_type]).parameters
-    patches = tuple(name for name, p in params.items() if name not in _NOT_PATCHES
-                    and _WANTED.get(name, p.default) is True)
+    patches = () if compiled_blocks else tuple(name for name, p in params.items() if name not in _NOT_PATCHES
+                                               and _WANTED.get(name, p.default) is True)
     return FastKernels(applied=True, version=version, model_type=model_type, patches=patches,
-                       fused_loss_reason="not decided yet")
+                       fused_loss_reason="not decided yet", blocks_compiled=compiled_blocks)
 
 
 # --------------------------------------------------------------------------- applying and reverting
@@ -237,14 +247,17 @@ def apply(model: Any, decision: FastKernels) -> tuple[FastKernels, Optional[Appl
     wrapped to serve CUDA tensors only, until :meth:`Applied.revert`."""
     if not decision.applied:
         return decision, None
-    fn = _apply_functions()[decision.model_type]
     module = sys.modules[type(model).__module__]
+    if decision.blocks_compiled:  # the fused loss only, nothing to patch
+        return decision, Applied([], module, {})
+    fn = _apply_functions()[decision.model_type]
     globals_before = dict(vars(module))
     before = {id(m): dict(vars(m)) for m in model.modules()}
     params = inspect.signature(fn).parameters
     failure: Optional[Exception] = None
     try:
-        fn(model=model, **{k: v for k, v in _WANTED.items() if k in params})
+        fn(model=model, **{k: k in decision.patches for k, p in params.items()
+                           if k != "model" and (k in _WANTED or isinstance(p.default, bool))})
     except Exception as exc:  # a module layout Liger did not expect: nothing stays patched, the run goes on
         failure = exc
     changed = {name: globals_before.get(name, _MISSING) for name, value in vars(module).items()

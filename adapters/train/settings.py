@@ -10,7 +10,7 @@ from geoprobe.profile import Record
 
 __all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED", "FLAGS", "MAX_SEED"]
 
-NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels", "compile")
+NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels", "compile", "compile_mode")
 """Settings a resumed run may change: they steer bookkeeping or which kernels compute the same step,
 not the trained weights' definition (the fast kernels and the compiled blocks agree with the plain path
 to rounding)."""
@@ -18,7 +18,7 @@ to rounding)."""
 FLAGS = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
          "max_steps": "--max-steps", "max_length": "--max-length", "warmup_ratio": "--warmup-ratio",
          "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack",
-         "fast_kernels": "--no-fast-kernels", "compile": "--compile"}
+         "fast_kernels": "--no-fast-kernels", "compile": "--compile", "compile_mode": "--compile-mode"}
 """The command-line flag of each setting that has one; messages name the flag the user typed."""
 
 MAX_SEED = 2 ** 64 - 1
@@ -37,7 +37,9 @@ class TrainSettings(Record):
     ``fast_kernels``: use Liger-Kernel's fused kernels where they apply (a CUDA model, liger-kernel
     installed; :mod:`adapters.train.fast`); False (``--no-fast-kernels``) keeps the plain path everywhere.
     ``compile``: compile the transformer blocks with ``torch.compile`` (``--compile``;
-    :mod:`adapters.train.compiled`), for launch-bound steps of small models.
+    :mod:`adapters.train.compiled`), for launch-bound steps of small models; ``compile_mode`` is
+    ``torch.compile``'s mode for them (:data:`adapters.train.compiled.MODES`; ``--compile-mode MODE``):
+    ``"reduce-overhead"`` also replays each block's kernels as a CUDA graph.
     """
 
     lr: float = 3e-4
@@ -58,6 +60,7 @@ class TrainSettings(Record):
     log_every: int = 10
     fast_kernels: bool = True
     compile: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         if not _positive_number(self.lr):
@@ -83,6 +86,10 @@ class TrainSettings(Record):
         if not isinstance(self.compile, bool):
             raise AdapterError(f"training setting compile = {self.compile!r}; it must be True or False "
                                f"(the command line's {FLAGS['compile']} sets it to True)")
+        from .compiled import MODES
+
+        if self.compile_mode not in MODES:
+            raise AdapterError(f"{FLAGS['compile_mode']} {self.compile_mode!r}: choose one of {', '.join(MODES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise self._bad("seed", "an integer from 0 to 2^64 − 1")
 

@@ -186,7 +186,8 @@ class Trainer:
 
         torch.manual_seed(self.settings.seed)
         decision = fast.decide(self.model, enabled=self.settings.fast_kernels, device=self.device,
-                               sharded=self.group.sharded)
+                               sharded=self.group.sharded,
+                               compiled_blocks=self.settings.compile and not self.group.sharded)
         self.fast, self._fast_patch = fast.apply(self.model, decision)
         try:
             self.peft_model = build(self.model, self.adapter, base_name=self.model_name, **self.build_kwargs)
@@ -199,7 +200,8 @@ class Trainer:
             self.group.check_same(self.run_id, "the settings, the adapter and the training data")
             state = self._restore_weights(self.start_ckpt) if self.start_ckpt is not None else None
             self.compiled, self._compiled = compiled.compile_blocks(self.peft_model, enabled=self.settings.compile,
-                                                                    sharded=self.group.sharded)
+                                                                    sharded=self.group.sharded,
+                                                                    mode=self.settings.compile_mode)
             self._first_compiled_step = self._compiled is not None
             self.wrapped = self.group.wrap(self.peft_model)
             self.group.seed_dropout(self.settings.seed)
