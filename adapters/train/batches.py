@@ -60,21 +60,34 @@ class SequenceBank:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
-    def collate(self, rows: Sequence[int]) -> dict[str, Any]:
+    @property
+    def width(self) -> int:
+        """The longest sequence's length: the tables' width."""
+        return int(self.input_ids.shape[1])
+
+    def collate(self, rows: Sequence[int], *, fixed_rows: int = 0, full_width: bool = False) -> dict[str, Any]:
         """The micro-batch of sequences ``rows``: ``input_ids``, ``labels`` and ``position_ids``
-        (packed) or ``attention_mask`` (not packed), int64, as :func:`adapters.data.collate` makes it."""
+        (packed) or ``attention_mask`` (not packed), int64, as :func:`adapters.data.collate` makes it.
+
+        For a fixed shape (compiled blocks, CUDA graphs): ``full_width`` cuts at :attr:`width` instead of
+        the batch's longest sequence (more padding, the same targets), and ``fixed_rows`` > len(rows)
+        appends copies of the first row with every label −100 up to that many rows. Such a row has no
+        target, so it adds nothing to the loss or to any gradient."""
         import torch
 
         if not rows:
             raise DataFormatError("cannot collate an empty batch")
-        idx = torch.as_tensor(rows, dtype=torch.long)
+        filler = max(0, fixed_rows - len(rows))
+        idx = torch.as_tensor(list(rows) + [rows[0]] * filler, dtype=torch.long)
         lengths = self.lengths.index_select(0, idx)
-        width = int(lengths.max())
+        width = self.width if full_width else int(lengths.max())
 
         def pick(t: Any) -> Any:
             return t[:, :width].index_select(0, idx).long()
 
         out: dict[str, Any] = {"input_ids": pick(self.input_ids), "labels": pick(self.labels)}
+        if filler:
+            out["labels"][len(rows):] = IGNORE_INDEX
         if self.packed:
             out["position_ids"] = pick(self.position_ids)
         else:

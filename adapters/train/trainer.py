@@ -317,9 +317,11 @@ class Trainer:
             self._fast_patch.revert()
             self._fast_patch = None
 
-    def _accumulate_first_compiled(self, work: list[tuple[Any, Any, Any, float]], n_tok: int) -> Any:
+    def _accumulate_first_compiled(self, work: list[tuple[Any, Any, Any, float]], n_tok: int,
+                                   picks: list[list[int]]) -> Any:
         """The first step with compiled blocks: when compiling fails, one log line, the blocks eager
-        again and the step redone eagerly (gradients cleared first)."""
+        again and the step redone eagerly (gradients cleared first, the micro-batches collated again
+        at their own shape)."""
         self._first_compiled_step = False
         try:
             return self._accumulate(work, n_tok)
@@ -332,6 +334,7 @@ class Trainer:
                 self._compiled = None
             self.compiled = compiled.CompiledBlocks(applied=False, reason=f"failed at the first step: {why}")
             self.optimizer.zero_grad(set_to_none=True)
+            work, n_tok = self._micro_batches(picks)
             return self._accumulate(work, n_tok)
 
     # ------------------------------------------------------------------ the loop
@@ -376,7 +379,11 @@ class Trainer:
                 work.append(({k: self.to_device(v) for k, v in b.items() if k != "labels"}, None,
                              self.to_device(b["labels"]), weight))
                 continue
-            b = self.bank.collate(rows)
+            if self._compiled is not None:  # one shape for every step: no recompile, one CUDA graph per block
+                b = self.bank.collate(rows, full_width=True,
+                                      fixed_rows=math.ceil(self.settings.batch_size / self.group.world))
+            else:
+                b = self.bank.collate(rows)
             index, target = loss_fns.answer_targets(b.pop("labels"))
             *moved, index, target = move_together([*b.values(), index, target], self.device)
             work.append((dict(zip(b, moved)), index, target, weight))
@@ -391,7 +398,12 @@ class Trainer:
         s, loss_sum = self.settings, None
         world = self.group.world
         head = self.peft_model.get_output_embeddings() if self.objective == CAUSAL else None
+        graphs = self._compiled is not None and self.compiled.mode == "reduce-overhead"
         for k, (inputs, index, target, weight) in enumerate(work):
+            if graphs:  # a new forward and backward: the blocks' CUDA graphs from the last one are done
+                import torch
+
+                torch.compiler.cudagraph_mark_step_begin()
             with self.group.no_sync(self.wrapped, sync=k == len(work) - 1):
                 with self.autocast:
                     if index is None:
@@ -424,7 +436,7 @@ class Trainer:
         picks = [self.order.indices(self.micro + k) for k in range(s.grad_accum)]
         work, n_tok = self._micro_batches(picks)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = (self._accumulate_first_compiled(work, n_tok) if self._first_compiled_step
+        loss_sum = (self._accumulate_first_compiled(work, n_tok, picks) if self._first_compiled_step
                     else self._accumulate(work, n_tok))
         self.tokens_seen += sum(len(self.seqs[i]["input_ids"]) for idx in picks for i in idx)
         if s.max_grad_norm is not None:
