@@ -4,8 +4,8 @@ tokens, LoRA r = 16 on q/k/v/up/down, bf16 autocast), under ``torch.profiler`` f
 warm-up.
 
 Per variant (eager; compiled blocks; compiled blocks replayed as CUDA graphs) it reports the wall time
-of a step, the GPU's busy time in it (the sum of the kernels' device times, which do not overlap on one
-stream), the kernels launched per step, and the operators with the most host (self CPU) time. A step
+of a step, the GPU's busy time in it (the sum of the operators' self device times, each kernel counted
+once), the kernels launched per step, and the operators with the most host (self CPU) time. A step
 whose GPU-busy share is small is bound by the host; the launches per step say how much a CUDA graph can
 save.
 
@@ -65,7 +65,8 @@ def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, 
     events = prof.key_averages()
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
                and str(e.device_type).endswith("CUDA") and e.device_time_total > 0]
-    gpu_busy = sum(e.device_time_total for e in kernels) / 1e6 / active if cuda else 0.0
+    # the operators' self device times: each kernel counted once (the table's "Self CUDA time total")
+    gpu_busy = sum(e.self_device_time_total for e in events) / 1e6 / active if cuda else 0.0
     lines = [f"== {name} (compile={compiled}, mode={mode}): {per_step} rows × {length} tokens a step "
              f"({n_seq} packed rows in all), steps {warm + 1}–{steps} profiled",
              f"wall per step (under the profiler, synchronised) {wall * 1e3:.1f} ms; GPU busy per step {gpu_busy * 1e3:.1f} ms "
