@@ -10,7 +10,12 @@ to bitsandbytes NF4 with double quantization and bf16 compute
 ever holds the bf16 model. Embeddings, norms and the LM head stay bf16, as ``--quantize 4bit`` leaves
 them. Gradient checkpointing (non-reentrant), bf16 autocast as the trainer uses on a GPU; one step =
 forward + causal-LM loss + backward on ``--batch`` × ``--seq`` random tokens (4 × 2048 by default; no
-optimizer: its cost is the same small update for every method).
+optimizer: its cost is the same small update for every method). The loss (``--loss``) is by default the
+fine-tuning loop's: the mean next-token cross-entropy through :func:`adapters.train.loss.answer_loss_sum`,
+with Liger's fused linear cross-entropy when liger-kernel is installed (``geoprobe[fast]``), as a
+``--quantize 4bit`` run computes it, so the 128,256-wide logits are never held whole; ``--loss hf``
+takes transformers' loss from ``labels=ids`` (the full logits, the loss in float32), as a plain PEFT
+QLoRA script does. Every method of a run uses the same loss.
 
 Methods, each a PEFT wrapper around its own copy of the decoder modules sharing the one set of 4-bit
 tensors (``copy.deepcopy`` with every parameter and buffer in the memo), interleaved within each round
@@ -48,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import adapters  # noqa: E402
+from adapters.train import fast  # noqa: E402
+from adapters.train.loss import answer_loss_sum, answer_targets  # noqa: E402
 from adapters.kernels.frozen_linear import is_4bit_linear  # noqa: E402
 from benchmarks.bench_hydralora_model import hydra_params, lora_params, matching_rank  # noqa: E402
 from benchmarks.model_step import build_model, chosen_methods, summary_rows, time_interleaved  # noqa: E402
@@ -122,6 +129,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per method and round (default 2; 1 with --small)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset (peft qlora is always timed: it is the reference)")
+    ap.add_argument("--loss", choices=("trainer", "hf"), default="trainer",
+                    help="trainer: the fine-tuning loop's answer loss, with Liger's fused linear cross-entropy when "
+                         "installed (default); hf: transformers' loss from labels=ids (full logits)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (checks the script on a CPU in seconds)")
     ap.add_argument("--out", default=str(results_path("qlora")))
     args = ap.parse_args()
@@ -179,21 +189,41 @@ def main() -> None:
                         generator=torch.Generator(device=dev).manual_seed(1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    def step(name: str) -> float:
+    # the loss: the trainer's (answer_loss_sum over every next-token target, with Liger's fused linear
+    # cross-entropy where it applies, so the logits are never held whole) or transformers' (labels=ids)
+    index, target = (t.to(dev) for t in answer_targets(ids.cpu()))
+    fused_loss = {}
+    for name in methods:
+        record = fast.decide(base, device=dev) if args.loss == "trainer" else None
+        fused_loss[name] = (fast.fused_cross_entropy(record, models[name].get_output_embeddings())[1]
+                            if record is not None else None)
+    loss_note = ("transformers' causal-LM loss (labels=ids): the full logits in bf16, the loss in float32"
+                 if args.loss == "hf" else
+                 "the trainer's answer loss over every next-token target (adapters.train.loss.answer_loss_sum) "
+                 + ("with Liger's fused linear cross-entropy" if fused_loss[methods[0]] is not None
+                    else "with plain logits (the fused loss does not apply here: "
+                         + (fast.decide(base, device=dev).reason or "not a plain head") + ")"))
+
+    def loss_of(name: str) -> torch.Tensor:
         with autocast:
-            out = models[name](input_ids=ids, labels=ids)
-        out.loss.backward()
+            if args.loss == "hf":
+                return models[name](input_ids=ids, labels=ids).loss
+            return answer_loss_sum(models[name], {"input_ids": ids}, index, target,
+                                   fused=fused_loss[name]) / index.numel()
+
+    def step(name: str) -> float:
+        loss = loss_of(name)
+        loss.backward()
         for p in params[name]:
             p.grad = None
-        return float(out.loss.detach())
+        return float(loss.detach())
 
     trainable, losses = {}, {}
     for name in methods:  # warm-up (allocator, cuBLAS handles, native builds) and the counts
-        with autocast:
-            out = models[name](input_ids=ids, labels=ids)
-        out.loss.backward()
+        loss = loss_of(name)
+        loss.backward()
         trainable[name] = sum(p.numel() for p in params[name] if p.grad is not None)
-        losses[name] = float(out.loss.detach())
+        losses[name] = float(loss.detach())
         for p in params[name]:
             p.grad = None
         step(name)
@@ -225,6 +255,7 @@ def main() -> None:
                      "gelora_ranks": ranks, "parameters": counts},
         "tokens": {"batch": batch, "seq": seq},
         "step": "bf16 autocast forward + loss + backward (no optimizer)" if cuda else "forward + loss + backward",
+        "loss": {"kind": args.loss, "what": loss_note},
         "repeats": repeats,
         "steps_per_round": steps,
         "memory_target_gib": MEMORY_TARGET_GIB,

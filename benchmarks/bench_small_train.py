@@ -18,10 +18,11 @@ Rows:
 * ``lora``, ``hyplora`` — ``adapters.train.finetune`` (what ``geoprobe finetune`` runs) with packed
   sequences of ``max_length`` tokens, as many rows a step as make the one epoch exactly ``steps`` steps,
   so a step carries the same examples on average as a peer step;
-* ``lora-compiled`` — ``lora`` with the transformer blocks compiled (``--compile``,
-  :mod:`adapters.train.compiled`); the compile happens in the warm-up steps, outside the timing;
-* ``lora-graphs``, ``hyplora-graphs`` — the same with ``--compile-mode reduce-overhead``: each compiled
-  block's forward and backward replayed as a CUDA graph;
+* ``lora-compiled`` — ``lora`` with the transformer blocks compiled in torch.compile's default mode
+  (``--compile-mode default``, :mod:`adapters.train.compiled`); the compile happens in the warm-up
+  steps, outside the timing (every step has one batch shape, so nothing recompiles later);
+* ``lora-graphs``, ``hyplora-graphs`` — ``--compile`` as it runs on CUDA (mode ``reduce-overhead``):
+  each compiled block's forward and backward also replayed as a CUDA graph;
 * ``lora-padded`` — ours unpacked, ``batch`` examples a step padded to the longest (like for like).
 
 Per row and seed: tokens per second over the steps after ``warmup`` (a global optimizer-step hook stamps
@@ -73,9 +74,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 ROWS = ("peer", "peer-liger", "lora", "lora-compiled", "lora-graphs", "hyplora", "hyplora-graphs", "lora-padded")
 NAMES = {"peer": "transformers.Trainer + PEFT LoRA", "peer-liger": "transformers.Trainer + PEFT LoRA + Liger",
          "lora": "geoprobe finetune lora (packed)", "hyplora": "geoprobe finetune hyplora (packed)",
-         "lora-compiled": "geoprobe finetune lora --compile (packed, compiled blocks)",
-         "lora-graphs": "geoprobe finetune lora --compile-mode reduce-overhead (packed, blocks as CUDA graphs)",
-         "hyplora-graphs": "geoprobe finetune hyplora --compile-mode reduce-overhead (packed, blocks as CUDA graphs)",
+         "lora-compiled": "geoprobe finetune lora --compile-mode default (packed, compiled blocks)",
+         "lora-graphs": "geoprobe finetune lora --compile (packed, blocks as CUDA graphs)",
+         "hyplora-graphs": "geoprobe finetune hyplora --compile (packed, blocks as CUDA graphs)",
          "lora-padded": "geoprobe finetune lora, padded batches"}
 
 
@@ -171,7 +172,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, cfg: Config) -> dict:
         method = row.removesuffix("-padded").removesuffix("-compiled").removesuffix("-graphs")
         out = run_ours(lm, rows, examples, cfg, seed, row, method, not row.endswith("-padded"), cuda,
                        compiled=row.endswith(("-compiled", "-graphs")),
-                       mode="reduce-overhead" if row.endswith("-graphs") else "default")
+                       mode="reduce-overhead" if row.endswith("-graphs") else "default")  # explicit modes
     return {"row": row, "name": NAMES[row], "seed": seed, "model": lm.name,
             "device": torch.cuda.get_device_name() if cuda else "cpu", **out}
 

@@ -258,8 +258,9 @@ def _add_train_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    help="compile the transformer blocks with torch.compile (tens of seconds at the first step; "
                         "fewer kernel launches per step, for small models whose steps are launch-bound)")
     p.add_argument("--compile-mode", default=None, metavar="MODE",
-                   help="torch.compile's mode for --compile (implies it): default, reduce-overhead (each block "
-                        "replayed as a CUDA graph) or max-autotune-no-cudagraphs")
+                   help="torch.compile's mode for --compile (implies it): auto (the default: reduce-overhead on "
+                        "CUDA), default, reduce-overhead (each block replayed as a CUDA graph) or "
+                        "max-autotune-no-cudagraphs")
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples (of each --data set)")
 
 
@@ -461,7 +462,7 @@ def _train_settings(args):
                          seed=getattr(args, "seed", 0), save_every=args.save_every, pack=not args.no_pack,
                          balance_coef=args.balance, fast_kernels=not args.no_fast_kernels,
                          compile=args.compile or args.compile_mode is not None,
-                         compile_mode=args.compile_mode or "default")
+                         compile_mode=args.compile_mode or "auto")
 
 
 def _build_kwargs(args, planned: bool) -> dict:

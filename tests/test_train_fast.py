@@ -318,7 +318,7 @@ def test_flags_reach_the_settings(command, monkeypatch):
             "compare": ["compare", "--data", "x", "--eval", "y", "--out", "o"]}[command]
     for extra, field, want in (([], "fast_kernels", True), (["--no-fast-kernels"], "fast_kernels", False),
                                ([], "compile", False), (["--compile"], "compile", True),
-                               ([], "compile_mode", "default"), (["--compile-mode", "reduce-overhead"], "compile", True),
+                               ([], "compile_mode", "auto"), (["--compile-mode", "reduce-overhead"], "compile", True),
                                (["--compile-mode", "reduce-overhead"], "compile_mode", "reduce-overhead")):
         with pytest.raises(SystemExit):
             main([*base, *extra])

@@ -34,8 +34,9 @@ __all__ = ["CompiledBlocks", "Compiled", "MODES", "find_blocks", "compile_blocks
 
 log = logging.getLogger(__name__)
 
-MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-"""``torch.compile`` modes the blocks may be compiled with: ``default`` (Inductor's fused kernels),
+MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes the blocks may be compiled with: ``auto`` (``reduce-overhead`` on CUDA,
+``default`` elsewhere: the fastest measured, ``benchmarks/bench_small_train.py``), ``default`` (Inductor's fused kernels),
 ``reduce-overhead`` (the same kernels, each block's forward and backward replayed as a CUDA graph, so the
 host launches one graph per block instead of its kernels; CUDA only), ``max-autotune-no-cudagraphs``
 (Inductor also benchmarks GEMM and Triton configurations at the compile)."""
@@ -80,7 +81,7 @@ class Compiled:
 
 
 def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
-                   mode: str = "default") -> tuple[CompiledBlocks, Optional[Compiled]]:
+                   mode: str = "auto") -> tuple[CompiledBlocks, Optional[Compiled]]:
     """Compile the blocks of ``model`` (:func:`find_blocks`) with ``torch.compile`` in ``mode``
     (:data:`MODES`) when ``enabled``; (the record, a handle to revert) or (the record saying why not,
     None). The compile itself happens at the first forward. CUDA graphs (``reduce-overhead``) need the
@@ -99,7 +100,10 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
     reason = ""
-    if mode == "reduce-overhead" and next(blocks.parameters()).device.type != "cuda":
+    on_cuda = next(blocks.parameters()).device.type == "cuda"
+    if mode == "auto":
+        mode = "reduce-overhead" if on_cuda else "default"
+    elif mode == "reduce-overhead" and not on_cuda:
         mode, reason = "default", "CUDA graphs need CUDA: compiled in the default mode"
     for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
         block.compile(**({} if mode == "default" else {"mode": mode}))

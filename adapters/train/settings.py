@@ -39,7 +39,8 @@ class TrainSettings(Record):
     ``compile``: compile the transformer blocks with ``torch.compile`` (``--compile``;
     :mod:`adapters.train.compiled`), for launch-bound steps of small models; ``compile_mode`` is
     ``torch.compile``'s mode for them (:data:`adapters.train.compiled.MODES`; ``--compile-mode MODE``):
-    ``"reduce-overhead"`` also replays each block's kernels as a CUDA graph.
+    ``"auto"`` (the default) replays each compiled block's kernels as a CUDA graph on CUDA
+    (``"reduce-overhead"``) and compiles plainly elsewhere.
     """
 
     lr: float = 3e-4
@@ -60,7 +61,7 @@ class TrainSettings(Record):
     log_every: int = 10
     fast_kernels: bool = True
     compile: bool = False
-    compile_mode: str = "default"
+    compile_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not _positive_number(self.lr):

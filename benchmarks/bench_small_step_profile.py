@@ -10,9 +10,9 @@ whose GPU-busy share is small is bound by the host; the launches per step say ho
 save.
 
 Run on the GPU machine (about a minute a variant, the compiled ones longer at their first steps):
-  python benchmarks/profile_small_train.py --model SmolLM2-135M-Instruct.gguf --data ../shared/data/gsm8k
-      → writes benchmarks/results/profile_small_train.txt (or --out)
-CPU check of the script: python benchmarks/profile_small_train.py --small --out /tmp/profile.txt
+  python benchmarks/bench_small_step_profile.py --model SmolLM2-135M-Instruct.gguf --data ../shared/data/gsm8k
+      → appends a run to benchmarks/results/small_step_profile.json (or --out)
+CPU check of the script: python benchmarks/bench_small_step_profile.py --small --out /tmp/profile.json
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from adapters.data import pack  # noqa: E402
 from adapters.train import TrainSettings, finetune  # noqa: E402
 from benchmarks.bench_finetune_gpu import choose_examples, packed_layout  # noqa: E402
 from benchmarks.bench_small_train import DATA, FULL, SMALL, TARGETS, load  # noqa: E402
-from geoprobe.records import write_text  # noqa: E402
+from benchmarks.results_log import append_run, results_path  # noqa: E402
 
 VARIANTS = {"eager": (False, "default"), "compiled": (True, "default"), "graphs": (True, "reduce-overhead")}
 
 
-def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, cuda: bool) -> str:
+def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, cuda: bool) -> dict:
     compiled, mode = VARIANTS[name]
     length, per_step, _ = packed_layout(rows, cfg.steps, cfg.max_length)
     steps = warm + active
@@ -67,18 +67,15 @@ def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, 
                and str(e.device_type).endswith("CUDA") and e.device_time_total > 0]
     # the operators' self device times: each kernel counted once (the table's "Self CUDA time total")
     gpu_busy = sum(e.self_device_time_total for e in events) / 1e6 / active if cuda else 0.0
-    lines = [f"== {name} (compile={compiled}, mode={mode}): {per_step} rows × {length} tokens a step "
-             f"({n_seq} packed rows in all), steps {warm + 1}–{steps} profiled",
-             f"wall per step (under the profiler, synchronised) {wall * 1e3:.1f} ms; GPU busy per step {gpu_busy * 1e3:.1f} ms "
-             f"({100 * gpu_busy / wall:.0f} %); kernels per step {len(kernels) / active:.0f}",
-             f"compiled blocks: {run.result.settings['compiled_blocks']}",
-             f"fast kernels: {run.result.settings['fast_kernels']}",
-             "top operators by self CPU time:",
-             events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]
+    tables = {"by_self_cpu": events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)}
     if cuda:
-        lines += ["top operators by device time:",
-                  events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60)]
-    return "\n".join(lines)
+        tables["by_device"] = events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60)
+    return {"variant": name, "compile": compiled, "mode": mode, "rows_per_step": per_step, "row_length": length,
+            "packed_rows": n_seq, "profiled_steps": [warm + 1, steps],
+            "wall_ms_per_step_under_profiler": wall * 1e3, "gpu_busy_ms_per_step": gpu_busy * 1e3,
+            "kernels_per_step": len(kernels) / active,
+            "compiled_blocks": run.result.settings["compiled_blocks"],
+            "fast_kernels": run.result.settings["fast_kernels"], "tables": tables}
 
 
 def main() -> None:
@@ -89,26 +86,34 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=None, help="steps before the profiled ones (default 15; 2 with --small)")
     ap.add_argument("--active", type=int, default=5, help="profiled steps")
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "profile_small_train.txt")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default "
+                    "benchmarks/results/small_step_profile.json)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.small
     cfg = SMALL if args.small else FULL
     warm = args.warm or (2 if args.small else 15)
-    parts = [f"profile_small_train: {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}; "
-             f"command: python benchmarks/profile_small_train.py {' '.join(sys.argv[1:])}"]
+    variants = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         lm = load(args.model, args.small, "cuda" if cuda else "cpu")
         examples, rows = choose_examples(args.data, lm.tokenizer, cfg)
         try:
-            parts.append(profile_variant(lm, rows, examples, cfg, name, warm, args.active, cuda))
+            v = profile_variant(lm, rows, examples, cfg, name, warm, args.active, cuda)
+            print(f"{name}: {v['wall_ms_per_step_under_profiler']:.1f} ms a step under the profiler, GPU busy "
+                  f"{v['gpu_busy_ms_per_step']:.1f} ms, {v['kernels_per_step']:.0f} kernels", flush=True)
         except Exception as exc:  # one failing variant does not hide the others
-            parts.append(f"== {name}: FAILED {type(exc).__name__}: {exc}")
-        print(parts[-1][:1500], flush=True)
+            v = {"variant": name, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"{name}: FAILED {v['error']}", flush=True)
+        variants.append(v)
         del lm
         if cuda:
             torch.cuda.empty_cache()
-    write_text(args.out, "\n\n".join(parts) + "\n")
-    print(f"written {args.out}")
+    out = args.out or results_path("small_step_profile")
+    append_run(out, {"benchmark": "where a small model's training step spends its time (torch.profiler)",
+                     "device": torch.cuda.get_device_name() if cuda else "cpu",
+                     "model": args.model or ("tiny random Llama" if args.small else "embedded default"),
+                     "data": str(args.data), "settings": {"warm": warm, "active": args.active, **vars(cfg)},
+                     "variants": variants}, label="small" if args.small else "cuda")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":
