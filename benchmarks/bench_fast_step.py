@@ -15,6 +15,11 @@ Methods, interleaved within each round (order rotated from round to round), medi
 * ``peft lora + liger`` — the same with Liger-Kernel applied to its model instance the way Liger's
   documentation does for a loaded model (``apply_liger_kernel_to_llama(model=...)``: RoPE, RMSNorm, SwiGLU
   and Liger's own causal-LM forward with its fused linear cross-entropy);
+* ``lora --compile``, ``hyplora --compile``, ``hydralora --compile`` (asked for by ``--methods``) — the
+  same with the blocks compiled as the trainer's ``--compile`` does (:mod:`adapters.train.compiled`: Liger
+  patches no module then, its fused loss stays; on CUDA each block replayed as a CUDA graph), three
+  warm-up steps for the compile and the graph records; a method the compiler cannot take is left out of
+  the table with the reason (``left_out``);
 * ``lora``, ``hyplora``, ``hydralora``, ``gelora`` — geoprobe's layers built by :func:`adapters.build` on a
   model patched by :func:`adapters.train.fast.apply`, the loss by
   :func:`adapters.train.loss.answer_loss_sum` with :func:`adapters.train.fast.fused_cross_entropy` (the
@@ -53,6 +58,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from adapters import build  # noqa: E402
 from adapters.train import fast  # noqa: E402
+from adapters.train.compiled import compile_blocks  # noqa: E402
 from adapters.train.loss import answer_loss_sum, answer_targets  # noqa: E402
 from benchmarks.bench_hydralora_model import lora_params, matching_rank, target_shapes  # noqa: E402
 from benchmarks.model_step import build_model, chosen_methods, profile_steps, summary_rows, time_interleaved  # noqa: E402
@@ -61,7 +67,9 @@ from benchmarks.results_log import append_run, results_path  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 STOCK, STOCK_LIGER = "peft lora", "peft lora + liger"
 OURS = ["lora", "hyplora", "hydralora", "gelora"]
-METHODS = [STOCK, STOCK_LIGER, *OURS]
+COMPILED = ["lora --compile", "hyplora --compile", "hydralora --compile"]
+METHODS = [STOCK, STOCK_LIGER, *OURS, *COMPILED]
+DEFAULT_METHODS = [STOCK, STOCK_LIGER, *OURS]
 
 
 def _liger_apply():
@@ -83,13 +91,15 @@ def _stock_step(model, ids, params, autocast):
     return step
 
 
-def _our_step(model, ids, fused, params, autocast):
+def _our_step(model, ids, fused, params, autocast, graphs: bool = False):
     labels = ids.clone()
     labels[:, 0] = -100  # every position but the first is an answer token: the stock loss's positions
     index, target = answer_targets(labels)
     n = index.numel()
 
     def step():
+        if graphs:  # as the trainer does before each forward when the blocks are CUDA graphs
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast():
             loss = answer_loss_sum(model, {"input_ids": ids}, index, target, fused=fused) / n
         loss.backward()
@@ -108,7 +118,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4, help="HydraLoRA heads")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
     ap.add_argument("--steps", type=int, default=2, help="steps per method and round (each timed)")
-    ap.add_argument("--methods", default=",".join(METHODS),
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"comma-separated subset of {METHODS} ({STOCK} is always timed: the reference)")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="also profile one step per method (CUDA): GPU kernel time, launches and the K "
@@ -150,14 +160,19 @@ def main() -> None:
             setattr(modeling_llama, name, saved[name])
         models[STOCK_LIGER] = get_peft_model(twins[STOCK_LIGER], LoraConfig(
             r=args.r, lora_alpha=2 * args.r, target_modules=TARGETS, lora_dropout=0.0))
-    for name in [m for m in OURS if m in methods]:
-        rec, _ = fast.apply(twins[name], fast.decide(twins[name], device=dev))
-        extra = {"n_heads": args.heads, "r": r_h, "alpha": 2.0 * r_h} if name == "hydralora" else {"r": args.r}
-        if name == "gelora":
+    compiled_of = {}
+    for name in [m for m in OURS + COMPILED if m in methods]:
+        method, compiled_on = name.removesuffix(" --compile"), name.endswith(" --compile")
+        rec, _ = fast.apply(twins[name], fast.decide(twins[name], device=dev, compiled_blocks=compiled_on))
+        extra = {"n_heads": args.heads, "r": r_h, "alpha": 2.0 * r_h} if method == "hydralora" else {"r": args.r}
+        if method == "gelora":
             extra["layer_ranks"] = [args.r] * args.layers
-        models[name] = build(twins[name], name, target_modules=TARGETS, dropout=0.0, **extra)
+        models[name] = build(twins[name], method, target_modules=TARGETS, dropout=0.0, **extra)
         records[name], fused_of[name] = fast.fused_cross_entropy(rec, models[name].get_output_embeddings())
-        print(f"{name:<18} {fast.describe(records[name])}", flush=True)
+        if compiled_on:  # the trainer's --compile: the blocks compiled, as CUDA graphs on CUDA (mode auto)
+            compiled_of[name], _ = compile_blocks(models[name], enabled=True)
+        print(f"{name:<18} {fast.describe(records[name])}"
+              + (f"; compiled blocks, mode {compiled_of[name].mode}" if name in compiled_of else ""), flush=True)
     params = {m: [p for p in model.parameters() if p.requires_grad] for m, model in models.items()}
     counts = {m: sum(p.numel() for p in ps) for m, ps in params.items()}
     build_s = time.perf_counter() - t0
@@ -171,7 +186,9 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (args.batch, seq), device=dev,
                             generator=torch.Generator(device=dev).manual_seed(seq))
         steps = {m: (_stock_step(models[m], ids, params[m], autocast) if m in (STOCK, STOCK_LIGER)
-                     else _our_step(models[m], ids, fused_of[m], params[m], autocast)) for m in methods}
+                     else _our_step(models[m], ids, fused_of[m], params[m], autocast,
+                                    graphs=m in compiled_of and compiled_of[m].mode == "reduce-overhead"))
+                 for m in methods}
 
         def prepare(name: str):
             # Liger's RoPE is a module-level function every Llama attention calls: off for the stock method
@@ -179,12 +196,22 @@ def main() -> None:
                                                    else liger[1])
             return steps[name]
 
-        for name in methods:  # warm-up: compilation, autotuning, the allocator
-            prepare(name)()
-        times, peaks = time_interleaved(methods, prepare, args.repeats, dev, steps=args.steps)
-        profiled = profile_steps(methods, prepare, dev, width=18, top=args.profile) if args.profile and cuda else {}
+        failed = {}
+        for name in list(methods):  # warm-up: compilation, autotuning, the allocator
+            try:
+                for _ in range(3 if name in compiled_of else 1):  # compiled: the compile and the graph records
+                    prepare(name)()
+            except Exception as exc:  # a compiled method the compiler cannot take: reported, left out
+                if name not in compiled_of:
+                    raise
+                failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                print(f"{name} left out at {seq} tokens: {failed[name]}", flush=True)
+        methods_now = [m for m in methods if m not in failed]
+        times, peaks = time_interleaved(methods_now, prepare, args.repeats, dev, steps=args.steps)
+        profiled = (profile_steps(methods_now, prepare, dev, width=18, top=args.profile) if args.profile and cuda
+                    else {})
         modeling_llama.apply_rotary_pos_emb = original_rope
-        rows = summary_rows(methods, times, peaks, STOCK)
+        rows = summary_rows(methods_now, times, peaks, STOCK)
         liger_median = next((r["median_s_per_step"] for r in rows if r["method"] == STOCK_LIGER), None)
         for row in rows:
             row["trainable_parameters"] = counts[row["method"]]
@@ -194,7 +221,9 @@ def main() -> None:
                 row["fast_kernels"] = records[row["method"]].to_dict()
             if row["method"] in profiled:
                 row["profile"] = profiled[row["method"]]
-        tables.append({"tokens": [args.batch, seq], "rows": rows})
+            if row["method"] in compiled_of:
+                row["compiled_blocks"] = compiled_of[row["method"]].to_dict()
+        tables.append({"tokens": [args.batch, seq], "rows": rows, "left_out": failed})
         print(f"\n{args.batch} x {seq} tokens", flush=True)
         print(f"{'method':<18} {'s/step':>9} {'÷ peft':>7} {'÷ liger':>8} {'peak GiB':>9} {'act. GiB':>9}")
         for row in rows:
