@@ -324,6 +324,51 @@ def test_hydra_cuda_node_matches_module_path(base_dtype, adapter_dtype, module_p
     assert "CppNode" in _node(y)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_path(device, base_dtype,
+                                                                                    module_path):
+    """Under bfloat16 autocast the C++ HydraLoRA node serves the call (its products take bfloat16 operands,
+    the gates stay in float32): the output and every gradient have the module path's dtypes, and against
+    float64 (the same rounded inputs, the float32 weights) each is within bfloat16 rounding and no further
+    than the module path's under the same autocast (which rounds [a, logits], s·G B and B to bfloat16)."""
+    from adapters.hydralora.functional import hydralora_delta_reference
+    from tests.test_hydralora_lean import params, run
+
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        layer = make_layer(64, 48, 4, 4, base_dtype=base_dtype, adapter_dtype=torch.float32, seed=8).to(device)
+        with torch.no_grad():
+            layer.lora_hydra_B["default"].weight.mul_(0.3)
+        g = torch.Generator().manual_seed(9)
+        x = torch.randn(2, 16, 64, generator=g).to(device, base_dtype)
+        cot = torch.randn(2, 16, 48, generator=g).to(device, torch.bfloat16)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y_node, g_node = run(layer, x, cot, lean=True)  # run() asserts which path served
+            y_mod, g_mod = run(layer, x, cot, lean=False)
+            HydraLoraLinear.use_lean_path = True
+            assert "CppNode" in _node(layer(x.detach().requires_grad_(True)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    assert y_node.dtype == y_mod.dtype == torch.bfloat16
+    assert [t.dtype for t in g_node] == [t.dtype for t in g_mod] == [base_dtype] + [torch.float32] * 3
+    A, Bw, Wr = (p.detach().double().cpu().requires_grad_(True) for p in params(layer))
+    base = layer.get_base_layer()
+    x64 = x.double().cpu().requires_grad_(True)
+    ref = x64 @ base.weight.double().cpu().T + base.bias.double().cpu() + hydralora_delta_reference(
+        x64, A, Bw.view(48, 4, 4).permute(1, 0, 2), Wr, scaling=3.0)
+    want = (ref.detach(), *torch.autograd.grad((ref * cot.double().cpu()).sum(), (x64, A, Bw, Wr)))
+
+    def rel(t, w):
+        return ((t.double().cpu() - w).norm() / w.norm()).item()
+
+    names = ["output", "x", "A", "B", "router"]
+    errs = {n: (rel(a, w), rel(b, w)) for n, a, b, w in zip(names, [y_node, *g_node], [y_mod, *g_mod], want)}
+    for n, (node_err, module_err) in errs.items():
+        assert node_err < 5e-2 and node_err <= 1.25 * module_err + 2.0 ** -10, errs
+
+
 def test_cli_native_builds_and_reports(capsys, monkeypatch):
     from geoprobe.cli import main
 

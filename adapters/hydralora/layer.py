@@ -18,8 +18,10 @@ tested against.
 
 One-node path (the default): :func:`~adapters.hydralora.kernels.hydra_linear` computes the whole layer as one
 autograd node. It serves one active adapter with dense live routing (no top-k, no frozen gates) and no active
-dropout, on a frozen plain ``nn.Linear`` base without hooks, outside ``torch.autocast``; every other call
-takes the module path (``HydraLoraLinear.use_lean_path = False`` forces it).
+dropout, on a frozen plain ``nn.Linear`` base without hooks; under ``torch.autocast`` only where the C++ node
+serves (:func:`~adapters.hydralora.kernels.linear.serves_autocast`: its products then take their operands in
+the autocast dtype, as the module path's do). Every other call takes the module path
+(``HydraLoraLinear.use_lean_path = False`` forces it).
 
 Router initialisation. ``lora_hydra_router`` starts Kaiming-uniform (a = √5, the ``nn.Linear`` default), not
 zero: with B_i = 0 and a zero router every head receives the same gradient (g_i = 1/N for every token) and the
@@ -66,7 +68,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from geoprobe.errors import AdapterError
 from ..kernels.frozen_linear import frozen_plain_linear, is_4bit_linear
 from .functional import balance_loss, frozen_delta_weight, outer_bottleneck, router_gates
-from .kernels import hydra_linear
+from .kernels import hydra_linear, serves_autocast
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,7 @@ class HydraLoraLinear(LoraLinear):
     def _lean_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The one active adapter when the one-node path serves this call, else None (several or no active
         adapters, top-k, frozen gates, active dropout, a base layer other than a frozen plain ``nn.Linear``
-        without hooks, mismatched dtypes, autocast)."""
+        without hooks, mismatched dtypes, autocast without the C++ node)."""
         if not self.use_lean_path or self.merged or self.disable_adapters:
             return None
         adapter = self.active_adapter
@@ -236,7 +238,7 @@ class HydraLoraLinear(LoraLinear):
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
             return None
-        return None if torch.is_autocast_enabled(x.device.type) else adapter
+        return None if torch.is_autocast_enabled(x.device.type) and not serves_autocast(x) else adapter
 
     def _lean_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The whole layer through one node, or None where that path does not serve the call."""

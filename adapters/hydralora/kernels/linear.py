@@ -23,7 +23,9 @@ whose backward never enters Python, with the softmax, the outer product g ⊗ a 
 batched products, the softmax backward and a concatenation) as one kernel each way: 7 launches forward and
 8 backward; :class:`HydraLinearFn` is then the fallback and the functorch path. The precision is the module
 path's: x is cast to the adapter weights' dtype (PEFT's convention), and (α/r)·Δ is added to W x in that
-dtype before the sum is rounded to the base dtype. Its backward cannot be differentiated again.
+dtype before the sum is rounded to the base dtype. Under ``torch.autocast`` only the C++ node serves
+(:func:`serves_autocast`): its products then take 16-bit operands as the module path's do under autocast,
+with the gates and their backward kept in the adapter dtype. Its backward cannot be differentiated again.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from ...kernels._internals import function_apply, transforms_active, unsafe_view
 from ...kernels.native import native_module
 
-__all__ = ["HydraLinearFn", "hydra_linear"]
+__all__ = ["HydraLinearFn", "hydra_linear", "serves_autocast"]
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -140,6 +142,13 @@ def _input_grad(g2: Optional[torch.Tensor], dh: Optional[torch.Tensor], weight: 
 
 
 _APPLY = function_apply(HydraLinearFn)
+
+
+def serves_autocast(x: torch.Tensor) -> bool:
+    """Whether :func:`hydra_linear` can take ``x`` under ``torch.autocast``: only the C++ node can (its
+    products then take their operands in the autocast dtype, as the module path's do; see
+    ``adapters/kernels/native/layers.cpp``); :class:`HydraLinearFn` computes in the adapter dtype."""
+    return not transforms_active() and native_module(x.device) is not None
 
 
 def hydra_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,

@@ -362,17 +362,27 @@ at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c1
 // y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
 // adapters.hydralora._HydraLinearFn, with the gate work (softmax, outer product and their backward) in
 // hydra_gates.{cu,cpp} for float32/float64 adapters.
+//
+// Under autocast to a 16-bit dtype c (`narrow`) every product takes its operands in c, as the module path's
+// products do under autocast (PEFT's convention): x, W, b and [A; R], B rounded to c. Where the result feeds
+// the gates ([a, logits], and in backward s·G B and the adapter gradients) it is written in the adapter dtype
+// (float32 accumulation, no rounding of the result), so the gates, their softmax and their backward run in
+// the adapter dtype; W x + s·z Bᵀ is one product in c, as under autocast. G B takes B as two 16-bit parts
+// (g_times_b), and dx = G W + [da, dl]·[A; R] is formed in c and returned in x's dtype.
 struct HydraLinear : public OnceDifferentiable<HydraLinear> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
                                const at::Tensor& B, double scaling, int64_t r) {
+    const auto cast_to = at::autocast::get_autocast_dtype(x.device().type());
+    const bool narrow = under_autocast(x) && low_precision(cast_to);
     NoAutocast no_autocast;
     const auto shape = x.sizes().vec();
     const at::Tensor x2 = x.reshape({-1, shape.back()});
-    const at::Tensor xc = x2.scalar_type() == A.scalar_type() ? x2 : x2.to(A.scalar_type());
+    const at::ScalarType xt = narrow ? cast_to : A.scalar_type();  // the dtype x takes in the products
+    const at::Tensor xc = x2.scalar_type() == xt ? x2 : x2.to(xt);
     const at::Tensor wc = at::cat({A, R});
     const int64_t n = R.size(0), tokens = x2.size(0);
-    const at::Tensor h = at::mm(xc, wc.t());
+    const at::Tensor h = narrow ? mm_into(xc, wc.to(xt).t(), A.scalar_type()) : at::mm(xc, wc.t());
     at::Tensor p, z;
     if (gates_kernels(h.scalar_type())) {
       p = at::empty({tokens, n}, h.options());
@@ -386,13 +396,23 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
       p = at::softmax(logits, 1);
       z = at::mul(p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
     }
-    at::Tensor out = bias.has_value() && bias->defined() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    if (out.scalar_type() == B.scalar_type()) {
-      out.addmm_(z, B.t(), 1.0, scaling);
+    const bool has_bias = bias.has_value() && bias->defined();
+    at::Tensor out;
+    if (narrow) {
+      const at::Tensor wn = weight.scalar_type() == xt ? weight : weight.to(xt);
+      out = has_bias ? at::addmm(bias->to(xt), xc, wn.t()) : at::mm(xc, wn.t());
+      out.addmm_(z.to(xt), B.to(xt).t(), 1.0, scaling);
     } else {
-      out.add_(at::mm(z, B.t()), scaling);
+      out = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+      if (out.scalar_type() == B.scalar_type()) {
+        out.addmm_(z, B.t(), 1.0, scaling);
+      } else {
+        out.add_(at::mm(z, B.t()), scaling);
+      }
     }
     ctx->save_for_backward({xc, weight, wc, B, h, p, z});
+    ctx->saved_data["narrow"] = narrow;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["x_sizes"] = shape;
@@ -415,14 +435,22 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
                need_R = ctx->needs_input_grad(3 + o), need_B = ctx->needs_input_grad(4 + o);
     const int64_t tokens = p.size(0), n = p.size(1), r = h.size(1) - n;
     const at::Tensor &gy = grads[0], &gp = grads[1];
+    const bool narrow = ctx->saved_data["narrow"].toBool();
+    const at::ScalarType xt = xc.scalar_type();  // narrow: the autocast dtype
     variable_list out(8);
     at::Tensor g2, dz;
     if (gy.defined()) {
       g2 = gy.reshape({tokens, gy.size(-1)});
-      const at::Tensor gc = g2.scalar_type() == B.scalar_type() ? g2 : g2.to(B.scalar_type());
-      const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
-      if (need_B) out[5] = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
-      if (need_x || need_A || need_R) dz = at::addmm(none, gc, B, 0.0, s);  // s·G B, (tokens, n·r)
+      if (narrow) {
+        if (g2.scalar_type() != xt) g2 = g2.to(xt);
+        if (need_B) out[5] = mm_into(g2.t(), z.to(xt), B.scalar_type()).mul_(s);  // s·Gᵀ(g ⊗ a)
+        if (need_x || need_A || need_R) dz = g_times_b(g2, B).mul_(s);  // s·G B, (tokens, n·r)
+      } else {
+        const at::Tensor gc = g2.scalar_type() == B.scalar_type() ? g2 : g2.to(B.scalar_type());
+        const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
+        if (need_B) out[5] = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
+        if (need_x || need_A || need_R) dz = at::addmm(none, gc, B, 0.0, s);  // s·G B, (tokens, n·r)
+      }
     }
     at::Tensor dh;  // gradient of [a, logits]
     if ((dz.defined() || gp.defined()) && (need_x || need_A || need_R)) {
@@ -448,12 +476,23 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
         dh = at::cat({da, dl}, 1);
       }
       if (need_A || need_R) {
-        const at::Tensor dw = at::mm(dh.t(), xc);
+        const at::Tensor dw = narrow ? mm_into(dh.to(xt).t(), xc, wc.scalar_type()) : at::mm(dh.t(), xc);
         if (need_A) out[3] = dw.narrow(0, 0, r);
         if (need_R) out[4] = dw.narrow(0, r, n);
       }
     }
-    if (need_x && (g2.defined() || dh.defined())) {
+    if (narrow && need_x && (g2.defined() || dh.defined())) {
+      const at::Tensor wcn = wc.to(xt);
+      at::Tensor dx2;
+      if (g2.defined()) {
+        dx2 = at::mm(g2, weight.scalar_type() == xt ? weight : weight.to(xt));
+        if (dh.defined()) dx2.addmm_(dh.to(xt), wcn);
+      } else {
+        dx2 = at::mm(dh.to(xt), wcn);
+      }
+      const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+      out[0] = (dx2.scalar_type() == x_dtype ? dx2 : dx2.to(x_dtype)).view(ctx->saved_data["x_sizes"].toIntVector());
+    } else if (need_x && (g2.defined() || dh.defined())) {
       at::Tensor dx2;
       if (!g2.defined()) {
         dx2 = at::mm(dh, wc).to(weight.scalar_type());
