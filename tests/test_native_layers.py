@@ -67,6 +67,38 @@ def test_hyplora_node_bf16_base_float32_adapters_close_to_chain_cpu(autocast):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_hyplora_node_under_autocast_keeps_x_in_sixteen_bits(native_everywhere, device):
+    """Under autocast the node keeps a bfloat16 x as it came for backward (its float32 copy is exact), not a
+    float32 copy: no saved tensor of x's size is float32; the output and gradients stay within bfloat16
+    rounding of the float64 chain."""
+    layer = _layer(96, 80, 8, base_dtype=torch.bfloat16, seed=4).to(device)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 20, 96, generator=gen).to(device, torch.bfloat16)
+    cot = torch.randn(3, 20, 80, generator=gen).to(device, torch.bfloat16)
+    saved: list[tuple[torch.Size, torch.dtype]] = []
+
+    def pack(t):
+        saved.append((t.shape, t.dtype))
+        return t
+
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_hyp_k["default"],
+              layer.lora_hyp_s["default"]]  # the order of _float64_chain's gradients
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            xl = x.detach().requires_grad_(True)
+            y = layer(xl)
+    assert "CppNode" in _node(y)
+    assert (torch.Size([60, 96]), torch.bfloat16) in saved
+    assert not any(shape == torch.Size([60, 96]) and dtype == torch.float32 for shape, dtype in saved), saved
+    # the gradients from the kept x: within bfloat16 rounding of float64 on the same rounded inputs
+    grads = torch.autograd.grad((y.float() * cot.float()).sum(), [xl, *params])
+    ref_out, ref_grads = _float64_chain(layer, x, cot)
+    assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-2
+    errs = [float((got.double() - want).norm() / want.norm()) for got, want in zip(grads, ref_grads)]
+    assert max(errs) < 3e-2, errs
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 def test_split_product_keeps_b_to_sixteen_bits(native_everywhere, device):
     """HypLoRA's backward under autocast forms g B with g in bfloat16 and B (float32) split into a rounded
     part and its rounded remainder (layers.cpp g_times_b). Against the float64 product of the same g and B:

@@ -207,7 +207,8 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
                       const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool narrow,
                       bool need_x, bool need_A, bool need_B, bool need_k, bool need_s) {
   const auto dt = A.scalar_type();
-  const at::Tensor &xf = sv.xf, &a = sv.a;
+  const at::Tensor xf = sv.xf.scalar_type() == dt ? sv.xf : sv.xf.to(dt).contiguous();  // save_hyp's 16-bit x
+  const at::Tensor& a = sv.a;
   const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
   TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
   at::Tensor gf = g.reshape({T, -1});
@@ -239,10 +240,15 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
   return out;
 }
 
+// Under autocast a 16-bit x is kept as it came (its float32 copy xf is exact: every 16-bit value is a float32
+// value) and widened again in backward, so the node holds T·din 16-bit values instead of float32 ones
+// between forward and backward, as PEFT LoRA's autocast products hold x.
 void save_hyp(AutogradContext* ctx, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& x, double scale, double cut,
               bool narrow, const at::Tensor& weight = at::Tensor()) {
-  ctx->save_for_backward({sv.xf, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
+  const bool keep_x = narrow && low_precision(x.scalar_type()) && sv.xf.scalar_type() == at::kFloat;
+  const at::Tensor kept = keep_x ? x.reshape({-1, x.size(-1)}).contiguous() : sv.xf;
+  ctx->save_for_backward({kept, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
   ctx->saved_data["narrow"] = narrow;
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["cut"] = cut;
