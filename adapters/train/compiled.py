@@ -7,18 +7,24 @@ their backward). ``torch.compile`` of each block (``nn.Module.compile``, the per
 torchtitan uses) lets Inductor fuse the elementwise work into a few generated kernels; since recent
 torch treats a module's parameters as graph inputs, one compiled graph serves every block of the same
 class, so the compile is paid at the first steps (about 30 s for a tiny Llama on a CPU, more on a GPU):
-one graph for the first block (its input needs no gradient) and one for the others, and once more
-with a dynamic sequence length (and batch size) when a step's batch has another shape than the first
-(``torch.compile``'s automatic dynamic shapes). Packed rows of ``max_length`` tokens keep the shapes
-nearly fixed, so the compiles stay within those few.
+one graph for the first block (its input needs no gradient) and one for the others. The trainer gives
+every micro-batch one shape under compiled blocks (cut at the data's longest sequence, filled to the
+batch's rows with copies that carry no target: :meth:`adapters.train.batches.SequenceBank.collate`), so
+no later step recompiles (a batch of another shape would compile once more, with dynamic sizes).
+
+On CUDA the blocks are compiled in ``reduce-overhead`` mode by default (:data:`MODES`, ``auto``):
+Inductor's kernels of each block's forward and backward are recorded once as CUDA graphs and replayed,
+so the host issues one launch per block and direction instead of its kernels; the trainer marks each
+forward's start (``torch.compiler.cudagraph_mark_step_begin``). Measured on an H100 with SmolLM2-135M,
+16 examples a step: 2.92× the tokens per second of HF Trainer + PEFT LoRA (BENCHMARKS.md).
 
 What is compiled: the blocks of the model's largest ``nn.ModuleList`` whose entries all share one class
 (the decoder layers of a causal LM, the encoder layers of BERT), with the adapter layers inside them;
 the embedding, the final norm, the output layer and the loss stay eager (the answer loss picks a
 varying number of rows, which would recompile). The numbers equal the eager step to rounding
-(``tests/test_train_compiled.py`` on a CPU). It is off by default: the compile costs more than it saves
-on short runs, and the gain on a GPU is measured by ``benchmarks/bench_small_train.py`` (row
-``lora-compiled``). Not with FSDP (the blocks are sharded units there). When the first compiled step
+(``tests/test_train_compiled.py`` on a CPU, and on CUDA with and without graphs). It is off by default:
+the compile costs about as much as it saves on a run of a few hundred steps
+(``benchmarks/bench_small_train.py``, rows ``lora-compiled`` and ``lora-graphs``). Not with FSDP (the blocks are sharded units there). When the first compiled step
 fails (an operation the compiler cannot take), the trainer logs one line, takes the compiled blocks off
 again and redoes the step eagerly (:meth:`Compiled.revert`).
 """
