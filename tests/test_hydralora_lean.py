@@ -60,7 +60,8 @@ def params(layer):
 
 
 def is_lean(y: torch.Tensor) -> bool:
-    return y.grad_fn is not None and "HydraLinear" in y.grad_fn.name()  # the Python node or the C++ one
+    # the Python node or the C++ ones (the whole layer, or the update onto a base computed outside)
+    return y.grad_fn is not None and any(k in y.grad_fn.name() for k in ("HydraLinear", "HydraUpdate"))
 
 
 def run(layer, x, cot, *, lean, aux_coef=0.0):

@@ -358,7 +358,8 @@ def test_hydra_cuda_node_matches_module_path(base_dtype, adapter_dtype, module_p
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
-def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_path(device, base_dtype,
+@pytest.mark.parametrize("hooked", [False, True])
+def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_path(device, base_dtype, hooked,
                                                                                     module_path):
     """Under bfloat16 autocast the C++ HydraLoRA node serves the call (its products take bfloat16 operands,
     the gates stay in float32): the output and every gradient have the module path's dtypes, and against
@@ -371,6 +372,8 @@ def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_p
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         layer = make_layer(64, 48, 4, 4, base_dtype=base_dtype, adapter_dtype=torch.float32, seed=8).to(device)
+        if hooked:  # the base product outside, the update node onto it
+            layer.base_layer.register_forward_hook(lambda m, i, o: None)
         with torch.no_grad():
             layer.lora_hydra_B["default"].weight.mul_(0.3)
         g = torch.Generator().manual_seed(9)
@@ -380,7 +383,8 @@ def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_p
             y_node, g_node = run(layer, x, cot, lean=True)  # run() asserts which path served
             y_mod, g_mod = run(layer, x, cot, lean=False)
             HydraLoraLinear.use_lean_path = True
-            assert "CppNode" in _node(layer(x.detach().requires_grad_(True)))
+            node = _node(layer(x.detach().requires_grad_(True)))
+            assert "CppNode" in node and ("HydraUpdate" in node) == hooked, node
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     assert y_node.dtype == y_mod.dtype == torch.bfloat16
@@ -399,6 +403,62 @@ def test_hydra_node_serves_autocast_at_least_as_close_to_float64_as_the_module_p
     errs = {n: (rel(a, w), rel(b, w)) for n, a, b, w in zip(names, [y_node, *g_node], [y_mod, *g_mod], want)}
     for n, (node_err, module_err) in errs.items():
         assert node_err < 5e-2 and node_err <= 1.25 * module_err + 2.0 ** -10, errs
+
+
+@pytest.mark.parametrize("base_kind", ["hooked", "trainable"])
+@pytest.mark.parametrize("balance", [False, True])
+def test_hydra_update_node_equals_module_path_float64(base_kind, balance, module_path):
+    """A base the whole-layer node cannot take (a forward hook, a trainable weight) keeps its own module for
+    W x, and the C++ update node adds the routed update onto it: output, every gradient (the base weight's
+    too) and the balance loss equal the module path's in float64; the hook fires once."""
+    from tests.test_hydralora_lean import params
+
+    layer = make_layer(12, 8, 3, 4, balance=balance, seed=2)
+    calls = []
+    if base_kind == "hooked":
+        layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
+    else:
+        layer.base_layer.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 6, 12, dtype=torch.float64, generator=g)
+    cot = torch.randn(2, 6, 8, dtype=torch.float64, generator=g)
+    wanted = [*params(layer)] + ([layer.base_layer.weight] if base_kind == "trainable" else [])
+    runs = {}
+    for lean in (True, False):
+        HydraLoraLinear.use_lean_path = lean
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl)
+        assert ("HydraUpdate" in _node(y)) == lean, _node(y)
+        loss = (y * cot).sum() + (0.7 * layer.hydra_last_aux["default"] if balance else 0.0)
+        runs[lean] = (y.detach(), torch.autograd.grad(loss, [xl, *wanted]))
+    assert calls == ([1, 1] if base_kind == "hooked" else [])
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_hydra_update_node_on_a_4bit_base_equals_the_module_path(module_path):
+    """On a bitsandbytes NF4 base (CPU) the update node adds the routed update onto the 4-bit module's
+    output: the same output and gradients as the module path, to float32 rounding."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from geoprobe.models.quantize import linear_4bit
+    from tests.test_hydralora_lean import params
+
+    layer = make_layer(64, 48, 4, 3, base_dtype=torch.float32, adapter_dtype=torch.float32, seed=5)
+    layer.base_layer = linear_4bit(layer.base_layer, compute_dtype=torch.float32)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 10, 64, generator=g)
+    cot = torch.randn(3, 10, 48, generator=g)
+    runs = {}
+    for lean in (True, False):
+        HydraLoraLinear.use_lean_path = lean
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl)
+        assert ("HydraUpdate" in _node(y)) == lean, _node(y)
+        runs[lean] = (y.detach(), torch.autograd.grad((y * cot).sum(), [xl, *params(layer)]))
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_native_builds_and_reports(capsys, monkeypatch):

@@ -20,7 +20,9 @@ One-node path (the default): :func:`~adapters.hydralora.kernels.hydra_linear` co
 autograd node. It serves one active adapter with dense live routing (no top-k, no frozen gates) and no active
 dropout, on a frozen plain ``nn.Linear`` base without hooks; under ``torch.autocast`` only where the C++ node
 serves (:func:`~adapters.hydralora.kernels.linear.serves_autocast`: its products then take their operands in
-the autocast dtype, as the module path's do). Every other call takes the module path
+the autocast dtype, as the module path's do). Where the C++ nodes are built, any other base (hooked,
+trainable, 4-bit) keeps its own module for W x and :func:`~adapters.hydralora.kernels.hydra_update` adds the
+routed update onto its output in one node. Every other call takes the module path
 (``HydraLoraLinear.use_lean_path = False`` forces it).
 
 Router initialisation. ``lora_hydra_router`` starts Kaiming-uniform (a = √5, the ``nn.Linear`` default), not
@@ -40,9 +42,10 @@ gates are frozen to constants (:func:`~adapters.hydralora.routing.freeze_routing
 state: a buffer ``lora_hydra_gates.<adapter>`` that PEFT saves with the weights and restores on load.
 
 A 4-bit base (QLoRA: a bitsandbytes ``Linear4bit``, :func:`~adapters.kernels.frozen_linear.is_4bit_linear`)
-never takes the one-node path: ``base_layer(x) = x · dequantize_4bit(W)ᵀ`` is computed by the bitsandbytes module
-and the routed update of :func:`~adapters.hydralora.functional.outer_bottleneck` is added to it (the module path),
-so the formula is the same with W the dequantized NF4 weight. Merging into NF4 codes is refused (it would round
+never takes the whole-layer node: ``base_layer(x) = x · dequantize_4bit(W)ᵀ`` is computed by the bitsandbytes
+module and the routed update is added to it (by the update node where the C++ nodes are built, else by the
+module path's :func:`~adapters.hydralora.functional.outer_bottleneck`), so the formula is the same with W the
+dequantized NF4 weight. Merging into NF4 codes is refused (it would round
 ΔW to the 4-bit grid); merge on the full-precision base.
 
 PEFT integration (METHODS.md §8). :class:`HydraLoraLinear` subclasses ``peft.tuners.lora.Linear`` and is
@@ -68,7 +71,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from geoprobe.errors import AdapterError
 from ..kernels.frozen_linear import frozen_plain_linear, is_4bit_linear
 from .functional import balance_loss, frozen_delta_weight, outer_bottleneck, router_gates
-from .kernels import hydra_linear, serves_autocast
+from .kernels import hydra_linear, hydra_update, serves_autocast, serves_update
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +218,10 @@ class HydraLoraLinear(LoraLinear):
             acc[1] += flat.shape[0]
 
     def _lean_adapter(self, x: torch.Tensor) -> Optional[str]:
-        """The one active adapter when the one-node path serves this call, else None (several or no active
-        adapters, top-k, frozen gates, active dropout, a base layer other than a frozen plain ``nn.Linear``
-        without hooks, mismatched dtypes, autocast without the C++ node)."""
+        """The one active adapter when a one-node path serves this call, else None (several or no active
+        adapters, top-k, frozen gates, active dropout, mismatched dtypes, autocast without the C++ node, a
+        base layer other than a frozen plain ``nn.Linear`` without hooks where the C++ update node is not
+        built)."""
         if not self.use_lean_path or self.merged or self.disable_adapters:
             return None
         adapter = self.active_adapter
@@ -233,7 +237,7 @@ class HydraLoraLinear(LoraLinear):
         dropout = self.lora_dropout[adapter]
         if dropout.training and type(dropout) is not nn.Identity:
             return None
-        if not frozen_plain_linear(self.base_layer, x):
+        if not frozen_plain_linear(self.base_layer, x) and not serves_update(x):
             return None
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
@@ -246,9 +250,13 @@ class HydraLoraLinear(LoraLinear):
         if adapter is None:
             return None
         base = self.base_layer
-        y, probs = hydra_linear(x, base.weight, base.bias, self.lora_A[adapter].weight,
-                                self.lora_hydra_router[adapter].weight, self.lora_hydra_B[adapter].weight,
-                                self.scaling[adapter], self.r[adapter])
+        A, R, B = (self.lora_A[adapter].weight, self.lora_hydra_router[adapter].weight,
+                   self.lora_hydra_B[adapter].weight)
+        if frozen_plain_linear(base, x):  # the base product inside the node
+            y, probs = hydra_linear(x, base.weight, base.bias, A, R, B, self.scaling[adapter], self.r[adapter])
+        else:  # a hooked, trainable or 4-bit base: its output from the module, the update onto it in one node
+            xa = x if torch.is_autocast_enabled(x.device.type) else self._cast_input_dtype(x, A.dtype)
+            y, probs = hydra_update(xa, base(x), A, R, B, self.scaling[adapter], self.r[adapter])
         self._record(adapter, probs, probs)
         return y
 

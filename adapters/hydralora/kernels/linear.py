@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from ...kernels._internals import function_apply, transforms_active, unsafe_view
 from ...kernels.native import native_module
 
-__all__ = ["HydraLinearFn", "hydra_linear", "serves_autocast"]
+__all__ = ["HydraLinearFn", "hydra_linear", "hydra_update", "serves_autocast", "serves_update"]
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -142,6 +142,23 @@ def _input_grad(g2: Optional[torch.Tensor], dh: Optional[torch.Tensor], weight: 
 
 
 _APPLY = function_apply(HydraLinearFn)
+
+
+def serves_update(x: torch.Tensor) -> bool:
+    """Whether :func:`hydra_update` serves ``x``: the C++ node is built for its device (no Python twin)."""
+    return not transforms_active() and native_module(x.device) is not None
+
+
+def hydra_update(xd: torch.Tensor, result: torch.Tensor, A: torch.Tensor, R: torch.Tensor, B: torch.Tensor,
+                 scaling: float, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(result + s·z Bᵀ, g) with [a, logits] = xd [A; W_router]ᵀ, g = softmax(logits), z = g ⊗ a: the
+    layer's update onto a base output computed outside the node (a hooked or 4-bit base) from the adapter's
+    input ``xd`` (dropout(x)), as one C++ autograd node (``hydra_update`` in
+    ``adapters/kernels/native/layers.cpp``); only where :func:`serves_update`."""
+    module = native_module(xd.device)
+    if module is None or transforms_active():
+        raise RuntimeError("hydra_update needs the native C++ layers (serves_update)")
+    return module.hydra_update(xd, result, A, R, B, float(scaling), int(r))
 
 
 def serves_autocast(x: torch.Tensor) -> bool:

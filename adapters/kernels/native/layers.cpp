@@ -367,7 +367,9 @@ at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c1
 
 // y = x Wᵀ (+ b) + s·z Bᵀ, z = g ⊗ a, [a, logits] = x [A; R]ᵀ, g = softmax(logits): as
 // adapters.hydralora._HydraLinearFn, with the gate work (softmax, outer product and their backward) in
-// hydra_gates.{cu,cpp} for float32/float64 adapters.
+// hydra_gates.{cu,cpp} for float32/float64 adapters. HydraLinear forms the base product inside the node;
+// HydraUpdate takes it from outside (result = base(x), any base: hooked, 4-bit) and the adapter's input
+// separately (xd = dropout(x)), as PEFT's LoRA layer does.
 //
 // Under autocast to a 16-bit dtype c (`narrow`) every product takes its operands in c, as the module path's
 // products do under autocast (PEFT's convention): x, W, b and [A; R], B rounded to c. Where the result feeds
@@ -375,6 +377,119 @@ at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c1
 // (float32 accumulation, no rounding of the result), so the gates, their softmax and their backward run in
 // the adapter dtype; W x + s·z Bᵀ is one product in c, as under autocast. G B takes B as two 16-bit parts
 // (g_times_b), and dx = G W + [da, dl]·[A; R] is formed in c and returned in x's dtype.
+struct HydraGates {
+  at::Tensor xc, wc, h, p, z;  // x in the products' dtype (T, din), [A; R], [a, logits], g, g ⊗ a
+};
+
+HydraGates hydra_gates(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& R, int64_t r, bool narrow,
+                       at::ScalarType cast_to) {
+  const at::ScalarType xt = narrow ? cast_to : A.scalar_type();  // the dtype x takes in the products
+  HydraGates f;
+  f.xc = x2.scalar_type() == xt ? x2 : x2.to(xt);
+  f.wc = at::cat({A, R});
+  const int64_t n = R.size(0), tokens = x2.size(0);
+  f.h = narrow ? mm_into(f.xc, f.wc.to(xt).t(), A.scalar_type()) : at::mm(f.xc, f.wc.t());
+  if (gates_kernels(f.h.scalar_type())) {
+    f.p = at::empty({tokens, n}, f.h.options());
+    f.z = at::empty({tokens, n * r}, f.h.options());
+    const GatesForwardArgs g{dtype_code(f.h.scalar_type()), f.h.data_ptr(), f.p.data_ptr(), f.z.data_ptr(), tokens,
+                             r, n, f.h.stride(0)};
+    run_kernel("HydraLoRA gates forward kernel", g, f.h, GP_CUDA_KERNEL(hydra_gates_forward_cuda),
+               hydra_gates_forward_cpu);
+  } else {
+    const at::Tensor a = f.h.narrow(1, 0, r), logits = f.h.narrow(1, r, n);
+    f.p = at::softmax(logits, 1);
+    f.z = at::mul(f.p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
+  }
+  return f;
+}
+
+// res + s·z Bᵀ (res: the base product, (T, dout)), in place when `in_place`: narrow, one product in the
+// autocast dtype; else in the adapter dtype, rounded once to res's dtype.
+at::Tensor add_update(const at::Tensor& res, const HydraGates& f, const at::Tensor& B, double s, bool narrow,
+                      bool in_place) {
+  if (narrow) {
+    const auto xt = f.xc.scalar_type();
+    if (res.scalar_type() == xt) {
+      return in_place ? res.addmm_(f.z.to(xt), B.to(xt).t(), 1.0, s) : at::addmm(res, f.z.to(xt), B.to(xt).t(), 1.0, s);
+    }
+    const at::Tensor sum = at::addmm(res.to(xt), f.z.to(xt), B.to(xt).t(), 1.0, s);
+    return in_place ? res.copy_(sum) : sum.to(res.scalar_type());
+  }
+  if (res.scalar_type() == B.scalar_type()) {
+    return in_place ? res.addmm_(f.z, B.t(), 1.0, s) : at::addmm(res, f.z, B.t(), 1.0, s);
+  }
+  if (in_place) return res.add_(at::mm(f.z, B.t()), s);
+  return at::addmm(res.to(B.scalar_type()), f.z, B.t(), 1.0, s).to(res.scalar_type());
+}
+
+void save_gates(AutogradContext* ctx, const HydraGates& f, const at::Tensor& B, const at::Tensor& weight,
+                const at::Tensor& x, bool narrow, double scaling) {
+  ctx->save_for_backward({f.xc, weight, f.wc, B, f.h, f.p, f.z});
+  ctx->saved_data["narrow"] = narrow;
+  ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+  ctx->saved_data["scaling"] = scaling;
+  ctx->saved_data["x_sizes"] = x.sizes().vec();
+  ctx->set_materialize_grads(false);
+}
+
+struct HydraGrads {
+  at::Tensor g2, dh, A, R, B;  // G as (T, dout) in the products' dtype; ∂[a, logits]; the adapter's gradients
+};
+
+// The adapter's gradients from gy = ∂L/∂y and gp = ∂L/∂g (either may be undefined); dh when need_h.
+HydraGrads hydra_gates_backward(const at::Tensor& gy, const at::Tensor& gp, const std::vector<at::Tensor>& saved,
+                                double s, bool narrow, bool need_h, bool need_A, bool need_R, bool need_B) {
+  const at::Tensor &xc = saved[0], &wc = saved[2], &B = saved[3], &h = saved[4], &p = saved[5], &z = saved[6];
+  const int64_t tokens = p.size(0), n = p.size(1), r = h.size(1) - n;
+  const at::ScalarType xt = xc.scalar_type();  // narrow: the autocast dtype
+  HydraGrads out;
+  const bool need_dz = need_h || need_A || need_R;
+  at::Tensor dz;
+  if (gy.defined()) {
+    out.g2 = gy.reshape({tokens, gy.size(-1)});
+    if (narrow) {
+      if (out.g2.scalar_type() != xt) out.g2 = out.g2.to(xt);
+      if (need_B) out.B = mm_into(out.g2.t(), z.to(xt), B.scalar_type()).mul_(s);  // s·Gᵀ(g ⊗ a)
+      if (need_dz) dz = g_times_b(out.g2, B).mul_(s);  // s·G B, (tokens, n·r)
+    } else {
+      const at::Tensor gc = out.g2.scalar_type() == B.scalar_type() ? out.g2 : out.g2.to(B.scalar_type());
+      const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
+      if (need_B) out.B = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
+      if (need_dz) dz = at::addmm(none, gc, B, 0.0, s);  // s·G B, (tokens, n·r)
+    }
+  }
+  if ((dz.defined() || gp.defined()) && need_dz) {
+    const at::Tensor gp2 = gp.defined() ? gp.reshape({tokens, n}).contiguous() : at::Tensor();
+    if (gates_kernels(h.scalar_type())) {
+      out.dh = at::empty({tokens, r + n}, h.options());
+      const GatesBackwardArgs g{dtype_code(h.scalar_type()), dz.defined() ? dz.data_ptr() : nullptr, h.data_ptr(),
+                                p.data_ptr(), gp2.defined() ? gp2.data_ptr() : nullptr, out.dh.data_ptr(), tokens,
+                                r, n, h.stride(0)};
+      run_kernel("HydraLoRA gates backward kernel", g, h, GP_CUDA_KERNEL(hydra_gates_backward_cuda),
+                 hydra_gates_backward_cpu);
+    } else {
+      const at::Tensor a = h.narrow(1, 0, r);
+      at::Tensor da, dp;
+      if (dz.defined()) {
+        const at::Tensor dz3 = dz.view({tokens, n, r});
+        da = at::bmm(p.unsqueeze(1), dz3).view({tokens, r});  // Σ_i g_i dz_i
+        dp = at::bmm(dz3, a.unsqueeze(2)).view({tokens, n});  // ⟨dz_i, a⟩
+      }
+      if (gp2.defined()) dp = dp.defined() ? dp + gp2 : gp2;
+      const at::Tensor dl = at::_softmax_backward_data(dp, p, 1, p.scalar_type());
+      if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
+      out.dh = at::cat({da, dl}, 1);
+    }
+    if (need_A || need_R) {
+      const at::Tensor dw = narrow ? mm_into(out.dh.to(xt).t(), xc, wc.scalar_type()) : at::mm(out.dh.t(), xc);
+      if (need_A) out.A = dw.narrow(0, 0, r);
+      if (need_R) out.R = dw.narrow(0, r, n);
+    }
+  }
+  return out;
+}
+
 struct HydraLinear : public OnceDifferentiable<HydraLinear> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
@@ -384,110 +499,43 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
     NoAutocast no_autocast;
     const auto shape = x.sizes().vec();
     const at::Tensor x2 = x.reshape({-1, shape.back()});
-    const at::ScalarType xt = narrow ? cast_to : A.scalar_type();  // the dtype x takes in the products
-    const at::Tensor xc = x2.scalar_type() == xt ? x2 : x2.to(xt);
-    const at::Tensor wc = at::cat({A, R});
-    const int64_t n = R.size(0), tokens = x2.size(0);
-    const at::Tensor h = narrow ? mm_into(xc, wc.to(xt).t(), A.scalar_type()) : at::mm(xc, wc.t());
-    at::Tensor p, z;
-    if (gates_kernels(h.scalar_type())) {
-      p = at::empty({tokens, n}, h.options());
-      z = at::empty({tokens, n * r}, h.options());
-      const GatesForwardArgs g{dtype_code(h.scalar_type()), h.data_ptr(), p.data_ptr(), z.data_ptr(), tokens, r, n,
-                               h.stride(0)};
-      run_kernel("HydraLoRA gates forward kernel", g, h, GP_CUDA_KERNEL(hydra_gates_forward_cuda),
-                 hydra_gates_forward_cpu);
-    } else {
-      const at::Tensor a = h.narrow(1, 0, r), logits = h.narrow(1, r, n);
-      p = at::softmax(logits, 1);
-      z = at::mul(p.unsqueeze(2), a.unsqueeze(1)).view({tokens, -1});
-    }
+    const HydraGates f = hydra_gates(x2, A, R, r, narrow, cast_to);
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor out;
     if (narrow) {
+      const auto xt = f.xc.scalar_type();
       const at::Tensor wn = weight.scalar_type() == xt ? weight : weight.to(xt);
-      out = has_bias ? at::addmm(bias->to(xt), xc, wn.t()) : at::mm(xc, wn.t());
-      out.addmm_(z.to(xt), B.to(xt).t(), 1.0, scaling);
+      out = has_bias ? at::addmm(bias->to(xt), f.xc, wn.t()) : at::mm(f.xc, wn.t());
     } else {
       out = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-      if (out.scalar_type() == B.scalar_type()) {
-        out.addmm_(z, B.t(), 1.0, scaling);
-      } else {
-        out.add_(at::mm(z, B.t()), scaling);
-      }
     }
-    ctx->save_for_backward({xc, weight, wc, B, h, p, z});
-    ctx->saved_data["narrow"] = narrow;
-    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["x_sizes"] = shape;
-    ctx->set_materialize_grads(false);
+    add_update(out, f, B, scaling, narrow, true);
+    save_gates(ctx, f, B, weight, x, narrow, scaling);
+    ctx->saved_data["has_bias"] = has_bias;
     auto out_shape = shape;
     out_shape.back() = out.size(1);
     auto p_shape = shape;
-    p_shape.back() = n;
-    return {at::_unsafe_view(out, out_shape), at::_unsafe_view(p, p_shape)};
+    p_shape.back() = R.size(0);
+    return {at::_unsafe_view(out, out_shape), at::_unsafe_view(f.p, p_shape)};
   }
 
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &xc = saved[0], &weight = saved[1], &wc = saved[2], &B = saved[3], &h = saved[4],
-                     &p = saved[5], &z = saved[6];
-    const double s = ctx->saved_data["scaling"].toDouble();
+    const at::Tensor &weight = saved[1], &wc = saved[2];
     // needs_input_grad counts tensor inputs only: the bias is one when given
     const size_t o = ctx->saved_data["has_bias"].toBool() ? 1 : 0;
     const bool need_x = ctx->needs_input_grad(0), need_A = ctx->needs_input_grad(2 + o),
                need_R = ctx->needs_input_grad(3 + o), need_B = ctx->needs_input_grad(4 + o);
-    const int64_t tokens = p.size(0), n = p.size(1), r = h.size(1) - n;
-    const at::Tensor &gy = grads[0], &gp = grads[1];
     const bool narrow = ctx->saved_data["narrow"].toBool();
-    const at::ScalarType xt = xc.scalar_type();  // narrow: the autocast dtype
+    const HydraGrads gr = hydra_gates_backward(grads[0], grads[1], saved, ctx->saved_data["scaling"].toDouble(),
+                                               narrow, need_x, need_A, need_R, need_B);
     variable_list out(8);
-    at::Tensor g2, dz;
-    if (gy.defined()) {
-      g2 = gy.reshape({tokens, gy.size(-1)});
-      if (narrow) {
-        if (g2.scalar_type() != xt) g2 = g2.to(xt);
-        if (need_B) out[5] = mm_into(g2.t(), z.to(xt), B.scalar_type()).mul_(s);  // s·Gᵀ(g ⊗ a)
-        if (need_x || need_A || need_R) dz = g_times_b(g2, B).mul_(s);  // s·G B, (tokens, n·r)
-      } else {
-        const at::Tensor gc = g2.scalar_type() == B.scalar_type() ? g2 : g2.to(B.scalar_type());
-        const at::Tensor none = at::empty({}, gc.options());  // beta = 0: never read
-        if (need_B) out[5] = at::addmm(none, gc.t(), z, 0.0, s);  // s·Gᵀ(g ⊗ a)
-        if (need_x || need_A || need_R) dz = at::addmm(none, gc, B, 0.0, s);  // s·G B, (tokens, n·r)
-      }
-    }
-    at::Tensor dh;  // gradient of [a, logits]
-    if ((dz.defined() || gp.defined()) && (need_x || need_A || need_R)) {
-      const at::Tensor gp2 = gp.defined() ? gp.reshape({tokens, n}).contiguous() : at::Tensor();
-      if (gates_kernels(h.scalar_type())) {
-        dh = at::empty({tokens, r + n}, h.options());
-        const GatesBackwardArgs g{dtype_code(h.scalar_type()), dz.defined() ? dz.data_ptr() : nullptr, h.data_ptr(),
-                                  p.data_ptr(), gp2.defined() ? gp2.data_ptr() : nullptr, dh.data_ptr(), tokens,
-                                  r, n, h.stride(0)};
-        run_kernel("HydraLoRA gates backward kernel", g, h, GP_CUDA_KERNEL(hydra_gates_backward_cuda),
-                   hydra_gates_backward_cpu);
-      } else {
-        const at::Tensor a = h.narrow(1, 0, r);
-        at::Tensor da, dp;
-        if (dz.defined()) {
-          const at::Tensor dz3 = dz.view({tokens, n, r});
-          da = at::bmm(p.unsqueeze(1), dz3).view({tokens, r});  // Σ_i g_i dz_i
-          dp = at::bmm(dz3, a.unsqueeze(2)).view({tokens, n});  // ⟨dz_i, a⟩
-        }
-        if (gp2.defined()) dp = dp.defined() ? dp + gp2 : gp2;
-        const at::Tensor dl = at::_softmax_backward_data(dp, p, 1, p.scalar_type());
-        if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
-        dh = at::cat({da, dl}, 1);
-      }
-      if (need_A || need_R) {
-        const at::Tensor dw = narrow ? mm_into(dh.to(xt).t(), xc, wc.scalar_type()) : at::mm(dh.t(), xc);
-        if (need_A) out[3] = dw.narrow(0, 0, r);
-        if (need_R) out[4] = dw.narrow(0, r, n);
-      }
-    }
+    out[3] = gr.A;
+    out[4] = gr.R;
+    out[5] = gr.B;
+    const at::Tensor &g2 = gr.g2, &dh = gr.dh;
     if (narrow && need_x && (g2.defined() || dh.defined())) {
+      const auto xt = saved[0].scalar_type();
       const at::Tensor wcn = wc.to(xt);
       at::Tensor dx2;
       if (g2.defined()) {
@@ -518,6 +566,47 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
   }
 };
 
+// (xd, result) → (result + s·z Bᵀ, g) with [a, logits] = xd [A; R]ᵀ: the base product computed outside the
+// node; ∂L/∂result = G passes through, ∂L/∂xd = [da, dl]·[A; R] in xd's dtype.
+struct HydraUpdate : public OnceDifferentiable<HydraUpdate> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& xd, const at::Tensor& result,
+                               const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
+                               int64_t r) {
+    const auto cast_to = at::autocast::get_autocast_dtype(xd.device().type());
+    const bool narrow = under_autocast(xd) && low_precision(cast_to);
+    NoAutocast no_autocast;
+    const auto shape = xd.sizes().vec();
+    const HydraGates f = hydra_gates(xd.reshape({-1, shape.back()}), A, R, r, narrow, cast_to);
+    const at::Tensor out = add_update(result.reshape({-1, B.size(0)}), f, B, scaling, narrow, false);
+    save_gates(ctx, f, B, at::Tensor(), xd, narrow, scaling);
+    auto p_shape = shape;
+    p_shape.back() = R.size(0);
+    return {at::_unsafe_view(out, result.sizes()), at::_unsafe_view(f.p, p_shape)};
+  }
+
+  static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool narrow = ctx->saved_data["narrow"].toBool();
+    const HydraGrads gr = hydra_gates_backward(grads[0], grads[1], saved, ctx->saved_data["scaling"].toDouble(),
+                                               narrow, need_x, ctx->needs_input_grad(2), ctx->needs_input_grad(3),
+                                               ctx->needs_input_grad(4));
+    variable_list out(7);
+    if (ctx->needs_input_grad(1)) out[1] = grads[0];
+    out[2] = gr.A;
+    out[3] = gr.R;
+    out[4] = gr.B;
+    if (need_x && gr.dh.defined()) {
+      const at::Tensor& wc = saved[2];
+      const auto xt = saved[0].scalar_type();
+      const at::Tensor dx2 = narrow ? at::mm(gr.dh.to(xt), wc.to(xt)) : at::mm(gr.dh, wc);
+      const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+      out[0] = (dx2.scalar_type() == x_dtype ? dx2 : dx2.to(x_dtype)).view(ctx->saved_data["x_sizes"].toIntVector());
+    }
+    return out;
+  }
+};
+
 std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
                                      int64_t r) {
@@ -529,6 +618,16 @@ std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weig
   return {outs[0], outs[1]};
 }
 
+std::vector<at::Tensor> hydra_update(const at::Tensor& xd, const at::Tensor& result, const at::Tensor& A,
+                                     const at::Tensor& R, const at::Tensor& B, double scaling, int64_t r) {
+  TORCH_CHECK(A.dim() == 2 && R.dim() == 2 && B.dim() == 2 && A.size(0) == r && B.size(1) == R.size(0) * r &&
+                  xd.size(-1) == A.size(1) && R.size(1) == A.size(1) && result.size(-1) == B.size(0) &&
+                  result.numel() / B.size(0) == xd.numel() / A.size(1),
+              "HydraLoRA update: shapes do not chain");
+  auto outs = HydraUpdate::apply(xd, result, A, R, B, scaling, r);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -537,6 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hyplora_layer", &hyplora_layer, "x Wᵀ (+ b) + scale·Δ(x) of a HypLoRA layer with a frozen base, one node");
   m.def("g_times_b", &g_times_b, "g B for a 16-bit g and a float32 B split into two 16-bit parts (HypLoRA backward)");
   m.def("hydra_linear", &hydra_linear, "HydraLoRA layer output and gates, one autograd node");
+  m.def("hydra_update", &hydra_update, "result + HydraLoRA's update of dropout(x), and the gates, one autograd node");
   m.attr("cuda") = py::bool_(
 #ifdef GEOPROBE_CUDA
       true
