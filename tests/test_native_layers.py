@@ -437,6 +437,37 @@ def test_hydra_update_node_equals_module_path_float64(base_kind, balance, module
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_hydra_update_node_with_dropout_equals_module_path_float64(hooked, module_path):
+    """Active dropout: the update node's A reads dropout(x) and its router the clean x, as the module path's
+    do. With the same random state both paths draw the same mask, so the output and every gradient agree
+    in float64; a second draw differs (the mask is live)."""
+    from tests.test_hydralora_lean import params
+
+    layer = make_layer(12, 8, 3, 4, seed=4)
+    layer.lora_dropout["default"] = torch.nn.Dropout(p=0.4)
+    layer.train()
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda m, i, o: None)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g)
+    cot = torch.randn(3, 5, 8, dtype=torch.float64, generator=g)
+    runs = {}
+    for lean in (True, False):
+        HydraLoraLinear.use_lean_path = lean
+        torch.manual_seed(77)
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl)
+        assert ("HydraUpdate" in _node(y)) == lean, _node(y)
+        runs[lean] = (y.detach(), torch.autograd.grad((y * cot).sum(), [xl, *params(layer)]))
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    HydraLoraLinear.use_lean_path = True
+    torch.manual_seed(78)
+    assert not torch.allclose(layer(x), runs[True][0])
+
+
 def test_hydra_update_node_on_a_4bit_base_equals_the_module_path(module_path):
     """On a bitsandbytes NF4 base (CPU) the update node adds the routed update onto the 4-bit module's
     output: the same output and gradients as the module path, to float32 rounding."""

@@ -20,9 +20,10 @@ One-node path (the default): :func:`~adapters.hydralora.kernels.hydra_linear` co
 autograd node. It serves one active adapter with dense live routing (no top-k, no frozen gates) and no active
 dropout, on a frozen plain ``nn.Linear`` base without hooks; under ``torch.autocast`` only where the C++ node
 serves (:func:`~adapters.hydralora.kernels.linear.serves_autocast`: its products then take their operands in
-the autocast dtype, as the module path's do). Where the C++ nodes are built, any other base (hooked,
-trainable, 4-bit) keeps its own module for W x and :func:`~adapters.hydralora.kernels.hydra_update` adds the
-routed update onto its output in one node. Every other call takes the module path
+the autocast dtype, as the module path's do). Where the C++ nodes are built, a call with active dropout or
+any other base (hooked, trainable, 4-bit) keeps the base's own module for W x and
+:func:`~adapters.hydralora.kernels.hydra_update` adds the routed update onto its output in one node (A reads
+dropout(x), the router the clean x, as in the module path). Every other call takes the module path
 (``HydraLoraLinear.use_lean_path = False`` forces it).
 
 Router initialisation. ``lora_hydra_router`` starts Kaiming-uniform (a = √5, the ``nn.Linear`` default), not
@@ -234,15 +235,19 @@ class HydraLoraLinear(LoraLinear):
         top_k = self.hydra_top_k[adapter]
         if top_k is not None and top_k < self.hydra_heads[adapter]:
             return None
-        dropout = self.lora_dropout[adapter]
-        if dropout.training and type(dropout) is not nn.Identity:
-            return None
-        if not frozen_plain_linear(self.base_layer, x) and not serves_update(x):
+        if self._needs_update_node(adapter, x) and not serves_update(x):
             return None
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
             return None
         return None if torch.is_autocast_enabled(x.device.type) and not serves_autocast(x) else adapter
+
+    def _needs_update_node(self, adapter: str, x: torch.Tensor) -> bool:
+        """Whether the whole-layer node cannot serve (active dropout, or a base other than a frozen plain
+        ``nn.Linear`` without hooks), so that only the update node can."""
+        dropout = self.lora_dropout[adapter]
+        active = dropout.training and type(dropout) is not nn.Identity
+        return active or not frozen_plain_linear(self.base_layer, x)
 
     def _lean_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The whole layer through one node, or None where that path does not serve the call."""
@@ -252,11 +257,17 @@ class HydraLoraLinear(LoraLinear):
         base = self.base_layer
         A, R, B = (self.lora_A[adapter].weight, self.lora_hydra_router[adapter].weight,
                    self.lora_hydra_B[adapter].weight)
-        if frozen_plain_linear(base, x):  # the base product inside the node
+        if not self._needs_update_node(adapter, x):  # the base product inside the node
             y, probs = hydra_linear(x, base.weight, base.bias, A, R, B, self.scaling[adapter], self.r[adapter])
-        else:  # a hooked, trainable or 4-bit base: its output from the module, the update onto it in one node
+        else:  # W x from the base module (hooked, trainable, 4-bit), the update onto it in one node
+            result = base(x)
             xa = x if torch.is_autocast_enabled(x.device.type) else self._cast_input_dtype(x, A.dtype)
-            y, probs = hydra_update(xa, base(x), A, R, B, self.scaling[adapter], self.r[adapter])
+            dropout = self.lora_dropout[adapter]
+            if dropout.training and type(dropout) is not nn.Identity:  # A reads dropout(x), the router x
+                y, probs = hydra_update(dropout(xa), result, A, R, B, self.scaling[adapter], self.r[adapter],
+                                        router_x=xa)
+            else:
+                y, probs = hydra_update(xa, result, A, R, B, self.scaling[adapter], self.r[adapter])
         self._record(adapter, probs, probs)
         return y
 

@@ -150,15 +150,16 @@ def serves_update(x: torch.Tensor) -> bool:
 
 
 def hydra_update(xd: torch.Tensor, result: torch.Tensor, A: torch.Tensor, R: torch.Tensor, B: torch.Tensor,
-                 scaling: float, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(result + s·z Bᵀ, g) with [a, logits] = xd [A; W_router]ᵀ, g = softmax(logits), z = g ⊗ a: the
-    layer's update onto a base output computed outside the node (a hooked or 4-bit base) from the adapter's
-    input ``xd`` (dropout(x)), as one C++ autograd node (``hydra_update`` in
-    ``adapters/kernels/native/layers.cpp``); only where :func:`serves_update`."""
+                 scaling: float, r: int, router_x: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(result + s·z Bᵀ, g) with a = xd Aᵀ, logits = x_r W_routerᵀ, g = softmax(logits), z = g ⊗ a: the layer's
+    update onto a base output computed outside the node (a hooked, trainable or 4-bit base), as one C++
+    autograd node (``hydra_update`` in ``adapters/kernels/native/layers.cpp``); only where
+    :func:`serves_update`. ``router_x``: the router's input when A reads another one (A reads dropout(x),
+    the router the clean x, as the module path); by default the router reads ``xd``."""
     module = native_module(xd.device)
     if module is None or transforms_active():
         raise RuntimeError("hydra_update needs the native C++ layers (serves_update)")
-    return module.hydra_update(xd, result, A, R, B, float(scaling), int(r))
+    return module.hydra_update(xd, result, A, R, B, router_x, float(scaling), int(r))
 
 
 def serves_autocast(x: torch.Tensor) -> bool:

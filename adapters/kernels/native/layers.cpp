@@ -379,16 +379,26 @@ at::Tensor hyplora_layer(const at::Tensor& x, const at::Tensor& weight, const c1
 // (g_times_b), and dx = G W + [da, dl]·[A; R] is formed in c and returned in x's dtype.
 struct HydraGates {
   at::Tensor xc, wc, h, p, z;  // x in the products' dtype (T, din), [A; R], [a, logits], g, g ⊗ a
+  at::Tensor xr;               // the router's own input (T, din) when A reads another (dropout(x)); else undefined
 };
 
+// [a, logits] = x [A; R]ᵀ as one product, or [xd Aᵀ, x Rᵀ] when the router reads its own input xr2 (A reads
+// dropout(x), the router the clean x, as the module path).
 HydraGates hydra_gates(const at::Tensor& x2, const at::Tensor& A, const at::Tensor& R, int64_t r, bool narrow,
-                       at::ScalarType cast_to) {
+                       at::ScalarType cast_to, const at::Tensor& xr2 = at::Tensor()) {
   const at::ScalarType xt = narrow ? cast_to : A.scalar_type();  // the dtype x takes in the products
   HydraGates f;
   f.xc = x2.scalar_type() == xt ? x2 : x2.to(xt);
   f.wc = at::cat({A, R});
   const int64_t n = R.size(0), tokens = x2.size(0);
-  f.h = narrow ? mm_into(f.xc, f.wc.to(xt).t(), A.scalar_type()) : at::mm(f.xc, f.wc.t());
+  if (xr2.defined()) {
+    f.xr = xr2.scalar_type() == xt ? xr2 : xr2.to(xt);
+    const at::Tensor a = narrow ? mm_into(f.xc, A.to(xt).t(), A.scalar_type()) : at::mm(f.xc, A.t());
+    const at::Tensor l = narrow ? mm_into(f.xr, R.to(xt).t(), A.scalar_type()) : at::mm(f.xr, R.t());
+    f.h = at::cat({a, l}, 1);
+  } else {
+    f.h = narrow ? mm_into(f.xc, f.wc.to(xt).t(), A.scalar_type()) : at::mm(f.xc, f.wc.t());
+  }
   if (gates_kernels(f.h.scalar_type())) {
     f.p = at::empty({tokens, n}, f.h.options());
     f.z = at::empty({tokens, n * r}, f.h.options());
@@ -425,7 +435,7 @@ at::Tensor add_update(const at::Tensor& res, const HydraGates& f, const at::Tens
 
 void save_gates(AutogradContext* ctx, const HydraGates& f, const at::Tensor& B, const at::Tensor& weight,
                 const at::Tensor& x, bool narrow, double scaling) {
-  ctx->save_for_backward({f.xc, weight, f.wc, B, f.h, f.p, f.z});
+  ctx->save_for_backward({f.xc, weight, f.wc, B, f.h, f.p, f.z, f.xr});
   ctx->saved_data["narrow"] = narrow;
   ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
   ctx->saved_data["scaling"] = scaling;
@@ -481,7 +491,18 @@ HydraGrads hydra_gates_backward(const at::Tensor& gy, const at::Tensor& gp, cons
       if (!da.defined()) da = at::zeros({tokens, r}, dl.options());
       out.dh = at::cat({da, dl}, 1);
     }
-    if (need_A || need_R) {
+    const at::Tensor& xr = saved[7];
+    if (xr.defined()) {  // A read xc = dropout(x), the router xr = x
+      const at::Tensor dhn = narrow ? out.dh.to(xt) : out.dh;
+      if (need_A) {
+        const at::Tensor da = dhn.narrow(1, 0, r).t();
+        out.A = narrow ? mm_into(da, xc, wc.scalar_type()) : at::mm(da, xc);
+      }
+      if (need_R) {
+        const at::Tensor dl = dhn.narrow(1, r, n).t();
+        out.R = narrow ? mm_into(dl, xr, wc.scalar_type()) : at::mm(dl, xr);
+      }
+    } else if (need_A || need_R) {
       const at::Tensor dw = narrow ? mm_into(out.dh.to(xt).t(), xc, wc.scalar_type()) : at::mm(out.dh.t(), xc);
       if (need_A) out.A = dw.narrow(0, 0, r);
       if (need_R) out.R = dw.narrow(0, r, n);
@@ -568,17 +589,22 @@ struct HydraLinear : public OnceDifferentiable<HydraLinear> {
 
 // (xd, result) → (result + s·z Bᵀ, g) with [a, logits] = xd [A; R]ᵀ: the base product computed outside the
 // node; ∂L/∂result = G passes through, ∂L/∂xd = [da, dl]·[A; R] in xd's dtype.
+// With a separate router input xr (A reads xd = dropout(x), the router x): ∂L/∂xd = da·A, ∂L/∂xr = dl·R.
 struct HydraUpdate : public OnceDifferentiable<HydraUpdate> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xd, const at::Tensor& result,
-                               const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
-                               int64_t r) {
+                               const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
+                               const c10::optional<at::Tensor>& router_x, double scaling, int64_t r) {
     const auto cast_to = at::autocast::get_autocast_dtype(xd.device().type());
     const bool narrow = under_autocast(xd) && low_precision(cast_to);
     NoAutocast no_autocast;
     const auto shape = xd.sizes().vec();
-    const HydraGates f = hydra_gates(xd.reshape({-1, shape.back()}), A, R, r, narrow, cast_to);
+    const bool separate = router_x.has_value() && router_x->defined();
+    const HydraGates f = hydra_gates(xd.reshape({-1, shape.back()}), A, R, r, narrow, cast_to,
+                                     separate ? router_x->reshape({-1, shape.back()}) : at::Tensor());
     const at::Tensor out = add_update(result.reshape({-1, B.size(0)}), f, B, scaling, narrow, false);
     save_gates(ctx, f, B, at::Tensor(), xd, narrow, scaling);
+    ctx->saved_data["separate"] = separate;
+    if (separate) ctx->saved_data["router_dtype"] = static_cast<int64_t>(router_x->scalar_type());
     auto p_shape = shape;
     p_shape.back() = R.size(0);
     return {at::_unsafe_view(out, result.sizes()), at::_unsafe_view(f.p, p_shape)};
@@ -586,23 +612,35 @@ struct HydraUpdate : public OnceDifferentiable<HydraUpdate> {
 
   static variable_list backward_impl(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
-    const bool need_x = ctx->needs_input_grad(0);
+    // needs_input_grad counts tensor inputs only: xd, result, A, R, B, and the router's x when given
+    const bool separate = ctx->saved_data["separate"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_xr = separate && ctx->needs_input_grad(5);
     const bool narrow = ctx->saved_data["narrow"].toBool();
     const HydraGrads gr = hydra_gates_backward(grads[0], grads[1], saved, ctx->saved_data["scaling"].toDouble(),
-                                               narrow, need_x, ctx->needs_input_grad(2), ctx->needs_input_grad(3),
-                                               ctx->needs_input_grad(4));
-    variable_list out(7);
+                                               narrow, need_x || need_xr, ctx->needs_input_grad(2),
+                                               ctx->needs_input_grad(3), ctx->needs_input_grad(4));
+    variable_list out(8);
     if (ctx->needs_input_grad(1)) out[1] = grads[0];
     out[2] = gr.A;
     out[3] = gr.R;
     out[4] = gr.B;
-    if (need_x && gr.dh.defined()) {
-      const at::Tensor& wc = saved[2];
-      const auto xt = saved[0].scalar_type();
-      const at::Tensor dx2 = narrow ? at::mm(gr.dh.to(xt), wc.to(xt)) : at::mm(gr.dh, wc);
-      const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-      out[0] = (dx2.scalar_type() == x_dtype ? dx2 : dx2.to(x_dtype)).view(ctx->saved_data["x_sizes"].toIntVector());
+    if (!gr.dh.defined()) return out;
+    const at::Tensor& wc = saved[2];
+    const auto xt = saved[0].scalar_type();
+    const at::Tensor dh = narrow ? gr.dh.to(xt) : gr.dh;
+    const at::Tensor w = narrow ? wc.to(xt) : wc;
+    const auto sizes = ctx->saved_data["x_sizes"].toIntVector();
+    auto as_input = [&](const at::Tensor& d, const char* key) {
+      const auto dtype = static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
+      return (d.scalar_type() == dtype ? d : d.to(dtype)).view(sizes);
+    };
+    if (!separate) {
+      if (need_x) out[0] = as_input(at::mm(dh, w), "x_dtype");
+      return out;
     }
+    const int64_t n = saved[5].size(1), r = gr.dh.size(1) - n;
+    if (need_x) out[0] = as_input(at::mm(dh.narrow(1, 0, r), w.narrow(0, 0, r)), "x_dtype");
+    if (need_xr) out[5] = as_input(at::mm(dh.narrow(1, r, n), w.narrow(0, r, n)), "router_dtype");
     return out;
   }
 };
@@ -619,12 +657,14 @@ std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weig
 }
 
 std::vector<at::Tensor> hydra_update(const at::Tensor& xd, const at::Tensor& result, const at::Tensor& A,
-                                     const at::Tensor& R, const at::Tensor& B, double scaling, int64_t r) {
+                                     const at::Tensor& R, const at::Tensor& B, const c10::optional<at::Tensor>& router_x,
+                                     double scaling, int64_t r) {
   TORCH_CHECK(A.dim() == 2 && R.dim() == 2 && B.dim() == 2 && A.size(0) == r && B.size(1) == R.size(0) * r &&
                   xd.size(-1) == A.size(1) && R.size(1) == A.size(1) && result.size(-1) == B.size(0) &&
-                  result.numel() / B.size(0) == xd.numel() / A.size(1),
+                  result.numel() / B.size(0) == xd.numel() / A.size(1) &&
+                  (!router_x.has_value() || !router_x->defined() || router_x->sizes() == xd.sizes()),
               "HydraLoRA update: shapes do not chain");
-  auto outs = HydraUpdate::apply(xd, result, A, R, B, scaling, r);
+  auto outs = HydraUpdate::apply(xd, result, A, R, B, router_x, scaling, r);
   return {outs[0], outs[1]};
 }
 
