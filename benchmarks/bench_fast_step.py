@@ -204,7 +204,8 @@ def main() -> None:
             except Exception as exc:  # a compiled method the compiler cannot take: reported, left out
                 if name not in compiled_of:
                     raise
-                failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                failed[name] = f"{type(exc).__name__}: {first}"
                 print(f"{name} left out at {seq} tokens: {failed[name]}", flush=True)
         methods_now = [m for m in methods if m not in failed]
         times, peaks = time_interleaved(methods_now, prepare, args.repeats, dev, steps=args.steps)

@@ -218,11 +218,11 @@ class HydraLoraLinear(LoraLinear):
             acc[0] = acc[0] + flat.sum(dim=0).cpu()
             acc[1] += flat.shape[0]
 
-    def _lean_adapter(self, x: torch.Tensor) -> Optional[str]:
-        """The one active adapter when a one-node path serves this call, else None (several or no active
-        adapters, top-k, frozen gates, active dropout, mismatched dtypes, autocast without the C++ node, a
-        base layer other than a frozen plain ``nn.Linear`` without hooks where the C++ update node is not
-        built)."""
+    def _lean_route(self, x: torch.Tensor) -> Optional[tuple[str, bool]]:
+        """(the one active adapter, whether only the update node can serve) when a one-node path serves this
+        call, else None (several or no active adapters, top-k, frozen gates, mismatched dtypes, autocast
+        without the C++ node, and active dropout or a base layer other than a frozen plain ``nn.Linear``
+        without hooks where the C++ update node is not built)."""
         if not self.use_lean_path or self.merged or self.disable_adapters:
             return None
         adapter = self.active_adapter
@@ -235,29 +235,27 @@ class HydraLoraLinear(LoraLinear):
         top_k = self.hydra_top_k[adapter]
         if top_k is not None and top_k < self.hydra_heads[adapter]:
             return None
-        if self._needs_update_node(adapter, x) and not serves_update(x):
-            return None
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
             return None
-        return None if torch.is_autocast_enabled(x.device.type) and not serves_autocast(x) else adapter
-
-    def _needs_update_node(self, adapter: str, x: torch.Tensor) -> bool:
-        """Whether the whole-layer node cannot serve (active dropout, or a base other than a frozen plain
-        ``nn.Linear`` without hooks), so that only the update node can."""
+        if torch.is_autocast_enabled(x.device.type) and not serves_autocast(x):
+            return None
         dropout = self.lora_dropout[adapter]
-        active = dropout.training and type(dropout) is not nn.Identity
-        return active or not frozen_plain_linear(self.base_layer, x)
+        update = (dropout.training and type(dropout) is not nn.Identity) or not frozen_plain_linear(self.base_layer, x)
+        if update and not serves_update(x):
+            return None
+        return adapter, update
 
     def _lean_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The whole layer through one node, or None where that path does not serve the call."""
-        adapter = self._lean_adapter(x)
-        if adapter is None:
+        route = self._lean_route(x)
+        if route is None:
             return None
+        adapter, update = route
         base = self.base_layer
         A, R, B = (self.lora_A[adapter].weight, self.lora_hydra_router[adapter].weight,
                    self.lora_hydra_B[adapter].weight)
-        if not self._needs_update_node(adapter, x):  # the base product inside the node
+        if not update:  # the base product inside the node
             y, probs = hydra_linear(x, base.weight, base.bias, A, R, B, self.scaling[adapter], self.r[adapter])
         else:  # W x from the base module (hooked, trainable, 4-bit), the update onto it in one node
             result = base(x)

@@ -24,7 +24,8 @@ the embedding, the final norm, the output layer and the loss stay eager (the ans
 varying number of rows, which would recompile). The numbers equal the eager step to rounding
 (``tests/test_train_compiled.py`` on a CPU, and on CUDA with and without graphs). It is off by default:
 the compile costs about as much as it saves on a run of a few hundred steps
-(``benchmarks/bench_small_train.py``, rows ``lora-compiled`` and ``lora-graphs``). Not with FSDP (the blocks are sharded units there). When the first compiled step
+(``benchmarks/bench_small_train.py``, rows ``lora-compiled`` and ``lora-graphs``). Not with FSDP (the
+blocks are sharded units there). When the first compiled step
 fails (an operation the compiler cannot take), the trainer logs one line, takes the compiled blocks off
 again and redoes the step eagerly (:meth:`Compiled.revert`).
 """
@@ -42,10 +43,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 """``torch.compile`` modes the blocks may be compiled with: ``auto`` (``reduce-overhead`` on CUDA,
-``default`` elsewhere: the fastest measured, ``benchmarks/bench_small_train.py``), ``default`` (Inductor's fused kernels),
-``reduce-overhead`` (the same kernels, each block's forward and backward replayed as a CUDA graph, so the
-host launches one graph per block instead of its kernels; CUDA only), ``max-autotune-no-cudagraphs``
-(Inductor also benchmarks GEMM and Triton configurations at the compile)."""
+``default`` elsewhere: the fastest measured, ``benchmarks/bench_small_train.py``), ``default``
+(Inductor's fused kernels), ``reduce-overhead`` (the same kernels, each block's forward and backward
+replayed as a CUDA graph, so the host launches one graph per block instead of its kernels; CUDA only),
+``max-autotune-no-cudagraphs`` (Inductor also benchmarks GEMM and Triton configurations at the compile)."""
 
 
 @dataclass(frozen=True)

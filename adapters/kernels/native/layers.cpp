@@ -657,8 +657,8 @@ std::vector<at::Tensor> hydra_linear(const at::Tensor& x, const at::Tensor& weig
 }
 
 std::vector<at::Tensor> hydra_update(const at::Tensor& xd, const at::Tensor& result, const at::Tensor& A,
-                                     const at::Tensor& R, const at::Tensor& B, const c10::optional<at::Tensor>& router_x,
-                                     double scaling, int64_t r) {
+                                     const at::Tensor& R, const at::Tensor& B,
+                                     const c10::optional<at::Tensor>& router_x, double scaling, int64_t r) {
   TORCH_CHECK(A.dim() == 2 && R.dim() == 2 && B.dim() == 2 && A.size(0) == r && B.size(1) == R.size(0) * r &&
                   xd.size(-1) == A.size(1) && R.size(1) == A.size(1) && result.size(-1) == B.size(0) &&
                   result.numel() / B.size(0) == xd.numel() / A.size(1) &&
