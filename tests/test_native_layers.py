@@ -411,8 +411,6 @@ def test_hydra_update_node_equals_module_path_float64(base_kind, balance, module
     """A base the whole-layer node cannot take (a forward hook, a trainable weight) keeps its own module for
     W x, and the C++ update node adds the routed update onto it: output, every gradient (the base weight's
     too) and the balance loss equal the module path's in float64; the hook fires once."""
-    from tests.test_hydralora_lean import params
-
     layer = make_layer(12, 8, 3, 4, balance=balance, seed=2)
     calls = []
     if base_kind == "hooked":
@@ -422,19 +420,32 @@ def test_hydra_update_node_equals_module_path_float64(base_kind, balance, module
     g = torch.Generator().manual_seed(12)
     x = torch.randn(2, 6, 12, dtype=torch.float64, generator=g)
     cot = torch.randn(2, 6, 8, dtype=torch.float64, generator=g)
-    wanted = [*params(layer)] + ([layer.base_layer.weight] if base_kind == "trainable" else [])
+    _update_node_vs_module_path(layer, x, cot, tol=(1e-12, 1e-12), grad_tol=(1e-10, 1e-10),
+                                aux=0.7 if balance else 0.0,
+                                extra=[layer.base_layer.weight] if base_kind == "trainable" else [])
+    assert calls == ([1, 1] if base_kind == "hooked" else [])
+
+
+def _update_node_vs_module_path(layer, x, cot, *, tol, grad_tol, seed=None, extra=(), aux=0.0):
+    """Σ cot·y (+ aux·balance loss) through the update node and through the module path (each after
+    ``torch.manual_seed(seed)`` when given): the outputs within ``tol`` (rtol, atol) and the gradients of x,
+    A, B, the router and ``extra`` within ``grad_tol``. Returns the update node's output."""
+    from tests.test_hydralora_lean import params
+
     runs = {}
     for lean in (True, False):
         HydraLoraLinear.use_lean_path = lean
+        if seed is not None:
+            torch.manual_seed(seed)
         xl = x.clone().requires_grad_(True)
         y = layer(xl)
         assert ("HydraUpdate" in _node(y)) == lean, _node(y)
-        loss = (y * cot).sum() + (0.7 * layer.hydra_last_aux["default"] if balance else 0.0)
-        runs[lean] = (y.detach(), torch.autograd.grad(loss, [xl, *wanted]))
-    assert calls == ([1, 1] if base_kind == "hooked" else [])
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-12, atol=1e-12)
+        loss = (y * cot).sum() + (aux * layer.hydra_last_aux["default"] if aux else 0.0)
+        runs[lean] = (y.detach(), torch.autograd.grad(loss, [xl, *params(layer), *extra]))
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=tol[0], atol=tol[1])
     for a, b in zip(runs[True][1], runs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=grad_tol[0], atol=grad_tol[1])
+    return runs[True][0]
 
 
 @pytest.mark.parametrize("hooked", [False, True])
@@ -442,8 +453,6 @@ def test_hydra_update_node_with_dropout_equals_module_path_float64(hooked, modul
     """Active dropout: the update node's A reads dropout(x) and its router the clean x, as the module path's
     do. With the same random state both paths draw the same mask, so the output and every gradient agree
     in float64; a second draw differs (the mask is live)."""
-    from tests.test_hydralora_lean import params
-
     layer = make_layer(12, 8, 3, 4, seed=4)
     layer.lora_dropout["default"] = torch.nn.Dropout(p=0.4)
     layer.train()
@@ -452,20 +461,10 @@ def test_hydra_update_node_with_dropout_equals_module_path_float64(hooked, modul
     g = torch.Generator().manual_seed(14)
     x = torch.randn(3, 5, 12, dtype=torch.float64, generator=g)
     cot = torch.randn(3, 5, 8, dtype=torch.float64, generator=g)
-    runs = {}
-    for lean in (True, False):
-        HydraLoraLinear.use_lean_path = lean
-        torch.manual_seed(77)
-        xl = x.clone().requires_grad_(True)
-        y = layer(xl)
-        assert ("HydraUpdate" in _node(y)) == lean, _node(y)
-        runs[lean] = (y.detach(), torch.autograd.grad((y * cot).sum(), [xl, *params(layer)]))
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(runs[True][1], runs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    y = _update_node_vs_module_path(layer, x, cot, tol=(1e-12, 1e-12), grad_tol=(1e-10, 1e-10), seed=77)
     HydraLoraLinear.use_lean_path = True
     torch.manual_seed(78)
-    assert not torch.allclose(layer(x), runs[True][0])
+    assert not torch.allclose(layer(x), y)
 
 
 def test_hydra_update_node_on_a_4bit_base_equals_the_module_path(module_path):
@@ -473,23 +472,13 @@ def test_hydra_update_node_on_a_4bit_base_equals_the_module_path(module_path):
     output: the same output and gradients as the module path, to float32 rounding."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     from geoprobe.models.quantize import linear_4bit
-    from tests.test_hydralora_lean import params
 
     layer = make_layer(64, 48, 4, 3, base_dtype=torch.float32, adapter_dtype=torch.float32, seed=5)
     layer.base_layer = linear_4bit(layer.base_layer, compute_dtype=torch.float32)
     g = torch.Generator().manual_seed(13)
     x = torch.randn(3, 10, 64, generator=g)
     cot = torch.randn(3, 10, 48, generator=g)
-    runs = {}
-    for lean in (True, False):
-        HydraLoraLinear.use_lean_path = lean
-        xl = x.clone().requires_grad_(True)
-        y = layer(xl)
-        assert ("HydraUpdate" in _node(y)) == lean, _node(y)
-        runs[lean] = (y.detach(), torch.autograd.grad((y * cot).sum(), [xl, *params(layer)]))
-    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(runs[True][1], runs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _update_node_vs_module_path(layer, x, cot, tol=(1e-5, 1e-5), grad_tol=(1e-4, 1e-5))
 
 
 def test_cli_native_builds_and_reports(capsys, monkeypatch):
