@@ -192,17 +192,15 @@ def main() -> None:
     # the loss: the trainer's (answer_loss_sum over every next-token target, with Liger's fused linear
     # cross-entropy where it applies, so the logits are never held whole) or transformers' (labels=ids)
     index, target = (t.to(dev) for t in answer_targets(ids.cpu()))
-    fused_loss = {}
-    for name in methods:
-        record = fast.decide(base, device=dev) if args.loss == "trainer" else None
-        fused_loss[name] = (fast.fused_cross_entropy(record, models[name].get_output_embeddings())[1]
-                            if record is not None else None)
+    record = fast.decide(base, device=dev) if args.loss == "trainer" else None
+    fused_loss = {name: (fast.fused_cross_entropy(record, models[name].get_output_embeddings())[1]
+                         if record is not None else None) for name in methods}
     loss_note = ("transformers' causal-LM loss (labels=ids): the full logits in bf16, the loss in float32"
-                 if args.loss == "hf" else
+                 if record is None else
                  "the trainer's answer loss over every next-token target (adapters.train.loss.answer_loss_sum) "
                  + ("with Liger's fused linear cross-entropy" if fused_loss[methods[0]] is not None
                     else "with plain logits (the fused loss does not apply here: "
-                         + (fast.decide(base, device=dev).reason or "not a plain head") + ")"))
+                         f"{record.reason or 'not a plain head'})"))
 
     def loss_of(name: str) -> torch.Tensor:
         with autocast:

@@ -20,7 +20,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +42,7 @@ def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, 
     steps = warm + active
     settings = TrainSettings(lr=cfg.lr, max_steps=steps, batch_size=per_step, max_length=length, save_every=steps,
                              pack=True, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0,
-                             log_every=1 if steps < 10 else 10, compile=compiled, compile_mode=mode)
+                             log_every=1, compile=compiled, compile_mode=mode)  # on_step reads every loss
     n_seq = len(pack(rows, length))
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -56,7 +55,6 @@ def profile_variant(lm, rows, examples, cfg, name: str, warm: int, active: int, 
             stamps.append(time.perf_counter())
             prof.step()
 
-        settings = replace(settings, log_every=1)  # on_step reads every step's loss: one sync a step either way
         with tempfile.TemporaryDirectory() as out:
             run = finetune(lm.model, lm.tokenizer, examples, "lora", out=Path(out) / "run",
                            settings=settings, progress=False, r=cfg.r, alpha=2 * cfg.r, dropout=cfg.dropout,

@@ -19,7 +19,7 @@ tested against.
 One-node path (the default): :func:`~adapters.hydralora.kernels.hydra_linear` computes the whole layer as one
 autograd node. It serves one active adapter with dense live routing (no top-k, no frozen gates) and no active
 dropout, on a frozen plain ``nn.Linear`` base without hooks; under ``torch.autocast`` only where the C++ node
-serves (:func:`~adapters.hydralora.kernels.linear.serves_autocast`: its products then take their operands in
+serves (:func:`~adapters.hydralora.kernels.native_serves`: its products then take their operands in
 the autocast dtype, as the module path's do). Where the C++ nodes are built, a call with active dropout or
 any other base (hooked, trainable, 4-bit) keeps the base's own module for W x and
 :func:`~adapters.hydralora.kernels.hydra_update` adds the routed update onto its output in one node (A reads
@@ -72,7 +72,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from geoprobe.errors import AdapterError
 from ..kernels.frozen_linear import frozen_plain_linear, is_4bit_linear
 from .functional import balance_loss, frozen_delta_weight, outer_bottleneck, router_gates
-from .kernels import hydra_linear, hydra_update, serves_autocast, serves_update
+from .kernels import hydra_linear, hydra_update, native_serves
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,11 @@ class HydraLoraLinear(LoraLinear):
             acc[0] = acc[0] + flat.sum(dim=0).cpu()
             acc[1] += flat.shape[0]
 
-    def _lean_route(self, x: torch.Tensor) -> Optional[tuple[str, bool]]:
-        """(the one active adapter, whether only the update node can serve) when a one-node path serves this
-        call, else None (several or no active adapters, top-k, frozen gates, mismatched dtypes, autocast
-        without the C++ node, and active dropout or a base layer other than a frozen plain ``nn.Linear``
-        without hooks where the C++ update node is not built)."""
+    def _lean_route(self, x: torch.Tensor) -> Optional[tuple[str, bool, bool]]:
+        """(the one active adapter, whether only the update node can serve, whether dropout is active) when a
+        one-node path serves this call, else None (several or no active adapters, top-k, frozen gates,
+        mismatched dtypes, autocast without the C++ nodes, and active dropout or a base layer other than a
+        frozen plain ``nn.Linear`` without hooks without them)."""
         if not self.use_lean_path or self.merged or self.disable_adapters:
             return None
         adapter = self.active_adapter
@@ -238,34 +238,35 @@ class HydraLoraLinear(LoraLinear):
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
             return None
-        if torch.is_autocast_enabled(x.device.type) and not serves_autocast(x):
+        native = native_serves(x)
+        if torch.is_autocast_enabled(x.device.type) and not native:
             return None
         dropout = self.lora_dropout[adapter]
-        update = (dropout.training and type(dropout) is not nn.Identity) or not frozen_plain_linear(self.base_layer, x)
-        if update and not serves_update(x):
+        dropping = dropout.training and type(dropout) is not nn.Identity
+        update = dropping or not frozen_plain_linear(self.base_layer, x)
+        if update and not native:
             return None
-        return adapter, update
+        return adapter, update, dropping
 
     def _lean_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The whole layer through one node, or None where that path does not serve the call."""
         route = self._lean_route(x)
         if route is None:
             return None
-        adapter, update = route
+        adapter, update, dropping = route
         base = self.base_layer
         A, R, B = (self.lora_A[adapter].weight, self.lora_hydra_router[adapter].weight,
                    self.lora_hydra_B[adapter].weight)
+        s, r = self.scaling[adapter], self.r[adapter]
         if not update:  # the base product inside the node
-            y, probs = hydra_linear(x, base.weight, base.bias, A, R, B, self.scaling[adapter], self.r[adapter])
+            y, probs = hydra_linear(x, base.weight, base.bias, A, R, B, s, r)
         else:  # W x from the base module (hooked, trainable, 4-bit), the update onto it in one node
             result = base(x)
             xa = x if torch.is_autocast_enabled(x.device.type) else self._cast_input_dtype(x, A.dtype)
-            dropout = self.lora_dropout[adapter]
-            if dropout.training and type(dropout) is not nn.Identity:  # A reads dropout(x), the router x
-                y, probs = hydra_update(dropout(xa), result, A, R, B, self.scaling[adapter], self.r[adapter],
-                                        router_x=xa)
+            if dropping:  # A reads dropout(x), the router the clean x
+                y, probs = hydra_update(self.lora_dropout[adapter](xa), result, A, R, B, s, r, router_x=xa)
             else:
-                y, probs = hydra_update(xa, result, A, R, B, self.scaling[adapter], self.r[adapter])
+                y, probs = hydra_update(xa, result, A, R, B, s, r)
         self._record(adapter, probs, probs)
         return y
 

@@ -24,7 +24,7 @@ batched products, the softmax backward and a concatenation) as one kernel each w
 8 backward; :class:`HydraLinearFn` is then the fallback and the functorch path. The precision is the module
 path's: x is cast to the adapter weights' dtype (PEFT's convention), and (α/r)·Δ is added to W x in that
 dtype before the sum is rounded to the base dtype. Under ``torch.autocast`` only the C++ node serves
-(:func:`serves_autocast`): its products then take 16-bit operands as the module path's do under autocast,
+(:func:`native_serves`): its products then take 16-bit operands as the module path's do under autocast,
 with the gates and their backward kept in the adapter dtype. Its backward cannot be differentiated again.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from ...kernels._internals import function_apply, transforms_active, unsafe_view
 from ...kernels.native import native_module
 
-__all__ = ["HydraLinearFn", "hydra_linear", "hydra_update", "serves_autocast", "serves_update"]
+__all__ = ["HydraLinearFn", "hydra_linear", "hydra_update", "native_serves"]
 
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -144,28 +144,24 @@ def _input_grad(g2: Optional[torch.Tensor], dh: Optional[torch.Tensor], weight: 
 _APPLY = function_apply(HydraLinearFn)
 
 
-def serves_update(x: torch.Tensor) -> bool:
-    """Whether :func:`hydra_update` serves ``x``: the C++ node is built for its device (no Python twin)."""
-    return not transforms_active() and native_module(x.device) is not None
-
-
 def hydra_update(xd: torch.Tensor, result: torch.Tensor, A: torch.Tensor, R: torch.Tensor, B: torch.Tensor,
                  scaling: float, r: int, router_x: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(result + s·z Bᵀ, g) with a = xd Aᵀ, logits = x_r W_routerᵀ, g = softmax(logits), z = g ⊗ a: the layer's
     update onto a base output computed outside the node (a hooked, trainable or 4-bit base), as one C++
     autograd node (``hydra_update`` in ``adapters/kernels/native/layers.cpp``); only where
-    :func:`serves_update`. ``router_x``: the router's input when A reads another one (A reads dropout(x),
+    :func:`native_serves`. ``router_x``: the router's input when A reads another one (A reads dropout(x),
     the router the clean x, as the module path); by default the router reads ``xd``."""
     module = native_module(xd.device)
     if module is None or transforms_active():
-        raise RuntimeError("hydra_update needs the native C++ layers (serves_update)")
+        raise RuntimeError("hydra_update needs the native C++ layers (native_serves)")
     return module.hydra_update(xd, result, A, R, B, router_x, float(scaling), int(r))
 
 
-def serves_autocast(x: torch.Tensor) -> bool:
-    """Whether :func:`hydra_linear` can take ``x`` under ``torch.autocast``: only the C++ node can (its
-    products then take their operands in the autocast dtype, as the module path's do; see
-    ``adapters/kernels/native/layers.cpp``); :class:`HydraLinearFn` computes in the adapter dtype."""
+def native_serves(x: torch.Tensor) -> bool:
+    """Whether the C++ nodes serve ``x`` (built for its device, no functorch transform active). Only they
+    take a call under ``torch.autocast`` (their products then take their operands in the autocast dtype, as
+    the module path's do; :class:`HydraLinearFn` computes in the adapter dtype), and :func:`hydra_update`
+    has no Python twin."""
     return not transforms_active() and native_module(x.device) is not None
 
 
