@@ -114,6 +114,50 @@ def test_a_failing_first_compiled_step_is_redone_eagerly(examples, tmp_path, mon
     assert len(warned) == 1 and "plain path" in warned[0]
 
 
+@pytest.mark.parametrize("method", ["lora", "hyplora", "hydralora"])
+def test_adapter_blocks_compile_as_one_graph(method):
+    """With the C++ adapter nodes serving (GEOPROBE_NATIVE=all on the CPU, as on CUDA by default), a block
+    compiles as one graph (``fullgraph=True`` raises at a graph break; each C++ node or Triton launch
+    would be one) and gives the eager block's output and gradients, taken through the C++ nodes, to float32
+    rounding: under the compiler the layers take their plain torch formulas."""
+    import shutil
+
+    from adapters.build import build
+    from adapters.kernels import native
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native layers cannot be built here")
+    previous = native.set_native_mode("all")
+    try:
+        assert native.native_module(torch.device("cpu")) is not None, native.native_unavailable_reason("cpu")
+        torch.manual_seed(3)
+        model = build(tiny_llama(), method, r=4, dropout=0.0)
+        model.train()
+        with torch.no_grad():  # B away from PEFT's zeros, so the update and its gradients are not trivial
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.dim() == 2:
+                    p.normal_(0.0, 0.1)
+        block = find_blocks(model)[1]
+        x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(4))
+        rot = model.get_base_model().model.rotary_emb(x, torch.arange(12)[None].expand(2, -1))
+        params = [p for p in block.parameters() if p.requires_grad]
+
+        def run(fn):
+            xi = x.clone().requires_grad_(True)
+            out = fn(xi, position_embeddings=rot, attention_mask=None)
+            out = out[0] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), [xi, *params])
+            return out.detach(), grads
+
+        eager_out, eager_grads = run(block)
+        fast_out, fast_grads = run(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    finally:
+        native.set_native_mode(previous)
+    torch.testing.assert_close(fast_out, eager_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fast_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_setting_is_a_bool_and_not_part_of_the_run_identity():
     from adapters.train.settings import NOT_COMPARED
 
@@ -139,7 +183,7 @@ def test_cuda_graphs_need_cuda_and_modes_are_checked():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method,mode", [("lora", "default"), ("hyplora", "default"), ("lora", "reduce-overhead"),
-                                         ("hyplora", "reduce-overhead")])
+                                         ("hyplora", "reduce-overhead"), ("hydralora", "reduce-overhead")])
 def test_compiled_blocks_on_cuda_train_the_eager_adapter(examples, tmp_path, method, mode):
     """On CUDA (bfloat16 autocast, the Triton and native adapter nodes where they serve), compiled blocks
     give the eager run's losses to bfloat16 rounding and its adapter to that rounding in 99 % of the

@@ -70,6 +70,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from geoprobe.errors import AdapterError
+from ..kernels._internals import compiling
 from ..kernels.frozen_linear import frozen_plain_linear, is_4bit_linear
 from .functional import balance_loss, frozen_delta_weight, outer_bottleneck, router_gates
 from .kernels import hydra_linear, hydra_update, native_serves
@@ -220,11 +221,11 @@ class HydraLoraLinear(LoraLinear):
 
     def _lean_route(self, x: torch.Tensor) -> Optional[tuple[str, bool, bool]]:
         """(the one active adapter, whether only the update node can serve, whether dropout is active) when a
-        one-node path serves this call, else None (several or no active adapters, top-k, frozen gates,
-        mismatched dtypes, autocast without the C++ nodes, and active dropout or a base layer other than a
-        frozen plain ``nn.Linear`` without hooks without them)."""
-        if not self.use_lean_path or self.merged or self.disable_adapters:
-            return None
+        one-node path serves this call, else None (a block being compiled, several or no active adapters,
+        top-k, frozen gates, mismatched dtypes, autocast without the C++ nodes, and active dropout or a base
+        layer other than a frozen plain ``nn.Linear`` without hooks without them)."""
+        if not self.use_lean_path or self.merged or self.disable_adapters or compiling():
+            return None  # under torch.compile the module path's plain torch ops, which Inductor fuses
         adapter = self.active_adapter
         if not isinstance(adapter, str):
             if len(adapter) != 1:

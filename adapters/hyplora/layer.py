@@ -27,6 +27,7 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from geoprobe.errors import AdapterError
+from ..kernels._internals import compiling
 
 from .functional import REF_K_GRAD_CLIP, bottleneck, initial_scale, inverse_positive, positive
 from .kernels import (autocast_off, hyplora_bottleneck_fused, hyplora_layer_native, hyplora_linear_fused,
@@ -137,7 +138,7 @@ class HypLoraLinear(LoraLinear):
         """W x + (α/r)·Δ(dropout(x)). With one active, unmerged, consistent-map HypLoRA adapter and the
         fused kernels available, the update and the addition are one autograd node
         (:func:`adapters.hyplora.kernels.hyplora_linear_fused`); everything else (several
-        adapters, mixed batches, the official map, CPU) goes through PEFT's dispatch."""
+        adapters, mixed batches, the official map, CPU, a block being compiled) goes through PEFT's dispatch."""
         name = self._hyp_fast_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
@@ -154,8 +155,8 @@ class HypLoraLinear(LoraLinear):
         return hyplora_linear_fused(xd, result, A, B, raw_k, raw_s, self.scaling[name])
 
     def _hyp_fast_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
-        if args or kwargs or self.disable_adapters or self.merged:
-            return None
+        if args or kwargs or self.disable_adapters or self.merged or compiling():
+            return None  # under torch.compile: PEFT's dispatch and the plain formulas, which Inductor fuses
         active = self.active_adapters
         if len(active) != 1:
             return None

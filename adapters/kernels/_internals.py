@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from geoprobe.runtime import env_flag
 
-__all__ = ["PRIVATE_APIS", "set_private_apis", "function_apply", "transforms_active",
+__all__ = ["PRIVATE_APIS", "set_private_apis", "function_apply", "transforms_active", "compiling",
            "unsafe_view", "unhooked_plain_linear", "DirectLauncher"]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,14 @@ def transforms_active() -> bool:
     """True when functorch transforms (vmap, grad) may be active: always True with private entry points
     off, so callers take their general path."""
     return not PRIVATE_APIS or bool(torch._C._are_functorch_transforms_active())
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces the caller (``torch.compiler.is_compiling``). The C++ nodes
+    and direct Triton launches are opaque to the compiler, each one a graph break that splits a compiled
+    block (and its CUDA graph) in two; the adapter layers then take their plain torch formulas, which
+    Inductor fuses into the block's own kernels."""
+    return torch.compiler.is_compiling()
 
 
 def unsafe_view(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

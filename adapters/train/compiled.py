@@ -19,7 +19,10 @@ forward's start (``torch.compiler.cudagraph_mark_step_begin``). Measured on an H
 16 examples a step: 2.92× the tokens per second of HF Trainer + PEFT LoRA (BENCHMARKS.md).
 
 What is compiled: the blocks of the model's largest ``nn.ModuleList`` whose entries all share one class
-(the decoder layers of a causal LM, the encoder layers of BERT), with the adapter layers inside them;
+(the decoder layers of a causal LM, the encoder layers of BERT), with the adapter layers inside them.
+While the compiler traces them the adapter layers take their plain torch formulas
+(:func:`adapters.kernels._internals.compiling`), not the C++ nodes or Triton launches, each of which
+would split the block's graph; so every method's block is one graph (``tests/test_train_compiled.py``);
 the embedding, the final norm, the output layer and the loss stay eager (the answer loss picks a
 varying number of rows, which would recompile). The numbers equal the eager step to rounding
 (``tests/test_train_compiled.py`` on a CPU, and on CUDA with and without graphs). It is off by default:

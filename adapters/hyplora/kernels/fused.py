@@ -141,11 +141,14 @@ def hyplora_bottleneck_fused(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     (float64 if any of x, A, B is float64, else float32), like
 :func:`adapters.hyplora.functional.reference_path`;
     autocast is switched off inside.
-    Falls back to that reference path (logging the reason once) where the kernels do not apply.
+    Falls back to that reference path (logging the reason once) where the kernels do not apply, and
+    takes it silently while ``torch.compile`` traces the call (Inductor then fuses its elementwise work).
     """
     if torch.is_autocast_enabled(x.device.type):  # the update is computed in float32/float64
         with autocast_off(x.device.type):
             return hyplora_bottleneck_fused(x, A, B, raw_k, raw_s, scale)
+    if _internals.compiling():  # torch.compile fuses the plain formulas; a kernel launch would break the graph
+        return reference_path(x, A, B, raw_k, raw_s, scale)
     reason = fused_unsupported_reason(x, A, B, raw_k, raw_s)
     if reason is not None:
         _report(reason)
