@@ -15,9 +15,11 @@ Methods, interleaved within each round (order rotated from round to round), medi
 * ``peft lora + liger`` — the same with Liger-Kernel applied to its model instance the way Liger's
   documentation does for a loaded model (``apply_liger_kernel_to_llama(model=...)``: RoPE, RMSNorm, SwiGLU
   and Liger's own causal-LM forward with its fused linear cross-entropy);
-* ``lora --compile``, ``hyplora --compile``, ``hydralora --compile`` (asked for by ``--methods``) — the
-  same with the blocks compiled as the trainer's ``--compile`` does (:mod:`adapters.train.compiled`: Liger
-  patches no module then, its fused loss stays; on CUDA each block replayed as a CUDA graph), three
+* ``lora --compile``, ``hyplora --compile``, ``hydralora --compile``, ``gelora --compile`` (asked for by
+  ``--methods``) — the same with the blocks compiled as the trainer's ``--compile`` does
+  (:mod:`adapters.train.compiled`: Liger patches no module then and its RoPE is off, its fused loss stays;
+  every adapter layer takes its plain torch formulas, one graph per block; on CUDA each block replayed as
+  a CUDA graph), three
   warm-up steps for the compile and the graph records; a method the compiler cannot take is left out of
   the table with the reason (``left_out``);
 * ``lora``, ``hyplora``, ``hydralora``, ``gelora`` — geoprobe's layers built by :func:`adapters.build` on a
@@ -67,7 +69,7 @@ from benchmarks.results_log import append_run, results_path  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 STOCK, STOCK_LIGER = "peft lora", "peft lora + liger"
 OURS = ["lora", "hyplora", "hydralora", "gelora"]
-COMPILED = ["lora --compile", "hyplora --compile", "hydralora --compile"]
+COMPILED = ["lora --compile", "hyplora --compile", "hydralora --compile", "gelora --compile"]
 METHODS = [STOCK, STOCK_LIGER, *OURS, *COMPILED]
 DEFAULT_METHODS = [STOCK, STOCK_LIGER, *OURS]
 
@@ -192,8 +194,9 @@ def main() -> None:
 
         def prepare(name: str):
             # Liger's RoPE is a module-level function every Llama attention calls: off for the stock method
+            # and inside compiled blocks (as the trainer's --compile: Inductor fuses the plain one)
             modeling_llama.apply_rotary_pos_emb = (original_rope if name == STOCK or liger is None
-                                                   else liger[1])
+                                                   or name in compiled_of else liger[1])
             return steps[name]
 
         failed = {}
