@@ -167,13 +167,17 @@ def test_setting_is_a_bool_and_not_part_of_the_run_identity():
 
 
 def test_cuda_graphs_need_cuda_and_modes_are_checked():
-    """``reduce-overhead`` on a CPU model compiles in the default mode and says why; an unknown mode is
-    refused by the settings, naming the flag."""
+    """``reduce-overhead`` on a CPU model, or on blocks under activation checkpointing, compiles in the
+    default mode and says why; an unknown mode is refused by the settings, naming the flag."""
     from adapters.train.compiled import MODES, compile_blocks
 
     model = tiny_llama()
     rec, handle = compile_blocks(model, enabled=True, mode="reduce-overhead")
     assert rec.applied and rec.mode == "default" and "CUDA graphs need CUDA" in rec.reason
+    handle.revert()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rec, handle = compile_blocks(model, enabled=True, mode="reduce-overhead")
+    assert rec.applied and rec.mode == "default" and "activation checkpointing" in rec.reason
     handle.revert()
     assert "reduce-overhead" in MODES and TrainSettings(compile=True, compile_mode="reduce-overhead").compile
     with pytest.raises(AdapterError, match="--compile-mode 'fast'.*reduce-overhead"):

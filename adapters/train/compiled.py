@@ -49,7 +49,10 @@ MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 ``default`` elsewhere: the fastest measured, ``benchmarks/bench_small_train.py``), ``default``
 (Inductor's fused kernels), ``reduce-overhead`` (the same kernels, each block's forward and backward
 replayed as a CUDA graph, so the host launches one graph per block instead of its kernels; CUDA only),
-``max-autotune-no-cudagraphs`` (Inductor also benchmarks GEMM and Triton configurations at the compile)."""
+``max-autotune-no-cudagraphs`` (Inductor also benchmarks GEMM and Triton configurations at the compile).
+Blocks under activation checkpointing (``gradient_checkpointing_enable``) are compiled in the default
+mode: the checkpoint reruns each block's forward inside the backward pass, which CUDA graphs cannot
+record."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
     """Compile the blocks of ``model`` (:func:`find_blocks`) with ``torch.compile`` in ``mode``
     (:data:`MODES`) when ``enabled``; (the record, a handle to revert) or (the record saying why not,
     None). The compile itself happens at the first forward. CUDA graphs (``reduce-overhead``) need the
-    model on CUDA; elsewhere the blocks are compiled in the default mode and the record says so."""
+    model on CUDA and no activation checkpointing; otherwise the blocks are compiled in the default mode
+    and the record says so."""
     if not enabled:
         return CompiledBlocks(applied=False, reason="off (--compile not given)"), None
     if sharded:
@@ -111,8 +115,14 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
     reason = ""
     on_cuda = next(blocks.parameters()).device.type == "cuda"
+    # activation checkpointing reruns each block's forward inside the backward pass, which CUDA graph
+    # trees cannot record ("graph recording observed an input tensor deallocate ...", torch 2.11)
+    checkpointed = any(getattr(block, "gradient_checkpointing", False) for block in blocks)
     if mode == "auto":
-        mode = "reduce-overhead" if on_cuda else "default"
+        mode = "reduce-overhead" if on_cuda and not checkpointed else "default"
+    elif mode == "reduce-overhead" and checkpointed:
+        mode, reason = "default", ("CUDA graphs cannot hold activation checkpointing's recompute: compiled in "
+                                   "the default mode")
     elif mode == "reduce-overhead" and not on_cuda:
         mode, reason = "default", "CUDA graphs need CUDA: compiled in the default mode"
     for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
