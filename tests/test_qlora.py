@@ -258,7 +258,9 @@ def test_gpu_finetune_through_the_loader(method, tmp_path):
     lm = load_model(folder, device="cuda", quantize="4bit")
     assert quantization_of(lm.model).compute_dtype == "bfloat16" and lm.model.lm_head.weight.is_cuda
     examples = load_examples(write_problems(tmp_path / "train.jsonl", 16))
-    settings = TrainSettings(lr=1e-2, max_steps=8, batch_size=4, max_length=160, warmup_ratio=0.0, save_every=100)
+    # 16 steps (4 epochs): HypLoRA's update starts at its small initial scale and takes longer to move the
+    # loss; at 8 steps it fell 0.09 on the unquantized float32 model too (6.046 → 5.958 on a CPU)
+    settings = TrainSettings(lr=1e-2, max_steps=16, batch_size=4, max_length=160, warmup_ratio=0.0, save_every=100)
     options = {"layer_ranks": [2, 6]} if method == "gelora" else {}
     run = finetune(lm.model, lm.tokenizer, examples, method, out=tmp_path / "run", settings=settings,
                    progress=False, r=4, dropout=0.0, **options)
