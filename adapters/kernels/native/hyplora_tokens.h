@@ -15,9 +15,11 @@
 
 #include "dtype_codes.h"
 
+// x (and gx) are in x_type: the compute dtype, or on CUDA a 16-bit dtype with a float32 compute dtype (the
+// node under autocast reads x as it came; every 16-bit value is exactly a float32 value).
 struct HypForwardArgs {
-  int compute_type, raw_type;
-  const void* x;  // (T, din) compute dtype, row stride sx
+  int compute_type, raw_type, x_type;
+  const void* x;  // (T, din) x_type, row stride sx
   const void* a;  // (T, r) contiguous
   const void* G;  // (r, r) contiguous
   void* ca;       // (T, r): c·a
@@ -31,7 +33,7 @@ struct HypForwardArgs {
 };
 
 struct HypBackwardArgs {
-  int compute_type, raw_type;
+  int compute_type, raw_type, x_type;
   const void* gca;  // (T, r) contiguous
   const void* a;    // (T, r) contiguous
   const void* G;    // (r, r) contiguous
@@ -42,8 +44,8 @@ struct HypBackwardArgs {
   void* ca;    // (T, r)
   void* wa;    // (T, r + 2)
   void* aext;  // (T, r + 1)
-  void* gx;    // (T, din) contiguous, or null
-  const void* x;  // (T, din), row stride sx
+  void* gx;    // (T, din) contiguous x_type, or null
+  const void* x;  // (T, din) x_type, row stride sx
   double scale, cut;
   int64_t T;
   int r;

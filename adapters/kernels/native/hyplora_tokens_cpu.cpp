@@ -1,6 +1,8 @@
 // Per-token scalar work of the HypLoRA layer node on the CPU: the same formulas as hyplora_tokens.cu,
 // one token at a time (tokens split over threads).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 
@@ -11,22 +13,25 @@ namespace {
 
 using gp_hyp::curvature_scale;
 
-template <typename C, typename R>
+template <typename C, typename X, typename R>
 void forward_tokens(const HypForwardArgs& p) {
   C K, s, dK, ds;
   curvature_scale(static_cast<const R*>(p.rk), static_cast<const R*>(p.rs), &K, &s, &dK, &ds);
   const int r = p.r;
-  const C* x = static_cast<const C*>(p.x);
+  const X* x = static_cast<const X*>(p.x);
   const C* a = static_cast<const C*>(p.a);
   const C* G = static_cast<const C*>(p.G);
   C* ca = static_cast<C*>(p.ca);
   C* sqq = static_cast<C*>(p.sqq);
   at::parallel_for(0, p.T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const C* xr = x + t * p.sx;
+      const X* xr = x + t * p.sx;
       const C* at_ = a + t * r;
       C sq = 0, q = 0;
-      for (int64_t i = 0; i < p.din; ++i) sq += xr[i] * xr[i];
+      for (int64_t i = 0; i < p.din; ++i) {
+        const C v = static_cast<C>(xr[i]);  // exact for a 16-bit x
+        sq += v * v;
+      }
       for (int j = 0; j < r; ++j) {
         C h = 0;  // (aᵀG)_j
         for (int i = 0; i < r; ++i) h += at_[i] * G[i * r + j];
@@ -40,7 +45,7 @@ void forward_tokens(const HypForwardArgs& p) {
   });
 }
 
-template <typename C, typename R>
+template <typename C, typename X, typename R>
 void backward_tokens(const HypBackwardArgs& p) {
   C K, s, dK, ds;
   curvature_scale(static_cast<const R*>(p.rk), static_cast<const R*>(p.rs), &K, &s, &dK, &ds);
@@ -50,12 +55,12 @@ void backward_tokens(const HypBackwardArgs& p) {
   const C* a = static_cast<const C*>(p.a);
   const C* G = static_cast<const C*>(p.G);
   const C* sqq = static_cast<const C*>(p.sqq);
-  const C* x = static_cast<const C*>(p.x);
+  const X* x = static_cast<const X*>(p.x);
   C* da = static_cast<C*>(p.da);
   C* ca = static_cast<C*>(p.ca);
   C* wa = static_cast<C*>(p.wa);
   C* aext = static_cast<C*>(p.aext);
-  C* gx = static_cast<C*>(p.gx);
+  X* gx = static_cast<X*>(p.gx);
   at::parallel_for(0, p.T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const C* at_ = a + t * r;
@@ -81,9 +86,9 @@ void backward_tokens(const HypBackwardArgs& p) {
       aer[r] = C(1);
       if (gx != nullptr) {
         const C w = C(2) * tg.g_sq;
-        const C* xr = x + t * p.sx;
-        C* gr_ = gx + t * p.din;
-        for (int64_t i = 0; i < p.din; ++i) gr_[i] = w * xr[i];
+        const X* xr = x + t * p.sx;
+        X* gr_ = gx + t * p.din;
+        for (int64_t i = 0; i < p.din; ++i) gr_[i] = static_cast<X>(w * static_cast<C>(xr[i]));
       }
     }
   });
@@ -91,20 +96,45 @@ void backward_tokens(const HypBackwardArgs& p) {
 
 }  // namespace
 
-const char* hyplora_forward_cpu(const HypForwardArgs& p) {
-  if (p.compute_type == kFloat32 && p.raw_type == kFloat32) forward_tokens<float, float>(p);
-  else if (p.compute_type == kFloat32) forward_tokens<float, double>(p);
-  else if (p.compute_type == kFloat64 && p.raw_type == kFloat32) forward_tokens<double, float>(p);
-  else if (p.compute_type == kFloat64) forward_tokens<double, double>(p);
-  else return "unsupported compute dtype";
-  return nullptr;
+namespace {
+
+// x's dtype: the compute dtype, or (float32 compute) bfloat16 or float16.
+template <typename Args, typename Run>
+const char* dispatch(const Args& p, Run&& run) {
+  auto with_raw = [&](auto c, auto x) {
+    using C = decltype(c);
+    using X = decltype(x);
+    if (p.raw_type == kFloat32) {
+      run.template operator()<C, X, float>(p);
+    } else {
+      run.template operator()<C, X, double>(p);
+    }
+    return static_cast<const char*>(nullptr);
+  };
+  if (p.compute_type == kFloat32) {
+    if (p.x_type == kFloat32) return with_raw(float{}, float{});
+    if (p.x_type == kBFloat16) return with_raw(float{}, c10::BFloat16{});
+    if (p.x_type == kFloat16) return with_raw(float{}, c10::Half{});
+    return "unsupported x dtype";
+  }
+  if (p.compute_type == kFloat64) {
+    return p.x_type == kFloat64 ? with_raw(double{}, double{}) : "unsupported x dtype";
+  }
+  return "unsupported compute dtype";
 }
 
-const char* hyplora_backward_cpu(const HypBackwardArgs& p) {
-  if (p.compute_type == kFloat32 && p.raw_type == kFloat32) backward_tokens<float, float>(p);
-  else if (p.compute_type == kFloat32) backward_tokens<float, double>(p);
-  else if (p.compute_type == kFloat64 && p.raw_type == kFloat32) backward_tokens<double, float>(p);
-  else if (p.compute_type == kFloat64) backward_tokens<double, double>(p);
-  else return "unsupported compute dtype";
-  return nullptr;
-}
+struct Forward {
+  template <typename C, typename X, typename R>
+  void operator()(const HypForwardArgs& p) const { forward_tokens<C, X, R>(p); }
+};
+
+struct Backward {
+  template <typename C, typename X, typename R>
+  void operator()(const HypBackwardArgs& p) const { backward_tokens<C, X, R>(p); }
+};
+
+}  // namespace
+
+const char* hyplora_forward_cpu(const HypForwardArgs& p) { return dispatch(p, Forward{}); }
+
+const char* hyplora_backward_cpu(const HypBackwardArgs& p) { return dispatch(p, Backward{}); }

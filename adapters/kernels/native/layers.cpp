@@ -11,6 +11,7 @@
 #include <torch/version.h>
 #include <ATen/autocast_mode.h>
 
+#include <array>
 #include <atomic>
 #include <utility>
 
@@ -124,7 +125,8 @@ at::Tensor as_grad(const at::Tensor& value, const at::Tensor& like) {
 // --------------------------------------------------------------------------- HypLoRA
 // The adapter's share of the layer, shared by the two nodes below.
 struct HypSaved {
-  at::Tensor xf, a, sqq;  // x in the adapter dtype (T, din), A x, and ‖x‖² then aᵀGa per token
+  at::Tensor xf, a, sqq;  // x (T, din) in the adapter dtype, or 16-bit as it came (narrow_x), A x, and ‖x‖²
+                          // then aᵀGa per token
 };
 
 bool low_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
@@ -146,6 +148,46 @@ at::Tensor mm_into(const at::Tensor& mat1, const at::Tensor& mat2, at::ScalarTyp
   return at::mm(mat1.to(result), mat2.to(result));
 }
 
+// m (float32) as three parts in the 16-bit dtype t, m ≈ hi + mid + lo: each part the rounded remainder of the
+// ones before, together float32's 24 significant bits (bfloat16: 8 each). A product of a 16-bit operand
+// with the parts, float32 accumulation, equals the float32 product to float32 rounding.
+std::array<at::Tensor, 3> split3(const at::Tensor& m, at::ScalarType t) {
+  const auto wide = m.scalar_type();
+  const at::Tensor hi = m.to(t);
+  const at::Tensor rest = m - hi.to(wide);
+  const at::Tensor mid = rest.to(t);
+  const at::Tensor lo = (rest - mid.to(wide)).to(t);
+  return {hi, mid, lo};
+}
+
+// The sum of the three (rows, width) blocks of `both` along `dim` (the products with hi, mid and lo).
+at::Tensor sum3(const at::Tensor& both, int64_t dim, int64_t width) {
+  return both.narrow(dim, 0, width) + both.narrow(dim, width, width) + both.narrow(dim, 2 * width, width);
+}
+
+// x Aᵀ for a 16-bit x (T, din) and a float32 A (r, din), float32 result: x against A's three parts in one
+// product of width 3r (float32 accumulation), the parts summed. No float32 copy of x is formed.
+at::Tensor x_times_at(const at::Tensor& x, const at::Tensor& A) {
+  const auto p = split3(A, x.scalar_type());
+  const int64_t r = A.size(0);
+  return sum3(mm_into(x, at::cat({p[0], p[1], p[2]}, 0).t(), A.scalar_type()), 1, r).contiguous();
+}
+
+// daᵀ x for a float32 da (T, r) and a 16-bit x (T, din), float32 result (r, din): da's three parts against x.
+at::Tensor dat_times_x(const at::Tensor& da, const at::Tensor& x) {
+  const auto p = split3(da, x.scalar_type());
+  const int64_t r = da.size(1);
+  return sum3(mm_into(at::cat({p[0], p[1], p[2]}, 1).t(), x, da.scalar_type()), 0, r);
+}
+
+// gx += da A in gx's 16-bit dtype (one product onto gx, float32 accumulation, one rounding): da A as
+// da_hi A_hi + da_hi A_mid + da_mid A_hi (about 16 significant bits before the 16-bit result's 8).
+void add_da_times_a(at::Tensor& gx, const at::Tensor& da, const at::Tensor& A) {
+  const auto t = gx.scalar_type();
+  const auto d = split3(da, t), w = split3(A, t);
+  gx.addmm_(at::cat({d[0], d[0], d[1]}, 1), at::cat({w[0], w[1], w[0]}, 0));
+}
+
 // Whether the caller runs under autocast on x's device: only then do the adapter's products with a 16-bit
 // operand run in that dtype, as PEFT LoRA's do under autocast. Outside autocast PEFT computes the update in
 // the adapter dtype (x cast to it) and rounds once when adding it to the base output; so does this node.
@@ -162,17 +204,21 @@ std::pair<HypSaved, at::Tensor> hyp_forward(const at::Tensor& x, const at::Tenso
   const auto dt = A.scalar_type();
   const int64_t din = A.size(1), r = A.size(0);
   at::Tensor xf = x.reshape({-1, din});
-  if (xf.scalar_type() != dt) xf = xf.to(dt);
+  // under autocast a 16-bit x stays as it came (narrow_x): a = x Aᵀ against A's three 16-bit parts, and the
+  // kernel reads x itself; the values equal the float32 path's to float32 rounding
+  const bool narrow_x = narrow && low_precision(xf.scalar_type()) && dt == at::kFloat;
+  if (!narrow_x && xf.scalar_type() != dt) xf = xf.to(dt);
   xf = xf.contiguous();
-  const at::Tensor a = at::mm(xf, A.t());
+  const at::Tensor a = narrow_x ? x_times_at(xf, A) : at::mm(xf, A.t());
   const at::Tensor G = at::mm(B.t(), B);
   const int64_t T = xf.size(0);
-  at::Tensor ca = at::empty({T, r}, xf.options());
-  at::Tensor sqq = at::empty({2 * T}, xf.options());
-  HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), xf.data_ptr(), a.data_ptr(), G.data_ptr(),
-                   ca.data_ptr(), sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), scale, cut, T,
-                   static_cast<int>(r), din, xf.stride(0)};
-  run_kernel("HypLoRA forward kernel", p, xf, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
+  const auto opts = a.options();
+  at::Tensor ca = at::empty({T, r}, opts);
+  at::Tensor sqq = at::empty({2 * T}, opts);
+  HypForwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(xf.scalar_type()), xf.data_ptr(),
+                   a.data_ptr(), G.data_ptr(), ca.data_ptr(), sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(),
+                   scale, cut, T, static_cast<int>(r), din, xf.stride(0)};
+  run_kernel("HypLoRA forward kernel", p, a, GP_CUDA_KERNEL(hyplora_forward_cuda), hyplora_forward_cpu);
   const auto ot = res.scalar_type();
   if (ot != dt && !narrow) {
     const at::Tensor wide = at::addmm(res.to(dt), ca, B.t());
@@ -207,7 +253,8 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
                       const at::Tensor& raw_k, const at::Tensor& raw_s, double scale, double cut, bool narrow,
                       bool need_x, bool need_A, bool need_B, bool need_k, bool need_s) {
   const auto dt = A.scalar_type();
-  const at::Tensor xf = sv.xf.scalar_type() == dt ? sv.xf : sv.xf.to(dt).contiguous();  // save_hyp's 16-bit x
+  const at::Tensor& xf = sv.xf;  // 16-bit where the forward ran narrow_x
+  const bool narrow_x = xf.scalar_type() != dt;
   const at::Tensor& a = sv.a;
   const int64_t T = a.size(0), r = a.size(1), din = A.size(1);
   TORCH_CHECK(a.is_contiguous() && xf.stride(1) == 1, "HypLoRA layer: saved tensors lost their layout");
@@ -220,14 +267,21 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
   at::Tensor da = at::empty({T, r}, opts), ca = at::empty({T, r}, opts);
   at::Tensor wa = at::empty({T, r + 2}, opts), aext = at::empty({T, r + 1}, opts);
   HypGrads out;
-  if (need_x) out.x = at::empty({T, din}, opts);
-  HypBackwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), gca.data_ptr(), a.data_ptr(),
+  if (need_x) out.x = at::empty({T, din}, xf.options());  // narrow_x: x's 16-bit dtype
+  HypBackwardArgs p{dtype_code(dt), dtype_code(raw_k.scalar_type()), dtype_code(xf.scalar_type()), gca.data_ptr(),
+                    a.data_ptr(),
                     G.data_ptr(), sv.sqq.data_ptr(), raw_k.data_ptr(), raw_s.data_ptr(), da.data_ptr(),
                     ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? out.x.data_ptr() : nullptr,
                     xf.data_ptr(), scale, cut, T, static_cast<int>(r), din, xf.stride(0)};
   run_kernel("HypLoRA backward kernel", p, a, GP_CUDA_KERNEL(hyplora_backward_cuda), hyplora_backward_cpu);
-  if (need_x) out.x.addmm_(da, A);
-  if (need_A) out.A = at::mm(da.t(), xf);
+  if (need_x) {
+    if (narrow_x) {
+      add_da_times_a(out.x, da, A);
+    } else {
+      out.x.addmm_(da, A);
+    }
+  }
+  if (need_A) out.A = narrow_x ? dat_times_x(da, xf) : at::mm(da.t(), xf);
   if (need_B || need_k || need_s) {
     const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
     if (need_B) {
@@ -240,15 +294,12 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
   return out;
 }
 
-// Under autocast a 16-bit x is kept as it came (its float32 copy xf is exact: every 16-bit value is a float32
-// value) and widened again in backward, so the node holds T·din 16-bit values instead of float32 ones
-// between forward and backward, as PEFT LoRA's autocast products hold x.
+// Under autocast a 16-bit x is kept as it came (narrow_x), so the node holds T·din 16-bit values between
+// forward and backward, as PEFT LoRA's autocast products hold x.
 void save_hyp(AutogradContext* ctx, const HypSaved& sv, const at::Tensor& A, const at::Tensor& B,
               const at::Tensor& raw_k, const at::Tensor& raw_s, const at::Tensor& x, double scale, double cut,
               bool narrow, const at::Tensor& weight = at::Tensor()) {
-  const bool keep_x = narrow && low_precision(x.scalar_type()) && sv.xf.scalar_type() == at::kFloat;
-  const at::Tensor kept = keep_x ? x.reshape({-1, x.size(-1)}).contiguous() : sv.xf;
-  ctx->save_for_backward({kept, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
+  ctx->save_for_backward({sv.xf, A, B, sv.a, sv.sqq, raw_k, raw_s, weight});
   ctx->saved_data["narrow"] = narrow;
   ctx->saved_data["scale"] = scale;
   ctx->saved_data["cut"] = cut;
@@ -323,7 +374,7 @@ struct HypLinearBase : public OnceDifferentiable<HypLinearBase> {
     if (need_x) {
       const at::Tensor& weight = v[7];
       at::Tensor dx = at::mm(g.reshape({-1, g.size(-1)}), weight);
-      dx.add_(gr.x);  // the adapter's share (adapter dtype) added in one rounding to the base dtype
+      dx.add_(gr.x);  // the adapter's share (adapter dtype, or 16-bit under narrow_x) added to g W
       out[0] = dx.view(ctx->saved_data["x_sizes"].toIntVector());
     }
     out[3] = gr.A;
