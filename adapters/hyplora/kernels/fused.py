@@ -194,7 +194,10 @@ def hyplora_linear_fused(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor,
     then result + (c·a) Bᵀ as one matrix product onto the result. With a 16-bit result that product, and
     in backward the products of the 16-bit incoming gradient with B and with c·a, run in the result's
     dtype with float32 accumulation (as PEFT LoRA's products under autocast), so no tokens × d_out
-    float32 tensor is formed; the per-token work and ∂A, ∂x stay in the adapter dtype. Otherwise the
+    float32 tensor is formed. Under autocast a 16-bit x is read as it came, never copied to float32:
+    a = x Aᵀ and ∂A = daᵀ x take A and ∂L/∂a as three 16-bit parts each (float32's 24 significant bits,
+    float32 accumulation: the float32 products to float32 rounding), and the adapter's share of ∂x is
+    formed in x's dtype; the per-token work stays in the adapter dtype. Otherwise the
     Python node below: a = x Aᵀ, y = a Bᵀ (cuBLAS), then one Triton kernel per token that forms ‖x‖²,
     q = ‖y‖² (= aᵀBᵀBa), the scalar c of :func:`hyplora_bottleneck_fused` and writes result + c·y
     (the update in the adapter dtype). Backward: the kernels of :func:`hyplora_bottleneck_fused` with
