@@ -68,9 +68,9 @@ def test_hyplora_node_bf16_base_float32_adapters_close_to_chain_cpu(autocast):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
 def test_hyplora_node_under_autocast_keeps_x_in_sixteen_bits(native_everywhere, device):
-    """Under autocast the node keeps a bfloat16 x as it came for backward (its float32 copy is exact), not a
-    float32 copy: no saved tensor of x's size is float32; the output and gradients stay within bfloat16
-    rounding of the float64 chain."""
+    """Under autocast the node reads a bfloat16 x as it came and keeps it so for backward (its products take
+    A and ∂L/∂a in three bfloat16 parts), never a float32 copy: no saved tensor of x's size is float32; the
+    output and gradients stay within bfloat16 rounding of the float64 chain."""
     layer = _layer(96, 80, 8, base_dtype=torch.bfloat16, seed=4).to(device)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(3, 20, 96, generator=gen).to(device, torch.bfloat16)
