@@ -12,6 +12,8 @@ are bound by the host's launch rate, not by the GPU) through a few private entry
   output of a custom function may be modified in place afterwards;
 - the private hook dictionaries of ``nn.Module`` (instance and global), to prove that ``base(x)`` is
   exactly ``F.linear(x, W, b)``;
+- ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``, so that compiled transformer
+  blocks hold their activation checkpoint in the graph (:mod:`adapters.train.compiled`);
 - Triton's compiled-kernel launcher (``kernel.run`` with ``packed_metadata``) and
   ``torch._C._cuda_getCurrentRawStream``, to launch a kernel already compiled for the same argument
   specialisation without Triton's per-call argument binding.
@@ -33,6 +35,7 @@ import torch.nn as nn
 from geoprobe.runtime import env_flag
 
 __all__ = ["PRIVATE_APIS", "set_private_apis", "function_apply", "transforms_active", "compiling",
+           "checkpoint_side_effects_skipped",
            "unsafe_view", "unhooked_plain_linear", "DirectLauncher"]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +111,22 @@ def compiling() -> bool:
     block (and its CUDA graph) in two; the adapter layers then take their plain torch formulas, which
     Inductor fuses into the block's own kernels."""
     return torch.compiler.is_compiling()
+
+
+def checkpoint_side_effects_skipped() -> Any:
+    """A context in which ``torch.compile`` traces activation checkpointing over a forward with side effects
+    (HydraLoRA's stored balance loss, a context variable set by transformers' hub-kernel layers) by not
+    replaying them in the backward's recompute (``torch._dynamo.config``'s
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint``); without it the checkpoint is a graph break. A no-op
+    context where that setting does not exist or private entry points are off."""
+    import contextlib
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if PRIVATE_APIS and hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+    return contextlib.nullcontext()
 
 
 def unsafe_view(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

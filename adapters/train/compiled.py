@@ -50,9 +50,8 @@ MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 (Inductor's fused kernels), ``reduce-overhead`` (the same kernels, each block's forward and backward
 replayed as a CUDA graph, so the host launches one graph per block instead of its kernels; CUDA only),
 ``max-autotune-no-cudagraphs`` (Inductor also benchmarks GEMM and Triton configurations at the compile).
-Blocks under activation checkpointing (``gradient_checkpointing_enable``) are compiled in the default
-mode: the checkpoint reruns each block's forward inside the backward pass, which CUDA graphs cannot
-record."""
+Blocks under activation checkpointing (``gradient_checkpointing_enable``) are compiled with the
+checkpoint inside the compiled function (:func:`_compile_checkpointed`), so CUDA graphs serve them too."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +82,54 @@ def find_blocks(model: Any) -> Optional[Any]:
 
 class Compiled:
     """The blocks compiled on one model instance; :meth:`revert` takes the compiled forward off again
-    (``nn.Module.compile`` keeps it beside the module's own, which stays as it was)."""
+    (``nn.Module.compile`` keeps it beside the module's own, which stays as it was) and gives checkpointed
+    blocks their own activation checkpointing back."""
 
-    def __init__(self, blocks: Any) -> None:
+    def __init__(self, blocks: Any, checkpointed: bool = False) -> None:
         self.blocks = blocks
+        self.checkpointed = checkpointed
 
     def revert(self) -> None:
         for block in self.blocks:
             block._compiled_call_impl = None  # what nn.Module.compile set; None restores the plain call
+            if self.checkpointed:
+                block.gradient_checkpointing = True
+
+
+def _checkpointed_forward(block: Any, *args: Any, **kwargs: Any) -> Any:
+    """``block``'s call under non-reentrant activation checkpointing while it trains with gradients (as
+    transformers' ``GradientCheckpointingLayer`` does, the cache off), its plain call otherwise: the
+    function compiled for checkpointed blocks, so the checkpoint is inside the graph."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if block.training and torch.is_grad_enabled():
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        return checkpoint(block._call_impl, *args, use_reentrant=False, **kwargs)
+    return block._call_impl(*args, **kwargs)
+
+
+def _compile_checkpointed(blocks: Any, mode: str) -> None:
+    """Compile ``blocks`` with their activation checkpoint inside the compiled function: each block's own
+    checkpointing is switched off, and one compiled :func:`_checkpointed_forward` (the block an input, so
+    blocks of one class share its graph) checkpoints instead. Compiled inside the checkpoint, as
+    transformers applies it, the block would run its compiled forward again within the backward pass,
+    which CUDA graphs cannot record ("graph recording observed an input tensor deallocate …", torch
+    2.11); inside the compiled function AOTAutograd puts the recompute in the backward graph."""
+    import torch
+
+    from ..kernels._internals import checkpoint_side_effects_skipped
+
+    compiled = torch.compile(_checkpointed_forward, **({} if mode == "default" else {"mode": mode}))
+    for block in blocks:
+        block.gradient_checkpointing = False
+
+        def call(*args: Any, _block: Any = block, **kwargs: Any) -> Any:
+            with checkpoint_side_effects_skipped():
+                return compiled(_block, *args, **kwargs)
+
+        block._compiled_call_impl = call
 
 
 def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
@@ -98,8 +137,8 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
     """Compile the blocks of ``model`` (:func:`find_blocks`) with ``torch.compile`` in ``mode``
     (:data:`MODES`) when ``enabled``; (the record, a handle to revert) or (the record saying why not,
     None). The compile itself happens at the first forward. CUDA graphs (``reduce-overhead``) need the
-    model on CUDA and no activation checkpointing; otherwise the blocks are compiled in the default mode
-    and the record says so."""
+    model on CUDA; elsewhere the blocks are compiled in the default mode and the record says so. Blocks
+    under activation checkpointing keep it, inside the compiled function; the record says so."""
     if not enabled:
         return CompiledBlocks(applied=False, reason="off (--compile not given)"), None
     if sharded:
@@ -115,20 +154,19 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
         raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(MODES)}")
     reason = ""
     on_cuda = next(blocks.parameters()).device.type == "cuda"
-    # activation checkpointing reruns each block's forward inside the backward pass, which CUDA graph
-    # trees cannot record ("graph recording observed an input tensor deallocate ...", torch 2.11)
     checkpointed = any(getattr(block, "gradient_checkpointing", False) for block in blocks)
     if mode == "auto":
-        mode = "reduce-overhead" if on_cuda and not checkpointed else "default"
-    elif mode == "reduce-overhead" and checkpointed:
-        mode, reason = "default", ("CUDA graphs cannot hold activation checkpointing's recompute: compiled in "
-                                   "the default mode")
+        mode = "reduce-overhead" if on_cuda else "default"
     elif mode == "reduce-overhead" and not on_cuda:
         mode, reason = "default", "CUDA graphs need CUDA: compiled in the default mode"
-    for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
-        block.compile(**({} if mode == "default" else {"mode": mode}))
+    if checkpointed:  # the checkpoint inside the compiled function (automatic dynamic shapes, as below)
+        _compile_checkpointed(blocks, mode)
+        reason = "; ".join(filter(None, [reason, "activation checkpointing inside the compiled blocks"]))
+    else:
+        for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
+            block.compile(**({} if mode == "default" else {"mode": mode}))
     record = CompiledBlocks(applied=True, reason=reason, block_class=type(blocks[0]).__name__, n_blocks=len(blocks),
                             mode=mode)
     log.info("compiled blocks: %d × %s (torch.compile, mode %s, at the first step)%s", record.n_blocks,
              record.block_class, mode, f"; {reason}" if reason else "")
-    return record, Compiled(blocks)
+    return record, Compiled(blocks, checkpointed)
