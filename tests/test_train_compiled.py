@@ -158,25 +158,30 @@ def test_adapter_blocks_compile_as_one_graph(method):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+_ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device,mode", [("cpu", "default"), pytest.param("cuda", "reduce-overhead", marks=_ON_CUDA)])
 @pytest.mark.parametrize("method", ["lora", "hyplora", "hydralora"])
-def test_checkpointed_blocks_compile_with_the_checkpoint_inside(method):
+def test_checkpointed_blocks_compile_with_the_checkpoint_inside(method, device, mode):
     """Blocks under activation checkpointing compile with the checkpoint inside the compiled function (CUDA
     graphs cannot record a compiled block rerun within the backward pass): no graph break, the eager
     checkpointed model's loss and gradients to float32 rounding, the blocks' own checkpointing off while
-    compiled and back after revert (the oracle: the same model, eager)."""
+    compiled and back after revert (the oracle: the same model, eager). On CUDA with the blocks replayed
+    as CUDA graphs."""
     from torch._dynamo.utils import counters
 
     from adapters.build import build
 
     torch.manual_seed(5)
-    model = build(tiny_llama(layers=3), method, r=4, dropout=0.0)
+    model = build(tiny_llama(layers=3).to(device), method, r=4, dropout=0.0)
     model.train()
     with torch.no_grad():  # B away from PEFT's zeros, so every adapter gradient is non-trivial
         for p in model.parameters():
             if p.requires_grad and p.dim() == 2:
                 p.normal_(0.0, 0.1)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(0, 200, (2, 14), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, 200, (2, 14), generator=torch.Generator().manual_seed(6)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step():
@@ -187,9 +192,9 @@ def test_checkpointed_blocks_compile_with_the_checkpoint_inside(method):
     blocks = find_blocks(model)
     torch._dynamo.reset()
     counters.clear()
-    record, handle = compile_blocks(model, enabled=True, mode="default")
+    record, handle = compile_blocks(model, enabled=True, mode=mode)
     try:
-        assert record.applied and "activation checkpointing inside" in record.reason
+        assert record.applied and record.mode == mode and "activation checkpointing inside" in record.reason
         assert not any(b.gradient_checkpointing for b in blocks)
         fast_loss, fast_grads = step()
         assert not counters["graph_break"], dict(counters["graph_break"])
