@@ -239,13 +239,11 @@ class HydraLoraLinear(LoraLinear):
         A = self.lora_A[adapter].weight
         if not (A.dtype == self.lora_hydra_router[adapter].weight.dtype == self.lora_hydra_B[adapter].weight.dtype):
             return None
-        native = native_serves(x)
-        if torch.is_autocast_enabled(x.device.type) and not native:
-            return None
         dropout = self.lora_dropout[adapter]
         dropping = dropout.training and type(dropout) is not nn.Identity
         update = dropping or not frozen_plain_linear(self.base_layer, x)
-        if update and not native:
+        # autocast and the update node need the C++ nodes; the whole-layer node has a Python twin
+        if (update or torch.is_autocast_enabled(x.device.type)) and not native_serves(x):
             return None
         return adapter, update, dropping
 

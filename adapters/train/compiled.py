@@ -110,7 +110,7 @@ def _checkpointed_forward(block: Any, *args: Any, **kwargs: Any) -> Any:
     return block._call_impl(*args, **kwargs)
 
 
-def _compile_checkpointed(blocks: Any, mode: str) -> None:
+def _compile_checkpointed(blocks: Any, options: dict[str, Any]) -> None:
     """Compile ``blocks`` with their activation checkpoint inside the compiled function: each block's own
     checkpointing is switched off, and one compiled :func:`_checkpointed_forward` (the block an input, so
     blocks of one class share its graph) checkpoints instead. Compiled inside the checkpoint, as
@@ -121,7 +121,7 @@ def _compile_checkpointed(blocks: Any, mode: str) -> None:
 
     from ..kernels._internals import checkpoint_side_effects_skipped
 
-    compiled = torch.compile(_checkpointed_forward, **({} if mode == "default" else {"mode": mode}))
+    compiled = torch.compile(_checkpointed_forward, **options)
     for block in blocks:
         block.gradient_checkpointing = False
 
@@ -159,12 +159,13 @@ def compile_blocks(model: Any, *, enabled: bool, sharded: bool = False,
         mode = "reduce-overhead" if on_cuda else "default"
     elif mode == "reduce-overhead" and not on_cuda:
         mode, reason = "default", "CUDA graphs need CUDA: compiled in the default mode"
+    options = {} if mode == "default" else {"mode": mode}
     if checkpointed:  # the checkpoint inside the compiled function (automatic dynamic shapes, as below)
-        _compile_checkpointed(blocks, mode)
+        _compile_checkpointed(blocks, options)
         reason = "; ".join(filter(None, [reason, "activation checkpointing inside the compiled blocks"]))
     else:
         for block in blocks:  # automatic dynamic shapes: a second sequence length compiles one dynamic graph
-            block.compile(**({} if mode == "default" else {"mode": mode}))
+            block.compile(**options)
     record = CompiledBlocks(applied=True, reason=reason, block_class=type(blocks[0]).__name__, n_blocks=len(blocks),
                             mode=mode)
     log.info("compiled blocks: %d × %s (torch.compile, mode %s, at the first step)%s", record.n_blocks,
