@@ -90,8 +90,12 @@ def time_interleaved(methods: list[str], prepare: Prepare, repeats: int, dev: to
 
 def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width: int = 27,
                   top: int = 0) -> dict[str, dict]:
-    """{method: {"gpu_kernel_ms", "gpu_kernels"}} from one profiled step each (CUDA only); with ``top`` > 0
-    also "top_kernels": the ``top`` kernels of most GPU time, each [name, ms, launches]."""
+    """{method: {"gpu_kernel_ms", "gpu_kernels", "step_ms", "host_syncs", "host_ops"}} from one profiled step
+    each (CUDA only): GPU kernel time and launches, the step's wall time under the profiler, the host's waits
+    on the GPU (synchronisations and device-to-host copies: each stops the host running ahead) and the
+    ATen operators it called; with ``top`` > 0 also "top_kernels": the ``top`` kernels of most GPU time,
+    each [name, ms, launches], and "top_host_ops": the ``top`` operators by host time (self), each
+    [name, ms, calls]."""
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
@@ -99,16 +103,27 @@ def profile_steps(methods: list[str], prepare: Prepare, dev: torch.device, width
         step = prepare(name)
         _sync(dev)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
             step()
             _sync(dev)
-        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            wall = time.perf_counter() - t
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+        waits = [e for e in host if "Synchronize" in e.key or e.key in ("cudaMemcpy", "aten::item",
+                                                                        "aten::_local_scalar_dense")]
         out[name] = {"gpu_kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-                     "gpu_kernels": sum(e.count for e in kernels)}
+                     "gpu_kernels": sum(e.count for e in kernels), "step_ms": wall * 1e3,
+                     "host_syncs": {e.key: e.count for e in waits},
+                     "host_ops": sum(e.count for e in host if e.key.startswith("aten::"))}
         if top > 0:
             ranked = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
             out[name]["top_kernels"] = [[e.key, e.self_device_time_total / 1e3, e.count] for e in ranked]
-        print(f"{name:<{width}} profiled step: GPU kernel time {out[name]['gpu_kernel_ms']:.1f} ms, "
-              f"{out[name]['gpu_kernels']} kernels", flush=True)
+            ranked = sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+            out[name]["top_host_ops"] = [[e.key, e.self_cpu_time_total / 1e3, e.count] for e in ranked]
+        print(f"{name:<{width}} profiled step: {wall * 1e3:.1f} ms, GPU kernel time "
+              f"{out[name]['gpu_kernel_ms']:.1f} ms, {out[name]['gpu_kernels']} kernels, "
+              f"{out[name]['host_ops']} ATen operators, host waits {out[name]['host_syncs']}", flush=True)
     return out
 
 
