@@ -261,6 +261,9 @@ def _add_train_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
                    help="torch.compile's mode for --compile (implies it): auto (the default: reduce-overhead on "
                         "CUDA), default, reduce-overhead (each block replayed as a CUDA graph) or "
                         "max-autotune-no-cudagraphs")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="keep only each transformer block's input for backward and run the block again there "
+                        "(about one more forward pass per step; far less activation memory, for large models)")
     p.add_argument("--limit", type=int, default=None, help="train on the first N examples (of each --data set)")
 
 
@@ -462,7 +465,8 @@ def _train_settings(args):
                          seed=getattr(args, "seed", 0), save_every=args.save_every, pack=not args.no_pack,
                          balance_coef=args.balance, fast_kernels=not args.no_fast_kernels,
                          compile=args.compile or args.compile_mode is not None,
-                         compile_mode=args.compile_mode or "auto")
+                         compile_mode=args.compile_mode or "auto",
+                         gradient_checkpointing=args.gradient_checkpointing)
 
 
 def _build_kwargs(args, planned: bool) -> dict:

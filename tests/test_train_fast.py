@@ -303,7 +303,8 @@ def test_setting_is_a_bool_and_not_part_of_the_run_identity():
 
 @pytest.mark.parametrize("command", ["finetune", "run", "compare"])
 def test_flags_reach_the_settings(command, monkeypatch):
-    """--no-fast-kernels and --compile reach the TrainSettings of every training command."""
+    """--no-fast-kernels, --compile and --gradient-checkpointing reach the TrainSettings of every training
+    command."""
     import geoprobe.cli as cli
 
     seen = []
@@ -319,7 +320,9 @@ def test_flags_reach_the_settings(command, monkeypatch):
     for extra, field, want in (([], "fast_kernels", True), (["--no-fast-kernels"], "fast_kernels", False),
                                ([], "compile", False), (["--compile"], "compile", True),
                                ([], "compile_mode", "auto"), (["--compile-mode", "reduce-overhead"], "compile", True),
-                               (["--compile-mode", "reduce-overhead"], "compile_mode", "reduce-overhead")):
+                               (["--compile-mode", "reduce-overhead"], "compile_mode", "reduce-overhead"),
+                               ([], "gradient_checkpointing", False),
+                               (["--gradient-checkpointing"], "gradient_checkpointing", True)):
         with pytest.raises(SystemExit):
             main([*base, *extra])
         assert getattr(seen.pop(), field) == want

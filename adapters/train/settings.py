@@ -10,15 +10,17 @@ from geoprobe.profile import Record
 
 __all__ = ["TrainSettings", "lr_factor", "NOT_COMPARED", "FLAGS", "MAX_SEED"]
 
-NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels", "compile", "compile_mode")
-"""Settings a resumed run may change: they steer bookkeeping or which kernels compute the same step,
-not the trained weights' definition (the fast kernels and the compiled blocks agree with the plain path
-to rounding)."""
+NOT_COMPARED = ("save_every", "keep_checkpoints", "log_every", "fast_kernels", "compile", "compile_mode",
+                "gradient_checkpointing")
+"""Settings a resumed run may change: they steer bookkeeping, which kernels compute the same step or which
+activations are kept for it, not the trained weights' definition (the fast kernels, the compiled blocks and
+activation checkpointing agree with the plain path to rounding)."""
 
 FLAGS = {"lr": "--lr", "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
          "max_steps": "--max-steps", "max_length": "--max-length", "warmup_ratio": "--warmup-ratio",
          "seed": "--seed", "save_every": "--save-every", "balance_coef": "--balance", "pack": "--no-pack",
-         "fast_kernels": "--no-fast-kernels", "compile": "--compile", "compile_mode": "--compile-mode"}
+         "fast_kernels": "--no-fast-kernels", "compile": "--compile", "compile_mode": "--compile-mode",
+         "gradient_checkpointing": "--gradient-checkpointing"}
 """The command-line flag of each setting that has one; messages name the flag the user typed."""
 
 MAX_SEED = 2 ** 64 - 1
@@ -40,7 +42,9 @@ class TrainSettings(Record):
     :mod:`adapters.train.compiled`), for launch-bound steps of small models; ``compile_mode`` is
     ``torch.compile``'s mode for them (:data:`adapters.train.compiled.MODES`; ``--compile-mode MODE``):
     ``"auto"`` (the default) replays each compiled block's kernels as a CUDA graph on CUDA
-    (``"reduce-overhead"``) and compiles plainly elsewhere.
+    (``"reduce-overhead"``) and compiles plainly elsewhere. ``gradient_checkpointing``: keep only each
+    transformer block's input for backward and run the block again there (``--gradient-checkpointing``;
+    :mod:`adapters.train.checkpointing`), for large models whose activations do not fit.
     """
 
     lr: float = 3e-4
@@ -62,6 +66,7 @@ class TrainSettings(Record):
     fast_kernels: bool = True
     compile: bool = False
     compile_mode: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not _positive_number(self.lr):
@@ -87,6 +92,9 @@ class TrainSettings(Record):
         if not isinstance(self.compile, bool):
             raise AdapterError(f"training setting compile = {self.compile!r}; it must be True or False "
                                f"(the command line's {FLAGS['compile']} sets it to True)")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise AdapterError(f"training setting gradient_checkpointing = {self.gradient_checkpointing!r}; it must "
+                               f"be True or False (the command line's {FLAGS['gradient_checkpointing']} sets it to True)")
         from .compiled import MODES
 
         if self.compile_mode not in MODES:

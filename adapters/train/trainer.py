@@ -53,7 +53,7 @@ from ..io import adapter_spec, save
 from ..data import IGNORE_INDEX, Example, collate_classification
 from ..plan import AdapterPlan
 from . import checkpoints as ckpt
-from . import compiled, fast
+from . import checkpointing, compiled, fast
 from . import loss as loss_fns
 from . import parallel
 from .batches import SequenceBank, move_together
@@ -166,6 +166,8 @@ class Trainer:
         self.compiled: Optional[compiled.CompiledBlocks] = None
         self._compiled: Optional[compiled.Compiled] = None
         self._first_compiled_step = False
+        self.checkpointing: Optional[checkpointing.ActivationCheckpointing] = None
+        self._uncheckpoint: Optional[Callable[[], None]] = None
         self.fused: Optional[Callable[..., Any]] = None
         self.wrapped: Any = None  # what the forward passes go through (the DDP wrapper, or the model)
         self.step_count, self.micro, self.tokens_seen, self.seconds_before = 0, 0, 0, 0.0
@@ -199,6 +201,8 @@ class Trainer:
             self.run_id = self._run_id()
             self.group.check_same(self.run_id, "the settings, the adapter and the training data")
             state = self._restore_weights(self.start_ckpt) if self.start_ckpt is not None else None
+            self.checkpointing, self._uncheckpoint = checkpointing.enable(
+                self.peft_model, enabled=self.settings.gradient_checkpointing)
             self.compiled, self._compiled = compiled.compile_blocks(self.peft_model, enabled=self.settings.compile,
                                                                     sharded=self.group.sharded,
                                                                     mode=self.settings.compile_mode)
@@ -308,11 +312,14 @@ class Trainer:
             log.info("%s", fast.describe(self.fast))
 
     def _revert_fast(self) -> None:
-        """Take the fast kernels and the compiled blocks off the model again (the caller's model leaves as
-        it came, plus adapters)."""
+        """Take the fast kernels, the compiled blocks and the activation checkpointing off the model again
+        (the caller's model leaves as it came, plus adapters)."""
         if self._compiled is not None:
             self._compiled.revert()
             self._compiled = None
+        if self._uncheckpoint is not None:
+            self._uncheckpoint()
+            self._uncheckpoint = None
         if self._fast_patch is not None:
             self._fast_patch.revert()
             self._fast_patch = None
@@ -506,6 +513,7 @@ class Trainer:
         return FinetuneResult(
             method=spec.method, model=self.model_name or spec.base_model, data=self.data_name,
             settings=s.to_dict() | self.extra | {"compiled_blocks": self.compiled.to_dict(),
+                                                 "activation_checkpointing": self.checkpointing.to_dict(),
                                                  "resumed_from_step": self.resumed_from}, seed=s.seed,
             loss_steps=list(self.loss_steps), loss_values=list(self.loss_values),
             trainable_parameters=spec.trainable_parameters, seconds=round(seconds, 3),
