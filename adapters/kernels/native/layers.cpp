@@ -148,44 +148,47 @@ at::Tensor mm_into(const at::Tensor& mat1, const at::Tensor& mat2, at::ScalarTyp
   return at::mm(mat1.to(result), mat2.to(result));
 }
 
-// m (float32) as three parts in the 16-bit dtype t, m ≈ hi + mid + lo: each part the rounded remainder of the
-// ones before, together float32's 24 significant bits (bfloat16: 8 each). A product of a 16-bit operand
-// with the parts, float32 accumulation, equals the float32 product to float32 rounding.
-std::array<at::Tensor, 3> split3(const at::Tensor& m, at::ScalarType t) {
-  const auto wide = m.scalar_type();
-  const at::Tensor hi = m.to(t);
-  const at::Tensor rest = m - hi.to(wide);
-  const at::Tensor mid = rest.to(t);
-  const at::Tensor lo = (rest - mid.to(wide)).to(t);
-  return {hi, mid, lo};
+// m (float32) as 16-bit parts written into the views given (each m's shape, in one 16-bit dtype): hi = m
+// rounded, mid = the remainder rounded, lo = what is left rounded; together float32's 24 significant bits
+// (bfloat16: 8 each), so a product of a 16-bit operand with the parts, float32 accumulation, equals the
+// float32 product to float32 rounding. Written in place into slices of one buffer (no concatenation), a
+// few elementwise launches; `lo` undefined: hi and mid only.
+void split_into(const at::Tensor& m, const at::Tensor& hi, const at::Tensor& mid, const at::Tensor& lo) {
+  hi.copy_(m);
+  at::Tensor rest = m - hi;  // m's dtype (type promotion): the exact remainder
+  mid.copy_(rest);
+  if (lo.defined()) lo.copy_(rest.sub_(mid));
 }
 
-// The sum of the three (rows, width) blocks of `both` along `dim` (the products with hi, mid and lo).
-at::Tensor sum3(const at::Tensor& both, int64_t dim, int64_t width) {
-  return both.narrow(dim, 0, width) + both.narrow(dim, width, width) + both.narrow(dim, 2 * width, width);
-}
-
-// x Aᵀ for a 16-bit x (T, din) and a float32 A (r, din), float32 result: x against A's three parts in one
-// product of width 3r (float32 accumulation), the parts summed. No float32 copy of x is formed.
+// x Aᵀ for a 16-bit x (T, din) and a float32 A (r, din), float32 result: x against A's three parts stacked
+// (3r, din) in one product (float32 accumulation), the three (T, r) blocks summed. No float32 copy of x.
 at::Tensor x_times_at(const at::Tensor& x, const at::Tensor& A) {
-  const auto p = split3(A, x.scalar_type());
   const int64_t r = A.size(0);
-  return sum3(mm_into(x, at::cat({p[0], p[1], p[2]}, 0).t(), A.scalar_type()), 1, r).contiguous();
+  const at::Tensor w = at::empty({3 * r, A.size(1)}, A.options().dtype(x.scalar_type()));
+  split_into(A, w.narrow(0, 0, r), w.narrow(0, r, r), w.narrow(0, 2 * r, r));
+  return mm_into(x, w.t(), A.scalar_type()).reshape({x.size(0), 3, r}).sum(1);
 }
 
-// daᵀ x for a float32 da (T, r) and a 16-bit x (T, din), float32 result (r, din): da's three parts against x.
-at::Tensor dat_times_x(const at::Tensor& da, const at::Tensor& x) {
-  const auto p = split3(da, x.scalar_type());
-  const int64_t r = da.size(1);
-  return sum3(mm_into(at::cat({p[0], p[1], p[2]}, 1).t(), x, da.scalar_type()), 0, r);
-}
-
-// gx += da A in gx's 16-bit dtype (one product onto gx, float32 accumulation, one rounding): da A as
-// da_hi A_hi + da_hi A_mid + da_mid A_hi (about 16 significant bits before the 16-bit result's 8).
-void add_da_times_a(at::Tensor& gx, const at::Tensor& da, const at::Tensor& A) {
-  const auto t = gx.scalar_type();
-  const auto d = split3(da, t), w = split3(A, t);
-  gx.addmm_(at::cat({d[0], d[0], d[1]}, 1), at::cat({w[0], w[1], w[0]}, 0));
+// The adapter's products with a 16-bit x in backward, for a float32 da (T, r) and A (r, din): ∂A = daᵀ x
+// (float32, (r, din)) against da's three parts, and, where `gx` is defined, gx += da A in gx's 16-bit dtype
+// (one product onto gx, float32 accumulation, one rounding) as da_mid A_hi + da_hi A_mid + da_hi A_hi (about
+// 16 significant bits before the 16-bit result's 8). da's parts sit in one (T, 4r) buffer [lo | mid | hi |
+// hi] and A's in one (3r, din) buffer [hi; mid; hi], so each product reads a slice: [lo | mid | hi] for ∂A,
+// [mid | hi | hi] against [hi; mid; hi] for da A.
+at::Tensor products_with_x(const at::Tensor& da, const at::Tensor& A, const at::Tensor& x, at::Tensor& gx,
+                           bool need_A) {
+  const int64_t T = da.size(0), r = da.size(1);
+  const at::Tensor d = at::empty({T, 4 * r}, da.options().dtype(x.scalar_type()));
+  split_into(da, d.narrow(1, 2 * r, r), d.narrow(1, r, r), d.narrow(1, 0, r));
+  if (gx.defined()) {
+    d.narrow(1, 3 * r, r).copy_(d.narrow(1, 2 * r, r));
+    const at::Tensor w = at::empty({3 * r, A.size(1)}, A.options().dtype(x.scalar_type()));
+    split_into(A, w.narrow(0, 0, r), w.narrow(0, r, r), at::Tensor());
+    w.narrow(0, 2 * r, r).copy_(w.narrow(0, 0, r));
+    gx.addmm_(d.narrow(1, r, 3 * r), w);
+  }
+  if (!need_A) return at::Tensor();
+  return mm_into(d.narrow(1, 0, 3 * r).t(), x, da.scalar_type()).reshape({3, r, x.size(1)}).sum(0);
 }
 
 // Whether the caller runs under autocast on x's device: only then do the adapter's products with a 16-bit
@@ -239,11 +242,10 @@ struct HypGrads {
 // alone), one product g [B_hi | B_lo] of width 2r with float32 results, and the halves added. B rounded to
 // 16 bits alone moves ∂L/∂K and ∂L/∂s, sums over every element with cancellation, by several percent.
 at::Tensor g_times_b(const at::Tensor& g, const at::Tensor& B) {
-  const at::Tensor hi = B.to(g.scalar_type());
-  const at::Tensor lo = (B - hi.to(B.scalar_type())).to(g.scalar_type());
   const int64_t r = B.size(1);
-  const at::Tensor both = mm_into(g, at::cat({hi, lo}, 1), B.scalar_type());
-  return (both.narrow(1, 0, r) + both.narrow(1, r, r)).contiguous();
+  const at::Tensor both = at::empty({B.size(0), 2 * r}, B.options().dtype(g.scalar_type()));
+  split_into(B, both.narrow(1, 0, r), both.narrow(1, r, r), at::Tensor());
+  return mm_into(g, both, B.scalar_type()).reshape({g.size(0), 2, r}).sum(1);
 }
 
 // Gradients of the adapter's share given g = ∂L/∂out (any dtype and shape with T rows). A 16-bit g on
@@ -274,14 +276,12 @@ HypGrads hyp_backward(const at::Tensor& g, const HypSaved& sv, const at::Tensor&
                     ca.data_ptr(), wa.data_ptr(), aext.data_ptr(), need_x ? out.x.data_ptr() : nullptr,
                     xf.data_ptr(), scale, cut, T, static_cast<int>(r), din, xf.stride(0)};
   run_kernel("HypLoRA backward kernel", p, a, GP_CUDA_KERNEL(hyplora_backward_cuda), hyplora_backward_cpu);
-  if (need_x) {
-    if (narrow_x) {
-      add_da_times_a(out.x, da, A);
-    } else {
-      out.x.addmm_(da, A);
-    }
+  if (narrow_x) {
+    if (need_x || need_A) out.A = products_with_x(da, A, xf, out.x, need_A);
+  } else {
+    if (need_x) out.x.addmm_(da, A);
+    if (need_A) out.A = at::mm(da.t(), xf);
   }
-  if (need_A) out.A = narrow_x ? dat_times_x(da, xf) : at::mm(da.t(), xf);
   if (need_B || need_k || need_s) {
     const at::Tensor M = at::mm(wa.t(), aext);  // (r + 2, r + 1): ∂G, then the raw-parameter rows
     if (need_B) {
