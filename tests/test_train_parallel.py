@@ -48,10 +48,12 @@ N_PROBLEMS = 22  # 22 sequences in micro-batches of 3: the last of an epoch hold
 STOP = 3
 
 
-def _case(method: str, strategy: str, native_node: bool = False, **build) -> dict:
+def _case(method: str, strategy: str, native_node: bool = False, checkpointed: bool = False, **build) -> dict:
     name = f"{method.replace('+', '-')}-{strategy}{'-native' if native_node else ''}"
+    name += "-checkpointed" if checkpointed else ""
+    settings = SETTINGS | {"gradient_checkpointing": True} if checkpointed else SETTINGS
     return {"name": name, "method": method, "strategy": strategy, "native": native_node,
-            "build": {"dropout": 0.0, **build}, "settings": SETTINGS, "stop": STOP}
+            "build": {"dropout": 0.0, **build}, "settings": settings, "stop": STOP}
 
 
 CASES = [
@@ -61,6 +63,7 @@ CASES = [
     _case("hyplora", "ddp", True), _case("hyplora", "fsdp", True),
     _case("hydralora", "ddp", n_heads=3), _case("hydralora", "fsdp", True, n_heads=3),
     _case("gelora", "fsdp", layer_ranks=[2, 5]), _case("hyplora+gelora", "ddp", layer_ranks=[2, 5]),
+    _case("hyplora", "fsdp", checkpointed=True),  # the blocks recomputed in backward inside FSDP's units
 ]
 BY_NAME = {c["name"]: c for c in CASES}
 
@@ -132,6 +135,8 @@ def test_two_processes_train_the_one_process_adapter(name, launched, tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
     record = _results(folder / "straight")
     assert record["settings"]["processes"] == 2 and record["settings"]["parallel"] == case["strategy"]
+    assert record["settings"]["activation_checkpointing"]["applied"] is case["settings"].get(
+        "gradient_checkpointing", False)
     np.testing.assert_allclose(record["loss_values"], ref.result.loss_values, rtol=1e-5)
     assert record["loss_steps"] == list(range(1, SETTINGS["max_steps"] + 1))
     # the training moved the adapter well beyond the tolerance of the comparison
