@@ -8,8 +8,9 @@ adapter equal the plain run's to rounding (``tests/test_train_checkpointing.py``
 shape at 4 × 2048 tokens it is what makes a 24 GB GPU enough (BENCHMARKS.md, QLoRA; the benchmarks
 train with it).
 
-The blocks are checkpointed by transformers' own ``gradient_checkpointing_enable`` (non-reentrant
-``torch.utils.checkpoint``, which needs no input that requires a gradient and serves frozen bases),
+The blocks are checkpointed by transformers' own ``activation_checkpointing_enable``
+(``gradient_checkpointing_enable`` in the 5.x releases before it) with non-reentrant
+``torch.utils.checkpoint``, which needs no input that requires a gradient and so serves frozen bases,
 on the model's decoder or encoder layers; a model whose class does not support it is refused before any
 training, naming the flag. With ``--compile`` the compiled blocks keep the checkpoint inside the compiled
 function (:func:`adapters.train.compiled.compile_blocks`).
@@ -46,7 +47,7 @@ def enable(model: Any, *, enabled: bool) -> tuple[ActivationCheckpointing, Optio
         return ActivationCheckpointing(applied=False, reason="off (--gradient-checkpointing not given)"), None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
-    # transformers ≥ 5.21 names it activation checkpointing; earlier 5.x releases, gradient checkpointing
+    # recent transformers names it activation checkpointing; earlier 5.x releases, gradient checkpointing
     on, off, state = (("activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing")
                       if hasattr(base, "activation_checkpointing_enable") else
                       ("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing"))
