@@ -922,7 +922,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if runtime.interrupted():
                 return _interrupted()
             if _is_device_out_of_memory(exc):
-                return _device_out_of_memory(exc)
+                return _device_out_of_memory(exc, argv)
             return _unexpected(exc, argv)
 
 
@@ -933,15 +933,22 @@ def _is_device_out_of_memory(exc: BaseException) -> bool:
                for cls in type(exc).__mro__)
 
 
-def _device_out_of_memory(exc: BaseException) -> int:
+def _device_out_of_memory(exc: BaseException, argv: Sequence[str] = ()) -> int:
     """One line for the GPU running out of memory: what torch said (its first sentence and how much was
-    asked), what to shrink; exit 3 as for the host's memory. Finished runs and checkpoints stay, so the
-    same command resumes."""
+    asked), what to shrink, and for a training command without it ``--gradient-checkpointing``; exit 3 as
+    for the host's memory. Finished runs and checkpoints stay, so the same command resumes."""
     first = str(exc).splitlines()[0] if str(exc) else ""
     asked = first.split(" GPU ")[0].strip()[:200]
+    try:
+        args = build_parser().parse_args(list(argv))
+    except SystemExit:  # not reached for a command that ran; no hint then
+        args = None
+    training = getattr(args, "command", None) in ("finetune", "run", "compare")
+    hint = (", add --gradient-checkpointing (each block keeps only its input for backward)"
+            if training and not getattr(args, "gradient_checkpointing", True) else "")
     print(f"geoprobe: error: the GPU ran out of memory ({asked or 'no details'}); try a smaller --batch-size "
-          f"or --max-length, fewer --jobs side by side, or free the GPU from other processes; finished runs "
-          f"and checkpoints are kept, so the same command resumes", file=sys.stderr)
+          f"or --max-length{hint}, fewer --jobs side by side, or free the GPU from other processes; finished "
+          f"runs and checkpoints are kept, so the same command resumes", file=sys.stderr)
     return 3
 
 

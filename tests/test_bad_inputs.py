@@ -452,6 +452,25 @@ def test_the_error_boundary(raised, code, message, files, tmp_path, monkeypatch,
     assert snapshot(tmp_path) == {}
 
 
+def test_gpu_out_of_memory_while_training_names_gradient_checkpointing(monkeypatch, capsys):
+    """A training command that runs out of GPU memory names --gradient-checkpointing, unless it was given;
+    exit 3, one line."""
+    import geoprobe.cli as cli
+
+    def fail(args, command=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                     "capacity of 23.5 GiB")
+    monkeypatch.setattr(cli, "cmd_finetune", fail)
+    base = ["finetune", "--data", "train.jsonl"]
+    assert main(base) == 3
+    line = error_line(capsys.readouterr().err)
+    assert re.search(r"^geoprobe: error: the GPU ran out of memory \(CUDA out of memory\. Tried to allocate "
+                     r"2\.00 GiB\.\); try a smaller --batch-size or --max-length, add --gradient-checkpointing "
+                     r"\(each block keeps only its input for backward\)", line), line
+    assert main([*base, "--gradient-checkpointing"]) == 3
+    assert "--gradient-checkpointing" not in error_line(capsys.readouterr().err)
+
+
 # --------------------------------------------------------------------------- the library calls
 def _disk_full_on_replace(monkeypatch):
     import geoprobe.records as records
