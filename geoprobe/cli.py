@@ -943,9 +943,9 @@ def _device_out_of_memory(exc: BaseException, argv: Sequence[str] = ()) -> int:
         args = build_parser().parse_args(list(argv))
     except SystemExit:  # not reached for a command that ran; no hint then
         args = None
-    training = getattr(args, "command", None) in ("finetune", "run", "compare")
+    # the training commands carry the flag (_add_train_args); the hint where it was not given
     hint = (", add --gradient-checkpointing (each block keeps only its input for backward)"
-            if training and not getattr(args, "gradient_checkpointing", True) else "")
+            if getattr(args, "gradient_checkpointing", None) is False else "")
     print(f"geoprobe: error: the GPU ran out of memory ({asked or 'no details'}); try a smaller --batch-size "
           f"or --max-length{hint}, fewer --jobs side by side, or free the GPU from other processes; finished "
           f"runs and checkpoints are kept, so the same command resumes", file=sys.stderr)
